@@ -1,0 +1,17 @@
+//! Wire types and pure logic shared by every postern component.
+//!
+//! Nothing in this crate opens a socket or reads a clock of its own: codecs work on byte slices,
+//! state machines take `now` as an argument. That keeps the protocol testable exhaustively, as
+//! `quinn-proto` is, while `postern-net` and the binaries do the I/O.
+
+pub mod codec;
+pub mod fwd;
+pub mod msg;
+pub mod name;
+pub mod pki;
+pub mod tls;
+
+/// ALPN of the control connection between a node and a relay.
+pub const ALPN_CONTROL: &[u8] = b"postern-ctl/1";
+/// ALPN of the end-to-end connection between an inlet and an outlet.
+pub const ALPN_E2E: &[u8] = b"postern/1";

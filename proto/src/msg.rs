@@ -1,0 +1,118 @@
+//! Control-plane and stream-header messages.
+//!
+//! Every control exchange runs on its own QUIC bidirectional stream: the opener writes one
+//! [`Ctl`] frame, finishes its side, and reads one [`Ctl`] frame back. Node to relay:
+//! `Register`, `RouteRequest`, `Heartbeat`; relay to node: `RouteOpen` (to the outlet, before the
+//! inlet is told) and `RouteClosed`. Answers are `Registered`, `RouteGranted`, `RouteRefused`,
+//! `HeartbeatAck`, `Ack` and `Error`.
+
+use crate::fwd::RouteId;
+use crate::name::{NodeName, ServiceName};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ctl {
+    /// Outlet -> relay: I serve these services (replaces any earlier registration).
+    Register { services: Vec<ServiceName> },
+    /// Relay -> outlet: registration accepted for these services.
+    Registered { services: Vec<ServiceName> },
+    /// Inlet -> relay: give me a route to an outlet serving `service`.
+    RouteRequest { service: ServiceName },
+    /// Relay -> inlet: route granted. Forward end-to-end packets with `route`; the outlet's
+    /// certificate must name `outlet`.
+    RouteGranted {
+        route: RouteId,
+        service: ServiceName,
+        outlet: NodeName,
+    },
+    /// Relay -> inlet: no route, and why.
+    RouteRefused {
+        service: ServiceName,
+        reason: RefuseReason,
+    },
+    /// Relay -> outlet: an inlet named `inlet` will connect through `route` for `service`.
+    RouteOpen {
+        route: RouteId,
+        service: ServiceName,
+        inlet: NodeName,
+    },
+    /// Relay -> node: this route is gone (its other end left).
+    RouteClosed { route: RouteId, reason: String },
+    /// Either way: liveness probe.
+    Heartbeat { seq: u64 },
+    /// Answer to `Heartbeat`.
+    HeartbeatAck { seq: u64 },
+    /// Generic positive answer (to `RouteOpen`, `RouteClosed`).
+    Ack,
+    /// Generic negative answer: the request was not understood or not allowed.
+    Error { message: String },
+}
+
+/// Why the relay refused a route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    /// No outlet ever registered this service.
+    UnknownService,
+    /// Outlets registered it, but none is connected now.
+    NoLiveOutlet,
+    /// Policy does not allow this node to reach the service.
+    NotAllowed,
+    /// The chosen outlet did not accept the route.
+    OutletRefused(String),
+}
+
+impl fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefuseReason::UnknownService => f.write_str("no outlet serves this service"),
+            RefuseReason::NoLiveOutlet => f.write_str("no outlet for this service is connected"),
+            RefuseReason::NotAllowed => f.write_str("not allowed by the relay's policy"),
+            RefuseReason::OutletRefused(why) => write!(f, "the outlet refused the route: {why}"),
+        }
+    }
+}
+
+/// First frame of every stream inside an end-to-end connection: what the stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamOpen {
+    /// A client TCP connection to `service`; raw bytes follow in both directions.
+    Connect { service: ServiceName },
+}
+
+/// Application error codes used to reset streams and close connections, so the other side can
+/// log *why* without a round trip.
+pub mod code {
+    /// Normal close.
+    pub const OK: u32 = 0;
+    /// The stream header named a service this outlet does not serve.
+    pub const UNKNOWN_SERVICE: u32 = 1;
+    /// The outlet could not connect to the service's target.
+    pub const TARGET_UNREACHABLE: u32 = 2;
+    /// The client or target connection was reset.
+    pub const RESET: u32 = 3;
+    /// The stream header was missing or malformed.
+    pub const BAD_HEADER: u32 = 4;
+    /// The peer is not allowed.
+    pub const NOT_ALLOWED: u32 = 5;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u32 = 6;
+    /// The route through the relay was closed.
+    pub const ROUTE_CLOSED: u32 = 7;
+
+    /// Human-readable meaning of a code, for logs.
+    pub fn describe(code: u64) -> &'static str {
+        match code {
+            0 => "closed",
+            1 => "the outlet does not serve this service",
+            2 => "the outlet could not reach the service's target",
+            3 => "the connection was reset",
+            4 => "malformed stream header",
+            5 => "not allowed",
+            6 => "shutting down",
+            7 => "route closed",
+            _ => "unknown error code",
+        }
+    }
+}
