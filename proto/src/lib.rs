@@ -6,6 +6,8 @@
 
 pub mod codec;
 pub mod fwd;
+pub mod http;
+pub mod lease;
 pub mod msg;
 pub mod name;
 pub mod pki;

@@ -1,0 +1,1 @@
+//! HTTP filter I/O glue (issue 5).

@@ -1,0 +1,1 @@
+//! Lease manager (issue 5).
