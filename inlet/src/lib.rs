@@ -1,4 +1,8 @@
 //! postern inlet: local listeners whose client connections become streams of an end-to-end QUIC
 //! connection to an outlet, through a relay.
 
+pub mod config;
 pub mod http_proxy;
+pub mod node;
+
+pub use node::{Inlet, InletHandle, InletOptions, InletService};

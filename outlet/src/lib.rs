@@ -1,4 +1,10 @@
 //! postern outlet: registers services with a relay, accepts end-to-end connections from inlets
 //! and forwards their streams to targets; runs the lease manager for InfluxDB credentials.
 
+pub mod config;
+pub mod forward;
 pub mod lease;
+pub mod node;
+pub mod target;
+
+pub use node::{Outlet, OutletHandle, OutletOptions};

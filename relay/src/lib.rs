@@ -1,1 +1,9 @@
-//! placeholder
+//! postern relay: rendezvous for outlets and inlets, and a packet forwarder for their
+//! end-to-end connections that never holds their keys.
+
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod state;
+
+pub use server::{Relay, RelayHandle, RelayOptions};

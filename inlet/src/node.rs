@@ -1,0 +1,394 @@
+//! The inlet node: local listeners, one control connection to the relay, and one end-to-end
+//! connection per service's outlet, created on demand and replaced when its route goes away.
+
+use postern_net::control::{self, ControlHandler, RelayTarget};
+use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
+use postern_net::endpoint::{self, EndpointError};
+use postern_net::node_socket::NodeSocket;
+use postern_net::splice;
+use postern_proto::fwd::RouteId;
+use postern_proto::msg::{code, Ctl, StreamOpen};
+use postern_proto::name::ServiceName;
+use postern_proto::tls::Identity;
+use rustls::RootCertStore;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long a client connection waits for the relay to be reachable before it is closed.
+pub const RELAY_WAIT: Duration = Duration::from_secs(5);
+/// How long setting up an end-to-end connection may take.
+pub const E2E_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an inlet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InletError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot bind UDP socket: {0}")]
+    Bind(std::io::Error),
+    #[error("cannot listen on {addr} for {service}: {source}")]
+    Listen {
+        service: ServiceName,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Why a client connection could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the relay is not reachable")]
+    NoRelay,
+    #[error("route refused by the relay: {0}")]
+    Refused(postern_proto::msg::RefuseReason),
+    #[error("control request failed: {0}")]
+    Control(#[from] CtlError),
+    #[error("unexpected answer from the relay")]
+    Unexpected,
+    #[error("end-to-end connection to outlet {outlet} failed: {reason}")]
+    E2e { outlet: String, reason: String },
+    #[error("cannot open a stream: {0}")]
+    Stream(String),
+}
+
+/// One local listener.
+#[derive(Debug, Clone)]
+pub struct InletService {
+    pub name: ServiceName,
+    pub listen: SocketAddr,
+}
+
+/// What an inlet needs to run.
+pub struct InletOptions {
+    pub relay: RelayTarget,
+    pub identity: Identity,
+    pub roots: Arc<RootCertStore>,
+    pub services: Vec<InletService>,
+}
+
+struct E2e {
+    route: RouteId,
+    conn: quinn::Connection,
+}
+
+struct Shared {
+    socket: Arc<NodeSocket>,
+    endpoint: quinn::Endpoint,
+    e2e_client: quinn::ClientConfig,
+    relay: SocketAddr,
+    control: watch::Receiver<Option<quinn::Connection>>,
+    /// Per service: the current end-to-end connection. The async mutex makes concurrent client
+    /// connections wait for one route set-up instead of each asking for a route.
+    e2e: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>>,
+}
+
+impl Shared {
+    fn slot(&self, service: &ServiceName) -> Arc<tokio::sync::Mutex<Option<E2e>>> {
+        self.e2e_map().entry(service.clone()).or_default().clone()
+    }
+
+    fn e2e_map(&self) -> MutexGuard<'_, HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>> {
+        self.e2e.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live end-to-end connection for `service`, set up if needed.
+    async fn connection(&self, service: &ServiceName) -> Result<quinn::Connection, ServeError> {
+        let slot = self.slot(service);
+        let mut guard = slot.lock().await;
+        if let Some(e) = guard.as_ref() {
+            if e.conn.close_reason().is_none() {
+                return Ok(e.conn.clone());
+            }
+            self.socket.remove_route(e.route);
+            *guard = None;
+        }
+        let mut control = self.control.clone();
+        let ctl_conn = control::wait_connected(&mut control, RELAY_WAIT)
+            .await
+            .ok_or(ServeError::NoRelay)?;
+        let answer = ctl::request(
+            &ctl_conn,
+            &Ctl::RouteRequest {
+                service: service.clone(),
+            },
+            CTL_TIMEOUT,
+        )
+        .await?;
+        let (route, outlet) = match answer {
+            Ctl::RouteGranted { route, outlet, .. } => (route, outlet),
+            Ctl::RouteRefused { reason, .. } => return Err(ServeError::Refused(reason)),
+            _ => return Err(ServeError::Unexpected),
+        };
+        let virt = self.socket.add_route(route, self.relay);
+        let e2e_err = |reason: String| ServeError::E2e {
+            outlet: outlet.to_string(),
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.e2e_client.clone(), virt, outlet.as_str())
+            .map_err(|e| e2e_err(e.to_string()))?;
+        let conn = match tokio::time::timeout(E2E_CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.socket.remove_route(route);
+                return Err(e2e_err(e.to_string()));
+            }
+            Err(_) => {
+                self.socket.remove_route(route);
+                return Err(e2e_err("timed out".into()));
+            }
+        };
+        tracing::info!(%service, %route, %outlet, "end-to-end connection up");
+        *guard = Some(E2e {
+            route,
+            conn: conn.clone(),
+        });
+        Ok(conn)
+    }
+
+    /// Drops the end-to-end connection using `route` (its relay route is gone).
+    fn route_closed(&self, route: RouteId) {
+        self.socket.remove_route(route);
+        let slots: Vec<_> = self.e2e_map().values().cloned().collect();
+        for slot in slots {
+            if let Ok(mut guard) = slot.try_lock() {
+                if guard.as_ref().is_some_and(|e| e.route == route) {
+                    if let Some(e) = guard.take() {
+                        e.conn.close(code::ROUTE_CLOSED.into(), b"route closed");
+                    }
+                }
+            } else {
+                // A set-up is in progress on this slot; a closed connection found there later
+                // is replaced on next use.
+                let s = slot.clone();
+                tokio::spawn(async move {
+                    let mut guard = s.lock().await;
+                    if guard.as_ref().is_some_and(|e| e.route == route) {
+                        if let Some(e) = guard.take() {
+                            e.conn.close(code::ROUTE_CLOSED.into(), b"route closed");
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A bound inlet, ready to [`run`](Inlet::run).
+pub struct Inlet {
+    shared: Arc<Shared>,
+    client: quinn::ClientConfig,
+    relay: RelayTarget,
+    control: watch::Sender<Option<quinn::Connection>>,
+    listeners: Vec<(ServiceName, TcpListener)>,
+}
+
+/// Inspect a running inlet.
+#[derive(Clone)]
+pub struct InletHandle {
+    control: watch::Receiver<Option<quinn::Connection>>,
+}
+
+impl InletHandle {
+    /// Waits until the control connection to the relay is up.
+    pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
+        control::wait_connected(&mut self.control, timeout)
+            .await
+            .is_some()
+    }
+}
+
+fn any_addr_for(relay: SocketAddr) -> SocketAddr {
+    match relay {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+impl Inlet {
+    /// Binds the socket, endpoint and the local listeners.
+    pub async fn bind(opts: InletOptions) -> Result<Self, InletError> {
+        let socket = Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(InletError::Bind)?);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint::endpoint_config(None),
+            None,
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(InletError::Bind)?;
+        let mut listeners = Vec::new();
+        for svc in &opts.services {
+            let l = TcpListener::bind(svc.listen)
+                .await
+                .map_err(|source| InletError::Listen {
+                    service: svc.name.clone(),
+                    addr: svc.listen,
+                    source,
+                })?;
+            listeners.push((svc.name.clone(), l));
+        }
+        let (control, control_rx) = watch::channel(None);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                socket,
+                endpoint,
+                e2e_client: endpoint::e2e_client(&opts.identity, opts.roots.clone())?,
+                relay: opts.relay.addr,
+                control: control_rx,
+                e2e: Mutex::default(),
+            }),
+            client: endpoint::control_client(&opts.identity, opts.roots)?,
+            relay: opts.relay,
+            control,
+            listeners,
+        })
+    }
+
+    /// The local address of a service's listener.
+    pub fn listen_addr(&self, service: &ServiceName) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(s, _)| s == service)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    /// A handle for inspection.
+    pub fn handle(&self) -> InletHandle {
+        InletHandle {
+            control: self.control.subscribe(),
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let handler = Arc::new(InletControl {
+            shared: self.shared.clone(),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for (service, listener) in self.listeners {
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(accept_loop(service, listener, shared, shutdown));
+        }
+        control::run(
+            self.shared.endpoint.clone(),
+            self.client,
+            self.relay,
+            handler,
+            self.control,
+            shutdown.clone(),
+        )
+        .await;
+        while tasks.join_next().await.is_some() {}
+        self.shared
+            .endpoint
+            .close(code::SHUTDOWN.into(), b"inlet shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept_loop(
+    service: ServiceName,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    tracing::info!(%service, addr = ?listener.local_addr().ok(), "listening");
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!(%service, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let service = service.clone();
+        let span = tracing::info_span!("client", %service, %peer);
+        tokio::spawn(serve_client(tcp, service, shared).instrument(span));
+    }
+}
+
+async fn open_stream(
+    shared: &Shared,
+    service: &ServiceName,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ServeError> {
+    // One retry: a cached connection may have died since it was last checked.
+    for attempt in 0..2 {
+        let conn = shared.connection(service).await?;
+        match conn.open_bi().await {
+            Ok(s) => return Ok(s),
+            Err(e) if attempt == 0 => {
+                tracing::debug!(error = %e, "cached end-to-end connection is gone; reconnecting");
+            }
+            Err(e) => return Err(ServeError::Stream(e.to_string())),
+        }
+    }
+    Err(ServeError::Stream("no connection".into()))
+}
+
+async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>) {
+    let (mut send, recv) = match open_stream(&shared, &service).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "closing client connection");
+            splice::set_reset_on_close(&tcp);
+            return;
+        }
+    };
+    if let Err(e) = ctl::write_frame(&mut send, &StreamOpen::Connect { service: service.clone() }).await {
+        tracing::warn!(error = %e, "closing client connection: cannot start stream");
+        splice::set_reset_on_close(&tcp);
+        return;
+    }
+    let outcome = splice::splice(tcp, send, recv).await;
+    match outcome.peer_reset {
+        Some(c) if c != u64::from(code::RESET) => {
+            tracing::warn!(code = c, reason = code::describe(c), "outlet refused the stream; client connection closed");
+        }
+        _ => tracing::debug!(up = outcome.up, down = outcome.down, "client connection done"),
+    }
+}
+
+struct InletControl {
+    shared: Arc<Shared>,
+}
+
+impl ControlHandler for InletControl {
+    async fn on_connect(&self, _conn: &quinn::Connection) -> Result<(), CtlError> {
+        Ok(())
+    }
+
+    async fn on_push(&self, msg: Ctl) -> Ctl {
+        match msg {
+            Ctl::RouteClosed { route, reason } => {
+                tracing::info!(%route, %reason, "route closed by relay");
+                self.shared.route_closed(route);
+                Ctl::Ack
+            }
+            Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+            other => Ctl::Error {
+                message: format!("unexpected push {other:?}"),
+            },
+        }
+    }
+
+    fn on_disconnect(&self, relay: SocketAddr) {
+        for route in self.shared.socket.remove_routes_via(relay) {
+            self.shared.route_closed(route);
+        }
+    }
+}

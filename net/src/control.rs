@@ -1,0 +1,142 @@
+//! A node's long-lived control connection to a relay, re-established on loss.
+
+use crate::backoff::Backoff;
+use crate::ctl::{self, CtlError, CTL_TIMEOUT};
+use postern_proto::msg::Ctl;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What a node does with the relay's pushes and on each (re)connection.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Called once per new control connection, before pushes are served (e.g. to register).
+    fn on_connect(
+        &self,
+        conn: &quinn::Connection,
+    ) -> impl Future<Output = Result<(), CtlError>> + Send;
+    /// Answers one message pushed by the relay.
+    fn on_push(&self, msg: Ctl) -> impl Future<Output = Ctl> + Send;
+    /// Called when a control connection is lost (its routes at the relay are gone with it).
+    fn on_disconnect(&self, relay: SocketAddr);
+}
+
+/// Where and how to reach a relay.
+#[derive(Debug, Clone)]
+pub struct RelayTarget {
+    pub addr: SocketAddr,
+    /// Name in the relay's certificate.
+    pub name: String,
+}
+
+/// Reconnect backoff bounds: quick first retry, capped so a relay that comes back is found
+/// within a couple of seconds.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Keeps a control connection to `relay` up until `shutdown`, publishing the current one in
+/// `current` (None while disconnected).
+pub async fn run<H: ControlHandler>(
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    relay: RelayTarget,
+    handler: Arc<H>,
+    current: watch::Sender<Option<quinn::Connection>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    loop {
+        let attempt = async {
+            let connecting = endpoint
+                .connect_with(client.clone(), relay.addr, &relay.name)
+                .map_err(|e| format!("cannot start connection: {e}"))?;
+            let conn = connecting.await.map_err(|e| e.to_string())?;
+            handler
+                .on_connect(&conn)
+                .await
+                .map_err(|e| format!("relay refused our session set-up: {e}"))?;
+            Ok::<_, String>(conn)
+        };
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(relay = %relay.addr, error = %e, retry_in = ?delay, "cannot reach relay");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        backoff.reset();
+        tracing::info!(relay = %relay.addr, "control connection up");
+        current.send_replace(Some(conn.clone()));
+        let reason = tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.close(postern_proto::msg::code::SHUTDOWN.into(), b"shutting down");
+                current.send_replace(None);
+                return;
+            }
+            r = serve_pushes(&conn, handler.as_ref()) => r,
+        };
+        current.send_replace(None);
+        handler.on_disconnect(relay.addr);
+        let delay = backoff.next_delay();
+        tracing::warn!(relay = %relay.addr, reason = %reason, retry_in = ?delay, "control connection lost");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn serve_pushes<H: ControlHandler>(conn: &quinn::Connection, handler: &H) -> String {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => return e.to_string(),
+        };
+        // Pushes are rare and quick; answering them in order keeps route set-up ordered.
+        let msg = match tokio::time::timeout(CTL_TIMEOUT, ctl::read_message::<Ctl>(&mut recv)).await
+        {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "bad message from relay");
+                let _ = ctl::write_message(
+                    &mut send,
+                    &Ctl::Error {
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("relay opened a stream and sent nothing");
+                continue;
+            }
+        };
+        let answer = handler.on_push(msg).await;
+        if let Err(e) = ctl::write_message(&mut send, &answer).await {
+            tracing::debug!(error = %e, "could not answer relay push");
+        }
+    }
+}
+
+/// Waits (at most `timeout`) until a control connection is up and returns it.
+pub async fn wait_connected(
+    current: &mut watch::Receiver<Option<quinn::Connection>>,
+    timeout: Duration,
+) -> Option<quinn::Connection> {
+    let wait = current.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()));
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(Ok(c)) => c.clone(),
+        _ => None,
+    }
+}

@@ -1,0 +1,130 @@
+//! QUIC endpoint and transport settings for the control and end-to-end planes.
+
+use postern_proto::tls::{self, Identity, TlsError};
+use postern_proto::{ALPN_CONTROL, ALPN_E2E};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{EndpointConfig, TransportConfig, VarInt};
+use rustls::RootCertStore;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why an endpoint could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Keep-alive on control connections; also bounds how fast a dead relay or node is noticed.
+pub const CONTROL_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Idle timeout of control connections.
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive on end-to-end connections.
+pub const E2E_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Idle timeout of end-to-end connections.
+pub const E2E_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Endpoint-wide settings. The QUIC bit is never greased (RFC 9287): the relay and nodes tell
+/// QUIC packets from forwarding frames by that bit. `reset_key` makes stateless resets survive a
+/// restart, so peers of a restarted relay learn at once that their connection is gone.
+pub fn endpoint_config(reset_key: Option<&[u8; 32]>) -> EndpointConfig {
+    let mut cfg = match reset_key {
+        Some(k) => EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k))),
+        None => EndpointConfig::default(),
+    };
+    cfg.grease_quic_bit(false);
+    cfg
+}
+
+fn control_transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(CONTROL_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        VarInt::from_u32(CONTROL_IDLE_TIMEOUT.as_millis() as u32).into(),
+    ));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+fn e2e_transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(E2E_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        VarInt::from_u32(E2E_IDLE_TIMEOUT.as_millis() as u32).into(),
+    ));
+    // One stream per client TCP connection: allow many at once.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(8192));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Windows sized for a fast path with some latency; memory is only used when data waits.
+    t.stream_receive_window(VarInt::from_u32(4 * 1024 * 1024));
+    t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
+    t.send_window(32 * 1024 * 1024);
+    // Every end-to-end packet carries a forwarding header: leave room for it.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(1452 - postern_proto::fwd::HEADER_LEN as u16);
+    t.mtu_discovery_config(Some(mtu));
+    t
+}
+
+fn quic_client(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+    alpn: &[u8],
+    transport: TransportConfig,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    let tls = tls::client_config(identity, roots, &[alpn])?;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+fn quic_server(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+    alpn: &[u8],
+    transport: TransportConfig,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let tls = tls::server_config(identity, roots, &[alpn])?;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Client config for a node's control connection to a relay.
+pub fn control_client(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    quic_client(identity, roots, ALPN_CONTROL, control_transport())
+}
+
+/// Server config for a relay's control listener.
+pub fn control_server(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    quic_server(identity, roots, ALPN_CONTROL, control_transport())
+}
+
+/// Client config for an inlet's end-to-end connection to an outlet.
+pub fn e2e_client(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    quic_client(identity, roots, ALPN_E2E, e2e_transport())
+}
+
+/// Server config for an outlet's end-to-end listener.
+pub fn e2e_server(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    quic_server(identity, roots, ALPN_E2E, e2e_transport())
+}

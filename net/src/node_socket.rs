@@ -1,0 +1,385 @@
+//! A node's UDP socket: plain QUIC to the relay, and end-to-end QUIC wrapped in forwarding frames.
+//!
+//! quinn sees one socket. Each route the node takes part in gets a *virtual* peer address (in
+//! 240.0.0.0/8, reserved and never routed); the end-to-end connection is made to that address.
+//! On send, a transmit to a virtual address is wrapped — one frame header per GSO segment, so
+//! batching survives — and sent to the route's relay. On receive, frames from a relay are
+//! unwrapped and presented as coming from the route's virtual address. Everything else passes
+//! through untouched, which is how the control connection to the relay shares the socket (and
+//! the relay learns, from that connection, the address our frames come from).
+
+use crate::canonical;
+use crate::relay_socket::{bind_udp, Poller};
+use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
+use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{ready, Context, Poll};
+use tokio::io::Interest;
+
+/// First octet of virtual peer addresses (240.0.0.0/4 is reserved, RFC 1112 §4).
+const VIRTUAL_OCTET: u8 = 240;
+
+#[derive(Debug, Clone, Copy)]
+struct VirtualRoute {
+    route: RouteId,
+    relay: SocketAddr,
+}
+
+#[derive(Debug, Default)]
+struct Routes {
+    by_route: HashMap<RouteId, (SocketAddr, SocketAddr)>, // route -> (virtual, relay)
+    by_virtual: HashMap<SocketAddr, VirtualRoute>,
+}
+
+/// Counters of the node's forwarding path.
+#[derive(Debug, Default)]
+pub struct NodeSocketStats {
+    /// Frames for a route this node does not know (or from the wrong relay).
+    pub dropped_unknown_route: AtomicU64,
+    /// Datagrams that are neither QUIC nor a valid frame.
+    pub dropped_malformed: AtomicU64,
+    /// Packets for a virtual address whose route is gone.
+    pub dropped_no_route: AtomicU64,
+}
+
+/// One frame segment that did not fit the batch it arrived in.
+struct Pending {
+    src: SocketAddr,
+    data: Vec<u8>,
+    ecn: Option<EcnCodepoint>,
+    dst_ip: Option<IpAddr>,
+}
+
+/// See the module docs.
+pub struct NodeSocket {
+    io: Arc<tokio::net::UdpSocket>,
+    state: UdpSocketState,
+    ipv6: bool,
+    routes: RwLock<Routes>,
+    next_virtual: AtomicU32,
+    pending: Mutex<VecDeque<Pending>>,
+    stats: NodeSocketStats,
+}
+
+impl fmt::Debug for NodeSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeSocket")
+            .field("local", &self.io.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl NodeSocket {
+    /// Binds a node socket on `addr` (usually the unspecified address of the relay's family).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let (io, state) = bind_udp(addr)?;
+        Ok(Self {
+            ipv6: addr.is_ipv6(),
+            io,
+            state,
+            routes: RwLock::default(),
+            next_virtual: AtomicU32::new(1),
+            pending: Mutex::default(),
+            stats: NodeSocketStats::default(),
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeSocketStats {
+        &self.stats
+    }
+
+    /// Starts using `route` through `relay`; returns the virtual address to connect to (or that
+    /// the peer's connection will appear to come from).
+    pub fn add_route(&self, route: RouteId, relay: SocketAddr) -> SocketAddr {
+        let relay = canonical(relay);
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((virt, _)) = routes.by_route.get(&route) {
+            return self.present(*virt);
+        }
+        let n = self.next_virtual.fetch_add(1, Relaxed) & 0x00ff_ffff;
+        let [_, b, c, d] = n.to_be_bytes();
+        let virt = SocketAddr::new(Ipv4Addr::new(VIRTUAL_OCTET, b, c, d).into(), 443);
+        routes.by_route.insert(route, (virt, relay));
+        routes
+            .by_virtual
+            .insert(virt, VirtualRoute { route, relay });
+        self.present(virt)
+    }
+
+    /// Stops using `route`; later packets for it are dropped.
+    pub fn remove_route(&self, route: RouteId) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((virt, _)) = routes.by_route.remove(&route) {
+            routes.by_virtual.remove(&virt);
+        }
+    }
+
+    /// The route a virtual address stands for.
+    pub fn route_of(&self, virt: SocketAddr) -> Option<RouteId> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.by_virtual.get(&canonical(virt)).map(|v| v.route)
+    }
+
+    /// Removes every route through `relay` (its route table is gone); returns them.
+    pub fn remove_routes_via(&self, relay: SocketAddr) -> Vec<RouteId> {
+        let relay = canonical(relay);
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<RouteId> = routes
+            .by_route
+            .iter()
+            .filter(|(_, (_, r))| *r == relay)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            if let Some((virt, _)) = routes.by_route.remove(id) {
+                routes.by_virtual.remove(&virt);
+            }
+        }
+        gone
+    }
+
+    /// An address in the form quinn uses for this socket's family.
+    fn present(&self, addr: SocketAddr) -> SocketAddr {
+        match (self.ipv6, addr) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => addr,
+        }
+    }
+
+    fn is_virtual(addr: SocketAddr) -> bool {
+        matches!(addr.ip(), IpAddr::V4(v4) if v4.octets()[0] == VIRTUAL_OCTET)
+    }
+
+    /// Looks up the virtual address of a frame's route, checking it came from that route's relay.
+    fn lookup(&self, route: RouteId, src: SocketAddr) -> Option<SocketAddr> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        match routes.by_route.get(&route) {
+            Some((virt, relay)) if *relay == src => Some(self.present(*virt)),
+            _ => {
+                self.stats.dropped_unknown_route.fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Unwraps the frames of one received buffer in place. Segments of a GRO batch that belong to
+    /// another route than the first are queued in `pending` for the next call.
+    fn unwrap_batch(&self, buf: &mut [u8], meta: &mut RecvMeta) {
+        let src = canonical(meta.addr);
+        let stride = if meta.stride == 0 {
+            meta.len
+        } else {
+            meta.stride
+        };
+        let len = meta.len;
+        let mut first: Option<(RouteId, SocketAddr)> = None;
+        let mut out = 0; // bytes of unwrapped payload written so far
+        let mut offset = 0;
+        let mut segments = 0;
+        while offset < len {
+            let end = (offset + stride).min(len);
+            let parsed = fwd::parse(&buf[offset..end]).map(|(r, _)| r);
+            match (parsed, first) {
+                (Ok(r), None) => match self.lookup(r, src) {
+                    Some(virt) => first = Some((r, virt)),
+                    None => {
+                        // Unknown first route: drop the whole batch's first segment and
+                        // re-queue the rest, so one bad frame cannot hide good ones.
+                        self.queue_rest(buf, offset + stride.min(end - offset), len, stride, meta);
+                        meta.len = 0;
+                        return;
+                    }
+                },
+                (Ok(r), Some((fr, _))) if r == fr => {}
+                (Ok(_), Some(_)) => {
+                    self.queue_rest(buf, offset, len, stride, meta);
+                    break;
+                }
+                (Err(_), _) => {
+                    self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                    self.queue_rest(buf, end, len, stride, meta);
+                    break;
+                }
+            }
+            let payload = end - offset - HEADER_LEN;
+            buf.copy_within(offset + HEADER_LEN..end, out);
+            out += payload;
+            segments += 1;
+            offset = end;
+        }
+        match first {
+            Some((_, virt)) if segments > 0 => {
+                meta.addr = virt;
+                meta.len = out;
+                meta.stride = stride - HEADER_LEN;
+            }
+            _ => meta.len = 0,
+        }
+    }
+
+    fn queue_rest(&self, buf: &[u8], from: usize, len: usize, stride: usize, meta: &RecvMeta) {
+        if from >= len {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for chunk in buf[from..len].chunks(stride) {
+            pending.push_back(Pending {
+                src: meta.addr,
+                data: chunk.to_vec(),
+                ecn: meta.ecn,
+                dst_ip: meta.dst_ip,
+            });
+        }
+    }
+
+    /// Delivers queued segments into quinn's buffers, one per slot.
+    fn deliver_pending(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut filled = 0;
+        while filled < bufs.len().min(meta.len()) {
+            let Some(p) = pending.pop_front() else { break };
+            let Ok((route, payload)) = fwd::parse(&p.data) else {
+                self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                continue;
+            };
+            let Some(virt) = self.lookup(route, canonical(p.src)) else {
+                continue;
+            };
+            let slot = &mut bufs[filled];
+            if payload.len() > slot.len() {
+                self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                continue;
+            }
+            slot[..payload.len()].copy_from_slice(payload);
+            let m = &mut meta[filled];
+            m.addr = virt;
+            m.len = payload.len();
+            m.stride = payload.len();
+            m.ecn = p.ecn;
+            m.dst_ip = p.dst_ip;
+            filled += 1;
+        }
+        filled
+    }
+
+    fn has_pending(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
+
+impl AsyncUdpSocket for NodeSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Poller::new(self.io.clone()))
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        let dest = canonical(transmit.destination);
+        if !Self::is_virtual(dest) {
+            return self.io.try_io(Interest::WRITABLE, || {
+                self.state.send((&*self.io).into(), transmit)
+            });
+        }
+        let route = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes.by_virtual.get(&dest).copied()
+        };
+        let Some(VirtualRoute { route, relay }) = route else {
+            // The route is gone; behave like a lossy path until quinn gives up.
+            self.stats.dropped_no_route.fetch_add(1, Relaxed);
+            return Ok(());
+        };
+        let header = fwd::header(route);
+        let seg = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        SCRATCH.with(|scratch| {
+            let mut framed = scratch.borrow_mut();
+            framed.clear();
+            for chunk in transmit.contents.chunks(seg) {
+                framed.extend_from_slice(&header);
+                framed.extend_from_slice(chunk);
+            }
+            let out = Transmit {
+                destination: self.present(relay),
+                ecn: transmit.ecn,
+                contents: &framed,
+                segment_size: transmit.segment_size.map(|s| s + HEADER_LEN),
+                src_ip: transmit.src_ip,
+            };
+            self.io.try_io(Interest::WRITABLE, || {
+                self.state.send((&*self.io).into(), &out)
+            })
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        if self.has_pending() {
+            let n = self.deliver_pending(bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        loop {
+            ready!(self.io.poll_recv_ready(cx))?;
+            let n = match self.io.try_io(Interest::READABLE, || {
+                self.state.recv((&*self.io).into(), bufs, meta)
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
+                match fwd::classify(&buf[..m.len]) {
+                    Kind::Quic => {}
+                    Kind::Forward => self.unwrap_batch(&mut buf[..], m),
+                    Kind::Unknown => {
+                        self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                        m.len = 0;
+                    }
+                }
+            }
+            return Poll::Ready(Ok(n));
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+}

@@ -1,0 +1,374 @@
+//! The relay's UDP socket: forwards end-to-end frames, hands QUIC packets to quinn.
+//!
+//! Forwarding happens inside [`AsyncUdpSocket::poll_recv`]: a frame is looked up, checked and
+//! sent on before quinn ever sees the batch, and its slot is emptied (`len = 0`, which quinn's
+//! receive loop skips). The relay therefore spends no cryptography and no task hop on the data
+//! path, and holds only the route table: two addresses and counters per route, nothing per
+//! stream. Consecutive frames of one GRO batch going to the same endpoint are sent on as one GSO
+//! batch.
+
+use crate::canonical;
+use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::task::{ready, Context, Poll};
+use tokio::io::Interest;
+
+/// One route: the two endpoints allowed to use it, and what went through.
+#[derive(Debug)]
+pub struct Route {
+    pub a: SocketAddr,
+    pub b: SocketAddr,
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// The relay's routes, shared between the control plane (which adds and removes them) and the
+/// socket (which reads them for every forwarded batch).
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: RwLock<HashMap<RouteId, Arc<Route>>>,
+}
+
+impl RouteTable {
+    /// Adds a route between two endpoints.
+    pub fn insert(&self, id: RouteId, a: SocketAddr, b: SocketAddr) {
+        let route = Arc::new(Route {
+            a: canonical(a),
+            b: canonical(b),
+            packets: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        });
+        self.write().insert(id, route);
+    }
+
+    /// Removes a route; returns whether it existed.
+    pub fn remove(&self, id: RouteId) -> bool {
+        self.write().remove(&id).is_some()
+    }
+
+    /// Looks up a route.
+    pub fn get(&self, id: RouteId) -> Option<Arc<Route>> {
+        self.read().get(&id).cloned()
+    }
+
+    /// Ids of all routes.
+    pub fn ids(&self) -> Vec<RouteId> {
+        self.read().keys().copied().collect()
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// True when there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<RouteId, Arc<Route>>> {
+        // A poisoned lock only means another thread panicked mid-update of a HashMap whose
+        // invariants hold between calls; the data is still usable.
+        self.routes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<RouteId, Arc<Route>>> {
+        self.routes.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counters of the forwarding path.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    /// Frames forwarded.
+    pub forwarded_packets: AtomicU64,
+    /// Bytes forwarded (whole frames).
+    pub forwarded_bytes: AtomicU64,
+    /// Frames for a route the relay does not know.
+    pub dropped_unknown_route: AtomicU64,
+    /// Frames from an address that is not one of the route's endpoints.
+    pub dropped_spoofed: AtomicU64,
+    /// Datagrams that are neither QUIC nor a valid frame.
+    pub dropped_malformed: AtomicU64,
+    /// Frames dropped because the outgoing socket buffer was full.
+    pub dropped_congested: AtomicU64,
+}
+
+/// A test hook that sees (and may alter) every forwarded packet's bytes.
+pub type Tap = Arc<dyn Fn(&mut [u8]) + Send + Sync>;
+
+/// The relay's socket; see the module docs.
+pub struct RelaySocket {
+    io: Arc<tokio::net::UdpSocket>,
+    state: UdpSocketState,
+    routes: Arc<RouteTable>,
+    stats: Arc<ForwardStats>,
+    tap: Option<Tap>,
+}
+
+impl fmt::Debug for RelaySocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelaySocket")
+            .field("local", &self.io.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Socket buffer size asked for on every postern UDP socket (the kernel may cap it).
+pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Binds a UDP socket prepared for quinn (non-blocking, large buffers, GSO/GRO probed).
+pub(crate) fn bind_udp(
+    addr: SocketAddr,
+) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
+    let std = std::net::UdpSocket::bind(addr)?;
+    let state = UdpSocketState::new((&std).into())?;
+    // Larger buffers absorb bursts at high rates; failure only costs throughput.
+    let _ = state.set_recv_buffer_size((&std).into(), SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&std).into(), SOCKET_BUFFER);
+    std.set_nonblocking(true)?;
+    let io = tokio::net::UdpSocket::from_std(std)?;
+    Ok((Arc::new(io), state))
+}
+
+impl RelaySocket {
+    /// Binds the relay socket.
+    pub fn bind(
+        addr: SocketAddr,
+        routes: Arc<RouteTable>,
+        stats: Arc<ForwardStats>,
+        tap: Option<Tap>,
+    ) -> io::Result<Self> {
+        let (io, state) = bind_udp(addr)?;
+        Ok(Self {
+            io,
+            state,
+            routes,
+            stats,
+            tap,
+        })
+    }
+
+    /// Forwards every frame in one received buffer (a GRO batch of `stride`-sized segments).
+    fn forward(&self, buf: &mut [u8], stride: usize, src: SocketAddr) {
+        let src = canonical(src);
+        let stride = if stride == 0 { buf.len() } else { stride };
+        let max_gso = self.state.max_gso_segments().max(1);
+        // A run of consecutive segments for the same destination, sent as one GSO batch.
+        let mut run: Option<(SocketAddr, usize, usize)> = None; // (dst, start, count)
+        let mut offset = 0;
+        while offset < buf.len() {
+            let end = (offset + stride).min(buf.len());
+            let dst = self.check(&mut buf[offset..end], src);
+            match (dst, run) {
+                (Some(d), Some((rd, start, count))) if d == rd && count < max_gso => {
+                    run = Some((rd, start, count + 1));
+                }
+                (Some(d), prev) => {
+                    if let Some((rd, start, _)) = prev {
+                        self.send(rd, &buf[start..offset], stride);
+                    }
+                    run = Some((d, offset, 1));
+                }
+                (None, prev) => {
+                    if let Some((rd, start, _)) = prev {
+                        self.send(rd, &buf[start..offset], stride);
+                    }
+                    run = None;
+                }
+            }
+            offset = end;
+        }
+        if let Some((rd, start, _)) = run {
+            self.send(rd, &buf[start..], stride);
+        }
+    }
+
+    /// Validates one frame; returns where it goes.
+    fn check(&self, frame: &mut [u8], src: SocketAddr) -> Option<SocketAddr> {
+        let route_id = match fwd::parse(frame) {
+            Ok((id, _)) => id,
+            Err(e) => {
+                self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                tracing::debug!(%src, error = %e, "dropped malformed forwarding frame");
+                return None;
+            }
+        };
+        let Some(route) = self.routes.get(route_id) else {
+            self.stats.dropped_unknown_route.fetch_add(1, Relaxed);
+            tracing::trace!(%src, route = %route_id, "dropped frame for unknown route");
+            return None;
+        };
+        let dst = if src == route.a {
+            route.b
+        } else if src == route.b {
+            route.a
+        } else {
+            self.stats.dropped_spoofed.fetch_add(1, Relaxed);
+            tracing::debug!(%src, route = %route_id, "dropped frame from an address that is not an endpoint of its route");
+            return None;
+        };
+        if let Some(tap) = &self.tap {
+            tap(&mut frame[HEADER_LEN..]);
+        }
+        route.packets.fetch_add(1, Relaxed);
+        route.bytes.fetch_add(frame.len() as u64, Relaxed);
+        Some(dst)
+    }
+
+    fn send(&self, dst: SocketAddr, contents: &[u8], stride: usize) {
+        if contents.is_empty() {
+            return;
+        }
+        let dst = self.family_addr(dst);
+        let transmit = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > stride).then_some(stride),
+            src_ip: None,
+        };
+        let segments = contents.len().div_ceil(stride) as u64;
+        match self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&*self.io).into(), &transmit)
+        }) {
+            Ok(()) => {
+                self.stats.forwarded_packets.fetch_add(segments, Relaxed);
+                self.stats
+                    .forwarded_bytes
+                    .fetch_add(contents.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                // The socket buffer is full: drop, as a router would; QUIC's congestion
+                // control on the end-to-end connection reacts to the loss.
+                self.stats.dropped_congested.fetch_add(segments, Relaxed);
+            }
+        }
+    }
+
+    fn family_addr(&self, addr: SocketAddr) -> SocketAddr {
+        match (self.io.local_addr(), addr) {
+            (Ok(SocketAddr::V6(_)), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => addr,
+        }
+    }
+}
+
+impl AsyncUdpSocket for RelaySocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Poller::new(self.io.clone()))
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&*self.io).into(), transmit)
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        // Bound the work done in one call so a flood of frames cannot starve the control plane.
+        let mut budget = 64;
+        loop {
+            ready!(self.io.poll_recv_ready(cx))?;
+            let n = match self.io.try_io(Interest::READABLE, || {
+                self.state.recv((&*self.io).into(), bufs, meta)
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            let mut for_quinn = 0;
+            for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
+                let data = &mut buf[..m.len];
+                match fwd::classify(data) {
+                    Kind::Quic => for_quinn += 1,
+                    Kind::Forward => {
+                        self.forward(data, m.stride, m.addr);
+                        m.len = 0;
+                    }
+                    Kind::Unknown => {
+                        self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                        tracing::debug!(src = %m.addr, len = m.len, "dropped datagram that is neither QUIC nor a forwarding frame");
+                        m.len = 0;
+                    }
+                }
+            }
+            if for_quinn > 0 {
+                return Poll::Ready(Ok(n));
+            }
+            budget -= 1;
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+}
+
+type WritableFut = Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>;
+
+/// Waits for the socket to become writable; one per quinn connection, so each needs its own
+/// future (tokio's `poll_send_ready` keeps only the last waker).
+pub(crate) struct Poller {
+    io: Arc<tokio::net::UdpSocket>,
+    fut: Option<WritableFut>,
+}
+
+impl Poller {
+    pub(crate) fn new(io: Arc<tokio::net::UdpSocket>) -> Self {
+        Self { io, fut: None }
+    }
+}
+
+impl fmt::Debug for Poller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Poller").finish_non_exhaustive()
+    }
+}
+
+impl UdpPoller for Poller {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let fut = this.fut.get_or_insert_with(|| {
+            let io = this.io.clone();
+            Box::pin(async move { io.writable().await })
+        });
+        let res = fut.as_mut().poll(cx);
+        if res.is_ready() {
+            this.fut = None;
+        }
+        res
+    }
+}

@@ -1,0 +1,170 @@
+//! Joins a TCP connection to a QUIC bidirectional stream.
+//!
+//! Half-close travels both ways (TCP FIN -> `finish()`, stream end -> `shutdown(Write)`), resets
+//! travel both ways (TCP RST -> stream reset; stream reset -> TCP RST via `SO_LINGER 0`), and
+//! each direction moves through one bounded buffer, so backpressure reaches the sender end to
+//! end through QUIC flow control and TCP windows.
+
+use postern_proto::msg::code;
+use quinn::{RecvStream, SendStream, VarInt};
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Size of the per-direction copy buffer.
+pub const CHUNK: usize = 64 * 1024;
+
+/// How a spliced connection ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SpliceOutcome {
+    /// Bytes from the TCP side into the stream.
+    pub up: u64,
+    /// Bytes from the stream to the TCP side.
+    pub down: u64,
+    /// Set when the stream was reset or stopped by the peer, with its error code.
+    pub peer_reset: Option<u64>,
+    /// Set when the TCP side failed (e.g. reset by the client or target).
+    pub tcp_error: Option<String>,
+}
+
+enum Dir {
+    Done(u64),
+    PeerReset(u64, u64),
+    TcpFailed(u64, io::Error),
+}
+
+async fn tcp_to_stream<R: AsyncRead + Unpin>(mut tcp: R, send: &mut SendStream) -> Dir {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) => {
+                // Client half-closed: tell the far end, keep reading its answer.
+                let _ = send.finish();
+                return Dir::Done(total);
+            }
+            Ok(n) => {
+                if let Err(e) = send.write_all(&buf[..n]).await {
+                    let code = match e {
+                        quinn::WriteError::Stopped(c) => c.into_inner(),
+                        _ => u64::from(code::RESET),
+                    };
+                    return Dir::PeerReset(total, code);
+                }
+                total += n as u64;
+            }
+            Err(e) => {
+                let _ = send.reset(VarInt::from_u32(code::RESET));
+                return Dir::TcpFailed(total, e);
+            }
+        }
+    }
+}
+
+async fn stream_to_tcp<W: AsyncWrite + Unpin>(recv: &mut RecvStream, mut tcp: W) -> Dir {
+    let mut total = 0u64;
+    loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                if let Err(e) = tcp.write_all(&chunk.bytes).await {
+                    let _ = recv.stop(VarInt::from_u32(code::RESET));
+                    return Dir::TcpFailed(total, e);
+                }
+                total += chunk.bytes.len() as u64;
+            }
+            Ok(None) => {
+                let _ = tcp.shutdown().await;
+                return Dir::Done(total);
+            }
+            Err(quinn::ReadError::Reset(c)) => return Dir::PeerReset(total, c.into_inner()),
+            Err(e) => {
+                tracing::debug!(error = %e, "stream ended abnormally");
+                return Dir::PeerReset(total, u64::from(code::RESET));
+            }
+        }
+    }
+}
+
+/// Makes closing `tcp` send a RST instead of a FIN.
+pub fn set_reset_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+/// Splices `tcp` and the stream until both directions are done or either side resets.
+pub async fn splice(
+    mut tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> SpliceOutcome {
+    let _ = tcp.set_nodelay(true);
+    let (r, w) = tcp.split();
+    let out = splice_halves(r, w, &mut send, &mut recv).await;
+    if out.peer_reset.is_some() {
+        set_reset_on_close(&tcp);
+    }
+    out
+}
+
+/// Splices any byte stream (e.g. a TLS connection to a target) and the QUIC stream.
+pub async fn splice_io<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> SpliceOutcome {
+    let (r, w) = tokio::io::split(io);
+    splice_halves(r, w, &mut send, &mut recv).await
+}
+
+async fn splice_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    tcp_r: R,
+    tcp_w: W,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> SpliceOutcome {
+    let mut out = SpliceOutcome::default();
+    let abort = {
+        let up = tcp_to_stream(tcp_r, send);
+        let down = stream_to_tcp(recv, tcp_w);
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
+        let mut abort = false;
+        while !(up_done && down_done) {
+            let (res, is_up) = tokio::select! {
+                r = &mut up, if !up_done => (r, true),
+                r = &mut down, if !down_done => (r, false),
+            };
+            let bytes = match &res {
+                Dir::Done(b) | Dir::PeerReset(b, _) | Dir::TcpFailed(b, _) => *b,
+            };
+            if is_up {
+                up_done = true;
+                out.up = bytes;
+            } else {
+                down_done = true;
+                out.down = bytes;
+            }
+            match res {
+                Dir::Done(_) => {}
+                Dir::PeerReset(_, c) => {
+                    out.peer_reset = Some(c);
+                    abort = true;
+                    break;
+                }
+                Dir::TcpFailed(_, e) => {
+                    out.tcp_error = Some(e.to_string());
+                    abort = true;
+                    break;
+                }
+            }
+        }
+        abort
+    };
+    if abort {
+        // Whatever direction is still open ends now, with a reset rather than a clean end.
+        let _ = send.reset(VarInt::from_u32(code::RESET));
+        let _ = recv.stop(VarInt::from_u32(code::RESET));
+    }
+    out
+}

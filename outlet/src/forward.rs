@@ -1,0 +1,183 @@
+//! The outlet's data plane: end-to-end connections from inlets, one stream per client
+//! connection, each joined to a fresh connection to the service's target.
+
+use crate::target::{Target, TargetError};
+use postern_net::ctl;
+use postern_net::splice;
+use postern_proto::fwd::RouteId;
+use postern_proto::msg::{code, StreamOpen};
+use postern_proto::name::{NodeName, ServiceName};
+use quinn::VarInt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long an inlet may take to name the service on a new stream.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A route the relay announced: who will connect through it.
+#[derive(Debug, Clone)]
+pub struct ExpectedRoute {
+    pub route: RouteId,
+    pub inlet: NodeName,
+    pub service: ServiceName,
+}
+
+/// State shared by the control handler and the data plane.
+#[derive(Default)]
+pub struct Routes {
+    /// Virtual address -> the route behind it.
+    expected: Mutex<HashMap<SocketAddr, ExpectedRoute>>,
+    /// Live end-to-end connections by route.
+    conns: Mutex<HashMap<RouteId, quinn::Connection>>,
+}
+
+impl Routes {
+    fn expected(&self) -> MutexGuard<'_, HashMap<SocketAddr, ExpectedRoute>> {
+        self.expected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conns(&self) -> MutexGuard<'_, HashMap<RouteId, quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a route announced by the relay.
+    pub fn expect(&self, virt: SocketAddr, route: ExpectedRoute) {
+        self.expected()
+            .insert(postern_net::canonical(virt), route);
+    }
+
+    /// Forgets a route and closes its connection.
+    pub fn close(&self, route: RouteId, why: &'static [u8]) {
+        self.expected().retain(|_, r| r.route != route);
+        if let Some(c) = self.conns().remove(&route) {
+            c.close(VarInt::from_u32(code::ROUTE_CLOSED), why);
+        }
+    }
+
+    fn lookup(&self, virt: SocketAddr) -> Option<ExpectedRoute> {
+        self.expected().get(&postern_net::canonical(virt)).cloned()
+    }
+
+    /// Number of live end-to-end connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns().len()
+    }
+}
+
+/// Accepts end-to-end connections until `shutdown`.
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    routes: Arc<Routes>,
+    targets: Arc<HashMap<ServiceName, Target>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            i = endpoint.accept() => i,
+        };
+        let Some(incoming) = incoming else { return };
+        let remote = incoming.remote_address();
+        let Some(expected) = routes.lookup(remote) else {
+            // Not a route the relay announced (control connections are never accepted here:
+            // the outlet dials the relay, not the other way round).
+            tracing::warn!(%remote, "refusing connection on an unknown route");
+            incoming.refuse();
+            continue;
+        };
+        let routes = routes.clone();
+        let targets = targets.clone();
+        let span = tracing::info_span!("e2e", route = %expected.route, inlet = %expected.inlet);
+        tokio::spawn(serve_connection(incoming, expected, routes, targets).instrument(span));
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    expected: ExpectedRoute,
+    routes: Arc<Routes>,
+    targets: Arc<HashMap<ServiceName, Target>>,
+) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "end-to-end handshake failed");
+            return;
+        }
+    };
+    match postern_net::peer_name(&conn) {
+        Ok(name) if name == expected.inlet => {}
+        Ok(name) => {
+            tracing::warn!(presented = %name, "inlet's certificate does not match the route; closing");
+            conn.close(VarInt::from_u32(code::NOT_ALLOWED), b"identity does not match route");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "inlet presented no usable identity; closing");
+            conn.close(VarInt::from_u32(code::NOT_ALLOWED), b"no identity");
+            return;
+        }
+    }
+    tracing::info!("end-to-end connection up");
+    routes.conns().insert(expected.route, conn.clone());
+    let reason = loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => break e,
+        };
+        let targets = targets.clone();
+        tokio::spawn(serve_stream(send, recv, targets).in_current_span());
+    };
+    tracing::info!(reason = %reason, "end-to-end connection closed");
+    let mut conns = routes.conns();
+    if conns
+        .get(&expected.route)
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        conns.remove(&expected.route);
+    }
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    targets: Arc<HashMap<ServiceName, Target>>,
+) {
+    let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
+        let _ = send.reset(VarInt::from_u32(c));
+        let _ = recv.stop(VarInt::from_u32(c));
+    };
+    let header = tokio::time::timeout(HEADER_TIMEOUT, ctl::read_frame::<StreamOpen>(&mut recv)).await;
+    let service = match header {
+        Ok(Ok(StreamOpen::Connect { service })) => service,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "bad stream header");
+            return refuse(&mut send, &mut recv, code::BAD_HEADER);
+        }
+        Err(_) => {
+            tracing::warn!("no stream header in time");
+            return refuse(&mut send, &mut recv, code::BAD_HEADER);
+        }
+    };
+    let Some(target) = targets.get(&service) else {
+        tracing::warn!(%service, "stream for a service this outlet does not serve");
+        return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
+    };
+    let outcome = match target.connect().await {
+        Ok(crate::target::TargetStream::Tcp(tcp)) => splice::splice(tcp, send, recv).await,
+        Ok(crate::target::TargetStream::Tls(tls)) => splice::splice_io(*tls, send, recv).await,
+        Err(e) => {
+            log_target_error(&service, &e);
+            return refuse(&mut send, &mut recv, code::TARGET_UNREACHABLE);
+        }
+    };
+    tracing::debug!(%service, up = outcome.up, down = outcome.down, reset = ?outcome.peer_reset, "stream done");
+}
+
+fn log_target_error(service: &ServiceName, e: &TargetError) {
+    tracing::warn!(%service, error = %e, "cannot reach the service's target; refusing stream");
+}

@@ -1,0 +1,203 @@
+//! The outlet node: one socket, one control connection to the relay, end-to-end listener.
+
+use crate::forward::{self, ExpectedRoute, Routes};
+use crate::target::Target;
+use postern_net::control::{self, ControlHandler, RelayTarget};
+use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
+use postern_net::endpoint::{self, EndpointError};
+use postern_net::node_socket::NodeSocket;
+use postern_proto::msg::Ctl;
+use postern_proto::name::ServiceName;
+use postern_proto::tls::Identity;
+use rustls::RootCertStore;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Why an outlet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OutletError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot bind UDP socket: {0}")]
+    Bind(std::io::Error),
+}
+
+/// What an outlet needs to run.
+pub struct OutletOptions {
+    pub relay: RelayTarget,
+    pub identity: Identity,
+    pub roots: Arc<RootCertStore>,
+    /// Services by name and where their streams go.
+    pub services: HashMap<ServiceName, Target>,
+}
+
+/// A bound outlet, ready to [`run`](Outlet::run).
+pub struct Outlet {
+    endpoint: quinn::Endpoint,
+    socket: Arc<NodeSocket>,
+    client: quinn::ClientConfig,
+    relay: RelayTarget,
+    routes: Arc<Routes>,
+    targets: Arc<HashMap<ServiceName, Target>>,
+    control: watch::Sender<Option<quinn::Connection>>,
+}
+
+/// Inspect a running outlet (tests, bench).
+#[derive(Clone)]
+pub struct OutletHandle {
+    routes: Arc<Routes>,
+    control: watch::Receiver<Option<quinn::Connection>>,
+}
+
+impl OutletHandle {
+    /// Waits until the outlet's control connection is up (and its services registered).
+    pub async fn wait_registered(&mut self, timeout: std::time::Duration) -> bool {
+        control::wait_connected(&mut self.control, timeout)
+            .await
+            .is_some()
+    }
+
+    /// Live end-to-end connections.
+    pub fn connection_count(&self) -> usize {
+        self.routes.connection_count()
+    }
+}
+
+/// The unspecified address of the relay's family, port 0.
+pub fn any_addr_for(relay: SocketAddr) -> SocketAddr {
+    match relay {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+impl Outlet {
+    /// Binds the outlet's socket and endpoint.
+    pub fn bind(opts: OutletOptions) -> Result<Self, OutletError> {
+        let socket = Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(OutletError::Bind)?);
+        let server = endpoint::e2e_server(&opts.identity, opts.roots.clone())?;
+        let client = endpoint::control_client(&opts.identity, opts.roots)?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint::endpoint_config(None),
+            Some(server),
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(OutletError::Bind)?;
+        Ok(Self {
+            endpoint,
+            socket,
+            client,
+            relay: opts.relay,
+            routes: Arc::new(Routes::default()),
+            targets: Arc::new(opts.services),
+            control: watch::channel(None).0,
+        })
+    }
+
+    /// A handle for inspection.
+    pub fn handle(&self) -> OutletHandle {
+        OutletHandle {
+            routes: self.routes.clone(),
+            control: self.control.subscribe(),
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let handler = Arc::new(OutletControl {
+            socket: self.socket.clone(),
+            routes: self.routes.clone(),
+            services: self.targets.keys().cloned().collect(),
+            relay: self.relay.addr,
+        });
+        let accept = forward::accept_loop(
+            self.endpoint.clone(),
+            self.routes.clone(),
+            self.targets.clone(),
+            shutdown.clone(),
+        );
+        let ctl = control::run(
+            self.endpoint.clone(),
+            self.client,
+            self.relay,
+            handler,
+            self.control,
+            shutdown.clone(),
+        );
+        tokio::join!(accept, ctl);
+        self.endpoint
+            .close(postern_proto::msg::code::SHUTDOWN.into(), b"outlet shutting down");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+struct OutletControl {
+    socket: Arc<NodeSocket>,
+    routes: Arc<Routes>,
+    services: Vec<ServiceName>,
+    relay: SocketAddr,
+}
+
+impl ControlHandler for OutletControl {
+    async fn on_connect(&self, conn: &quinn::Connection) -> Result<(), CtlError> {
+        let msg = Ctl::Register {
+            services: self.services.clone(),
+        };
+        match ctl::request(conn, &msg, CTL_TIMEOUT).await? {
+            Ctl::Registered { services } => {
+                tracing::info!(?services, "services registered with relay");
+                Ok(())
+            }
+            other => Err(CtlError::Codec(postern_proto::codec::CodecError::Malformed(
+                format!("unexpected answer to Register: {other:?}"),
+            ))),
+        }
+    }
+
+    async fn on_push(&self, msg: Ctl) -> Ctl {
+        match msg {
+            Ctl::RouteOpen {
+                route,
+                service,
+                inlet,
+            } => {
+                if !self.services.contains(&service) {
+                    return Ctl::Error {
+                        message: format!("this outlet does not serve {service}"),
+                    };
+                }
+                let virt = self.socket.add_route(route, self.relay);
+                tracing::info!(%route, %service, %inlet, "route opened");
+                self.routes.expect(
+                    virt,
+                    ExpectedRoute {
+                        route,
+                        inlet,
+                        service,
+                    },
+                );
+                Ctl::Ack
+            }
+            Ctl::RouteClosed { route, reason } => {
+                tracing::info!(%route, %reason, "route closed by relay");
+                self.routes.close(route, b"route closed");
+                self.socket.remove_route(route);
+                Ctl::Ack
+            }
+            Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+            other => Ctl::Error {
+                message: format!("unexpected push {other:?}"),
+            },
+        }
+    }
+
+    fn on_disconnect(&self, relay: SocketAddr) {
+        for route in self.socket.remove_routes_via(relay) {
+            self.routes.close(route, b"relay connection lost");
+        }
+    }
+}

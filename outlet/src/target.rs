@@ -1,0 +1,99 @@
+//! Connections from the outlet to a service's target: plain TCP or TLS.
+
+use postern_proto::tls::roots_from_pem;
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// How long connecting to a target may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a target could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("connect to {to} failed: {source}")]
+    Connect { to: String, source: std::io::Error },
+    #[error("connect to {0} timed out")]
+    Timeout(String),
+    #[error("TLS handshake with {to} failed: {source}")]
+    Tls { to: String, source: std::io::Error },
+    #[error("TLS set-up: {0}")]
+    Config(String),
+}
+
+/// A connected target.
+pub enum TargetStream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Where a service's streams go.
+#[derive(Clone)]
+pub struct Target {
+    /// `host:port`.
+    pub to: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("to", &self.to)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Target {
+    /// A plain TCP target.
+    pub fn tcp(to: impl Into<String>) -> Self {
+        Self {
+            to: to.into(),
+            tls: None,
+        }
+    }
+
+    /// A TLS target verified against `ca_pem` (the target's CA), checking `server_name`.
+    pub fn tls(to: impl Into<String>, ca_pem: &str, server_name: &str) -> Result<Self, TargetError> {
+        let roots = roots_from_pem(ca_pem).map_err(|e| TargetError::Config(e.to_string()))?;
+        let cfg = rustls::ClientConfig::builder_with_provider(postern_proto::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TargetError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| TargetError::Config(format!("server name {server_name:?}: {e}")))?;
+        Ok(Self {
+            to: to.into(),
+            tls: Some((TlsConnector::from(Arc::new(cfg)), name)),
+        })
+    }
+
+    /// Connects (with a timeout).
+    pub async fn connect(&self) -> Result<TargetStream, TargetError> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.to))
+            .await
+            .map_err(|_| TargetError::Timeout(self.to.clone()))?
+            .map_err(|source| TargetError::Connect {
+                to: self.to.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(TargetStream::Tcp(tcp)),
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| TargetError::Timeout(self.to.clone()))?
+                    .map_err(|source| TargetError::Tls {
+                        to: self.to.clone(),
+                        source,
+                    })?;
+                Ok(TargetStream::Tls(Box::new(tls)))
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Relay configuration: a TOML file, every key also a flag (flags win).
+
+use clap::Args;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Default UDP address of the relay.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "postern-relay-state";
+
+/// The relay's config file (`--config`). Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RelayFile {
+    pub listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+/// `postern-relay run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file; its keys are the long flag names below (e.g. `listen = "0.0.0.0:4433"`).
+    #[arg(long, env = "POSTERN_RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// UDP address to listen on for nodes' QUIC connections and forwarded packets
+    /// [default: 0.0.0.0:4433].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding the project CA, the relay's certificate and its reset key
+    /// [default: ./postern-relay-state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Relay certificate (PEM) [default: <state-dir>/relay.pem].
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Relay private key (PEM) [default: <state-dir>/relay.key].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Project CA certificate that node certificates must chain to [default: <state-dir>/ca.pem].
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+/// The merged configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl RunArgs {
+    /// Merges flags over the file over defaults.
+    pub fn resolve(self) -> Result<RelayConfig, postern_net::files::FileError> {
+        let file: RelayFile = match &self.config {
+            Some(p) => postern_net::files::load_toml(p)?,
+            None => RelayFile::default(),
+        };
+        let state_dir = self
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()));
+        Ok(RelayConfig {
+            listen,
+            cert: self
+                .cert
+                .or(file.cert)
+                .unwrap_or_else(|| state_dir.join("relay.pem")),
+            key: self
+                .key
+                .or(file.key)
+                .unwrap_or_else(|| state_dir.join("relay.key")),
+            ca: self
+                .ca
+                .or(file.ca)
+                .unwrap_or_else(|| state_dir.join("ca.pem")),
+            state_dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = toml::from_str::<RelayFile>("lisen = \"1.2.3.4:5\"").expect_err("unknown key");
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = toml::from_str::<RelayFile>("listen = \"nope\"").expect_err("bad addr");
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+}

@@ -1,0 +1,219 @@
+//! The relay's control-plane state (sans-IO): which node serves what, and the routes between
+//! them. The server layer holds the connections and applies what this decides.
+
+use postern_proto::fwd::RouteId;
+use postern_proto::msg::RefuseReason;
+use postern_proto::name::{NodeName, ServiceName};
+use std::collections::{BTreeSet, HashMap};
+
+/// A connected node, numbered per connection (a reconnecting node gets a new id).
+pub type NodeId = u64;
+
+#[derive(Debug, Default)]
+struct Service {
+    outlets: Vec<NodeId>,
+    cursor: usize,
+}
+
+/// One route between an inlet and an outlet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub inlet: NodeId,
+    pub outlet: NodeId,
+    pub service: ServiceName,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct Registry {
+    names: HashMap<NodeId, NodeName>,
+    services: HashMap<ServiceName, Service>,
+    /// Services ever registered, to tell "unknown" from "no live outlet".
+    known: BTreeSet<ServiceName>,
+    routes: HashMap<RouteId, RouteInfo>,
+}
+
+impl Registry {
+    /// Records a connected node.
+    pub fn connect(&mut self, id: NodeId, name: NodeName) {
+        self.names.insert(id, name);
+    }
+
+    /// The node currently connected under `name`, if any.
+    pub fn by_name(&self, name: &NodeName) -> Option<NodeId> {
+        self.names
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(id, _)| *id)
+    }
+
+    /// The name of a connected node.
+    pub fn name(&self, id: NodeId) -> Option<&NodeName> {
+        self.names.get(&id)
+    }
+
+    /// Makes `node` the (or one more) outlet of each of `services`, replacing its earlier list.
+    pub fn register(&mut self, node: NodeId, services: &[ServiceName]) {
+        for svc in self.services.values_mut() {
+            svc.outlets.retain(|n| *n != node);
+        }
+        for name in services {
+            self.known.insert(name.clone());
+            let svc = self.services.entry(name.clone()).or_default();
+            if !svc.outlets.contains(&node) {
+                svc.outlets.push(node);
+            }
+        }
+    }
+
+    /// Picks an outlet for `service`, spreading routes over the live ones in turn.
+    pub fn pick_outlet(&mut self, service: &ServiceName) -> Result<NodeId, RefuseReason> {
+        let svc = match self.services.get_mut(service) {
+            Some(s) if !s.outlets.is_empty() => s,
+            _ if self.known.contains(service) => return Err(RefuseReason::NoLiveOutlet),
+            _ => return Err(RefuseReason::UnknownService),
+        };
+        let i = svc.cursor % svc.outlets.len();
+        svc.cursor = svc.cursor.wrapping_add(1);
+        Ok(svc.outlets[i])
+    }
+
+    /// The outlets of `service` other than `except`, in pick order (for retrying elsewhere).
+    pub fn outlets_of(&self, service: &ServiceName) -> Vec<NodeId> {
+        self.services
+            .get(service)
+            .map(|s| s.outlets.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records a route.
+    pub fn add_route(&mut self, id: RouteId, info: RouteInfo) {
+        self.routes.insert(id, info);
+    }
+
+    /// Forgets a route.
+    pub fn remove_route(&mut self, id: RouteId) -> Option<RouteInfo> {
+        self.routes.remove(&id)
+    }
+
+    /// Number of routes.
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Services and their live outlets' names.
+    pub fn services(&self) -> Vec<(ServiceName, Vec<NodeName>)> {
+        let mut out: Vec<_> = self
+            .services
+            .iter()
+            .map(|(s, svc)| {
+                let names = svc
+                    .outlets
+                    .iter()
+                    .filter_map(|id| self.names.get(id).cloned())
+                    .collect();
+                (s.clone(), names)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Forgets a node that disconnected: its registrations and every route it was an end of.
+    /// Returns those routes with the node at their other end, to be told.
+    pub fn disconnect(&mut self, node: NodeId) -> Vec<(RouteId, NodeId)> {
+        self.names.remove(&node);
+        for svc in self.services.values_mut() {
+            svc.outlets.retain(|n| *n != node);
+        }
+        let gone: Vec<(RouteId, NodeId)> = self
+            .routes
+            .iter()
+            .filter_map(|(id, r)| {
+                if r.inlet == node {
+                    Some((*id, r.outlet))
+                } else if r.outlet == node {
+                    Some((*id, r.inlet))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, _) in &gone {
+            self.routes.remove(id);
+        }
+        gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).expect("name")
+    }
+
+    fn node(s: &str) -> NodeName {
+        NodeName::new(s).expect("name")
+    }
+
+    #[test]
+    fn unknown_and_dead_services_are_told_apart() {
+        let mut r = Registry::default();
+        assert_eq!(r.pick_outlet(&svc("db")), Err(RefuseReason::UnknownService));
+        r.connect(1, node("o1"));
+        r.register(1, &[svc("db")]);
+        assert_eq!(r.pick_outlet(&svc("db")), Ok(1));
+        r.disconnect(1);
+        assert_eq!(r.pick_outlet(&svc("db")), Err(RefuseReason::NoLiveOutlet));
+    }
+
+    #[test]
+    fn routes_spread_over_outlets_and_skip_the_departed() {
+        let mut r = Registry::default();
+        for id in 1..=3 {
+            r.connect(id, node(&format!("o{id}")));
+            r.register(id, &[svc("db")]);
+        }
+        let picks: Vec<_> = (0..6)
+            .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
+            .collect();
+        assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
+        r.disconnect(2);
+        let picks: BTreeSet<_> = (0..4)
+            .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
+            .collect();
+        assert_eq!(picks, BTreeSet::from([1, 3]));
+    }
+
+    #[test]
+    fn disconnect_reports_routes_with_their_other_end() {
+        let mut r = Registry::default();
+        r.connect(1, node("o1"));
+        r.connect(2, node("i1"));
+        r.connect(3, node("i2"));
+        r.register(1, &[svc("db")]);
+        let info = |inlet| RouteInfo {
+            inlet,
+            outlet: 1,
+            service: svc("db"),
+        };
+        r.add_route(RouteId(10), info(2));
+        r.add_route(RouteId(11), info(3));
+        let mut gone = r.disconnect(1);
+        gone.sort();
+        assert_eq!(gone, vec![(RouteId(10), 2), (RouteId(11), 3)]);
+        assert_eq!(r.route_count(), 0);
+    }
+
+    #[test]
+    fn re_registering_replaces_the_service_list() {
+        let mut r = Registry::default();
+        r.connect(1, node("o1"));
+        r.register(1, &[svc("a"), svc("b")]);
+        r.register(1, &[svc("b")]);
+        assert_eq!(r.pick_outlet(&svc("a")), Err(RefuseReason::NoLiveOutlet));
+        assert_eq!(r.pick_outlet(&svc("b")), Ok(1));
+    }
+}

@@ -1,0 +1,408 @@
+//! The relay: accepts nodes' control connections, keeps the registry, grants routes, and
+//! (through [`RelaySocket`]) forwards end-to-end packets.
+
+use crate::registry::{NodeId, Registry, RouteInfo};
+use postern_net::ctl::{self, CTL_TIMEOUT};
+use postern_net::endpoint::{self, EndpointError};
+use postern_net::relay_socket::{ForwardStats, RelaySocket, RouteTable, Tap};
+use postern_proto::fwd::RouteId;
+use postern_proto::msg::{Ctl, RefuseReason};
+use postern_proto::name::{NodeName, ServiceName};
+use postern_proto::tls::Identity;
+use rustls::RootCertStore;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long the relay waits for an outlet to accept a route.
+const ROUTE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many outlets are tried for one route request.
+const ROUTE_ATTEMPTS: usize = 3;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a relay needs to run.
+pub struct RelayOptions {
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub roots: Arc<RootCertStore>,
+    /// Key for stateless resets; keep it across restarts so peers learn of a restart at once.
+    pub reset_key: Option<[u8; 32]>,
+    /// Test hook that sees every forwarded packet.
+    pub tap: Option<Tap>,
+}
+
+/// Control-plane counters.
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    pub handshake_failures: AtomicU64,
+    pub bad_messages: AtomicU64,
+    pub routes_granted: AtomicU64,
+    pub routes_refused: AtomicU64,
+    pub nodes_connected: AtomicU64,
+}
+
+struct Shared {
+    registry: Mutex<Registry>,
+    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    routes: Arc<RouteTable>,
+    fwd: Arc<ForwardStats>,
+    ctl: ControlStats,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conns(&self) -> MutexGuard<'_, HashMap<NodeId, quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conn(&self, id: NodeId) -> Option<quinn::Connection> {
+        self.conns().get(&id).cloned()
+    }
+}
+
+/// A read-only view of a running relay, for tests, the bench and (later) the admin API.
+#[derive(Clone)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+}
+
+impl RelayHandle {
+    /// Forwarding counters.
+    pub fn forward_stats(&self) -> &ForwardStats {
+        &self.shared.fwd
+    }
+
+    /// Control-plane counters.
+    pub fn control_stats(&self) -> &ControlStats {
+        &self.shared.ctl
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &RouteTable {
+        &self.shared.routes
+    }
+
+    /// Registered services and their connected outlets.
+    pub fn services(&self) -> Vec<(ServiceName, Vec<NodeName>)> {
+        self.shared.registry().services()
+    }
+
+    /// Names of connected nodes.
+    pub fn nodes(&self) -> Vec<NodeName> {
+        let reg = self.shared.registry();
+        let conns = self.shared.conns();
+        let mut names: Vec<NodeName> = conns
+            .keys()
+            .filter_map(|id| reg.name(*id).cloned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A bound relay, ready to [`run`](Relay::run).
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl Relay {
+    /// Binds the relay's UDP socket and QUIC endpoint.
+    pub fn bind(opts: RelayOptions) -> Result<Self, RelayError> {
+        let routes = Arc::new(RouteTable::default());
+        let fwd = Arc::new(ForwardStats::default());
+        let socket = RelaySocket::bind(opts.listen, routes.clone(), fwd.clone(), opts.tap)
+            .map_err(|source| RelayError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let server = endpoint::control_server(&opts.identity, opts.roots)?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint::endpoint_config(opts.reset_key.as_ref()),
+            Some(server),
+            Arc::new(socket),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| RelayError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        Ok(Self {
+            endpoint,
+            shared: Arc::new(Shared {
+                registry: Mutex::default(),
+                conns: Mutex::default(),
+                routes,
+                fwd,
+                ctl: ControlStats::default(),
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// A handle for inspecting the running relay.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(addr = ?self.endpoint.local_addr().ok(), "relay listening");
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = self.endpoint.accept() => i,
+            };
+            let Some(incoming) = incoming else { break };
+            let shared = self.shared.clone();
+            let remote = incoming.remote_address();
+            tokio::spawn(
+                serve_node(shared, incoming).instrument(tracing::info_span!("node", %remote)),
+            );
+        }
+        self.endpoint.close(
+            postern_proto::msg::code::SHUTDOWN.into(),
+            b"relay shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        tracing::info!("relay stopped");
+    }
+}
+
+async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match tokio::time::timeout(CTL_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            shared.ctl.handshake_failures.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "control handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.ctl.handshake_failures.fetch_add(1, Relaxed);
+            tracing::warn!("control handshake timed out");
+            return;
+        }
+    };
+    let name = match postern_net::peer_name(&conn) {
+        Ok(n) => n,
+        Err(e) => {
+            shared.ctl.handshake_failures.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "node certificate names no node");
+            conn.close(
+                postern_proto::msg::code::NOT_ALLOWED.into(),
+                b"no node name",
+            );
+            return;
+        }
+    };
+    let id = shared.next_id.fetch_add(1, Relaxed);
+    let replaced = {
+        let mut reg = shared.registry();
+        let old = reg.by_name(&name);
+        reg.connect(id, name.clone());
+        old
+    };
+    if let Some(old) = replaced {
+        // The same node reconnected before its old connection timed out.
+        if let Some(c) = shared.conn(old) {
+            c.close(
+                postern_proto::msg::code::OK.into(),
+                b"replaced by a newer connection",
+            );
+        }
+        forget_node(&shared, old);
+    }
+    shared.conns().insert(id, conn.clone());
+    shared.ctl.nodes_connected.fetch_add(1, Relaxed);
+    tracing::info!(node = %name, "node connected");
+
+    let reason = loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => break e,
+        };
+        let shared = shared.clone();
+        let conn = conn.clone();
+        tokio::spawn(
+            async move {
+                let answer =
+                    match tokio::time::timeout(CTL_TIMEOUT, ctl::read_message::<Ctl>(&mut recv))
+                        .await
+                    {
+                        Ok(Ok(msg)) => handle(&shared, id, &conn, msg).await,
+                        Ok(Err(e)) => {
+                            shared.ctl.bad_messages.fetch_add(1, Relaxed);
+                            tracing::warn!(error = %e, "bad control message");
+                            Ctl::Error {
+                                message: e.to_string(),
+                            }
+                        }
+                        Err(_) => {
+                            shared.ctl.bad_messages.fetch_add(1, Relaxed);
+                            tracing::warn!("control stream opened but no message arrived in time");
+                            Ctl::Error {
+                                message: "timed out waiting for a message".into(),
+                            }
+                        }
+                    };
+                if let Err(e) = ctl::write_message(&mut send, &answer).await {
+                    tracing::debug!(error = %e, "could not answer control message");
+                }
+            }
+            .in_current_span(),
+        );
+    };
+    tracing::info!(node = %name, reason = %reason, "node disconnected");
+    shared.ctl.nodes_connected.fetch_sub(1, Relaxed);
+    shared.conns().remove(&id);
+    forget_node(&shared, id);
+}
+
+/// Drops a node's registrations and routes, and tells the other end of each route.
+fn forget_node(shared: &Arc<Shared>, id: NodeId) {
+    let gone = shared.registry().disconnect(id);
+    for (route, other) in gone {
+        shared.routes.remove(route);
+        if let Some(c) = shared.conn(other) {
+            tokio::spawn(async move {
+                let msg = Ctl::RouteClosed {
+                    route,
+                    reason: "the other end disconnected".into(),
+                };
+                if let Err(e) = ctl::request(&c, &msg, CTL_TIMEOUT).await {
+                    tracing::debug!(%route, error = %e, "could not tell node that its route closed");
+                }
+            });
+        }
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg: Ctl) -> Ctl {
+    match msg {
+        Ctl::Register { services } => {
+            shared.registry().register(id, &services);
+            tracing::info!(?services, "services registered");
+            Ctl::Registered { services }
+        }
+        Ctl::RouteRequest { service } => {
+            let answer = grant_route(shared, id, conn, service).await;
+            match &answer {
+                Ctl::RouteGranted { .. } => shared.ctl.routes_granted.fetch_add(1, Relaxed),
+                _ => shared.ctl.routes_refused.fetch_add(1, Relaxed),
+            };
+            answer
+        }
+        Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+        other => {
+            shared.ctl.bad_messages.fetch_add(1, Relaxed);
+            tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected control message from node");
+            Ctl::Error {
+                message: "unexpected message".into(),
+            }
+        }
+    }
+}
+
+async fn grant_route(
+    shared: &Arc<Shared>,
+    inlet: NodeId,
+    inlet_conn: &quinn::Connection,
+    service: ServiceName,
+) -> Ctl {
+    let refuse = |reason: RefuseReason| {
+        tracing::info!(%service, %reason, "route refused");
+        Ctl::RouteRefused {
+            service: service.clone(),
+            reason,
+        }
+    };
+    let (first, inlet_name) = {
+        let mut reg = shared.registry();
+        let Some(inlet_name) = reg.name(inlet).cloned() else {
+            return refuse(RefuseReason::NotAllowed);
+        };
+        match reg.pick_outlet(&service) {
+            Ok(o) => (o, inlet_name),
+            Err(reason) => {
+                drop(reg);
+                return refuse(reason);
+            }
+        }
+    };
+    let mut candidates = vec![first];
+    candidates.extend(
+        shared
+            .registry()
+            .outlets_of(&service)
+            .into_iter()
+            .filter(|o| *o != first),
+    );
+    let mut last_error = String::from("no outlet answered");
+    for outlet in candidates.into_iter().take(ROUTE_ATTEMPTS) {
+        let (Some(outlet_conn), Some(outlet_name)) =
+            (shared.conn(outlet), shared.registry().name(outlet).cloned())
+        else {
+            continue;
+        };
+        let route = RouteId(rand::random());
+        let open = Ctl::RouteOpen {
+            route,
+            service: service.clone(),
+            inlet: inlet_name.clone(),
+        };
+        match ctl::request(&outlet_conn, &open, ROUTE_OPEN_TIMEOUT).await {
+            Ok(Ctl::Ack) => {
+                shared.routes.insert(
+                    route,
+                    inlet_conn.remote_address(),
+                    outlet_conn.remote_address(),
+                );
+                shared.registry().add_route(
+                    route,
+                    RouteInfo {
+                        inlet,
+                        outlet,
+                        service: service.clone(),
+                    },
+                );
+                tracing::info!(%service, %route, inlet = %inlet_name, outlet = %outlet_name, "route granted");
+                return Ctl::RouteGranted {
+                    route,
+                    service,
+                    outlet: outlet_name,
+                };
+            }
+            Ok(Ctl::Error { message }) => last_error = message,
+            Ok(other) => last_error = format!("unexpected answer {other:?}"),
+            Err(e) => last_error = e.to_string(),
+        }
+        tracing::warn!(%service, outlet = %outlet_name, error = %last_error, "outlet did not accept route");
+    }
+    refuse(RefuseReason::OutletRefused(last_error))
+}

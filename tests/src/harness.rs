@@ -1,0 +1,269 @@
+//! In-process postern clusters on 127.0.0.1 with port 0, for end-to-end tests.
+
+use postern_inlet::{Inlet, InletHandle, InletOptions, InletService};
+use postern_net::control::RelayTarget;
+use postern_net::relay_socket::Tap;
+use postern_outlet::target::Target;
+use postern_outlet::{Outlet, OutletHandle, OutletOptions};
+use postern_proto::name::{NodeName, ServiceName};
+use postern_proto::pki::Ca;
+use postern_proto::tls::{self, Identity};
+use postern_relay::{Relay, RelayHandle, RelayOptions};
+use rustls::RootCertStore;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Installs a test log subscriber once (RUST_LOG controls it).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A throwaway project CA.
+pub struct Pki {
+    ca: Ca,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        Self {
+            ca: Ca::generate("test").expect("generate CA"),
+        }
+    }
+
+    /// A fresh identity for `name`.
+    pub fn identity(&self, name: &str) -> Identity {
+        let issued = self
+            .ca
+            .issue(&node(name), Duration::from_secs(3600))
+            .expect("issue");
+        Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity")
+    }
+
+    /// The CA as a root store.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        tls::roots_from_pem(self.ca.cert_pem()).expect("roots")
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// The CA itself.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn node(name: &str) -> NodeName {
+    NodeName::new(name).expect("node name")
+}
+
+pub fn svc(name: &str) -> ServiceName {
+    ServiceName::new(name).expect("service name")
+}
+
+/// A running node task; cancelled on drop.
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the node and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(
+    f: impl FnOnce(CancellationToken) -> F,
+) -> Running {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(f(shutdown.clone()));
+    Running {
+        shutdown,
+        task: Some(task),
+    }
+}
+
+pub struct RelayNode {
+    pub addr: SocketAddr,
+    pub handle: RelayHandle,
+    pub running: Running,
+}
+
+/// Starts a relay on `listen` (use port 0 for a free one).
+pub fn start_relay(
+    pki: &Pki,
+    listen: SocketAddr,
+    reset_key: [u8; 32],
+    tap: Option<Tap>,
+) -> RelayNode {
+    let relay = Relay::bind(RelayOptions {
+        listen,
+        identity: pki.identity("relay"),
+        roots: pki.roots(),
+        reset_key: Some(reset_key),
+        tap,
+    })
+    .expect("bind relay");
+    let addr = relay.local_addr().expect("relay addr");
+    let handle = relay.handle();
+    let running = spawn(|s| relay.run(s));
+    RelayNode {
+        addr,
+        handle,
+        running,
+    }
+}
+
+pub fn relay_target(addr: SocketAddr) -> RelayTarget {
+    RelayTarget {
+        addr,
+        name: "relay".into(),
+    }
+}
+
+pub struct OutletNode {
+    pub handle: OutletHandle,
+    pub running: Running,
+}
+
+/// Starts an outlet named `name` serving `services`, and waits until it has registered.
+pub async fn start_outlet(
+    pki: &Pki,
+    name: &str,
+    relay: SocketAddr,
+    services: Vec<(&str, Target)>,
+) -> OutletNode {
+    let services: HashMap<ServiceName, Target> =
+        services.into_iter().map(|(n, t)| (svc(n), t)).collect();
+    let outlet = Outlet::bind(OutletOptions {
+        relay: relay_target(relay),
+        identity: pki.identity(name),
+        roots: pki.roots(),
+        services,
+    })
+    .expect("bind outlet");
+    let mut handle = outlet.handle();
+    let running = spawn(|s| outlet.run(s));
+    assert!(
+        handle.wait_registered(Duration::from_secs(10)).await,
+        "outlet {name} did not register"
+    );
+    OutletNode { handle, running }
+}
+
+pub struct InletNode {
+    pub addrs: HashMap<String, SocketAddr>,
+    pub handle: InletHandle,
+    pub running: Running,
+}
+
+impl InletNode {
+    pub fn addr(&self, service: &str) -> SocketAddr {
+        self.addrs[service]
+    }
+}
+
+/// Starts an inlet with a listener on 127.0.0.1:0 per service, and waits for its control
+/// connection.
+pub async fn start_inlet(pki: &Pki, name: &str, relay: SocketAddr, services: &[&str]) -> InletNode {
+    let inlet = Inlet::bind(InletOptions {
+        relay: relay_target(relay),
+        identity: pki.identity(name),
+        roots: pki.roots(),
+        services: services
+            .iter()
+            .map(|s| InletService {
+                name: svc(s),
+                listen: "127.0.0.1:0".parse().expect("addr"),
+            })
+            .collect(),
+    })
+    .await
+    .expect("bind inlet");
+    let addrs = services
+        .iter()
+        .map(|s| (s.to_string(), inlet.listen_addr(&svc(s)).expect("listener")))
+        .collect();
+    let mut handle = inlet.handle();
+    let running = spawn(|s| inlet.run(s));
+    assert!(
+        handle.wait_connected(Duration::from_secs(10)).await,
+        "inlet {name} did not connect"
+    );
+    InletNode {
+        addrs,
+        handle,
+        running,
+    }
+}
+
+/// A TCP echo server: echoes everything, then half-closes when the client does.
+pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A server that reads a whole request until EOF, then answers `reply(request)` and closes.
+pub async fn request_response_server(reply: fn(&[u8]) -> Vec<u8>) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                if s.read_to_end(&mut req).await.is_ok() {
+                    let _ = s.write_all(&reply(&req)).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A free UDP port on 127.0.0.1 (for a relay that must come back on the same address).
+pub fn free_udp_addr() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}

@@ -1,0 +1,389 @@
+//! End-to-end tests of the tunnel core: relay, outlet and inlet in-process on 127.0.0.1.
+
+use postern_outlet::target::Target;
+use postern_tests::harness::*;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: usize = 1024 * 1024;
+
+async fn cluster_with_echo(
+    pki: &Pki,
+    tap: Option<postern_net::relay_socket::Tap>,
+) -> (RelayNode, OutletNode, InletNode) {
+    let (echo, _task) = echo_server().await;
+    let relay = start_relay(pki, "127.0.0.1:0".parse().expect("addr"), [7; 32], tap);
+    let outlet = start_outlet(
+        pki,
+        "outlet-1",
+        relay.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(pki, "inlet-1", relay.addr, &["echo"]).await;
+    (relay, outlet, inlet)
+}
+
+/// Writes `total` random bytes while reading the echo; returns (sent hash, received hash).
+async fn echo_round(addr: std::net::SocketAddr, total: usize) -> (Vec<u8>, Vec<u8>) {
+    let stream = TcpStream::connect(addr).await.expect("connect inlet");
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rand::rng().fill_bytes(&mut buf[..n]);
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n]).await.expect("write");
+            left -= n;
+        }
+        w.shutdown().await.expect("shutdown");
+        h.finalize().to_vec()
+    });
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, total, "echoed byte count");
+    (writer.await.expect("writer"), h.finalize().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_each_way_arrive_intact() {
+    init_logging();
+    let pki = Pki::new();
+    let (relay, _o, inlet) = cluster_with_echo(&pki, None).await;
+    let (sent, received) = echo_round(inlet.addr("echo"), 100 * MIB).await;
+    assert_eq!(sent, received);
+    let fwd = relay.handle.forward_stats();
+    assert!(
+        fwd.forwarded_bytes.load(Ordering::Relaxed) > 200 * MIB as u64,
+        "the data went through the relay's forwarder"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_gets_the_full_response() {
+    init_logging();
+    let pki = Pki::new();
+    let (target, _t) = request_response_server(|req| {
+        let mut out = b"got ".to_vec();
+        out.extend_from_slice(req.len().to_string().as_bytes());
+        out.extend(std::iter::repeat_n(b'x', 300_000));
+        out
+    })
+    .await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [1; 32], None);
+    let _o = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![("rr", Target::tcp(target.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["rr"]).await;
+    let mut s = TcpStream::connect(inlet.addr("rr")).await.expect("connect");
+    s.write_all(&[b'q'; 12345]).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.expect("read");
+    assert!(
+        resp.starts_with(b"got 12345"),
+        "{:?}",
+        &resp[..20.min(resp.len())]
+    );
+    assert_eq!(resp.len(), 9 + 300_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    init_logging();
+    let pki = Pki::new();
+    let (_r, outlet, inlet) = cluster_with_echo(&pki, None).await;
+    let addr = inlet.addr("echo");
+    let mut tasks = Vec::new();
+    for i in 0..200usize {
+        tasks.push(tokio::spawn(async move {
+            let (a, b) = echo_round(addr, 20_000 + i * 97).await;
+            assert_eq!(a, b, "connection {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    assert_eq!(
+        outlet.handle.connection_count(),
+        1,
+        "all streams shared one end-to-end connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_never_sees_plaintext_and_cannot_alter_data() {
+    init_logging();
+    let pki = Pki::new();
+    let record = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let flipped = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(AtomicU64::new(0));
+    let tap: postern_net::relay_socket::Tap = {
+        let record = record.clone();
+        let flipped = flipped.clone();
+        let seen = seen.clone();
+        Arc::new(move |packet: &mut [u8]| {
+            record.lock().expect("record").extend_from_slice(packet);
+            // Corrupt one packet in 25 (the rest pass intact).
+            if seen.fetch_add(1, Ordering::Relaxed) % 25 == 24 {
+                let i = packet.len() / 2;
+                packet[i] ^= 0x5a;
+                flipped.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let (target, _t) = request_response_server(|req| req.to_vec()).await;
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0".parse().expect("addr"),
+        [2; 32],
+        Some(tap),
+    );
+    let _o = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![("rr", Target::tcp(target.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["rr"]).await;
+    let marker = b"POSTERN-MARKER-7f3c9a1e-the-relay-must-never-see-this";
+    let mut payload = Vec::new();
+    for _ in 0..4000 {
+        payload.extend_from_slice(marker);
+    }
+    let mut s = TcpStream::connect(inlet.addr("rr")).await.expect("connect");
+    s.write_all(&payload).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.expect("read");
+    assert_eq!(
+        back, payload,
+        "data arrives unaltered despite corrupted packets"
+    );
+    assert!(
+        flipped.load(Ordering::Relaxed) > 0,
+        "the tap corrupted some packets"
+    );
+    let rec = record.lock().expect("record");
+    assert!(rec.len() > payload.len(), "the tap saw the traffic");
+    assert!(
+        !rec.windows(marker.len()).any(|w| w == marker),
+        "the marker appeared in the relay's view"
+    );
+    assert!(!rec.windows(8).any(|w| w == b"POSTERN-"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_from_a_non_endpoint_are_dropped() {
+    init_logging();
+    let pki = Pki::new();
+    let (relay, _o, inlet) = cluster_with_echo(&pki, None).await;
+    let (a, b) = echo_round(inlet.addr("echo"), 1000).await;
+    assert_eq!(a, b);
+    let routes = relay.handle.routes().ids();
+    assert_eq!(routes.len(), 1);
+    let spoofer = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut frame = postern_proto::fwd::header(routes[0]).to_vec();
+    frame.extend_from_slice(&[0x40; 1200]);
+    let before = relay
+        .handle
+        .forward_stats()
+        .dropped_spoofed
+        .load(Ordering::Relaxed);
+    for _ in 0..10 {
+        spoofer.send_to(&frame, relay.addr).await.expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay
+        .handle
+        .forward_stats()
+        .dropped_spoofed
+        .load(Ordering::Relaxed)
+        < before + 10
+    {
+        assert!(
+            Instant::now() < deadline,
+            "spoofed frames were not counted as dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (a, b) = echo_round(inlet.addr("echo"), 100_000).await;
+    assert_eq!(a, b, "the real route still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_recover_after_the_relay_restarts() {
+    init_logging();
+    let pki = Pki::new();
+    let (echo, _t) = echo_server().await;
+    let addr = free_udp_addr();
+    let relay = start_relay(&pki, addr, [3; 32], None);
+    let _o = start_outlet(
+        &pki,
+        "outlet-1",
+        addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(&pki, "inlet-1", addr, &["echo"]).await;
+    let (a, b) = echo_round(inlet.addr("echo"), 10_000).await;
+    assert_eq!(a, b);
+
+    relay.running.stop().await;
+    let relay = start_relay(&pki, addr, [3; 32], None);
+    let back = Instant::now();
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut s = TcpStream::connect(inlet.addr("echo")).await.ok()?;
+            s.write_all(b"ping").await.ok()?;
+            s.shutdown().await.ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.ok()?;
+            (out == b"ping").then_some(())
+        })
+        .await;
+        if let Ok(Some(())) = attempt {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "no working connection within 5 s of the relay coming back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.handle.nodes().len(), 2, "both nodes reconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_closes_the_client_promptly_and_spares_other_services() {
+    init_logging();
+    let pki = Pki::new();
+    let (echo, _t) = echo_server().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }; // listener dropped: nothing listens there now
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [4; 32], None);
+    let _o = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![
+            ("echo", Target::tcp(echo.to_string())),
+            ("dead", Target::tcp(dead.to_string())),
+        ],
+    )
+    .await;
+    let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["echo", "dead"]).await;
+    let started = Instant::now();
+    let mut s = TcpStream::connect(inlet.addr("dead"))
+        .await
+        .expect("connect");
+    let _ = s.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let res = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    match res {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("unexpected {n} bytes from a dead target"),
+        Err(_) => panic!("client connection left hanging"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (a, b) = echo_round(inlet.addr("echo"), 50_000).await;
+    assert_eq!(a, b, "the other service still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_service_is_refused_and_the_client_closed() {
+    init_logging();
+    let pki = Pki::new();
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
+    let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["nowhere"]).await;
+    // The inlet resets the connection so fast that even connect() may report it.
+    if let Ok(mut s) = TcpStream::connect(inlet.addr("nowhere")).await {
+        let mut buf = [0u8; 16];
+        let res = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(res, Ok(Ok(0)) | Ok(Err(_))),
+            "closed promptly: {res:?}"
+        );
+    }
+    assert!(
+        relay
+            .handle
+            .control_stats()
+            .routes_refused
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_spread_over_outlets_and_move_when_one_leaves() {
+    init_logging();
+    let pki = Pki::new();
+    let (echo, _t) = echo_server().await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [6; 32], None);
+    let o1 = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let o2 = start_outlet(
+        &pki,
+        "outlet-2",
+        relay.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let i1 = start_inlet(&pki, "inlet-1", relay.addr, &["echo"]).await;
+    let i2 = start_inlet(&pki, "inlet-2", relay.addr, &["echo"]).await;
+    for i in [&i1, &i2] {
+        let (a, b) = echo_round(i.addr("echo"), 1000).await;
+        assert_eq!(a, b);
+    }
+    assert_eq!(
+        o1.handle.connection_count() + o2.handle.connection_count(),
+        2
+    );
+    assert_eq!(o1.handle.connection_count(), 1, "one route on each outlet");
+    o1.running.stop().await;
+    // Both inlets keep working: the one routed to outlet-1 gets a new route.
+    for i in [&i1, &i2] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = tokio::time::timeout(Duration::from_secs(3), echo_round(i.addr("echo"), 1000))
+                .await;
+            if matches!(ok, Ok((a, b)) if a == b) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "inlet did not get a new route");
+        }
+    }
+    assert_eq!(o2.handle.connection_count(), 2);
+}
