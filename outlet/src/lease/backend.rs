@@ -1,0 +1,321 @@
+//! What the lease manager needs from an InfluxDB: make a credential, delete one, and find the
+//! ones it made (for crash recovery).
+//!
+//! Every credential a backend makes carries a marker that names the lease and the outlet
+//! instance that made it (v2: in the authorization's description; v1: in the user name), so
+//! that after a crash the manager can find credentials whose lease it never recorded as
+//! active, without being able to read any token back (newer InfluxDB 2 servers show a token's
+//! value only once). The instance id keeps two outlets that share an InfluxDB from deleting
+//! each other's credentials.
+
+use super::config::{Api, LeaseConfig};
+use postern_proto::lease::Credential;
+use postern_proto::name::NodeName;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed future, so that [`Backend`] can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How long one request to InfluxDB may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long connecting to InfluxDB may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// The lease's id (16 lowercase hex digits).
+    pub lease_id: String,
+    /// The client identity the credential is for.
+    pub client: NodeName,
+    /// When the lease ends (ms since the Unix epoch); informational for the backend.
+    pub expires_at_ms: u64,
+}
+
+/// A credential the backend made.
+#[derive(Debug)]
+pub struct Created {
+    /// The backend's handle for revoking it (v2: authorization id; v1: user name).
+    pub backend_id: String,
+    /// The credential itself (secret).
+    pub credential: Credential,
+}
+
+/// A credential found in the backend that carries this outlet's marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The backend's handle for revoking it.
+    pub backend_id: String,
+    /// The lease id read from the marker.
+    pub lease_id: String,
+    /// The marker as found (v2: the description; v1: the user name).
+    pub marker: String,
+}
+
+/// An InfluxDB that can issue and revoke leased credentials.
+pub trait Backend: Send + Sync + 'static {
+    /// Makes a credential for `req`.
+    fn create<'a>(&'a self, req: &'a CreateRequest)
+        -> BoxFuture<'a, Result<Created, BackendError>>;
+    /// Deletes a credential. A credential that is already gone counts as revoked.
+    fn revoke<'a>(&'a self, backend_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Lists the credentials that carry this outlet instance's marker.
+    fn list_ours(&self) -> BoxFuture<'_, Result<Vec<Found>, BackendError>>;
+}
+
+/// Why a backend call failed. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// InfluxDB answered with an error.
+    #[error("InfluxDB refused to {op}: HTTP {status}{}: {message}{hint}", code_suffix(.code))]
+    Refused {
+        op: &'static str,
+        status: u16,
+        /// The `code` of an InfluxDB 2 error body, if there was one.
+        code: Option<String>,
+        message: String,
+        /// What to check in the config, or empty.
+        hint: &'static str,
+    },
+    /// InfluxDB could not be reached or the request failed on the way.
+    #[error("cannot {op}: InfluxDB unreachable: {source}")]
+    Transport {
+        op: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// InfluxDB answered something this code does not understand.
+    #[error("cannot {op}: unexpected answer from InfluxDB: {detail}")]
+    Protocol { op: &'static str, detail: String },
+    /// The backend could not be set up (TLS CA file and the like).
+    #[error("cannot set up the InfluxDB client: {0}")]
+    Setup(String),
+}
+
+fn code_suffix(code: &Option<String>) -> String {
+    match code {
+        Some(c) => format!(" ({c})"),
+        None => String::new(),
+    }
+}
+
+impl BackendError {
+    /// True when InfluxDB refused a request outright (a 4xx answer), so a failed `create` left
+    /// nothing behind. Backends return `Refused` from `create` only in that case.
+    pub fn nothing_made(&self) -> bool {
+        matches!(self, BackendError::Refused { status, .. } if (400..500).contains(status))
+    }
+}
+
+/// Builds the backend selected by `cfg.api`.
+pub fn from_config(cfg: &LeaseConfig, instance: &str) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(match cfg.api {
+        Api::V2 => Arc::new(super::v2::V2Backend::new(cfg, instance)?),
+        Api::V1 => Arc::new(super::v1::V1Backend::new(cfg, instance)?),
+    })
+}
+
+/// The HTTP client both backends use: timeouts on every request, no proxies (the outlet talks
+/// to InfluxDB directly in its private network), and the configured CA if any.
+pub(crate) fn http_client(cfg: &LeaseConfig) -> Result<reqwest::Client, BackendError> {
+    let mut b = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &cfg.tls_ca {
+        let pem = std::fs::read(path).map_err(|e| {
+            BackendError::Setup(format!("tls-ca: cannot read {}: {e}", path.display()))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            BackendError::Setup(format!(
+                "tls-ca: {} holds no PEM certificate: {e}",
+                path.display()
+            ))
+        })?;
+        if certs.is_empty() {
+            return Err(BackendError::Setup(format!(
+                "tls-ca: {} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        b = b.tls_built_in_root_certs(false);
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| BackendError::Setup(format!("HTTP client: {e}")))
+}
+
+/// Reads an error answer: an InfluxDB 2 body `{"code":..,"message":..}`, a 1.x body
+/// `{"error":..}`, or the first bytes of whatever else came back.
+pub(crate) fn parse_error_body(body: &str) -> (Option<String>, String) {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+        let code = v.get("code").and_then(|c| c.as_str()).map(clean);
+        let message = v
+            .get("message")
+            .or_else(|| v.get("error"))
+            .and_then(|m| m.as_str())
+            .map(clean);
+        if code.is_some() || message.is_some() {
+            return (code, message.unwrap_or_default());
+        }
+    }
+    let text = clean(body.trim());
+    if text.is_empty() {
+        (None, "(empty body)".to_owned())
+    } else {
+        (None, text)
+    }
+}
+
+/// Keeps error text printable and short.
+fn clean(s: &str) -> String {
+    const MAX: usize = 300;
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX)
+        .collect();
+    if s.chars().count() > MAX {
+        out.push('…');
+    }
+    out
+}
+
+/// Lease ids are 16 lowercase hex digits.
+pub fn is_lease_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The v2 description marker: `postern lease <lease_id> outlet=<instance> client=<name>
+/// expires=<rfc3339>`.
+pub fn v2_description(instance: &str, req: &CreateRequest) -> String {
+    format!(
+        "postern lease {} outlet={instance} client={} expires={}",
+        req.lease_id,
+        req.client,
+        format_rfc3339(req.expires_at_ms)
+    )
+}
+
+/// Reads the lease id from a v2 description if it carries `instance`'s marker.
+pub fn parse_v2_description(instance: &str, description: &str) -> Option<String> {
+    let mut words = description.split_ascii_whitespace();
+    if words.next() != Some("postern") || words.next() != Some("lease") {
+        return None;
+    }
+    let lease_id = words.next().filter(|w| is_lease_id(w))?;
+    let outlet = format!("outlet={instance}");
+    words.any(|w| w == outlet).then(|| lease_id.to_owned())
+}
+
+/// The v1 user name for a lease: `postern_<instance>_<lease_id>`.
+pub fn v1_user_name(instance: &str, lease_id: &str) -> String {
+    format!("postern_{instance}_{lease_id}")
+}
+
+/// Reads the lease id from a v1 user name if it carries `instance`'s marker.
+pub fn parse_v1_user_name(instance: &str, name: &str) -> Option<String> {
+    let rest = name.strip_prefix("postern_")?.strip_prefix(instance)?;
+    let id = rest.strip_prefix('_')?;
+    is_lease_id(id).then(|| id.to_owned())
+}
+
+/// Formats milliseconds since the Unix epoch as RFC 3339 in UTC (`2025-01-31T12:00:00Z`).
+pub fn format_rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar (Howard
+/// Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_rfc3339(1_700_000_000_123), "2023-11-14T22:13:20Z");
+        assert_eq!(format_rfc3339(4_102_444_799_000), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn markers_round_trip_and_foreign_ones_are_ignored() {
+        let req = CreateRequest {
+            lease_id: "0123456789abcdef".into(),
+            client: NodeName::new("inlet-1.example").expect("name"),
+            expires_at_ms: 1_700_000_000_000,
+        };
+        let d = v2_description("a1b2c3d4", &req);
+        assert_eq!(
+            d,
+            "postern lease 0123456789abcdef outlet=a1b2c3d4 client=inlet-1.example \
+             expires=2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            parse_v2_description("a1b2c3d4", &d).as_deref(),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(parse_v2_description("ffffffff", &d), None);
+        assert_eq!(parse_v2_description("a1b2c3d4", "my own token"), None);
+        assert_eq!(
+            parse_v2_description("a1b2c3d4", "postern lease XYZ outlet=a1b2c3d4"),
+            None
+        );
+
+        let u = v1_user_name("a1b2c3d4", "0123456789abcdef");
+        assert_eq!(u, "postern_a1b2c3d4_0123456789abcdef");
+        assert_eq!(
+            parse_v1_user_name("a1b2c3d4", &u).as_deref(),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(parse_v1_user_name("a1b2c3d5", &u), None);
+        assert_eq!(parse_v1_user_name("a1b2c3d4", "admin"), None);
+        assert_eq!(
+            parse_v1_user_name("a1b2c3d4", "postern_a1b2c3d4_0123"),
+            None
+        );
+    }
+
+    #[test]
+    fn error_bodies_are_read() {
+        assert_eq!(
+            parse_error_body(r#"{"code":"unauthorized","message":"unauthorized access"}"#),
+            (Some("unauthorized".into()), "unauthorized access".into())
+        );
+        assert_eq!(
+            parse_error_body(r#"{"error":"authorization failed"}"#),
+            (None, "authorization failed".into())
+        );
+        assert_eq!(parse_error_body("oops\n"), (None, "oops".into()));
+        assert_eq!(parse_error_body(""), (None, "(empty body)".into()));
+    }
+}

@@ -1,0 +1,281 @@
+//! The crash-safe lease store: one redb file, `<state_dir>/leases.redb`.
+//!
+//! Each write is one redb transaction committed with immediate durability (fsync) before the
+//! call returns, so the manager can rely on "written" meaning "survives a crash". The store
+//! holds no secret: only ids, client names, states and times. redb takes an exclusive lock on
+//! the file, so a second outlet (or the CLI) cannot open a store that a running outlet holds.
+//!
+//! Besides the leases it keeps this outlet's instance id, a random 8-hex-digit name made when
+//! the store is created, that goes into the marker on every credential (see
+//! [`super::backend`]).
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const INSTANCE_KEY: &str = "instance";
+/// File name of the store inside the state directory.
+pub const STORE_FILE: &str = "leases.redb";
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum LeaseState {
+    /// Written before the backend is asked; the backend may or may not hold a credential.
+    Creating,
+    /// The backend made the credential with this id.
+    Active { backend_id: String },
+    /// Revocation is under way (or failed and will be retried).
+    Revoking { backend_id: String },
+}
+
+impl LeaseState {
+    /// A short name for listings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LeaseState::Creating => "creating",
+            LeaseState::Active { .. } => "active",
+            LeaseState::Revoking { .. } => "revoking",
+        }
+    }
+
+    /// The backend id, once known.
+    pub fn backend_id(&self) -> Option<&str> {
+        match self {
+            LeaseState::Creating => None,
+            LeaseState::Active { backend_id } | LeaseState::Revoking { backend_id } => {
+                Some(backend_id)
+            }
+        }
+    }
+}
+
+/// One lease as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub lease_id: String,
+    /// The client identity, as a string (validated as a node name when it was made).
+    pub client: String,
+    #[serde(flatten)]
+    pub state: LeaseState,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("lease store {path} is in use by another process (is an outlet already running with this state directory?)")]
+    Locked { path: PathBuf },
+    #[error("lease store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("lease store: {0}")]
+    Db(#[source] Box<redb::Error>),
+    #[error("lease store: corrupt record {key:?}: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("lease store: cannot create the state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(Box::new(e.into()))
+}
+
+/// The open store.
+pub struct LeaseStore {
+    db: Database,
+    instance: String,
+}
+
+impl LeaseStore {
+    /// Opens (or creates) `<state_dir>/leases.redb`, creating `state_dir` with mode 0700 if it
+    /// is missing.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        if !state_dir.exists() {
+            std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+                path: state_dir.to_owned(),
+                source,
+            })?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|source| StoreError::Dir {
+                        path: state_dir.to_owned(),
+                        source,
+                    })?;
+            }
+        }
+        let path = state_dir.join(STORE_FILE);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked { path })
+            }
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path,
+                    source: Box::new(e.into()),
+                })
+            }
+        };
+        let txn = db.begin_write().map_err(db_err)?;
+        let instance = {
+            let _ = txn.open_table(LEASES).map_err(db_err)?;
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let existing = meta
+                .get(INSTANCE_KEY)
+                .map_err(db_err)?
+                .map(|v| v.value().to_owned());
+            match existing {
+                Some(i) => i,
+                None => {
+                    let i = format!("{:08x}", rand::random::<u32>());
+                    meta.insert(INSTANCE_KEY, i.as_str()).map_err(db_err)?;
+                    i
+                }
+            }
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(LeaseStore { db, instance })
+    }
+
+    /// This outlet's instance id (8 hex digits), stable for the life of the store.
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    /// Inserts or replaces a record; durable when this returns.
+    pub fn put(&self, rec: &LeaseRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt {
+            key: rec.lease_id.clone(),
+            detail: e.to_string(),
+        })?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = txn.open_table(LEASES).map_err(db_err)?;
+            t.insert(rec.lease_id.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Removes a record (no error if it is not there); durable when this returns.
+    pub fn remove(&self, lease_id: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = txn.open_table(LEASES).map_err(db_err)?;
+            t.remove(lease_id).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// One record.
+    pub fn get(&self, lease_id: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(LEASES).map_err(db_err)?;
+        let v = t.get(lease_id).map_err(db_err)?;
+        v.map(|v| decode(lease_id, v.value())).transpose()
+    }
+
+    /// Every record, ordered by lease id.
+    pub fn all(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(LEASES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<LeaseRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, state: LeaseState) -> LeaseRecord {
+        LeaseRecord {
+            lease_id: id.into(),
+            client: "inlet-1".into(),
+            state,
+            created_at_ms: 1,
+            expires_at_ms: 2,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen_and_instance_is_stable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = {
+            let s = LeaseStore::open(dir.path()).expect("open");
+            s.put(&rec("a", LeaseState::Creating)).expect("put");
+            s.put(&rec(
+                "b",
+                LeaseState::Active {
+                    backend_id: "x".into(),
+                },
+            ))
+            .expect("put");
+            s.put(&rec(
+                "a",
+                LeaseState::Revoking {
+                    backend_id: "y".into(),
+                },
+            ))
+            .expect("replace");
+            s.instance_id().to_owned()
+        };
+        let s = LeaseStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.instance_id(), instance);
+        assert_eq!(instance.len(), 8);
+        let all = s.all().expect("all");
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all[0].state,
+            LeaseState::Revoking {
+                backend_id: "y".into()
+            }
+        );
+        assert_eq!(
+            s.get("b").expect("get").map(|r| r.lease_id),
+            Some("b".into())
+        );
+        s.remove("b").expect("remove");
+        s.remove("b").expect("remove twice");
+        assert_eq!(s.get("b").expect("get"), None);
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_the_first_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = LeaseStore::open(dir.path()).expect("open");
+        match LeaseStore::open(dir.path()) {
+            Err(StoreError::Locked { .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("second open succeeded"),
+        }
+    }
+}
