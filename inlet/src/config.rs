@@ -1,1 +1,138 @@
-//! config placeholder
+//! Inlet configuration: a TOML file, every key also a flag (flags win).
+
+use anyhow::{bail, Context};
+use clap::Args;
+use postern_net::node_config::{required, NodeSettings, DEFAULT_RELAY_NAME};
+use postern_proto::name::ServiceName;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// One `[[service]]` table: a local listener for a remote service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServiceFile {
+    /// The service's name at the relay.
+    pub name: ServiceName,
+    /// Local address clients connect to, e.g. `127.0.0.1:8086`.
+    pub listen: SocketAddr,
+}
+
+/// The inlet's config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct InletFile {
+    pub relay: Option<String>,
+    pub relay_name: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub service: Vec<ServiceFile>,
+}
+
+/// `postern-inlet run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
+    /// tables with `name` and `listen`).
+    #[arg(long, env = "POSTERN_INLET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Relay address, `host:port` (UDP).
+    #[arg(long, env = "POSTERN_RELAY")]
+    pub relay: Option<String>,
+    /// Name the relay's certificate must carry [default: relay].
+    #[arg(long)]
+    pub relay_name: Option<String>,
+    /// This inlet's certificate (PEM), issued by the project CA.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This inlet's private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The project CA certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// A local listener: `NAME=LISTEN_ADDR`, e.g. `influxdb=127.0.0.1:8086`. Repeatable; adds to
+    /// the file's `[[service]]` tables.
+    #[arg(long = "service", value_name = "NAME=ADDR")]
+    pub services: Vec<String>,
+}
+
+/// The merged configuration.
+#[derive(Debug)]
+pub struct InletConfig {
+    pub node: NodeSettings,
+    pub services: Vec<ServiceFile>,
+}
+
+/// Parses one `--service` flag.
+pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
+    let (name, listen) = s
+        .split_once('=')
+        .with_context(|| format!("--service {s:?}: expected NAME=LISTEN_ADDR"))?;
+    Ok(ServiceFile {
+        name: name
+            .parse()
+            .with_context(|| format!("--service {s:?}: bad service name"))?,
+        listen: listen
+            .parse()
+            .with_context(|| format!("--service {s:?}: bad listen address"))?,
+    })
+}
+
+impl RunArgs {
+    /// Merges flags over the file over defaults.
+    pub fn resolve(self) -> anyhow::Result<InletConfig> {
+        let file: InletFile = match &self.config {
+            Some(p) => postern_net::files::load_toml(p)?,
+            None => InletFile::default(),
+        };
+        let mut services = file.service;
+        for s in &self.services {
+            services.push(parse_service_flag(s)?);
+        }
+        if services.is_empty() {
+            bail!("no services: add a [[service]] table or pass --service NAME=LISTEN_ADDR");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &services {
+            if !seen.insert(s.listen) {
+                bail!("listen address {} is used twice", s.listen);
+            }
+        }
+        Ok(InletConfig {
+            node: NodeSettings {
+                relay: required(self.relay, file.relay, "relay")?,
+                relay_name: self
+                    .relay_name
+                    .or(file.relay_name)
+                    .unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
+                cert: required(self.cert, file.cert, "cert")?,
+                key: required(self.key, file.key, "key")?,
+                ca: required(self.ca, file.ca, "ca")?,
+            },
+            services,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_flags_parse() {
+        let s = parse_service_flag("influxdb=127.0.0.1:8086").expect("parse");
+        assert_eq!(s.listen.port(), 8086);
+        assert!(parse_service_flag("influxdb=nope").is_err());
+        assert!(parse_service_flag("influxdb").is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let e = toml::from_str::<InletFile>("[[service]]\nname = \"a\"\nlisten = \"bad\"\n")
+            .expect_err("bad listen");
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+}

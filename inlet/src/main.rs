@@ -1,1 +1,64 @@
-fn main() {}
+//! `postern-inlet`: local ports that reach remote services through the relay.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use postern_inlet::config::RunArgs;
+use postern_inlet::{Inlet, InletOptions, InletService};
+use tokio_util::sync::CancellationToken;
+
+/// The postern inlet: opens a local port per service; every client connection to it becomes a
+/// stream of one end-to-end encrypted QUIC connection to the service's outlet.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `postern=debug`.
+    #[arg(long, global = true, env = "POSTERN_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the inlet.
+    Run(RunArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    let (relay, identity, roots) = cfg.node.load()?;
+    let inlet = Inlet::bind(InletOptions {
+        relay,
+        identity,
+        roots,
+        services: cfg
+            .services
+            .iter()
+            .map(|s| InletService {
+                name: s.name.clone(),
+                listen: s.listen,
+            })
+            .collect(),
+    })
+    .await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        postern_net::shutdown_signal().await;
+        signal.cancel();
+    });
+    inlet.run(shutdown).await;
+    Ok(())
+}

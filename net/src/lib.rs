@@ -16,6 +16,7 @@ pub mod control;
 pub mod ctl;
 pub mod endpoint;
 pub mod files;
+pub mod node_config;
 pub mod node_socket;
 pub mod relay_socket;
 pub mod splice;

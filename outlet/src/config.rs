@@ -1,1 +1,217 @@
-//! config placeholder
+//! Outlet configuration: a TOML file, every key also a flag (flags win).
+
+use crate::target::Target;
+use anyhow::{bail, Context};
+use clap::Args;
+use postern_net::node_config::{required, NodeSettings, DEFAULT_RELAY_NAME};
+use postern_proto::name::ServiceName;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// One `[[service]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServiceFile {
+    /// Service name inlets ask for.
+    pub name: ServiceName,
+    /// Target `host:port`.
+    pub to: String,
+    /// Connect to the target with TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// CA (PEM) that the target's certificate must chain to (required with `tls`).
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify in the target's certificate [default: the host part of `to`].
+    pub tls_server_name: Option<String>,
+}
+
+/// The outlet's config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OutletFile {
+    pub relay: Option<String>,
+    pub relay_name: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub service: Vec<ServiceFile>,
+}
+
+/// `postern-outlet run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
+    /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, and an
+    /// `[influxdb-outlet]` table for leased InfluxDB credentials).
+    #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Relay address, `host:port` (UDP).
+    #[arg(long, env = "POSTERN_RELAY")]
+    pub relay: Option<String>,
+    /// Name the relay's certificate must carry [default: relay].
+    #[arg(long)]
+    pub relay_name: Option<String>,
+    /// This outlet's certificate (PEM), issued by the project CA.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This outlet's private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The project CA certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Directory for the outlet's state (lease store) [default: ./postern-outlet-state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
+    /// `,tls-server-name=NAME`. Repeatable; adds to the file's `[[service]]` tables.
+    #[arg(long = "service", value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH]")]
+    pub services: Vec<String>,
+}
+
+/// The merged configuration.
+#[derive(Debug)]
+pub struct OutletConfig {
+    pub node: NodeSettings,
+    pub state_dir: PathBuf,
+    pub services: Vec<ServiceFile>,
+}
+
+/// Parses one `--service` flag.
+pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, to) = head
+        .split_once('=')
+        .with_context(|| format!("--service {s:?}: expected NAME=HOST:PORT"))?;
+    let mut svc = ServiceFile {
+        name: name
+            .parse()
+            .with_context(|| format!("--service {s:?}: bad service name"))?,
+        to: to.to_owned(),
+        tls: false,
+        tls_ca: None,
+        tls_server_name: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "tls" => svc.tls = true,
+            Some(("tls-ca", p)) => svc.tls_ca = Some(PathBuf::from(p)),
+            Some(("tls-server-name", n)) => svc.tls_server_name = Some(n.to_owned()),
+            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH or tls-server-name=NAME)"),
+        }
+    }
+    Ok(svc)
+}
+
+impl RunArgs {
+    /// Merges flags over the file over defaults.
+    pub fn resolve(self) -> anyhow::Result<OutletConfig> {
+        let file: OutletFile = match &self.config {
+            Some(p) => postern_net::files::load_toml(p)?,
+            None => OutletFile::default(),
+        };
+        let mut services = file.service;
+        for s in &self.services {
+            services.push(parse_service_flag(s)?);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &services {
+            if !seen.insert(s.name.clone()) {
+                bail!("service {:?} is defined twice", s.name.as_str());
+            }
+            if s.tls && s.tls_ca.is_none() {
+                bail!("service {:?}: `tls = true` needs `tls-ca` (the CA the target's certificate chains to)", s.name.as_str());
+            }
+        }
+        if services.is_empty() {
+            bail!("no services: add a [[service]] table or pass --service NAME=HOST:PORT");
+        }
+        Ok(OutletConfig {
+            node: NodeSettings {
+                relay: required(self.relay, file.relay, "relay")?,
+                relay_name: self
+                    .relay_name
+                    .or(file.relay_name)
+                    .unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
+                cert: required(self.cert, file.cert, "cert")?,
+                key: required(self.key, file.key, "key")?,
+                ca: required(self.ca, file.ca, "ca")?,
+            },
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from("postern-outlet-state")),
+            services,
+        })
+    }
+}
+
+impl ServiceFile {
+    /// Builds the connector for this service's target.
+    pub fn target(&self) -> anyhow::Result<Target> {
+        if !self.tls {
+            return Ok(Target::tcp(self.to.clone()));
+        }
+        let ca_path = self
+            .tls_ca
+            .as_ref()
+            .with_context(|| format!("service {}: tls-ca missing", self.name))?;
+        let ca = postern_net::files::read(ca_path)?;
+        let host = self
+            .tls_server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&self.to).to_owned());
+        Ok(Target::tls(self.to.clone(), &ca, &host)
+            .with_context(|| format!("service {}", self.name))?)
+    }
+}
+
+/// The host part of `host:port` (or `[v6]:port`).
+pub fn host_of(to: &str) -> &str {
+    let host = to.rsplit_once(':').map(|(h, _)| h).unwrap_or(to);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Builds the target map.
+pub fn targets(services: &[ServiceFile]) -> anyhow::Result<HashMap<ServiceName, Target>> {
+    services
+        .iter()
+        .map(|s| Ok((s.name.clone(), s.target()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_flags_parse() {
+        let s = parse_service_flag("db=10.0.0.1:8086,tls,tls-ca=/x.pem").expect("parse");
+        assert_eq!(s.name.as_str(), "db");
+        assert!(s.tls);
+        assert_eq!(s.tls_ca, Some(PathBuf::from("/x.pem")));
+        assert!(parse_service_flag("db").is_err());
+        assert!(parse_service_flag("DB=x:1").is_err());
+        assert!(parse_service_flag("db=x:1,bogus").is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let e = toml::from_str::<OutletFile>("[[service]]\nname = \"a\"\nto = \"x:1\"\ntsl = true\n")
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("tsl"), "{e}");
+        let e = toml::from_str::<OutletFile>("[[service]]\nname = \"Bad Name\"\nto = \"x:1\"\n")
+            .expect_err("bad name");
+        assert!(e.to_string().contains("name"), "{e}");
+    }
+
+    #[test]
+    fn host_of_handles_v6() {
+        assert_eq!(host_of("db.local:8086"), "db.local");
+        assert_eq!(host_of("[::1]:8086"), "::1");
+    }
+}

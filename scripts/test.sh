@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs postern's test suite. Installs what the tests need first (InfluxDB 1.x and its CLI from
+# Debian, a Python venv with the real InfluxDB client libraries), then fmt, clippy and tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+need=()
+command -v influxd >/dev/null || need+=(influxdb)
+command -v influx >/dev/null || need+=(influxdb-client)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+venv=$root/.venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import influxdb, influxdb_client' 2>/dev/null; then
+  echo "==> creating $venv with the influxdb and influxdb-client libraries"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check influxdb influxdb-client
+fi
+export POSTERN_PYTHON=$venv/bin/python
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --locked
