@@ -1,1 +1,3 @@
 //! Shared helpers for end-to-end tests.
+pub mod influx2;
+pub mod influxd;

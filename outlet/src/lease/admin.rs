@@ -165,13 +165,27 @@ pub enum AdminError {
     Protocol(String),
 }
 
-/// Serves the admin socket at `path` until `shutdown` is cancelled, then removes it.
+/// Binds the admin socket at `path` and serves it until `shutdown` is cancelled, then removes
+/// it.
 pub async fn serve(
     manager: Arc<LeaseManager>,
     path: &Path,
     shutdown: CancellationToken,
 ) -> Result<(), AdminError> {
     let listener = bind(path)?;
+    serve_listener(manager, listener, path, shutdown).await;
+    Ok(())
+}
+
+/// Serves an already bound admin socket (see [`bind`]) until `shutdown` is cancelled, then
+/// removes the socket file at `path`. Binding first lets a caller know the socket is ready
+/// before anything connects.
+pub async fn serve_listener(
+    manager: Arc<LeaseManager>,
+    listener: UnixListener,
+    path: &Path,
+    shutdown: CancellationToken,
+) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -206,11 +220,11 @@ pub async fn serve(
     }
     conns.abort_all();
     let _ = std::fs::remove_file(path);
-    Ok(())
 }
 
-/// Binds under a temporary name, restricts it to mode 0600, then renames it into place.
-fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+/// Binds the admin socket at `path`: under a temporary name, restricted to mode 0600, then
+/// renamed into place. A stale socket left at `path` by a previous run is replaced.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let io = |source| AdminError::Io {
         path: path.to_owned(),

@@ -1,0 +1,449 @@
+//! The lease manager against a real InfluxDB 1.x (`influxd` with `auth-enabled = true`): a
+//! leased user can do exactly what its permissions grant; after revocation or expiry the user
+//! is gone and its password refused; crashes at every step leave nothing behind after a
+//! restart.
+
+use postern_outlet::lease::{
+    Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
+    StartOptions, Step,
+};
+use postern_proto::lease::{Credential, LeaseGrant};
+use postern_proto::name::NodeName;
+use postern_tests::influxd::{Influxd, InfluxdOptions, Reply};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+const READ_WRITE_TELEGRAF: &str = r#"[
+  {"action":"write","resource":{"type":"buckets","name":"telegraf"}},
+  {"action":"read","resource":{"type":"buckets","name":"telegraf"}}
+]"#;
+const READ_TELEGRAF: &str =
+    r#"[{"action":"read","resource":{"type":"databases","name":"telegraf"}}]"#;
+
+fn client(name: &str) -> NodeName {
+    NodeName::new(name).expect("node name")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Re-checks `cond` until it holds (influxd has no change notification to wait on).
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Setup {
+    influxd: Influxd,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let influxd = Influxd::start(InfluxdOptions { auth: true })
+            .await
+            .expect("start influxd");
+        influxd
+            .query("CREATE DATABASE telegraf")
+            .await
+            .expect("create db");
+        influxd
+            .query("CREATE DATABASE other")
+            .await
+            .expect("create db");
+        let admin = (influxd.admin_user(), influxd.admin_password());
+        let r = influxd
+            .write_as(Some(admin), "other", "secret_metric value=42i 1")
+            .await
+            .expect("write");
+        assert_eq!(r.status, 204, "{}", r.body);
+        Setup {
+            influxd,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn state_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn config_with(&self, ttl_s: u64, perms: &str, admin: &str) -> LeaseConfig {
+        let secret = self.dir.path().join("admin");
+        std::fs::write(&secret, admin).expect("write secret");
+        InfluxdbOutletConfig {
+            to: self.influxd.http_addr().to_string(),
+            tls: false,
+            tls_ca: None,
+            allow: None,
+            org_id: None,
+            all_access_token: SecretRef::new(format!("file:{}", secret.display())),
+            leased_token_expires_in: ttl_s,
+            leased_token_permissions: perms.into(),
+            api: Api::V1,
+        }
+        .validate()
+        .expect("valid config")
+    }
+
+    fn config(&self, ttl_s: u64, perms: &str) -> LeaseConfig {
+        let admin = format!(
+            "{}:{}",
+            self.influxd.admin_user(),
+            self.influxd.admin_password()
+        );
+        self.config_with(ttl_s, perms, &admin)
+    }
+
+    async fn start(
+        &self,
+        cfg: LeaseConfig,
+        state: &str,
+        crash_at: Option<CrashAt>,
+    ) -> Arc<LeaseManager> {
+        LeaseManager::start_with(
+            cfg,
+            &self.state_dir(state),
+            CancellationToken::new(),
+            StartOptions {
+                backend: None,
+                crash_at,
+            },
+        )
+        .await
+        .expect("start lease manager")
+    }
+
+    async fn leased_users(&self) -> Vec<String> {
+        self.influxd
+            .users()
+            .await
+            .expect("SHOW USERS")
+            .into_iter()
+            .filter(|u| u.starts_with("postern_"))
+            .collect()
+    }
+
+    /// Every leased user in influxd belongs to a live, active lease of `mgr`.
+    async fn assert_no_credential_without_live_lease(&self, mgr: &LeaseManager) {
+        let leases = mgr.list().await.expect("list");
+        let now = now_ms();
+        for u in self.leased_users().await {
+            let ok = leases.iter().any(|l| {
+                l.state == "active"
+                    && l.expires_at_ms > now
+                    && l.backend_id.as_deref() == Some(u.as_str())
+            });
+            assert!(ok, "user {u} has no live lease; leases: {leases:?}");
+        }
+    }
+}
+
+fn basic(g: &LeaseGrant) -> (String, String) {
+    match &g.credential {
+        Credential::Basic { username, password } => (username.clone(), password.clone()),
+        Credential::Token(_) => panic!("v1 leases are users"),
+    }
+}
+
+fn denied(r: &Reply) -> bool {
+    r.status == 403 || r.error().is_some_and(|e| e.contains("not authorized"))
+}
+
+#[tokio::test]
+async fn leased_user_gets_exactly_its_grants_and_is_dropped_on_revoke() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(60, READ_WRITE_TELEGRAF), "st", None).await;
+    let g = mgr.create(&client("inlet-a")).await.expect("create");
+    let (user, pass) = basic(&g);
+    assert!(user.starts_with(&format!("postern_{}_", mgr.instance_id())));
+    assert!(s.leased_users().await.contains(&user));
+    let auth = Some((user.as_str(), pass.as_str()));
+
+    // Its own database: write and read.
+    let w = s
+        .influxd
+        .write_as(auth, "telegraf", "cpu,host=a value=1i 1000000000")
+        .await
+        .expect("write");
+    assert_eq!(w.status, 204, "{}", w.body);
+    let q = s
+        .influxd
+        .query_as(auth, Some("telegraf"), "SELECT value FROM cpu")
+        .await
+        .expect("query");
+    assert_eq!(q.status, 200, "{}", q.body);
+    assert_eq!(q.error(), None, "{}", q.body);
+    assert!(q.body.contains("\"cpu\""), "{}", q.body);
+
+    // Another database: neither.
+    let w = s
+        .influxd
+        .write_as(auth, "other", "cpu value=1i 1")
+        .await
+        .expect("write");
+    assert!(denied(&w), "write to other: {} {}", w.status, w.body);
+    let q = s
+        .influxd
+        .query_as(auth, Some("other"), "SELECT * FROM secret_metric")
+        .await
+        .expect("query");
+    assert!(denied(&q), "read other: {} {}", q.status, q.body);
+    assert!(!q.body.contains("42"), "{}", q.body);
+    // Nor admin statements.
+    let q = s
+        .influxd
+        .query_as(
+            auth,
+            None,
+            "CREATE USER evil WITH PASSWORD 'x' WITH ALL PRIVILEGES",
+        )
+        .await
+        .expect("query");
+    assert!(denied(&q), "admin statement: {} {}", q.status, q.body);
+
+    let grants = s
+        .influxd
+        .query(&format!("SHOW GRANTS FOR \"{user}\""))
+        .await
+        .expect("grants");
+    let grants = grants.to_string();
+    assert!(
+        grants.contains("telegraf") && grants.contains("ALL PRIVILEGES"),
+        "{grants}"
+    );
+    assert!(!grants.contains("other"), "{grants}");
+
+    mgr.revoke(&g.lease_id).await.expect("revoke");
+    assert!(!s.leased_users().await.contains(&user), "user dropped");
+    let q = s
+        .influxd
+        .query_as(auth, Some("telegraf"), "SELECT value FROM cpu")
+        .await
+        .expect("query");
+    assert_eq!(q.status, 401, "{}", q.body);
+    mgr.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn read_only_lease_cannot_write() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(60, READ_TELEGRAF), "st", None).await;
+    let g = mgr.create(&client("inlet-b")).await.expect("create");
+    let (user, pass) = basic(&g);
+    let auth = Some((user.as_str(), pass.as_str()));
+    let w = s
+        .influxd
+        .write_as(auth, "telegraf", "cpu value=1i 1")
+        .await
+        .expect("write");
+    assert!(denied(&w), "read-only lease wrote: {} {}", w.status, w.body);
+    let q = s
+        .influxd
+        .query_as(auth, Some("telegraf"), "SHOW MEASUREMENTS")
+        .await
+        .expect("query");
+    assert_eq!(q.status, 200, "{}", q.body);
+    assert_eq!(q.error(), None, "{}", q.body);
+    let q = s
+        .influxd
+        .query_as(auth, Some("other"), "SELECT * FROM secret_metric")
+        .await
+        .expect("query");
+    assert!(denied(&q), "read other: {} {}", q.status, q.body);
+    mgr.shutdown().await.expect("shutdown");
+    assert!(s.leased_users().await.is_empty(), "shutdown drops the user");
+}
+
+#[tokio::test]
+async fn expired_lease_user_is_dropped_and_password_refused() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(2, READ_WRITE_TELEGRAF), "st", None).await;
+    let g = mgr.create(&client("inlet-c")).await.expect("create");
+    let (user, pass) = basic(&g);
+    eventually("the expired user to be dropped", || async {
+        !s.leased_users().await.contains(&user)
+    })
+    .await;
+    assert!(now_ms() >= g.expires_at_ms, "dropped only at expiry");
+    let q = s
+        .influxd
+        .query_as(Some((&user, &pass)), Some("telegraf"), "SHOW MEASUREMENTS")
+        .await
+        .expect("query");
+    assert_eq!(q.status, 401, "{}", q.body);
+    assert!(mgr.list().await.expect("list").is_empty());
+    mgr.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn subscribed_client_is_rotated_and_old_user_dropped() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(3, READ_WRITE_TELEGRAF), "st", None).await;
+    let mut rx: watch::Receiver<Option<LeaseGrant>> =
+        mgr.subscribe(&client("inlet-d")).expect("subscribe");
+    let g1 = tokio::time::timeout(WAIT, rx.wait_for(Option::is_some))
+        .await
+        .expect("first grant in time")
+        .expect("alive")
+        .clone()
+        .expect("grant");
+    let g2 = tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|g| g.as_ref().is_some_and(|g| g.lease_id != g1.lease_id)),
+    )
+    .await
+    .expect("second grant in time")
+    .expect("alive")
+    .clone()
+    .expect("grant");
+    let (u1, p1) = basic(&g1);
+    let (u2, p2) = basic(&g2);
+    assert_ne!(u1, u2);
+    eventually("the old user to be dropped", || async {
+        !s.leased_users().await.contains(&u1)
+    })
+    .await;
+    let old = s
+        .influxd
+        .write_as(Some((&u1, &p1)), "telegraf", "cpu value=1i 1")
+        .await
+        .expect("write");
+    assert_eq!(old.status, 401, "{}", old.body);
+    let new = s
+        .influxd
+        .write_as(Some((&u2, &p2)), "telegraf", "cpu value=2i 2")
+        .await
+        .expect("write");
+    assert_eq!(new.status, 204, "{}", new.body);
+    drop(rx);
+    mgr.shutdown().await.expect("shutdown");
+    assert!(s.leased_users().await.is_empty());
+}
+
+#[tokio::test]
+async fn influxdb_errors_are_surfaced_and_nothing_is_left() {
+    let s = Setup::new().await;
+    let wrong = format!("{}:wrong-password-93be", s.influxd.admin_user());
+    let mgr = s
+        .start(s.config_with(60, READ_TELEGRAF, &wrong), "bad-admin", None)
+        .await;
+    let msg = mgr
+        .create(&client("inlet-e"))
+        .await
+        .expect_err("wrong admin password")
+        .to_string();
+    assert!(msg.contains("all-access-token"), "{msg}");
+    assert!(
+        msg.contains("401") || msg.contains("authorization failed"),
+        "{msg}"
+    );
+    assert!(!msg.contains("wrong-password-93be"), "{msg}");
+    mgr.shutdown().await.expect("shutdown");
+
+    let perms = r#"[{"action":"read","resource":{"type":"buckets","name":"no_such_db"}}]"#;
+    let mgr = s.start(s.config(60, perms), "bad-db", None).await;
+    let msg = mgr
+        .create(&client("inlet-e"))
+        .await
+        .expect_err("grant on a missing database")
+        .to_string();
+    assert!(msg.contains("database not found"), "{msg}");
+    assert!(msg.contains("leased-token-permissions"), "{msg}");
+    assert!(s.leased_users().await.is_empty(), "half-made user dropped");
+    assert!(mgr.list().await.expect("list").is_empty());
+    mgr.shutdown().await.expect("shutdown");
+}
+
+/// Crash at each step of creation, renewal and revocation; a manager restarted on the same
+/// state directory leaves no user without a live lease.
+#[tokio::test]
+async fn crash_at_each_step_then_restart_leaks_nothing() {
+    let s = Setup::new().await;
+    let cases = [
+        (Step::CreateBeforeStore, 1, false),
+        (Step::CreateAfterStore, 1, false),
+        (Step::CreateAfterBackend, 1, false),
+        (Step::CreateAfterActivate, 1, false),
+        (Step::RevokeBeforeStore, 1, true),
+        (Step::RevokeAfterStore, 1, true),
+        (Step::RevokeAfterBackend, 1, true),
+    ];
+    for (i, (step, occurrence, during_revoke)) in cases.into_iter().enumerate() {
+        let state = format!("st-{i}");
+        let cfg = s.config(60, READ_WRITE_TELEGRAF);
+        let mgr = s
+            .start(cfg.clone(), &state, Some(CrashAt { step, occurrence }))
+            .await;
+        let err = if during_revoke {
+            let g = mgr.create(&client("inlet-f")).await.expect("create");
+            mgr.revoke(&g.lease_id).await.expect_err("crash")
+        } else {
+            mgr.create(&client("inlet-f")).await.expect_err("crash")
+        };
+        assert!(
+            matches!(err, LeaseError::Crashed(s) if s == step),
+            "{step:?}: {err}"
+        );
+        tokio::time::timeout(WAIT, mgr.closed())
+            .await
+            .expect("crashed manager closes its store");
+        let after_crash = s.leased_users().await;
+
+        let mgr = s.start(cfg, &state, None).await;
+        s.assert_no_credential_without_live_lease(&mgr).await;
+        let users = s.leased_users().await;
+        match step {
+            Step::CreateAfterActivate | Step::RevokeBeforeStore => {
+                assert_eq!(users.len(), 1, "{step:?}: live lease kept")
+            }
+            _ => assert!(
+                users.is_empty(),
+                "{step:?}: crash left {after_crash:?}, restart left {users:?}"
+            ),
+        }
+        mgr.shutdown().await.expect("shutdown");
+        assert!(s.leased_users().await.is_empty(), "{step:?}");
+    }
+
+    // During renewal: the second creation for a subscribed client.
+    let cfg = s.config(3, READ_WRITE_TELEGRAF);
+    let mgr = s
+        .start(
+            cfg.clone(),
+            "renewal",
+            Some(CrashAt {
+                step: Step::CreateAfterBackend,
+                occurrence: 2,
+            }),
+        )
+        .await;
+    let _rx = mgr.subscribe(&client("inlet-g")).expect("subscribe");
+    tokio::time::timeout(WAIT, mgr.closed())
+        .await
+        .expect("crash during renewal");
+    assert_eq!(s.leased_users().await.len(), 2, "old and new users exist");
+    let mgr = s.start(cfg, "renewal", None).await;
+    s.assert_no_credential_without_live_lease(&mgr).await;
+    eventually("the surviving lease to expire and be dropped", || async {
+        s.leased_users().await.is_empty()
+    })
+    .await;
+    mgr.shutdown().await.expect("shutdown");
+}
