@@ -1,5 +1,6 @@
 //! Outlet configuration: a TOML file, every key also a flag (flags win).
 
+use crate::lease::config::InfluxdbOutletConfig;
 use crate::target::Target;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -38,6 +39,11 @@ pub struct OutletFile {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
+    /// InfluxDB with leased credentials (the seeds' `influxdb-outlet`): offered as the service
+    /// `influxdb` (or `influxdb-service`), each inlet getting its own short-lived credential.
+    pub influxdb_outlet: Option<InfluxdbOutletConfig>,
+    /// Service name for `[influxdb-outlet]` [default: influxdb].
+    pub influxdb_service: Option<ServiceName>,
 }
 
 /// `postern-outlet run` flags.
@@ -78,6 +84,8 @@ pub struct OutletConfig {
     pub node: NodeSettings,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
+    /// The lease-managed InfluxDB service, if configured.
+    pub influxdb: Option<(ServiceName, InfluxdbOutletConfig)>,
 }
 
 /// Parses one `--service` flag.
@@ -127,8 +135,19 @@ impl RunArgs {
                 bail!("service {:?}: `tls = true` needs `tls-ca` (the CA the target's certificate chains to)", s.name.as_str());
             }
         }
-        if services.is_empty() {
-            bail!("no services: add a [[service]] table or pass --service NAME=HOST:PORT");
+        let influxdb = file.influxdb_outlet.map(|c| {
+            let name = file
+                .influxdb_service
+                .unwrap_or_else(|| ServiceName::new("influxdb").unwrap_or_else(|_| unreachable!()));
+            (name, c)
+        });
+        if let Some((name, _)) = &influxdb {
+            if services.iter().any(|s| &s.name == name) {
+                bail!("service {:?} is defined both by [influxdb-outlet] and a [[service]] table", name.as_str());
+            }
+        }
+        if services.is_empty() && influxdb.is_none() {
+            bail!("no services: add a [[service]] table, an [influxdb-outlet] table or pass --service NAME=HOST:PORT");
         }
         Ok(OutletConfig {
             node: NodeSettings {
@@ -146,6 +165,7 @@ impl RunArgs {
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from("postern-outlet-state")),
             services,
+            influxdb,
         })
     }
 }

@@ -5,7 +5,8 @@ use crate::target::{Target, TargetError};
 use postern_net::ctl;
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
-use postern_proto::msg::{code, StreamOpen};
+use crate::lease::LeaseManager;
+use postern_proto::msg::{code, LeaseMsg, StreamOpen};
 use postern_proto::name::{NodeName, ServiceName};
 use quinn::VarInt;
 use std::collections::HashMap;
@@ -14,6 +15,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+/// What the outlet offers: where each service's streams go, and which services hand out
+/// leased credentials.
+#[derive(Default)]
+pub struct Services {
+    pub targets: HashMap<ServiceName, Target>,
+    pub leases: HashMap<ServiceName, Arc<LeaseManager>>,
+}
+
+impl Services {
+    /// Every service name offered.
+    pub fn names(&self) -> Vec<ServiceName> {
+        let mut names: Vec<ServiceName> = self.targets.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
 
 /// How long an inlet may take to name the service on a new stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,7 +90,7 @@ impl Routes {
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     routes: Arc<Routes>,
-    targets: Arc<HashMap<ServiceName, Target>>,
+    services: Arc<Services>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -90,9 +108,9 @@ pub async fn accept_loop(
             continue;
         };
         let routes = routes.clone();
-        let targets = targets.clone();
+        let services = services.clone();
         let span = tracing::info_span!("e2e", route = %expected.route, inlet = %expected.inlet);
-        tokio::spawn(serve_connection(incoming, expected, routes, targets).instrument(span));
+        tokio::spawn(serve_connection(incoming, expected, routes, services).instrument(span));
     }
 }
 
@@ -100,7 +118,7 @@ async fn serve_connection(
     incoming: quinn::Incoming,
     expected: ExpectedRoute,
     routes: Arc<Routes>,
-    targets: Arc<HashMap<ServiceName, Target>>,
+    services: Arc<Services>,
 ) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -129,8 +147,9 @@ async fn serve_connection(
             Ok(s) => s,
             Err(e) => break e,
         };
-        let targets = targets.clone();
-        tokio::spawn(serve_stream(send, recv, targets).in_current_span());
+        let services = services.clone();
+        let inlet = expected.inlet.clone();
+        tokio::spawn(serve_stream(send, recv, services, inlet).in_current_span());
     };
     tracing::info!(reason = %reason, "end-to-end connection closed");
     let mut conns = routes.conns();
@@ -145,7 +164,8 @@ async fn serve_connection(
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    targets: Arc<HashMap<ServiceName, Target>>,
+    services: Arc<Services>,
+    inlet: NodeName,
 ) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
         let _ = send.reset(VarInt::from_u32(c));
@@ -154,6 +174,13 @@ async fn serve_stream(
     let header = tokio::time::timeout(HEADER_TIMEOUT, ctl::read_frame::<StreamOpen>(&mut recv)).await;
     let service = match header {
         Ok(Ok(StreamOpen::Connect { service })) => service,
+        Ok(Ok(StreamOpen::Lease { service })) => {
+            let Some(manager) = services.leases.get(&service) else {
+                tracing::warn!(%service, "lease asked for a service without leased credentials");
+                return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
+            };
+            return serve_lease(send, recv, manager, &inlet).await;
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "bad stream header");
             return refuse(&mut send, &mut recv, code::BAD_HEADER);
@@ -163,7 +190,7 @@ async fn serve_stream(
             return refuse(&mut send, &mut recv, code::BAD_HEADER);
         }
     };
-    let Some(target) = targets.get(&service) else {
+    let Some(target) = services.targets.get(&service) else {
         tracing::warn!(%service, "stream for a service this outlet does not serve");
         return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
     };
@@ -176,6 +203,51 @@ async fn serve_stream(
         }
     };
     tracing::debug!(%service, up = outcome.up, down = outcome.down, reset = ?outcome.peer_reset, "stream done");
+}
+
+/// Streams the inlet's lease: the current grant, then each renewal, until the inlet goes away.
+async fn serve_lease(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    manager: &LeaseManager,
+    inlet: &NodeName,
+) {
+    // The inlet never writes after the header; its side ending means it is gone.
+    drop(recv);
+    let mut grants = match manager.subscribe(inlet) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot lease a credential");
+            let msg = LeaseMsg::Unavailable {
+                reason: e.to_string(),
+            };
+            let _ = ctl::write_frame(&mut send, &msg).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    loop {
+        let current = grants.borrow_and_update().clone();
+        if let Some(grant) = current {
+            tracing::info!(lease = %grant.lease_id, expires_at_ms = grant.expires_at_ms, "lease sent to inlet");
+            if let Err(e) = ctl::write_frame(&mut send, &LeaseMsg::Grant(grant)).await {
+                tracing::debug!(error = %e, "lease stream closed");
+                return;
+            }
+        }
+        tokio::select! {
+            changed = grants.changed() => {
+                if changed.is_err() {
+                    let _ = ctl::write_frame(&mut send, &LeaseMsg::Unavailable {
+                        reason: "the lease manager stopped".into(),
+                    }).await;
+                    let _ = send.finish();
+                    return;
+                }
+            }
+            _ = send.stopped() => return,
+        }
+    }
 }
 
 fn log_target_error(service: &ServiceName, e: &TargetError) {

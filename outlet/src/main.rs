@@ -4,11 +4,17 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use postern_outlet::config::{targets, RunArgs};
+use postern_outlet::forward::Services;
+use postern_outlet::lease::{admin, LeaseManager};
+use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};
+use postern_proto::name::NodeName;
+use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 /// The postern outlet: registers services with a relay and forwards inlets' end-to-end
-/// encrypted streams to them. No inbound port is opened.
+/// encrypted streams to them. No inbound port is opened. With an `[influxdb-outlet]` section it
+/// also gives every inlet its own short-lived InfluxDB credential.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -23,6 +29,29 @@ struct Cli {
 enum Command {
     /// Run the outlet.
     Run(RunArgs),
+    /// Manage leased InfluxDB credentials of the running outlet (through its admin socket).
+    Lease {
+        /// The running outlet's state directory.
+        #[arg(long, default_value = "postern-outlet-state", global = true)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// Create a lease for CLIENT by hand and print its credential and expiry.
+    Create {
+        /// The client identity the lease is for (appears in the backend's description).
+        client: NodeName,
+    },
+    /// List leases.
+    List,
+    /// Show one lease.
+    Show { lease_id: String },
+    /// Revoke one lease now.
+    Revoke { lease_id: String },
 }
 
 #[tokio::main]
@@ -34,24 +63,96 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Lease { state_dir, command } => lease(state_dir, command).await,
     }
+}
+
+async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> {
+    let request = match command {
+        LeaseCommand::Create { client } => admin::Request::Create { client },
+        LeaseCommand::List => admin::Request::List,
+        LeaseCommand::Show { lease_id } => admin::Request::Show { lease_id },
+        LeaseCommand::Revoke { lease_id } => admin::Request::Revoke { lease_id },
+    };
+    let path = admin::socket_path(&state_dir);
+    let response = admin::client_request(&path, &request)
+        .await
+        .with_context(|| format!("is the outlet running with --state-dir {}?", state_dir.display()))?;
+    print!("{}", response.to_text());
+    if let admin::Response::Error { .. } = response {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     let (relay, identity, roots) = cfg.node.load()?;
+    let shutdown = CancellationToken::new();
+    let mut services = Services {
+        targets: targets(&cfg.services)?,
+        leases: Default::default(),
+    };
+    let mut managers = Vec::new();
+    if let Some((name, influx)) = cfg.influxdb {
+        let lease_cfg = influx.validate().context("[influxdb-outlet]")?;
+        let target = influx_target(&lease_cfg)?;
+        let manager = LeaseManager::start(lease_cfg, &cfg.state_dir, shutdown.clone())
+            .await
+            .context("starting the lease manager")?;
+        let socket = admin::socket_path(&cfg.state_dir);
+        let (m, s) = (manager.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(m, &socket, s).await {
+                tracing::error!(error = %e, "lease admin socket failed");
+            }
+        });
+        services.targets.insert(name.clone(), target);
+        services.leases.insert(name, manager.clone());
+        managers.push(manager);
+    }
     let outlet = Outlet::bind(OutletOptions {
         relay,
         identity,
         roots,
-        services: targets(&cfg.services)?,
+        services,
     })?;
-    let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         postern_net::shutdown_signal().await;
         signal.cancel();
     });
     outlet.run(shutdown).await;
+    for m in managers {
+        // Revokes what must not outlive the outlet.
+        m.closed().await;
+    }
     Ok(())
+}
+
+/// The tunnel target of the lease-managed InfluxDB: the host and port of its URL.
+fn influx_target(cfg: &postern_outlet::lease::LeaseConfig) -> anyhow::Result<Target> {
+    let host = cfg
+        .url
+        .host_str()
+        .context("[influxdb-outlet] to: URL has no host")?;
+    let port = cfg
+        .url
+        .port_or_known_default()
+        .context("[influxdb-outlet] to: URL has no port")?;
+    let to = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    if cfg.url.scheme() == "https" {
+        let ca_path = cfg
+            .tls_ca
+            .as_ref()
+            .context("[influxdb-outlet]: `tls = true` needs `tls-ca` for the tunnel's TLS to InfluxDB")?;
+        let ca = postern_net::files::read(ca_path)?;
+        Ok(Target::tls(to, &ca, host)?)
+    } else {
+        Ok(Target::tcp(to))
+    }
 }

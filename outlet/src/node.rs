@@ -1,7 +1,6 @@
 //! The outlet node: one socket, one control connection to the relay, end-to-end listener.
 
-use crate::forward::{self, ExpectedRoute, Routes};
-use crate::target::Target;
+use crate::forward::{self, ExpectedRoute, Routes, Services};
 use postern_net::control::{self, ControlHandler, RelayTarget};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
@@ -10,7 +9,6 @@ use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -30,8 +28,8 @@ pub struct OutletOptions {
     pub relay: RelayTarget,
     pub identity: Identity,
     pub roots: Arc<RootCertStore>,
-    /// Services by name and where their streams go.
-    pub services: HashMap<ServiceName, Target>,
+    /// Services offered: targets, and lease managers for those with leased credentials.
+    pub services: Services,
 }
 
 /// A bound outlet, ready to [`run`](Outlet::run).
@@ -41,7 +39,7 @@ pub struct Outlet {
     client: quinn::ClientConfig,
     relay: RelayTarget,
     routes: Arc<Routes>,
-    targets: Arc<HashMap<ServiceName, Target>>,
+    services: Arc<Services>,
     control: watch::Sender<Option<quinn::Connection>>,
 }
 
@@ -93,7 +91,7 @@ impl Outlet {
             client,
             relay: opts.relay,
             routes: Arc::new(Routes::default()),
-            targets: Arc::new(opts.services),
+            services: Arc::new(opts.services),
             control: watch::channel(None).0,
         })
     }
@@ -111,13 +109,13 @@ impl Outlet {
         let handler = Arc::new(OutletControl {
             socket: self.socket.clone(),
             routes: self.routes.clone(),
-            services: self.targets.keys().cloned().collect(),
+            services: self.services.names(),
             relay: self.relay.addr,
         });
         let accept = forward::accept_loop(
             self.endpoint.clone(),
             self.routes.clone(),
-            self.targets.clone(),
+            self.services.clone(),
             shutdown.clone(),
         );
         let ctl = control::run(

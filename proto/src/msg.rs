@@ -79,6 +79,18 @@ impl fmt::Display for RefuseReason {
 pub enum StreamOpen {
     /// A client TCP connection to `service`; raw bytes follow in both directions.
     Connect { service: ServiceName },
+    /// The inlet wants the leased credential for `service`; the outlet answers with a
+    /// [`LeaseMsg`] frame now and another each time the lease is renewed.
+    Lease { service: ServiceName },
+}
+
+/// Frames the outlet sends on a lease stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseMsg {
+    /// The current lease (a new one replaces the previous one at once).
+    Grant(crate::lease::LeaseGrant),
+    /// No lease can be had right now, and why (e.g. the backend is down).
+    Unavailable { reason: String },
 }
 
 /// Application error codes used to reset streams and close connections, so the other side can

@@ -3,6 +3,7 @@
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService};
 use postern_net::control::RelayTarget;
 use postern_net::relay_socket::Tap;
+use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
 use postern_proto::name::{NodeName, ServiceName};
@@ -164,8 +165,27 @@ pub async fn start_outlet(
     relay: SocketAddr,
     services: Vec<(&str, Target)>,
 ) -> OutletNode {
-    let services: HashMap<ServiceName, Target> =
+    let targets: HashMap<ServiceName, Target> =
         services.into_iter().map(|(n, t)| (svc(n), t)).collect();
+    start_outlet_with(
+        pki,
+        name,
+        relay,
+        Services {
+            targets,
+            leases: HashMap::new(),
+        },
+    )
+    .await
+}
+
+/// Starts an outlet with full control over its services (e.g. with lease managers).
+pub async fn start_outlet_with(
+    pki: &Pki,
+    name: &str,
+    relay: SocketAddr,
+    services: Services,
+) -> OutletNode {
     let outlet = Outlet::bind(OutletOptions {
         relay: relay_target(relay),
         identity: pki.identity(name),
