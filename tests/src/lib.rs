@@ -1,3 +1,4 @@
 //! Shared helpers for end-to-end tests.
+pub mod harness;
 pub mod influx2;
 pub mod influxd;
