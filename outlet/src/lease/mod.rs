@@ -90,7 +90,7 @@ pub enum LeaseError {
     Timeout(Duration),
     #[error("lease {0} not found")]
     NotFound(String),
-    #[error("lease {0} is already being revoked")]
+    #[error("lease {0} is being created or revoked right now; try again")]
     Busy(String),
     #[error("the lease manager is shut down")]
     Closed,
@@ -270,7 +270,8 @@ impl LeaseManager {
     /// Subscribes to `client`'s lease. The receiver holds `None` until the first lease is
     /// made, then each new grant; `None` again if the lease expired without a successor (the
     /// backend failing). Read the current value with `borrow()` first: a receiver made while a
-    /// lease is current sees it as already seen.
+    /// lease is current sees it as already seen. The channel closes (`changed()` fails) when the
+    /// manager stops, after a last `None`.
     pub fn subscribe(
         &self,
         client: &NodeName,
@@ -340,6 +341,11 @@ impl LeaseManager {
         {
             let mut st = lock(&self.inner.state);
             let tracked = st.schedule.lease(lease_id);
+            // A `creating` record the schedule does not track is a creation in flight: let it
+            // finish (or fail and clean up) rather than race it.
+            if rec.state == LeaseState::Creating && tracked.is_none() {
+                return Err(LeaseError::Busy(lease_id.to_owned()));
+            }
             if !st.schedule.begin_revoke(lease_id) {
                 return Err(LeaseError::Busy(lease_id.to_owned()));
             }
@@ -650,7 +656,10 @@ impl Inner {
                 );
             }
         }
-        let kept = records.len() - to_revoke.len().min(records.len());
+        let kept = records
+            .iter()
+            .filter(|r| matches!(r.state, LeaseState::Active { .. }) && r.expires_at_ms > now)
+            .count();
         for (lease_id, client) in &to_revoke {
             match self.revoke_lease(lease_id).await {
                 Ok(()) => {
@@ -784,6 +793,8 @@ impl Inner {
         }
         if self.crashed.load(Ordering::SeqCst) {
             tasks.abort_all();
+            // Like a dead process: subscribers see the channel close.
+            lock(&self.state).watchers.clear();
             return;
         }
         // Graceful stop: let in-flight work finish briefly, then revoke everything.
@@ -796,9 +807,11 @@ impl Inner {
         {
             let mut st = lock(&self.state);
             st.unrevoked_at_shutdown = unrevoked;
+            // Subscribers see `None`, then the channel close.
             for tx in st.watchers.values() {
                 tx.send_replace(None);
             }
+            st.watchers.clear();
         }
         if !self.crashed.load(Ordering::SeqCst) {
             self.close_store().await;
