@@ -1,5 +1,6 @@
 //! Inlet configuration: a TOML file, every key also a flag (flags win).
 
+use crate::node::ServiceKind;
 use anyhow::{bail, Context};
 use clap::Args;
 use postern_net::node_config::{required, NodeSettings, DEFAULT_RELAY_NAME};
@@ -16,6 +17,10 @@ pub struct ServiceFile {
     pub name: ServiceName,
     /// Local address clients connect to, e.g. `127.0.0.1:8086`.
     pub listen: SocketAddr,
+    /// `tcp` (default: bytes pass untouched) or `influxdb` (HTTP requests get the leased
+    /// credential streamed from the outlet in place of the client's own).
+    #[serde(default)]
+    pub kind: ServiceKind,
 }
 
 /// The inlet's config file.
@@ -53,9 +58,10 @@ pub struct RunArgs {
     /// The project CA certificate (PEM).
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// A local listener: `NAME=LISTEN_ADDR`, e.g. `influxdb=127.0.0.1:8086`. Repeatable; adds to
-    /// the file's `[[service]]` tables.
-    #[arg(long = "service", value_name = "NAME=ADDR")]
+    /// A local listener: `NAME=LISTEN_ADDR[,kind=influxdb]`, e.g.
+    /// `influxdb=127.0.0.1:8086,kind=influxdb`. Repeatable; adds to the file's `[[service]]`
+    /// tables. `kind=influxdb` puts the leased credential into every HTTP request.
+    #[arg(long = "service", value_name = "NAME=ADDR[,kind=influxdb]")]
     pub services: Vec<String>,
 }
 
@@ -68,10 +74,23 @@ pub struct InletConfig {
 
 /// Parses one `--service` flag.
 pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
-    let (name, listen) = s
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, listen) = head
         .split_once('=')
         .with_context(|| format!("--service {s:?}: expected NAME=LISTEN_ADDR"))?;
+    let mut kind = ServiceKind::Tcp;
+    for opt in parts {
+        kind = match opt {
+            "kind=tcp" => ServiceKind::Tcp,
+            "kind=influxdb" => ServiceKind::Influxdb,
+            _ => bail!(
+                "--service {s:?}: unknown option {opt:?} (expected kind=tcp or kind=influxdb)"
+            ),
+        };
+    }
     Ok(ServiceFile {
+        kind,
         name: name
             .parse()
             .with_context(|| format!("--service {s:?}: bad service name"))?,
@@ -127,6 +146,9 @@ mod tests {
         assert_eq!(s.listen.port(), 8086);
         assert!(parse_service_flag("influxdb=nope").is_err());
         assert!(parse_service_flag("influxdb").is_err());
+        let s = parse_service_flag("influxdb=127.0.0.1:1,kind=influxdb").expect("parse");
+        assert_eq!(s.kind, ServiceKind::Influxdb);
+        assert!(parse_service_flag("influxdb=127.0.0.1:1,kind=ftp").is_err());
     }
 
     #[test]

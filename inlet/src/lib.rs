@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod http_proxy;
+pub mod lease;
 pub mod node;
 
-pub use node::{Inlet, InletHandle, InletOptions, InletService};
+pub use node::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};

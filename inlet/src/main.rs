@@ -49,6 +49,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|s| InletService {
                 name: s.name.clone(),
                 listen: s.listen,
+                kind: s.kind,
             })
             .collect(),
     })

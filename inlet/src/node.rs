@@ -1,12 +1,14 @@
 //! The inlet node: local listeners, one control connection to the relay, and one end-to-end
 //! connection per service's outlet, created on demand and replaced when its route goes away.
 
+use crate::http_proxy::{CredentialSource, LeaseState};
 use postern_net::control::{self, ControlHandler, RelayTarget};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
 use postern_net::node_socket::NodeSocket;
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
+use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl, StreamOpen};
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
@@ -57,11 +59,24 @@ pub enum ServeError {
     Stream(String),
 }
 
+/// What a local listener carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// Any TCP protocol, passed through untouched.
+    #[default]
+    Tcp,
+    /// InfluxDB's HTTP API: requests go through the HTTP filter, which puts the leased
+    /// credential streamed from the outlet in place of whatever the client sent.
+    Influxdb,
+}
+
 /// One local listener.
 #[derive(Debug, Clone)]
 pub struct InletService {
     pub name: ServiceName,
     pub listen: SocketAddr,
+    pub kind: ServiceKind,
 }
 
 /// What an inlet needs to run.
@@ -77,7 +92,7 @@ struct E2e {
     conn: quinn::Connection,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     socket: Arc<NodeSocket>,
     endpoint: quinn::Endpoint,
     e2e_client: quinn::ClientConfig,
@@ -93,12 +108,17 @@ impl Shared {
         self.e2e_map().entry(service.clone()).or_default().clone()
     }
 
-    fn e2e_map(&self) -> MutexGuard<'_, HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>> {
+    fn e2e_map(
+        &self,
+    ) -> MutexGuard<'_, HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>> {
         self.e2e.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The live end-to-end connection for `service`, set up if needed.
-    async fn connection(&self, service: &ServiceName) -> Result<quinn::Connection, ServeError> {
+    pub(crate) async fn connection(
+        &self,
+        service: &ServiceName,
+    ) -> Result<quinn::Connection, ServeError> {
         let slot = self.slot(service);
         let mut guard = slot.lock().await;
         if let Some(e) = guard.as_ref() {
@@ -187,7 +207,8 @@ pub struct Inlet {
     client: quinn::ClientConfig,
     relay: RelayTarget,
     control: watch::Sender<Option<quinn::Connection>>,
-    listeners: Vec<(ServiceName, TcpListener)>,
+    listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
+    leases: Vec<(ServiceName, watch::Sender<LeaseState>)>,
 }
 
 /// Inspect a running inlet.
@@ -215,7 +236,8 @@ fn any_addr_for(relay: SocketAddr) -> SocketAddr {
 impl Inlet {
     /// Binds the socket, endpoint and the local listeners.
     pub async fn bind(opts: InletOptions) -> Result<Self, InletError> {
-        let socket = Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(InletError::Bind)?);
+        let socket =
+            Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(InletError::Bind)?);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint::endpoint_config(None),
             None,
@@ -232,8 +254,14 @@ impl Inlet {
                     addr: svc.listen,
                     source,
                 })?;
-            listeners.push((svc.name.clone(), l));
+            listeners.push((svc.name.clone(), svc.kind, l));
         }
+        let leases = opts
+            .services
+            .iter()
+            .filter(|s| s.kind == ServiceKind::Influxdb)
+            .map(|s| (s.name.clone(), watch::channel(LeaseState::waiting()).0))
+            .collect();
         let (control, control_rx) = watch::channel(None);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -248,6 +276,7 @@ impl Inlet {
             relay: opts.relay,
             control,
             listeners,
+            leases,
         })
     }
 
@@ -255,8 +284,8 @@ impl Inlet {
     pub fn listen_addr(&self, service: &ServiceName) -> Option<SocketAddr> {
         self.listeners
             .iter()
-            .find(|(s, _)| s == service)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .find(|(s, _, _)| s == service)
+            .and_then(|(_, _, l)| l.local_addr().ok())
     }
 
     /// A handle for inspection.
@@ -272,10 +301,27 @@ impl Inlet {
             shared: self.shared.clone(),
         });
         let mut tasks = tokio::task::JoinSet::new();
-        for (service, listener) in self.listeners {
+        let mut lease_rx = std::collections::HashMap::new();
+        for (service, tx) in self.leases {
+            lease_rx.insert(service.clone(), tx.subscribe());
+            tasks.spawn(crate::lease::run(
+                self.shared.clone(),
+                service,
+                tx,
+                shutdown.clone(),
+            ));
+        }
+        for (service, kind, listener) in self.listeners {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
-            tasks.spawn(accept_loop(service, listener, shared, shutdown));
+            let mode = match kind {
+                ServiceKind::Tcp => Mode::Tcp,
+                ServiceKind::Influxdb => match lease_rx.get(&service) {
+                    Some(rx) => Mode::Http(rx.clone()),
+                    None => Mode::Tcp,
+                },
+            };
+            tasks.spawn(accept_loop(service, mode, listener, shared, shutdown));
         }
         control::run(
             self.shared.endpoint.clone(),
@@ -290,12 +336,21 @@ impl Inlet {
         self.shared
             .endpoint
             .close(code::SHUTDOWN.into(), b"inlet shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
+}
+
+/// How a listener's client connections are served.
+#[derive(Clone)]
+enum Mode {
+    Tcp,
+    Http(CredentialSource),
 }
 
 async fn accept_loop(
     service: ServiceName,
+    mode: Mode,
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -318,7 +373,12 @@ async fn accept_loop(
         let shared = shared.clone();
         let service = service.clone();
         let span = tracing::info_span!("client", %service, %peer);
-        tokio::spawn(serve_client(tcp, service, shared).instrument(span));
+        match mode.clone() {
+            Mode::Tcp => tokio::spawn(serve_client(tcp, service, shared).instrument(span)),
+            Mode::Http(cred) => {
+                tokio::spawn(serve_http_client(tcp, service, shared, cred).instrument(span))
+            }
+        };
     }
 }
 
@@ -349,7 +409,14 @@ async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>)
             return;
         }
     };
-    if let Err(e) = ctl::write_frame(&mut send, &StreamOpen::Connect { service: service.clone() }).await {
+    if let Err(e) = ctl::write_frame(
+        &mut send,
+        &StreamOpen::Connect {
+            service: service.clone(),
+        },
+    )
+    .await
+    {
         tracing::warn!(error = %e, "closing client connection: cannot start stream");
         splice::set_reset_on_close(&tcp);
         return;
@@ -357,9 +424,55 @@ async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>)
     let outcome = splice::splice(tcp, send, recv).await;
     match outcome.peer_reset {
         Some(c) if c != u64::from(code::RESET) => {
-            tracing::warn!(code = c, reason = code::describe(c), "outlet refused the stream; client connection closed");
+            tracing::warn!(
+                code = c,
+                reason = code::describe(c),
+                "outlet refused the stream; client connection closed"
+            );
         }
-        _ => tracing::debug!(up = outcome.up, down = outcome.down, "client connection done"),
+        _ => tracing::debug!(
+            up = outcome.up,
+            down = outcome.down,
+            "client connection done"
+        ),
+    }
+}
+
+/// Serves an InfluxDB client through the HTTP filter; the stream is opened only once a first
+/// well-formed request with a credential is ready.
+async fn serve_http_client(
+    tcp: TcpStream,
+    service: ServiceName,
+    shared: Arc<Shared>,
+    credential: CredentialSource,
+) {
+    let _ = tcp.set_nodelay(true);
+    let open = || async {
+        let (mut send, recv) = open_stream(&shared, &service)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        ctl::write_frame(
+            &mut send,
+            &StreamOpen::Connect {
+                service: service.clone(),
+            },
+        )
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(tokio::io::join(recv, send))
+    };
+    let cfg = FilterConfig {
+        strip_query_credentials: true,
+        ..FilterConfig::default()
+    };
+    match crate::http_proxy::proxy(tcp, open, credential, cfg).await {
+        Ok(stats) => tracing::debug!(
+            requests = stats.requests,
+            up = stats.bytes_up,
+            down = stats.bytes_down,
+            "client connection done"
+        ),
+        Err(e) => tracing::warn!(error = %e, "client connection ended with an error"),
     }
 }
 

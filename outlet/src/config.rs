@@ -143,7 +143,10 @@ impl RunArgs {
         });
         if let Some((name, _)) = &influxdb {
             if services.iter().any(|s| &s.name == name) {
-                bail!("service {:?} is defined both by [influxdb-outlet] and a [[service]] table", name.as_str());
+                bail!(
+                    "service {:?} is defined both by [influxdb-outlet] and a [[service]] table",
+                    name.as_str()
+                );
             }
         }
         if services.is_empty() && influxdb.is_none() {
@@ -221,8 +224,9 @@ mod tests {
 
     #[test]
     fn file_errors_name_the_key() {
-        let e = toml::from_str::<OutletFile>("[[service]]\nname = \"a\"\nto = \"x:1\"\ntsl = true\n")
-            .expect_err("unknown key");
+        let e =
+            toml::from_str::<OutletFile>("[[service]]\nname = \"a\"\nto = \"x:1\"\ntsl = true\n")
+                .expect_err("unknown key");
         assert!(e.to_string().contains("tsl"), "{e}");
         let e = toml::from_str::<OutletFile>("[[service]]\nname = \"Bad Name\"\nto = \"x:1\"\n")
             .expect_err("bad name");

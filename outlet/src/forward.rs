@@ -1,11 +1,11 @@
 //! The outlet's data plane: end-to-end connections from inlets, one stream per client
 //! connection, each joined to a fresh connection to the service's target.
 
+use crate::lease::LeaseManager;
 use crate::target::{Target, TargetError};
 use postern_net::ctl;
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
-use crate::lease::LeaseManager;
 use postern_proto::msg::{code, LeaseMsg, StreamOpen};
 use postern_proto::name::{NodeName, ServiceName};
 use quinn::VarInt;
@@ -64,8 +64,7 @@ impl Routes {
 
     /// Records a route announced by the relay.
     pub fn expect(&self, virt: SocketAddr, route: ExpectedRoute) {
-        self.expected()
-            .insert(postern_net::canonical(virt), route);
+        self.expected().insert(postern_net::canonical(virt), route);
     }
 
     /// Forgets a route and closes its connection.
@@ -131,7 +130,10 @@ async fn serve_connection(
         Ok(name) if name == expected.inlet => {}
         Ok(name) => {
             tracing::warn!(presented = %name, "inlet's certificate does not match the route; closing");
-            conn.close(VarInt::from_u32(code::NOT_ALLOWED), b"identity does not match route");
+            conn.close(
+                VarInt::from_u32(code::NOT_ALLOWED),
+                b"identity does not match route",
+            );
             return;
         }
         Err(e) => {
@@ -171,7 +173,8 @@ async fn serve_stream(
         let _ = send.reset(VarInt::from_u32(c));
         let _ = recv.stop(VarInt::from_u32(c));
     };
-    let header = tokio::time::timeout(HEADER_TIMEOUT, ctl::read_frame::<StreamOpen>(&mut recv)).await;
+    let header =
+        tokio::time::timeout(HEADER_TIMEOUT, ctl::read_frame::<StreamOpen>(&mut recv)).await;
     let service = match header {
         Ok(Ok(StreamOpen::Connect { service })) => service,
         Ok(Ok(StreamOpen::Lease { service })) => {

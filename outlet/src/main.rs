@@ -77,7 +77,12 @@ async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> 
     let path = admin::socket_path(&state_dir);
     let response = admin::client_request(&path, &request)
         .await
-        .with_context(|| format!("is the outlet running with --state-dir {}?", state_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "is the outlet running with --state-dir {}?",
+                state_dir.display()
+            )
+        })?;
     print!("{}", response.to_text());
     if let admin::Response::Error { .. } = response {
         std::process::exit(1);
@@ -146,10 +151,9 @@ fn influx_target(cfg: &postern_outlet::lease::LeaseConfig) -> anyhow::Result<Tar
         format!("{host}:{port}")
     };
     if cfg.url.scheme() == "https" {
-        let ca_path = cfg
-            .tls_ca
-            .as_ref()
-            .context("[influxdb-outlet]: `tls = true` needs `tls-ca` for the tunnel's TLS to InfluxDB")?;
+        let ca_path = cfg.tls_ca.as_ref().context(
+            "[influxdb-outlet]: `tls = true` needs `tls-ca` for the tunnel's TLS to InfluxDB",
+        )?;
         let ca = postern_net::files::read(ca_path)?;
         Ok(Target::tls(to, &ca, host)?)
     } else {

@@ -1,6 +1,6 @@
 //! In-process postern clusters on 127.0.0.1 with port 0, for end-to-end tests.
 
-use postern_inlet::{Inlet, InletHandle, InletOptions, InletService};
+use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
 use postern_net::control::RelayTarget;
 use postern_net::relay_socket::Tap;
 use postern_outlet::forward::Services;
@@ -217,15 +217,27 @@ impl InletNode {
 /// Starts an inlet with a listener on 127.0.0.1:0 per service, and waits for its control
 /// connection.
 pub async fn start_inlet(pki: &Pki, name: &str, relay: SocketAddr, services: &[&str]) -> InletNode {
+    let kinds: Vec<(&str, ServiceKind)> = services.iter().map(|s| (*s, ServiceKind::Tcp)).collect();
+    start_inlet_kinds(pki, name, relay, &kinds).await
+}
+
+/// Like [`start_inlet`], choosing each service's kind (e.g. `Influxdb` for the HTTP filter).
+pub async fn start_inlet_kinds(
+    pki: &Pki,
+    name: &str,
+    relay: SocketAddr,
+    services: &[(&str, ServiceKind)],
+) -> InletNode {
     let inlet = Inlet::bind(InletOptions {
         relay: relay_target(relay),
         identity: pki.identity(name),
         roots: pki.roots(),
         services: services
             .iter()
-            .map(|s| InletService {
+            .map(|(s, kind)| InletService {
                 name: svc(s),
                 listen: "127.0.0.1:0".parse().expect("addr"),
+                kind: *kind,
             })
             .collect(),
     })
@@ -233,7 +245,7 @@ pub async fn start_inlet(pki: &Pki, name: &str, relay: SocketAddr, services: &[&
     .expect("bind inlet");
     let addrs = services
         .iter()
-        .map(|s| (s.to_string(), inlet.listen_addr(&svc(s)).expect("listener")))
+        .map(|(s, _)| (s.to_string(), inlet.listen_addr(&svc(s)).expect("listener")))
         .collect();
     let mut handle = inlet.handle();
     let running = spawn(|s| inlet.run(s));
@@ -286,4 +298,59 @@ pub async fn request_response_server(reply: fn(&[u8]) -> Vec<u8>) -> (SocketAddr
 pub fn free_udp_addr() -> SocketAddr {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.local_addr().expect("addr")
+}
+
+/// The Python interpreter of the test venv (made by scripts/test.sh), with the `influxdb` and
+/// `influxdb-client` libraries.
+pub fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("POSTERN_PYTHON") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        p.exists(),
+        "no Python venv at {}: run scripts/test.sh (it creates it) or set POSTERN_PYTHON",
+        p.display()
+    );
+    p
+}
+
+/// Runs a Python snippet with the venv's interpreter; returns stdout, failing on a non-zero exit.
+pub async fn run_python(code: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the real `influx` CLI (1.x) against `addr`; returns stdout, failing on a non-zero exit.
+pub async fn influx_cli(addr: SocketAddr, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("influx")
+        .args([
+            "-host",
+            &addr.ip().to_string(),
+            "-port",
+            &addr.port().to_string(),
+        ])
+        .args(args)
+        .output()
+        .await
+        .expect("run influx CLI (apt-get install influxdb-client)");
+    assert!(
+        out.status.success(),
+        "influx {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

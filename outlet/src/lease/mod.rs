@@ -975,3 +975,177 @@ fn marker_client(marker: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("client="))
         .filter(|c| NodeName::new(c).is_ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::backend::{BoxFuture, Created, Found};
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// An in-memory backend whose revocations can be made to fail.
+    #[derive(Default)]
+    struct Fake {
+        creds: Mutex<BTreeMap<String, String>>,
+        fail_revoke: AtomicBool,
+        revoke_attempts: AtomicU32,
+        attempted: Notify,
+    }
+
+    impl Backend for Fake {
+        fn create<'a>(
+            &'a self,
+            req: &'a CreateRequest,
+        ) -> BoxFuture<'a, Result<Created, BackendError>> {
+            Box::pin(async move {
+                let id = format!("b-{}", req.lease_id);
+                lock(&self.creds).insert(id.clone(), req.lease_id.clone());
+                Ok(Created {
+                    backend_id: id,
+                    credential: Credential::Token(format!("tok-{}", req.lease_id)),
+                })
+            })
+        }
+
+        fn revoke<'a>(&'a self, backend_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+            Box::pin(async move {
+                self.revoke_attempts.fetch_add(1, Ordering::SeqCst);
+                self.attempted.notify_waiters();
+                if self.fail_revoke.load(Ordering::SeqCst) {
+                    return Err(BackendError::Protocol {
+                        op: "delete",
+                        detail: "injected failure".into(),
+                    });
+                }
+                lock(&self.creds).remove(backend_id);
+                Ok(())
+            })
+        }
+
+        fn list_ours(&self) -> BoxFuture<'_, Result<Vec<Found>, BackendError>> {
+            Box::pin(async move {
+                Ok(lock(&self.creds)
+                    .iter()
+                    .map(|(id, lease)| Found {
+                        backend_id: id.clone(),
+                        lease_id: lease.clone(),
+                        marker: String::new(),
+                    })
+                    .collect())
+            })
+        }
+    }
+
+    fn config(ttl_s: u64) -> LeaseConfig {
+        LeaseConfig {
+            url: reqwest::Url::parse("http://127.0.0.1:1").expect("url"),
+            tls_ca: None,
+            allow: None,
+            org_id: Some("0123456789abcdef".into()),
+            admin: Secret::new("unused".into()),
+            ttl: Duration::from_secs(ttl_s),
+            permissions: Vec::new(),
+            api: Api::V2,
+        }
+    }
+
+    async fn start(dir: &Path, fake: &Arc<Fake>, ttl_s: u64) -> Arc<LeaseManager> {
+        LeaseManager::start_with(
+            config(ttl_s),
+            dir,
+            CancellationToken::new(),
+            StartOptions {
+                backend: Some(fake.clone()),
+                crash_at: None,
+            },
+        )
+        .await
+        .expect("start")
+    }
+
+    fn client() -> NodeName {
+        NodeName::new("inlet-x").expect("name")
+    }
+
+    #[tokio::test]
+    async fn failed_revocations_are_retried_and_never_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(Fake::default());
+        fake.fail_revoke.store(true, Ordering::SeqCst);
+        let mgr = start(dir.path(), &fake, 2).await;
+        let g = mgr.create(&client()).await.expect("create");
+        // Wait for the revocation at expiry to fail, and for at least one retry.
+        let wait = async {
+            loop {
+                let notified = fake.attempted.notified();
+                if fake.revoke_attempts.load(Ordering::SeqCst) >= 2 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .expect("revocation retried");
+        let info = mgr.show(&g.lease_id).await.expect("still recorded");
+        assert_eq!(info.state, "revoking");
+        assert!(info.revoke_failures >= 1, "{info:?}");
+        assert_eq!(lock(&fake.creds).len(), 1);
+
+        fake.fail_revoke.store(false, Ordering::SeqCst);
+        let wait = async {
+            loop {
+                let notified = fake.attempted.notified();
+                if lock(&fake.creds).is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .expect("revoked once the backend recovers");
+        mgr.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test]
+    async fn leases_not_revoked_at_shutdown_are_revoked_by_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(Fake::default());
+        let mgr = start(dir.path(), &fake, 3600).await;
+        mgr.create(&client()).await.expect("create");
+        let _rx = mgr.subscribe(&client()).expect("subscribe");
+        fake.fail_revoke.store(true, Ordering::SeqCst);
+        let wait = async {
+            while lock(&fake.creds).len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .expect("subscribed lease made");
+        match mgr.shutdown().await {
+            Err(LeaseError::Unrevoked(2)) => {}
+            other => panic!("expected 2 unrevoked leases, got {other:?}"),
+        }
+        assert_eq!(lock(&fake.creds).len(), 2);
+
+        fake.fail_revoke.store(false, Ordering::SeqCst);
+        let mgr = start(dir.path(), &fake, 3600).await;
+        // Both were live and recorded `revoking` (shutdown marked them before failing): the
+        // start-up reconciliation revokes them.
+        assert!(lock(&fake.creds).is_empty());
+        assert!(mgr.list().await.expect("list").is_empty());
+        mgr.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test]
+    async fn orphaned_credentials_are_revoked_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(Fake::default());
+        lock(&fake.creds).insert("b-orphan".into(), "00000000000000aa".into());
+        let mgr = start(dir.path(), &fake, 3600).await;
+        assert!(lock(&fake.creds).is_empty());
+        assert!(mgr.list().await.expect("list").is_empty());
+        mgr.shutdown().await.expect("shutdown");
+    }
+}

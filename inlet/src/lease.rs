@@ -1,0 +1,140 @@
+//! The inlet's lease client: keeps the current leased credential of a service, as streamed by
+//! the outlet, in a watch channel the HTTP filter reads once per request.
+
+use crate::http_proxy::LeaseState;
+use crate::node::Shared;
+use postern_net::backoff::Backoff;
+use postern_net::ctl;
+use postern_proto::lease::LeaseGrant;
+use postern_proto::msg::{LeaseMsg, StreamOpen};
+use postern_proto::name::ServiceName;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Stop using a credential this long before the outlet says it expires, to absorb clock skew
+/// and requests in flight.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+
+fn until(expires_at_ms: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Duration::from_millis(expires_at_ms.saturating_sub(now)).saturating_sub(EXPIRY_MARGIN)
+}
+
+/// Keeps `state` up to date for `service` until `shutdown`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    service: ServiceName,
+    state: watch::Sender<LeaseState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    // Expiry of the credential currently held, if any.
+    let mut held_until: Option<tokio::time::Instant> = None;
+    loop {
+        let session = follow(&shared, &service, &state, &mut held_until, &mut backoff);
+        let reason = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = session => r,
+        };
+        tracing::warn!(%service, %reason, "lease stream ended; will ask again");
+        let delay = backoff.next_delay();
+        let wait = tokio::time::sleep(delay);
+        tokio::pin!(wait);
+        // Keep honouring the held credential's expiry while we wait to reconnect.
+        loop {
+            let expiry = expiry_timer(held_until);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut wait => break,
+                _ = expiry => {
+                    expire(&state, &mut held_until);
+                }
+            }
+        }
+    }
+}
+
+async fn expiry_timer(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn expire(state: &watch::Sender<LeaseState>, held_until: &mut Option<tokio::time::Instant>) {
+    *held_until = None;
+    state.send_replace(LeaseState::Missing {
+        reason: "the lease expired and no new one has arrived from the outlet".into(),
+    });
+}
+
+/// One lease stream: ask, then apply every grant until the stream ends. Returns why it ended.
+async fn follow(
+    shared: &Shared,
+    service: &ServiceName,
+    state: &watch::Sender<LeaseState>,
+    held_until: &mut Option<tokio::time::Instant>,
+    backoff: &mut Backoff,
+) -> String {
+    let conn = match shared.connection(service).await {
+        Ok(c) => c,
+        Err(e) => return e.to_string(),
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return e.to_string(),
+    };
+    let open = StreamOpen::Lease {
+        service: service.clone(),
+    };
+    if let Err(e) = ctl::write_message(&mut send, &open).await {
+        return e.to_string();
+    }
+    loop {
+        let next = ctl::read_frame::<LeaseMsg>(&mut recv);
+        let msg = tokio::select! {
+            m = next => m,
+            _ = expiry_timer(*held_until) => {
+                expire(state, held_until);
+                continue;
+            }
+        };
+        match msg {
+            Ok(LeaseMsg::Grant(grant)) => {
+                backoff.reset();
+                apply(state, held_until, grant);
+            }
+            Ok(LeaseMsg::Unavailable { reason }) => {
+                tracing::warn!(%service, %reason, "the outlet cannot lease a credential now");
+                if held_until.is_none() {
+                    state.send_replace(LeaseState::Missing {
+                        reason: format!("the outlet cannot lease a credential: {reason}"),
+                    });
+                }
+            }
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+fn apply(
+    state: &watch::Sender<LeaseState>,
+    held_until: &mut Option<tokio::time::Instant>,
+    grant: LeaseGrant,
+) {
+    let left = until(grant.expires_at_ms);
+    if left.is_zero() {
+        tracing::warn!(lease = %grant.lease_id, "received a lease that has already expired");
+        return;
+    }
+    tracing::info!(lease = %grant.lease_id, valid_for = ?left, "new lease in use");
+    *held_until = Some(tokio::time::Instant::now() + left);
+    // Swapped atomically: requests already forwarded keep the old (still valid) credential,
+    // the next request head gets the new one.
+    state.send_replace(LeaseState::Held(grant.credential.clone()));
+}
