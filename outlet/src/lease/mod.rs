@@ -1113,16 +1113,13 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let mgr = start(dir.path(), &fake, 3600).await;
         mgr.create(&client()).await.expect("create");
-        let _rx = mgr.subscribe(&client()).expect("subscribe");
-        fake.fail_revoke.store(true, Ordering::SeqCst);
-        let wait = async {
-            while lock(&fake.creds).len() < 2 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), wait)
+        let mut rx = mgr.subscribe(&client()).expect("subscribe");
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(Option::is_some))
             .await
-            .expect("subscribed lease made");
+            .expect("subscribed lease made")
+            .expect("alive");
+        assert_eq!(lock(&fake.creds).len(), 2);
+        fake.fail_revoke.store(true, Ordering::SeqCst);
         match mgr.shutdown().await {
             Err(LeaseError::Unrevoked(2)) => {}
             other => panic!("expected 2 unrevoked leases, got {other:?}"),
