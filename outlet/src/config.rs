@@ -188,8 +188,7 @@ impl ServiceFile {
             .tls_server_name
             .clone()
             .unwrap_or_else(|| host_of(&self.to).to_owned());
-        Ok(Target::tls(self.to.clone(), &ca, &host)
-            .with_context(|| format!("service {}", self.name))?)
+        Target::tls(self.to.clone(), &ca, &host).with_context(|| format!("service {}", self.name))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod lease;
 pub mod msg;
 pub mod name;
 pub mod pki;
+pub mod policy;
 pub mod tls;
 
 /// ALPN of the control connection between a node and a relay.
