@@ -75,7 +75,8 @@ pub fn any_addr_for(relay: SocketAddr) -> SocketAddr {
 impl Outlet {
     /// Binds the outlet's socket and endpoint.
     pub fn bind(opts: OutletOptions) -> Result<Self, OutletError> {
-        let socket = Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(OutletError::Bind)?);
+        let socket =
+            Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(OutletError::Bind)?);
         let server = endpoint::e2e_server(&opts.identity, opts.roots.clone())?;
         let client = endpoint::control_client(&opts.identity, opts.roots)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -127,9 +128,12 @@ impl Outlet {
             shutdown.clone(),
         );
         tokio::join!(accept, ctl);
-        self.endpoint
-            .close(postern_proto::msg::code::SHUTDOWN.into(), b"outlet shutting down");
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.endpoint.close(
+            postern_proto::msg::code::SHUTDOWN.into(),
+            b"outlet shutting down",
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
+            .await;
     }
 }
 
@@ -150,9 +154,11 @@ impl ControlHandler for OutletControl {
                 tracing::info!(?services, "services registered with relay");
                 Ok(())
             }
-            other => Err(CtlError::Codec(postern_proto::codec::CodecError::Malformed(
-                format!("unexpected answer to Register: {other:?}"),
-            ))),
+            other => Err(CtlError::Codec(
+                postern_proto::codec::CodecError::Malformed(format!(
+                    "unexpected answer to Register: {other:?}"
+                )),
+            )),
         }
     }
 

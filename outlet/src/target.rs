@@ -57,7 +57,11 @@ impl Target {
     }
 
     /// A TLS target verified against `ca_pem` (the target's CA), checking `server_name`.
-    pub fn tls(to: impl Into<String>, ca_pem: &str, server_name: &str) -> Result<Self, TargetError> {
+    pub fn tls(
+        to: impl Into<String>,
+        ca_pem: &str,
+        server_name: &str,
+    ) -> Result<Self, TargetError> {
         let roots = roots_from_pem(ca_pem).map_err(|e| TargetError::Config(e.to_string()))?;
         let cfg = rustls::ClientConfig::builder_with_provider(postern_proto::tls::provider())
             .with_safe_default_protocol_versions()
@@ -85,13 +89,14 @@ impl Target {
         match &self.tls {
             None => Ok(TargetStream::Tcp(tcp)),
             Some((connector, name)) => {
-                let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
-                    .await
-                    .map_err(|_| TargetError::Timeout(self.to.clone()))?
-                    .map_err(|source| TargetError::Tls {
-                        to: self.to.clone(),
-                        source,
-                    })?;
+                let tls =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                        .await
+                        .map_err(|_| TargetError::Timeout(self.to.clone()))?
+                        .map_err(|source| TargetError::Tls {
+                            to: self.to.clone(),
+                            source,
+                        })?;
                 Ok(TargetStream::Tls(Box::new(tls)))
             }
         }
