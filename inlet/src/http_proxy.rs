@@ -1,1 +1,1096 @@
-//! HTTP filter I/O glue (issue 5).
+//! Serves one client connection through the HTTP/1.1 request filter.
+//!
+//! The sans-IO [`postern_proto::http::RequestFilter`] decides what the client's bytes are; this
+//! module does the I/O around it. Two directions run concurrently on the caller's task:
+//!
+//! * client -> upstream: bytes go through the filter; every request head is re-serialized with
+//!   the credential current at that moment (so a lease rotation applies from the next request
+//!   on and no request fails because of it); bodies and, after `CONNECT`/`Upgrade`, the opaque
+//!   tunnel pass unchanged.
+//! * upstream -> client: bytes are copied unchanged (responses are not parsed).
+//!
+//! Everything written to the client goes through the second direction, which also writes the
+//! responses the inlet makes itself (400, 502, 503). That keeps those responses behind the
+//! server's responses to earlier pipelined requests instead of interleaving with them.
+//!
+//! The upstream (a stream to the outlet) is opened lazily: only once the first request head has
+//! parsed cleanly and a credential is held, so a malformed request or a client without a lease
+//! never reaches the server. Buffers are bounded (64 KiB, or the head limit if larger), so a fast
+//! client is slowed down by a slow server and the other way round.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use postern_proto::http::{error_response, FilterConfig, HttpError, RequestFilter, Step};
+use postern_proto::lease::Credential;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+
+/// Size of each direction's buffer (raised to the filter's head limit when that is larger: a
+/// whole head must fit).
+pub const BUF_LEN: usize = 64 * 1024;
+
+/// After the inlet refuses a request, how long the server's responses to earlier requests may
+/// take to reach the client before the connection is closed, and how long the client's further
+/// input is read and discarded (closing a TCP socket with unread input sends a reset, which can
+/// destroy the error response before the client reads it).
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long opening the upstream stream may take before the client gets a 502.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the inlet knows about its lease for the service, as published by the lease client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// A valid credential, put into every request forwarded from now on.
+    Held(Credential),
+    /// No valid credential. `reason` is shown to the client in the 503 body, so it must never
+    /// contain a secret (e.g. "no lease received from the outlet yet", "lease expired").
+    Missing { reason: String },
+}
+
+impl LeaseState {
+    /// The state before the outlet has sent any lease.
+    pub fn waiting() -> Self {
+        LeaseState::Missing {
+            reason: "no lease received from the outlet yet".to_owned(),
+        }
+    }
+}
+
+/// Where the proxy reads the current credential, once per request head.
+pub type CredentialSource = watch::Receiver<LeaseState>;
+
+/// Counters of one proxied connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Request heads forwarded.
+    pub requests: u64,
+    /// Bytes written to the upstream (rewritten heads, bodies, tunnel bytes).
+    pub bytes_up: u64,
+    /// Bytes copied from the upstream to the client.
+    pub bytes_down: u64,
+    /// Whether the connection became an opaque tunnel (`CONNECT` or `Upgrade`).
+    pub tunneled: bool,
+}
+
+/// Why a proxied connection ended abnormally. In the first three cases the client has been sent
+/// a response saying so (unless it went away first).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client sent a malformed or ambiguous request; it got a 400.
+    #[error("refused a request: {0}")]
+    BadRequest(#[source] HttpError),
+    /// No valid credential was held when a request had to be forwarded; the client got a 503.
+    #[error("no valid lease held: {reason}")]
+    NoLease { reason: String },
+    /// The upstream could not be opened; the client got a 502.
+    #[error("cannot open the upstream: {0}")]
+    UpstreamUnavailable(#[source] io::Error),
+    /// Reading from or writing to the client failed.
+    #[error("client connection: {0}")]
+    Client(#[source] io::Error),
+    /// Reading from or writing to the upstream failed.
+    #[error("upstream connection: {0}")]
+    Upstream(#[source] io::Error),
+}
+
+/// Serves one client connection: requests go through the filter to a lazily opened upstream,
+/// responses come back unchanged. Returns when both directions are done (each side's EOF is
+/// passed on as a write shutdown to the other).
+///
+/// On a malformed request the upstream's write side is shut down, the responses to earlier
+/// requests are let through for up to [`DRAIN_DEADLINE`], then the client gets a 400 and the
+/// connection is closed. Without a credential when a head must be forwarded, the same happens
+/// with a 503. Neither header values nor credentials are ever logged.
+pub async fn proxy<C, U, F, Fut>(
+    client: C,
+    open_upstream: F,
+    credential: CredentialSource,
+    cfg: FilterConfig,
+) -> Result<ProxyStats, ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = io::Result<U>>,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_r, client_w) = tokio::io::split(client);
+    // At most two events: the upstream opened, then a refusal.
+    let (events_tx, events_rx) = mpsc::channel(2);
+    let (closed_tx, closed_rx) = watch::channel(false);
+    let up = Upstreamward {
+        filter: RequestFilter::new(cfg),
+        credential,
+        open: Some(open_upstream),
+        upstream: None,
+        events: events_tx,
+        upstream_closed: closed_rx,
+        stats: ProxyStats::default(),
+    };
+    let (up, down) =
+        tokio::try_join!(up.run(client_r), downstream(client_w, events_rx, closed_tx))?;
+    let (outcome, mut stats) = up;
+    stats.bytes_down = down;
+    match outcome {
+        Outcome::Done => Ok(stats),
+        Outcome::Failed(e) => Err(e),
+    }
+}
+
+/// Messages from the client->upstream direction to the upstream->client one.
+enum Event<R> {
+    /// The upstream was opened: copy its responses to the client.
+    Opened(R),
+    /// A request was refused: after the earlier responses, send this response and close.
+    Refuse(Vec<u8>),
+}
+
+/// How the client->upstream direction ended, when the other direction must still finish.
+enum Outcome {
+    Done,
+    Failed(ProxyError),
+}
+
+/// The client->upstream direction.
+struct Upstreamward<F, U> {
+    filter: RequestFilter,
+    credential: CredentialSource,
+    open: Option<F>,
+    upstream: Option<WriteHalf<U>>,
+    events: mpsc::Sender<Event<ReadHalf<U>>>,
+    /// Becomes true (or its sender goes away) once nothing more comes from the upstream.
+    upstream_closed: watch::Receiver<bool>,
+    stats: ProxyStats,
+}
+
+impl<F, Fut, U> Upstreamward<F, U>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = io::Result<U>>,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn run<R: AsyncRead + Unpin>(
+        mut self,
+        mut client: R,
+    ) -> Result<(Outcome, ProxyStats), ProxyError> {
+        let cap = BUF_LEN.max(self.filter.config().max_head_len);
+        let mut buf = BytesMut::with_capacity(cap);
+        let mut head_out = Vec::new();
+        let outcome = loop {
+            let step = match self.filter.step(&buf) {
+                Ok(step) => step,
+                Err(e) => break self.refuse_bad_request(e, &mut client, &mut buf).await,
+            };
+            match step {
+                Step::NeedMore => {
+                    if buf.len() >= cap {
+                        // The filter's limits keep this from happening; refuse rather than spin.
+                        let e = HttpError::HeadTooLarge {
+                            limit: self.filter.config().max_head_len,
+                        };
+                        break self.refuse_bad_request(e, &mut client, &mut buf).await;
+                    }
+                    // Between requests, a closed upstream ends the connection: the server
+                    // (e.g. after `Connection: close` or an idle timeout) will answer nothing
+                    // more, and a keep-alive client would otherwise hold us open.
+                    let idle =
+                        buf.is_empty() && self.filter.between_requests() && self.upstream.is_some();
+                    let read = if idle {
+                        tokio::select! {
+                            read = read_more(&mut client, &mut buf, cap) => Some(read),
+                            _ = self.upstream_closed.wait_for(|closed| *closed) => None,
+                        }
+                    } else {
+                        Some(read_more(&mut client, &mut buf, cap).await)
+                    };
+                    let Some(read) = read else {
+                        tracing::debug!("upstream closed while the client was idle");
+                        break self.finish().await;
+                    };
+                    let n = read.map_err(ProxyError::Client)?;
+                    if n == 0 {
+                        if !buf.is_empty() || !self.filter.between_requests() {
+                            tracing::debug!("client closed its side in the middle of a request");
+                        }
+                        break self.finish().await;
+                    }
+                }
+                Step::Head { head, consumed } => {
+                    let authorization = match &*self.credential.borrow() {
+                        LeaseState::Held(c) => Ok(c.authorization()),
+                        LeaseState::Missing { reason } => Err(reason.clone()),
+                    };
+                    head_out.clear();
+                    let unusable = match authorization {
+                        Err(reason) => Some(reason),
+                        Ok(a) => head
+                            .write_with_authorization(&a, &mut head_out)
+                            .err()
+                            .map(|_| "the leased credential cannot be sent in a header".to_owned()),
+                    };
+                    if let Some(reason) = unusable {
+                        break self.refuse_no_lease(reason, &mut client, &mut buf).await;
+                    }
+                    tracing::debug!(
+                        method = head.method(),
+                        path = head.path(),
+                        removed_credentials = head.removed_credentials(),
+                        "forwarding request"
+                    );
+                    if self.upstream.is_none() {
+                        if let Err(e) = self.open_upstream().await {
+                            break self.refuse_unreachable(e, &mut client, &mut buf).await;
+                        }
+                    }
+                    let sent = self.send(&head_out).await;
+                    head_out.clear();
+                    if let Err(e) = sent {
+                        break Outcome::Failed(e);
+                    }
+                    self.stats.requests += 1;
+                    buf.advance(consumed);
+                }
+                Step::Body { len } => {
+                    if let Err(e) = self.send(&buf[..len]).await {
+                        break Outcome::Failed(e);
+                    }
+                    buf.advance(len);
+                }
+                Step::Opaque => {
+                    self.stats.tunneled = true;
+                    tracing::debug!("switching to opaque passthrough");
+                    break self.tunnel(&mut client, &mut buf, cap).await?;
+                }
+            }
+        };
+        Ok((outcome, self.stats))
+    }
+
+    /// Opens the upstream and hands its read side to the other direction.
+    async fn open_upstream(&mut self) -> io::Result<()> {
+        let open = self
+            .open
+            .take()
+            .ok_or_else(|| io::Error::other("upstream already opened"))?;
+        let stream = tokio::time::timeout(OPEN_TIMEOUT, open())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "opening the upstream"))??;
+        let (r, w) = tokio::io::split(stream);
+        self.upstream = Some(w);
+        // The receiver only goes away when the other direction failed, which ends us too.
+        let _ = self.events.send(Event::Opened(r)).await;
+        tracing::debug!("upstream opened");
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), ProxyError> {
+        let up = self
+            .upstream
+            .as_mut()
+            .ok_or_else(|| ProxyError::Upstream(io::Error::other("upstream not open")))?;
+        up.write_all(bytes).await.map_err(ProxyError::Upstream)?;
+        self.stats.bytes_up += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// After `CONNECT`/`Upgrade`: everything else the client sends goes up unchanged.
+    async fn tunnel<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut R,
+        buf: &mut BytesMut,
+        cap: usize,
+    ) -> Result<Outcome, ProxyError> {
+        loop {
+            if !buf.is_empty() {
+                if let Err(e) = self.send(buf).await {
+                    return Ok(Outcome::Failed(e));
+                }
+                buf.clear();
+            }
+            let n = read_more(client, buf, cap)
+                .await
+                .map_err(ProxyError::Client)?;
+            if n == 0 {
+                return Ok(self.finish().await);
+            }
+        }
+    }
+
+    /// Client EOF: pass it on as a write shutdown.
+    async fn finish(&mut self) -> Outcome {
+        if let Some(up) = self.upstream.as_mut() {
+            if let Err(e) = up.shutdown().await {
+                tracing::debug!(error = %e, "shutting down the upstream's write side failed");
+            }
+        }
+        Outcome::Done
+    }
+
+    async fn refuse_bad_request<R: AsyncRead + Unpin>(
+        &mut self,
+        e: HttpError,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> Outcome {
+        tracing::warn!(error = %e, "refusing a malformed request");
+        let response = error_response(
+            400,
+            "Bad Request",
+            &format!("postern inlet refused the request: {e}"),
+        );
+        self.refuse(response, client, buf).await;
+        Outcome::Failed(ProxyError::BadRequest(e))
+    }
+
+    async fn refuse_no_lease<R: AsyncRead + Unpin>(
+        &mut self,
+        reason: String,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> Outcome {
+        tracing::warn!(%reason, "no valid lease held, answering 503");
+        let response = error_response(
+            503,
+            "Service Unavailable",
+            &format!("postern inlet holds no valid lease for this service: {reason}"),
+        );
+        self.refuse(response, client, buf).await;
+        Outcome::Failed(ProxyError::NoLease { reason })
+    }
+
+    async fn refuse_unreachable<R: AsyncRead + Unpin>(
+        &mut self,
+        e: io::Error,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> Outcome {
+        tracing::warn!(error = %e, "cannot open the upstream, answering 502");
+        let response = error_response(502, "Bad Gateway", "postern inlet cannot reach the service");
+        self.refuse(response, client, buf).await;
+        Outcome::Failed(ProxyError::UpstreamUnavailable(e))
+    }
+
+    /// Stops sending upstream, has the other direction send `response` after the earlier
+    /// responses, and discards what the client still sends for a while (see [`DRAIN_DEADLINE`]).
+    async fn refuse<R: AsyncRead + Unpin>(
+        &mut self,
+        response: Vec<u8>,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) {
+        // Queue the refusal before shutting the upstream down, so that the other direction knows
+        // about it by the time it sees the upstream's EOF.
+        let _ = self.events.send(Event::Refuse(response)).await;
+        self.finish().await;
+        let discard = async {
+            loop {
+                buf.clear();
+                match read_more(client, buf, BUF_LEN).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, discard).await;
+    }
+}
+
+/// Reads once into `buf`, never letting it grow past `cap` bytes.
+async fn read_more<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    cap: usize,
+) -> io::Result<usize> {
+    let room = cap.saturating_sub(buf.len());
+    buf.reserve(room);
+    (&mut *r).take(room as u64).read_buf(buf).await
+}
+
+/// The upstream->client direction: waits for the upstream to be opened (or a refusal before
+/// that), copies responses, and sends the inlet's own response when a request was refused.
+/// Returns the number of bytes copied from the upstream.
+async fn downstream<W, U>(
+    mut client: W,
+    mut events: mpsc::Receiver<Event<ReadHalf<U>>>,
+    upstream_closed: watch::Sender<bool>,
+) -> Result<u64, ProxyError>
+where
+    W: AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut copied = 0u64;
+    let refusal = match events.recv().await {
+        // The client went away before sending a request.
+        None => None,
+        Some(Event::Refuse(response)) => Some(response),
+        Some(Event::Opened(mut upstream)) => {
+            let copy = copy_down(&mut upstream, &mut client, &mut copied);
+            tokio::pin!(copy);
+            tokio::select! {
+                res = &mut copy => {
+                    res?;
+                    // The refusal, if any, was queued before the upstream was shut down.
+                    match events.try_recv() {
+                        Ok(Event::Refuse(response)) => Some(response),
+                        _ => None,
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Some(Event::Refuse(response)) => {
+                        match tokio::time::timeout(DRAIN_DEADLINE, &mut copy).await {
+                            Ok(res) => {
+                                res?;
+                                Some(response)
+                            }
+                            Err(_) => {
+                                // We may be in the middle of a response: appending ours would
+                                // only garble it. Just close.
+                                tracing::warn!("upstream did not finish its responses in time");
+                                None
+                            }
+                        }
+                    }
+                    _ => {
+                        copy.await?;
+                        None
+                    }
+                }
+            }
+        }
+    };
+    upstream_closed.send_replace(true);
+    if let Some(response) = refusal {
+        client
+            .write_all(&response)
+            .await
+            .map_err(ProxyError::Client)?;
+    }
+    if let Err(e) = client.shutdown().await {
+        tracing::debug!(error = %e, "shutting down the client's write side failed");
+    }
+    Ok(copied)
+}
+
+/// Copies until the upstream's EOF.
+async fn copy_down<R, W>(
+    upstream: &mut R,
+    client: &mut W,
+    copied: &mut u64,
+) -> Result<(), ProxyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_LEN];
+    loop {
+        let n = upstream
+            .read(&mut buf)
+            .await
+            .map_err(ProxyError::Upstream)?;
+        if n == 0 {
+            return Ok(());
+        }
+        client
+            .write_all(&buf[..n])
+            .await
+            .map_err(ProxyError::Client)?;
+        *copied += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader, DuplexStream};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// One request as the fake server received it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        head: String,
+        body: Vec<u8>,
+    }
+
+    impl Seen {
+        fn headers(&self, name: &str) -> Vec<String> {
+            self.head
+                .split("\r\n")
+                .skip(1)
+                .filter_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                })
+                .collect()
+        }
+
+        fn request_line(&self) -> &str {
+            self.head.split("\r\n").next().unwrap_or_default()
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<Seen>>>;
+
+    fn header_of(head: &str, name: &str) -> Option<String> {
+        head.split("\r\n").skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+
+    async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> io::Result<Option<String>> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if r.read_until(b'\n', &mut line).await? == 0 {
+                if head.is_empty() {
+                    return Ok(None);
+                }
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let end = line == b"\r\n";
+            head.extend_from_slice(&line);
+            if end {
+                return String::from_utf8(head)
+                    .map(Some)
+                    .map_err(|_| io::ErrorKind::InvalidData.into());
+            }
+        }
+    }
+
+    /// A tiny HTTP/1.1 server that records what it receives. Answers each request with a 200
+    /// whose body names the request's number and `Authorization`; answers `Expect:
+    /// 100-continue` with a 100 first; answers `Upgrade` with a 101 and then echoes raw bytes.
+    /// Closes when the client shuts down its write side, as real servers do.
+    async fn fake_server<S: AsyncRead + AsyncWrite + Unpin>(s: S, log: Log) -> io::Result<()> {
+        let (r, mut w) = tokio::io::split(s);
+        let mut r = BufReader::new(r);
+        loop {
+            let Some(head) = read_head(&mut r).await? else {
+                w.shutdown().await?;
+                return Ok(());
+            };
+            if header_of(&head, "expect").as_deref() == Some("100-continue") {
+                w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            }
+            let mut body = Vec::new();
+            if let Some(cl) = header_of(&head, "content-length") {
+                let n: usize = cl.parse().map_err(|_| io::ErrorKind::InvalidData)?;
+                body.resize(n, 0);
+                r.read_exact(&mut body).await?;
+            } else if header_of(&head, "transfer-encoding").is_some() {
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).await?;
+                    let size = line.trim_end().split(';').next().unwrap_or_default();
+                    let size =
+                        usize::from_str_radix(size, 16).map_err(|_| io::ErrorKind::InvalidData)?;
+                    if size == 0 {
+                        while read_head_line(&mut r).await? != "\r\n" {}
+                        break;
+                    }
+                    let mut chunk = vec![0; size + 2];
+                    r.read_exact(&mut chunk).await?;
+                    body.extend_from_slice(&chunk[..size]);
+                }
+            }
+            let auth = header_of(&head, "authorization");
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(Seen {
+                    head: head.clone(),
+                    body,
+                });
+                log.len()
+            };
+            if header_of(&head, "upgrade").is_some() {
+                w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n")
+                    .await?;
+                tokio::io::copy(&mut r, &mut w).await?;
+                w.shutdown().await?;
+                return Ok(());
+            }
+            let text = format!("response {n} auth={}", auth.unwrap_or_default());
+            w.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                    text.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+            if header_of(&head, "connection").as_deref() == Some("close") {
+                w.shutdown().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    async fn read_head_line<R: AsyncBufRead + Unpin>(r: &mut R) -> io::Result<String> {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line)
+    }
+
+    /// Reads one response with a `Content-Length` body: (status line, body).
+    async fn read_response<R: AsyncBufRead + Unpin>(r: &mut R) -> (String, String) {
+        let head = read_head(r).await.unwrap().expect("a response");
+        let status = head.split("\r\n").next().unwrap().to_owned();
+        let len: usize = header_of(&head, "content-length")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await.unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    struct Harness {
+        log: Log,
+        opened: Arc<AtomicBool>,
+        creds: watch::Sender<LeaseState>,
+        task: tokio::task::JoinHandle<Result<ProxyStats, ProxyError>>,
+    }
+
+    fn token(t: &str) -> LeaseState {
+        LeaseState::Held(Credential::Token(t.to_owned()))
+    }
+
+    /// Starts `proxy` on one end of a duplex pipe, with a fake server behind a duplex pipe.
+    fn start(initial: LeaseState, cfg: FilterConfig) -> (DuplexStream, Harness) {
+        let (client, proxy_side) = tokio::io::duplex(BUF_LEN);
+        let log: Log = Arc::default();
+        let opened = Arc::new(AtomicBool::new(false));
+        let (creds, creds_rx) = watch::channel(initial);
+        let open = {
+            let log = log.clone();
+            let opened = opened.clone();
+            move || async move {
+                opened.store(true, Ordering::SeqCst);
+                let (a, b) = tokio::io::duplex(BUF_LEN);
+                tokio::spawn(fake_server(b, log));
+                Ok(a)
+            }
+        };
+        let task = tokio::spawn(proxy(proxy_side, open, creds_rx, cfg));
+        (
+            client,
+            Harness {
+                log,
+                opened,
+                creds,
+                task,
+            },
+        )
+    }
+
+    fn influx1() -> FilterConfig {
+        FilterConfig {
+            strip_query_credentials: true,
+            ..FilterConfig::default()
+        }
+    }
+
+    /// Waits for a proxy task, failing the test instead of hanging if it never ends.
+    async fn done<T>(task: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("proxy did not finish")
+            .expect("proxy task panicked")
+    }
+
+    fn snapshot(log: &Log) -> Vec<Seen> {
+        log.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn credential_injected_and_clients_removed() {
+        let (client, h) = start(token("leased-1"), influx1());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(
+            b"GET /query?u=me&db=x&p=pw&q=SHOW%20DATABASES HTTP/1.1\r\nHost: influx\r\n\
+              Authorization: Token mine\r\nauthorization: Basic bWU6cHc=\r\nAccept: */*\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (status, body) = read_response(&mut r).await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body, "response 1 auth=Token leased-1");
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let stats = done(h.task).await.unwrap();
+        assert_eq!(stats.requests, 1);
+        let seen = snapshot(&h.log);
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].request_line(),
+            "GET /query?db=x&q=SHOW%20DATABASES HTTP/1.1"
+        );
+        assert_eq!(seen[0].headers("authorization"), ["Token leased-1"]);
+        assert_eq!(seen[0].headers("accept"), ["*/*"]);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_three_sequential_requests() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        for i in 1..=3 {
+            let body = format!("cpu value={i}");
+            w.write_all(
+                format!(
+                    "POST /api/v2/write?org=o&bucket=b HTTP/1.1\r\nHost: i\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let (status, text) = read_response(&mut r).await;
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            assert_eq!(text, format!("response {i} auth=Token t"));
+        }
+        w.shutdown().await.unwrap();
+        let stats = done(h.task).await.unwrap();
+        assert_eq!(stats.requests, 3);
+        let seen = snapshot(&h.log);
+        assert_eq!(seen.len(), 3);
+        for (i, s) in seen.iter().enumerate() {
+            assert_eq!(s.body, format!("cpu value={}", i + 1).as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_with_chunked_body() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(
+            b"GET /ping HTTP/1.1\r\nHost: i\r\nAuthorization: Token x\r\n\r\n\
+              POST /write HTTP/1.1\r\nHost: i\r\nTransfer-Encoding: chunked\r\n\r\n\
+              4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\nX-T: 1\r\n\r\n\
+              POST /write HTTP/1.1\r\nHost: i\r\nContent-Length: 3\r\n\r\nxyz",
+        )
+        .await
+        .unwrap();
+        for i in 1..=3 {
+            let (_, text) = read_response(&mut r).await;
+            assert_eq!(text, format!("response {i} auth=Token t"));
+        }
+        w.shutdown().await.unwrap();
+        done(h.task).await.unwrap();
+        let seen = snapshot(&h.log);
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].headers("authorization"), ["Token t"]);
+        assert_eq!(seen[1].body, b"abcdefg");
+        assert_eq!(seen[2].body, b"xyz");
+    }
+
+    #[tokio::test]
+    async fn large_chunked_upload_streams_through() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = async {
+            w.write_all(b"POST /write HTTP/1.1\r\nHost: i\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for c in payload.chunks(7777) {
+                w.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+                    .await
+                    .unwrap();
+                w.write_all(c).await.unwrap();
+                w.write_all(b"\r\n").await.unwrap();
+            }
+            w.write_all(b"0\r\n\r\n").await.unwrap();
+        };
+        let ((), (status, _)) = tokio::join!(writer, read_response(&mut r));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        w.shutdown().await.unwrap();
+        let stats = done(h.task).await.unwrap();
+        assert!(stats.bytes_up > 1_000_000);
+        assert_eq!(snapshot(&h.log)[0].body, payload);
+    }
+
+    #[tokio::test]
+    async fn expect_100_continue() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(
+            b"PUT /write HTTP/1.1\r\nHost: i\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let interim = read_head(&mut r).await.unwrap().unwrap();
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+        w.write_all(b"hello").await.unwrap();
+        let (status, text) = read_response(&mut r).await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(text, "response 1 auth=Token t");
+        w.shutdown().await.unwrap();
+        done(h.task).await.unwrap();
+        assert_eq!(snapshot(&h.log)[0].body, b"hello");
+    }
+
+    #[tokio::test]
+    async fn upgrade_passes_opaque_bytes_both_ways() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: i\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut r).await.unwrap().unwrap();
+        assert!(head.starts_with("HTTP/1.1 101 "));
+        // Bytes the filter would refuse (bare LF, an Authorization) go through untouched.
+        let raw = b"\x81\x05hello\nGET / HTTP/1.1\nAuthorization: raw\n\n\x00\xff";
+        w.write_all(raw).await.unwrap();
+        let mut echoed = vec![0; raw.len()];
+        r.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, raw);
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let stats = done(h.task).await.unwrap();
+        assert!(stats.tunneled);
+        assert_eq!(snapshot(&h.log)[0].headers("authorization"), ["Token t"]);
+    }
+
+    #[tokio::test]
+    async fn malformed_request_gets_400_and_upstream_never_opened() {
+        let (mut client, h) = start(token("t"), FilterConfig::default());
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: i\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nAuthorization: Token secret-of-client\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        client.read_to_end(&mut resp).await.unwrap();
+        let resp = String::from_utf8(resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{resp}");
+        assert!(resp.contains("Connection: close\r\n"));
+        assert!(resp.contains("Content-Length and Transfer-Encoding"));
+        assert!(!resp.contains("secret-of-client"));
+        drop(client);
+        let err = done(h.task).await.unwrap_err();
+        assert!(matches!(err, ProxyError::BadRequest(_)), "{err}");
+        assert!(!h.opened.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn malformed_pipelined_request_after_valid_one() {
+        let (mut client, h) = start(token("t"), FilterConfig::default());
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: i\r\n\r\nGET /b HTTP/1.1\nHost: i\n\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        client.read_to_end(&mut resp).await.unwrap();
+        let resp = String::from_utf8(resp).unwrap();
+        let first = "HTTP/1.1 200 OK\r\nContent-Length: 23\r\n\r\nresponse 1 auth=Token t";
+        assert!(resp.starts_with(first), "{resp}");
+        assert!(
+            resp[first.len()..].starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{resp}"
+        );
+        drop(client);
+        assert!(matches!(
+            done(h.task).await,
+            Err(ProxyError::BadRequest(HttpError::BareLf))
+        ));
+        assert_eq!(snapshot(&h.log).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_credential_gets_503() {
+        let missing = LeaseState::Missing {
+            reason: "lease expired".to_owned(),
+        };
+        let (mut client, h) = start(missing, FilterConfig::default());
+        client
+            .write_all(b"GET /ping HTTP/1.1\r\nHost: i\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        client.read_to_end(&mut resp).await.unwrap();
+        let resp = String::from_utf8(resp).unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{resp}"
+        );
+        assert!(resp.contains("no valid lease"));
+        assert!(resp.contains("lease expired"));
+        drop(client);
+        assert!(matches!(
+            done(h.task).await,
+            Err(ProxyError::NoLease { .. })
+        ));
+        assert!(!h.opened.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn lease_lost_between_requests_gets_503_after_first_response() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(b"GET /a HTTP/1.1\r\nHost: i\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, text) = read_response(&mut r).await;
+        assert_eq!(text, "response 1 auth=Token t");
+        h.creds.send_replace(LeaseState::waiting());
+        w.write_all(b"GET /b HTTP/1.1\r\nHost: i\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, text) = read_response(&mut r).await;
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+        assert!(text.contains("no lease received"));
+        w.shutdown().await.unwrap();
+        assert!(done(h.task).await.is_err());
+        assert_eq!(snapshot(&h.log).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn rotation_applies_to_next_request() {
+        let (client, h) = start(token("first"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(b"GET /a HTTP/1.1\r\nHost: i\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, text) = read_response(&mut r).await;
+        assert_eq!(text, "response 1 auth=Token first");
+        h.creds.send_replace(LeaseState::Held(Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        }));
+        w.write_all(b"GET /b HTTP/1.1\r\nHost: i\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, text) = read_response(&mut r).await;
+        assert_eq!(text, "response 2 auth=Basic dTpw");
+        w.shutdown().await.unwrap();
+        done(h.task).await.unwrap();
+        let seen = snapshot(&h.log);
+        assert_eq!(seen[0].headers("authorization"), ["Token first"]);
+        assert_eq!(seen[1].headers("authorization"), ["Basic dTpw"]);
+    }
+
+    #[tokio::test]
+    async fn server_closing_ends_idle_connection() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        w.write_all(b"GET /a HTTP/1.1\r\nHost: i\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, text) = read_response(&mut r).await;
+        assert_eq!(text, "response 1 auth=Token t");
+        // The client keeps its write side open; the server's close still ends the proxy.
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(done(h.task).await.unwrap().requests, 1);
+        drop(w);
+    }
+
+    #[tokio::test]
+    async fn client_leaving_without_request_never_opens_upstream() {
+        let (client, h) = start(token("t"), FilterConfig::default());
+        drop(client);
+        assert_eq!(done(h.task).await.unwrap(), ProxyStats::default());
+        assert!(!h.opened.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_gets_502() {
+        let (mut client, proxy_side) = tokio::io::duplex(BUF_LEN);
+        let (_tx, rx) = watch::channel(token("t"));
+        let open = || async {
+            Err::<DuplexStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+        };
+        let task = tokio::spawn(proxy(proxy_side, open, rx, FilterConfig::default()));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: i\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        client.read_to_end(&mut resp).await.unwrap();
+        assert!(resp.starts_with(b"HTTP/1.1 502 Bad Gateway\r\n"));
+        drop(client);
+        assert!(matches!(
+            done(task).await,
+            Err(ProxyError::UpstreamUnavailable(_))
+        ));
+    }
+
+    /// Real TCP on both sides: the client half-closes after its request and still reads the
+    /// whole response, then sees EOF once the server closed.
+    #[tokio::test]
+    async fn half_close_over_tcp() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let log: Log = Arc::default();
+        let server_log = log.clone();
+        tokio::spawn(async move {
+            let (s, _) = server.accept().await.unwrap();
+            fake_server(s, server_log).await.unwrap();
+        });
+        let inlet = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inlet_addr = inlet.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(token("t"));
+        let proxy_task = tokio::spawn(async move {
+            let (c, _) = inlet.accept().await.unwrap();
+            proxy(
+                c,
+                move || TcpStream::connect(server_addr),
+                rx,
+                FilterConfig::default(),
+            )
+            .await
+        });
+        let mut client = TcpStream::connect(inlet_addr).await.unwrap();
+        client
+            .write_all(b"POST /write HTTP/1.1\r\nHost: i\r\nContent-Length: 4\r\n\r\ndata")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let mut resp = Vec::new();
+        client.read_to_end(&mut resp).await.unwrap();
+        assert_eq!(
+            resp,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 23\r\n\r\nresponse 1 auth=Token t"
+        );
+        let stats = done(proxy_task).await.unwrap();
+        assert_eq!(stats.requests, 1);
+        assert_eq!(stats.bytes_down, resp.len() as u64);
+        assert_eq!(log.lock().unwrap()[0].body, b"data");
+    }
+
+    #[test]
+    fn proxy_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let (a, _b) = tokio::io::duplex(16);
+        let (_tx, rx) = watch::channel(LeaseState::waiting());
+        let fut = proxy(
+            a,
+            || async { Ok::<_, io::Error>(tokio::io::duplex(16).0) },
+            rx,
+            FilterConfig::default(),
+        );
+        assert_send(&fut);
+    }
+}
