@@ -1,1 +1,263 @@
-fn main() {}
+//! postern-bench: see the library docs and `postern-bench --help`.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use postern_bench::cluster::RelayMode;
+use postern_bench::{bulk, fleet, http, open, rr, Plan};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "postern-bench",
+    about = "Benchmarks postern against direct TCP (and other tunnels)"
+)]
+struct Cli {
+    /// Small sizes: every scenario in a few seconds (CI smoke runs). No timing is meaningful.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Write every figure as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Where the relay runs: its own process (measured through /proc) or inside the bench.
+    #[arg(long, global = true, value_enum, default_value_t = RelayArg::Process)]
+    relay: RelayArg,
+    /// Also run rathole and bore (if on PATH; see bench/install-baselines.sh).
+    #[arg(long, global = true)]
+    baselines: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RelayArg {
+    Process,
+    Inproc,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Throughput of N concurrent streams to a verifying sink.
+    Bulk(BulkArgs),
+    /// Small request/response latency at a fixed offered rate (open loop).
+    Rr(RrArgs),
+    /// New connections per second through a warm tunnel, and open latency.
+    Open(OpenArgs),
+    /// InfluxDB writes through the inlet's HTTP filter with a leased token.
+    Http(HttpArgs),
+    /// N outlets x M inlets x K idle streams on one relay: memory, CPU, errors.
+    Fleet(FleetArgs),
+    /// Every scenario with its default sizes.
+    All,
+    /// (internal) a relay in its own process, driven over stdin.
+    #[command(hide = true)]
+    RelayChild {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct BulkArgs {
+    /// Concurrent stream counts, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    streams: Option<Vec<usize>>,
+    /// MiB sent per run in total, split across the streams.
+    #[arg(long)]
+    total_mib: Option<u64>,
+    /// Minimum KiB per stream.
+    #[arg(long)]
+    min_stream_kib: Option<u64>,
+    /// Runs per cell (the median is reported).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// KiB per client write.
+    #[arg(long)]
+    write_kib: Option<usize>,
+}
+
+#[derive(Args)]
+struct RrArgs {
+    /// Requests per second offered.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds of sending per system.
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Bytes per message (at least 8).
+    #[arg(long)]
+    size: Option<usize>,
+}
+
+#[derive(Args)]
+struct OpenArgs {
+    /// Opens per run.
+    #[arg(long)]
+    count: Option<usize>,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
+}
+
+#[derive(Args)]
+struct HttpArgs {
+    /// Requests per system.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Keep-alive connections.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Line-protocol lines per request.
+    #[arg(long)]
+    lines: Option<usize>,
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    #[arg(long)]
+    outlets: Option<usize>,
+    #[arg(long)]
+    inlets: Option<usize>,
+    /// Idle streams per (inlet, outlet) route.
+    #[arg(long)]
+    streams: Option<usize>,
+    /// Streams opened at a time.
+    #[arg(long)]
+    parallel: Option<usize>,
+}
+
+fn pick<T>(quick: bool, q: impl FnOnce() -> T, s: impl FnOnce() -> T) -> T {
+    if quick {
+        q()
+    } else {
+        s()
+    }
+}
+
+fn plan(cli: &Cli) -> Plan {
+    let q = cli.quick;
+    match &cli.cmd {
+        Cmd::Bulk(a) => {
+            let mut o = pick(q, bulk::BulkOptions::quick, bulk::BulkOptions::standard);
+            if let Some(v) = &a.streams {
+                o.streams = v.clone();
+            }
+            if let Some(v) = a.total_mib {
+                o.total_bytes = v << 20;
+            }
+            if let Some(v) = a.min_stream_kib {
+                o.min_stream_bytes = v << 10;
+            }
+            if let Some(v) = a.repeat {
+                o.repeat = v.max(1);
+            }
+            if let Some(v) = a.write_kib {
+                o.write_size = (v << 10).max(1);
+            }
+            o.baselines = cli.baselines;
+            Plan {
+                bulk: Some(o),
+                ..Plan::default()
+            }
+        }
+        Cmd::Rr(a) => {
+            let mut o = pick(q, rr::RrOptions::quick, rr::RrOptions::standard);
+            if let Some(v) = a.rate {
+                o.rate = v;
+            }
+            if let Some(v) = a.secs {
+                o.secs = v;
+            }
+            if let Some(v) = a.size {
+                o.size = v.max(8);
+            }
+            o.baselines = cli.baselines;
+            Plan {
+                rr: Some(o),
+                ..Plan::default()
+            }
+        }
+        Cmd::Open(a) => {
+            let mut o = pick(q, open::OpenOptions::quick, open::OpenOptions::standard);
+            if let Some(v) = a.count {
+                o.count = v;
+            }
+            if let Some(v) = &a.concurrency {
+                o.concurrency = v.clone();
+            }
+            o.baselines = cli.baselines;
+            Plan {
+                open: Some(o),
+                ..Plan::default()
+            }
+        }
+        Cmd::Http(a) => {
+            let mut o = pick(q, http::HttpOptions::quick, http::HttpOptions::standard);
+            if let Some(v) = a.requests {
+                o.requests = v;
+            }
+            if let Some(v) = a.connections {
+                o.connections = v;
+            }
+            if let Some(v) = a.lines {
+                o.lines = v;
+            }
+            Plan {
+                http: Some(o),
+                ..Plan::default()
+            }
+        }
+        Cmd::Fleet(a) => {
+            let mut o = pick(q, fleet::FleetOptions::quick, fleet::FleetOptions::standard);
+            if let Some(v) = a.outlets {
+                o.outlets = v;
+            }
+            if let Some(v) = a.inlets {
+                o.inlets = v;
+            }
+            if let Some(v) = a.streams {
+                o.streams = v;
+            }
+            if let Some(v) = a.parallel {
+                o.parallel = v;
+            }
+            Plan {
+                fleet: Some(o),
+                ..Plan::default()
+            }
+        }
+        Cmd::All => Plan::all(q, cli.baselines),
+        Cmd::RelayChild { .. } => Plan::default(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Cmd::RelayChild { dir } = &cli.cmd {
+        return postern_bench::cluster::relay_child(dir).await;
+    }
+    let mode = match cli.relay {
+        RelayArg::Process => RelayMode::Child(std::env::current_exe().context("own executable")?),
+        RelayArg::Inproc => RelayMode::InProcess,
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = postern_bench::run(&plan(&cli), &mode, cli.quick, &command).await?;
+    println!("{}", report.tables());
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        eprintln!("figures written to {}", path.display());
+    }
+    let errors = report.errors();
+    if errors > 0 {
+        anyhow::bail!("{errors} errors (see the tables and the JSON)");
+    }
+    Ok(())
+}
