@@ -4,6 +4,7 @@
 //! here so tests can drive it in-process.
 
 pub mod bulk;
+pub mod charts;
 pub mod cluster;
 pub mod fleet;
 pub mod http;
@@ -24,7 +25,8 @@ pub struct Plan {
     pub bulk: Option<bulk::BulkOptions>,
     pub rr: Option<rr::RrOptions>,
     pub open: Option<open::OpenOptions>,
-    pub fleet: Option<fleet::FleetOptions>,
+    /// One fleet run per entry (e.g. a sweep over the number of outlets).
+    pub fleet: Vec<fleet::FleetOptions>,
     pub http: Option<http::HttpOptions>,
 }
 
@@ -45,7 +47,7 @@ impl Plan {
                     baselines,
                     ..open::OpenOptions::quick()
                 }),
-                fleet: Some(fleet::FleetOptions::quick()),
+                fleet: vec![fleet::FleetOptions::quick()],
                 http: Some(http::HttpOptions::quick()),
             }
         } else {
@@ -62,7 +64,7 @@ impl Plan {
                     baselines,
                     ..open::OpenOptions::standard()
                 }),
-                fleet: Some(fleet::FleetOptions::standard()),
+                fleet: vec![fleet::FleetOptions::standard()],
                 http: Some(http::HttpOptions::standard()),
             }
         }
@@ -98,8 +100,8 @@ pub async fn run(plan: &Plan, mode: &RelayMode, quick: bool, command: &str) -> R
     if let Some(o) = &plan.http {
         report.http = Some(http::run(&pki, mode, o).await?);
     }
-    if let Some(o) = &plan.fleet {
-        report.fleet = Some(fleet::run(&pki, mode, o).await?);
+    for o in &plan.fleet {
+        report.fleet.push(fleet::run(&pki, mode, o).await?);
     }
     Ok(report)
 }

@@ -21,6 +21,9 @@ struct Cli {
     /// Where the relay runs: its own process (measured through /proc) or inside the bench.
     #[arg(long, global = true, value_enum, default_value_t = RelayArg::Process)]
     relay: RelayArg,
+    /// Write PNG charts (throughput, latency CDF, fleet memory) into this directory.
+    #[arg(long, global = true)]
+    charts: Option<PathBuf>,
     /// Also run rathole and bore (if on PATH; see bench/install-baselines.sh).
     #[arg(long, global = true)]
     baselines: bool,
@@ -113,8 +116,9 @@ struct HttpArgs {
 
 #[derive(Args)]
 struct FleetArgs {
-    #[arg(long)]
-    outlets: Option<usize>,
+    /// Outlets; a comma-separated list runs one fleet per value (for the memory chart).
+    #[arg(long, value_delimiter = ',')]
+    outlets: Option<Vec<usize>>,
     #[arg(long)]
     inlets: Option<usize>,
     /// Idle streams per (inlet, outlet) route.
@@ -208,9 +212,6 @@ fn plan(cli: &Cli) -> Plan {
         }
         Cmd::Fleet(a) => {
             let mut o = pick(q, fleet::FleetOptions::quick, fleet::FleetOptions::standard);
-            if let Some(v) = a.outlets {
-                o.outlets = v;
-            }
             if let Some(v) = a.inlets {
                 o.inlets = v;
             }
@@ -220,8 +221,15 @@ fn plan(cli: &Cli) -> Plan {
             if let Some(v) = a.parallel {
                 o.parallel = v;
             }
+            let sizes = a.outlets.clone().unwrap_or_else(|| vec![o.outlets]);
             Plan {
-                fleet: Some(o),
+                fleet: sizes
+                    .into_iter()
+                    .map(|outlets| fleet::FleetOptions {
+                        outlets,
+                        ..o.clone()
+                    })
+                    .collect(),
                 ..Plan::default()
             }
         }
@@ -254,6 +262,16 @@ async fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("write {}", path.display()))?;
         eprintln!("figures written to {}", path.display());
+    }
+    if let Some(dir) = &cli.charts {
+        match postern_bench::charts::write(&report, dir) {
+            Ok(files) => {
+                for f in files {
+                    eprintln!("chart written to {}", f.display());
+                }
+            }
+            Err(e) => eprintln!("charts skipped: {e:#}"),
+        }
     }
     let errors = report.errors();
     if errors > 0 {

@@ -75,7 +75,7 @@ pub struct Report {
     pub bulk: Option<BulkReport>,
     pub rr: Option<RrReport>,
     pub open: Option<OpenReport>,
-    pub fleet: Option<FleetReport>,
+    pub fleet: Vec<FleetReport>,
     pub http: Option<HttpReport>,
 }
 
@@ -97,9 +97,7 @@ impl Report {
         if let Some(o) = &self.open {
             n += o.rows.iter().map(|r| r.errors).sum::<u64>();
         }
-        if let Some(f) = &self.fleet {
-            n += f.errors;
-        }
+        n += self.fleet.iter().map(|f| f.errors).sum::<u64>();
         if let Some(h) = &self.http {
             n += h.rows.iter().map(|r| r.errors).sum::<u64>();
         }
@@ -204,72 +202,77 @@ impl Report {
             }
             let _ = writeln!(o);
         }
-        if let Some(f) = &self.fleet {
+        if !self.fleet.is_empty() {
             let _ = writeln!(
                 o,
-                "### fleet ({} outlets x {} inlets x {} streams per route, one relay)\n",
-                f.options.outlets, f.options.inlets, f.options.streams
+                "### fleet (outlets x inlets x idle streams per route, one relay)\n"
             );
-            let _ = writeln!(o, "| figure | value |\n|---|---:|");
-            let rows: Vec<(&str, String)> = vec![
-                (
-                    "nodes / routes / idle streams",
-                    format!("{} / {} / {}", f.nodes, f.routes, f.streams),
-                ),
-                (
-                    "relay RSS: start / +nodes / +routes / +streams (KiB)",
-                    format!(
-                        "{} / {} / {} / {}",
-                        f.relay_rss_kib[0],
-                        f.relay_rss_kib[1],
-                        f.relay_rss_kib[2],
-                        f.relay_rss_kib[3]
-                    ),
-                ),
-                (
-                    "relay KiB per node (control connection)",
-                    format!("{:.1}", f.relay_kib_per_node),
-                ),
-                (
-                    "relay bytes per route (end-to-end connection forwarded)",
-                    format!("{:.0}", f.relay_bytes_per_route),
-                ),
-                (
-                    "relay bytes per idle stream",
-                    format!("{:.0}", f.relay_bytes_per_idle_stream),
-                ),
-                (
-                    "bench process bytes per idle stream (inlet+outlet+client+echo)",
-                    format!("{:.0}", f.bench_bytes_per_idle_stream),
-                ),
-                ("relay CPU s (whole run)", format!("{:.2}", f.relay_cpu_s)),
-                (
-                    "node start / route set-up / stream open (s)",
+            let mut head = "| figure |".to_string();
+            let mut rule = "|---|".to_string();
+            for f in &self.fleet {
+                let _ = write!(
+                    head,
+                    " {}x{}x{} |",
+                    f.options.outlets, f.options.inlets, f.options.streams
+                );
+                rule.push_str("---:|");
+            }
+            let _ = writeln!(o, "{head}\n{rule}");
+            type Cell = fn(&FleetReport) -> String;
+            let rows: [(&str, Cell); 11] = [
+                ("nodes / routes / idle streams", |f| {
+                    format!("{} / {} / {}", f.nodes, f.routes, f.streams)
+                }),
+                ("relay RSS KiB: start / +nodes / +routes / +streams", |f| {
+                    let r = f.relay_rss_kib;
+                    format!("{} / {} / {} / {}", r[0], r[1], r[2], r[3])
+                }),
+                ("relay KiB per node (control connection)", |f| {
+                    format!("{:.1}", f.relay_kib_per_node)
+                }),
+                ("relay bytes per route", |f| {
+                    format!("{:.0}", f.relay_bytes_per_route)
+                }),
+                ("relay bytes per idle stream", |f| {
+                    format!("{:.0}", f.relay_bytes_per_idle_stream)
+                }),
+                ("bench process bytes per idle stream", |f| {
+                    format!("{:.0}", f.bench_bytes_per_idle_stream)
+                }),
+                ("relay CPU s (whole run)", |f| {
+                    format!("{:.2}", f.relay_cpu_s)
+                }),
+                ("s: nodes up / routes set up / streams opened", |f| {
                     format!(
                         "{:.2} / {:.2} / {:.2}",
                         f.setup_nodes_s, f.setup_routes_s, f.open_streams_s
-                    ),
-                ),
-                (
-                    "relay routes at the end / granted / refused",
-                    format!(
-                        "{} / {} / {}",
-                        f.relay_stats.routes,
-                        f.relay_stats.routes_granted,
-                        f.relay_stats.routes_refused
-                    ),
-                ),
-                ("relay frames dropped", f.relay_stats.dropped().to_string()),
-                ("errors", f.errors.to_string()),
+                    )
+                }),
+                ("relay routes at end / granted / refused", |f| {
+                    let s = &f.relay_stats;
+                    format!("{} / {} / {}", s.routes, s.routes_granted, s.routes_refused)
+                }),
+                ("relay frames dropped", |f| {
+                    f.relay_stats.dropped().to_string()
+                }),
+                ("errors", |f| f.errors.to_string()),
             ];
-            for (k, v) in rows {
-                let _ = writeln!(o, "| {k} | {v} |");
+            for (k, cell) in rows {
+                let mut line = format!("| {k} |");
+                for f in &self.fleet {
+                    let _ = write!(line, " {} |", cell(f));
+                }
+                let _ = writeln!(o, "{line}");
             }
-            for n in &f.notes {
-                let _ = writeln!(o, "\n- {n}");
+            if let Some(f) = self.fleet.first() {
+                for n in &f.notes {
+                    let _ = writeln!(o, "\n- {n}");
+                }
             }
-            if !f.error_samples.is_empty() {
-                let _ = writeln!(o, "\nerrors: {:?}", f.error_samples);
+            for f in &self.fleet {
+                if !f.error_samples.is_empty() {
+                    let _ = writeln!(o, "\nerrors: {:?}", f.error_samples);
+                }
             }
             let _ = writeln!(o);
         }
