@@ -3,7 +3,7 @@
 use crate::node::ServiceKind;
 use anyhow::{bail, Context};
 use clap::Args;
-use postern_net::node_config::{required, NodeSettings, DEFAULT_RELAY_NAME};
+use postern_net::node_config::NodeArgs;
 use postern_proto::name::ServiceName;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -32,6 +32,9 @@ pub struct InletFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub ticket: Option<String>,
+    pub name: Option<String>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
 }
@@ -49,7 +52,14 @@ pub struct RunArgs {
     /// Name the relay's certificate must carry [default: relay].
     #[arg(long)]
     pub relay_name: Option<String>,
-    /// This inlet's certificate (PEM), issued by the project CA.
+    /// Enrollment ticket, used once if this inlet has not enrolled yet (see `enroll`).
+    #[arg(long, env = "POSTERN_TICKET", hide_env_values = true)]
+    pub ticket: Option<String>,
+    /// Name to ask for when enrolling [default: inlet-<hostname>].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// This inlet's certificate (PEM), issued by the project CA [default: the enrolled one in
+    /// the state directory].
     #[arg(long)]
     pub cert: Option<PathBuf>,
     /// This inlet's private key (PEM).
@@ -58,6 +68,9 @@ pub struct RunArgs {
     /// The project CA certificate (PEM).
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// Directory for the inlet's enrolled identity [default: ./postern-inlet-state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// A local listener: `NAME=LISTEN_ADDR[,kind=influxdb]`, e.g.
     /// `influxdb=127.0.0.1:8086,kind=influxdb`. Repeatable; adds to the file's `[[service]]`
     /// tables. `kind=influxdb` puts the leased credential into every HTTP request.
@@ -68,7 +81,8 @@ pub struct RunArgs {
 /// The merged configuration.
 #[derive(Debug)]
 pub struct InletConfig {
-    pub node: NodeSettings,
+    pub node: NodeArgs,
+    pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
 }
 
@@ -121,15 +135,18 @@ impl RunArgs {
             }
         }
         Ok(InletConfig {
-            node: NodeSettings {
-                relay: required(self.relay, file.relay, "relay")?,
-                relay_name: self
-                    .relay_name
-                    .or(file.relay_name)
-                    .unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
-                cert: required(self.cert, file.cert, "cert")?,
-                key: required(self.key, file.key, "key")?,
-                ca: required(self.ca, file.ca, "ca")?,
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from("postern-inlet-state")),
+            node: NodeArgs {
+                relay: self.relay.or(file.relay),
+                relay_name: self.relay_name.or(file.relay_name),
+                cert: self.cert.or(file.cert),
+                key: self.key.or(file.key),
+                ca: self.ca.or(file.ca),
+                ticket: self.ticket.or(file.ticket),
+                name: self.name.or(file.name),
             },
             services,
         })

@@ -22,6 +22,18 @@ struct Cli {
 enum Command {
     /// Run the inlet.
     Run(RunArgs),
+    /// Enroll with a ticket from `postern-relay ticket create`: makes this node's key pair
+    /// (the private key never leaves this machine) and gets its certificate.
+    Enroll {
+        /// The ticket string.
+        ticket: String,
+        /// Name to ask for [default: inlet-<hostname>]; a ticket may fix it.
+        #[arg(long)]
+        name: Option<String>,
+        /// State directory to keep the identity in.
+        #[arg(long, default_value = "postern-inlet-state")]
+        state_dir: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -33,12 +45,30 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Enroll {
+            ticket,
+            name,
+            state_dir,
+        } => {
+            let ticket = postern_proto::ticket::Ticket::decode(&ticket).context("ticket")?;
+            let name = match name {
+                Some(n) => n.parse().context("--name")?,
+                None => postern_net::node_config::default_name("inlet"),
+            };
+            let state = postern_net::enroll::NodeState::new(&state_dir);
+            let info = postern_net::enroll::enroll(&ticket, &name, &state).await?;
+            println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
+            println!("identity stored in {}", state_dir.display());
+            Ok(())
+        }
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
-    let (relay, identity, roots) = cfg.node.load()?;
+    let settings =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
+    let (relay, identity, roots) = settings.load()?;
     let inlet = Inlet::bind(InletOptions {
         relay,
         identity,

@@ -105,7 +105,35 @@ pub fn control_client(
     quic_client(identity, roots, ALPN_CONTROL, control_transport())
 }
 
-/// Server config for a relay's control listener.
+/// Server config for a relay: control connections (client certificate required by the
+/// application) and enrollment connections (no certificate yet) on one port.
+pub fn relay_server(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let tls = tls::server_config_with(
+        identity,
+        roots,
+        &[ALPN_CONTROL, postern_proto::ticket::ALPN_ENROLL],
+        true,
+    )?;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(control_transport()));
+    Ok(cfg)
+}
+
+/// Client config for enrollment: no client certificate; the relay is verified against the CA
+/// fingerprint pinned in the ticket.
+pub fn enroll_client(ca_fingerprint: &str) -> Result<quinn::ClientConfig, EndpointError> {
+    let tls = tls::pinned_client_config(ca_fingerprint, &[postern_proto::ticket::ALPN_ENROLL])?;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(control_transport()));
+    Ok(cfg)
+}
+
+/// Server config for a relay's control listener (control ALPN only, certificate required).
 pub fn control_server(
     identity: &Identity,
     roots: Arc<RootCertStore>,

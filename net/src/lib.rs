@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod control;
 pub mod ctl;
 pub mod endpoint;
+pub mod enroll;
 pub mod files;
 pub mod node_config;
 pub mod node_socket;
@@ -50,6 +51,22 @@ pub fn peer_name(
         .first()
         .ok_or_else(|| PkiError::NoName("empty certificate chain".into()))?;
     cert_name(first)
+}
+
+/// Reads the attributes from an established connection's peer certificate (empty if none).
+pub fn peer_attributes(conn: &quinn::Connection) -> postern_proto::policy::Attributes {
+    conn.peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| {
+            certs
+                .first()
+                .map(|c| postern_proto::pki::cert_attributes(c))
+        })
+        .and_then(Result::ok)
+        .unwrap_or_default()
 }
 
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).

@@ -35,8 +35,9 @@ impl NodeSettings {
             .with_context(|| format!("relay: {:?} resolves to no address", self.relay))?;
         let cert = files::read(&self.cert).context("cert")?;
         let key = files::read(&self.key).context("key")?;
-        let identity = Identity::from_pem(&cert, &key)
-            .with_context(|| format!("cert/key: {} / {}", self.cert.display(), self.key.display()))?;
+        let identity = Identity::from_pem(&cert, &key).with_context(|| {
+            format!("cert/key: {} / {}", self.cert.display(), self.key.display())
+        })?;
         let roots = tls::roots_from_pem(&files::read(&self.ca).context("ca")?)
             .with_context(|| format!("ca: {}", self.ca.display()))?;
         Ok((
@@ -54,4 +55,91 @@ impl NodeSettings {
 pub fn required<T>(flag: Option<T>, file: Option<T>, key: &str) -> anyhow::Result<T> {
     flag.or(file)
         .with_context(|| format!("missing `{key}`: set it in the config file or pass --{key}"))
+}
+
+/// The identity-related settings as given by flags and the config file (flags already merged
+/// over the file), before enrollment state is consulted.
+#[derive(Debug, Clone, Default)]
+pub struct NodeArgs {
+    pub relay: Option<String>,
+    pub relay_name: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    /// Enrollment ticket to use if the node has not enrolled yet.
+    pub ticket: Option<String>,
+    /// Name to ask for at enrollment.
+    pub name: Option<String>,
+}
+
+/// A default node name: the host name, made into a valid name, with the role in front.
+pub fn default_name(role: &str) -> postern_proto::name::NodeName {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let cleaned: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let candidate = format!("{role}-{}", cleaned.trim_matches('-'));
+    postern_proto::name::NodeName::new(candidate.trim_end_matches('-'))
+        .or_else(|_| postern_proto::name::NodeName::new(role))
+        .unwrap_or_else(|_| unreachable!("role names are valid node names"))
+}
+
+/// Resolves the node's settings: explicit files win; otherwise the enrolled identity in
+/// `state_dir`; otherwise enrolls now with the ticket (if one was given).
+pub async fn prepare(
+    args: NodeArgs,
+    state_dir: &std::path::Path,
+    role: &str,
+) -> anyhow::Result<NodeSettings> {
+    use crate::enroll::{enroll, NodeState};
+    let state = NodeState::new(state_dir);
+    let explicit = args.cert.is_some() || args.key.is_some() || args.ca.is_some();
+    if !explicit && !state.is_enrolled() {
+        let Some(text) = args.ticket.as_deref() else {
+            anyhow::bail!(
+                "this {role} has no identity yet: run `postern-{role} enroll TICKET --state-dir {}` (or set `ticket` / POSTERN_TICKET), or give `cert`, `key` and `ca`",
+                state_dir.display()
+            );
+        };
+        let ticket = postern_proto::ticket::Ticket::decode(text).context("ticket")?;
+        let name = match &args.name {
+            Some(n) => n.parse().context("name")?,
+            None => default_name(role),
+        };
+        let info = enroll(&ticket, &name, &state).await.context("enrollment")?;
+        tracing::info!(name = %info.name, attrs = ?info.attrs, "enrolled");
+    }
+    if explicit {
+        return Ok(NodeSettings {
+            relay: required(args.relay, None, "relay")?,
+            relay_name: args.relay_name.unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
+            cert: required(args.cert, None, "cert")?,
+            key: required(args.key, None, "key")?,
+            ca: required(args.ca, None, "ca")?,
+        });
+    }
+    let info = state.info().context("enrolled state")?;
+    Ok(NodeSettings {
+        relay: match args.relay {
+            Some(r) => r,
+            None => info
+                .relays
+                .first()
+                .cloned()
+                .context("the ticket named no relay: set `relay`")?,
+        },
+        relay_name: args.relay_name.unwrap_or(info.relay_name),
+        cert: state.cert(),
+        key: state.key(),
+        ca: state.ca(),
+    })
 }

@@ -4,7 +4,7 @@ use crate::lease::config::InfluxdbOutletConfig;
 use crate::target::Target;
 use anyhow::{bail, Context};
 use clap::Args;
-use postern_net::node_config::{required, NodeSettings, DEFAULT_RELAY_NAME};
+use postern_net::node_config::NodeArgs;
 use postern_proto::name::ServiceName;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -25,6 +25,9 @@ pub struct ServiceFile {
     pub tls_ca: Option<PathBuf>,
     /// Name to verify in the target's certificate [default: the host part of `to`].
     pub tls_server_name: Option<String>,
+    /// Attribute expression an inlet must satisfy to use this service, e.g.
+    /// `role = "influxdb-client"` (checked by the outlet itself, after the relay's policy).
+    pub allow: Option<String>,
 }
 
 /// The outlet's config file.
@@ -37,6 +40,8 @@ pub struct OutletFile {
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    pub ticket: Option<String>,
+    pub name: Option<String>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
     /// InfluxDB with leased credentials (the seeds' `influxdb-outlet`): offered as the service
@@ -60,7 +65,14 @@ pub struct RunArgs {
     /// Name the relay's certificate must carry [default: relay].
     #[arg(long)]
     pub relay_name: Option<String>,
-    /// This outlet's certificate (PEM), issued by the project CA.
+    /// Enrollment ticket, used once if this outlet has not enrolled yet (see `enroll`).
+    #[arg(long, env = "POSTERN_TICKET", hide_env_values = true)]
+    pub ticket: Option<String>,
+    /// Name to ask for when enrolling [default: outlet-<hostname>].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// This outlet's certificate (PEM), issued by the project CA [default: the enrolled one in
+    /// the state directory].
     #[arg(long)]
     pub cert: Option<PathBuf>,
     /// This outlet's private key (PEM).
@@ -81,7 +93,7 @@ pub struct RunArgs {
 /// The merged configuration.
 #[derive(Debug)]
 pub struct OutletConfig {
-    pub node: NodeSettings,
+    pub node: NodeArgs,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
     /// The lease-managed InfluxDB service, if configured.
@@ -103,12 +115,14 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         tls: false,
         tls_ca: None,
         tls_server_name: None,
+        allow: None,
     };
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "tls" => svc.tls = true,
             Some(("tls-ca", p)) => svc.tls_ca = Some(PathBuf::from(p)),
             Some(("tls-server-name", n)) => svc.tls_server_name = Some(n.to_owned()),
+            Some(("allow", e)) => svc.allow = Some(e.to_owned()),
             _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH or tls-server-name=NAME)"),
         }
     }
@@ -153,15 +167,14 @@ impl RunArgs {
             bail!("no services: add a [[service]] table, an [influxdb-outlet] table or pass --service NAME=HOST:PORT");
         }
         Ok(OutletConfig {
-            node: NodeSettings {
-                relay: required(self.relay, file.relay, "relay")?,
-                relay_name: self
-                    .relay_name
-                    .or(file.relay_name)
-                    .unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
-                cert: required(self.cert, file.cert, "cert")?,
-                key: required(self.key, file.key, "key")?,
-                ca: required(self.ca, file.ca, "ca")?,
+            node: NodeArgs {
+                relay: self.relay.or(file.relay),
+                relay_name: self.relay_name.or(file.relay_name),
+                cert: self.cert.or(file.cert),
+                key: self.key.or(file.key),
+                ca: self.ca.or(file.ca),
+                ticket: self.ticket.or(file.ticket),
+                name: self.name.or(file.name),
             },
             state_dir: self
                 .state_dir
@@ -196,6 +209,21 @@ impl ServiceFile {
 pub fn host_of(to: &str) -> &str {
     let host = to.rsplit_once(':').map(|(h, _)| h).unwrap_or(to);
     host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Parses each service's `allow` expression.
+pub fn allows(
+    services: &[ServiceFile],
+) -> anyhow::Result<HashMap<ServiceName, postern_proto::policy::Expr>> {
+    let mut out = HashMap::new();
+    for s in services {
+        if let Some(a) = &s.allow {
+            let e = postern_proto::policy::Expr::parse(a)
+                .with_context(|| format!("service {}: allow", s.name))?;
+            out.insert(s.name.clone(), e);
+        }
+    }
+    Ok(out)
 }
 
 /// Builds the target map.

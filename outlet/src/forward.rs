@@ -8,6 +8,7 @@ use postern_net::splice;
 use postern_proto::fwd::RouteId;
 use postern_proto::msg::{code, LeaseMsg, StreamOpen};
 use postern_proto::name::{NodeName, ServiceName};
+use postern_proto::policy::{Attributes, Expr};
 use quinn::VarInt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ use tracing::Instrument;
 pub struct Services {
     pub targets: HashMap<ServiceName, Target>,
     pub leases: HashMap<ServiceName, Arc<LeaseManager>>,
+    /// Per service, who may use it (the seeds' `allow`), checked again here although the
+    /// relay already applied its own policy. A service without an entry admits any inlet the
+    /// relay routed here.
+    pub allow: HashMap<ServiceName, Expr>,
 }
 
 impl Services {
@@ -69,14 +74,31 @@ impl Routes {
 
     /// Forgets a route and closes its connection.
     pub fn close(&self, route: RouteId, why: &'static [u8]) {
-        self.expected().retain(|_, r| r.route != route);
-        if let Some(c) = self.conns().remove(&route) {
-            c.close(VarInt::from_u32(code::ROUTE_CLOSED), why);
-        }
+        self.close_with(route, code::ROUTE_CLOSED, why);
     }
 
     fn lookup(&self, virt: SocketAddr) -> Option<ExpectedRoute> {
         self.expected().get(&postern_net::canonical(virt)).cloned()
+    }
+
+    /// Closes every end-to-end connection from `inlet` (its identity was revoked).
+    pub fn close_inlet(&self, inlet: &NodeName) {
+        let routes: Vec<RouteId> = self
+            .expected()
+            .values()
+            .filter(|r| &r.inlet == inlet)
+            .map(|r| r.route)
+            .collect();
+        for route in routes {
+            self.close_with(route, code::NOT_ALLOWED, b"identity revoked");
+        }
+    }
+
+    fn close_with(&self, route: RouteId, c: u32, why: &'static [u8]) {
+        self.expected().retain(|_, r| r.route != route);
+        if let Some(conn) = self.conns().remove(&route) {
+            conn.close(VarInt::from_u32(c), why);
+        }
     }
 
     /// Number of live end-to-end connections.
@@ -142,7 +164,8 @@ async fn serve_connection(
             return;
         }
     }
-    tracing::info!("end-to-end connection up");
+    let attrs = Arc::new(postern_net::peer_attributes(&conn));
+    tracing::info!(?attrs, "end-to-end connection up");
     routes.conns().insert(expected.route, conn.clone());
     let reason = loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -151,7 +174,8 @@ async fn serve_connection(
         };
         let services = services.clone();
         let inlet = expected.inlet.clone();
-        tokio::spawn(serve_stream(send, recv, services, inlet).in_current_span());
+        let attrs = attrs.clone();
+        tokio::spawn(serve_stream(send, recv, services, inlet, attrs).in_current_span());
     };
     tracing::info!(reason = %reason, "end-to-end connection closed");
     let mut conns = routes.conns();
@@ -168,6 +192,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     services: Arc<Services>,
     inlet: NodeName,
+    attrs: Arc<Attributes>,
 ) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
         let _ = send.reset(VarInt::from_u32(c));
@@ -175,6 +200,24 @@ async fn serve_stream(
     };
     let header =
         tokio::time::timeout(HEADER_TIMEOUT, ctl::read_frame::<StreamOpen>(&mut recv)).await;
+    let requested = match &header {
+        Ok(Ok(StreamOpen::Connect { service })) | Ok(Ok(StreamOpen::Lease { service })) => {
+            Some(service.clone())
+        }
+        _ => None,
+    };
+    if let Some(service) = requested {
+        if let Some(rule) = services.allow.get(&service) {
+            let mut all = (*attrs).clone();
+            all.insert("name".into(), inlet.to_string());
+            let allowed = rule.eval(&all);
+            tracing::info!(target: "postern::audit", event = "policy", action = "use", node = %inlet, %service, allowed, rule = %rule);
+            if !allowed {
+                tracing::warn!(%service, rule = %rule, "inlet not allowed by this outlet's `allow`; refusing stream");
+                return refuse(&mut send, &mut recv, code::NOT_ALLOWED);
+            }
+        }
+    }
     let service = match header {
         Ok(Ok(StreamOpen::Connect { service })) => service,
         Ok(Ok(StreamOpen::Lease { service })) => {
@@ -208,7 +251,12 @@ async fn serve_stream(
     tracing::debug!(%service, up = outcome.up, down = outcome.down, reset = ?outcome.peer_reset, "stream done");
 }
 
+/// How long an inlet's lease stream may go without a lease before the inlet is told that none
+/// can be made now.
+const LEASE_NOTICE: Duration = Duration::from_secs(3);
+
 /// Streams the inlet's lease: the current grant, then each renewal, until the inlet goes away.
+/// While there is none (the backend failing), the inlet is told so after [`LEASE_NOTICE`].
 async fn serve_lease(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -229,15 +277,28 @@ async fn serve_lease(
             return;
         }
     };
+    // Whether the inlet has been told that no lease can be had now; reset by the next grant.
+    let mut told = false;
     loop {
         let current = grants.borrow_and_update().clone();
+        let waiting = current.is_none();
         if let Some(grant) = current {
+            told = false;
             tracing::info!(lease = %grant.lease_id, expires_at_ms = grant.expires_at_ms, "lease sent to inlet");
             if let Err(e) = ctl::write_frame(&mut send, &LeaseMsg::Grant(grant)).await {
                 tracing::debug!(error = %e, "lease stream closed");
                 return;
             }
         }
+        // Without a lease for a while, tell the inlet why, so that its clients' 503s say more
+        // than "no lease yet" (the manager keeps retrying; a grant still follows when it can).
+        let notice = async {
+            if waiting && !told {
+                tokio::time::sleep(LEASE_NOTICE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             changed = grants.changed() => {
                 if changed.is_err() {
@@ -245,6 +306,25 @@ async fn serve_lease(
                         reason: "the lease manager stopped".into(),
                     }).await;
                     let _ = send.finish();
+                    return;
+                }
+            }
+            () = notice => {
+                told = true;
+                tracing::warn!(
+                    waited = ?LEASE_NOTICE,
+                    "no lease could be made for the inlet; telling it (the lease manager's errors say why)"
+                );
+                let msg = LeaseMsg::Unavailable {
+                    reason: format!(
+                        "no lease was made for this inlet within {} s: InfluxDB is unreachable, \
+                         slow or refusing the outlet's admin credential (the outlet's log says \
+                         which); the outlet keeps trying",
+                        LEASE_NOTICE.as_secs()
+                    ),
+                };
+                if let Err(e) = ctl::write_frame(&mut send, &msg).await {
+                    tracing::debug!(error = %e, "lease stream closed");
                     return;
                 }
             }

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use postern_outlet::config::{targets, RunArgs};
+use postern_outlet::config::{allows, targets, RunArgs};
 use postern_outlet::forward::Services;
 use postern_outlet::lease::{admin, LeaseManager};
 use postern_outlet::target::Target;
@@ -29,6 +29,18 @@ struct Cli {
 enum Command {
     /// Run the outlet.
     Run(RunArgs),
+    /// Enroll with a ticket from `postern-relay ticket create`: makes this node's key pair
+    /// (the private key never leaves this machine) and gets its certificate.
+    Enroll {
+        /// The ticket string.
+        ticket: String,
+        /// Name to ask for [default: outlet-<hostname>]; a ticket may fix it.
+        #[arg(long)]
+        name: Option<String>,
+        /// State directory to keep the identity in.
+        #[arg(long, default_value = "postern-outlet-state")]
+        state_dir: std::path::PathBuf,
+    },
     /// Manage leased InfluxDB credentials of the running outlet (through its admin socket).
     Lease {
         /// The running outlet's state directory.
@@ -63,6 +75,22 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Enroll {
+            ticket,
+            name,
+            state_dir,
+        } => {
+            let ticket = postern_proto::ticket::Ticket::decode(&ticket).context("ticket")?;
+            let name = match name {
+                Some(n) => n.parse().context("--name")?,
+                None => postern_net::node_config::default_name("outlet"),
+            };
+            let state = postern_net::enroll::NodeState::new(&state_dir);
+            let info = postern_net::enroll::enroll(&ticket, &name, &state).await?;
+            println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
+            println!("identity stored in {}", state_dir.display());
+            Ok(())
+        }
         Command::Lease { state_dir, command } => lease(state_dir, command).await,
     }
 }
@@ -92,11 +120,14 @@ async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> 
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
-    let (relay, identity, roots) = cfg.node.load()?;
+    let settings =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
+    let (relay, identity, roots) = settings.load()?;
     let shutdown = CancellationToken::new();
     let mut services = Services {
         targets: targets(&cfg.services)?,
         leases: Default::default(),
+        allow: allows(&cfg.services)?,
     };
     let mut managers = Vec::new();
     if let Some((name, influx)) = cfg.influxdb {
@@ -112,6 +143,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "lease admin socket failed");
             }
         });
+        if let Some(a) = &influx.allow {
+            let e = postern_proto::policy::Expr::parse(a).context("[influxdb-outlet] allow")?;
+            services.allow.insert(name.clone(), e);
+        }
         services.targets.insert(name.clone(), target);
         services.leases.insert(name, manager.clone());
         managers.push(manager);

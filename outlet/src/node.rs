@@ -192,6 +192,11 @@ impl ControlHandler for OutletControl {
                 self.socket.remove_route(route);
                 Ctl::Ack
             }
+            Ctl::Revoked { name } => {
+                tracing::warn!(node = %name, "identity revoked; closing its connections");
+                self.routes.close_inlet(&name);
+                Ctl::Ack
+            }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
             other => Ctl::Error {
                 message: format!("unexpected push {other:?}"),

@@ -12,6 +12,7 @@ pub mod msg;
 pub mod name;
 pub mod pki;
 pub mod policy;
+pub mod ticket;
 pub mod tls;
 
 /// ALPN of the control connection between a node and a relay.

@@ -40,6 +40,8 @@ pub enum Ctl {
     },
     /// Relay -> node: this route is gone (its other end left).
     RouteClosed { route: RouteId, reason: String },
+    /// Relay -> outlet: this identity was revoked; close its end-to-end connections.
+    Revoked { name: NodeName },
     /// Either way: liveness probe.
     Heartbeat { seq: u64 },
     /// Answer to `Heartbeat`.

@@ -5,9 +5,10 @@
 //! the name in it is the identity used for routing and (later) policy.
 
 use crate::name::NodeName;
+use crate::policy::Attributes;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CustomExtension, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
@@ -28,6 +29,8 @@ pub enum PkiError {
     Parse(String),
     #[error("certificate carries no valid node name: {0}")]
     NoName(String),
+    #[error("bad certificate request: {0}")]
+    Csr(String),
 }
 
 /// A node certificate and its private key, both PEM.
@@ -123,25 +126,141 @@ impl Ca {
 
     /// Issues a certificate for `name`, valid for `valid_for`, usable as TLS client and server.
     pub fn issue(&self, name: &NodeName, valid_for: Duration) -> Result<IssuedCert, PkiError> {
+        self.issue_with(name, &Attributes::new(), valid_for)
+    }
+
+    /// Issues a certificate (and a fresh key) for `name` carrying `attrs`.
+    pub fn issue_with(
+        &self,
+        name: &NodeName,
+        attrs: &Attributes,
+        valid_for: Duration,
+    ) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![name.to_string()])?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.to_string());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.subject_alt_names = vec![SanType::DnsName(name.as_str().try_into()?)];
-        validity(&mut params, valid_for);
+        let params = node_params(name, attrs, valid_for)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Signs a node's certificate request. Only the CSR's public key is used (its signature
+    /// proves the node holds the private key); name, attributes and validity are ours.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        name: &NodeName,
+        attrs: &Attributes,
+        valid_for: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(e.to_string()))?;
+        let signed = CertificateSigningRequestParams {
+            params: node_params(name, attrs, valid_for)?,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
+/// OID of the certificate extension carrying a node's attributes (a UTF8String holding JSON).
+pub const ATTRIBUTES_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59541, 1, 1];
+
+fn node_params(
+    name: &NodeName,
+    attrs: &Attributes,
+    valid_for: Duration,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(vec![name.to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, name.to_string());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.subject_alt_names = vec![SanType::DnsName(name.as_str().try_into()?)];
+    if !attrs.is_empty() {
+        let json = serde_json::to_string(attrs).map_err(|e| PkiError::Parse(e.to_string()))?;
+        params.custom_extensions = vec![CustomExtension::from_oid_content(
+            ATTRIBUTES_OID,
+            der_utf8_string(&json),
+        )];
+    }
+    validity(&mut params, valid_for);
+    Ok(params)
+}
+
+fn der_utf8_string(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = vec![0x0c];
+    match b.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n <= 0xff => out.extend_from_slice(&[0x81, n as u8]),
+        n => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(b);
+    out
+}
+
+fn parse_der_utf8_string(d: &[u8]) -> Option<&str> {
+    let (&tag, rest) = d.split_first()?;
+    if tag != 0x0c {
+        return None;
+    }
+    let (&l0, rest) = rest.split_first()?;
+    let (len, rest) = match l0 {
+        n if n < 0x80 => (n as usize, rest),
+        0x81 => (*rest.first()? as usize, rest.get(1..)?),
+        0x82 => (
+            (*rest.first()? as usize) << 8 | *rest.get(1)? as usize,
+            rest.get(2..)?,
+        ),
+        _ => return None,
+    };
+    std::str::from_utf8(rest.get(..len)?).ok()
+}
+
+/// A node's certificate request and its private key, both PEM. The key stays with the node.
+pub fn make_csr(name: &NodeName) -> Result<(String, IssuedCertKey), PkiError> {
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(vec![name.to_string()])?;
+    let csr = params.serialize_request(&key)?;
+    let pem = csr.pem().map_err(|e| PkiError::Csr(e.to_string()))?;
+    Ok((pem, IssuedCertKey(key.serialize_pem())))
+}
+
+/// A private key in PEM; `Debug` does not show it.
+pub struct IssuedCertKey(pub String);
+
+impl std::fmt::Debug for IssuedCertKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IssuedCertKey(<redacted>)")
+    }
+}
+
+/// The attributes a certificate carries (empty when it has none).
+pub fn cert_attributes(der: &[u8]) -> Result<Attributes, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let oid_str = ATTRIBUTES_OID
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(".");
+    for ext in cert.extensions() {
+        if ext.oid.to_id_string() == oid_str {
+            let text = parse_der_utf8_string(ext.value)
+                .ok_or_else(|| PkiError::Parse("malformed attributes extension".into()))?;
+            return serde_json::from_str(text)
+                .map_err(|e| PkiError::Parse(format!("malformed attributes JSON: {e}")));
+        }
+    }
+    Ok(Attributes::new())
 }
 
 /// SHA-256 fingerprint of a DER certificate, lowercase hex.
@@ -196,6 +315,44 @@ mod tests {
         assert_eq!(again.fingerprint(), ca.fingerprint());
         let other = again.issue(&name, Duration::from_secs(60)).expect("issue");
         assert_ne!(other.cert_pem, issued.cert_pem);
+    }
+
+    #[test]
+    fn attributes_travel_in_the_certificate() {
+        let ca = Ca::generate("test").expect("ca");
+        let name = NodeName::new("inlet-1").expect("name");
+        let mut attrs = Attributes::new();
+        attrs.insert("role".into(), "influxdb-client".into());
+        attrs.insert("team".into(), "ops \"blue\" \\ x".into());
+        let issued = ca
+            .issue_with(&name, &attrs, Duration::from_secs(60))
+            .expect("issue");
+        let der = first_cert(&issued.cert_pem).expect("cert");
+        assert_eq!(cert_attributes(&der).expect("attrs"), attrs);
+        let plain = ca.issue(&name, Duration::from_secs(60)).expect("issue");
+        let der = first_cert(&plain.cert_pem).expect("cert");
+        assert!(cert_attributes(&der).expect("attrs").is_empty());
+    }
+
+    #[test]
+    fn csr_is_signed_with_our_name_and_attributes() {
+        let ca = Ca::generate("test").expect("ca");
+        let asked = NodeName::new("asked-for").expect("name");
+        let (csr, key) = make_csr(&asked).expect("csr");
+        let granted = NodeName::new("granted").expect("name");
+        let mut attrs = Attributes::new();
+        attrs.insert("role".into(), "influxdb-outlet".into());
+        let cert = ca
+            .sign_csr(&csr, &granted, &attrs, Duration::from_secs(60))
+            .expect("sign");
+        let der = first_cert(&cert).expect("cert");
+        assert_eq!(cert_name(&der).expect("name"), granted);
+        assert_eq!(cert_attributes(&der).expect("attrs"), attrs);
+        // The certificate goes with the node's own key.
+        crate::tls::Identity::from_pem(&cert, &key.0).expect("identity");
+        assert!(ca
+            .sign_csr("garbage", &granted, &attrs, Duration::from_secs(60))
+            .is_err());
     }
 
     #[test]

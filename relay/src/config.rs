@@ -1,6 +1,8 @@
 //! Relay configuration: a TOML file, every key also a flag (flags win).
 
+use crate::policy::{PolicyFile, PolicySet};
 use clap::Args;
+use postern_net::files::FileError;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +21,9 @@ pub struct RelayFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    /// Who may register and reach each service (default: nobody).
+    #[serde(default)]
+    pub policy: Vec<PolicyFile>,
 }
 
 /// `postern-relay run` flags.
@@ -44,11 +49,21 @@ pub struct RunArgs {
     /// Project CA certificate that node certificates must chain to [default: <state-dir>/ca.pem].
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// Allow registering a service: `SERVICE=EXPR`, e.g. `influxdb=role = "influxdb-outlet"`
+    /// (`*` for every service). Repeatable; adds to the file's `[[policy]]` tables. Without any
+    /// policy every registration and route is refused.
+    #[arg(long, value_name = "SERVICE=EXPR")]
+    pub allow_register: Vec<String>,
+    /// Allow routes to a service: `SERVICE=EXPR`, e.g. `influxdb=role = "influxdb-client"`.
+    /// Repeatable; adds to the file's `[[policy]]` tables.
+    #[arg(long, value_name = "SERVICE=EXPR")]
+    pub allow_route: Vec<String>,
 }
 
 /// The merged configuration.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    pub policy: PolicySet,
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub cert: PathBuf,
@@ -58,7 +73,7 @@ pub struct RelayConfig {
 
 impl RunArgs {
     /// Merges flags over the file over defaults.
-    pub fn resolve(self) -> Result<RelayConfig, postern_net::files::FileError> {
+    pub fn resolve(self) -> Result<RelayConfig, FileError> {
         let file: RelayFile = match &self.config {
             Some(p) => postern_net::files::load_toml(p)?,
             None => RelayFile::default(),
@@ -71,7 +86,32 @@ impl RunArgs {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()));
+        let mut tables = file.policy;
+        for (flag, register) in self
+            .allow_register
+            .iter()
+            .map(|f| (f, true))
+            .chain(self.allow_route.iter().map(|f| (f, false)))
+        {
+            let (service, expr) = flag.split_once('=').ok_or_else(|| FileError::Config {
+                path: PathBuf::from("--allow-register/--allow-route"),
+                message: format!("{flag:?}: expected SERVICE=EXPR"),
+            })?;
+            tables.push(PolicyFile {
+                service: service.to_owned(),
+                register: register.then(|| expr.to_owned()),
+                route: (!register).then(|| expr.to_owned()),
+            });
+        }
+        let policy = PolicySet::from_config(&tables).map_err(|message| FileError::Config {
+            path: self
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("flags")),
+            message,
+        })?;
         Ok(RelayConfig {
+            policy,
             listen,
             cert: self
                 .cert

@@ -1,7 +1,9 @@
 //! postern relay: rendezvous for outlets and inlets, and a packet forwarder for their
 //! end-to-end connections that never holds their keys.
 
+pub mod authority;
 pub mod config;
+pub mod policy;
 pub mod registry;
 pub mod server;
 pub mod state;

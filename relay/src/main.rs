@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use postern_proto::name::NodeName;
 use postern_proto::tls;
+use postern_relay::authority::{Authority, TicketSpec};
 use postern_relay::config::RunArgs;
 use postern_relay::state::StateDir;
 use postern_relay::{Relay, RelayOptions};
@@ -26,6 +27,12 @@ struct Cli {
 enum Command {
     /// Run the relay.
     Run(RunArgs),
+    /// Enrollment tickets (single-use, time-limited invitations for new nodes).
+    #[command(subcommand)]
+    Ticket(TicketCommand),
+    /// Enrolled identities: list them, revoke one.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Manage the project certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -66,6 +73,76 @@ enum CaCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TicketCommand {
+    /// Create a ticket and print it; hand it to the node (`postern-outlet enroll TICKET`).
+    Create {
+        /// Attribute to grant, `KEY=VALUE` (repeatable), e.g. `role=influxdb-client`.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+        /// How long the ticket can be used, e.g. `10m`, `1h`, `2d`.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        /// How many nodes may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Fix the node's name (otherwise the node picks it).
+        #[arg(long)]
+        name: Option<NodeName>,
+        /// Relay address the node will use, `host:port` (repeatable).
+        #[arg(long = "relay", required = true)]
+        relays: Vec<String>,
+        /// Where the node enrolls, `host:port` [default: the first --relay].
+        #[arg(long)]
+        authority: Option<String>,
+        /// Name in the relay's certificate.
+        #[arg(long, default_value = "relay")]
+        relay_name: String,
+        #[arg(long, default_value = postern_relay::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List tickets (never their secrets).
+    List {
+        #[arg(long, default_value = postern_relay::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// List enrolled nodes, their attributes and status.
+    List {
+        #[arg(long, default_value = postern_relay::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Revoke a node: a running relay drops it within a second and refuses it afterwards.
+    Revoke {
+        name: NodeName,
+        #[arg(long, default_value = postern_relay::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Parses `30s`, `10m`, `1h`, `2d` (or plain seconds).
+fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let (num, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("duration {s:?}: expected e.g. 30s, 10m, 1h, 2d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => anyhow::bail!("duration {s:?}: unit must be s, m, h or d"),
+    };
+    Ok(std::time::Duration::from_secs(n * mult))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -98,6 +175,68 @@ async fn main() -> anyhow::Result<()> {
             println!("private key: {}", key.display());
             Ok(())
         }
+        Command::Ticket(TicketCommand::Create {
+            attrs,
+            ttl,
+            uses,
+            name,
+            relays,
+            authority,
+            relay_name,
+            state_dir,
+        }) => {
+            let attrs = attrs
+                .iter()
+                .map(|a| postern_proto::policy::parse_attr(a).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?;
+            let ticket = Authority::new(StateDir::new(state_dir)).create_ticket(TicketSpec {
+                attrs,
+                ttl: parse_duration(&ttl)?,
+                uses,
+                name,
+                relays,
+                authority,
+                relay_name,
+            })?;
+            println!("{}", ticket.encode());
+            Ok(())
+        }
+        Command::Ticket(TicketCommand::List { state_dir }) => {
+            let now = postern_relay::authority::now_ms();
+            for t in Authority::new(StateDir::new(state_dir)).tickets() {
+                let status = if t.uses_left == 0 {
+                    "used".to_string()
+                } else if now >= t.expires_at_ms {
+                    "expired".to_string()
+                } else {
+                    format!(
+                        "valid {}s, {} use(s) left",
+                        (t.expires_at_ms - now) / 1000,
+                        t.uses_left
+                    )
+                };
+                println!("{}  {:?}  {}", t.id, t.attrs, status);
+            }
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::List { state_dir }) => {
+            for i in Authority::new(StateDir::new(state_dir)).identities() {
+                let status = if i.revoked { "REVOKED" } else { "active" };
+                println!("{}  {:?}  {}", i.name, i.attrs, status);
+            }
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::Revoke { name, state_dir }) => {
+            let existed = Authority::new(StateDir::new(state_dir)).revoke(&name)?;
+            if existed {
+                println!("revoked {name}");
+            } else {
+                println!(
+                    "revoked {name} (no such enrolled identity; the name is refused from now on)"
+                );
+            }
+            Ok(())
+        }
         Command::Ca(CaCommand::Fingerprint { state_dir }) => {
             println!("{}", StateDir::new(state_dir).load_ca()?.fingerprint());
             Ok(())
@@ -110,16 +249,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
     let cert = postern_net::files::read(&cfg.cert)?;
     let key = postern_net::files::read(&cfg.key)?;
-    let identity = tls::Identity::from_pem(&cert, &key)
+    let ca_pem = postern_net::files::read(&cfg.ca)?;
+    // Send the CA with our certificate: enrolling nodes pin it by fingerprint.
+    let chain = format!("{}\n{}", cert.trim_end(), ca_pem);
+    let identity = tls::Identity::from_pem(&chain, &key)
         .with_context(|| format!("relay certificate {}", cfg.cert.display()))?;
-    let roots = tls::roots_from_pem(&postern_net::files::read(&cfg.ca)?)
+    let roots = tls::roots_from_pem(&ca_pem)
         .with_context(|| format!("CA certificate {}", cfg.ca.display()))?;
+    let authority = if state.ca_key().exists() {
+        Some(std::sync::Arc::new(Authority::new(state.clone())))
+    } else {
+        tracing::info!("no CA key in the state directory: this relay does not enroll nodes");
+        None
+    };
     let relay = Relay::bind(RelayOptions {
         listen: cfg.listen,
         identity,
         roots,
         reset_key: Some(state.reset_key()?),
         tap: None,
+        policy: cfg.policy,
+        authority,
     })?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

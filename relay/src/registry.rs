@@ -4,6 +4,7 @@
 use postern_proto::fwd::RouteId;
 use postern_proto::msg::RefuseReason;
 use postern_proto::name::{NodeName, ServiceName};
+use postern_proto::policy::Attributes;
 use std::collections::{BTreeSet, HashMap};
 
 /// A connected node, numbered per connection (a reconnecting node gets a new id).
@@ -27,6 +28,7 @@ pub struct RouteInfo {
 #[derive(Debug, Default)]
 pub struct Registry {
     names: HashMap<NodeId, NodeName>,
+    attrs: HashMap<NodeId, Attributes>,
     services: HashMap<ServiceName, Service>,
     /// Services ever registered, to tell "unknown" from "no live outlet".
     known: BTreeSet<ServiceName>,
@@ -37,6 +39,21 @@ impl Registry {
     /// Records a connected node.
     pub fn connect(&mut self, id: NodeId, name: NodeName) {
         self.names.insert(id, name);
+    }
+
+    /// Records a connected node's attributes (from its certificate).
+    pub fn set_attrs(&mut self, id: NodeId, attrs: Attributes) {
+        self.attrs.insert(id, attrs);
+    }
+
+    /// A connected node's attributes.
+    pub fn attrs(&self, id: NodeId) -> Attributes {
+        self.attrs.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Ids of connected nodes.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.names.keys().copied().collect()
     }
 
     /// The node currently connected under `name`, if any.
@@ -123,6 +140,7 @@ impl Registry {
     /// Returns those routes with the node at their other end, to be told.
     pub fn disconnect(&mut self, node: NodeId) -> Vec<(RouteId, NodeId)> {
         self.names.remove(&node);
+        self.attrs.remove(&node);
         for svc in self.services.values_mut() {
             svc.outlets.retain(|n| *n != node);
         }

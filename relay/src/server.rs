@@ -1,6 +1,8 @@
 //! The relay: accepts nodes' control connections, keeps the registry, grants routes, and
 //! (through [`RelaySocket`]) forwards end-to-end packets.
 
+use crate::authority::Authority;
+use crate::policy::{Action, PolicySet};
 use crate::registry::{NodeId, Registry, RouteInfo};
 use postern_net::ctl::{self, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
@@ -44,6 +46,10 @@ pub struct RelayOptions {
     pub reset_key: Option<[u8; 32]>,
     /// Test hook that sees every forwarded packet.
     pub tap: Option<Tap>,
+    /// Who may register and reach which service.
+    pub policy: PolicySet,
+    /// The enrollment authority, when this relay runs it (it needs the CA key).
+    pub authority: Option<Arc<Authority>>,
 }
 
 /// Control-plane counters.
@@ -57,6 +63,9 @@ pub struct ControlStats {
 }
 
 struct Shared {
+    policy: PolicySet,
+    authority: Option<Arc<Authority>>,
+    revoked: Mutex<std::collections::BTreeSet<NodeName>>,
     registry: Mutex<Registry>,
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
     routes: Arc<RouteTable>,
@@ -66,6 +75,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn revoked(&self) -> MutexGuard<'_, std::collections::BTreeSet<NodeName>> {
+        self.revoked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -135,7 +148,7 @@ impl Relay {
                 addr: opts.listen,
                 source,
             })?;
-        let server = endpoint::control_server(&opts.identity, opts.roots)?;
+        let server = endpoint::relay_server(&opts.identity, opts.roots)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint::endpoint_config(opts.reset_key.as_ref()),
             Some(server),
@@ -149,6 +162,14 @@ impl Relay {
         Ok(Self {
             endpoint,
             shared: Arc::new(Shared {
+                revoked: Mutex::new(
+                    opts.authority
+                        .as_ref()
+                        .map(|a| a.revoked())
+                        .unwrap_or_default(),
+                ),
+                policy: opts.policy,
+                authority: opts.authority,
                 registry: Mutex::default(),
                 conns: Mutex::default(),
                 routes,
@@ -174,6 +195,18 @@ impl Relay {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(addr = ?self.endpoint.local_addr().ok(), "relay listening");
+        if self.shared.policy.is_empty() {
+            tracing::warn!(
+                "no [[policy]] configured: every registration and route will be refused"
+            );
+        }
+        if let Some(authority) = self.shared.authority.clone() {
+            tokio::spawn(watch_revocations(
+                self.shared.clone(),
+                authority,
+                shutdown.clone(),
+            ));
+        }
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -209,6 +242,14 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    if alpn.as_deref() == Some(postern_proto::ticket::ALPN_ENROLL) {
+        serve_enrollment(&shared, conn).await;
+        return;
+    }
     let name = match postern_net::peer_name(&conn) {
         Ok(n) => n,
         Err(e) => {
@@ -221,11 +262,22 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    if shared.revoked().contains(&name) {
+        shared.ctl.handshake_failures.fetch_add(1, Relaxed);
+        tracing::warn!(node = %name, "refusing a revoked identity");
+        conn.close(
+            postern_proto::msg::code::NOT_ALLOWED.into(),
+            b"identity revoked",
+        );
+        return;
+    }
+    let attrs = postern_net::peer_attributes(&conn);
     let id = shared.next_id.fetch_add(1, Relaxed);
     let replaced = {
         let mut reg = shared.registry();
         let old = reg.by_name(&name);
         reg.connect(id, name.clone());
+        reg.set_attrs(id, attrs.clone());
         old
     };
     if let Some(old) = replaced {
@@ -240,7 +292,7 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
     shared.conns().insert(id, conn.clone());
     shared.ctl.nodes_connected.fetch_add(1, Relaxed);
-    tracing::info!(node = %name, "node connected");
+    tracing::info!(node = %name, ?attrs, "node connected");
 
     let reason = loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
@@ -306,6 +358,24 @@ fn forget_node(shared: &Arc<Shared>, id: NodeId) {
 async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg: Ctl) -> Ctl {
     match msg {
         Ctl::Register { services } => {
+            let (name, attrs) = {
+                let reg = shared.registry();
+                (reg.name(id).cloned(), reg.attrs(id))
+            };
+            let Some(name) = name else {
+                return Ctl::Error {
+                    message: "unknown node".into(),
+                };
+            };
+            for svc in &services {
+                let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
+                tracing::info!(target: "postern::audit", event = "policy", action = "register", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
+                if !d.allowed {
+                    return Ctl::Error {
+                        message: format!("not allowed to register {svc}: {}", d.rule),
+                    };
+                }
+            }
             shared.registry().register(id, &services);
             tracing::info!(?services, "services registered");
             Ctl::Registered { services }
@@ -347,6 +417,14 @@ async fn grant_route(
         let Some(inlet_name) = reg.name(inlet).cloned() else {
             return refuse(RefuseReason::NotAllowed);
         };
+        let d = shared
+            .policy
+            .decide(Action::Route, &service, &inlet_name, &reg.attrs(inlet));
+        tracing::info!(target: "postern::audit", event = "policy", action = "route", node = %inlet_name, service = %service, allowed = d.allowed, rule = %d.rule);
+        if !d.allowed {
+            drop(reg);
+            return refuse(RefuseReason::NotAllowed);
+        }
         match reg.pick_outlet(&service) {
             Ok(o) => (o, inlet_name),
             Err(reason) => {
@@ -405,4 +483,94 @@ async fn grant_route(
         tracing::warn!(%service, outlet = %outlet_name, error = %last_error, "outlet did not accept route");
     }
     refuse(RefuseReason::OutletRefused(last_error))
+}
+
+/// Serves one enrollment connection: one request, one answer.
+async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection) {
+    let Some(authority) = shared.authority.clone() else {
+        tracing::warn!("enrollment attempt, but this relay does not run the authority");
+        conn.close(
+            postern_proto::msg::code::NOT_ALLOWED.into(),
+            b"no authority here",
+        );
+        return;
+    };
+    let exchange = async {
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let req: postern_proto::ticket::EnrollRequest = ctl::read_message(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::task::spawn_blocking(move || authority.enroll(&req))
+            .await
+            .map_err(|e| e.to_string())?;
+        ctl::write_message(&mut send, &answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Let the answer reach the node before the connection goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(CTL_TIMEOUT * 2, exchange).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            shared.ctl.bad_messages.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "enrollment exchange failed");
+        }
+        Err(_) => tracing::warn!("enrollment exchange timed out"),
+    }
+}
+
+/// Applies revocations made with `postern-relay identity revoke` within a fraction of a second:
+/// the node's control connection and routes are dropped, and outlets are told so they close
+/// the node's end-to-end connections.
+async fn watch_revocations(
+    shared: Arc<Shared>,
+    authority: Arc<Authority>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let a = authority.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || a.revoked()).await else {
+            continue;
+        };
+        let newly: Vec<NodeName> = {
+            let mut known = shared.revoked();
+            let newly = now.difference(&known).cloned().collect();
+            *known = now;
+            newly
+        };
+        for name in newly {
+            tracing::info!(target: "postern::audit", event = "revocation", node = %name, "identity revoked");
+            let (victim, outlets) = {
+                let reg = shared.registry();
+                let victim = reg.by_name(&name);
+                let outlets: Vec<NodeId> = reg.ids();
+                (victim, outlets)
+            };
+            if let Some(id) = victim {
+                if let Some(c) = shared.conn(id) {
+                    c.close(
+                        postern_proto::msg::code::NOT_ALLOWED.into(),
+                        b"identity revoked",
+                    );
+                }
+                forget_node(&shared, id);
+            }
+            for id in outlets {
+                if Some(id) == victim {
+                    continue;
+                }
+                if let Some(c) = shared.conn(id) {
+                    let msg = Ctl::Revoked { name: name.clone() };
+                    tokio::spawn(async move {
+                        let _ = ctl::request(&c, &msg, CTL_TIMEOUT).await;
+                    });
+                }
+            }
+        }
+    }
 }

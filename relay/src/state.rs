@@ -20,6 +20,8 @@ pub enum StateError {
     Exists(PathBuf),
     #[error("no CA in {0}; run `postern-relay ca init` first")]
     NoCa(PathBuf),
+    #[error("invalid state: {0}")]
+    Invalid(String),
 }
 
 /// Paths inside a relay state directory.

@@ -134,6 +134,8 @@ pub fn start_relay(
         roots: pki.roots(),
         reset_key: Some(reset_key),
         tap,
+        policy: postern_relay::policy::PolicySet::allow_all(),
+        authority: None,
     })
     .expect("bind relay");
     let addr = relay.local_addr().expect("relay addr");
@@ -174,6 +176,7 @@ pub async fn start_outlet(
         Services {
             targets,
             leases: HashMap::new(),
+            allow: HashMap::new(),
         },
     )
     .await

@@ -1,0 +1,279 @@
+//! The project authority: enrollment tickets, certificate signing, the identity list and
+//! revocations. Kept in the relay's state directory; a relay without the CA key cannot mint
+//! identities (see the README: running the authority apart from the relay).
+
+use crate::state::{StateDir, StateError};
+use postern_net::files;
+use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
+use postern_proto::ticket::{self, EnrollRequest, EnrollResponse, Ticket};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Lifetime of certificates issued at enrollment.
+pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The authority's record of a ticket. Holds a hash of the secret, never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketRecord {
+    pub id: String,
+    pub secret_sha256: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub uses_left: u32,
+    pub attrs: Attributes,
+    pub name: Option<NodeName>,
+    pub used_by: Vec<NodeName>,
+}
+
+/// An enrolled node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    pub name: NodeName,
+    pub attrs: Attributes,
+    pub enrolled_at_ms: u64,
+    pub ticket_id: String,
+    pub revoked: bool,
+}
+
+/// What `ticket create` asks for.
+#[derive(Debug, Clone)]
+pub struct TicketSpec {
+    pub attrs: Attributes,
+    pub ttl: Duration,
+    pub uses: u32,
+    pub name: Option<NodeName>,
+    pub relays: Vec<String>,
+    pub authority: Option<String>,
+    pub relay_name: String,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Authority {
+    state: StateDir,
+    /// Serialises ticket use, so two enrollments cannot both take a ticket's last use.
+    lock: Mutex<()>,
+}
+
+impl Authority {
+    pub fn new(state: StateDir) -> Self {
+        Self {
+            state,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn tickets_dir(&self) -> PathBuf {
+        self.state.root().join("tickets")
+    }
+
+    fn identities_dir(&self) -> PathBuf {
+        self.state.root().join("identities")
+    }
+
+    fn ticket_path(&self, id: &str) -> Option<PathBuf> {
+        // Ticket ids are our own hex strings; anything else cannot name a file of ours.
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(self.tickets_dir().join(format!("{id}.json")))
+    }
+
+    /// Creates and stores a ticket; returns it (its string form is what a node needs).
+    pub fn create_ticket(&self, spec: TicketSpec) -> Result<Ticket, StateError> {
+        let ca = self.state.load_ca()?;
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        let now = now_ms();
+        let expires_at_ms = now + spec.ttl.as_millis() as u64;
+        let record = TicketRecord {
+            id: id.clone(),
+            secret_sha256: ticket::secret_hash(&secret),
+            created_at_ms: now,
+            expires_at_ms,
+            uses_left: spec.uses.max(1),
+            attrs: spec.attrs.clone(),
+            name: spec.name.clone(),
+            used_by: Vec::new(),
+        };
+        self.write_ticket(&record)?;
+        let authority = spec
+            .authority
+            .or_else(|| spec.relays.first().cloned())
+            .unwrap_or_default();
+        Ok(Ticket {
+            id,
+            secret,
+            relays: spec.relays,
+            authority,
+            relay_name: spec.relay_name,
+            ca_fingerprint: ca.fingerprint(),
+            expires_at_ms,
+            attrs: spec.attrs,
+            name: spec.name,
+        })
+    }
+
+    fn write_ticket(&self, record: &TicketRecord) -> Result<(), StateError> {
+        let path = self
+            .ticket_path(&record.id)
+            .ok_or_else(|| StateError::Invalid("bad ticket id".into()))?;
+        let json =
+            serde_json::to_vec_pretty(record).map_err(|e| StateError::Invalid(e.to_string()))?;
+        files::write(&path, &json, true)?;
+        Ok(())
+    }
+
+    /// All ticket records.
+    pub fn tickets(&self) -> Vec<TicketRecord> {
+        read_all(&self.tickets_dir())
+    }
+
+    /// All identities.
+    pub fn identities(&self) -> Vec<IdentityRecord> {
+        read_all(&self.identities_dir())
+    }
+
+    /// Names of revoked identities.
+    pub fn revoked(&self) -> BTreeSet<NodeName> {
+        self.identities()
+            .into_iter()
+            .filter(|i| i.revoked)
+            .map(|i| i.name)
+            .collect()
+    }
+
+    /// Marks `name` revoked. Returns false if no such identity was enrolled (it is revoked
+    /// anyway, so a hand-issued certificate with that name is refused too).
+    pub fn revoke(&self, name: &NodeName) -> Result<bool, StateError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.identities_dir().join(format!("{name}.json"));
+        let (mut record, existed) = match files::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<IdentityRecord>(&t).ok())
+        {
+            Some(r) => (r, true),
+            None => (
+                IdentityRecord {
+                    name: name.clone(),
+                    attrs: Attributes::new(),
+                    enrolled_at_ms: 0,
+                    ticket_id: String::new(),
+                    revoked: true,
+                },
+                false,
+            ),
+        };
+        record.revoked = true;
+        let json =
+            serde_json::to_vec_pretty(&record).map_err(|e| StateError::Invalid(e.to_string()))?;
+        files::write(&path, &json, false)?;
+        Ok(existed)
+    }
+
+    /// Handles one enrollment request.
+    pub fn enroll(&self, req: &EnrollRequest) -> EnrollResponse {
+        match self.try_enroll(req) {
+            Ok(r) => r,
+            Err(reason) => {
+                tracing::warn!(ticket = %req.ticket_id, %reason, "enrollment refused");
+                EnrollResponse::Refused { reason }
+            }
+        }
+    }
+
+    fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, String> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self
+            .ticket_path(&req.ticket_id)
+            .ok_or("unknown ticket (was it altered?)")?;
+        let mut record: TicketRecord = files::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .ok_or("unknown ticket: this authority never issued it (was it altered, or is it for another project?)")?;
+        if !ticket::constant_time_eq(&ticket::secret_hash(&req.secret), &record.secret_sha256) {
+            return Err("ticket secret does not match: the ticket was altered".into());
+        }
+        let now = now_ms();
+        if now >= record.expires_at_ms {
+            return Err(format!(
+                "ticket expired {} s ago; ask for a new one",
+                (now - record.expires_at_ms) / 1000
+            ));
+        }
+        if record.uses_left == 0 {
+            return Err(
+                "ticket already used; tickets are single-use unless created with --uses".into(),
+            );
+        }
+        if req.attrs != record.attrs {
+            return Err("ticket attributes were altered".into());
+        }
+        let name = record.name.clone().unwrap_or_else(|| req.name.clone());
+        if self.revoked().contains(&name) {
+            return Err(format!("identity {name} has been revoked"));
+        }
+        let ca = self.state.load_ca().map_err(|e| {
+            tracing::error!(error = %e, "cannot load the CA for enrollment");
+            "the authority cannot sign certificates right now".to_string()
+        })?;
+        let cert_pem = ca
+            .sign_csr(&req.csr_pem, &name, &record.attrs, ENROLLED_VALIDITY)
+            .map_err(|e| format!("certificate request refused: {e}"))?;
+        record.uses_left -= 1;
+        record.used_by.push(name.clone());
+        self.write_ticket(&record).map_err(|e| e.to_string())?;
+        let identity = IdentityRecord {
+            name: name.clone(),
+            attrs: record.attrs.clone(),
+            enrolled_at_ms: now,
+            ticket_id: record.id.clone(),
+            revoked: false,
+        };
+        let json = serde_json::to_vec_pretty(&identity).map_err(|e| e.to_string())?;
+        files::write(
+            &self.identities_dir().join(format!("{name}.json")),
+            &json,
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        tracing::info!(node = %name, attrs = ?record.attrs, ticket = %record.id, "node enrolled");
+        Ok(EnrollResponse::Enrolled {
+            name,
+            attrs: record.attrs,
+            cert_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        })
+    }
+}
+
+fn read_all<T: for<'de> Deserialize<'de>>(dir: &std::path::Path) -> Vec<T> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            if let Some(r) = files::read(&p)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
