@@ -531,7 +531,7 @@ async fn watch_revocations(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         let a = authority.clone();
         let Ok(now) = tokio::task::spawn_blocking(move || a.revoked()).await else {
