@@ -14,15 +14,21 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Stop using a credential this long before the outlet says it expires, to absorb clock skew
-/// and requests in flight.
+/// and requests in flight; shorter for short leases (see [`until`]).
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
 
+/// How long a credential that expires at `expires_at_ms` may be used from now: its remaining
+/// life less [`EXPIRY_MARGIN`], or less a sixth of that life when that is shorter. The outlet
+/// sends the next lease at two thirds of the current one's life, so with a fixed margin a
+/// lease of 3 s or less would be dropped before its successor arrives and requests would get
+/// 503s at every rotation.
 fn until(expires_at_ms: u64) -> Duration {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    Duration::from_millis(expires_at_ms.saturating_sub(now)).saturating_sub(EXPIRY_MARGIN)
+    let left = Duration::from_millis(expires_at_ms.saturating_sub(now));
+    left.saturating_sub(EXPIRY_MARGIN.min(left / 6))
 }
 
 /// Keeps `state` up to date for `service` until `shutdown`.
@@ -137,4 +143,39 @@ fn apply(
     // Swapped atomically: requests already forwarded keep the old (still valid) credential,
     // the next request head gets the new one.
     state.send_replace(LeaseState::Held(grant.credential.clone()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn short_leases_get_a_shorter_margin() {
+        // Long lease: the full margin.
+        let d = until(now_ms() + 60_000);
+        assert!(
+            d <= Duration::from_secs(59) && d > Duration::from_millis(58_900),
+            "{d:?}"
+        );
+        // A 3 s lease (renewed at 2 s) stays usable past its renewal: 2.5 s.
+        let d = until(now_ms() + 3_000);
+        assert!(
+            d <= Duration::from_millis(2_500) && d > Duration::from_millis(2_400),
+            "{d:?}"
+        );
+        // A 2 s lease (renewed at 1.33 s): 1.67 s.
+        let d = until(now_ms() + 2_000);
+        assert!(
+            d > Duration::from_millis(1_550) && d <= Duration::from_millis(1_667),
+            "{d:?}"
+        );
+        assert_eq!(until(now_ms().saturating_sub(1)), Duration::ZERO);
+    }
 }
