@@ -29,8 +29,9 @@
 //!   forbidden "insufficient permissions for write"`;
 //! - `POST /api/v2/query?org|orgID=` is minimal: it finds `from(bucket: "…")` in the Flux text
 //!   (JSON `{"query": …}` or `application/vnd.flux`), checks `read` on that bucket (`403`
-//!   otherwise) and answers `200 text/csv` with one row per stored line in a `_raw` column. It
-//!   does not evaluate Flux.
+//!   otherwise) and answers `200 text/csv` with one row per stored line in a `_raw` column,
+//!   preceded by the `#datatype`/`#group`/`#default` annotation rows a JSON body's
+//!   `dialect.annotations` asks for (as the client libraries do). It does not evaluate Flux.
 //!
 //! The admin token made at start is an operator token (all permissions). Request framing is
 //! HTTP/1.1 with keep-alive, `Content-Length` or chunked bodies, and `Expect: 100-continue`.
@@ -127,6 +128,8 @@ struct State {
     auths: BTreeMap<String, Authorization>,
     points: BTreeMap<String, Vec<String>>,
     log: Vec<Logged>,
+    /// Every token ever issued, the operator's included (for checks that none leaks).
+    issued: Vec<String>,
 }
 
 struct Shared {
@@ -198,6 +201,7 @@ impl Influx2 {
             operator: true,
             created_at_ms: now_ms(),
         };
+        st.issued.push(admin.token.clone());
         st.auths.insert(admin.id.clone(), admin);
         let shared = Arc::new(Shared {
             state: Mutex::new(st),
@@ -262,6 +266,11 @@ impl Influx2 {
             .get(bucket)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Every token the server ever issued, including deleted ones and the operator token.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
     }
 
     /// Every request answered so far.
@@ -754,6 +763,7 @@ fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> 
         created_at_ms: now_ms(),
     };
     let v = auth_json(st, &a, true);
+    st.issued.push(a.token.clone());
     st.auths.insert(a.id.clone(), a);
     ok_json(201, v)
 }
@@ -908,13 +918,23 @@ fn flux_query(
     let is_json = req
         .header("content-type")
         .is_some_and(|c| c.starts_with("application/json"));
+    // Annotation rows the client asked for in `dialect.annotations` (JSON bodies only).
+    let mut annotations: Vec<String> = Vec::new();
     let flux = if is_json {
         match serde_json::from_slice::<Map<String, Value>>(&req.body) {
-            Ok(m) => m
-                .get("query")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
+            Ok(m) => {
+                if let Some(Value::Array(a)) = m.get("dialect").and_then(|d| d.get("annotations")) {
+                    annotations = a
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect();
+                }
+                m.get("query")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            }
             Err(e) => {
                 return error(
                     400,
@@ -950,7 +970,17 @@ fn flux_query(
     ) {
         return error(403, "forbidden", "insufficient permissions for read");
     }
-    let mut csv = String::from(",result,table,_raw\r\n");
+    // Annotated CSV as InfluxDB writes it when the dialect asks for annotations.
+    let mut csv = String::new();
+    for a in &annotations {
+        match a.as_str() {
+            "datatype" => csv.push_str("#datatype,string,long,string\r\n"),
+            "group" => csv.push_str("#group,false,false,false\r\n"),
+            "default" => csv.push_str("#default,_result,,\r\n"),
+            _ => {}
+        }
+    }
+    csv.push_str(",result,table,_raw\r\n");
     for l in st.points.get(&bucket).map(Vec::as_slice).unwrap_or(&[]) {
         csv.push_str(&format!(",_result,0,\"{}\"\r\n", l.replace('"', "\"\"")));
     }
