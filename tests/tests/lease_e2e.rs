@@ -1401,7 +1401,7 @@ async fn secrets_scenario() -> Vec<String> {
     let w2 = format!("/api/v2/write?org={}&bucket=telegraf", server.org_name());
     let mut c2conn = Http::connect(a2).await.expect("connect");
     let mut c1conn = Http::connect(a1).await.expect("connect");
-    let until = Instant::now() + Duration::from_secs(5);
+    let until = Instant::now() + Duration::from_secs(6);
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
