@@ -51,7 +51,7 @@ wait_for() { # wait_for DESCRIPTION COMMAND...
   exit 1
 }
 
-say "starting a private InfluxDB on 127.0.0.1:$influx_port (the service behind the outlet)"
+say "starting a private InfluxDB 1.x on 127.0.0.1:$influx_port (auth enabled: the service behind the outlet)"
 cat >"$work/influxdb/influxdb.conf" <<CONF
 reporting-disabled = true
 bind-address = "127.0.0.1:$influx_rpc_port"
@@ -63,63 +63,83 @@ bind-address = "127.0.0.1:$influx_rpc_port"
   query-log-enabled = false
 [http]
   bind-address = "127.0.0.1:$influx_port"
+  auth-enabled = true
   log-enabled = false
 CONF
 influxd -config "$work/influxdb/influxdb.conf" >"$work/influxdb/log" 2>&1 &
 pids+=($!)
 wait_for "InfluxDB" curl -sf "http://127.0.0.1:$influx_port/ping"
+admin_pw=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+curl -sf -XPOST "http://127.0.0.1:$influx_port/query" \
+  --data-urlencode "q=CREATE USER admin WITH PASSWORD '$admin_pw' WITH ALL PRIVILEGES" >/dev/null
+curl -sf -u "admin:$admin_pw" -XPOST "http://127.0.0.1:$influx_port/query" \
+  --data-urlencode "q=CREATE DATABASE quickstart" >/dev/null
+# The outlet's admin credential lives in a file only the outlet reads; clients never see it.
+umask 077
+printf 'admin:%s' "$admin_pw" >"$work/outlet/influx-admin"
+umask 022
 
-say "creating the project CA and node certificates"
+say "creating the project CA; relay policy: only role=influxdb-outlet may offer 'influxdb', only role=influxdb-client may reach it"
 "$bin/postern-relay" ca init --state-dir "$work/relay" >/dev/null
-"$bin/postern-relay" ca issue outlet-1 --state-dir "$work/relay" --out-dir "$work/outlet" >/dev/null
-"$bin/postern-relay" ca issue inlet-1 --state-dir "$work/relay" --out-dir "$work/inlet" >/dev/null
+cat >"$work/relay/relay.toml" <<CONF
+listen = "127.0.0.1:$relay_port"
+state-dir = "$work/relay"
+
+[[policy]]
+service = "influxdb"
+register = 'role = "influxdb-outlet"'
+route = 'role = "influxdb-client"'
+CONF
 
 say "starting the relay on udp/127.0.0.1:$relay_port"
-"$bin/postern-relay" run --listen "127.0.0.1:$relay_port" --state-dir "$work/relay" >"$work/relay/log" 2>&1 &
+"$bin/postern-relay" run --config "$work/relay/relay.toml" >"$work/relay/log" 2>&1 &
 pids+=($!)
 
-say "starting the outlet (dials out to the relay; serves 'influxdb' -> 127.0.0.1:$influx_port)"
+say "creating single-use enrollment tickets (10 minutes) for the outlet and the inlet"
+outlet_ticket=$("$bin/postern-relay" ticket create --attr role=influxdb-outlet --ttl 10m \
+  --relay "127.0.0.1:$relay_port" --state-dir "$work/relay")
+inlet_ticket=$("$bin/postern-relay" ticket create --attr role=influxdb-client --ttl 10m \
+  --relay "127.0.0.1:$relay_port" --state-dir "$work/relay")
+
+say "starting the outlet: enrolls with its ticket, leases a short-lived InfluxDB user per inlet"
 cat >"$work/outlet/outlet.toml" <<CONF
-relay = "127.0.0.1:$relay_port"
-cert = "$work/outlet/outlet-1.pem"
-key = "$work/outlet/outlet-1.key"
-ca = "$work/outlet/ca.pem"
+name = "outlet-1"
 state-dir = "$work/outlet/state"
 
-[[service]]
-name = "influxdb"
-to = "127.0.0.1:$influx_port"
+[influxdb-outlet]
+to = "http://127.0.0.1:$influx_port"
+api = "v1"
+allow = 'role = "influxdb-client"'
+all-access-token = "file:$work/outlet/influx-admin"
+leased-token-expires-in = 300
+leased-token-permissions = '[{"action":"read","resource":{"type":"buckets","name":"quickstart"}},{"action":"write","resource":{"type":"buckets","name":"quickstart"}}]'
 CONF
-"$bin/postern-outlet" run --config "$work/outlet/outlet.toml" >"$work/outlet/log" 2>&1 &
+POSTERN_TICKET=$outlet_ticket "$bin/postern-outlet" run --config "$work/outlet/outlet.toml" >"$work/outlet/log" 2>&1 &
 pids+=($!)
 
-say "starting the inlet (local port 127.0.0.1:$inlet_port -> service 'influxdb')"
+say "starting the inlet: enrolls with its ticket; local port 127.0.0.1:$inlet_port carries the leased credential"
 cat >"$work/inlet/inlet.toml" <<CONF
-relay = "127.0.0.1:$relay_port"
-cert = "$work/inlet/inlet-1.pem"
-key = "$work/inlet/inlet-1.key"
-ca = "$work/inlet/ca.pem"
+name = "inlet-1"
+state-dir = "$work/inlet/state"
 
 [[service]]
 name = "influxdb"
 listen = "127.0.0.1:$inlet_port"
+kind = "influxdb"
 CONF
-"$bin/postern-inlet" run --config "$work/inlet/inlet.toml" >"$work/inlet/log" 2>&1 &
+POSTERN_TICKET=$inlet_ticket "$bin/postern-inlet" run --config "$work/inlet/inlet.toml" >"$work/inlet/log" 2>&1 &
 pids+=($!)
-wait_for "the tunnel" curl -sf "http://127.0.0.1:$inlet_port/ping"
+wait_for "the tunnel and the first lease" curl -sf "http://127.0.0.1:$inlet_port/ping"
 
 influx_cli() { influx -host 127.0.0.1 -port "$inlet_port" "$@"; }
 
-say "through the inlet: CREATE DATABASE quickstart (influx CLI)"
-influx_cli -execute 'CREATE DATABASE quickstart'
-
-say "through the inlet: writing 3 points (HTTP /write, line protocol)"
+say "through the inlet, with NO credentials: writing 3 points (curl, line protocol)"
 now=$(date +%s)
 printf 'cpu,host=a usage=0.64 %s\ncpu,host=b usage=0.21 %s\ncpu,host=c usage=0.97 %s\n' \
   "$now" "$now" "$now" |
   curl -sf -XPOST "http://127.0.0.1:$inlet_port/write?db=quickstart&precision=s" --data-binary @-
 
-say "through the inlet: SELECT * FROM cpu (influx CLI)"
+say "through the inlet, with NO credentials: SELECT host, usage FROM cpu (influx CLI)"
 out=$(influx_cli -database quickstart -execute 'SELECT host, usage FROM cpu')
 echo "$out"
 count=$(grep -cE '^[0-9]+ +[abc] ' <<<"$out" || true)
@@ -128,8 +148,13 @@ if [ "$count" != 3 ]; then
   exit 1
 fi
 
-say "done: 3 points written and read back through inlet -> relay -> outlet -> InfluxDB"
+say "the lease behind it (postern-outlet lease list), and the InfluxDB users it made"
+"$bin/postern-outlet" lease list --state-dir "$work/outlet/state"
+curl -sf -u "admin:$admin_pw" -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=SHOW USERS"
+echo
+
+say "done: enrolled with tickets; 3 points written and read back through inlet -> relay -> outlet -> InfluxDB with a leased, per-client user"
 echo "    logs and state: $work"
 if [ -n "${KEEP:-}" ]; then
-  echo "    still running (pids ${pids[*]}); point any InfluxDB client at 127.0.0.1:$inlet_port"
+  echo "    still running (pids ${pids[*]}); point any InfluxDB client at 127.0.0.1:$inlet_port, no credentials needed"
 fi
