@@ -35,8 +35,11 @@ mkdir -p "$work"/{influxdb,relay,outlet,inlet}
 pids=()
 cleanup() {
   if [ -z "${KEEP:-}" ]; then
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # Newest first: the outlet revokes its leases while InfluxDB is still up.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+      kill "${pids[$i]}" 2>/dev/null || true
+      wait "${pids[$i]}" 2>/dev/null || true
+    done
   fi
 }
 trap cleanup EXIT
