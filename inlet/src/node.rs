@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     endpoint: quinn::Endpoint,
     e2e_client: quinn::ClientConfig,
     relay: SocketAddr,
+    key_budget: Mutex<postern_net::rekey::KeyBudget>,
+    key_updates: Arc<std::sync::atomic::AtomicU64>,
     control: watch::Receiver<Option<quinn::Connection>>,
     /// Per service: the current end-to-end connection. The async mutex makes concurrent client
     /// connections wait for one route set-up instead of each asking for a route.
@@ -166,6 +168,12 @@ impl Shared {
             }
         };
         tracing::info!(%service, %route, %outlet, "end-to-end connection up");
+        let budget = *self.key_budget.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::spawn(postern_net::rekey::run(
+            conn.clone(),
+            budget,
+            self.key_updates.clone(),
+        ));
         *guard = Some(E2e {
             route,
             conn: conn.clone(),
@@ -215,9 +223,15 @@ pub struct Inlet {
 #[derive(Clone)]
 pub struct InletHandle {
     control: watch::Receiver<Option<quinn::Connection>>,
+    key_updates: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl InletHandle {
+    /// Key updates made on end-to-end connections so far.
+    pub fn key_updates(&self) -> u64 {
+        self.key_updates.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits until the control connection to the relay is up.
     pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
         control::wait_connected(&mut self.control, timeout)
@@ -269,6 +283,8 @@ impl Inlet {
                 endpoint,
                 e2e_client: endpoint::e2e_client(&opts.identity, opts.roots.clone())?,
                 relay: opts.relay.addr,
+                key_budget: Mutex::default(),
+                key_updates: Arc::default(),
                 control: control_rx,
                 e2e: Mutex::default(),
             }),
@@ -278,6 +294,15 @@ impl Inlet {
             listeners,
             leases,
         })
+    }
+
+    /// Sets when end-to-end traffic keys are rotated (default: every GiB or hour).
+    pub fn set_key_budget(&self, budget: postern_net::rekey::KeyBudget) {
+        *self
+            .shared
+            .key_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = budget;
     }
 
     /// The local address of a service's listener.
@@ -292,6 +317,7 @@ impl Inlet {
     pub fn handle(&self) -> InletHandle {
         InletHandle {
             control: self.control.subscribe(),
+            key_updates: self.shared.key_updates.clone(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod enroll;
 pub mod files;
 pub mod node_config;
 pub mod node_socket;
+pub mod rekey;
 pub mod relay_socket;
 pub mod splice;
 

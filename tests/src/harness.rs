@@ -246,6 +246,9 @@ pub async fn start_inlet_kinds(
     })
     .await
     .expect("bind inlet");
+    if let Some(budget) = key_budget() {
+        inlet.set_key_budget(budget);
+    }
     let addrs = services
         .iter()
         .map(|(s, _)| (s.to_string(), inlet.listen_addr(&svc(s)).expect("listener")))
@@ -356,4 +359,17 @@ pub async fn influx_cli(addr: SocketAddr, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+thread_local! {
+    static KEY_BUDGET: std::cell::Cell<Option<postern_net::rekey::KeyBudget>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes inlets started by this thread (until reset) rotate keys on `budget`.
+pub fn set_key_budget(budget: Option<postern_net::rekey::KeyBudget>) {
+    KEY_BUDGET.with(|b| b.set(budget));
+}
+
+fn key_budget() -> Option<postern_net::rekey::KeyBudget> {
+    KEY_BUDGET.with(|b| b.get())
 }

@@ -387,3 +387,27 @@ async fn routes_spread_over_outlets_and_move_when_one_leaves() {
     }
     assert_eq!(o2.handle.connection_count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_keys_rotate_on_budget_without_disturbing_data() {
+    init_logging();
+    let pki = Pki::new();
+    set_key_budget(Some(postern_net::rekey::KeyBudget {
+        bytes: 4 * MIB as u64,
+        time: Duration::from_secs(3600),
+    }));
+    let (_r, _o, inlet) = cluster_with_echo(&pki, None).await;
+    set_key_budget(None);
+    let (a, b) = echo_round(inlet.addr("echo"), 32 * MIB).await;
+    assert_eq!(a, b);
+    // The budget is checked twice a second; the transfer may finish first, so keep the
+    // connection busy until a rotation has been seen, then check data again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while inlet.handle.key_updates() == 0 {
+        assert!(Instant::now() < deadline, "no key update happened");
+        let (a, b) = echo_round(inlet.addr("echo"), 8 * MIB).await;
+        assert_eq!(a, b);
+    }
+    let (a, b) = echo_round(inlet.addr("echo"), 16 * MIB).await;
+    assert_eq!(a, b, "data intact after key updates");
+}
