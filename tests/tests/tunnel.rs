@@ -411,3 +411,109 @@ async fn traffic_keys_rotate_on_budget_without_disturbing_data() {
     let (a, b) = echo_round(inlet.addr("echo"), 16 * MIB).await;
     assert_eq!(a, b, "data intact after key updates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_to_the_relay_is_counted_and_disturbs_no_route() {
+    use std::sync::atomic::Ordering::Relaxed;
+    init_logging();
+    let pki = Pki::new();
+    let (relay, _o, inlet) = cluster_with_echo(&pki, None).await;
+    let (a, b) = echo_round(inlet.addr("echo"), 10_000).await;
+    assert_eq!(a, b);
+    let fwd = relay.handle.forward_stats();
+    let ctl = relay.handle.control_stats();
+
+    // Garbage datagrams: unknown first bytes, truncated frames, unknown routes.
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let malformed_before = fwd.dropped_malformed.load(Relaxed);
+    let unknown_before = fwd.dropped_unknown_route.load(Relaxed);
+    for d in [
+        vec![0x00u8; 50],
+        vec![0x3f; 3],
+        vec![postern_proto::fwd::TAG, 1, 2],
+        vec![0x02; 1200],
+    ] {
+        junk.send_to(&d, relay.addr).await.expect("send");
+    }
+    let mut unknown_route = postern_proto::fwd::header(postern_proto::fwd::RouteId(42)).to_vec();
+    unknown_route.extend_from_slice(&[0x41; 100]);
+    junk.send_to(&unknown_route, relay.addr)
+        .await
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fwd.dropped_malformed.load(Relaxed) < malformed_before + 4
+        || fwd.dropped_unknown_route.load(Relaxed) < unknown_before + 1
+    {
+        assert!(Instant::now() < deadline, "garbage was not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A client with the wrong ALPN: the handshake fails and is counted.
+    let hs_before = ctl.handshake_failures.load(Relaxed);
+    let ident = pki.identity("wrong-alpn");
+    let mut tls = postern_proto::tls::client_config(&ident, pki.roots(), &[b"h3"]).expect("tls");
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic");
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let res = ep
+        .connect_with(quinn::ClientConfig::new(Arc::new(qc)), relay.addr, "relay")
+        .expect("connect")
+        .await;
+    assert!(res.is_err(), "wrong ALPN must not connect");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ctl.handshake_failures.load(Relaxed) == hs_before {
+        assert!(Instant::now() < deadline, "wrong ALPN not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A real node sending an oversize frame and an unknown-version frame on control streams.
+    let client = postern_net::endpoint::control_client(&pki.identity("prober"), pki.roots())
+        .expect("client");
+    let conn = ep
+        .connect_with(client, relay.addr, "relay")
+        .expect("connect")
+        .await
+        .expect("control connection");
+    let bad_before = ctl.bad_messages.load(Relaxed);
+    let mut oversize = ((postern_proto::codec::MAX_FRAME_LEN + 10) as u32)
+        .to_be_bytes()
+        .to_vec();
+    oversize.extend(std::iter::repeat_n(
+        1u8,
+        postern_proto::codec::MAX_FRAME_LEN + 10,
+    ));
+    let mut unknown_version =
+        postern_proto::codec::to_frame(&postern_proto::msg::Ctl::Heartbeat { seq: 1 })
+            .expect("frame");
+    unknown_version[postern_proto::codec::LEN_PREFIX] = 99;
+    for bytes in [oversize, unknown_version] {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let _ = send.write_all(&bytes).await;
+        let _ = send.finish();
+        let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+            .await
+            .expect("answered in time")
+            .expect("answer");
+        let msg: postern_proto::msg::Ctl =
+            postern_proto::codec::decode_exact(&answer).expect("frame");
+        assert!(
+            matches!(msg, postern_proto::msg::Ctl::Error { .. }),
+            "{msg:?}"
+        );
+    }
+    assert_eq!(ctl.bad_messages.load(Relaxed), bad_before + 2);
+    // The relay still answers a good request on the same connection...
+    let pong = postern_net::ctl::request(
+        &conn,
+        &postern_proto::msg::Ctl::Heartbeat { seq: 7 },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("heartbeat");
+    assert_eq!(pong, postern_proto::msg::Ctl::HeartbeatAck { seq: 7 });
+    // ...and the existing route never noticed.
+    let (a, b) = echo_round(inlet.addr("echo"), 1_000_000).await;
+    assert_eq!(a, b);
+}
