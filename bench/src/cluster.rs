@@ -273,6 +273,14 @@ impl BenchRelay {
         matches!(self.inner, RelayInner::Child { .. })
     }
 
+    /// The relay's process id when it runs in a process of its own.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.inner {
+            RelayInner::InProcess { .. } => None,
+            RelayInner::Child { pid, .. } => Some(*pid),
+        }
+    }
+
     /// The relay's counters.
     pub async fn stats(&mut self) -> Result<RelayStats> {
         match &mut self.inner {

@@ -76,6 +76,9 @@ struct BulkArgs {
     /// KiB per client write.
     #[arg(long)]
     write_kib: Option<usize>,
+    /// Seconds a run may take before its unfinished streams count as errors.
+    #[arg(long)]
+    run_timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -156,6 +159,9 @@ fn plan(cli: &Cli) -> Plan {
             }
             if let Some(v) = a.write_kib {
                 o.write_size = (v << 10).max(1);
+            }
+            if let Some(v) = a.run_timeout {
+                o.run_timeout_s = v.max(1);
             }
             o.baselines = cli.baselines;
             Plan {

@@ -85,17 +85,34 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 }
 
 impl Report {
-    /// Errors over every scenario.
+    /// Errors over every scenario, leaving out third-party baselines (whose failures are
+    /// shown in the tables but are not postern's).
     pub fn errors(&self) -> u64 {
+        let ours = |s: &str| s == "direct" || s.starts_with("postern");
         let mut n = 0;
         if let Some(b) = &self.bulk {
-            n += b.rows.iter().map(|r| r.errors).sum::<u64>();
+            n += b
+                .rows
+                .iter()
+                .filter(|r| ours(&r.system))
+                .map(|r| r.errors)
+                .sum::<u64>();
         }
         if let Some(r) = &self.rr {
-            n += r.rows.iter().map(|r| r.errors).sum::<u64>();
+            n += r
+                .rows
+                .iter()
+                .filter(|r| ours(&r.system))
+                .map(|r| r.errors)
+                .sum::<u64>();
         }
         if let Some(o) = &self.open {
-            n += o.rows.iter().map(|r| r.errors).sum::<u64>();
+            n += o
+                .rows
+                .iter()
+                .filter(|r| ours(&r.system))
+                .map(|r| r.errors)
+                .sum::<u64>();
         }
         n += self.fleet.iter().map(|f| f.errors).sum::<u64>();
         if let Some(h) = &self.http {

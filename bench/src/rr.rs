@@ -181,7 +181,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &RrOptions) -> Result<RrRepo
     ];
     let mut systems = vec![
         System::plain("direct", echo),
-        System::plain("postern", tunnel.addr),
+        System::plain("postern", tunnel.addr).with_relay(tunnel.relay.pid()),
     ];
     let mut extra = systems::start_baselines(opts.baselines, echo, &mut notes).await;
     systems.extend(extra.iter_mut().map(|b| b.system()));

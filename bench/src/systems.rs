@@ -13,6 +13,9 @@ use tokio::process::{Child, Command};
 pub struct System {
     pub name: String,
     pub addr: SocketAddr,
+    /// The process in the middle (postern's relay, rathole's or bore's server), when it runs
+    /// apart from the bench, so that its CPU time can be read.
+    pub relay_pid: Option<u32>,
 }
 
 impl System {
@@ -20,7 +23,13 @@ impl System {
         Self {
             name: name.into(),
             addr,
+            relay_pid: None,
         }
+    }
+
+    pub fn with_relay(mut self, pid: Option<u32>) -> Self {
+        self.relay_pid = pid;
+        self
     }
 }
 
@@ -28,13 +37,15 @@ impl System {
 pub struct Baseline {
     pub name: String,
     pub addr: SocketAddr,
-    _children: Vec<Child>,
+    /// Server first, then client.
+    children: Vec<Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Baseline {
     pub fn system(&mut self) -> System {
-        System::plain(&self.name, self.addr)
+        let server = self.children.first().and_then(|c| c.id());
+        System::plain(&self.name, self.addr).with_relay(server)
     }
 }
 
@@ -178,7 +189,7 @@ async fn rathole(bin: PathBuf, target: SocketAddr, noise: bool) -> Result<Baseli
     Ok(Baseline {
         name: if noise { "rathole-noise" } else { "rathole" }.into(),
         addr,
-        _children: vec![s, c],
+        children: vec![s, c],
         _dir: Some(dir),
     })
 }
@@ -189,6 +200,8 @@ async fn bore(bin: PathBuf, target: SocketAddr) -> Result<Baseline> {
     let s = spawn(
         Command::new(&bin)
             .arg("server")
+            .arg("--bind-addr")
+            .arg("127.0.0.1")
             .arg("--min-port")
             .arg(public.to_string())
             .arg("--max-port")
@@ -212,7 +225,7 @@ async fn bore(bin: PathBuf, target: SocketAddr) -> Result<Baseline> {
     Ok(Baseline {
         name: "bore".into(),
         addr,
-        _children: vec![s, c],
+        children: vec![s, c],
         _dir: None,
     })
 }
