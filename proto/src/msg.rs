@@ -42,6 +42,11 @@ pub enum Ctl {
     RouteClosed { route: RouteId, reason: String },
     /// Relay -> outlet: this identity was revoked; close its end-to-end connections.
     Revoked { name: NodeName },
+    /// Node -> relay: sign a fresh certificate for my identity (same name and attributes) for
+    /// this request's key.
+    Renew { csr_pem: String },
+    /// Relay -> node: the renewed certificate.
+    Renewed { cert_pem: String },
     /// Either way: liveness probe.
     Heartbeat { seq: u64 },
     /// Answer to `Heartbeat`.

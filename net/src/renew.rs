@@ -1,0 +1,131 @@
+//! Automatic certificate renewal over the control connection.
+//!
+//! Enrolled certificates are short-lived. At two thirds of its life the node makes a fresh key
+//! pair, asks the relay (the authority) to sign it for the same name and attributes, and writes
+//! the new pair to its state directory — key and certificate each written aside and then
+//! renamed, so a crash leaves either the old pair or the new one. New connections use the new
+//! identity through the caller's `on_renewed` hook; open connections keep theirs.
+
+use crate::ctl::{self, CtlError, CTL_TIMEOUT};
+use crate::enroll::NodeState;
+use crate::files::{self, FileError};
+use postern_proto::msg::Ctl;
+use postern_proto::pki::{self, PkiError};
+use postern_proto::tls::Identity;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Why a renewal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("renewal request failed: {0}")]
+    Control(#[from] CtlError),
+    #[error("the relay refused to renew: {0}")]
+    Refused(String),
+}
+
+/// When a certificate valid from `from` to `until` should be renewed.
+pub fn renew_at(from: SystemTime, until: SystemTime) -> SystemTime {
+    let life = until.duration_since(from).unwrap_or_default();
+    from + life * 2 / 3
+}
+
+/// Renews once over `conn`; returns the new identity.
+pub async fn renew_once(conn: &quinn::Connection, state: &NodeState) -> Result<Identity, RenewError> {
+    let current = files::read(&state.cert())?;
+    let name = pki::cert_name(&pki::first_cert(&current)?)?;
+    let (csr_pem, key) = pki::make_csr(&name)?;
+    let cert_pem = match ctl::request(conn, &Ctl::Renew { csr_pem }, CTL_TIMEOUT).await? {
+        Ctl::Renewed { cert_pem } => cert_pem,
+        Ctl::Error { message } => return Err(RenewError::Refused(message)),
+        other => return Err(RenewError::Refused(format!("unexpected answer {other:?}"))),
+    };
+    // The pair must match before anything on disk changes.
+    let identity = Identity::from_pem(&cert_pem, &key.0)?;
+    let key_new = state.key().with_extension("key.new");
+    let cert_new = state.cert().with_extension("pem.new");
+    files::write(&key_new, key.0.as_bytes(), true)?;
+    files::write(&cert_new, cert_pem.as_bytes(), false)?;
+    let rename = |from: &std::path::Path, to: std::path::PathBuf| {
+        std::fs::rename(from, &to).map_err(|source| FileError::Write { path: to, source })
+    };
+    rename(&key_new, state.key())?;
+    rename(&cert_new, state.cert())?;
+    Ok(identity)
+}
+
+/// Finishes a renewal interrupted between its two renames (call at start-up).
+pub fn recover(state: &NodeState) {
+    let key_new = state.key().with_extension("key.new");
+    let cert_new = state.cert().with_extension("pem.new");
+    if cert_new.exists() && !key_new.exists() {
+        // The key was renamed into place, the certificate not yet.
+        let _ = std::fs::rename(&cert_new, state.cert());
+    } else {
+        // Nothing was renamed: the old pair is intact and still valid.
+        let _ = std::fs::remove_file(&key_new);
+        let _ = std::fs::remove_file(&cert_new);
+    }
+}
+
+/// Keeps the node's certificate fresh until `shutdown`, calling `on_renewed` with each new
+/// identity.
+pub async fn run(
+    state: NodeState,
+    mut control: watch::Receiver<Option<quinn::Connection>>,
+    on_renewed: impl Fn(Identity) + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+    loop {
+        let due = files::read(&state.cert())
+            .ok()
+            .and_then(|pem| pki::first_cert(&pem).ok())
+            .and_then(|der| pki::cert_validity(&der).ok())
+            .map(|(from, until)| renew_at(from, until));
+        let Some(due) = due else {
+            tracing::warn!("cannot read this node's certificate; automatic renewal is off");
+            return;
+        };
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let Some(conn) = crate::control::wait_connected(&mut control, Duration::from_secs(30)).await else {
+            continue;
+        };
+        match renew_once(&conn, &state).await {
+            Ok(identity) => {
+                tracing::info!("certificate renewed");
+                backoff.reset();
+                on_renewed(identity);
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "certificate renewal failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_two_thirds() {
+        let from = SystemTime::UNIX_EPOCH;
+        let until = from + Duration::from_secs(3000);
+        assert_eq!(renew_at(from, until), from + Duration::from_secs(2000));
+    }
+}
