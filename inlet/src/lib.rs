@@ -5,5 +5,6 @@ pub mod config;
 pub mod http_proxy;
 pub mod lease;
 pub mod node;
+pub mod tls;
 
 pub use node::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};

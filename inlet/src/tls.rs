@@ -1,0 +1,319 @@
+//! TLS on a local listener, so a browser can open a service at an `https://` hostname such as
+//! `https://influxdb.myproject.localhost:8086/`.
+//!
+//! The certificate is the user's (PEM chain + key files): issued for the hostname by the project
+//! CA (`postern-relay ca issue influxdb.myproject.localhost`), trusted once by the browser
+//! through `postern-inlet ca export`, or any other certificate the user has. TLS 1.2 and 1.3,
+//! no client certificate, ALPN `http/1.1` so the HTTP filter sees plain HTTP/1.1 requests once
+//! the handshake is done.
+
+use postern_proto::tls::{provider, Identity};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+pub use tokio_rustls::TlsAcceptor;
+
+/// How long a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The ALPN protocol offered: HTTP/1.1 only (the HTTP filter does not speak HTTP/2).
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Why a listener's TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("tls-cert {cert} / tls-key {key}: {message}")]
+    Pem {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
+    #[error("tls-cert {cert} / tls-key {key}: {source}")]
+    Rustls {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+}
+
+/// A TLS acceptor serving the PEM certificate chain in `cert` with the PEM private key in `key`.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
+    let read = |what, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| TlsSetupError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let cert_pem = read("tls-cert", cert)?;
+    let key_pem = read("tls-key", key)?;
+    let identity = Identity::from_pem(&cert_pem, &key_pem).map_err(|e| TlsSetupError::Pem {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        message: e.to_string(),
+    })?;
+    server_config(&identity)
+        .map(|c| TlsAcceptor::from(Arc::new(c)))
+        .map_err(|source| TlsSetupError::Rustls {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        })
+}
+
+/// The server configuration for a local listener: TLS 1.2 + 1.3, no client certificate, ALPN
+/// `http/1.1`. Fails if the key does not match the certificate.
+pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(identity.certs.clone(), identity.key())?;
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(cfg)
+}
+
+/// Runs the server side of the handshake on an accepted connection, within
+/// [`HANDSHAKE_TIMEOUT`].
+pub async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+    accept_within(acceptor, tcp, HANDSHAKE_TIMEOUT).await
+}
+
+/// [`accept`] with another time limit.
+pub async fn accept_within(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    limit: Duration,
+) -> io::Result<TlsStream<TcpStream>> {
+    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        )),
+    }
+}
+
+/// A client connection to a local listener: plain TCP or TLS over it.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    /// Accepts `tcp` as is, or after a TLS handshake when the listener has an acceptor.
+    pub async fn accept(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> io::Result<Self> {
+        match tls {
+            None => Ok(Self::Plain(tcp)),
+            Some(a) => Ok(Self::Tls(Box::new(accept(a, tcp).await?))),
+        }
+    }
+
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(t) => t,
+            Self::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(t) => t.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_proto::name::NodeName;
+    use postern_proto::pki::Ca;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsConnector;
+
+    const HOST: &str = "influxdb.test.localhost";
+
+    fn files(dir: &Path, ca: &Ca) -> (PathBuf, PathBuf) {
+        let issued = ca
+            .issue(
+                &NodeName::new(HOST).expect("name"),
+                Duration::from_secs(3600),
+            )
+            .expect("issue");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, &issued.cert_pem).expect("write cert");
+        std::fs::write(&key, &issued.key_pem).expect("write key");
+        (cert, key)
+    }
+
+    fn client(ca: &Ca, version: &'static rustls::SupportedProtocolVersion) -> TlsConnector {
+        let roots = postern_proto::tls::roots_from_pem(ca.cert_pem()).expect("roots");
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TlsConnector::from(Arc::new(cfg))
+    }
+
+    async fn echo_once(
+        acceptor: TlsAcceptor,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.expect("accept");
+            let mut s = ClientStream::accept(tcp, Some(&acceptor))
+                .await
+                .expect("handshake");
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.expect("read");
+            s.write_all(&buf).await.expect("write");
+            s.shutdown().await.expect("shutdown");
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn serves_tls12_and_tls13_with_http11_alpn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate("test").expect("ca");
+        let (cert, key) = files(dir.path(), &ca);
+        let acceptor = acceptor(&cert, &key).expect("acceptor");
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let (addr, task) = echo_once(acceptor.clone()).await;
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let mut s = client(&ca, version)
+                .connect(HOST.try_into().expect("server name"), tcp)
+                .await
+                .expect("client handshake");
+            let (_, conn) = s.get_ref();
+            assert_eq!(conn.alpn_protocol(), Some(ALPN_HTTP11));
+            assert_eq!(conn.protocol_version(), Some(version.version));
+            s.write_all(b"hello").await.expect("write");
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).await.expect("read");
+            assert_eq!(back, b"hello");
+            task.await.expect("server");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_checking_another_name_refuses_the_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate("test").expect("ca");
+        let (cert, key) = files(dir.path(), &ca);
+        let (addr, _task) = echo_once(acceptor(&cert, &key).expect("acceptor")).await;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let r = client(&ca, &rustls::version::TLS13)
+            .connect("other.test.localhost".try_into().expect("name"), tcp)
+            .await;
+        assert!(r.is_err(), "certificate accepted for the wrong name");
+    }
+
+    #[tokio::test]
+    async fn bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate("test").expect("ca");
+        let (cert, key) = files(dir.path(), &ca);
+        let missing = dir.path().join("missing.pem");
+        let e = acceptor(&missing, &key).err().expect("missing cert");
+        assert!(e.to_string().contains("tls-cert"), "{e}");
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+        let e = acceptor(&key, &key).err().expect("key as cert");
+        assert!(e.to_string().contains("key.pem"), "{e}");
+        // A key that does not belong to the certificate.
+        let other = files(
+            &{
+                let d = dir.path().join("other");
+                std::fs::create_dir(&d).expect("mkdir");
+                d
+            },
+            &ca,
+        );
+        assert!(acceptor(&cert, &other.1).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate("test").expect("ca");
+        let (cert, key) = files(dir.path(), &ca);
+        let acceptor = acceptor(&cert, &key).expect("acceptor");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, _) = l.accept().await.expect("accept");
+        let e = accept_within(&acceptor, tcp, Duration::from_millis(200))
+            .await
+            .expect_err("no handshake");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+}
