@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs postern's test suite. Installs what the tests need first (InfluxDB 1.x and its CLI from
-# Debian, a Python venv with the real InfluxDB client libraries), then fmt, clippy and tests.
+# Debian, a Python venv with the real InfluxDB client libraries, headless Chromium, certutil and
+# nginx for the browser test), then fmt, clippy and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -11,6 +12,9 @@ command -v influxd >/dev/null || need+=(influxdb)
 command -v influx >/dev/null || need+=(influxdb-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v curl >/dev/null || need+=(curl)
+command -v chromium >/dev/null || need+=(chromium)
+command -v certutil >/dev/null || need+=(libnss3-tools)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   $sudo apt-get update -qq

@@ -34,6 +34,22 @@ enum Command {
         #[arg(long, default_value = "postern-inlet-state")]
         state_dir: std::path::PathBuf,
     },
+    /// The project CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the project CA certificate (PEM) this inlet enrolled with, to trust it once, e.g.
+    /// in a browser for a TLS listener whose certificate the project CA issued:
+    /// `postern-inlet ca export > ca.pem`, then
+    /// `certutil -d sql:$HOME/.pki/nssdb -A -t "C,," -n postern-ca -i ca.pem`.
+    Export {
+        /// The inlet's state directory.
+        #[arg(long, default_value = "postern-inlet-state")]
+        state_dir: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -59,6 +75,10 @@ async fn main() -> anyhow::Result<()> {
             let info = postern_net::enroll::enroll(&ticket, &name, &state).await?;
             println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
             println!("identity stored in {}", state_dir.display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Export { state_dir }) => {
+            print!("{}", postern_inlet::tls::export_ca(&state_dir)?);
             Ok(())
         }
     }

@@ -105,6 +105,26 @@ pub async fn accept_within(
     }
 }
 
+/// The project CA certificate (PEM) from an enrolled inlet's state directory, checked to hold
+/// at least one certificate (`postern-inlet ca export`).
+pub fn export_ca(state_dir: &Path) -> anyhow::Result<String> {
+    let path = postern_net::enroll::NodeState::new(state_dir).ca();
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the project CA {}: {e} (enroll first: postern-inlet enroll TICKET \
+             --state-dir {})",
+            path.display(),
+            state_dir.display()
+        )
+    })?;
+    let certs = postern_proto::pki::certs_from_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no certificate", path.display());
+    }
+    Ok(pem)
+}
+
 /// A client connection to a local listener: plain TCP or TLS over it.
 pub enum ClientStream {
     Plain(TcpStream),
@@ -137,7 +157,14 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            // Browsers often close without a close_notify alert: take that as the end of input
+            // (HTTP's own framing shows a truncated request) rather than as an error.
+            Self::Tls(s) => match Pin::new(s.as_mut()).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
         }
     }
 }
@@ -275,6 +302,20 @@ mod tests {
             .connect("other.test.localhost".try_into().expect("name"), tcp)
             .await;
         assert!(r.is_err(), "certificate accepted for the wrong name");
+    }
+
+    #[test]
+    fn export_ca_prints_the_enrolled_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = export_ca(dir.path()).expect_err("not enrolled");
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+        assert!(e.to_string().contains("enroll"), "{e}");
+        let ca = Ca::generate("test").expect("ca");
+        let state = postern_net::enroll::NodeState::new(dir.path());
+        std::fs::write(state.ca(), ca.cert_pem()).expect("write");
+        assert_eq!(export_ca(dir.path()).expect("export"), ca.cert_pem());
+        std::fs::write(state.ca(), "not a certificate").expect("write");
+        assert!(export_ca(dir.path()).is_err());
     }
 
     #[tokio::test]
