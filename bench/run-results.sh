@@ -27,7 +27,7 @@ run() {
   local name=$1; shift
   wait_quiet
   echo "== $name: load $(cut -d' ' -f1 /proc/loadavg) before" >&2
-  "$bin" "$@" --json "$out/$name.json" --charts "$out/$name" | tee "$out/$name.md"
+  "$bin" "$@" --json "$out/$name.json" --charts "$out" | tee "$out/$name.md"
 }
 
 run bulk --baselines "$@" bulk --streams 1,8,64,1000
