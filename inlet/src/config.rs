@@ -35,6 +35,9 @@ pub struct InletFile {
     pub state_dir: Option<PathBuf>,
     pub ticket: Option<String>,
     pub name: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    /// e.g. `"10s"`.
+    pub drain_timeout: Option<String>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
 }
@@ -76,6 +79,14 @@ pub struct RunArgs {
     /// tables. `kind=influxdb` puts the leased credential into every HTTP request.
     #[arg(long = "service", value_name = "NAME=ADDR[,kind=influxdb]")]
     pub services: Vec<String>,
+    /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
+    /// control connection to the relay is up), e.g. `127.0.0.1:9466` [default: none].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT, stop accepting client connections and let open ones finish for at
+    /// most this long before closing, e.g. `10s`, `500ms` [default: 10s].
+    #[arg(long, value_parser = postern_net::drain::parse_duration)]
+    pub drain_timeout: Option<std::time::Duration>,
 }
 
 /// The merged configuration.
@@ -84,6 +95,8 @@ pub struct InletConfig {
     pub node: NodeArgs,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub drain_timeout: std::time::Duration,
 }
 
 /// Parses one `--service` flag.
@@ -134,7 +147,16 @@ impl RunArgs {
                 bail!("listen address {} is used twice", s.listen);
             }
         }
+        let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
+            (Some(d), _) => d,
+            (None, Some(text)) => postern_net::drain::parse_duration(text)
+                .map_err(anyhow::Error::msg)
+                .context("drain-timeout")?,
+            (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
+        };
         Ok(InletConfig {
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            drain_timeout,
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
@@ -156,6 +178,16 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deploy_example_config_is_valid() {
+        let file: InletFile = toml::from_str(include_str!("../../deploy/config/inlet.toml"))
+            .expect("deploy/config/inlet.toml");
+        let drain = file.drain_timeout.as_deref().expect("drain-timeout");
+        postern_net::drain::parse_duration(drain).expect("drain-timeout");
+        assert!(file.metrics_addr.is_some());
+        assert_eq!(file.service.len(), 1);
+    }
 
     #[test]
     fn service_flags_parse() {

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod http_proxy;
 pub mod lease;
+pub mod metrics;
 pub mod node;
 pub mod tls;
 

@@ -18,6 +18,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the inlet.
@@ -55,10 +57,7 @@ enum CaCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
-        .with_writer(std::io::stderr)
-        .init();
+    postern_net::logging::init(&cli.log, None)?;
     match cli.command {
         Command::Run(args) => run(args).await,
         Command::Enroll {
@@ -86,10 +85,18 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
+    let recorder = match cfg.metrics_addr {
+        Some(_) => {
+            let r = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
+            postern_inlet::metrics::describe();
+            Some(r)
+        }
+        None => None,
+    };
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
     let (relay, identity, roots) = settings.load()?;
-    let inlet = Inlet::bind(InletOptions {
+    let mut inlet = Inlet::bind(InletOptions {
         relay,
         identity,
         roots,
@@ -104,12 +111,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect(),
     })
     .await?;
+    inlet.set_drain_timeout(cfg.drain_timeout);
+    let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = postern_net::ops::bind(addr).await?;
+        tokio::spawn(postern_net::ops::serve(
+            listener,
+            std::sync::Arc::new(inlet.handle()),
+            recorder,
+            ops_stop.clone(),
+        ));
+    }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         postern_net::shutdown_signal().await;
+        tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
     inlet.run(shutdown).await;
+    ops_stop.cancel();
+    tracing::info!("inlet stopped");
     Ok(())
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// How long a client connection waits for the relay to be reachable before it is closed.
@@ -217,13 +218,23 @@ pub struct Inlet {
     control: watch::Sender<Option<quinn::Connection>>,
     listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
     leases: Vec<(ServiceName, watch::Sender<LeaseState>)>,
+    drain: Drain,
+    drain_timeout: Duration,
 }
 
-/// Inspect a running inlet.
+/// Graceful-shutdown state: whether it has begun, and the open client connections.
+#[derive(Clone, Default)]
+struct Drain {
+    draining: CancellationToken,
+    clients: TaskTracker,
+}
+
+/// Inspect a running inlet (tests, the metrics endpoint).
 #[derive(Clone)]
 pub struct InletHandle {
     control: watch::Receiver<Option<quinn::Connection>>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
+    drain: Drain,
 }
 
 impl InletHandle {
@@ -237,6 +248,30 @@ impl InletHandle {
         control::wait_connected(&mut self.control, timeout)
             .await
             .is_some()
+    }
+
+    /// Open client connections.
+    pub fn open_streams(&self) -> usize {
+        self.drain.clients.len()
+    }
+
+    /// True while the control connection to the relay is up.
+    pub fn relay_connected(&self) -> bool {
+        self.control
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
+    /// Whether the inlet can serve clients (the `/readyz` answer).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.drain.draining.is_cancelled() {
+            Err("shutting down".into())
+        } else if !self.relay_connected() {
+            Err("no control connection to the relay".into())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -293,7 +328,16 @@ impl Inlet {
             control,
             listeners,
             leases,
+            drain: Drain::default(),
+            drain_timeout: Duration::ZERO,
         })
+    }
+
+    /// After shutdown is asked for, stop accepting client connections and let open ones finish
+    /// for up to `timeout` (keeping the relay connection and leases up meanwhile) before
+    /// closing. Default: zero, close at once.
+    pub fn set_drain_timeout(&mut self, timeout: Duration) {
+        self.drain_timeout = timeout;
     }
 
     /// Sets when end-to-end traffic keys are rotated (default: every GiB or hour).
@@ -318,11 +362,14 @@ impl Inlet {
         InletHandle {
             control: self.control.subscribe(),
             key_updates: self.shared.key_updates.clone(),
+            drain: self.drain.clone(),
         }
     }
 
-    /// Runs until `shutdown`.
+    /// Runs until `shutdown`, then drains (see [`set_drain_timeout`](Self::set_drain_timeout)).
     pub async fn run(self, shutdown: CancellationToken) {
+        // Cancelled once draining is over: closes the relay connection and the lease clients.
+        let close = CancellationToken::new();
         let handler = Arc::new(InletControl {
             shared: self.shared.clone(),
         });
@@ -334,7 +381,7 @@ impl Inlet {
                 self.shared.clone(),
                 service,
                 tx,
-                shutdown.clone(),
+                close.clone(),
             ));
         }
         for (service, kind, listener) in self.listeners {
@@ -347,17 +394,30 @@ impl Inlet {
                     None => Mode::Tcp,
                 },
             };
-            tasks.spawn(accept_loop(service, mode, listener, shared, shutdown));
+            let clients = self.drain.clients.clone();
+            tasks.spawn(accept_loop(
+                service, mode, listener, shared, shutdown, clients,
+            ));
         }
-        control::run(
+        let ctl = control::run(
             self.shared.endpoint.clone(),
             self.client,
             self.relay,
             handler,
             self.control,
-            shutdown.clone(),
-        )
-        .await;
+            close.clone(),
+        );
+        let (state, timeout) = (&self.drain, self.drain_timeout);
+        let drain = async {
+            shutdown.cancelled().await;
+            // The accept loops return now, closing the listeners.
+            state.draining.cancel();
+            if !timeout.is_zero() {
+                postern_net::drain::drain(&state.clients, timeout, "client connections").await;
+            }
+            close.cancel();
+        };
+        tokio::join!(ctl, drain);
         while tasks.join_next().await.is_some() {}
         self.shared
             .endpoint
@@ -380,6 +440,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    clients: TaskTracker,
 ) {
     tracing::info!(%service, addr = ?listener.local_addr().ok(), "listening");
     loop {
@@ -399,10 +460,12 @@ async fn accept_loop(
         let shared = shared.clone();
         let service = service.clone();
         let span = tracing::info_span!("client", %service, %peer);
+        metrics::counter!("postern_inlet_streams_total", "service" => service.as_str().to_owned())
+            .increment(1);
         match mode.clone() {
-            Mode::Tcp => tokio::spawn(serve_client(tcp, service, shared).instrument(span)),
+            Mode::Tcp => clients.spawn(serve_client(tcp, service, shared).instrument(span)),
             Mode::Http(cred) => {
-                tokio::spawn(serve_http_client(tcp, service, shared, cred).instrument(span))
+                clients.spawn(serve_http_client(tcp, service, shared, cred).instrument(span))
             }
         };
     }
@@ -426,10 +489,32 @@ async fn open_stream(
     Err(ServeError::Stream("no connection".into()))
 }
 
+/// Bytes through the inlet's client connections, by service and direction (`up`: client to
+/// service, `down`: service to client).
+const STREAM_BYTES: &str = "postern_inlet_stream_bytes_total";
+
+fn byte_counter(service: &ServiceName, direction: &'static str) -> metrics::Counter {
+    metrics::counter!(STREAM_BYTES, "service" => service.as_str().to_owned(), "direction" => direction)
+}
+
+/// Counts a client connection that could not be served.
+fn failed(service: &ServiceName, e: &ServeError) {
+    let reason = match e {
+        ServeError::NoRelay => "no_relay",
+        ServeError::Refused(_) => "route_refused",
+        ServeError::Control(_) | ServeError::Unexpected => "control",
+        ServeError::E2e { .. } => "e2e_connect",
+        ServeError::Stream(_) => "stream",
+    };
+    metrics::counter!("postern_inlet_stream_failures_total", "service" => service.as_str().to_owned(), "reason" => reason)
+        .increment(1);
+}
+
 async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>) {
     let (mut send, recv) = match open_stream(&shared, &service).await {
         Ok(s) => s,
         Err(e) => {
+            failed(&service, &e);
             tracing::warn!(error = %e, "closing client connection");
             splice::set_reset_on_close(&tcp);
             return;
@@ -447,7 +532,11 @@ async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>)
         splice::set_reset_on_close(&tcp);
         return;
     }
-    let outcome = splice::splice(tcp, send, recv).await;
+    let counters = splice::ByteCounters {
+        tcp_to_stream: byte_counter(&service, "up"),
+        stream_to_tcp: byte_counter(&service, "down"),
+    };
+    let outcome = splice::splice_counted(tcp, send, recv, &counters).await;
     match outcome.peer_reset {
         Some(c) if c != u64::from(code::RESET) => {
             tracing::warn!(
@@ -474,9 +563,10 @@ async fn serve_http_client(
 ) {
     let _ = tcp.set_nodelay(true);
     let open = || async {
-        let (mut send, recv) = open_stream(&shared, &service)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (mut send, recv) = open_stream(&shared, &service).await.map_err(|e| {
+            failed(&service, &e);
+            std::io::Error::other(e.to_string())
+        })?;
         ctl::write_frame(
             &mut send,
             &StreamOpen::Connect {
@@ -485,7 +575,11 @@ async fn serve_http_client(
         )
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(tokio::io::join(recv, send))
+        Ok(splice::Counted::new(
+            tokio::io::join(recv, send),
+            byte_counter(&service, "down"),
+            byte_counter(&service, "up"),
+        ))
     };
     let cfg = FilterConfig {
         strip_query_credentials: true,

@@ -10,15 +10,21 @@
 //! - [`control`]: a node's long-lived, self-healing control connection to a relay.
 //! - [`splice`]: a client TCP connection joined to a QUIC stream, with half-close and resets.
 //! - [`backoff`]: jittered exponential backoff.
+//! - [`ops`]: the `/metrics`, `/healthz` and `/readyz` endpoint of every node.
+//! - [`logging`]: stderr logs and the JSON-lines audit log.
+//! - [`drain`]: graceful shutdown (wait for open streams up to a deadline).
 
 pub mod backoff;
 pub mod control;
 pub mod ctl;
+pub mod drain;
 pub mod endpoint;
 pub mod enroll;
 pub mod files;
+pub mod logging;
 pub mod node_config;
 pub mod node_socket;
+pub mod ops;
 pub mod rekey;
 pub mod relay_socket;
 pub mod splice;

@@ -15,6 +15,25 @@ use tokio::net::TcpStream;
 /// Size of the per-direction copy buffer.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Counters a splice adds its bytes to as they move (chunk by chunk, so a scrape during a long
+/// transfer sees it progress). The default counts nothing.
+#[derive(Debug, Clone)]
+pub struct ByteCounters {
+    /// Bytes read from the TCP side and written into the stream.
+    pub tcp_to_stream: metrics::Counter,
+    /// Bytes read from the stream and written to the TCP side.
+    pub stream_to_tcp: metrics::Counter,
+}
+
+impl Default for ByteCounters {
+    fn default() -> Self {
+        Self {
+            tcp_to_stream: metrics::Counter::noop(),
+            stream_to_tcp: metrics::Counter::noop(),
+        }
+    }
+}
+
 /// How a spliced connection ended.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SpliceOutcome {
@@ -34,7 +53,11 @@ enum Dir {
     TcpFailed(u64, io::Error),
 }
 
-async fn tcp_to_stream<R: AsyncRead + Unpin>(mut tcp: R, send: &mut SendStream) -> Dir {
+async fn tcp_to_stream<R: AsyncRead + Unpin>(
+    mut tcp: R,
+    send: &mut SendStream,
+    counter: &metrics::Counter,
+) -> Dir {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -53,6 +76,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(mut tcp: R, send: &mut SendStream) 
                     return Dir::PeerReset(total, code);
                 }
                 total += n as u64;
+                counter.increment(n as u64);
             }
             Err(e) => {
                 let _ = send.reset(VarInt::from_u32(code::RESET));
@@ -62,7 +86,11 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(mut tcp: R, send: &mut SendStream) 
     }
 }
 
-async fn stream_to_tcp<W: AsyncWrite + Unpin>(recv: &mut RecvStream, mut tcp: W) -> Dir {
+async fn stream_to_tcp<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    mut tcp: W,
+    counter: &metrics::Counter,
+) -> Dir {
     let mut total = 0u64;
     loop {
         match recv.read_chunk(CHUNK, true).await {
@@ -72,6 +100,7 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(recv: &mut RecvStream, mut tcp: W)
                     return Dir::TcpFailed(total, e);
                 }
                 total += chunk.bytes.len() as u64;
+                counter.increment(chunk.bytes.len() as u64);
             }
             Ok(None) => {
                 let _ = tcp.shutdown().await;
@@ -92,14 +121,20 @@ pub fn set_reset_on_close(tcp: &TcpStream) {
 }
 
 /// Splices `tcp` and the stream until both directions are done or either side resets.
-pub async fn splice(
+pub async fn splice(tcp: TcpStream, send: SendStream, recv: RecvStream) -> SpliceOutcome {
+    splice_counted(tcp, send, recv, &ByteCounters::default()).await
+}
+
+/// [`splice`], adding the bytes to `counters` as they move.
+pub async fn splice_counted(
     mut tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
+    counters: &ByteCounters,
 ) -> SpliceOutcome {
     let _ = tcp.set_nodelay(true);
     let (r, w) = tcp.split();
-    let out = splice_halves(r, w, &mut send, &mut recv).await;
+    let out = splice_halves(r, w, &mut send, &mut recv, counters).await;
     if out.peer_reset.is_some() {
         set_reset_on_close(&tcp);
     }
@@ -109,11 +144,21 @@ pub async fn splice(
 /// Splices any byte stream (e.g. a TLS connection to a target) and the QUIC stream.
 pub async fn splice_io<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
+    send: SendStream,
+    recv: RecvStream,
+) -> SpliceOutcome {
+    splice_io_counted(io, send, recv, &ByteCounters::default()).await
+}
+
+/// [`splice_io`], adding the bytes to `counters` as they move.
+pub async fn splice_io_counted<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
     mut send: SendStream,
     mut recv: RecvStream,
+    counters: &ByteCounters,
 ) -> SpliceOutcome {
     let (r, w) = tokio::io::split(io);
-    splice_halves(r, w, &mut send, &mut recv).await
+    splice_halves(r, w, &mut send, &mut recv, counters).await
 }
 
 async fn splice_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
@@ -121,11 +166,12 @@ async fn splice_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     tcp_w: W,
     send: &mut SendStream,
     recv: &mut RecvStream,
+    counters: &ByteCounters,
 ) -> SpliceOutcome {
     let mut out = SpliceOutcome::default();
     let abort = {
-        let up = tcp_to_stream(tcp_r, send);
-        let down = stream_to_tcp(recv, tcp_w);
+        let up = tcp_to_stream(tcp_r, send, &counters.tcp_to_stream);
+        let down = stream_to_tcp(recv, tcp_w, &counters.stream_to_tcp);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -167,4 +213,67 @@ async fn splice_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let _ = recv.stop(VarInt::from_u32(code::RESET));
     }
     out
+}
+
+/// A byte stream that adds what is read from it and written to it to two counters, as it
+/// happens (for streams that are not spliced, e.g. the inlet's HTTP filter).
+pub struct Counted<S> {
+    inner: S,
+    read: metrics::Counter,
+    written: metrics::Counter,
+}
+
+impl<S> Counted<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, read: metrics::Counter, written: metrics::Counter) -> Self {
+        Self {
+            inner,
+            read,
+            written,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.read.increment(n as u64);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            self.written.increment(*n as u64);
+        }
+        res
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

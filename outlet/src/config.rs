@@ -42,6 +42,10 @@ pub struct OutletFile {
     pub state_dir: Option<PathBuf>,
     pub ticket: Option<String>,
     pub name: Option<String>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub audit_log: Option<PathBuf>,
+    /// e.g. `"10s"`.
+    pub drain_timeout: Option<String>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
     /// InfluxDB with leased credentials (the seeds' `influxdb-outlet`): offered as the service
@@ -88,6 +92,18 @@ pub struct RunArgs {
     /// `,tls-server-name=NAME`. Repeatable; adds to the file's `[[service]]` tables.
     #[arg(long = "service", value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH]")]
     pub services: Vec<String>,
+    /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
+    /// control connection to the relay is up), e.g. `127.0.0.1:9465` [default: none].
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Append audit events (policy decisions, lease create/renew/revoke with the client's
+    /// identity) to this file as JSON lines [default: none].
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, stop taking new streams and let open ones finish for at most this
+    /// long, then close and revoke leases, e.g. `10s`, `500ms` [default: 10s].
+    #[arg(long, value_parser = postern_net::drain::parse_duration)]
+    pub drain_timeout: Option<std::time::Duration>,
 }
 
 /// The merged configuration.
@@ -98,6 +114,9 @@ pub struct OutletConfig {
     pub services: Vec<ServiceFile>,
     /// The lease-managed InfluxDB service, if configured.
     pub influxdb: Option<(ServiceName, InfluxdbOutletConfig)>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub audit_log: Option<PathBuf>,
+    pub drain_timeout: std::time::Duration,
 }
 
 /// Parses one `--service` flag.
@@ -166,7 +185,17 @@ impl RunArgs {
         if services.is_empty() && influxdb.is_none() {
             bail!("no services: add a [[service]] table, an [influxdb-outlet] table or pass --service NAME=HOST:PORT");
         }
+        let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
+            (Some(d), _) => d,
+            (None, Some(text)) => postern_net::drain::parse_duration(text)
+                .map_err(anyhow::Error::msg)
+                .context("drain-timeout")?,
+            (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
+        };
         Ok(OutletConfig {
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            audit_log: self.audit_log.or(file.audit_log),
+            drain_timeout,
             node: NodeArgs {
                 relay: self.relay.or(file.relay),
                 relay_name: self.relay_name.or(file.relay_name),
@@ -237,6 +266,16 @@ pub fn targets(services: &[ServiceFile]) -> anyhow::Result<HashMap<ServiceName, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deploy_example_config_is_valid() {
+        let file: OutletFile = toml::from_str(include_str!("../../deploy/config/outlet.toml"))
+            .expect("deploy/config/outlet.toml");
+        let drain = file.drain_timeout.as_deref().expect("drain-timeout");
+        postern_net::drain::parse_duration(drain).expect("drain-timeout");
+        assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
+        assert!(file.influxdb_outlet.is_some());
+    }
 
     #[test]
     fn service_flags_parse() {

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// What the outlet offers: where each service's streams go, and which services hand out
@@ -107,12 +108,23 @@ impl Routes {
     }
 }
 
+/// What the data plane needs to know for a graceful shutdown: whether it has begun, and the
+/// open data streams (lease streams are not counted: they last as long as their connection).
+#[derive(Clone, Default)]
+pub struct Drain {
+    /// Cancelled when shutdown begins: new streams are refused from then on.
+    pub draining: CancellationToken,
+    /// One token per data stream, from its header until it ends.
+    pub streams: TaskTracker,
+}
+
 /// Accepts end-to-end connections until `shutdown`.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     routes: Arc<Routes>,
     services: Arc<Services>,
     shutdown: CancellationToken,
+    drain: Drain,
 ) {
     loop {
         let incoming = tokio::select! {
@@ -131,7 +143,9 @@ pub async fn accept_loop(
         let routes = routes.clone();
         let services = services.clone();
         let span = tracing::info_span!("e2e", route = %expected.route, inlet = %expected.inlet);
-        tokio::spawn(serve_connection(incoming, expected, routes, services).instrument(span));
+        tokio::spawn(
+            serve_connection(incoming, expected, routes, services, drain.clone()).instrument(span),
+        );
     }
 }
 
@@ -140,6 +154,7 @@ async fn serve_connection(
     expected: ExpectedRoute,
     routes: Arc<Routes>,
     services: Arc<Services>,
+    drain: Drain,
 ) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -168,14 +183,22 @@ async fn serve_connection(
     tracing::info!(?attrs, "end-to-end connection up");
     routes.conns().insert(expected.route, conn.clone());
     let reason = loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => break e,
         };
+        if drain.draining.is_cancelled() {
+            // Shutting down: finish what is open, take nothing new.
+            refused("draining");
+            let _ = send.reset(VarInt::from_u32(code::SHUTDOWN));
+            let _ = recv.stop(VarInt::from_u32(code::SHUTDOWN));
+            continue;
+        }
         let services = services.clone();
         let inlet = expected.inlet.clone();
         let attrs = attrs.clone();
-        tokio::spawn(serve_stream(send, recv, services, inlet, attrs).in_current_span());
+        let token = drain.streams.token();
+        tokio::spawn(serve_stream(send, recv, services, inlet, attrs, token).in_current_span());
     };
     tracing::info!(reason = %reason, "end-to-end connection closed");
     let mut conns = routes.conns();
@@ -193,8 +216,16 @@ async fn serve_stream(
     services: Arc<Services>,
     inlet: NodeName,
     attrs: Arc<Attributes>,
+    token: tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32| {
+        refused(match c {
+            code::NOT_ALLOWED => "not_allowed",
+            code::UNKNOWN_SERVICE => "unknown_service",
+            code::BAD_HEADER => "bad_header",
+            code::TARGET_UNREACHABLE => "target_unreachable",
+            _ => "other",
+        });
         let _ = send.reset(VarInt::from_u32(c));
         let _ = recv.stop(VarInt::from_u32(c));
     };
@@ -225,6 +256,8 @@ async fn serve_stream(
                 tracing::warn!(%service, "lease asked for a service without leased credentials");
                 return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
             };
+            // A lease stream lasts as long as its connection: it does not hold up a drain.
+            drop(token);
             return serve_lease(send, recv, manager, &inlet).await;
         }
         Ok(Err(e)) => {
@@ -240,15 +273,42 @@ async fn serve_stream(
         tracing::warn!(%service, "stream for a service this outlet does not serve");
         return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
     };
+    let labels = |direction: &'static str| {
+        [
+            ("service", service.as_str().to_owned()),
+            ("direction", direction.to_owned()),
+        ]
+    };
+    // Splice's TCP side is the target: what it reads from there goes down to the client.
+    let counters = splice::ByteCounters {
+        tcp_to_stream: metrics::counter!(STREAM_BYTES, &labels("down")),
+        stream_to_tcp: metrics::counter!(STREAM_BYTES, &labels("up")),
+    };
+    metrics::counter!("postern_outlet_streams_total", "service" => service.as_str().to_owned())
+        .increment(1);
     let outcome = match target.connect().await {
-        Ok(crate::target::TargetStream::Tcp(tcp)) => splice::splice(tcp, send, recv).await,
-        Ok(crate::target::TargetStream::Tls(tls)) => splice::splice_io(*tls, send, recv).await,
+        Ok(crate::target::TargetStream::Tcp(tcp)) => {
+            splice::splice_counted(tcp, send, recv, &counters).await
+        }
+        Ok(crate::target::TargetStream::Tls(tls)) => {
+            splice::splice_io_counted(*tls, send, recv, &counters).await
+        }
         Err(e) => {
             log_target_error(&service, &e);
             return refuse(&mut send, &mut recv, code::TARGET_UNREACHABLE);
         }
     };
     tracing::debug!(%service, up = outcome.up, down = outcome.down, reset = ?outcome.peer_reset, "stream done");
+    drop(token);
+}
+
+/// Bytes through the outlet's streams, by service and direction (`up`: client to service,
+/// `down`: service to client).
+const STREAM_BYTES: &str = "postern_outlet_stream_bytes_total";
+
+/// Counts a refused stream.
+fn refused(reason: &'static str) {
+    metrics::counter!("postern_outlet_stream_refusals_total", "reason" => reason).increment(1);
 }
 
 /// How long an inlet's lease stream may go without a lease before the inlet is told that none

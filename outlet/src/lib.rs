@@ -4,6 +4,7 @@
 pub mod config;
 pub mod forward;
 pub mod lease;
+pub mod metrics;
 pub mod node;
 pub mod target;
 

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use postern_outlet::config::{allows, targets, RunArgs};
+use postern_outlet::config::{allows, targets, OutletConfig, RunArgs};
 use postern_outlet::forward::Services;
 use postern_outlet::lease::{admin, LeaseManager};
 use postern_outlet::target::Target;
@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the outlet.
@@ -69,12 +71,18 @@ enum LeaseCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
-        .with_writer(std::io::stderr)
-        .init();
-    match cli.command {
-        Command::Run(args) => run(args).await,
+    let command = match cli.command {
+        Command::Run(args) => {
+            // The config names the audit log, so it is read before logging starts.
+            let cfg = args.resolve()?;
+            postern_net::logging::init(&cli.log, cfg.audit_log.as_deref())?;
+            return run(cfg).await;
+        }
+        other => other,
+    };
+    postern_net::logging::init(&cli.log, None)?;
+    match command {
+        Command::Run(_) => Ok(()),
         Command::Enroll {
             ticket,
             name,
@@ -118,12 +126,22 @@ async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = args.resolve()?;
+async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
+    let recorder = match cfg.metrics_addr {
+        Some(_) => {
+            let r = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
+            postern_outlet::metrics::describe();
+            Some(r)
+        }
+        None => None,
+    };
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
     let (relay, identity, roots) = settings.load()?;
+    // Cancelled at SIGTERM/SIGINT: the outlet drains its streams.
     let shutdown = CancellationToken::new();
+    // Cancelled once the outlet has drained: leases are revoked, the admin socket closes.
+    let leases_stop = CancellationToken::new();
     let mut services = Services {
         targets: targets(&cfg.services)?,
         leases: Default::default(),
@@ -133,11 +151,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some((name, influx)) = cfg.influxdb {
         let lease_cfg = influx.validate().context("[influxdb-outlet]")?;
         let target = influx_target(&lease_cfg)?;
-        let manager = LeaseManager::start(lease_cfg, &cfg.state_dir, shutdown.clone())
+        let manager = LeaseManager::start(lease_cfg, &cfg.state_dir, leases_stop.clone())
             .await
             .context("starting the lease manager")?;
         let socket = admin::socket_path(&cfg.state_dir);
-        let (m, s) = (manager.clone(), shutdown.clone());
+        let (m, s) = (manager.clone(), leases_stop.clone());
         tokio::spawn(async move {
             if let Err(e) = admin::serve(m, &socket, s).await {
                 tracing::error!(error = %e, "lease admin socket failed");
@@ -151,22 +169,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         services.leases.insert(name, manager.clone());
         managers.push(manager);
     }
-    let outlet = Outlet::bind(OutletOptions {
+    let mut outlet = Outlet::bind(OutletOptions {
         relay,
         identity,
         roots,
         services,
     })?;
+    outlet.set_drain_timeout(cfg.drain_timeout);
+    let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = postern_net::ops::bind(addr).await?;
+        tokio::spawn(postern_net::ops::serve(
+            listener,
+            std::sync::Arc::new(outlet.handle()),
+            recorder,
+            ops_stop.clone(),
+        ));
+    }
     let signal = shutdown.clone();
     tokio::spawn(async move {
         postern_net::shutdown_signal().await;
+        tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
     outlet.run(shutdown).await;
+    leases_stop.cancel();
     for m in managers {
         // Revokes what must not outlive the outlet.
         m.closed().await;
     }
+    ops_stop.cancel();
+    tracing::info!("outlet stopped");
     Ok(())
 }
 

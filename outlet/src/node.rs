@@ -1,6 +1,6 @@
 //! The outlet node: one socket, one control connection to the relay, end-to-end listener.
 
-use crate::forward::{self, ExpectedRoute, Routes, Services};
+use crate::forward::{self, Drain, ExpectedRoute, Routes, Services};
 use postern_net::control::{self, ControlHandler, RelayTarget};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
@@ -11,6 +11,7 @@ use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -41,13 +42,16 @@ pub struct Outlet {
     routes: Arc<Routes>,
     services: Arc<Services>,
     control: watch::Sender<Option<quinn::Connection>>,
+    drain: Drain,
+    drain_timeout: Duration,
 }
 
-/// Inspect a running outlet (tests, bench).
+/// Inspect a running outlet (tests, bench, the metrics endpoint).
 #[derive(Clone)]
 pub struct OutletHandle {
     routes: Arc<Routes>,
     control: watch::Receiver<Option<quinn::Connection>>,
+    drain: Drain,
 }
 
 impl OutletHandle {
@@ -61,6 +65,30 @@ impl OutletHandle {
     /// Live end-to-end connections.
     pub fn connection_count(&self) -> usize {
         self.routes.connection_count()
+    }
+
+    /// Open data streams (client connections being forwarded to a target).
+    pub fn open_streams(&self) -> usize {
+        self.drain.streams.len()
+    }
+
+    /// True while the control connection to the relay is up.
+    pub fn relay_connected(&self) -> bool {
+        self.control
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
+    /// Whether the outlet can take streams (the `/readyz` answer).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.drain.draining.is_cancelled() {
+            Err("shutting down".into())
+        } else if !self.relay_connected() {
+            Err("no control connection to the relay".into())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -94,7 +122,16 @@ impl Outlet {
             routes: Arc::new(Routes::default()),
             services: Arc::new(opts.services),
             control: watch::channel(None).0,
+            drain: Drain::default(),
+            drain_timeout: Duration::ZERO,
         })
+    }
+
+    /// After shutdown is asked for, let open streams finish for up to `timeout` (refusing new
+    /// connections, routes and streams, and keeping the control connection up so the routes
+    /// stay) before closing. Default: zero, close at once.
+    pub fn set_drain_timeout(&mut self, timeout: Duration) {
+        self.drain_timeout = timeout;
     }
 
     /// A handle for inspection.
@@ -102,22 +139,27 @@ impl Outlet {
         OutletHandle {
             routes: self.routes.clone(),
             control: self.control.subscribe(),
+            drain: self.drain.clone(),
         }
     }
 
-    /// Runs until `shutdown`.
+    /// Runs until `shutdown`, then drains (see [`set_drain_timeout`](Self::set_drain_timeout)).
     pub async fn run(self, shutdown: CancellationToken) {
+        // Cancelled once draining is over: closes the control connection.
+        let close = CancellationToken::new();
         let handler = Arc::new(OutletControl {
             socket: self.socket.clone(),
             routes: self.routes.clone(),
             services: self.services.names(),
             relay: self.relay.addr,
+            draining: self.drain.draining.clone(),
         });
         let accept = forward::accept_loop(
             self.endpoint.clone(),
             self.routes.clone(),
             self.services.clone(),
             shutdown.clone(),
+            self.drain.clone(),
         );
         let ctl = control::run(
             self.endpoint.clone(),
@@ -125,9 +167,20 @@ impl Outlet {
             self.relay,
             handler,
             self.control,
-            shutdown.clone(),
+            close.clone(),
         );
-        tokio::join!(accept, ctl);
+        let (endpoint, state, timeout) = (&self.endpoint, &self.drain, self.drain_timeout);
+        let drain = async {
+            shutdown.cancelled().await;
+            state.draining.cancel();
+            // New end-to-end connections are refused from now on.
+            endpoint.set_server_config(None);
+            if !timeout.is_zero() {
+                postern_net::drain::drain(&state.streams, timeout, "streams").await;
+            }
+            close.cancel();
+        };
+        tokio::join!(accept, ctl, drain);
         self.endpoint.close(
             postern_proto::msg::code::SHUTDOWN.into(),
             b"outlet shutting down",
@@ -142,6 +195,7 @@ struct OutletControl {
     routes: Arc<Routes>,
     services: Vec<ServiceName>,
     relay: SocketAddr,
+    draining: CancellationToken,
 }
 
 impl ControlHandler for OutletControl {
@@ -172,6 +226,12 @@ impl ControlHandler for OutletControl {
                 if !self.services.contains(&service) {
                     return Ctl::Error {
                         message: format!("this outlet does not serve {service}"),
+                    };
+                }
+                if self.draining.is_cancelled() {
+                    // The relay tries another outlet of the service.
+                    return Ctl::Error {
+                        message: "this outlet is shutting down".into(),
                     };
                 }
                 let virt = self.socket.add_route(route, self.relay);

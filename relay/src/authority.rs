@@ -186,9 +186,15 @@ impl Authority {
     /// Handles one enrollment request.
     pub fn enroll(&self, req: &EnrollRequest) -> EnrollResponse {
         match self.try_enroll(req) {
-            Ok(r) => r,
+            Ok(r) => {
+                if let EnrollResponse::Enrolled { name, attrs, .. } = &r {
+                    tracing::info!(target: "postern::audit", event = "enrollment", allowed = true, node = %name, attrs = ?attrs, ticket = %req.ticket_id, "node enrolled");
+                }
+                r
+            }
             Err(reason) => {
                 tracing::warn!(ticket = %req.ticket_id, %reason, "enrollment refused");
+                tracing::info!(target: "postern::audit", event = "enrollment", allowed = false, node = %req.name, ticket = %req.ticket_id, %reason, "enrollment refused");
                 EnrollResponse::Refused { reason }
             }
         }

@@ -21,6 +21,10 @@ pub struct RelayFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub audit_log: Option<PathBuf>,
+    /// e.g. `"10s"`.
+    pub drain_timeout: Option<String>,
     /// Who may register and reach each service (default: nobody).
     #[serde(default)]
     pub policy: Vec<PolicyFile>,
@@ -58,6 +62,18 @@ pub struct RunArgs {
     /// Repeatable; adds to the file's `[[policy]]` tables.
     #[arg(long, value_name = "SERVICE=EXPR")]
     pub allow_route: Vec<String>,
+    /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz`, e.g.
+    /// `127.0.0.1:9464` [default: none].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Append audit events (enrollments, policy decisions, revocations) to this file as JSON
+    /// lines [default: none].
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, keep forwarding existing routes for at most this long (while refusing
+    /// new nodes and routes) before closing, e.g. `10s`, `500ms` [default: 10s].
+    #[arg(long, value_parser = postern_net::drain::parse_duration)]
+    pub drain_timeout: Option<std::time::Duration>,
 }
 
 /// The merged configuration.
@@ -69,6 +85,9 @@ pub struct RelayConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+    pub audit_log: Option<PathBuf>,
+    pub drain_timeout: std::time::Duration,
 }
 
 impl RunArgs {
@@ -110,9 +129,25 @@ impl RunArgs {
                 .unwrap_or_else(|| PathBuf::from("flags")),
             message,
         })?;
+        let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
+            (Some(d), _) => d,
+            (None, Some(text)) => {
+                postern_net::drain::parse_duration(text).map_err(|message| FileError::Config {
+                    path: self
+                        .config
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("flags")),
+                    message: format!("drain-timeout: {message}"),
+                })?
+            }
+            (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
+        };
         Ok(RelayConfig {
             policy,
             listen,
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            audit_log: self.audit_log.or(file.audit_log),
+            drain_timeout,
             cert: self
                 .cert
                 .or(file.cert)
@@ -133,6 +168,16 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deploy_example_config_is_valid() {
+        let file: RelayFile = toml::from_str(include_str!("../../deploy/config/relay.toml"))
+            .expect("deploy/config/relay.toml");
+        PolicySet::from_config(&file.policy).expect("policy");
+        let drain = file.drain_timeout.as_deref().expect("drain-timeout");
+        postern_net::drain::parse_duration(drain).expect("drain-timeout");
+        assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
+    }
 
     #[test]
     fn unknown_key_is_named() {

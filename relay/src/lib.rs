@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod server;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use postern_proto::name::NodeName;
 use postern_proto::tls;
 use postern_relay::authority::{Authority, TicketSpec};
-use postern_relay::config::RunArgs;
+use postern_relay::config::{RelayConfig, RunArgs};
 use postern_relay::state::StateDir;
 use postern_relay::{Relay, RelayOptions};
 use std::path::PathBuf;
@@ -146,12 +146,18 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
-        .with_writer(std::io::stderr)
-        .init();
-    match cli.command {
-        Command::Run(args) => run(args).await,
+    let command = match cli.command {
+        Command::Run(args) => {
+            // The config names the audit log, so it is read before logging starts.
+            let cfg = args.resolve()?;
+            postern_net::logging::init(&cli.log, cfg.audit_log.as_deref())?;
+            return run(cfg).await;
+        }
+        other => other,
+    };
+    postern_net::logging::init(&cli.log, None)?;
+    match command {
+        Command::Run(_) => Ok(()),
         Command::Ca(CaCommand::Init {
             state_dir,
             name,
@@ -244,8 +250,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = args.resolve()?;
+async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
     let cert = postern_net::files::read(&cfg.cert)?;
     let key = postern_net::files::read(&cfg.key)?;
@@ -262,7 +267,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("no CA key in the state directory: this relay does not enroll nodes");
         None
     };
-    let relay = Relay::bind(RelayOptions {
+    let mut relay = Relay::bind(RelayOptions {
         listen: cfg.listen,
         identity,
         roots,
@@ -271,12 +276,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy: cfg.policy,
         authority,
     })?;
+    relay.set_drain_timeout(cfg.drain_timeout);
+    let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = postern_net::ops::bind(addr).await?;
+        let recorder = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
+        tokio::spawn(postern_net::ops::serve(
+            listener,
+            std::sync::Arc::new(relay.handle()),
+            Some(recorder),
+            ops_stop.clone(),
+        ));
+    }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         postern_net::shutdown_signal().await;
+        tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
     relay.run(shutdown).await;
+    ops_stop.cancel();
     Ok(())
 }

@@ -14,7 +14,7 @@ use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,10 @@ pub struct ControlStats {
     pub routes_granted: AtomicU64,
     pub routes_refused: AtomicU64,
     pub nodes_connected: AtomicU64,
+    /// Nodes enrolled by this relay's authority.
+    pub enrollments: AtomicU64,
+    /// Enrollment requests the authority refused.
+    pub enrollments_refused: AtomicU64,
 }
 
 struct Shared {
@@ -72,6 +76,10 @@ struct Shared {
     fwd: Arc<ForwardStats>,
     ctl: ControlStats,
     next_id: AtomicU64,
+    /// The relay is serving (set by `run`).
+    listening: AtomicBool,
+    /// Shutdown has begun: no new nodes or routes, existing routes keep forwarding.
+    draining: AtomicBool,
 }
 
 impl Shared {
@@ -119,6 +127,17 @@ impl RelayHandle {
         self.shared.registry().services()
     }
 
+    /// Whether the relay is serving and not shutting down (the `/readyz` answer).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shared.draining.load(Relaxed) {
+            Err("shutting down".into())
+        } else if !self.shared.listening.load(Relaxed) {
+            Err("not listening yet".into())
+        } else {
+            Ok(())
+        }
+    }
+
     /// Names of connected nodes.
     pub fn nodes(&self) -> Vec<NodeName> {
         let reg = self.shared.registry();
@@ -135,7 +154,10 @@ impl RelayHandle {
 /// A bound relay, ready to [`run`](Relay::run).
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    /// The UDP socket, which quinn's endpoint driver owns; gone once the port is free again.
+    socket_alive: std::sync::Weak<RelaySocket>,
     shared: Arc<Shared>,
+    drain_timeout: Duration,
 }
 
 impl Relay {
@@ -149,10 +171,12 @@ impl Relay {
                 source,
             })?;
         let server = endpoint::relay_server(&opts.identity, opts.roots)?;
+        let socket = Arc::new(socket);
+        let socket_alive = Arc::downgrade(&socket);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint::endpoint_config(opts.reset_key.as_ref()),
             Some(server),
-            Arc::new(socket),
+            socket,
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| RelayError::Bind {
@@ -161,6 +185,7 @@ impl Relay {
         })?;
         Ok(Self {
             endpoint,
+            socket_alive,
             shared: Arc::new(Shared {
                 revoked: Mutex::new(
                     opts.authority
@@ -176,8 +201,18 @@ impl Relay {
                 fwd,
                 ctl: ControlStats::default(),
                 next_id: AtomicU64::new(1),
+                listening: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
             }),
+            drain_timeout: Duration::ZERO,
         })
+    }
+
+    /// After shutdown is asked for, keep forwarding existing routes for up to `timeout` (or
+    /// until none is left) before closing, while refusing new nodes and routes. Default: zero,
+    /// close at once.
+    pub fn set_drain_timeout(&mut self, timeout: Duration) {
+        self.drain_timeout = timeout;
     }
 
     /// The address the relay listens on.
@@ -207,6 +242,7 @@ impl Relay {
                 shutdown.clone(),
             ));
         }
+        self.shared.listening.store(true, Relaxed);
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -219,12 +255,59 @@ impl Relay {
                 serve_node(shared, incoming).instrument(tracing::info_span!("node", %remote)),
             );
         }
+        self.shared.draining.store(true, Relaxed);
+        if !self.drain_timeout.is_zero() {
+            self.drain().await;
+        }
+        self.shared.listening.store(false, Relaxed);
         self.endpoint.close(
             postern_proto::msg::code::SHUTDOWN.into(),
             b"relay shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // Return only once the UDP port is released, so a relay started right after (a restart
+        // in place) can bind it: quinn's driver task drops the socket once the last endpoint
+        // and connection handles are gone.
+        self.shared.conns().clear();
+        let Relay {
+            endpoint,
+            socket_alive,
+            ..
+        } = self;
+        drop(endpoint);
+        let released = async {
+            while socket_alive.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), released)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the relay's UDP socket is still open after shutdown");
+        }
         tracing::info!("relay stopped");
+    }
+}
+
+impl Relay {
+    /// Keeps forwarding the routes in place until they are gone or the drain deadline passes;
+    /// new connections are refused meanwhile (and new routes, see `handle`).
+    async fn drain(&self) {
+        self.endpoint.set_server_config(None);
+        let routes = self.shared.routes.len();
+        if routes == 0 {
+            return;
+        }
+        tracing::info!(routes, deadline = ?self.drain_timeout, "draining: forwarding existing routes, refusing new nodes and routes");
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        while !self.shared.routes.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match self.shared.routes.len() {
+            0 => tracing::info!("drained: no route left"),
+            left => tracing::warn!(left, "drain deadline passed; closing the routes still open"),
+        }
     }
 }
 
@@ -380,6 +463,12 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             tracing::info!(?services, "services registered");
             Ctl::Registered { services }
         }
+        Ctl::RouteRequest { .. } if shared.draining.load(Relaxed) => {
+            shared.ctl.routes_refused.fetch_add(1, Relaxed);
+            Ctl::Error {
+                message: "the relay is shutting down".into(),
+            }
+        }
         Ctl::RouteRequest { service } => {
             let answer = grant_route(shared, id, conn, service).await;
             match &answer {
@@ -503,6 +592,14 @@ async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection) {
         let answer = tokio::task::spawn_blocking(move || authority.enroll(&req))
             .await
             .map_err(|e| e.to_string())?;
+        match &answer {
+            postern_proto::ticket::EnrollResponse::Enrolled { .. } => {
+                shared.ctl.enrollments.fetch_add(1, Relaxed)
+            }
+            postern_proto::ticket::EnrollResponse::Refused { .. } => {
+                shared.ctl.enrollments_refused.fetch_add(1, Relaxed)
+            }
+        };
         ctl::write_message(&mut send, &answer)
             .await
             .map_err(|e| e.to_string())?;

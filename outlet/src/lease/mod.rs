@@ -304,6 +304,7 @@ impl LeaseManager {
         );
         self.inner.wake.notify_one();
         tracing::info!(lease_id = %rec.lease_id, client = %client, "lease created on request");
+        tracing::info!(target: "postern::audit", event = "lease", action = "create", via = "admin", lease_id = %rec.lease_id, client = %client, expires_at_ms = rec.expires_at_ms);
         Ok(LeaseGrant {
             lease_id: rec.lease_id,
             credential,
@@ -548,6 +549,7 @@ impl Inner {
             return Err(e);
         }
         self.checkpoint(Step::CreateAfterActivate).await?;
+        metrics::counter!("postern_outlet_leases_issued_total").increment(1);
         Ok((active, created.credential))
     }
 
@@ -583,12 +585,33 @@ impl Inner {
         }
     }
 
-    /// Revokes one lease according to its record. A lease with no record is done.
+    /// Revokes one lease according to its record. A lease with no record is done. Counts and
+    /// audits the outcome.
     async fn revoke_lease(self: &Arc<Self>, lease_id: &str) -> Result<(), LeaseError> {
         let id = lease_id.to_owned();
         let Some(rec) = self.store_op(move |s| s.get(&id)).await? else {
             return Ok(());
         };
+        let client = rec.client.clone();
+        let result = self.revoke_record(rec).await;
+        match &result {
+            Ok(()) => {
+                metrics::counter!("postern_outlet_leases_revoked_total").increment(1);
+                tracing::info!(target: "postern::audit", event = "lease", action = "revoke", lease_id, %client);
+            }
+            Err(LeaseError::Crashed(_)) => {}
+            Err(_) => {
+                metrics::counter!("postern_outlet_leases_failed_total", "operation" => "revoke")
+                    .increment(1);
+                tracing::info!(target: "postern::audit", event = "lease", action = "revoke", outcome = "failed", lease_id, %client);
+            }
+        }
+        result
+    }
+
+    /// The steps of [`revoke_lease`](Self::revoke_lease) for a recorded lease.
+    async fn revoke_record(self: &Arc<Self>, rec: LeaseRecord) -> Result<(), LeaseError> {
+        let lease_id = rec.lease_id.as_str();
         let backend_id = match &rec.state {
             LeaseState::Creating => {
                 let found = self.backend.list_ours().await?;
@@ -889,9 +912,17 @@ impl Inner {
                     client = %client, lease_id = %rec.lease_id, replaces = ?old,
                     expires_at_ms = rec.expires_at_ms, "lease issued"
                 );
+                let action = if old.is_some() { "renew" } else { "create" };
+                if old.is_some() {
+                    metrics::counter!("postern_outlet_leases_renewed_total").increment(1);
+                }
+                tracing::info!(target: "postern::audit", event = "lease", action, lease_id = %rec.lease_id, %client, replaces = ?old, expires_at_ms = rec.expires_at_ms);
             }
             Err(LeaseError::Crashed(_)) => return,
             Err(e) => {
+                metrics::counter!("postern_outlet_leases_failed_total", "operation" => "create")
+                    .increment(1);
+                tracing::info!(target: "postern::audit", event = "lease", action = "create", outcome = "failed", %client);
                 let n = st.schedule.create_failed(&client, now);
                 tracing::error!(
                     client = %client, failures = n, error = %e,
@@ -1064,6 +1095,52 @@ mod tests {
 
     fn client() -> NodeName {
         NodeName::new("inlet-x").expect("name")
+    }
+
+    #[tokio::test]
+    async fn lease_lifecycle_is_audited_without_credentials() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit = dir.path().join("audit.jsonl");
+        let layer = postern_net::logging::audit_layer(&audit).expect("audit layer");
+        // A current-thread runtime: every task logs through this thread's subscriber.
+        let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        // With a single scoped subscriber alive, tracing computes a callsite's interest from
+        // the default of whichever thread hits it first, so a test running in parallel could
+        // switch these events off for good; a second live dispatcher makes it ask every one.
+        let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+        let fake = Arc::new(Fake::default());
+        let mgr = start(dir.path(), &fake, 3600).await;
+        let mut streamed = mgr.subscribe(&client()).expect("subscribe");
+        tokio::time::timeout(Duration::from_secs(10), streamed.wait_for(|g| g.is_some()))
+            .await
+            .expect("lease in time")
+            .expect("lease");
+        let other = NodeName::new("inlet-y").expect("name");
+        let by_hand = mgr.create(&other).await.expect("create");
+        mgr.revoke(&by_hand.lease_id).await.expect("revoke");
+        drop(streamed);
+        mgr.shutdown().await.expect("shutdown revokes the rest");
+
+        let text = std::fs::read_to_string(&audit).expect("audit log");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        let count = |action: &str, client: &str| {
+            lines
+                .iter()
+                .filter(|l| l["event"] == "lease" && l["action"] == action && l["client"] == client)
+                .count()
+        };
+        assert_eq!(count("create", "inlet-x"), 1, "{text}");
+        assert_eq!(count("create", "inlet-y"), 1, "{text}");
+        assert_eq!(count("revoke", "inlet-x"), 1, "{text}");
+        assert_eq!(count("revoke", "inlet-y"), 1, "{text}");
+        assert!(
+            !text.contains("tok-"),
+            "a credential is in the audit log: {text}"
+        );
     }
 
     #[tokio::test]

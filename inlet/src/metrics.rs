@@ -1,0 +1,52 @@
+//! The inlet's metrics: its own state read at scrape time (open client connections, relay
+//! connection, key updates), and the process recorder's counters kept where things happen:
+//!
+//! - `postern_inlet_stream_bytes_total{service,direction}`: `up` is client to service, `down`
+//!   service to client, counted as the bytes move;
+//! - `postern_inlet_streams_total{service}`: client connections accepted;
+//! - `postern_inlet_stream_failures_total{service,reason}`: client connections that could not
+//!   be served (`no_relay`, `route_refused`, `control`, `e2e_connect`, `stream`).
+
+use crate::node::InletHandle;
+use postern_net::ops::{Exposition, Observe};
+
+/// Gives the recorder's metrics their help texts (call once after installing it).
+pub fn describe() {
+    metrics::describe_counter!(
+        "postern_inlet_stream_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes through the inlet's client connections, by service and direction (up: client to service)."
+    );
+    metrics::describe_counter!(
+        "postern_inlet_streams_total",
+        "Client connections accepted, by service."
+    );
+    metrics::describe_counter!(
+        "postern_inlet_stream_failures_total",
+        "Client connections that could not be served, by service and reason."
+    );
+}
+
+impl Observe for InletHandle {
+    fn render(&self, out: &mut Exposition) {
+        out.gauge(
+            "postern_inlet_streams_open",
+            "Client connections open now.",
+            self.open_streams() as f64,
+        );
+        out.gauge(
+            "postern_inlet_relay_connected",
+            "1 while the control connection to the relay is up.",
+            if self.relay_connected() { 1.0 } else { 0.0 },
+        );
+        out.counter(
+            "postern_inlet_key_updates_total",
+            "Key updates made on end-to-end connections.",
+            self.key_updates(),
+        );
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.readiness()
+    }
+}

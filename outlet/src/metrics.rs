@@ -1,0 +1,70 @@
+//! The outlet's metrics: its own state read at scrape time (streams, connections, relay
+//! connection), and the process recorder's counters kept where things happen:
+//!
+//! - `postern_outlet_stream_bytes_total{service,direction}`: `up` is client to service, `down`
+//!   service to client, counted as the bytes move;
+//! - `postern_outlet_streams_total{service}`: data streams forwarded to a target;
+//! - `postern_outlet_stream_refusals_total{reason}`: `not_allowed`, `unknown_service`,
+//!   `bad_header`, `target_unreachable`, `draining`;
+//! - `postern_outlet_leases_issued_total`, `..._renewed_total`, `..._revoked_total`,
+//!   `postern_outlet_leases_failed_total{operation}` (`create`, `revoke`).
+
+use crate::node::OutletHandle;
+use postern_net::ops::{Exposition, Observe};
+
+/// Gives the recorder's metrics their help texts (call once after installing it).
+pub fn describe() {
+    metrics::describe_counter!(
+        "postern_outlet_stream_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes through the outlet's streams, by service and direction (up: client to service)."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_streams_total",
+        "Data streams forwarded to a service's target."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_stream_refusals_total",
+        "Streams the outlet refused, by reason."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_leases_issued_total",
+        "Leased credentials made in the backend (first leases and renewals)."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_leases_renewed_total",
+        "Leases that replaced a client's previous lease."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_leases_revoked_total",
+        "Leased credentials revoked in the backend."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_leases_failed_total",
+        "Lease operations that failed (they are retried), by operation."
+    );
+}
+
+impl Observe for OutletHandle {
+    fn render(&self, out: &mut Exposition) {
+        out.gauge(
+            "postern_outlet_streams_open",
+            "Client connections being forwarded to a target now.",
+            self.open_streams() as f64,
+        );
+        out.gauge(
+            "postern_outlet_connections_open",
+            "End-to-end connections from inlets.",
+            self.connection_count() as f64,
+        );
+        out.gauge(
+            "postern_outlet_relay_connected",
+            "1 while the control connection to the relay is up.",
+            if self.relay_connected() { 1.0 } else { 0.0 },
+        );
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.readiness()
+    }
+}

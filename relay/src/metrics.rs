@@ -1,0 +1,121 @@
+//! The relay's metrics, read at scrape time from the counters it keeps anyway (forwarding and
+//! control-plane stats, the registry and the route table); served by
+//! [`postern_net::ops::serve`].
+
+use crate::server::RelayHandle;
+use postern_net::ops::{Exposition, Kind, Observe};
+use std::sync::atomic::Ordering::Relaxed;
+
+impl Observe for RelayHandle {
+    fn render(&self, out: &mut Exposition) {
+        let ctl = self.control_stats();
+        let fwd = self.forward_stats();
+        out.gauge(
+            "postern_relay_nodes_connected",
+            "Nodes (outlets and inlets) with a live control connection.",
+            self.nodes().len() as f64,
+        );
+        let services = self.services();
+        out.gauge(
+            "postern_relay_services",
+            "Services registered by at least one connected outlet.",
+            services.iter().filter(|(_, o)| !o.is_empty()).count() as f64,
+        );
+        out.family(
+            "postern_relay_service_outlets",
+            "Connected outlets serving each service.",
+            Kind::Gauge,
+        );
+        for (svc, outlets) in &services {
+            out.sample(
+                "postern_relay_service_outlets",
+                &[("service", svc.as_str())],
+                outlets.len() as f64,
+            );
+        }
+        out.gauge(
+            "postern_relay_routes",
+            "Routes (inlet-outlet pairs) being forwarded.",
+            self.routes().len() as f64,
+        );
+        out.counter(
+            "postern_relay_forwarded_packets_total",
+            "End-to-end packets forwarded between inlets and outlets.",
+            fwd.forwarded_packets.load(Relaxed),
+        );
+        out.counter(
+            "postern_relay_forwarded_bytes_total",
+            "Bytes of end-to-end packets forwarded (whole frames, both directions).",
+            fwd.forwarded_bytes.load(Relaxed),
+        );
+        let name = "postern_relay_dropped_packets_total";
+        out.family(
+            name,
+            "Packets the forwarder dropped, by reason.",
+            Kind::Counter,
+        )
+        .sample(
+            name,
+            &[("reason", "unknown_route")],
+            fwd.dropped_unknown_route.load(Relaxed) as f64,
+        )
+        .sample(
+            name,
+            &[("reason", "spoofed")],
+            fwd.dropped_spoofed.load(Relaxed) as f64,
+        )
+        .sample(
+            name,
+            &[("reason", "malformed")],
+            fwd.dropped_malformed.load(Relaxed) as f64,
+        )
+        .sample(
+            name,
+            &[("reason", "congested")],
+            fwd.dropped_congested.load(Relaxed) as f64,
+        );
+        out.counter(
+            "postern_relay_handshake_failures_total",
+            "Control connections that failed their handshake or presented an unusable or revoked identity.",
+            ctl.handshake_failures.load(Relaxed),
+        );
+        out.counter(
+            "postern_relay_control_bad_messages_total",
+            "Malformed, late or unexpected control messages.",
+            ctl.bad_messages.load(Relaxed),
+        );
+        let name = "postern_relay_route_requests_total";
+        out.family(name, "Route requests, by outcome.", Kind::Counter)
+            .sample(
+                name,
+                &[("outcome", "granted")],
+                ctl.routes_granted.load(Relaxed) as f64,
+            )
+            .sample(
+                name,
+                &[("outcome", "refused")],
+                ctl.routes_refused.load(Relaxed) as f64,
+            );
+        let name = "postern_relay_enrollments_total";
+        out.family(name, "Enrollment requests, by outcome.", Kind::Counter)
+            .sample(
+                name,
+                &[("outcome", "enrolled")],
+                ctl.enrollments.load(Relaxed) as f64,
+            )
+            .sample(
+                name,
+                &[("outcome", "refused")],
+                ctl.enrollments_refused.load(Relaxed) as f64,
+            );
+        out.gauge(
+            "postern_relay_ready",
+            "1 while the relay is listening and not shutting down.",
+            if self.readiness().is_ok() { 1.0 } else { 0.0 },
+        );
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.readiness()
+    }
+}

@@ -1,0 +1,930 @@
+//! Operating postern: metrics endpoints scraped during a transfer, graceful shutdown of real
+//! `postern-inlet` / `postern-outlet` processes on SIGTERM, and the audit log of real relay and
+//! outlet processes.
+//!
+//! The process tests run the binaries next to this test executable (`target/debug`); build
+//! them first with `cargo build --bins` (scripts/test.sh does).
+
+use postern_outlet::target::Target;
+use postern_tests::harness::*;
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+// ---------------------------------------------------------------------------------------------
+// Scraping
+
+/// GETs `path` from an operations endpoint; returns (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .expect("connect to the metrics endpoint in time")
+        .expect("connect to the metrics endpoint");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("write request");
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read answer");
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample of `name` whose labels include `labels` (summed over the others).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, set) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let have: BTreeMap<&str, &str> = set
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
+            let v: f64 = value.parse().expect("sample value");
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Starts an in-process operations endpoint for `node`.
+async fn ops_endpoint(
+    node: Arc<dyn postern_net::ops::Observe>,
+    stop: &CancellationToken,
+) -> SocketAddr {
+    let listener = postern_net::ops::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind metrics endpoint");
+    let addr = listener.local_addr().expect("addr");
+    let recorder = postern_net::ops::recorder().expect("metrics recorder");
+    tokio::spawn(postern_net::ops::serve(
+        listener,
+        node,
+        Some(recorder),
+        stop.clone(),
+    ));
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_a_transfer() {
+    init_logging();
+    // Before any node starts, so their counters record.
+    postern_net::ops::recorder().expect("metrics recorder");
+    let pki = Pki::new();
+    let (echo, _e) = echo_server().await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [3; 32], None);
+    // A service name no other test in this process uses: the recorder is process-wide.
+    let service = "ops-metrics";
+    let outlet = start_outlet(
+        &pki,
+        "outlet-metrics",
+        relay.addr,
+        vec![(service, Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(&pki, "inlet-metrics", relay.addr, &[service]).await;
+    let stop = CancellationToken::new();
+    let relay_ops = ops_endpoint(Arc::new(relay.handle.clone()), &stop).await;
+    let outlet_ops = ops_endpoint(Arc::new(outlet.handle.clone()), &stop).await;
+    let inlet_ops = ops_endpoint(Arc::new(inlet.handle.clone()), &stop).await;
+
+    for addr in [relay_ops, outlet_ops, inlet_ops] {
+        assert_eq!(http_get(addr, "/healthz").await.0, 200);
+        let (status, body) = http_get(addr, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let before = scrape(relay_ops).await;
+    let fwd0 = metric(&before, "postern_relay_forwarded_bytes_total", &[]).expect("relay bytes");
+    assert_eq!(
+        metric(&before, "postern_relay_nodes_connected", &[]),
+        Some(2.0)
+    );
+    assert_eq!(metric(&before, "postern_relay_services", &[]), Some(1.0));
+
+    // Send 16 MiB and read the echo; halfway through, scrape all three nodes.
+    let total = 16 * MIB;
+    let stream = TcpStream::connect(inlet.addr(service))
+        .await
+        .expect("connect inlet");
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * KIB];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..total / buf.len() {
+            rng.fill_bytes(&mut buf);
+            w.write_all(&buf).await.expect("write");
+        }
+        w.shutdown().await.expect("half-close");
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * KIB];
+    let mut checked = false;
+    loop {
+        let n = r.read(&mut buf).await.expect("read echo");
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if !checked && got >= total / 2 {
+            checked = true;
+            // What the client has received went client -> inlet -> relay -> outlet -> target
+            // and back, so every counter on the way has moved by at least that much (less what
+            // a node may not have added yet: the chunk it is writing right now).
+            let slack = 256 * KIB as u64;
+            let seen = got as u64;
+            let relay_now = scrape(relay_ops).await;
+            let outlet_now = scrape(outlet_ops).await;
+            let inlet_now = scrape(inlet_ops).await;
+            let fwd = metric(&relay_now, "postern_relay_forwarded_bytes_total", &[])
+                .expect("relay bytes");
+            assert!(
+                fwd - fwd0 >= (2 * seen - slack) as f64,
+                "relay forwarded {} bytes while the client got {seen} back",
+                fwd - fwd0
+            );
+            assert!(metric(&relay_now, "postern_relay_routes", &[]) >= Some(1.0));
+            for (text, node) in [(&outlet_now, "outlet"), (&inlet_now, "inlet")] {
+                let name = format!("postern_{node}_stream_bytes_total");
+                for direction in ["up", "down"] {
+                    let v = metric(
+                        text,
+                        &name,
+                        &[("service", service), ("direction", direction)],
+                    )
+                    .unwrap_or_else(|| panic!("{name} {direction} missing:\n{text}"));
+                    assert!(
+                        v >= (seen - slack) as f64,
+                        "{name}{{direction={direction}}} = {v} while the client got {seen} back"
+                    );
+                }
+                let open = metric(text, &format!("postern_{node}_streams_open"), &[]);
+                assert_eq!(open, Some(1.0), "{node} streams open during the transfer");
+            }
+        }
+    }
+    writer.await.expect("writer");
+    assert_eq!(got, total, "echoed byte count");
+
+    // Once the stream is done, the per-service counters hold exactly the bytes sent each way.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let outlet_now = scrape(outlet_ops).await;
+        let inlet_now = scrape(inlet_ops).await;
+        let exact = [&outlet_now, &inlet_now]
+            .iter()
+            .zip(["outlet", "inlet"])
+            .all(|(text, node)| {
+                ["up", "down"].iter().all(|d| {
+                    metric(
+                        text,
+                        &format!("postern_{node}_stream_bytes_total"),
+                        &[("service", service), ("direction", d)],
+                    ) == Some(total as f64)
+                }) && metric(text, &format!("postern_{node}_streams_open"), &[]) == Some(0.0)
+            });
+        if exact {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "byte counters did not settle at {total}:\n{outlet_now}\n{inlet_now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = scrape(relay_ops).await;
+    let fwd = metric(&after, "postern_relay_forwarded_bytes_total", &[]).expect("relay bytes");
+    assert!(
+        fwd - fwd0 >= (2 * total) as f64,
+        "relay forwarded {}",
+        fwd - fwd0
+    );
+    assert!(
+        metric(
+            &after,
+            "postern_relay_route_requests_total",
+            &[("outcome", "granted")]
+        ) >= Some(1.0)
+    );
+    let inlet_now = scrape(inlet_ops).await;
+    assert_eq!(
+        metric(
+            &inlet_now,
+            "postern_inlet_streams_total",
+            &[("service", service)]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&inlet_now, "postern_inlet_relay_connected", &[]),
+        Some(1.0)
+    );
+    stop.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real processes
+
+/// A binary of this workspace, built next to this test executable.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable is in <target>/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A child process whose stderr goes to a log file (printed when a check fails).
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin(program))
+            .args(args)
+            .env("POSTERN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e}"));
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("process still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit; returns its status.
+    async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(s) => s.expect("wait"),
+            Err(_) => panic!(
+                "{} did not exit within {timeout:?}; its log:\n{}",
+                self.name,
+                self.log()
+            ),
+        }
+    }
+
+    /// Waits until `/readyz` on `ops` answers 200.
+    async fn wait_ready(&mut self, ops: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
+            }
+            if let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ops)).await
+            {
+                let _ = s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await;
+                let mut out = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
+                if out.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never became ready; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Writes an issued certificate, key and the CA for `name` into `dir`; returns the flags.
+fn cert_flags(pki: &Pki, dir: &Path, name: &str) -> Vec<String> {
+    let issued = pki
+        .ca()
+        .issue(&node(name), Duration::from_secs(3600))
+        .expect("issue");
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    let ca = dir.join("ca.pem");
+    std::fs::write(&cert, issued.cert_pem).expect("write cert");
+    std::fs::write(&key, issued.key_pem).expect("write key");
+    std::fs::write(&ca, pki.ca_pem()).expect("write ca");
+    vec![
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--ca".into(),
+        ca.display().to_string(),
+    ]
+}
+
+/// One client connection's data: deterministic, different per connection.
+fn payload(i: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(i as u64).fill_bytes(&mut v);
+    v
+}
+
+/// Opens `n` echo connections and sends the first half of each one's payload; returns them
+/// once every first half has come back (so each stream is open end to end).
+async fn open_streams(addr: SocketAddr, n: usize, len: usize) -> Vec<(TcpStream, Vec<u8>)> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tasks.push(tokio::spawn(async move {
+            let data = payload(i, len);
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(&data[..len / 2])
+                .await
+                .expect("write first half");
+            let mut back = vec![0u8; len / 2];
+            tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut back))
+                .await
+                .expect("first half echoed in time")
+                .expect("read first half");
+            assert_eq!(back, data[..len / 2], "stream {i}: first half");
+            (s, data)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("stream task"));
+    }
+    out
+}
+
+/// Sends the second half of each payload, half-closes, and checks the whole echo.
+async fn finish_streams(streams: Vec<(TcpStream, Vec<u8>)>) {
+    let mut tasks = Vec::new();
+    for (i, (mut s, data)) in streams.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let half = data.len() / 2;
+            s.write_all(&data[half..]).await.expect("write second half");
+            s.shutdown().await.expect("half-close");
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest))
+                .await
+                .expect("rest echoed in time")
+                .unwrap_or_else(|e| panic!("stream {i}: read rest: {e}"));
+            assert_eq!(
+                Sha256::digest(&rest),
+                Sha256::digest(&data[half..]),
+                "stream {i}: second half ({} of {} bytes)",
+                rest.len(),
+                data.len() - half
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.expect("stream task");
+    }
+}
+
+/// Waits until `check` holds, polling for at most `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} (waited {within:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const STREAMS: usize = 100;
+const STREAM_LEN: usize = 64 * KIB;
+const DRAIN: Duration = Duration::from_secs(6);
+
+/// A connection left open past the drain deadline ends (EOF, reset or error) by then.
+async fn assert_cut_off(mut straggler: TcpStream) {
+    let mut buf = [0u8; 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match straggler.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a stream open past the drain deadline was not closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_inlet_and_exits_zero() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new();
+    let (echo, _e) = echo_server().await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [4; 32], None);
+    let _outlet = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+        .parse()
+        .expect("addr");
+    let ops: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+        .parse()
+        .expect("addr");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--relay".into(),
+        relay.addr.to_string(),
+        "--state-dir".into(),
+        dir.path().join("inlet-state").display().to_string(),
+        "--service".into(),
+        format!("echo={listen}"),
+        "--metrics-addr".into(),
+        ops.to_string(),
+        "--drain-timeout".into(),
+        format!("{}s", DRAIN.as_secs()),
+    ];
+    args.extend(cert_flags(&pki, dir.path(), "inlet-1"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut inlet = Proc::spawn(dir.path(), "inlet", "postern-inlet", &args);
+    inlet.wait_ready(ops).await;
+
+    let streams = open_streams(listen, STREAMS, STREAM_LEN).await;
+    let straggler = open_streams(listen, 1, 2 * KIB).await.remove(0).0;
+    let body = scrape(ops).await;
+    assert_eq!(
+        metric(&body, "postern_inlet_streams_open", &[]),
+        Some((STREAMS + 1) as f64),
+        "{body}"
+    );
+
+    inlet.sigterm();
+    let signalled = Instant::now();
+    // Draining: not ready, and new client connections are refused.
+    eventually(
+        Duration::from_secs(5),
+        "inlet still ready after SIGTERM",
+        || async { http_get(ops, "/readyz").await.0 == 503 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "inlet still accepts clients after SIGTERM",
+        || async { TcpStream::connect(listen).await.is_err() },
+    )
+    .await;
+    // The open streams finish well within the deadline, with every byte.
+    finish_streams(streams).await;
+    assert!(
+        signalled.elapsed() < DRAIN,
+        "streams took longer than the drain deadline"
+    );
+    assert_cut_off(straggler).await;
+    let status = inlet.wait(DRAIN + Duration::from_secs(10)).await;
+    assert!(
+        status.success(),
+        "inlet exit: {status}; log:\n{}",
+        inlet.log()
+    );
+    let took = signalled.elapsed();
+    assert!(
+        took >= DRAIN - Duration::from_millis(500) && took < DRAIN + Duration::from_secs(5),
+        "inlet exited {took:?} after SIGTERM; drain deadline {DRAIN:?}"
+    );
+    let log = inlet.log();
+    assert!(log.contains("drain deadline passed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_outlet_and_exits_zero() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new();
+    let (echo, _e) = echo_server().await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
+    let ops: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+        .parse()
+        .expect("addr");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--relay".into(),
+        relay.addr.to_string(),
+        "--state-dir".into(),
+        dir.path().join("outlet-state").display().to_string(),
+        "--service".into(),
+        format!("echo={echo}"),
+        "--metrics-addr".into(),
+        ops.to_string(),
+        "--drain-timeout".into(),
+        format!("{}s", DRAIN.as_secs()),
+    ];
+    args.extend(cert_flags(&pki, dir.path(), "outlet-1"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut outlet = Proc::spawn(dir.path(), "outlet", "postern-outlet", &args);
+    outlet.wait_ready(ops).await;
+    let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["echo"]).await;
+    let addr = inlet.addr("echo");
+
+    let streams = open_streams(addr, STREAMS, STREAM_LEN).await;
+    let straggler = open_streams(addr, 1, 2 * KIB).await.remove(0).0;
+    let body = scrape(ops).await;
+    assert_eq!(
+        metric(&body, "postern_outlet_streams_open", &[]),
+        Some((STREAMS + 1) as f64),
+        "{body}"
+    );
+
+    outlet.sigterm();
+    let signalled = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "outlet still ready after SIGTERM",
+        || async { http_get(ops, "/readyz").await.0 == 503 },
+    )
+    .await;
+    // A new stream is refused by the draining outlet: the client gets no echo.
+    let mut late = TcpStream::connect(addr).await.expect("connect inlet");
+    let _ = late.write_all(b"too late").await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), late.read(&mut buf))
+        .await
+        .expect("late stream answered in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a stream opened while draining was served");
+    let body = scrape(ops).await;
+    assert!(
+        metric(
+            &body,
+            "postern_outlet_stream_refusals_total",
+            &[("reason", "draining")]
+        ) >= Some(1.0),
+        "{body}"
+    );
+
+    finish_streams(streams).await;
+    assert!(
+        signalled.elapsed() < DRAIN,
+        "streams took longer than the drain deadline"
+    );
+    assert_cut_off(straggler).await;
+    let status = outlet.wait(DRAIN + Duration::from_secs(10)).await;
+    assert!(
+        status.success(),
+        "outlet exit: {status}; log:\n{}",
+        outlet.log()
+    );
+    let took = signalled.elapsed();
+    assert!(
+        took >= DRAIN - Duration::from_millis(500) && took < DRAIN + Duration::from_secs(5),
+        "outlet exited {took:?} after SIGTERM; drain deadline {DRAIN:?}"
+    );
+}
+
+/// Runs a short-lived command of a postern binary; returns its stdout, failing on error.
+async fn cli(program: &str, args: &[&str]) -> String {
+    let out = Command::new(bin(program))
+        .args(args)
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+        .collect()
+}
+
+fn has(lines: &[serde_json::Value], want: &[(&str, serde_json::Value)]) -> bool {
+    lines
+        .iter()
+        .any(|l| want.iter().all(|(k, v)| l.get(*k) == Some(v)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_logs_record_decisions_and_no_secret() {
+    use serde_json::json;
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let relay_addr = free_udp_addr().to_string();
+    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
+    let ticket = |role: &'static str| {
+        let (state, relay_addr) = (state.clone(), relay_addr.clone());
+        async move {
+            let attr = format!("role={role}");
+            let args = [
+                "ticket",
+                "create",
+                "--attr",
+                &attr,
+                "--relay",
+                &relay_addr,
+                "--state-dir",
+                &state,
+            ];
+            cli("postern-relay", &args).await.trim().to_owned()
+        }
+    };
+    let outlet_ticket = ticket("echo-outlet").await;
+    let client_ticket = ticket("echo-client").await;
+    let intruder_ticket = ticket("intruder").await;
+
+    let relay_audit = dir.path().join("relay-audit.jsonl");
+    let relay_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let mut relay = Proc::spawn(
+        dir.path(),
+        "relay",
+        "postern-relay",
+        &[
+            "run",
+            "--state-dir",
+            &state,
+            "--listen",
+            &relay_addr,
+            "--allow-register",
+            "echo=role = \"echo-outlet\"",
+            "--allow-route",
+            "echo=role = \"echo-client\"",
+            "--audit-log",
+            &relay_audit.display().to_string(),
+            "--metrics-addr",
+            &relay_ops,
+            "--drain-timeout",
+            "1s",
+        ],
+    );
+    relay.wait_ready(relay_ops.parse().expect("addr")).await;
+
+    let (echo, _e) = echo_server().await;
+    let outlet_audit = dir.path().join("outlet-audit.jsonl");
+    let outlet_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let mut outlet = Proc::spawn(
+        dir.path(),
+        "outlet",
+        "postern-outlet",
+        &[
+            "run",
+            "--ticket",
+            &outlet_ticket,
+            "--name",
+            "outlet-a",
+            "--state-dir",
+            &path("outlet-state"),
+            "--service",
+            &format!("echo={echo},allow=role = \"echo-client\""),
+            "--audit-log",
+            &outlet_audit.display().to_string(),
+            "--metrics-addr",
+            &outlet_ops,
+            "--drain-timeout",
+            "1s",
+        ],
+    );
+    outlet.wait_ready(outlet_ops.parse().expect("addr")).await;
+
+    let mut inlets = Vec::new();
+    for (name, ticket) in [
+        ("inlet-good", &client_ticket),
+        ("inlet-intruder", &intruder_ticket),
+    ] {
+        let listen = format!("127.0.0.1:{}", free_tcp_port());
+        let ops = format!("127.0.0.1:{}", free_tcp_port());
+        let mut p = Proc::spawn(
+            dir.path(),
+            name,
+            "postern-inlet",
+            &[
+                "run",
+                "--ticket",
+                ticket,
+                "--name",
+                name,
+                "--state-dir",
+                &path(&format!("{name}-state")),
+                "--service",
+                &format!("echo={listen}"),
+                "--metrics-addr",
+                &ops,
+                "--drain-timeout",
+                "1s",
+            ],
+        );
+        p.wait_ready(ops.parse().expect("addr")).await;
+        inlets.push((p, listen.parse::<SocketAddr>().expect("addr")));
+    }
+
+    // The allowed inlet gets its echo; the intruder's connection is closed without one.
+    let mut s = TcpStream::connect(inlets[0].1).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(back, b"hello");
+    let mut s = TcpStream::connect(inlets[1].1).await.expect("connect");
+    let _ = s.write_all(b"hello").await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back)).await;
+    assert!(back.is_empty(), "the intruder got an answer");
+
+    // A used ticket is refused, and that is audited too.
+    let refused = Command::new(bin("postern-inlet"))
+        .args([
+            "enroll",
+            &client_ticket,
+            "--name",
+            "inlet-again",
+            "--state-dir",
+            &path("again-state"),
+        ])
+        .output()
+        .await
+        .expect("run enroll");
+    assert!(!refused.status.success(), "a used ticket enrolled again");
+
+    let relay_lines = audit_lines(&relay_audit);
+    let outlet_lines = audit_lines(&outlet_audit);
+    let dump = || {
+        format!(
+            "relay audit:\n{}\noutlet audit:\n{}",
+            std::fs::read_to_string(&relay_audit).unwrap_or_default(),
+            std::fs::read_to_string(&outlet_audit).unwrap_or_default()
+        )
+    };
+    for node in ["outlet-a", "inlet-good", "inlet-intruder"] {
+        assert!(
+            has(
+                &relay_lines,
+                &[
+                    ("event", json!("enrollment")),
+                    ("allowed", json!(true)),
+                    ("node", json!(node))
+                ]
+            ),
+            "no enrollment of {node}: {}",
+            dump()
+        );
+    }
+    assert!(
+        has(
+            &relay_lines,
+            &[("event", json!("enrollment")), ("allowed", json!(false))]
+        ),
+        "no refused enrollment: {}",
+        dump()
+    );
+    let decision = |action: &str, node: &str, allowed: bool| {
+        vec![
+            ("target", json!("postern::audit")),
+            ("event", json!("policy")),
+            ("action", json!(action)),
+            ("node", json!(node)),
+            ("service", json!("echo")),
+            ("allowed", json!(allowed)),
+        ]
+    };
+    assert!(
+        has(&relay_lines, &decision("register", "outlet-a", true)),
+        "{}",
+        dump()
+    );
+    assert!(
+        has(&relay_lines, &decision("route", "inlet-good", true)),
+        "{}",
+        dump()
+    );
+    assert!(
+        has(&relay_lines, &decision("route", "inlet-intruder", false)),
+        "{}",
+        dump()
+    );
+    assert!(
+        has(&outlet_lines, &decision("use", "inlet-good", true)),
+        "{}",
+        dump()
+    );
+    assert!(
+        relay_lines
+            .iter()
+            .chain(&outlet_lines)
+            .filter(|l| l["event"] == "policy")
+            .all(|l| l["rule"].is_string()),
+        "every decision names its rule: {}",
+        dump()
+    );
+
+    // No secret: neither a ticket (nor its one-time secret) nor any key material.
+    let text = dump();
+    for t in [&outlet_ticket, &client_ticket, &intruder_ticket] {
+        let secret = postern_proto::ticket::Ticket::decode(t)
+            .expect("decode ticket")
+            .secret;
+        assert!(!text.contains(t.as_str()), "a ticket is in the audit log");
+        assert!(
+            !text.contains(&secret),
+            "a ticket secret is in the audit log"
+        );
+    }
+    assert!(
+        !text.contains("PRIVATE KEY") && !text.contains("BEGIN"),
+        "{text}"
+    );
+
+    // Every binary stops on SIGTERM with status 0.
+    for (p, _) in &mut inlets {
+        p.sigterm();
+        let status = p.wait(Duration::from_secs(15)).await;
+        assert!(status.success(), "{}: {status}\n{}", p.name, p.log());
+    }
+    for p in [&mut outlet, &mut relay] {
+        p.sigterm();
+        let status = p.wait(Duration::from_secs(15)).await;
+        assert!(status.success(), "{}: {status}\n{}", p.name, p.log());
+    }
+}
