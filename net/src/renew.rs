@@ -36,7 +36,10 @@ pub fn renew_at(from: SystemTime, until: SystemTime) -> SystemTime {
 }
 
 /// Renews once over `conn`; returns the new identity.
-pub async fn renew_once(conn: &quinn::Connection, state: &NodeState) -> Result<Identity, RenewError> {
+pub async fn renew_once(
+    conn: &quinn::Connection,
+    state: &NodeState,
+) -> Result<Identity, RenewError> {
     let current = files::read(&state.cert())?;
     let name = pki::cert_name(&pki::first_cert(&current)?)?;
     let (csr_pem, key) = pki::make_csr(&name)?;
@@ -81,7 +84,8 @@ pub async fn run(
     on_renewed: impl Fn(Identity) + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
     loop {
         let due = files::read(&state.cert())
             .ok()
@@ -97,7 +101,9 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        let Some(conn) = crate::control::wait_connected(&mut control, Duration::from_secs(30)).await else {
+        let Some(conn) =
+            crate::control::wait_connected(&mut control, Duration::from_secs(30)).await
+        else {
             continue;
         };
         match renew_once(&conn, &state).await {

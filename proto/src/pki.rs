@@ -284,13 +284,18 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiErro
 }
 
 /// A certificate's validity period.
-pub fn cert_validity(der: &[u8]) -> Result<(std::time::SystemTime, std::time::SystemTime), PkiError> {
+pub fn cert_validity(
+    der: &[u8],
+) -> Result<(std::time::SystemTime, std::time::SystemTime), PkiError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
     let at = |t: x509_parser::time::ASN1Time| {
         std::time::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
     };
-    Ok((at(cert.validity().not_before), at(cert.validity().not_after)))
+    Ok((
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    ))
 }
 
 /// The node name a certificate was issued to: its first DNS SAN.
@@ -374,7 +379,10 @@ mod tests {
         let (from, until) = cert_validity(&der).expect("validity");
         let span = until.duration_since(from).expect("ordered");
         // Issued 5 minutes back-dated, valid for an hour from now.
-        assert!(span >= Duration::from_secs(3600) && span <= Duration::from_secs(3600 + 301), "{span:?}");
+        assert!(
+            span >= Duration::from_secs(3600) && span <= Duration::from_secs(3600 + 301),
+            "{span:?}"
+        );
     }
 
     #[test]
