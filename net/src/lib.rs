@@ -27,6 +27,7 @@ pub mod node_socket;
 pub mod ops;
 pub mod rekey;
 pub mod relay_socket;
+pub mod renew;
 pub mod splice;
 
 use std::net::SocketAddr;
