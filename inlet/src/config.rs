@@ -7,7 +7,7 @@ use postern_net::node_config::NodeArgs;
 use postern_proto::name::ServiceName;
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One `[[service]]` table: a local listener for a remote service.
 #[derive(Debug, Clone, Deserialize)]
@@ -21,6 +21,23 @@ pub struct ServiceFile {
     /// credential streamed from the outlet in place of the client's own).
     #[serde(default)]
     pub kind: ServiceKind,
+    /// TLS on the listener: PEM certificate (chain) for the name clients use, e.g.
+    /// `influxdb.myproject.localhost` issued by `postern-relay ca issue`. Needs `tls-key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls-cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ServiceFile {
+    /// The listener's TLS certificate and key files, if it serves TLS; both or neither.
+    pub fn tls_files(&self) -> anyhow::Result<Option<(&Path, &Path)>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (None, None) => Ok(None),
+            (Some(_), None) => bail!("service {}: tls-cert needs tls-key", self.name),
+            (None, Some(_)) => bail!("service {}: tls-key needs tls-cert", self.name),
+        }
+    }
 }
 
 /// The inlet's config file.
@@ -76,8 +93,12 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
     /// A local listener: `NAME=LISTEN_ADDR[,kind=influxdb]`, e.g.
     /// `influxdb=127.0.0.1:8086,kind=influxdb`. Repeatable; adds to the file's `[[service]]`
-    /// tables. `kind=influxdb` puts the leased credential into every HTTP request.
-    #[arg(long = "service", value_name = "NAME=ADDR[,kind=influxdb]")]
+    /// tables. `kind=influxdb` puts the leased credential into every HTTP request;
+    /// `tls-cert=PATH,tls-key=PATH` serves the listener with TLS (PEM files).
+    #[arg(
+        long = "service",
+        value_name = "NAME=ADDR[,kind=influxdb][,tls-cert=PATH,tls-key=PATH]"
+    )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
     /// control connection to the relay is up), e.g. `127.0.0.1:9466` [default: none].
@@ -107,24 +128,32 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         .split_once('=')
         .with_context(|| format!("--service {s:?}: expected NAME=LISTEN_ADDR"))?;
     let mut kind = ServiceKind::Tcp;
+    let (mut tls_cert, mut tls_key) = (None, None);
     for opt in parts {
-        kind = match opt {
-            "kind=tcp" => ServiceKind::Tcp,
-            "kind=influxdb" => ServiceKind::Influxdb,
+        match opt.split_once('=') {
+            Some(("kind", "tcp")) => kind = ServiceKind::Tcp,
+            Some(("kind", "influxdb")) => kind = ServiceKind::Influxdb,
+            Some(("tls-cert", p)) if !p.is_empty() => tls_cert = Some(PathBuf::from(p)),
+            Some(("tls-key", p)) if !p.is_empty() => tls_key = Some(PathBuf::from(p)),
             _ => bail!(
-                "--service {s:?}: unknown option {opt:?} (expected kind=tcp or kind=influxdb)"
+                "--service {s:?}: unknown option {opt:?} (expected kind=tcp, kind=influxdb, \
+                 tls-cert=PATH or tls-key=PATH)"
             ),
-        };
+        }
     }
-    Ok(ServiceFile {
+    let service = ServiceFile {
         kind,
+        tls_cert,
+        tls_key,
         name: name
             .parse()
             .with_context(|| format!("--service {s:?}: bad service name"))?,
         listen: listen
             .parse()
             .with_context(|| format!("--service {s:?}: bad listen address"))?,
-    })
+    };
+    service.tls_files()?;
+    Ok(service)
 }
 
 impl RunArgs {
@@ -146,6 +175,7 @@ impl RunArgs {
             if !seen.insert(s.listen) {
                 bail!("listen address {} is used twice", s.listen);
             }
+            s.tls_files()?;
         }
         let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
             (Some(d), _) => d,
@@ -198,6 +228,34 @@ mod tests {
         let s = parse_service_flag("influxdb=127.0.0.1:1,kind=influxdb").expect("parse");
         assert_eq!(s.kind, ServiceKind::Influxdb);
         assert!(parse_service_flag("influxdb=127.0.0.1:1,kind=ftp").is_err());
+        let s = parse_service_flag(
+            "influxdb=127.0.0.1:1,kind=influxdb,tls-cert=/c/cert.pem,tls-key=/c/key.pem",
+        )
+        .expect("parse");
+        let (cert, key) = s.tls_files().expect("tls").expect("some");
+        assert_eq!(
+            (cert, key),
+            (Path::new("/c/cert.pem"), Path::new("/c/key.pem"))
+        );
+        let e = parse_service_flag("influxdb=127.0.0.1:1,tls-cert=/c/cert.pem").expect_err("half");
+        assert!(e.to_string().contains("tls-key"), "{e}");
+        assert!(parse_service_flag("influxdb=127.0.0.1:1,tls-key=").is_err());
+    }
+
+    #[test]
+    fn tls_keys_in_the_file_come_in_pairs() {
+        let f: InletFile = toml::from_str(
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\ntls-key = \"k.pem\"\n",
+        )
+        .expect("parse");
+        let e = f.service[0].tls_files().expect_err("half");
+        assert!(e.to_string().contains("tls-key needs tls-cert"), "{e}");
+        let f: InletFile = toml::from_str(
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n\
+             tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\n",
+        )
+        .expect("parse");
+        assert!(f.service[0].tls_files().expect("pair").is_some());
     }
 
     #[test]

@@ -111,6 +111,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect(),
     })
     .await?;
+    for s in &cfg.services {
+        if let Some((cert, key)) = s.tls_files()? {
+            inlet.set_tls(&s.name, postern_inlet::tls::acceptor(cert, key)?);
+        }
+    }
     inlet.set_drain_timeout(cfg.drain_timeout);
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {

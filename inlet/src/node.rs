@@ -2,6 +2,7 @@
 //! connection per service's outlet, created on demand and replaced when its route goes away.
 
 use crate::http_proxy::{CredentialSource, LeaseState};
+use crate::tls::{ClientStream, TlsAcceptor};
 use postern_net::control::{self, ControlHandler, RelayTarget};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -218,6 +219,7 @@ pub struct Inlet {
     control: watch::Sender<Option<quinn::Connection>>,
     listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
     leases: Vec<(ServiceName, watch::Sender<LeaseState>)>,
+    tls: HashMap<ServiceName, TlsAcceptor>,
     drain: Drain,
     drain_timeout: Duration,
 }
@@ -328,6 +330,7 @@ impl Inlet {
             control,
             listeners,
             leases,
+            tls: HashMap::new(),
             drain: Drain::default(),
             drain_timeout: Duration::ZERO,
         })
@@ -338,6 +341,16 @@ impl Inlet {
     /// closing. Default: zero, close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
         self.drain_timeout = timeout;
+    }
+
+    /// Serves `service`'s listener with TLS (see [`crate::tls`]): each accepted connection is
+    /// handshaken first, then served as a plain one. False if there is no such service.
+    pub fn set_tls(&mut self, service: &ServiceName, acceptor: TlsAcceptor) -> bool {
+        let known = self.listeners.iter().any(|(s, _, _)| s == service);
+        if known {
+            self.tls.insert(service.clone(), acceptor);
+        }
+        known
     }
 
     /// Sets when end-to-end traffic keys are rotated (default: every GiB or hour).
@@ -395,8 +408,9 @@ impl Inlet {
                 },
             };
             let clients = self.drain.clients.clone();
+            let tls = self.tls.get(&service).cloned();
             tasks.spawn(accept_loop(
-                service, mode, listener, shared, shutdown, clients,
+                service, mode, listener, shared, shutdown, clients, tls,
             ));
         }
         let ctl = control::run(
@@ -441,8 +455,9 @@ async fn accept_loop(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     clients: TaskTracker,
+    tls: Option<TlsAcceptor>,
 ) {
-    tracing::info!(%service, addr = ?listener.local_addr().ok(), "listening");
+    tracing::info!(%service, addr = ?listener.local_addr().ok(), tls = tls.is_some(), "listening");
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -462,12 +477,21 @@ async fn accept_loop(
         let span = tracing::info_span!("client", %service, %peer);
         metrics::counter!("postern_inlet_streams_total", "service" => service.as_str().to_owned())
             .increment(1);
-        match mode.clone() {
-            Mode::Tcp => clients.spawn(serve_client(tcp, service, shared).instrument(span)),
-            Mode::Http(cred) => {
-                clients.spawn(serve_http_client(tcp, service, shared, cred).instrument(span))
+        let (mode, tls) = (mode.clone(), tls.clone());
+        let serve = async move {
+            let client = match ClientStream::accept(tcp, tls.as_ref()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            match mode {
+                Mode::Tcp => serve_client(client, service, shared).await,
+                Mode::Http(cred) => serve_http_client(client, service, shared, cred).await,
             }
         };
+        clients.spawn(serve.instrument(span));
     }
 }
 
@@ -510,13 +534,13 @@ fn failed(service: &ServiceName, e: &ServeError) {
         .increment(1);
 }
 
-async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>) {
+async fn serve_client(tcp: ClientStream, service: ServiceName, shared: Arc<Shared>) {
     let (mut send, recv) = match open_stream(&shared, &service).await {
         Ok(s) => s,
         Err(e) => {
             failed(&service, &e);
             tracing::warn!(error = %e, "closing client connection");
-            splice::set_reset_on_close(&tcp);
+            splice::set_reset_on_close(tcp.tcp());
             return;
         }
     };
@@ -529,14 +553,14 @@ async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>)
     .await
     {
         tracing::warn!(error = %e, "closing client connection: cannot start stream");
-        splice::set_reset_on_close(&tcp);
+        splice::set_reset_on_close(tcp.tcp());
         return;
     }
     let counters = splice::ByteCounters {
         tcp_to_stream: byte_counter(&service, "up"),
         stream_to_tcp: byte_counter(&service, "down"),
     };
-    let outcome = splice::splice_counted(tcp, send, recv, &counters).await;
+    let outcome = tcp.splice(send, recv, &counters).await;
     match outcome.peer_reset {
         Some(c) if c != u64::from(code::RESET) => {
             tracing::warn!(
@@ -556,12 +580,12 @@ async fn serve_client(tcp: TcpStream, service: ServiceName, shared: Arc<Shared>)
 /// Serves an InfluxDB client through the HTTP filter; the stream is opened only once a first
 /// well-formed request with a credential is ready.
 async fn serve_http_client(
-    tcp: TcpStream,
+    tcp: ClientStream,
     service: ServiceName,
     shared: Arc<Shared>,
     credential: CredentialSource,
 ) {
-    let _ = tcp.set_nodelay(true);
+    let _ = tcp.tcp().set_nodelay(true);
     let open = || async {
         let (mut send, recv) = open_stream(&shared, &service).await.map_err(|e| {
             failed(&service, &e);

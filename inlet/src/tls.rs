@@ -7,6 +7,7 @@
 //! no client certificate, ALPN `http/1.1` so the HTTP filter sees plain HTTP/1.1 requests once
 //! the handshake is done.
 
+use postern_net::splice;
 use postern_proto::tls::{provider, Identity};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -145,6 +146,27 @@ impl ClientStream {
         match self {
             Self::Plain(t) => t,
             Self::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Splices the connection with a QUIC stream ([`splice::splice_counted`] for plain TCP);
+    /// when the stream is reset, the client's TCP connection is reset too.
+    pub async fn splice(
+        self,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        counters: &splice::ByteCounters,
+    ) -> splice::SpliceOutcome {
+        match self {
+            Self::Plain(tcp) => splice::splice_counted(tcp, send, recv, counters).await,
+            Self::Tls(mut tls) => {
+                let _ = tls.get_ref().0.set_nodelay(true);
+                let out = splice::splice_io_counted(&mut *tls, send, recv, counters).await;
+                if out.peer_reset.is_some() {
+                    splice::set_reset_on_close(tls.get_ref().0);
+                }
+                out
+            }
         }
     }
 }
