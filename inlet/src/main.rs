@@ -134,6 +134,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
+    let handle = inlet.handle();
+    postern_net::renew::spawn_if_enrolled(
+        &cfg.state_dir,
+        &settings.cert,
+        handle.control(),
+        move |identity| {
+            if let Err(e) = handle.set_identity(&identity) {
+                tracing::error!(error = %e, "cannot use the renewed certificate");
+            }
+        },
+        shutdown.clone(),
+    );
     inlet.run(shutdown).await;
     ops_stop.cancel();
     tracing::info!("inlet stopped");

@@ -3,7 +3,7 @@
 
 use crate::http_proxy::{CredentialSource, LeaseState};
 use crate::tls::{ClientStream, TlsAcceptor};
-use postern_net::control::{self, ControlHandler, RelayTarget};
+use postern_net::control::{self, current_config, ControlHandler, RelayTarget, SharedClientConfig};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
 use postern_net::node_socket::NodeSocket;
@@ -97,7 +97,7 @@ struct E2e {
 pub(crate) struct Shared {
     socket: Arc<NodeSocket>,
     endpoint: quinn::Endpoint,
-    e2e_client: quinn::ClientConfig,
+    e2e_client: SharedClientConfig,
     relay: SocketAddr,
     key_budget: Mutex<postern_net::rekey::KeyBudget>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
@@ -156,7 +156,7 @@ impl Shared {
         };
         let connecting = self
             .endpoint
-            .connect_with(self.e2e_client.clone(), virt, outlet.as_str())
+            .connect_with(current_config(&self.e2e_client), virt, outlet.as_str())
             .map_err(|e| e2e_err(e.to_string()))?;
         let conn = match tokio::time::timeout(E2E_CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
@@ -214,7 +214,8 @@ impl Shared {
 /// A bound inlet, ready to [`run`](Inlet::run).
 pub struct Inlet {
     shared: Arc<Shared>,
-    client: quinn::ClientConfig,
+    client: SharedClientConfig,
+    roots: Arc<RootCertStore>,
     relay: RelayTarget,
     control: watch::Sender<Option<quinn::Connection>>,
     listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
@@ -237,9 +238,26 @@ pub struct InletHandle {
     control: watch::Receiver<Option<quinn::Connection>>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
     drain: Drain,
+    client: SharedClientConfig,
+    e2e_client: SharedClientConfig,
+    roots: Arc<RootCertStore>,
 }
 
 impl InletHandle {
+    /// The control connection, as it comes and goes.
+    pub fn control(&self) -> watch::Receiver<Option<quinn::Connection>> {
+        self.control.clone()
+    }
+
+    /// Uses a renewed identity for every connection made from now on.
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), EndpointError> {
+        let control = endpoint::control_client(identity, self.roots.clone())?;
+        let e2e = endpoint::e2e_client(identity, self.roots.clone())?;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = control;
+        *self.e2e_client.write().unwrap_or_else(|p| p.into_inner()) = e2e;
+        Ok(())
+    }
+
     /// Key updates made on end-to-end connections so far.
     pub fn key_updates(&self) -> u64 {
         self.key_updates.load(std::sync::atomic::Ordering::Relaxed)
@@ -318,14 +336,21 @@ impl Inlet {
             shared: Arc::new(Shared {
                 socket,
                 endpoint,
-                e2e_client: endpoint::e2e_client(&opts.identity, opts.roots.clone())?,
+                e2e_client: Arc::new(std::sync::RwLock::new(endpoint::e2e_client(
+                    &opts.identity,
+                    opts.roots.clone(),
+                )?)),
                 relay: opts.relay.addr,
                 key_budget: Mutex::default(),
                 key_updates: Arc::default(),
                 control: control_rx,
                 e2e: Mutex::default(),
             }),
-            client: endpoint::control_client(&opts.identity, opts.roots)?,
+            client: Arc::new(std::sync::RwLock::new(endpoint::control_client(
+                &opts.identity,
+                opts.roots.clone(),
+            )?)),
+            roots: opts.roots,
             relay: opts.relay,
             control,
             listeners,
@@ -376,6 +401,9 @@ impl Inlet {
             control: self.control.subscribe(),
             key_updates: self.shared.key_updates.clone(),
             drain: self.drain.clone(),
+            client: self.client.clone(),
+            e2e_client: self.shared.e2e_client.clone(),
+            roots: self.roots.clone(),
         }
     }
 

@@ -23,6 +23,15 @@ pub trait ControlHandler: Send + Sync + 'static {
     fn on_disconnect(&self, relay: SocketAddr);
 }
 
+/// A client configuration that can be replaced while in use (e.g. after certificate renewal):
+/// each new connection takes the current one.
+pub type SharedClientConfig = std::sync::Arc<std::sync::RwLock<quinn::ClientConfig>>;
+
+/// The configuration a new connection should use now.
+pub fn current_config(shared: &SharedClientConfig) -> quinn::ClientConfig {
+    shared.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Where and how to reach a relay.
 #[derive(Debug, Clone)]
 pub struct RelayTarget {
@@ -40,7 +49,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// `current` (None while disconnected).
 pub async fn run<H: ControlHandler>(
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    client: SharedClientConfig,
     relay: RelayTarget,
     handler: Arc<H>,
     current: watch::Sender<Option<quinn::Connection>>,
@@ -50,7 +59,7 @@ pub async fn run<H: ControlHandler>(
     loop {
         let attempt = async {
             let connecting = endpoint
-                .connect_with(client.clone(), relay.addr, &relay.name)
+                .connect_with(current_config(&client), relay.addr, &relay.name)
                 .map_err(|e| format!("cannot start connection: {e}"))?;
             let conn = connecting.await.map_err(|e| e.to_string())?;
             handler

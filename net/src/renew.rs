@@ -124,6 +124,23 @@ pub async fn run(
     }
 }
 
+/// Starts renewal if the node runs on its enrolled identity (`cert` is the state directory's).
+pub fn spawn_if_enrolled(
+    state_dir: &std::path::Path,
+    cert: &std::path::Path,
+    control: watch::Receiver<Option<quinn::Connection>>,
+    on_renewed: impl Fn(Identity) + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) {
+    let state = NodeState::new(state_dir);
+    if state.cert() != cert {
+        tracing::info!("certificate given by file: automatic renewal is off");
+        return;
+    }
+    recover(&state);
+    tokio::spawn(run(state, control, on_renewed, shutdown));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,6 +192,18 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
         tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
+    let handle = outlet.handle();
+    postern_net::renew::spawn_if_enrolled(
+        &cfg.state_dir,
+        &settings.cert,
+        handle.control(),
+        move |identity| {
+            if let Err(e) = handle.set_identity(&identity) {
+                tracing::error!(error = %e, "cannot use the renewed certificate");
+            }
+        },
+        shutdown.clone(),
+    );
     outlet.run(shutdown).await;
     leases_stop.cancel();
     for m in managers {

@@ -1,7 +1,7 @@
 //! The outlet node: one socket, one control connection to the relay, end-to-end listener.
 
 use crate::forward::{self, Drain, ExpectedRoute, Routes, Services};
-use postern_net::control::{self, ControlHandler, RelayTarget};
+use postern_net::control::{self, ControlHandler, RelayTarget, SharedClientConfig};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
 use postern_net::node_socket::NodeSocket;
@@ -37,7 +37,8 @@ pub struct OutletOptions {
 pub struct Outlet {
     endpoint: quinn::Endpoint,
     socket: Arc<NodeSocket>,
-    client: quinn::ClientConfig,
+    client: SharedClientConfig,
+    roots: Arc<RootCertStore>,
     relay: RelayTarget,
     routes: Arc<Routes>,
     services: Arc<Services>,
@@ -52,9 +53,26 @@ pub struct OutletHandle {
     routes: Arc<Routes>,
     control: watch::Receiver<Option<quinn::Connection>>,
     drain: Drain,
+    endpoint: quinn::Endpoint,
+    client: SharedClientConfig,
+    roots: Arc<RootCertStore>,
 }
 
 impl OutletHandle {
+    /// The control connection, as it comes and goes.
+    pub fn control(&self) -> watch::Receiver<Option<quinn::Connection>> {
+        self.control.clone()
+    }
+
+    /// Uses a renewed identity for every connection made or accepted from now on.
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), EndpointError> {
+        let control = endpoint::control_client(identity, self.roots.clone())?;
+        let server = endpoint::e2e_server(identity, self.roots.clone())?;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = control;
+        self.endpoint.set_server_config(Some(server));
+        Ok(())
+    }
+
     /// Waits until the outlet's control connection is up (and its services registered).
     pub async fn wait_registered(&mut self, timeout: std::time::Duration) -> bool {
         control::wait_connected(&mut self.control, timeout)
@@ -106,7 +124,10 @@ impl Outlet {
         let socket =
             Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(OutletError::Bind)?);
         let server = endpoint::e2e_server(&opts.identity, opts.roots.clone())?;
-        let client = endpoint::control_client(&opts.identity, opts.roots)?;
+        let client = Arc::new(std::sync::RwLock::new(endpoint::control_client(
+            &opts.identity,
+            opts.roots.clone(),
+        )?));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint::endpoint_config(None),
             Some(server),
@@ -118,6 +139,7 @@ impl Outlet {
             endpoint,
             socket,
             client,
+            roots: opts.roots,
             relay: opts.relay,
             routes: Arc::new(Routes::default()),
             services: Arc::new(opts.services),
@@ -140,6 +162,9 @@ impl Outlet {
             routes: self.routes.clone(),
             control: self.control.subscribe(),
             drain: self.drain.clone(),
+            endpoint: self.endpoint.clone(),
+            client: self.client.clone(),
+            roots: self.roots.clone(),
         }
     }
 

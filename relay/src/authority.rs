@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Lifetime of certificates issued at enrollment.
-pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of certificates issued at enrollment and renewal. Nodes renew at two thirds of it
+/// over their control connection, so a node offline for longer than this needs a new ticket.
+pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -181,6 +182,27 @@ impl Authority {
             serde_json::to_vec_pretty(&record).map_err(|e| StateError::Invalid(e.to_string()))?;
         files::write(&path, &json, false)?;
         Ok(existed)
+    }
+
+    /// Signs a renewed certificate for a connected node: same name, same attributes, new key.
+    pub fn renew(
+        &self,
+        name: &NodeName,
+        attrs: &Attributes,
+        csr_pem: &str,
+    ) -> Result<String, String> {
+        if self.revoked().contains(name) {
+            return Err(format!("identity {name} has been revoked"));
+        }
+        let ca = self
+            .state
+            .load_ca()
+            .map_err(|_| "the authority cannot sign certificates right now".to_string())?;
+        let cert = ca
+            .sign_csr(csr_pem, name, attrs, ENROLLED_VALIDITY)
+            .map_err(|e| format!("certificate request refused: {e}"))?;
+        tracing::info!(target: "postern::audit", event = "renewal", node = %name, "certificate renewed");
+        Ok(cert)
     }
 
     /// Handles one enrollment request.

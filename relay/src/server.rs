@@ -478,6 +478,31 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             answer
         }
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+        Ctl::Renew { csr_pem } => {
+            let Some(authority) = shared.authority.clone() else {
+                return Ctl::Error {
+                    message: "this relay does not run the authority; renew there".into(),
+                };
+            };
+            let (name, attrs) = {
+                let reg = shared.registry();
+                (reg.name(id).cloned(), reg.attrs(id))
+            };
+            let Some(name) = name else {
+                return Ctl::Error {
+                    message: "unknown node".into(),
+                };
+            };
+            let signed =
+                tokio::task::spawn_blocking(move || authority.renew(&name, &attrs, &csr_pem)).await;
+            match signed {
+                Ok(Ok(cert_pem)) => Ctl::Renewed { cert_pem },
+                Ok(Err(message)) => Ctl::Error { message },
+                Err(_) => Ctl::Error {
+                    message: "renewal failed".into(),
+                },
+            }
+        }
         other => {
             shared.ctl.bad_messages.fetch_add(1, Relaxed);
             tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected control message from node");

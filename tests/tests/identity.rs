@@ -525,3 +525,75 @@ async fn revoked_inlet_is_cut_within_a_second_and_stays_out() {
         .collect();
     assert_eq!(listed.get("inlet-r"), Some(&true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_renewed_over_the_control_connection() {
+    init_logging();
+    let p = project();
+    let (echo, _e) = echo_server().await;
+    let (relay, _h, _r) = start_project_relay(&p, policy(OUTLET_ROLE, CLIENT_ROLE));
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let (odir, idir) = (dirs.path().join("outlet"), dirs.path().join("inlet"));
+    let t = ticket(&p, relay, &[("role", "outlet")], Duration::from_secs(60));
+    enroll(&t, &node("outlet-a"), &NodeState::new(&odir))
+        .await
+        .expect("enroll");
+    let t = ticket(&p, relay, &[("role", "client")], Duration::from_secs(60));
+    enroll(&t, &node("inlet-n"), &NodeState::new(&idir))
+        .await
+        .expect("enroll");
+    let (_oh, _o) = outlet_from(&odir, relay, echo, Some(CLIENT_ROLE)).await;
+    let (addr, ih, i) = inlet_from(&idir, relay).await;
+    echo_eventually(addr).await;
+
+    let state = NodeState::new(&idir);
+    let old_cert = std::fs::read_to_string(state.cert()).expect("cert");
+    let old_key = std::fs::read_to_string(state.key()).expect("key");
+    let mut control = ih.control();
+    let conn = postern_net::control::wait_connected(&mut control, Duration::from_secs(10))
+        .await
+        .expect("control connection");
+    let identity = postern_net::renew::renew_once(&conn, &state)
+        .await
+        .expect("renew");
+    ih.set_identity(&identity).expect("use renewed identity");
+    let new_cert = std::fs::read_to_string(state.cert()).expect("cert");
+    assert_ne!(new_cert, old_cert, "a new certificate");
+    assert_ne!(
+        std::fs::read_to_string(state.key()).expect("key"),
+        old_key,
+        "with a new key"
+    );
+    let der = postern_proto::pki::first_cert(&new_cert).expect("der");
+    assert_eq!(
+        postern_proto::pki::cert_name(&der).expect("name"),
+        node("inlet-n")
+    );
+    assert_eq!(
+        postern_proto::pki::cert_attributes(&der)
+            .expect("attrs")
+            .get("role")
+            .map(String::as_str),
+        Some("client"),
+        "same attributes"
+    );
+
+    // A restart uses the renewed pair.
+    i.stop().await;
+    let (addr, ih, _i) = inlet_from(&idir, relay).await;
+    echo_eventually(addr).await;
+
+    // A revoked identity cannot renew.
+    let mut control = ih.control();
+    let conn = postern_net::control::wait_connected(&mut control, Duration::from_secs(10))
+        .await
+        .expect("control connection");
+    p.authority.revoke(&node("inlet-n")).expect("revoke");
+    let err = postern_net::renew::renew_once(&conn, &state)
+        .await
+        .expect_err("revoked");
+    assert!(
+        err.to_string().contains("revoked") || err.to_string().contains("connection"),
+        "{err}"
+    );
+}
