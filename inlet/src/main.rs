@@ -1,6 +1,5 @@
 //! `postern-inlet`: local ports that reach remote services through the relay.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use postern_inlet::config::RunArgs;
 use postern_inlet::{Inlet, InletOptions, InletService};
@@ -64,18 +63,7 @@ async fn main() -> anyhow::Result<()> {
             ticket,
             name,
             state_dir,
-        } => {
-            let ticket = postern_proto::ticket::Ticket::decode(&ticket).context("ticket")?;
-            let name = match name {
-                Some(n) => n.parse().context("--name")?,
-                None => postern_net::node_config::default_name("inlet"),
-            };
-            let state = postern_net::enroll::NodeState::new(&state_dir);
-            let info = postern_net::enroll::enroll(&ticket, &name, &state).await?;
-            println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
-            println!("identity stored in {}", state_dir.display());
-            Ok(())
-        }
+        } => postern_net::node_config::enroll_command("inlet", &ticket, name, &state_dir).await,
         Command::Ca(CaCommand::Export { state_dir }) => {
             print!("{}", postern_inlet::tls::export_ca(&state_dir)?);
             Ok(())

@@ -143,3 +143,22 @@ pub async fn prepare(
         ca: state.ca(),
     })
 }
+
+/// `postern-<role> enroll TICKET [--name NAME] --state-dir DIR`: enrolls and says what it got.
+pub async fn enroll_command(
+    role: &str,
+    ticket: &str,
+    name: Option<String>,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use crate::enroll::{enroll, NodeState};
+    let ticket = postern_proto::ticket::Ticket::decode(ticket).context("ticket")?;
+    let name = match name {
+        Some(n) => n.parse().context("--name")?,
+        None => default_name(role),
+    };
+    let info = enroll(&ticket, &name, &NodeState::new(state_dir)).await?;
+    println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
+    println!("identity stored in {}", state_dir.display());
+    Ok(())
+}

@@ -87,18 +87,7 @@ async fn main() -> anyhow::Result<()> {
             ticket,
             name,
             state_dir,
-        } => {
-            let ticket = postern_proto::ticket::Ticket::decode(&ticket).context("ticket")?;
-            let name = match name {
-                Some(n) => n.parse().context("--name")?,
-                None => postern_net::node_config::default_name("outlet"),
-            };
-            let state = postern_net::enroll::NodeState::new(&state_dir);
-            let info = postern_net::enroll::enroll(&ticket, &name, &state).await?;
-            println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
-            println!("identity stored in {}", state_dir.display());
-            Ok(())
-        }
+        } => postern_net::node_config::enroll_command("outlet", &ticket, name, &state_dir).await,
         Command::Lease { state_dir, command } => lease(state_dir, command).await,
     }
 }
