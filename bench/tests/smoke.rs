@@ -77,3 +77,26 @@ async fn bulk_with_the_relay_in_process() {
     let b = r.bulk.expect("bulk ran");
     assert!(b.rows.iter().all(|row| row.verified_streams == 4));
 }
+
+#[test]
+fn the_binary_runs_a_quick_scenario_and_writes_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bulk.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern-bench"))
+        .args(["--quick", "--json"])
+        .arg(&json)
+        .args(["bulk", "--streams", "2", "--total-mib", "1"])
+        .output()
+        .expect("run postern-bench");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| 2 | postern |"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
+            .expect("valid json");
+    assert_eq!(v["bulk"]["rows"][1]["verified_streams"], 2);
+}
