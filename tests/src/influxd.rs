@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// How long influxd may take to answer `/ping` after it is started.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many times start-up is retried when a port turns out to be taken.
-const PORT_ATTEMPTS: usize = 5;
+const PORT_ATTEMPTS: usize = 10;
 
 /// How to run influxd.
 #[derive(Debug, Clone, Copy, Default)]
@@ -64,9 +64,11 @@ pub struct Influxd {
     client: reqwest::Client,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// Two distinct free ports (both held while the second is picked, so they cannot be equal).
+fn free_ports() -> anyhow::Result<(u16, u16)> {
+    let a = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    let b = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 fn binary() -> PathBuf {
@@ -135,8 +137,9 @@ impl Influxd {
             let dir = tempfile::Builder::new()
                 .prefix("postern-influxd-")
                 .tempdir()?;
-            let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-            let rpc: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let (http_port, rpc_port) = free_ports()?;
+            let http: SocketAddr = format!("127.0.0.1:{http_port}").parse()?;
+            let rpc: SocketAddr = format!("127.0.0.1:{rpc_port}").parse()?;
             let conf = dir.path().join("influxdb.conf");
             std::fs::write(&conf, config_text(dir.path(), http, rpc, opts.auth))?;
             let log = std::fs::File::create(dir.path().join("influxd.log"))?;
