@@ -91,10 +91,13 @@ async fn open_and_ping(addr: SocketAddr, tag: u64) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// Opens one stream per (address, tag), `parallel` at a time; keeps the ones that answered.
+/// Opens one stream per (address, tag), `parallel` at a time; keeps the ones that answered
+/// when `keep` (else closes each after its ping, so that big fleets stay within the process's
+/// file descriptor limit).
 async fn open_many(
     targets: &[(SocketAddr, u64)],
     parallel: usize,
+    keep: bool,
     errors: &mut Vec<String>,
 ) -> Vec<TcpStream> {
     let sem = Arc::new(Semaphore::new(parallel.max(1)));
@@ -103,13 +106,13 @@ async fn open_many(
         let sem = sem.clone();
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            open_and_ping(addr, tag).await
+            open_and_ping(addr, tag).await.map(|s| keep.then_some(s))
         });
     }
     let mut out = Vec::with_capacity(targets.len());
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(Ok(s)) => out.push(s),
+            Ok(Ok(s)) => out.extend(s),
             Ok(Err(e)) => errors.push(e.to_string()),
             Err(e) => errors.push(format!("task: {e}")),
         }
@@ -172,7 +175,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &FleetOptions) -> Result<Fle
     }
     progress(&format!("fleet: {} routes", route_targets.len()));
     let t = Instant::now();
-    let first = open_many(&route_targets, opts.parallel, &mut errors).await;
+    let first = open_many(&route_targets, opts.parallel, false, &mut errors).await;
     let setup_routes_s = t.elapsed().as_secs_f64();
     drop(first);
     settle().await;
@@ -188,7 +191,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &FleetOptions) -> Result<Fle
     }
     progress(&format!("fleet: {} idle streams", stream_targets.len()));
     let t = Instant::now();
-    let mut held = open_many(&stream_targets, opts.parallel, &mut errors).await;
+    let mut held = open_many(&stream_targets, opts.parallel, true, &mut errors).await;
     let open_streams_s = t.elapsed().as_secs_f64();
     settle().await;
     let rss3 = rss(&relay);
