@@ -109,6 +109,7 @@ pub type Tap = Arc<dyn Fn(&mut [u8]) + Send + Sync>;
 /// The relay's socket; see the module docs.
 pub struct RelaySocket {
     io: Arc<tokio::net::UdpSocket>,
+    ipv6: bool,
     state: UdpSocketState,
     routes: Arc<RouteTable>,
     stats: Arc<ForwardStats>,
@@ -150,6 +151,7 @@ impl RelaySocket {
     ) -> io::Result<Self> {
         let (io, state) = bind_udp(addr)?;
         Ok(Self {
+            ipv6: addr.is_ipv6(),
             io,
             state,
             routes,
@@ -256,8 +258,9 @@ impl RelaySocket {
     }
 
     fn family_addr(&self, addr: SocketAddr) -> SocketAddr {
-        match (self.io.local_addr(), addr) {
-            (Ok(SocketAddr::V6(_)), SocketAddr::V4(v4)) => {
+        // Decided once at bind time: asking the kernel (getsockname) per send showed in profiles.
+        match (self.ipv6, addr) {
+            (true, SocketAddr::V4(v4)) => {
                 SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
             }
             _ => addr,

@@ -92,15 +92,18 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
     counter: &metrics::Counter,
 ) -> Dir {
     let mut total = 0u64;
+    // `read` gathers every chunk quinn has ready (often many ~1.4 KB packets) into one buffer,
+    // so the TCP side sees one large write instead of one per packet.
+    let mut buf = vec![0u8; CHUNK];
     loop {
-        match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                if let Err(e) = tcp.write_all(&chunk.bytes).await {
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                if let Err(e) = tcp.write_all(&buf[..n]).await {
                     let _ = recv.stop(VarInt::from_u32(code::RESET));
                     return Dir::TcpFailed(total, e);
                 }
-                total += chunk.bytes.len() as u64;
-                counter.increment(chunk.bytes.len() as u64);
+                total += n as u64;
+                counter.increment(n as u64);
             }
             Ok(None) => {
                 let _ = tcp.shutdown().await;
