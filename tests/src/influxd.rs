@@ -14,7 +14,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,11 +64,9 @@ pub struct Influxd {
     client: reqwest::Client,
 }
 
-/// Two distinct free ports (both held while the second is picked, so they cannot be equal).
+/// Two distinct free ports outside the ephemeral range (see [`crate::harness::free_port`]).
 fn free_ports() -> anyhow::Result<(u16, u16)> {
-    let a = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    let b = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+    Ok((crate::harness::free_port(), crate::harness::free_port()))
 }
 
 fn binary() -> PathBuf {

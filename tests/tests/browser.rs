@@ -114,13 +114,6 @@ fn require(tool: &str) -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// A private nginx on 127.0.0.1 serving `www` and proxying the InfluxDB API to `influxd`.
 struct Nginx {
     child: tokio::process::Child,

@@ -281,8 +281,7 @@ fn bin(name: &str) -> PathBuf {
 
 /// A port that was free on 127.0.0.1 a moment ago.
 fn free_tcp_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    free_port()
 }
 
 /// A child process whose stderr goes to a log file (printed when a check fails).
