@@ -15,7 +15,7 @@ use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -295,18 +295,10 @@ impl InletHandle {
     }
 }
 
-fn any_addr_for(relay: SocketAddr) -> SocketAddr {
-    match relay {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    }
-}
-
 impl Inlet {
     /// Binds the socket, endpoint and the local listeners.
     pub async fn bind(opts: InletOptions) -> Result<Self, InletError> {
-        let socket =
-            Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(InletError::Bind)?);
+        let socket = Arc::new(NodeSocket::bind_for(opts.relay.addr).map_err(InletError::Bind)?);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint::endpoint_config(None),
             None,

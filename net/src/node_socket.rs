@@ -96,6 +96,15 @@ impl NodeSocket {
         })
     }
 
+    /// Binds a node socket on an ephemeral port of the unspecified address of `relay`'s family.
+    pub fn bind_for(relay: SocketAddr) -> io::Result<Self> {
+        let any: IpAddr = match relay {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        Self::bind(SocketAddr::new(any, 0))
+    }
+
     /// Counters.
     pub fn stats(&self) -> &NodeSocketStats {
         &self.stats

@@ -9,7 +9,7 @@ use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -110,19 +110,10 @@ impl OutletHandle {
     }
 }
 
-/// The unspecified address of the relay's family, port 0.
-pub fn any_addr_for(relay: SocketAddr) -> SocketAddr {
-    match relay {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    }
-}
-
 impl Outlet {
     /// Binds the outlet's socket and endpoint.
     pub fn bind(opts: OutletOptions) -> Result<Self, OutletError> {
-        let socket =
-            Arc::new(NodeSocket::bind(any_addr_for(opts.relay.addr)).map_err(OutletError::Bind)?);
+        let socket = Arc::new(NodeSocket::bind_for(opts.relay.addr).map_err(OutletError::Bind)?);
         let server = endpoint::e2e_server(&opts.identity, opts.roots.clone())?;
         let client = Arc::new(std::sync::RwLock::new(endpoint::control_client(
             &opts.identity,
