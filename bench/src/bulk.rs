@@ -217,6 +217,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<Bulk
         }
     }
     let systems = warm;
+    crate::report::add_steps(opts.streams.len() * systems.len() * opts.repeat);
     let mut rows = Vec::new();
     for &n in &opts.streams {
         let per_stream = (opts.total_bytes / n.max(1) as u64).max(opts.min_stream_bytes);

@@ -135,6 +135,8 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &FleetOptions) -> Result<Fle
     let cpu0 = relay.usage()?.cpu_s;
     let rss0 = rss(&relay);
     let mut errors = Vec::new();
+    // One step per outlet and inlet started, then the routes, then the idle streams.
+    crate::report::add_steps(opts.outlets + opts.inlets + 2);
 
     let t = Instant::now();
     let services: Vec<String> = (0..opts.outlets).map(|j| format!("fleet-{j}")).collect();

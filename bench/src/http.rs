@@ -378,6 +378,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
             }
         }
     }
+    crate::report::add_steps(systems.len());
     let mut rows = Vec::new();
     for (s, req) in &systems {
         rows.push(run_one(s, req.clone(), opts).await);

@@ -263,6 +263,7 @@ async fn main() -> Result<()> {
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = postern_bench::run(&plan(&cli), &mode, cli.quick, &command).await?;
+    postern_bench::report::finish_progress();
     println!("{}", report.tables());
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

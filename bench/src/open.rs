@@ -140,6 +140,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &OpenOptions) -> Result<Open
             open_once(s.addr).await?;
         }
     }
+    crate::report::add_steps(opts.concurrency.len() * systems.len());
     let mut rows = Vec::new();
     for &c in &opts.concurrency {
         for s in &systems {

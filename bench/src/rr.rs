@@ -185,6 +185,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &RrOptions) -> Result<RrRepo
     ];
     let mut extra = systems::start_baselines(opts.baselines, echo, &mut notes).await;
     systems.extend(extra.iter_mut().map(|b| b.system()));
+    crate::report::add_steps(systems.len());
     let mut rows = Vec::new();
     for s in &systems {
         rows.push(run_one(s, opts).await?);

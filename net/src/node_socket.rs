@@ -24,6 +24,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{ready, Context, Poll};
 use tokio::io::Interest;
 
+/// Most bytes one GSO send may carry: one IPv4 datagram's payload.
+const MAX_GSO_BYTES: usize = 65_507;
+
 /// First octet of virtual peer addresses (240.0.0.0/4 is reserved, RFC 1112 §4).
 const VIRTUAL_OCTET: u8 = 240;
 
@@ -321,23 +324,29 @@ impl AsyncUdpSocket for NodeSocket {
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
+        // The kernel takes at most one IP datagram's worth (64 KiB) per GSO send; with large
+        // segments (a path MTU above 1500, as on loopback) quinn's batch can exceed that.
+        let per_send = (MAX_GSO_BYTES / (seg + HEADER_LEN)).max(1) * seg;
         SCRATCH.with(|scratch| {
             let mut framed = scratch.borrow_mut();
-            framed.clear();
-            for chunk in transmit.contents.chunks(seg) {
-                framed.extend_from_slice(&header);
-                framed.extend_from_slice(chunk);
+            for group in transmit.contents.chunks(per_send) {
+                framed.clear();
+                for chunk in group.chunks(seg) {
+                    framed.extend_from_slice(&header);
+                    framed.extend_from_slice(chunk);
+                }
+                let out = Transmit {
+                    destination: self.present(relay),
+                    ecn: transmit.ecn,
+                    contents: &framed,
+                    segment_size: (group.len() > seg).then_some(seg + HEADER_LEN),
+                    src_ip: transmit.src_ip,
+                };
+                self.io.try_io(Interest::WRITABLE, || {
+                    self.state.send((&*self.io).into(), &out)
+                })?;
             }
-            let out = Transmit {
-                destination: self.present(relay),
-                ecn: transmit.ecn,
-                contents: &framed,
-                segment_size: transmit.segment_size.map(|s| s + HEADER_LEN),
-                src_ip: transmit.src_ip,
-            };
-            self.io.try_io(Interest::WRITABLE, || {
-                self.state.send((&*self.io).into(), &out)
-            })
+            Ok(())
         })
     }
 
@@ -390,5 +399,48 @@ impl AsyncUdpSocket for NodeSocket {
 
     fn max_receive_segments(&self) -> usize {
         self.state.gro_segments()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A quinn batch bigger than one GSO send (10 segments of 16 KiB) must reach the relay
+    /// whole: every segment as its own frame, with the route's header, in order.
+    #[tokio::test]
+    async fn big_batches_are_split_into_sends_the_kernel_takes() {
+        let relay = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind relay");
+        relay
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let relay_addr = relay.local_addr().expect("addr");
+        let node = NodeSocket::bind_for(relay_addr).expect("bind node");
+        let virt = node.add_route(RouteId(42), relay_addr);
+
+        let seg = 16_375usize;
+        let segments = 10usize;
+        let contents: Vec<u8> = (0..seg * segments)
+            .map(|i| (i / seg) as u8 ^ i as u8)
+            .collect();
+        let transmit = Transmit {
+            destination: virt,
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(seg),
+            src_ip: None,
+        };
+        // The socket is fresh and the batch small next to its buffer; once tokio has seen it
+        // writable, WouldBlock would be a bug.
+        node.io.writable().await.expect("writable");
+        node.try_send(&transmit).expect("send");
+
+        let mut buf = vec![0u8; 65_536];
+        for i in 0..segments {
+            let n = relay.recv(&mut buf).expect("segment arrives");
+            let (route, payload) = fwd::parse(&buf[..n]).expect("a forwarding frame");
+            assert_eq!(route, RouteId(42));
+            assert_eq!(payload, &contents[i * seg..(i + 1) * seg], "segment {i}");
+        }
     }
 }
