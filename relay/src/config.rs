@@ -222,7 +222,9 @@ mod tests {
         postern_net::drain::parse_duration(drain).expect("drain-timeout");
         assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
         let admin = file.admin_addr.as_deref().expect("admin-addr");
-        assert!(crate::admin::parse_admin_addr(admin).expect("admin-addr").is_some());
+        assert!(crate::admin::parse_admin_addr(admin)
+            .expect("admin-addr")
+            .is_some());
     }
 
     fn args(extra: &[&str]) -> RunArgs {

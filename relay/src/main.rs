@@ -345,7 +345,15 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     if let Some(addr) = cfg.admin_addr {
         let explicit = cfg.admin_addr_explicit;
         let (handle, drain) = (relay.handle(), cfg.drain_timeout);
-        start_admin(&cfg.state_dir, addr, explicit, handle, drain, ops_stop.clone()).await?;
+        start_admin(
+            &cfg.state_dir,
+            addr,
+            explicit,
+            handle,
+            drain,
+            ops_stop.clone(),
+        )
+        .await?;
     }
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;

@@ -120,11 +120,7 @@ impl Registry {
 
     /// Every route, for the admin API.
     pub fn routes(&self) -> Vec<(RouteId, RouteInfo)> {
-        let mut out: Vec<_> = self
-            .routes
-            .iter()
-            .map(|(id, r)| (*id, r.clone()))
-            .collect();
+        let mut out: Vec<_> = self.routes.iter().map(|(id, r)| (*id, r.clone())).collect();
         out.sort_by_key(|(id, _)| *id);
         out
     }

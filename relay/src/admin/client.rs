@@ -62,7 +62,11 @@ impl AdminClient {
         self.call(Method::POST, path).await
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str) -> Result<T, ClientError> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<T, ClientError> {
         let addr = self.addr;
         let http = |e: &dyn std::fmt::Display| ClientError::Http {
             addr,
@@ -224,7 +228,13 @@ impl Status {
             );
         }
         if self.tickets.authority {
-            let count = |s: &str| self.tickets.tickets.iter().filter(|t| t.status == s).count();
+            let count = |s: &str| {
+                self.tickets
+                    .tickets
+                    .iter()
+                    .filter(|t| t.status == s)
+                    .count()
+            };
             let _ = writeln!(
                 out,
                 "tickets: {} ({} valid, {} used, {} expired)",
@@ -242,12 +252,7 @@ impl Status {
             .filter(|i| i.revoked)
             .map(|i| i.name.as_str())
             .collect();
-        let _ = write!(
-            out,
-            "identities: {} ({} revoked",
-            ids.len(),
-            revoked.len()
-        );
+        let _ = write!(out, "identities: {} ({} revoked", ids.len(), revoked.len());
         if !revoked.is_empty() {
             let _ = write!(out, ": {}", revoked.join(", "));
         }

@@ -230,7 +230,7 @@ impl AdminApi {
                 }
                 let name = match node_name(name) {
                     Ok(n) => n,
-                    Err(r) => return r,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
                 match self.relay.revoke_identity(&name).await {
                     Ok(done) => {
@@ -246,7 +246,7 @@ impl AdminApi {
                 }
                 let name = match node_name(name) {
                     Ok(n) => n,
-                    Err(r) => return r,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
                 if *action == "undrain" {
                     return json(StatusCode::OK, &self.relay.undrain_node(&name));
@@ -273,8 +273,8 @@ impl AdminApi {
     }
 }
 
-fn node_name(s: &str) -> Result<NodeName, Response<Full<Bytes>>> {
-    NodeName::new(s).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("node name: {e}")))
+fn node_name(s: &str) -> Result<NodeName, String> {
+    NodeName::new(s).map_err(|e| format!("node name: {e}"))
 }
 
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {

@@ -14,7 +14,9 @@ pub const TOKEN_FILE: &str = "admin.token";
 pub enum TokenError {
     #[error(transparent)]
     File(#[from] FileError),
-    #[error("admin token file {0} is empty or not a token (delete it to have the relay make a new one)")]
+    #[error(
+        "admin token file {0} is empty or not a token (delete it to have the relay make a new one)"
+    )]
     Malformed(PathBuf),
 }
 

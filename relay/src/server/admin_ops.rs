@@ -306,7 +306,7 @@ impl RelayHandle {
         let services = shared.registry().services_of(id);
         let newly = {
             let mut drained = shared.admin.drained();
-            let newly = !drained.get(name).is_some_and(|d| d.id == id);
+            let newly = drained.get(name).is_none_or(|d| d.id != id);
             if newly {
                 drained.insert(
                     name.clone(),
@@ -378,7 +378,11 @@ impl RelayHandle {
 async fn close_when_drained(shared: Arc<Shared>, id: NodeId, name: NodeName, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     let left = loop {
-        let still_drained = shared.admin.drained().get(&name).is_some_and(|d| d.id == id);
+        let still_drained = shared
+            .admin
+            .drained()
+            .get(&name)
+            .is_some_and(|d| d.id == id);
         if !still_drained || shared.conn(id).is_none() {
             return;
         }
