@@ -29,6 +29,10 @@ pub struct Route {
     pub b: SocketAddr,
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
+    /// Bytes sent by `a` (the inlet); `bytes` minus this went the other way. For the admin API.
+    pub bytes_from_a: AtomicU64,
+    /// When the route was made (the admin API shows its age).
+    pub opened: std::time::Instant,
 }
 
 /// The relay's routes, shared between the control plane (which adds and removes them) and the
@@ -46,6 +50,8 @@ impl RouteTable {
             b: canonical(b),
             packets: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            bytes_from_a: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
         });
         self.write().insert(id, route);
     }
@@ -211,6 +217,7 @@ impl RelaySocket {
             return None;
         };
         let dst = if src == route.a {
+            route.bytes_from_a.fetch_add(frame.len() as u64, Relaxed);
             route.b
         } else if src == route.b {
             route.a

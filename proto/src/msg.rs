@@ -119,6 +119,9 @@ pub mod code {
     pub const SHUTDOWN: u32 = 6;
     /// The route through the relay was closed.
     pub const ROUTE_CLOSED: u32 = 7;
+    /// The relay's operator drained this node: it gets no new routes and must go elsewhere
+    /// (or wait until it is let back in).
+    pub const DRAINED: u32 = 8;
 
     /// Human-readable meaning of a code, for logs.
     pub fn describe(code: u64) -> &'static str {
@@ -131,6 +134,7 @@ pub mod code {
             5 => "not allowed",
             6 => "shutting down",
             7 => "route closed",
+            8 => "drained by the relay's operator",
             _ => "unknown error code",
         }
     }

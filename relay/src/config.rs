@@ -25,6 +25,9 @@ pub struct RelayFile {
     pub audit_log: Option<PathBuf>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
+    /// `HOST:PORT` or `"off"`.
+    pub admin_addr: Option<String>,
+    pub admin_allow_remote: Option<bool>,
     /// Who may register and reach each service (default: nobody).
     #[serde(default)]
     pub policy: Vec<PolicyFile>,
@@ -74,6 +77,15 @@ pub struct RunArgs {
     /// new nodes and routes) before closing, e.g. `10s`, `500ms` [default: 10s].
     #[arg(long, value_parser = postern_net::drain::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
+    /// TCP address of the admin HTTP API (nodes, services, routes, tickets; revoke, drain),
+    /// or `off`. It asks for the bearer token in `<state-dir>/admin.token` (made at first
+    /// start, mode 0600); `postern-relay status` reads it from there [default: 127.0.0.1:4434].
+    #[arg(long, value_name = "HOST:PORT|off")]
+    pub admin_addr: Option<String>,
+    /// Allow `--admin-addr` on a non-loopback address (the API is plain HTTP: put it behind a
+    /// TLS proxy or a private network). Without it such an address is refused.
+    #[arg(long)]
+    pub admin_allow_remote: bool,
 }
 
 /// The merged configuration.
@@ -88,6 +100,11 @@ pub struct RelayConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub drain_timeout: std::time::Duration,
+    /// Where the admin API listens (`None`: off).
+    pub admin_addr: Option<SocketAddr>,
+    /// Whether `admin_addr` was asked for (then failing to bind it is an error; the default
+    /// address being taken only disables the API with a warning).
+    pub admin_addr_explicit: bool,
 }
 
 impl RunArgs {
@@ -142,7 +159,34 @@ impl RunArgs {
             }
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
+        let config_error = |message: String| FileError::Config {
+            path: self
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("flags")),
+            message,
+        };
+        let admin_text = self.admin_addr.or(file.admin_addr);
+        let admin_addr_explicit = admin_text.is_some();
+        let admin_addr = crate::admin::parse_admin_addr(
+            admin_text
+                .as_deref()
+                .unwrap_or(crate::admin::DEFAULT_ADMIN_ADDR),
+        )
+        .map_err(|e| config_error(format!("admin-addr: {e}")))?;
+        let allow_remote = self.admin_allow_remote || file.admin_allow_remote.unwrap_or(false);
+        if let Some(addr) = admin_addr {
+            if !addr.ip().is_loopback() && !allow_remote {
+                return Err(config_error(format!(
+                    "admin-addr: {addr} is not a loopback address; the admin API is plain HTTP, so \
+                     pass --admin-allow-remote (key admin-allow-remote) if it is on a private \
+                     network or behind a TLS proxy"
+                )));
+            }
+        }
         Ok(RelayConfig {
+            admin_addr,
+            admin_addr_explicit,
             policy,
             listen,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
@@ -177,6 +221,46 @@ mod tests {
         let drain = file.drain_timeout.as_deref().expect("drain-timeout");
         postern_net::drain::parse_duration(drain).expect("drain-timeout");
         assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
+        let admin = file.admin_addr.as_deref().expect("admin-addr");
+        assert!(crate::admin::parse_admin_addr(admin)
+            .expect("admin-addr")
+            .is_some());
+    }
+
+    fn args(extra: &[&str]) -> RunArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec!["postern-relay"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("flags").run
+    }
+
+    #[test]
+    fn admin_api_is_on_loopback_by_default_and_remote_only_when_allowed() {
+        let cfg = args(&[]).resolve().expect("defaults");
+        assert_eq!(
+            cfg.admin_addr,
+            Some(crate::admin::DEFAULT_ADMIN_ADDR.parse().expect("addr"))
+        );
+        assert!(!cfg.admin_addr_explicit);
+        let cfg = args(&["--admin-addr", "off"]).resolve().expect("off");
+        assert_eq!(cfg.admin_addr, None);
+        let err = args(&["--admin-addr", "0.0.0.0:4434"])
+            .resolve()
+            .expect_err("remote without allow");
+        assert!(err.to_string().contains("--admin-allow-remote"), "{err}");
+        let cfg = args(&["--admin-addr", "0.0.0.0:4434", "--admin-allow-remote"])
+            .resolve()
+            .expect("remote allowed");
+        assert!(cfg.admin_addr_explicit);
+        let err = args(&["--admin-addr", "nowhere"])
+            .resolve()
+            .expect_err("bad address");
+        assert!(err.to_string().contains("admin-addr"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! postern relay: rendezvous for outlets and inlets, and a packet forwarder for their
 //! end-to-end connections that never holds their keys.
 
+pub mod admin;
 pub mod authority;
 pub mod config;
 pub mod metrics;

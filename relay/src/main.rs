@@ -36,6 +36,30 @@ enum Command {
     /// Manage the project certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Show a running relay's nodes, services, routes, tickets and identities (through its
+    /// admin API).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The relay's admin API address (its `--admin-addr`) [default: the config file's
+    /// admin-addr, else 127.0.0.1:4434].
+    #[arg(long)]
+    admin_addr: Option<std::net::SocketAddr>,
+    /// The relay's config file, to take `admin-addr` and `state-dir` from.
+    #[arg(long, env = "POSTERN_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// The relay's state directory, holding `admin.token` [default: the config file's
+    /// state-dir, else ./postern-relay-state].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Read the admin token from this file instead of `<state-dir>/admin.token`.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Print the full state as JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,7 +271,47 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", StateDir::new(state_dir).load_ca()?.fingerprint());
             Ok(())
         }
+        Command::Status(args) => status(args).await,
     }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use postern_relay::admin::{self, client::AdminClient, AdminToken};
+    let file: postern_relay::config::RelayFile = match &args.config {
+        Some(p) => postern_net::files::load_toml(p)?,
+        None => Default::default(),
+    };
+    let addr = match args.admin_addr {
+        Some(a) => a,
+        None => {
+            let text = file
+                .admin_addr
+                .as_deref()
+                .unwrap_or(admin::DEFAULT_ADMIN_ADDR);
+            admin::parse_admin_addr(text)
+                .map_err(anyhow::Error::msg)?
+                .context("the relay's config turns the admin API off (admin-addr = \"off\")")?
+        }
+    };
+    let token_file = args.admin_token_file.unwrap_or_else(|| {
+        args.state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(postern_relay::config::DEFAULT_STATE_DIR))
+            .join(admin::TOKEN_FILE)
+    });
+    let token = AdminToken::load(&token_file).with_context(|| {
+        format!(
+            "cannot read the admin token (made by the relay at its first start; pass --state-dir or --admin-token-file): {}",
+            token_file.display()
+        )
+    })?;
+    let state = AdminClient::new(addr, token).status().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else {
+        print!("{}", state.render());
+    }
+    Ok(())
 }
 
 async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
@@ -278,6 +342,19 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
     let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.admin_addr {
+        let explicit = cfg.admin_addr_explicit;
+        let (handle, drain) = (relay.handle(), cfg.drain_timeout);
+        start_admin(
+            &cfg.state_dir,
+            addr,
+            explicit,
+            handle,
+            drain,
+            ops_stop.clone(),
+        )
+        .await?;
+    }
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;
         let recorder = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
@@ -297,5 +374,33 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     });
     relay.run(shutdown).await;
     ops_stop.cancel();
+    Ok(())
+}
+
+/// Starts the admin API. The default address being taken (say, a second relay on this host)
+/// only turns the API off with a warning; an address asked for must work.
+async fn start_admin(
+    state_dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    explicit: bool,
+    handle: postern_relay::RelayHandle,
+    drain_timeout: std::time::Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use postern_relay::admin;
+    let listener = match admin::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if !explicit => {
+            tracing::warn!(error = %e, "admin API off: its default address is taken; pass --admin-addr");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the admin API listens beyond loopback over plain HTTP (--admin-allow-remote)");
+    }
+    let token = admin::AdminToken::load_or_create(&state_dir.join(admin::TOKEN_FILE))?;
+    let api = admin::AdminApi::new(handle, token, drain_timeout);
+    tokio::spawn(admin::serve(listener, std::sync::Arc::new(api), stop));
     Ok(())
 }

@@ -108,6 +108,34 @@ impl Observe for RelayHandle {
                 &[("outcome", "refused")],
                 ctl.enrollments_refused.load(Relaxed) as f64,
             );
+        let admin = self.admin_stats();
+        let name = "postern_relay_admin_requests_total";
+        out.family(name, "Admin API requests, by outcome.", Kind::Counter)
+            .sample(
+                name,
+                &[("outcome", "ok")],
+                admin.requests_ok.load(Relaxed) as f64,
+            )
+            .sample(
+                name,
+                &[("outcome", "unauthorized")],
+                admin.requests_unauthorized.load(Relaxed) as f64,
+            )
+            .sample(
+                name,
+                &[("outcome", "failed")],
+                admin.requests_failed.load(Relaxed) as f64,
+            );
+        out.counter(
+            "postern_relay_admin_revocations_total",
+            "Identities revoked through the admin API.",
+            admin.revocations.load(Relaxed),
+        );
+        out.counter(
+            "postern_relay_admin_drains_total",
+            "Nodes drained through the admin API.",
+            admin.drains.load(Relaxed),
+        );
         out.gauge(
             "postern_relay_ready",
             "1 while the relay is listening and not shutting down.",

@@ -118,6 +118,33 @@ impl Registry {
         self.routes.len()
     }
 
+    /// Every route, for the admin API.
+    pub fn routes(&self) -> Vec<(RouteId, RouteInfo)> {
+        let mut out: Vec<_> = self.routes.iter().map(|(id, r)| (*id, r.clone())).collect();
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// How many routes `node` is an end of (a drained node is closed once this reaches zero).
+    pub fn routes_of(&self, node: NodeId) -> usize {
+        self.routes
+            .values()
+            .filter(|r| r.inlet == node || r.outlet == node)
+            .count()
+    }
+
+    /// The services `node` is a live outlet of.
+    pub fn services_of(&self, node: NodeId) -> Vec<ServiceName> {
+        let mut out: Vec<_> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.outlets.contains(&node))
+            .map(|(name, _)| name.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Services and their live outlets' names.
     pub fn services(&self) -> Vec<(ServiceName, Vec<NodeName>)> {
         let mut out: Vec<_> = self
@@ -219,10 +246,14 @@ mod tests {
         };
         r.add_route(RouteId(10), info(2));
         r.add_route(RouteId(11), info(3));
+        assert_eq!(r.routes_of(1), 2);
+        assert_eq!(r.routes_of(2), 1);
+        assert_eq!(r.routes().len(), 2);
         let mut gone = r.disconnect(1);
         gone.sort();
         assert_eq!(gone, vec![(RouteId(10), 2), (RouteId(11), 3)]);
         assert_eq!(r.route_count(), 0);
+        assert_eq!(r.routes_of(2), 0);
     }
 
     #[test]
@@ -230,7 +261,9 @@ mod tests {
         let mut r = Registry::default();
         r.connect(1, node("o1"));
         r.register(1, &[svc("a"), svc("b")]);
+        assert_eq!(r.services_of(1), vec![svc("a"), svc("b")]);
         r.register(1, &[svc("b")]);
+        assert_eq!(r.services_of(1), vec![svc("b")]);
         assert_eq!(r.pick_outlet(&svc("a")), Err(RefuseReason::NoLiveOutlet));
         assert_eq!(r.pick_outlet(&svc("b")), Ok(1));
     }

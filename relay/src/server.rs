@@ -20,6 +20,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod admin_ops;
+pub use admin_ops::AdminOpError;
+
 /// How long the relay waits for an outlet to accept a route.
 const ROUTE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many outlets are tried for one route request.
@@ -80,6 +83,8 @@ struct Shared {
     listening: AtomicBool,
     /// Shutdown has begun: no new nodes or routes, existing routes keep forwarding.
     draining: AtomicBool,
+    /// What the admin API adds: connection times, drained nodes, its counters.
+    admin: admin_ops::AdminState,
 }
 
 impl Shared {
@@ -203,6 +208,7 @@ impl Relay {
                 next_id: AtomicU64::new(1),
                 listening: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                admin: admin_ops::AdminState::default(),
             }),
             drain_timeout: Duration::ZERO,
         })
@@ -354,6 +360,14 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
         );
         return;
     }
+    if shared.admin.is_drained(&name) {
+        tracing::debug!(node = %name, "refusing a drained node");
+        conn.close(
+            postern_proto::msg::code::DRAINED.into(),
+            b"node drained by the relay operator",
+        );
+        return;
+    }
     let attrs = postern_net::peer_attributes(&conn);
     let id = shared.next_id.fetch_add(1, Relaxed);
     let replaced = {
@@ -374,6 +388,7 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
         forget_node(&shared, old);
     }
     shared.conns().insert(id, conn.clone());
+    shared.admin.connected(id);
     shared.ctl.nodes_connected.fetch_add(1, Relaxed);
     tracing::info!(node = %name, ?attrs, "node connected");
 
@@ -416,6 +431,7 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
     tracing::info!(node = %name, reason = %reason, "node disconnected");
     shared.ctl.nodes_connected.fetch_sub(1, Relaxed);
     shared.conns().remove(&id);
+    shared.admin.disconnected(id);
     forget_node(&shared, id);
 }
 
@@ -450,6 +466,11 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
                     message: "unknown node".into(),
                 };
             };
+            if shared.admin.is_drained(&name) {
+                return Ctl::Error {
+                    message: "this node is drained by the relay operator".into(),
+                };
+            }
             for svc in &services {
                 let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
                 tracing::info!(target: "postern::audit", event = "policy", action = "register", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
@@ -467,6 +488,12 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
             Ctl::Error {
                 message: "the relay is shutting down".into(),
+            }
+        }
+        Ctl::RouteRequest { .. } if admin_ops::node_drained(shared, id) => {
+            shared.ctl.routes_refused.fetch_add(1, Relaxed);
+            Ctl::Error {
+                message: "this node is drained by the relay operator".into(),
             }
         }
         Ctl::RouteRequest { service } => {
@@ -666,33 +693,41 @@ async fn watch_revocations(
             newly
         };
         for name in newly {
-            tracing::info!(target: "postern::audit", event = "revocation", node = %name, "identity revoked");
-            let (victim, outlets) = {
-                let reg = shared.registry();
-                let victim = reg.by_name(&name);
-                let outlets: Vec<NodeId> = reg.ids();
-                (victim, outlets)
-            };
-            if let Some(id) = victim {
-                if let Some(c) = shared.conn(id) {
-                    c.close(
-                        postern_proto::msg::code::NOT_ALLOWED.into(),
-                        b"identity revoked",
-                    );
-                }
-                forget_node(&shared, id);
-            }
-            for id in outlets {
-                if Some(id) == victim {
-                    continue;
-                }
-                if let Some(c) = shared.conn(id) {
-                    let msg = Ctl::Revoked { name: name.clone() };
-                    tokio::spawn(async move {
-                        let _ = ctl::request(&c, &msg, CTL_TIMEOUT).await;
-                    });
-                }
-            }
+            apply_revocation(&shared, &name);
         }
     }
+}
+
+/// Cuts a newly revoked identity off: its control connection and routes are dropped, and the
+/// other nodes are told so they close its end-to-end connections. Returns whether it was
+/// connected.
+fn apply_revocation(shared: &Arc<Shared>, name: &NodeName) -> bool {
+    tracing::info!(target: "postern::audit", event = "revocation", node = %name, "identity revoked");
+    let (victim, outlets) = {
+        let reg = shared.registry();
+        let victim = reg.by_name(name);
+        let outlets: Vec<NodeId> = reg.ids();
+        (victim, outlets)
+    };
+    if let Some(id) = victim {
+        if let Some(c) = shared.conn(id) {
+            c.close(
+                postern_proto::msg::code::NOT_ALLOWED.into(),
+                b"identity revoked",
+            );
+        }
+        forget_node(shared, id);
+    }
+    for id in outlets {
+        if Some(id) == victim {
+            continue;
+        }
+        if let Some(c) = shared.conn(id) {
+            let msg = Ctl::Revoked { name: name.clone() };
+            tokio::spawn(async move {
+                let _ = ctl::request(&c, &msg, CTL_TIMEOUT).await;
+            });
+        }
+    }
+    victim.is_some()
 }
