@@ -89,9 +89,75 @@ pub struct InletOptions {
     pub services: Vec<InletService>,
 }
 
+/// The end-to-end connections of one service: one route through the relay, and up to
+/// [`pool_size`] QUIC connections over it (the relay tells them apart by nothing: they share the
+/// route's addresses, and quinn tells them apart by connection ID).
 struct E2e {
     route: RouteId,
+    virt: SocketAddr,
+    /// The outlet's name, which its certificate must carry.
+    outlet: String,
+    conns: Vec<Pooled>,
+}
+
+impl E2e {
+    /// Closes every connection of the pool (their route is gone).
+    fn close(&self) {
+        for p in &self.conns {
+            p.conn.close(code::ROUTE_CLOSED.into(), b"route closed");
+        }
+    }
+}
+
+/// One end-to-end connection and the number of client streams it carries now.
+struct Pooled {
     conn: quinn::Connection,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Pooled {
+    fn new(conn: quinn::Connection) -> Self {
+        Self {
+            conn,
+            active: Arc::default(),
+        }
+    }
+
+    fn load(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Counts a client stream on its connection while it lives.
+pub(crate) struct ActiveStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ActiveStream {
+    fn on(p: &Pooled) -> Self {
+        p.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(p.active.clone())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Most end-to-end connections per service. quinn drives each connection from one task, so one
+/// connection's packet work (crypto, ACKs, stream bookkeeping) runs on one core at a time: the
+/// bench on 16 cores showed 8 to 1,000 concurrent streams stuck at the 1-stream rate. More
+/// connections spread that work; they are opened only while every existing one carries a
+/// stream, so a single client or an idle fleet still uses one. Half the cores (the other half
+/// is the splice tasks' and the outlet's), at most 8; 1 on a 2-core machine.
+fn pool_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() / 2)
+            .unwrap_or(1)
+            .clamp(1, 8)
+    })
 }
 
 pub(crate) struct Shared {
@@ -100,6 +166,8 @@ pub(crate) struct Shared {
     e2e_client: SharedClientConfig,
     relay: SocketAddr,
     key_budget: Mutex<postern_net::rekey::KeyBudget>,
+    /// Most end-to-end connections per service (see [`pool_size`]).
+    pool: Arc<std::sync::atomic::AtomicUsize>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
     control: watch::Receiver<Option<quinn::Connection>>,
     /// Per service: the current end-to-end connection. The async mutex makes concurrent client
@@ -118,19 +186,51 @@ impl Shared {
         self.e2e.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The live end-to-end connection for `service`, set up if needed.
+    /// A live end-to-end connection for `service`, set up if needed (lease streams).
     pub(crate) async fn connection(
         &self,
         service: &ServiceName,
     ) -> Result<quinn::Connection, ServeError> {
+        self.stream_connection(service).await.map(|(c, _)| c)
+    }
+
+    /// The least busy end-to-end connection for `service` and a count of one more stream on it;
+    /// opens another connection over the same route while all are busy and the pool has room.
+    pub(crate) async fn stream_connection(
+        &self,
+        service: &ServiceName,
+    ) -> Result<(quinn::Connection, ActiveStream), ServeError> {
         let slot = self.slot(service);
         let mut guard = slot.lock().await;
-        if let Some(e) = guard.as_ref() {
-            if e.conn.close_reason().is_none() {
-                return Ok(e.conn.clone());
+        if let Some(e) = guard.as_mut() {
+            e.conns.retain(|p| p.conn.close_reason().is_none());
+            if e.conns.is_empty() {
+                self.socket.remove_route(e.route);
+                *guard = None;
             }
-            self.socket.remove_route(e.route);
-            *guard = None;
+        }
+        if let Some(e) = guard.as_mut() {
+            let least = e.conns.iter().min_by_key(|p| p.load());
+            let pool = self.pool.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(p) = least.filter(|p| p.load() == 0 || e.conns.len() >= pool) {
+                return Ok((p.conn.clone(), ActiveStream::on(p)));
+            }
+            // Every connection carries a stream: add one over the same route.
+            match self.connect_e2e(e.virt, &e.outlet).await {
+                Ok(conn) => {
+                    tracing::debug!(%service, route = %e.route, pool = e.conns.len() + 1, "extra end-to-end connection up");
+                    e.conns.push(Pooled::new(conn));
+                }
+                Err(reason) => {
+                    tracing::debug!(%service, %reason, "extra end-to-end connection failed; sharing one");
+                }
+            }
+            let p = e
+                .conns
+                .iter()
+                .min_by_key(|p| p.load())
+                .ok_or(ServeError::Unexpected)?;
+            return Ok((p.conn.clone(), ActiveStream::on(p)));
         }
         let mut control = self.control.clone();
         let ctl_conn = control::wait_connected(&mut control, RELAY_WAIT)
@@ -150,36 +250,49 @@ impl Shared {
             _ => return Err(ServeError::Unexpected),
         };
         let virt = self.socket.add_route(route, self.relay);
-        let e2e_err = |reason: String| ServeError::E2e {
-            outlet: outlet.to_string(),
-            reason,
-        };
-        let connecting = self
-            .endpoint
-            .connect_with(current_config(&self.e2e_client), virt, outlet.as_str())
-            .map_err(|e| e2e_err(e.to_string()))?;
-        let conn = match tokio::time::timeout(E2E_CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+        let conn = match self.connect_e2e(virt, outlet.as_str()).await {
+            Ok(c) => c,
+            Err(reason) => {
                 self.socket.remove_route(route);
-                return Err(e2e_err(e.to_string()));
-            }
-            Err(_) => {
-                self.socket.remove_route(route);
-                return Err(e2e_err("timed out".into()));
+                return Err(ServeError::E2e {
+                    outlet: outlet.to_string(),
+                    reason,
+                });
             }
         };
         tracing::info!(%service, %route, %outlet, "end-to-end connection up");
+        let pooled = Pooled::new(conn.clone());
+        let active = ActiveStream::on(&pooled);
+        *guard = Some(E2e {
+            route,
+            virt,
+            outlet: outlet.to_string(),
+            conns: vec![pooled],
+        });
+        Ok((conn, active))
+    }
+
+    /// One end-to-end QUIC connection to the outlet behind `virt`, with its key-update task.
+    async fn connect_e2e(
+        &self,
+        virt: SocketAddr,
+        outlet: &str,
+    ) -> Result<quinn::Connection, String> {
+        let connecting = self
+            .endpoint
+            .connect_with(current_config(&self.e2e_client), virt, outlet)
+            .map_err(|e| e.to_string())?;
+        let conn = match tokio::time::timeout(E2E_CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        };
         let budget = *self.key_budget.lock().unwrap_or_else(|p| p.into_inner());
         tokio::spawn(postern_net::rekey::run(
             conn.clone(),
             budget,
             self.key_updates.clone(),
         ));
-        *guard = Some(E2e {
-            route,
-            conn: conn.clone(),
-        });
         Ok(conn)
     }
 
@@ -191,7 +304,7 @@ impl Shared {
             if let Ok(mut guard) = slot.try_lock() {
                 if guard.as_ref().is_some_and(|e| e.route == route) {
                     if let Some(e) = guard.take() {
-                        e.conn.close(code::ROUTE_CLOSED.into(), b"route closed");
+                        e.close();
                     }
                 }
             } else {
@@ -202,7 +315,7 @@ impl Shared {
                     let mut guard = s.lock().await;
                     if guard.as_ref().is_some_and(|e| e.route == route) {
                         if let Some(e) = guard.take() {
-                            e.conn.close(code::ROUTE_CLOSED.into(), b"route closed");
+                            e.close();
                         }
                     }
                 });
@@ -237,6 +350,7 @@ struct Drain {
 pub struct InletHandle {
     control: watch::Receiver<Option<quinn::Connection>>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
+    pool: Arc<std::sync::atomic::AtomicUsize>,
     drain: Drain,
     client: SharedClientConfig,
     e2e_client: SharedClientConfig,
@@ -256,6 +370,13 @@ impl InletHandle {
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = control;
         *self.e2e_client.write().unwrap_or_else(|p| p.into_inner()) = e2e;
         Ok(())
+    }
+
+    /// Caps the end-to-end connections per service (default: half the cores, at most 8); takes
+    /// effect for the next stream.
+    pub fn set_pool_size(&self, connections: usize) {
+        self.pool
+            .store(connections.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Key updates made on end-to-end connections so far.
@@ -334,6 +455,7 @@ impl Inlet {
                 )?)),
                 relay: opts.relay.addr,
                 key_budget: Mutex::default(),
+                pool: Arc::new(pool_size().into()),
                 key_updates: Arc::default(),
                 control: control_rx,
                 e2e: Mutex::default(),
@@ -392,6 +514,7 @@ impl Inlet {
         InletHandle {
             control: self.control.subscribe(),
             key_updates: self.shared.key_updates.clone(),
+            pool: self.shared.pool.clone(),
             drain: self.drain.clone(),
             client: self.client.clone(),
             e2e_client: self.shared.e2e_client.clone(),
@@ -518,12 +641,12 @@ async fn accept_loop(
 async fn open_stream(
     shared: &Shared,
     service: &ServiceName,
-) -> Result<(quinn::SendStream, quinn::RecvStream), ServeError> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, ActiveStream), ServeError> {
     // One retry: a cached connection may have died since it was last checked.
     for attempt in 0..2 {
-        let conn = shared.connection(service).await?;
+        let (conn, active) = shared.stream_connection(service).await?;
         match conn.open_bi().await {
-            Ok(s) => return Ok(s),
+            Ok((send, recv)) => return Ok((send, recv, active)),
             Err(e) if attempt == 0 => {
                 tracing::debug!(error = %e, "cached end-to-end connection is gone; reconnecting");
             }
@@ -555,7 +678,7 @@ fn failed(service: &ServiceName, e: &ServeError) {
 }
 
 async fn serve_client(tcp: ClientStream, service: ServiceName, shared: Arc<Shared>) {
-    let (mut send, recv) = match open_stream(&shared, &service).await {
+    let (mut send, recv, _active) = match open_stream(&shared, &service).await {
         Ok(s) => s,
         Err(e) => {
             failed(&service, &e);
@@ -607,7 +730,7 @@ async fn serve_http_client(
 ) {
     let _ = tcp.tcp().set_nodelay(true);
     let open = || async {
-        let (mut send, recv) = open_stream(&shared, &service).await.map_err(|e| {
+        let (mut send, recv, active) = open_stream(&shared, &service).await.map_err(|e| {
             failed(&service, &e);
             std::io::Error::other(e.to_string())
         })?;
@@ -619,11 +742,14 @@ async fn serve_http_client(
         )
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(splice::Counted::new(
-            tokio::io::join(recv, send),
-            byte_counter(&service, "down"),
-            byte_counter(&service, "up"),
-        ))
+        Ok(Holding {
+            io: splice::Counted::new(
+                tokio::io::join(recv, send),
+                byte_counter(&service, "down"),
+                byte_counter(&service, "up"),
+            ),
+            _active: active,
+        })
     };
     let cfg = FilterConfig {
         strip_query_credentials: true,
@@ -667,5 +793,45 @@ impl ControlHandler for InletControl {
         for route in self.shared.socket.remove_routes_via(relay) {
             self.shared.route_closed(route);
         }
+    }
+}
+
+/// A stream that keeps its connection's [`ActiveStream`] count while it lives.
+struct Holding<T> {
+    io: T,
+    _active: ActiveStream,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Holding<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Holding<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -55,8 +55,8 @@ pub struct ExpectedRoute {
 pub struct Routes {
     /// Virtual address -> the route behind it.
     expected: Mutex<HashMap<SocketAddr, ExpectedRoute>>,
-    /// Live end-to-end connections by route.
-    conns: Mutex<HashMap<RouteId, quinn::Connection>>,
+    /// Live end-to-end connections by route (an inlet may run several over one route).
+    conns: Mutex<HashMap<RouteId, Vec<quinn::Connection>>>,
 }
 
 impl Routes {
@@ -64,7 +64,7 @@ impl Routes {
         self.expected.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn conns(&self) -> MutexGuard<'_, HashMap<RouteId, quinn::Connection>> {
+    fn conns(&self) -> MutexGuard<'_, HashMap<RouteId, Vec<quinn::Connection>>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -97,14 +97,14 @@ impl Routes {
 
     fn close_with(&self, route: RouteId, c: u32, why: &'static [u8]) {
         self.expected().retain(|_, r| r.route != route);
-        if let Some(conn) = self.conns().remove(&route) {
+        for conn in self.conns().remove(&route).unwrap_or_default() {
             conn.close(VarInt::from_u32(c), why);
         }
     }
 
     /// Number of live end-to-end connections.
     pub fn connection_count(&self) -> usize {
-        self.conns().len()
+        self.conns().values().map(Vec::len).sum()
     }
 }
 
@@ -181,7 +181,11 @@ async fn serve_connection(
     }
     let attrs = Arc::new(postern_net::peer_attributes(&conn));
     tracing::info!(?attrs, "end-to-end connection up");
-    routes.conns().insert(expected.route, conn.clone());
+    routes
+        .conns()
+        .entry(expected.route)
+        .or_default()
+        .push(conn.clone());
     let reason = loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -202,11 +206,11 @@ async fn serve_connection(
     };
     tracing::info!(reason = %reason, "end-to-end connection closed");
     let mut conns = routes.conns();
-    if conns
-        .get(&expected.route)
-        .is_some_and(|c| c.stable_id() == conn.stable_id())
-    {
-        conns.remove(&expected.route);
+    if let Some(list) = conns.get_mut(&expected.route) {
+        list.retain(|c| c.stable_id() != conn.stable_id());
+        if list.is_empty() {
+            conns.remove(&expected.route);
+        }
     }
 }
 

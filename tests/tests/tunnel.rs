@@ -143,6 +143,38 @@ async fn two_hundred_concurrent_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_spread_over_a_pool_of_connections_on_one_route() {
+    init_logging();
+    let pki = Pki::new();
+    let (relay, outlet, inlet) = cluster_with_echo(&pki, None).await;
+    inlet.handle.set_pool_size(4);
+    let addr = inlet.addr("echo");
+    let mut tasks = Vec::new();
+    for i in 0..32usize {
+        tasks.push(tokio::spawn(async move {
+            let (a, b) = echo_round(addr, 2 * MIB + i * 4099).await;
+            assert_eq!(a, b, "connection {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let conns = outlet.handle.connection_count();
+    assert!(
+        (2..=4).contains(&conns),
+        "32 concurrent streams with a pool of 4 ran over {conns} end-to-end connections"
+    );
+    assert_eq!(
+        relay.handle.routes().len(),
+        1,
+        "the pool shares one route through the relay"
+    );
+    // A later client still gets through.
+    let (a, b) = echo_round(addr, 100_000).await;
+    assert_eq!(a, b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_never_sees_plaintext_and_cannot_alter_data() {
     init_logging();
     let pki = Pki::new();
