@@ -398,3 +398,20 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A binary of this workspace, built next to this test executable (`cargo build --bins`, which
+/// scripts/test.sh runs before the tests).
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executable is in <target>/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}

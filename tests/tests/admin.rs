@@ -23,7 +23,7 @@ use postern_relay::RelayHandle;
 use postern_tests::harness::*;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -652,22 +652,6 @@ async fn draining_moves_new_routes_away_then_closes_the_node() {
 
 // ---------------------------------------------------------------------------------------------
 // The real binary
-
-/// A binary of this workspace, built next to this test executable.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in <target>/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
 
 /// Runs `postern-relay ARGS`; returns (success, stdout, stderr).
 async fn relay_cli(args: &[&str]) -> (bool, String, String) {

@@ -263,22 +263,6 @@ async fn metrics_move_with_a_transfer() {
 // ---------------------------------------------------------------------------------------------
 // Real processes
 
-/// A binary of this workspace, built next to this test executable.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in <target>/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
 /// A port that was free on 127.0.0.1 a moment ago.
 fn free_tcp_port() -> u16 {
     free_port()
