@@ -105,6 +105,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     inlet.set_drain_timeout(cfg.drain_timeout);
+    inlet.set_transport(cfg.transport.clone());
+    for relay in postern_net::relay_path::resolve_relays(&cfg.more_relays, &settings.relay_name)
+        .map_err(anyhow::Error::msg)?
+    {
+        inlet.add_relay(relay);
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;

@@ -7,11 +7,12 @@ use postern_net::control::{self, current_config, ControlHandler, RelayTarget, Sh
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
 use postern_net::node_socket::NodeSocket;
+use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
 use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl, StreamOpen};
-use postern_proto::name::ServiceName;
+use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::collections::HashMap;
@@ -89,19 +90,36 @@ pub struct InletOptions {
     pub services: Vec<InletService>,
 }
 
+/// How long a connection whose relay went away waits for another relay to move to.
+pub const MIGRATE_WAIT: Duration = Duration::from_secs(5);
+
 struct E2e {
     route: RouteId,
+    /// The relay the route goes through.
+    relay: SocketAddr,
+    /// The address the connection was made to; it stays while the route under it changes.
+    virt: SocketAddr,
+    outlet: NodeName,
     conn: quinn::Connection,
+}
+
+/// A relay and its control connection, as it comes and goes.
+type RelayControl = (SocketAddr, watch::Receiver<Option<quinn::Connection>>);
+
+fn healthy(c: &Option<quinn::Connection>) -> bool {
+    c.as_ref().is_some_and(|c| c.close_reason().is_none())
 }
 
 pub(crate) struct Shared {
     socket: Arc<NodeSocket>,
     endpoint: quinn::Endpoint,
     e2e_client: SharedClientConfig,
-    relay: SocketAddr,
     key_budget: Mutex<postern_net::rekey::KeyBudget>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
-    control: watch::Receiver<Option<quinn::Connection>>,
+    /// Every relay in configured order (the first healthy one is used for new routes).
+    relays: std::sync::RwLock<Vec<RelayControl>>,
+    /// End-to-end connections moved to another relay's path.
+    migrations: Arc<std::sync::atomic::AtomicU64>,
     /// Per service: the current end-to-end connection. The async mutex makes concurrent client
     /// connections wait for one route set-up instead of each asking for a route.
     e2e: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>>,
@@ -118,6 +136,73 @@ impl Shared {
         self.e2e.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn relays(&self) -> Vec<RelayControl> {
+        self.relays
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// More than one relay is configured (connections can move between them).
+    fn several_relays(&self) -> bool {
+        self.relays.read().unwrap_or_else(|p| p.into_inner()).len() > 1
+    }
+
+    /// The first relay (in configured order) whose control connection is up, other than
+    /// `avoid`; waits up to `timeout` for one to come up.
+    async fn healthy_relay(
+        &self,
+        avoid: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Option<(SocketAddr, quinn::Connection)> {
+        let relays: Vec<RelayControl> = self
+            .relays()
+            .into_iter()
+            .filter(|(a, _)| Some(*a) != avoid)
+            .collect();
+        for (addr, rx) in &relays {
+            if let Some(c) = rx.borrow().as_ref().filter(|c| c.close_reason().is_none()) {
+                return Some((*addr, c.clone()));
+            }
+        }
+        let mut waits = tokio::task::JoinSet::new();
+        for (addr, mut rx) in relays {
+            waits.spawn(async move {
+                let c = rx.wait_for(healthy).await.ok()?.clone()?;
+                Some((addr, c))
+            });
+        }
+        let first = async {
+            while let Some(r) = waits.join_next().await {
+                if let Ok(Some(found)) = r {
+                    return Some(found);
+                }
+            }
+            None
+        };
+        tokio::time::timeout(timeout, first).await.ok().flatten()
+    }
+
+    /// Asks a relay for a route to `service`.
+    async fn request_route(
+        ctl_conn: &quinn::Connection,
+        service: &ServiceName,
+    ) -> Result<(RouteId, NodeName), ServeError> {
+        let answer = ctl::request(
+            ctl_conn,
+            &Ctl::RouteRequest {
+                service: service.clone(),
+            },
+            CTL_TIMEOUT,
+        )
+        .await?;
+        match answer {
+            Ctl::RouteGranted { route, outlet, .. } => Ok((route, outlet)),
+            Ctl::RouteRefused { reason, .. } => Err(ServeError::Refused(reason)),
+            _ => Err(ServeError::Unexpected),
+        }
+    }
+
     /// The live end-to-end connection for `service`, set up if needed.
     pub(crate) async fn connection(
         &self,
@@ -132,24 +217,12 @@ impl Shared {
             self.socket.remove_route(e.route);
             *guard = None;
         }
-        let mut control = self.control.clone();
-        let ctl_conn = control::wait_connected(&mut control, RELAY_WAIT)
+        let (relay, ctl_conn) = self
+            .healthy_relay(None, RELAY_WAIT)
             .await
             .ok_or(ServeError::NoRelay)?;
-        let answer = ctl::request(
-            &ctl_conn,
-            &Ctl::RouteRequest {
-                service: service.clone(),
-            },
-            CTL_TIMEOUT,
-        )
-        .await?;
-        let (route, outlet) = match answer {
-            Ctl::RouteGranted { route, outlet, .. } => (route, outlet),
-            Ctl::RouteRefused { reason, .. } => return Err(ServeError::Refused(reason)),
-            _ => return Err(ServeError::Unexpected),
-        };
-        let virt = self.socket.add_route(route, self.relay);
+        let (route, outlet) = Self::request_route(&ctl_conn, service).await?;
+        let virt = self.socket.add_route(route, relay);
         let e2e_err = |reason: String| ServeError::E2e {
             outlet: outlet.to_string(),
             reason,
@@ -178,9 +251,63 @@ impl Shared {
         ));
         *guard = Some(E2e {
             route,
+            relay,
+            virt,
+            outlet,
             conn: conn.clone(),
         });
         Ok(conn)
+    }
+
+    /// Moves the end-to-end connection that used `route` (through `lost`, which is gone) to
+    /// another relay: a new route to the same outlet there, bound to the same virtual address,
+    /// so the QUIC connection carries on and the outlet sees a peer migration. Open streams
+    /// survive; if no relay can route to the same outlet, the connection is closed and the
+    /// next client connection makes a new one.
+    async fn migrate(self: Arc<Self>, route: RouteId, lost: SocketAddr) {
+        let slots: Vec<_> = self.e2e_map().iter().map(|(s, v)| (s.clone(), v.clone())).collect();
+        for (service, slot) in slots {
+            let mut guard = slot.lock().await;
+            let Some(e) = guard.as_mut().filter(|e| e.route == route) else {
+                continue;
+            };
+            if e.conn.close_reason().is_some() {
+                *guard = None;
+                return;
+            }
+            let moved = async {
+                let (relay, ctl_conn) = self
+                    .healthy_relay(Some(lost), MIGRATE_WAIT)
+                    .await
+                    .ok_or_else(|| "no other relay is reachable".to_owned())?;
+                let (new_route, outlet) = Self::request_route(&ctl_conn, &service)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if outlet != e.outlet {
+                    // The relay routed to another outlet: the connection's keys live with the
+                    // old one, so it cannot move there. (The unused route is dropped by the
+                    // relay when this node disconnects.)
+                    return Err(format!("relay {relay} routes to another outlet ({outlet})"));
+                }
+                Ok::<_, String>((relay, new_route))
+            };
+            match moved.await {
+                Ok((relay, new_route)) => {
+                    self.socket.rebind_route(e.virt, new_route, relay);
+                    tracing::info!(%service, from = %e.relay, to = %relay, old_route = %route, route = %new_route, "end-to-end connection moved to another relay");
+                    e.route = new_route;
+                    e.relay = relay;
+                    self.migrations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(why) => {
+                    tracing::warn!(%service, relay = %lost, reason = %why, "cannot move the end-to-end connection; closing it");
+                    e.conn.close(code::ROUTE_CLOSED.into(), b"route closed");
+                    *guard = None;
+                }
+            }
+            return;
+        }
     }
 
     /// Drops the end-to-end connection using `route` (its relay route is gone).
@@ -218,6 +345,10 @@ pub struct Inlet {
     roots: Arc<RootCertStore>,
     relay: RelayTarget,
     control: watch::Sender<Option<quinn::Connection>>,
+    /// Relays beyond the first (see `add_relay`).
+    more_relays: Vec<(RelayTarget, watch::Sender<Option<quinn::Connection>>)>,
+    transport: TransportSettings,
+    transport_status: Arc<TransportStatus>,
     listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
     leases: Vec<(ServiceName, watch::Sender<LeaseState>)>,
     tls: HashMap<ServiceName, TlsAcceptor>,
@@ -236,6 +367,8 @@ struct Drain {
 #[derive(Clone)]
 pub struct InletHandle {
     control: watch::Receiver<Option<quinn::Connection>>,
+    shared: Arc<Shared>,
+    transport_status: Arc<TransportStatus>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
     drain: Drain,
     client: SharedClientConfig,
@@ -275,12 +408,21 @@ impl InletHandle {
         self.drain.clients.len()
     }
 
-    /// True while the control connection to the relay is up.
+    /// True while a control connection to a relay is up.
     pub fn relay_connected(&self) -> bool {
-        self.control
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.close_reason().is_none())
+        self.shared.relays().iter().any(|(_, rx)| healthy(&rx.borrow()))
+    }
+
+    /// Which transport (UDP or TLS/TCP) reaches each connected relay.
+    pub fn transports(&self) -> &TransportStatus {
+        &self.transport_status
+    }
+
+    /// End-to-end connections moved to another relay's path so far.
+    pub fn migrations(&self) -> u64 {
+        self.shared
+            .migrations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the inlet can serve clients (the `/readyz` answer).
@@ -332,10 +474,10 @@ impl Inlet {
                     &opts.identity,
                     opts.roots.clone(),
                 )?)),
-                relay: opts.relay.addr,
                 key_budget: Mutex::default(),
                 key_updates: Arc::default(),
-                control: control_rx,
+                relays: std::sync::RwLock::new(vec![(opts.relay.addr, control_rx)]),
+                migrations: Arc::default(),
                 e2e: Mutex::default(),
             }),
             client: Arc::new(std::sync::RwLock::new(endpoint::control_client(
@@ -345,6 +487,9 @@ impl Inlet {
             roots: opts.roots,
             relay: opts.relay,
             control,
+            more_relays: Vec::new(),
+            transport: TransportSettings::default(),
+            transport_status: Arc::default(),
             listeners,
             leases,
             tls: HashMap::new(),
@@ -358,6 +503,25 @@ impl Inlet {
     /// closing. Default: zero, close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
         self.drain_timeout = timeout;
+    }
+
+    /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
+    /// default). Call before [`run`](Self::run).
+    pub fn set_transport(&mut self, transport: TransportSettings) {
+        self.transport = transport;
+    }
+
+    /// Uses `relay` too: new end-to-end connections go through the first relay (in the order
+    /// given) whose control connection is up, and a connection whose relay goes away moves to
+    /// another one. Call before [`run`](Self::run).
+    pub fn add_relay(&mut self, relay: RelayTarget) {
+        let (tx, rx) = watch::channel(None);
+        self.shared
+            .relays
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((relay.addr, rx));
+        self.more_relays.push((relay, tx));
     }
 
     /// Serves `service`'s listener with TLS (see [`crate::tls`]): each accepted connection is
@@ -391,6 +555,8 @@ impl Inlet {
     pub fn handle(&self) -> InletHandle {
         InletHandle {
             control: self.control.subscribe(),
+            shared: self.shared.clone(),
+            transport_status: self.transport_status.clone(),
             key_updates: self.shared.key_updates.clone(),
             drain: self.drain.clone(),
             client: self.client.clone(),
@@ -433,14 +599,31 @@ impl Inlet {
                 service, mode, listener, shared, shutdown, clients, tls,
             ));
         }
-        let ctl = control::run(
-            self.shared.endpoint.clone(),
-            self.client,
-            self.relay,
-            handler,
-            self.control,
-            close.clone(),
-        );
+        let mut controls = tokio::task::JoinSet::new();
+        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays) {
+            let path = match RelayPath::new(
+                self.shared.socket.clone(),
+                relay,
+                self.roots.clone(),
+                self.transport.clone(),
+                self.transport_status.clone(),
+            ) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up the path to the relay");
+                    return;
+                }
+            };
+            controls.spawn(control::run(
+                self.shared.endpoint.clone(),
+                self.client.clone(),
+                path,
+                handler.clone(),
+                current,
+                close.clone(),
+            ));
+        }
+        let ctl = async move { while controls.join_next().await.is_some() {} };
         let (state, timeout) = (&self.drain, self.drain_timeout);
         let drain = async {
             shutdown.cancelled().await;
@@ -653,7 +836,14 @@ impl ControlHandler for InletControl {
         match msg {
             Ctl::RouteClosed { route, reason } => {
                 tracing::info!(%route, %reason, "route closed by relay");
-                self.shared.route_closed(route);
+                let relay = self.shared.socket.relay_of(route);
+                match relay {
+                    Some(relay) if self.shared.several_relays() => {
+                        self.shared.socket.remove_route(route);
+                        tokio::spawn(self.shared.clone().migrate(route, relay));
+                    }
+                    _ => self.shared.route_closed(route),
+                }
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
@@ -665,7 +855,11 @@ impl ControlHandler for InletControl {
 
     fn on_disconnect(&self, relay: SocketAddr) {
         for route in self.shared.socket.remove_routes_via(relay) {
-            self.shared.route_closed(route);
+            if self.shared.several_relays() {
+                tokio::spawn(self.shared.clone().migrate(route, relay));
+            } else {
+                self.shared.route_closed(route);
+            }
         }
     }
 }

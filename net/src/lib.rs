@@ -19,6 +19,7 @@ pub mod control;
 pub mod ctl;
 pub mod drain;
 pub mod endpoint;
+pub mod links;
 pub mod enroll;
 pub mod files;
 pub mod logging;
@@ -26,7 +27,9 @@ pub mod node_config;
 pub mod node_socket;
 pub mod ops;
 pub mod rekey;
+pub mod relay_path;
 pub mod relay_socket;
+pub mod relay_tcp;
 pub mod renew;
 pub mod splice;
 

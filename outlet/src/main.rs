@@ -165,6 +165,12 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
         services,
     })?;
     outlet.set_drain_timeout(cfg.drain_timeout);
+    outlet.set_transport(cfg.transport.clone());
+    for relay in postern_net::relay_path::resolve_relays(&cfg.more_relays, &settings.relay_name)
+        .map_err(anyhow::Error::msg)?
+    {
+        outlet.add_relay(relay);
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;

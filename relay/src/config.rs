@@ -17,6 +17,8 @@ pub const DEFAULT_STATE_DIR: &str = "postern-relay-state";
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RelayFile {
     pub listen: Option<SocketAddr>,
+    /// `"off"` or an address; see `--tcp-listen`.
+    pub tcp_listen: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -40,6 +42,11 @@ pub struct RunArgs {
     /// [default: 0.0.0.0:4433].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// TCP address of the TLS fallback for nodes whose network blocks UDP (they reach the
+    /// relay over TLS 1.3 and carry the same QUIC packets inside), or `off`
+    /// [default: the `listen` address, on TCP].
+    #[arg(long, value_name = "ADDR|off")]
+    pub tcp_listen: Option<String>,
     /// Directory holding the project CA, the relay's certificate and its reset key
     /// [default: ./postern-relay-state].
     #[arg(long)]
@@ -81,6 +88,8 @@ pub struct RunArgs {
 pub struct RelayConfig {
     pub policy: PolicySet,
     pub listen: SocketAddr,
+    /// TLS/TCP fallback address; None when turned off.
+    pub tcp_listen: Option<SocketAddr>,
     pub state_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -142,9 +151,21 @@ impl RunArgs {
             }
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
+        let tcp_listen = match self.tcp_listen.or(file.tcp_listen).as_deref() {
+            None => Some(listen),
+            Some("off") => None,
+            Some(text) => Some(text.parse().map_err(|e| FileError::Config {
+                path: self
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("flags")),
+                message: format!("tcp-listen {text:?}: {e} (expected an address or `off`)"),
+            })?),
+        };
         Ok(RelayConfig {
             policy,
             listen,
+            tcp_listen,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             audit_log: self.audit_log.or(file.audit_log),
             drain_timeout,

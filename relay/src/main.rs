@@ -277,6 +277,10 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         authority,
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
+    if let Some(addr) = cfg.tcp_listen {
+        let bound = relay.listen_tcp(addr)?;
+        tracing::info!(%bound, "TLS/TCP fallback enabled");
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;
