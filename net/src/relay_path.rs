@@ -165,6 +165,20 @@ pub enum PathError {
     Tcp { addr: SocketAddr, reason: String },
 }
 
+impl PathError {
+    /// The peer never answered (what a firewall dropping UDP looks like).
+    fn is_silence(&self) -> bool {
+        matches!(
+            self,
+            Self::HandshakeTimeout(_)
+                | Self::Handshake {
+                    source: quinn::ConnectionError::TimedOut,
+                    ..
+                }
+        )
+    }
+}
+
 /// One relay's path selection for one node socket.
 pub struct RelayPath {
     socket: Arc<NodeSocket>,
@@ -243,6 +257,9 @@ impl RelayPath {
                 let wait = self.settings.udp_timeout.unwrap_or(UDP_HANDSHAKE_TIMEOUT);
                 match self.over_udp(endpoint, client.clone(), Some(wait)).await {
                     Ok(c) => Ok(c),
+                    // The relay answered over UDP (refused, closed, wrong certificate...): UDP
+                    // works, so TCP would not help. Only silence means UDP is blocked.
+                    Err(e) if !e.is_silence() => Err(e),
                     Err(e) => {
                         tracing::warn!(relay = %self.relay.addr, tcp = %self.tcp_addr, error = %e, "no QUIC over UDP to the relay; falling back to TLS/TCP");
                         self.over_tcp(endpoint, client).await
