@@ -265,7 +265,11 @@ impl Shared {
     /// survive; if no relay can route to the same outlet, the connection is closed and the
     /// next client connection makes a new one.
     async fn migrate(self: Arc<Self>, route: RouteId, lost: SocketAddr) {
-        let slots: Vec<_> = self.e2e_map().iter().map(|(s, v)| (s.clone(), v.clone())).collect();
+        let slots: Vec<_> = self
+            .e2e_map()
+            .iter()
+            .map(|(s, v)| (s.clone(), v.clone()))
+            .collect();
         for (service, slot) in slots {
             let mut guard = slot.lock().await;
             let Some(e) = guard.as_mut().filter(|e| e.route == route) else {
@@ -410,7 +414,10 @@ impl InletHandle {
 
     /// True while a control connection to a relay is up.
     pub fn relay_connected(&self) -> bool {
-        self.shared.relays().iter().any(|(_, rx)| healthy(&rx.borrow()))
+        self.shared
+            .relays()
+            .iter()
+            .any(|(_, rx)| healthy(&rx.borrow()))
     }
 
     /// Which transport (UDP or TLS/TCP) reaches each connected relay.
@@ -600,7 +607,8 @@ impl Inlet {
             ));
         }
         let mut controls = tokio::task::JoinSet::new();
-        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays) {
+        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays)
+        {
             let path = match RelayPath::new(
                 self.shared.socket.clone(),
                 relay,

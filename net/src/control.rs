@@ -66,7 +66,10 @@ pub async fn run<H: ControlHandler>(
                 .await
                 .map_err(|e| e.to_string())?;
             if let Err(e) = handler.on_connect(&up.conn).await {
-                up.conn.close(postern_proto::msg::code::OK.into(), b"session set-up failed");
+                up.conn.close(
+                    postern_proto::msg::code::OK.into(),
+                    b"session set-up failed",
+                );
                 return Err(format!("relay refused our session set-up: {e}"));
             }
             Ok::<_, String>(up)

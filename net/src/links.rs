@@ -275,9 +275,7 @@ impl StreamLinks {
         self.out.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>> {
         self.out.write().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -327,13 +325,10 @@ mod tests {
     use std::future::poll_fn;
 
     async fn next(links: &StreamLinks) -> Inbound {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            poll_fn(|cx| links.poll_inbound(cx)),
-        )
-        .await
-        .expect("datagram in time")
-        .expect("open")
+        tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| links.poll_inbound(cx)))
+            .await
+            .expect("datagram in time")
+            .expect("open")
     }
 
     #[tokio::test]

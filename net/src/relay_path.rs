@@ -272,19 +272,19 @@ impl RelayPath {
     /// The control connection is gone: drop the link under it (the next attempt starts
     /// afresh) and stop reporting a transport.
     pub fn disconnected(&self) {
-        if let Some(stop) = self
-            .link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(stop) = self.link.lock().unwrap_or_else(|p| p.into_inner()).take() {
             stop.cancel();
         }
         self.socket.links().detach(self.relay.addr);
         self.status.set(crate::canonical(self.relay.addr), None);
     }
 
-    fn up(&self, conn: quinn::Connection, transport: Transport, link_lost: CancellationToken) -> Connected {
+    fn up(
+        &self,
+        conn: quinn::Connection,
+        transport: Transport,
+        link_lost: CancellationToken,
+    ) -> Connected {
         self.status
             .set(crate::canonical(self.relay.addr), Some(transport));
         Connected {
@@ -420,7 +420,10 @@ mod tests {
             relay: RelayList,
         }
         let one: F = toml::from_str("relay = \"a:1\"").expect("one");
-        assert_eq!(merge_relays(vec![], Some(one.relay)), (Some("a:1".into()), vec![]));
+        assert_eq!(
+            merge_relays(vec![], Some(one.relay)),
+            (Some("a:1".into()), vec![])
+        );
         let many: F = toml::from_str("relay = [\"a:1\", \"b:2\", \"c:3\"]").expect("many");
         assert_eq!(
             merge_relays(vec![], Some(many.relay.clone())),

@@ -339,7 +339,10 @@ impl AsyncUdpSocket for RelaySocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
-        if self.links.send(transmit.destination, transmit.contents, seg) {
+        if self
+            .links
+            .send(transmit.destination, transmit.contents, seg)
+        {
             return Ok(());
         }
         self.io.try_io(Interest::WRITABLE, || {

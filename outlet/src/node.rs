@@ -189,7 +189,11 @@ impl Outlet {
         OutletHandle {
             routes: self.routes.clone(),
             control: self.control.subscribe(),
-            more_controls: self.more_relays.iter().map(|(_, c)| c.subscribe()).collect(),
+            more_controls: self
+                .more_relays
+                .iter()
+                .map(|(_, c)| c.subscribe())
+                .collect(),
             transport_status: self.transport_status.clone(),
             drain: self.drain.clone(),
             endpoint: self.endpoint.clone(),
@@ -204,7 +208,8 @@ impl Outlet {
         let close = CancellationToken::new();
         let several = !self.more_relays.is_empty();
         let mut controls = tokio::task::JoinSet::new();
-        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays) {
+        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays)
+        {
             let handler = Arc::new(OutletControl {
                 socket: self.socket.clone(),
                 routes: self.routes.clone(),

@@ -105,10 +105,7 @@ mod tests {
         assert_eq!(d.next_datagram(), Err(DgramError::Empty));
         let mut d = Decoder::new();
         d.push(&[0xff, 0xff, 1]);
-        assert_eq!(
-            d.next_datagram(),
-            Err(DgramError::Oversize { len: 0xffff })
-        );
+        assert_eq!(d.next_datagram(), Err(DgramError::Oversize { len: 0xffff }));
         let mut out = Vec::new();
         assert_eq!(encode(&[], &mut out), Err(DgramError::Empty));
         assert_eq!(

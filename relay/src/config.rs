@@ -154,12 +154,14 @@ impl RunArgs {
         let tcp_listen = match self.tcp_listen.or(file.tcp_listen).as_deref() {
             None => Some(listen),
             Some("off") => None,
-            Some(text) => Some(text.parse().map_err(|e| FileError::Config {
-                path: self
-                    .config
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("flags")),
-                message: format!("tcp-listen {text:?}: {e} (expected an address or `off`)"),
+            Some(text) => Some(text.parse().map_err(|e| {
+                FileError::Config {
+                    path: self
+                        .config
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("flags")),
+                    message: format!("tcp-listen {text:?}: {e} (expected an address or `off`)"),
+                }
             })?),
         };
         Ok(RelayConfig {

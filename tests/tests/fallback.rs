@@ -219,8 +219,14 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
         Some(Transport::Tcp)
     );
     // The inlet runs UDP-capable relays normally: it still falls back here.
-    let inlet = start_inlet_via(&pki, "inlet-auto", &[hole], &[("echo", ServiceKind::Tcp)], auto)
-        .await;
+    let inlet = start_inlet_via(
+        &pki,
+        "inlet-auto",
+        &[hole],
+        &[("echo", ServiceKind::Tcp)],
+        auto,
+    )
+    .await;
     assert_eq!(
         inlet.handle.transports().transport(hole),
         Some(Transport::Tcp)
@@ -238,7 +244,10 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
     relay.running.stop().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while inlet.handle.relay_connected() || outlet.handle.relay_connected() {
-        assert!(Instant::now() < deadline, "nodes still think they are connected");
+        assert!(
+            Instant::now() < deadline,
+            "nodes still think they are connected"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(inlet.handle.transports().transport(hole), None);
@@ -259,9 +268,14 @@ async fn auto_stays_on_udp_when_udp_works() {
         auto.clone(),
     )
     .await;
-    let inlet =
-        start_inlet_via(&pki, "inlet-udp", &[relay.addr], &[("echo", ServiceKind::Tcp)], auto)
-            .await;
+    let inlet = start_inlet_via(
+        &pki,
+        "inlet-udp",
+        &[relay.addr],
+        &[("echo", ServiceKind::Tcp)],
+        auto,
+    )
+    .await;
     assert_eq!(
         inlet.handle.transports().transport(relay.addr),
         Some(Transport::Udp)

@@ -36,7 +36,11 @@ struct Netns {
 impl Netns {
     /// Creates a namespace with loopback up; Err says why it cannot (no root, no `ip`).
     fn create() -> Result<Self, String> {
-        let name = format!("postern-fb-{}-{}", std::process::id(), rand::random::<u32>());
+        let name = format!(
+            "postern-fb-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
         run_ip(&["netns", "add", &name])?;
         let ns = Self { name };
         run_ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
@@ -46,15 +50,29 @@ impl Netns {
     /// Drops all UDP in the namespace: a blackhole rule for IP protocol 17 placed before the
     /// lookup of the local table (which otherwise delivers loopback traffic first).
     fn block_udp(&self) -> Result<(), String> {
-        run_ip(&["-n", &self.name, "rule", "add", "pref", "10", "ipproto", "udp", "blackhole"])?;
+        run_ip(&[
+            "-n",
+            &self.name,
+            "rule",
+            "add",
+            "pref",
+            "10",
+            "ipproto",
+            "udp",
+            "blackhole",
+        ])?;
         run_ip(&["-n", &self.name, "rule", "del", "pref", "0"])?;
-        run_ip(&["-n", &self.name, "rule", "add", "pref", "100", "lookup", "local"])
+        run_ip(&[
+            "-n", &self.name, "rule", "add", "pref", "100", "lookup", "local",
+        ])
     }
 
     /// `ip netns exec <ns> program args...`
     fn command(&self, program: &Path, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program).args(args);
+        c.args(["netns", "exec", &self.name])
+            .arg(program)
+            .args(args);
         c
     }
 }
@@ -223,7 +241,9 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     let ns = match Netns::create() {
         Ok(ns) => ns,
         Err(why) => {
-            println!("SKIPPED: cannot create a network namespace ({why}); needs root and `ip netns`");
+            println!(
+                "SKIPPED: cannot create a network namespace ({why}); needs root and `ip netns`"
+            );
             return;
         }
     };
@@ -242,7 +262,10 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new();
     let write = |name: &str| {
-        let issued = pki.ca().issue(&node(name), Duration::from_secs(3600)).expect("issue");
+        let issued = pki
+            .ca()
+            .issue(&node(name), Duration::from_secs(3600))
+            .expect("issue");
         let cert = dir.path().join(format!("{name}.pem"));
         let key = dir.path().join(format!("{name}.key"));
         std::fs::write(&cert, &issued.cert_pem).expect("write cert");
@@ -295,18 +318,39 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     wait_ready(&ns, relay_ops, &relay).await;
     let node_args = |cert: &str, key: &str, st: &str, ops: u16| -> Vec<String> {
         [
-            "run", "--relay", &relay_addr, "--cert", cert, "--key", key, "--ca", &ca,
-            "--state-dir", st, "--metrics-addr",
+            "run",
+            "--relay",
+            &relay_addr,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--ca",
+            &ca,
+            "--state-dir",
+            st,
+            "--metrics-addr",
         ]
         .iter()
         .map(|s| s.to_string())
         .chain([format!("127.0.0.1:{ops}")])
         .collect()
     };
-    let mut outlet_args = node_args(&outlet_cert, &outlet_key, &state("outlet-state"), outlet_ops);
+    let mut outlet_args = node_args(
+        &outlet_cert,
+        &outlet_key,
+        &state("outlet-state"),
+        outlet_ops,
+    );
     outlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{echo_port}")]);
     let outlet_args: Vec<&str> = outlet_args.iter().map(String::as_str).collect();
-    let outlet = Proc::spawn(&ns, dir.path(), "outlet", &bin("postern-outlet"), &outlet_args);
+    let outlet = Proc::spawn(
+        &ns,
+        dir.path(),
+        "outlet",
+        &bin("postern-outlet"),
+        &outlet_args,
+    );
     let mut inlet_args = node_args(&inlet_cert, &inlet_key, &state("inlet-state"), inlet_ops);
     inlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{listen_port}")]);
     let inlet_args: Vec<&str> = inlet_args.iter().map(String::as_str).collect();
@@ -316,7 +360,10 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     let outlet_ready = wait_ready(&ns, outlet_ops, &outlet).await;
     let inlet_ready = wait_ready(&ns, inlet_ops, &inlet).await;
     let via = format!("relay {relay_addr} via tcp");
-    assert!(outlet_ready.contains(&via), "outlet /readyz: {outlet_ready}");
+    assert!(
+        outlet_ready.contains(&via),
+        "outlet /readyz: {outlet_ready}"
+    );
     assert!(inlet_ready.contains(&via), "inlet /readyz: {inlet_ready}");
     for p in [&outlet, &inlet] {
         assert!(
@@ -326,8 +373,11 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
             p.log()
         );
     }
-    let (_, metrics) = http_get_in(&ns, inlet_ops, "/metrics").await.expect("metrics");
-    let gauge = format!("postern_inlet_relay_transport{{relay=\"{relay_addr}\",transport=\"tcp\"}} 1");
+    let (_, metrics) = http_get_in(&ns, inlet_ops, "/metrics")
+        .await
+        .expect("metrics");
+    let gauge =
+        format!("postern_inlet_relay_transport{{relay=\"{relay_addr}\",transport=\"tcp\"}} 1");
     assert!(metrics.contains(&gauge), "{gauge} in:\n{metrics}");
 
     // Data flows: 4 MiB each way through inlet, relay (over TLS/TCP) and outlet.

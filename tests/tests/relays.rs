@@ -49,7 +49,14 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
     let (echo, _task) = echo_server().await;
     let pki = Pki::new();
     let relays: Vec<RelayNode> = (0..3)
-        .map(|i| start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [10 + i; 32], None))
+        .map(|i| {
+            start_relay(
+                &pki,
+                "127.0.0.1:0".parse().expect("addr"),
+                [10 + i; 32],
+                None,
+            )
+        })
         .collect();
     let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.addr).collect();
     let _outlet = start_outlet_via(
@@ -76,7 +83,11 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
     let mut relays = relays.into_iter();
     let first = relays.next().expect("relay 1");
     let others: Vec<RelayNode> = relays.collect();
-    assert_eq!(first.handle.routes().len(), 1, "the inlet uses the first relay");
+    assert_eq!(
+        first.handle.routes().len(),
+        1,
+        "the inlet uses the first relay"
+    );
 
     // Load: one long transfer (a steady stream echoed back) and a loop of new connections.
     let stop_writing = Arc::new(AtomicBool::new(false));
@@ -165,7 +176,10 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
         assert!(
             Instant::now() < deadline,
             "no connection succeeded after the relay died: {:?}",
-            done.iter().filter(|o| o.started > killed).take(5).collect::<Vec<_>>()
+            done.iter()
+                .filter(|o| o.started > killed)
+                .take(5)
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -212,5 +226,8 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
         "the connection migrated instead of being replaced"
     );
     let routes_elsewhere: usize = others.iter().map(|r| r.handle.routes().len()).sum();
-    assert!(routes_elsewhere >= 1, "the traffic now goes through another relay");
+    assert!(
+        routes_elsewhere >= 1,
+        "the traffic now goes through another relay"
+    );
 }
