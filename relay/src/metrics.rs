@@ -108,6 +108,7 @@ impl Observe for RelayHandle {
                 &[("outcome", "refused")],
                 ctl.enrollments_refused.load(Relaxed) as f64,
             );
+        crate::tcp::render(self, out);
         out.gauge(
             "postern_relay_ready",
             "1 while the relay is listening and not shutting down.",

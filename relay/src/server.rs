@@ -109,9 +109,24 @@ impl Shared {
 #[derive(Clone)]
 pub struct RelayHandle {
     shared: Arc<Shared>,
+    /// The TLS/TCP fallback's counters and links.
+    tcp: (
+        Arc<postern_net::relay_tcp::TcpStats>,
+        Arc<postern_net::links::StreamLinks>,
+    ),
 }
 
 impl RelayHandle {
+    /// Counters of the TLS/TCP listener.
+    pub fn tcp_stats(&self) -> &postern_net::relay_tcp::TcpStats {
+        &self.tcp.0
+    }
+
+    /// The TLS/TCP links (their datagram counters).
+    pub fn tcp_links(&self) -> &postern_net::links::StreamLinks {
+        &self.tcp.1
+    }
+
     /// Forwarding counters.
     pub fn forward_stats(&self) -> &ForwardStats {
         &self.shared.fwd
@@ -223,11 +238,6 @@ impl Relay {
         self.tcp.bind(addr)
     }
 
-    /// Counters of the TLS/TCP fallback.
-    pub fn tcp_stats(&self) -> Arc<postern_net::relay_tcp::TcpStats> {
-        self.tcp.stats()
-    }
-
     /// After shutdown is asked for, keep forwarding existing routes for up to `timeout` (or
     /// until none is left) before closing, while refusing new nodes and routes. Default: zero,
     /// close at once.
@@ -244,6 +254,7 @@ impl Relay {
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
             shared: self.shared.clone(),
+            tcp: (self.tcp.stats(), self.tcp.links()),
         }
     }
 

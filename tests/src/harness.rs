@@ -397,11 +397,8 @@ pub fn free_port() -> u16 {
 }
 
 /// Starts a relay that also accepts nodes over TLS/TCP, on the same port number as its UDP
-/// socket (the nodes' default); returns it with the TCP listener's counters.
-pub fn start_relay_with_tcp(
-    pki: &Pki,
-    reset_key: [u8; 32],
-) -> (RelayNode, Arc<postern_net::relay_tcp::TcpStats>) {
+/// socket (the nodes' default).
+pub fn start_relay_with_tcp(pki: &Pki, reset_key: [u8; 32]) -> RelayNode {
     for _ in 0..20 {
         let mut relay = Relay::bind(RelayOptions {
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -419,16 +416,12 @@ pub fn start_relay_with_tcp(
             continue;
         }
         let handle = relay.handle();
-        let stats = relay.tcp_stats();
         let running = spawn(|s| relay.run(s));
-        return (
-            RelayNode {
-                addr,
-                handle,
-                running,
-            },
-            stats,
-        );
+        return RelayNode {
+            addr,
+            handle,
+            running,
+        };
     }
     panic!("no UDP port whose TCP twin was free");
 }

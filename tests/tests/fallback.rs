@@ -74,7 +74,7 @@ async fn forced_tcp_carries_bulk_data_and_influxdb_http() {
         .expect("start influxd");
     let (echo, _task) = echo_server().await;
     let pki = Pki::new();
-    let (relay, tcp) = start_relay_with_tcp(&pki, [3; 32]);
+    let relay = start_relay_with_tcp(&pki, [3; 32]);
     let outlet = start_outlet_via(
         &pki,
         "outlet-tcp",
@@ -102,7 +102,11 @@ async fn forced_tcp_carries_bulk_data_and_influxdb_http() {
         outlet.handle.transports().transport(relay.addr),
         Some(Transport::Tcp)
     );
-    assert_eq!(tcp.open.load(Relaxed), 2, "both nodes hold a TLS/TCP link");
+    assert_eq!(
+        relay.handle.tcp_stats().open.load(Relaxed),
+        2,
+        "both nodes hold a TLS/TCP link"
+    );
 
     let (sent, received) = echo_round(inlet.addr("echo"), 20 * MIB).await;
     assert_eq!(sent, received, "20 MiB each way arrive intact over TLS/TCP");
@@ -191,7 +195,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
     init_logging();
     let (echo, _task) = echo_server().await;
     let pki = Pki::new();
-    let (relay, tcp) = start_relay_with_tcp(&pki, [4; 32]);
+    let relay = start_relay_with_tcp(&pki, [4; 32]);
     // The nodes are given a relay address whose UDP port is a black hole; its TCP port (set
     // apart with `relay_tcp_port`) is the real relay's TLS listener.
     let (hole, _hole_task) = udp_black_hole().await;
@@ -218,7 +222,6 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
         outlet.handle.transports().transport(hole),
         Some(Transport::Tcp)
     );
-    // The inlet runs UDP-capable relays normally: it still falls back here.
     let inlet = start_inlet_via(
         &pki,
         "inlet-auto",
@@ -231,7 +234,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
         inlet.handle.transports().transport(hole),
         Some(Transport::Tcp)
     );
-    assert_eq!(tcp.accepted.load(Relaxed), 2);
+    assert_eq!(relay.handle.tcp_stats().accepted.load(Relaxed), 2);
     let (sent, received) = echo_round(inlet.addr("echo"), 4 * MIB).await;
     assert_eq!(sent, received);
     use postern_net::ops::Observe;
@@ -258,7 +261,7 @@ async fn auto_stays_on_udp_when_udp_works() {
     init_logging();
     let (echo, _task) = echo_server().await;
     let pki = Pki::new();
-    let (relay, tcp) = start_relay_with_tcp(&pki, [5; 32]);
+    let relay = start_relay_with_tcp(&pki, [5; 32]);
     let auto = settings(TransportMode::Auto);
     let _outlet = start_outlet_via(
         &pki,
@@ -282,5 +285,147 @@ async fn auto_stays_on_udp_when_udp_works() {
     );
     let (sent, received) = echo_round(inlet.addr("echo"), MIB).await;
     assert_eq!(sent, received);
-    assert_eq!(tcp.accepted.load(Relaxed), 0, "no TLS/TCP link was needed");
+    assert_eq!(
+        relay.handle.tcp_stats().accepted.load(Relaxed),
+        0,
+        "no TLS/TCP link was needed"
+    );
+}
+
+/// A TLS client to the relay's fallback listener offering `alpn`.
+async fn tls_to_relay(
+    pki: &Pki,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(postern_proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("relay").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+}
+
+/// Reads until the relay closes the connection (EOF or error); false if it stays open.
+async fn closed_by_relay<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
+    let mut buf = [0u8; 1024];
+    let read_to_end = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read_to_end)
+        .await
+        .is_ok()
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_the_tcp_listener_is_refused_and_disturbs_no_route() {
+    init_logging();
+    let (echo, _task) = echo_server().await;
+    let pki = Pki::new();
+    let relay = start_relay_with_tcp(&pki, [6; 32]);
+    let tcp_mode = settings(TransportMode::Tcp);
+    let _outlet = start_outlet_via(
+        &pki,
+        "outlet-bad",
+        &[relay.addr],
+        vec![("echo", Target::tcp(echo.to_string()))],
+        tcp_mode.clone(),
+    )
+    .await;
+    let inlet = start_inlet_via(
+        &pki,
+        "inlet-bad",
+        &[relay.addr],
+        &[("echo", ServiceKind::Tcp)],
+        tcp_mode,
+    )
+    .await;
+    let (a, b) = echo_round(inlet.addr("echo"), MIB).await;
+    assert_eq!(a, b);
+    let stats = relay.handle.tcp_stats();
+    let links = relay.handle.tcp_links().stats();
+    let fwd = relay.handle.forward_stats();
+    let refused0 = stats.refused.load(Relaxed);
+
+    // Not TLS at all.
+    let mut raw = TcpStream::connect(relay.addr).await.expect("connect");
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(closed_by_relay(&mut raw).await, "plain HTTP is closed");
+    wait_for("refusal counted", || stats.refused.load(Relaxed) > refused0).await;
+
+    // TLS for another protocol.
+    let wrong = tls_to_relay(&pki, relay.addr, b"h2").await;
+    assert!(wrong.is_err(), "an unknown ALPN is refused");
+    wait_for("refusal counted", || {
+        stats.refused.load(Relaxed) > refused0 + 1
+    })
+    .await;
+
+    // A length prefix over the limit ends the link with a framing error.
+    let mut tls = tls_to_relay(&pki, relay.addr, postern_proto::dgram::ALPN_TCP)
+        .await
+        .expect("TLS");
+    tls.write_all(&[0xff, 0xff, 1, 2, 3]).await.expect("write");
+    tls.flush().await.expect("flush");
+    assert!(
+        closed_by_relay(&mut tls).await,
+        "oversize frame closes the link"
+    );
+    wait_for("framing error counted", || {
+        links.framing_errors.load(Relaxed) == 1
+    })
+    .await;
+
+    // Well-framed junk: a datagram that is neither QUIC nor a frame, and a forwarding frame
+    // for a live route from a link that is not its endpoint. Both are dropped and counted;
+    // the link itself may stay (as a UDP sender would).
+    let route = relay.handle.routes().ids()[0];
+    let mut tls = tls_to_relay(&pki, relay.addr, postern_proto::dgram::ALPN_TCP)
+        .await
+        .expect("TLS");
+    let mut wire = Vec::new();
+    postern_proto::dgram::encode(&[0x07; 40], &mut wire).expect("encode");
+    let mut spoof = postern_proto::fwd::header(route).to_vec();
+    spoof.extend_from_slice(&[0x41; 100]);
+    postern_proto::dgram::encode(&spoof, &mut wire).expect("encode");
+    let (malformed0, spoofed0) = (
+        fwd.dropped_malformed.load(Relaxed),
+        fwd.dropped_spoofed.load(Relaxed),
+    );
+    tls.write_all(&wire).await.expect("write");
+    tls.flush().await.expect("flush");
+    wait_for("junk counted", || {
+        fwd.dropped_malformed.load(Relaxed) > malformed0
+            && fwd.dropped_spoofed.load(Relaxed) > spoofed0
+    })
+    .await;
+
+    // The real nodes never noticed.
+    let (a, b) = echo_round(inlet.addr("echo"), MIB).await;
+    assert_eq!(a, b, "the route over TLS/TCP still works");
+    let metrics = postern_net::ops::render(&relay.handle, None);
+    assert!(
+        metrics.contains("postern_relay_tcp_framing_errors_total 1"),
+        "{metrics}"
+    );
 }
