@@ -1,19 +1,25 @@
 //! Several relays: an outlet registers with each, an inlet uses one and, when it dies, moves
 //! its end-to-end connection to another relay's path (QUIC migration) so that open client
 //! connections survive and new ones keep working.
+//!
+//! Two ways to die: a relay that stops (its connections are closed, nodes learn at once), and
+//! a relay that silently vanishes (a UDP path in front of it starts dropping everything, as a
+//! crashed host or a cut link would; nodes learn from their control keep-alives).
 
 use postern_inlet::ServiceKind;
-use postern_net::relay_path::TransportSettings;
+use postern_net::relay_path::{TransportMode, TransportSettings};
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 
 /// One short echo exchange on a new client connection.
 async fn short_exchange(addr: SocketAddr) -> Result<(), String> {
@@ -31,7 +37,7 @@ async fn short_exchange(addr: SocketAddr) -> Result<(), String> {
             Err(format!("echo mismatch ({} bytes back)", back.len()))
         }
     };
-    tokio::time::timeout(Duration::from_secs(15), attempt)
+    tokio::time::timeout(Duration::from_secs(20), attempt)
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
 }
@@ -43,89 +49,62 @@ struct Outcome {
     result: Result<(), String>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
-    init_logging();
-    let (echo, _task) = echo_server().await;
-    let pki = Pki::new();
-    let relays: Vec<RelayNode> = (0..3)
-        .map(|i| {
-            start_relay(
-                &pki,
-                "127.0.0.1:0".parse().expect("addr"),
-                [10 + i; 32],
-                None,
-            )
-        })
-        .collect();
-    let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.addr).collect();
-    let _outlet = start_outlet_via(
-        &pki,
-        "outlet-ha",
-        &addrs,
-        vec![("echo", Target::tcp(echo.to_string()))],
-        TransportSettings::default(),
-    )
-    .await;
-    for r in &relays {
-        assert_eq!(r.handle.services().len(), 1, "registered with every relay");
-    }
-    let inlet = start_inlet_via(
-        &pki,
-        "inlet-ha",
-        &addrs,
-        &[("echo", ServiceKind::Tcp)],
-        TransportSettings::default(),
-    )
-    .await;
-    let client = inlet.addr("echo");
-    short_exchange(client).await.expect("first exchange");
-    let mut relays = relays.into_iter();
-    let first = relays.next().expect("relay 1");
-    let others: Vec<RelayNode> = relays.collect();
-    assert_eq!(
-        first.handle.routes().len(),
-        1,
-        "the inlet uses the first relay"
-    );
+/// What happened around the relay's death.
+#[derive(Debug)]
+struct Report {
+    /// How long `kill` took to return.
+    kill_took: Duration,
+    /// From `kill` returning to the end of the first successful client connection started
+    /// after it.
+    recovery: Duration,
+    outcomes: Vec<Outcome>,
+    /// Connections started after `kill` returned.
+    after_kill: usize,
+    /// The long transfer: Ok((bytes sent, bytes echoed, hashes equal)).
+    long: Result<(u64, u64, bool), String>,
+}
 
-    // Load: one long transfer (a steady stream echoed back) and a loop of new connections.
+/// Runs one long echoed transfer and a loop of new client connections through `client`,
+/// calls `kill` once load is flowing, and keeps the load on until connections started after
+/// the kill have succeeded for `settle`.
+async fn under_load<F: Future<Output = ()>>(
+    client: SocketAddr,
+    kill: F,
+    settle: Duration,
+) -> Report {
     let stop_writing = Arc::new(AtomicBool::new(false));
     let echoed = Arc::new(AtomicU64::new(0));
-    let long = {
-        let stream = TcpStream::connect(client).await.expect("connect");
-        let (mut r, mut w) = stream.into_split();
-        let stop = stop_writing.clone();
-        let writer = tokio::spawn(async move {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 32 * 1024];
-            let mut sent = 0u64;
-            while !stop.load(Relaxed) {
-                rand::rng().fill_bytes(&mut buf);
-                h.update(&buf);
-                w.write_all(&buf).await.map_err(|e| e.to_string())?;
-                sent += buf.len() as u64;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    let stream = TcpStream::connect(client).await.expect("connect");
+    let (mut r, mut w) = stream.into_split();
+    let stop = stop_writing.clone();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut sent = 0u64;
+        while !stop.load(Relaxed) {
+            rand::rng().fill_bytes(&mut buf);
+            h.update(&buf);
+            w.write_all(&buf).await.map_err(|e| e.to_string())?;
+            sent += buf.len() as u64;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        w.shutdown().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((sent, h.finalize().to_vec()))
+    });
+    let counter = echoed.clone();
+    let reader = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
             }
-            w.shutdown().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((sent, h.finalize().to_vec()))
-        });
-        let echoed = echoed.clone();
-        let reader = tokio::spawn(async move {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = r.read(&mut buf).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                echoed.fetch_add(n as u64, Relaxed);
-            }
-            Ok::<_, String>(h.finalize().to_vec())
-        });
-        (writer, reader)
-    };
+            h.update(&buf[..n]);
+            counter.fetch_add(n as u64, Relaxed);
+        }
+        Ok::<_, String>(h.finalize().to_vec())
+    });
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let stop_loop = Arc::new(AtomicBool::new(false));
     let looper = {
@@ -149,27 +128,26 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
             while running.join_next().await.is_some() {}
         })
     };
-    // Let load build up, then kill the inlet's relay.
+    let snapshot =
+        |o: &Arc<Mutex<Vec<Outcome>>>| o.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while outcomes.lock().expect("lock").len() < 20 || echoed.load(Relaxed) < 512 * 1024 {
+    while snapshot(&outcomes).len() < 20 || echoed.load(Relaxed) < 512 * 1024 {
         assert!(Instant::now() < deadline, "load did not get going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let stopping = Instant::now();
+    kill.await;
     let killed = Instant::now();
-    first.running.stop().await;
-
-    // Keep the load on until connections started well after the kill have succeeded for a
-    // while: the first success started after the kill marks the recovery.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(40);
     let recovered_at = loop {
-        let done = outcomes.lock().expect("lock").clone();
+        let done = snapshot(&outcomes);
         let first_ok_after = done
             .iter()
             .filter(|o| o.started > killed && o.result.is_ok())
             .map(|o| o.finished)
             .min();
         if let Some(t) = first_ok_after {
-            if Instant::now() > t + Duration::from_secs(3) {
+            if Instant::now() > t + settle {
                 break t;
             }
         }
@@ -183,51 +161,249 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_dies_under_load() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let echoed_before_stop = echoed.load(Relaxed);
     stop_writing.store(true, Relaxed);
     stop_loop.store(true, Relaxed);
     looper.await.expect("loop");
-    let done = outcomes.lock().expect("lock").clone();
-    let failures: Vec<&Outcome> = done.iter().filter(|o| o.result.is_err()).collect();
-    let after_kill = done.iter().filter(|o| o.started > killed).count();
-    println!(
-        "connections: {} in all, {} started after the kill, {} failed; recovery (kill to the \
-         first success of a connection started after it): {:?}; long transfer echoed {} bytes \
-         before it was stopped",
-        done.len(),
-        after_kill,
-        failures.len(),
-        recovered_at - killed,
-        echoed_before_stop
-    );
-    assert!(after_kill >= 20, "the load went on after the kill");
-    assert!(
-        failures.is_empty(),
-        "client connections failed: {:?}",
-        failures.iter().take(5).collect::<Vec<_>>()
-    );
+    let long = async {
+        let (sent, sent_hash) = tokio::time::timeout(Duration::from_secs(30), writer)
+            .await
+            .map_err(|_| "writer hung".to_owned())?
+            .map_err(|e| e.to_string())??;
+        let got_hash = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .map_err(|_| "reader hung".to_owned())?
+            .map_err(|e| e.to_string())??;
+        Ok::<_, String>((sent, echoed.load(Relaxed), sent_hash == got_hash))
+    }
+    .await;
+    let outcomes = snapshot(&outcomes);
+    Report {
+        kill_took: killed - stopping,
+        recovery: recovered_at.saturating_duration_since(killed),
+        after_kill: outcomes.iter().filter(|o| o.started > killed).count(),
+        outcomes,
+        long,
+    }
+}
 
-    // The long transfer survived: everything sent came back intact after the move.
-    let (writer, reader) = long;
-    let (sent, sent_hash) = tokio::time::timeout(Duration::from_secs(30), writer)
+fn failures(report: &Report) -> Vec<&Outcome> {
+    report
+        .outcomes
+        .iter()
+        .filter(|o| o.result.is_err())
+        .collect()
+}
+
+/// Three relays, an outlet registered with all, an inlet using them in order; returns the
+/// relays, the outlet and the inlet. `front` optionally replaces the first relay's address
+/// as the nodes see it (a path in front of it).
+async fn three_relays(
+    pki: &Pki,
+    front: Option<&dyn Fn(SocketAddr) -> SocketAddr>,
+    transport: TransportSettings,
+) -> (Vec<RelayNode>, OutletNode, InletNode) {
+    let (echo, _task) = echo_server().await;
+    // The echo server lives as long as the runtime (the task is not aborted on drop).
+    let relays: Vec<RelayNode> = (0..3)
+        .map(|i| {
+            start_relay(
+                pki,
+                "127.0.0.1:0".parse().expect("addr"),
+                [10 + i; 32],
+                None,
+            )
+        })
+        .collect();
+    let mut addrs: Vec<SocketAddr> = relays.iter().map(|r| r.addr).collect();
+    if let Some(f) = front {
+        addrs[0] = f(addrs[0]);
+    }
+    let outlet = start_outlet_via(
+        pki,
+        "outlet-ha",
+        &addrs,
+        vec![("echo", Target::tcp(echo.to_string()))],
+        transport.clone(),
+    )
+    .await;
+    for r in &relays {
+        assert_eq!(r.handle.services().len(), 1, "registered with every relay");
+    }
+    let inlet = start_inlet_via(
+        pki,
+        "inlet-ha",
+        &addrs,
+        &[("echo", ServiceKind::Tcp)],
+        transport,
+    )
+    .await;
+    short_exchange(inlet.addr("echo"))
         .await
-        .expect("writer finished")
-        .expect("join")
-        .expect("long transfer kept writing across the move");
-    let got_hash = tokio::time::timeout(Duration::from_secs(30), reader)
-        .await
-        .expect("reader finished")
-        .expect("join")
-        .expect("long transfer kept reading across the move");
-    assert_eq!(echoed.load(Relaxed), sent, "every byte came back");
-    assert_eq!(got_hash, sent_hash, "and intact");
+        .expect("first exchange");
+    assert_eq!(
+        relays[0].handle.routes().len(),
+        1,
+        "the inlet uses the first relay"
+    );
+    (relays, outlet, inlet)
+}
+
+fn assert_survived(report: &Report, inlet: &InletNode, others: &[RelayNode]) {
+    let failed = failures(report);
+    assert!(report.after_kill >= 20, "the load went on after the kill");
+    assert!(
+        failed.is_empty(),
+        "client connections failed: {:?}",
+        failed.iter().take(5).collect::<Vec<_>>()
+    );
+    match &report.long {
+        Ok((sent, echoed, same)) => {
+            assert_eq!(sent, echoed, "every byte of the long transfer came back");
+            assert!(same, "and intact");
+        }
+        Err(e) => panic!("the long transfer broke: {e}"),
+    }
     assert!(
         inlet.handle.migrations() >= 1,
         "the connection migrated instead of being replaced"
     );
-    let routes_elsewhere: usize = others.iter().map(|r| r.handle.routes().len()).sum();
-    assert!(
-        routes_elsewhere >= 1,
-        "the traffic now goes through another relay"
+    let elsewhere: usize = others.iter().map(|r| r.handle.routes().len()).sum();
+    assert!(elsewhere >= 1, "the traffic now goes through another relay");
+}
+
+fn print(name: &str, r: &Report) {
+    println!(
+        "{name}: {} connections, {} started after the relay was gone ({:?} to kill it), {} \
+         failed; recovery (relay gone to the first success of a connection started after it): \
+         {:?}; long transfer: {:?}",
+        r.outcomes.len(),
+        r.after_kill,
+        r.kill_took,
+        failures(r).len(),
+        r.recovery,
+        r.long
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inlet_moves_to_another_relay_when_its_relay_stops_under_load() {
+    init_logging();
+    let pki = Pki::new();
+    let (relays, _outlet, inlet) = three_relays(&pki, None, TransportSettings::default()).await;
+    let mut relays = relays.into_iter();
+    let first = relays.next().expect("relay 1");
+    let others: Vec<RelayNode> = relays.collect();
+    // `stop` closes the relay's connections (nodes learn at once) and returns once its socket
+    // is released: from then on nothing can go through it.
+    let report = under_load(
+        inlet.addr("echo"),
+        first.running.stop(),
+        Duration::from_secs(3),
+    )
+    .await;
+    print("relay stopped", &report);
+    assert_survived(&report, &inlet, &others);
+}
+
+/// A UDP path to one upstream that can be cut: each client address gets its own upstream
+/// socket (as behind a NAT), so the relay sees distinct nodes.
+struct CuttablePath {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl CuttablePath {
+    async fn start(upstream: SocketAddr) -> Self {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let addr = front.local_addr().expect("addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        tokio::spawn(async move {
+            let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                if c.load(Relaxed) {
+                    continue;
+                }
+                let up = match clients.get(&from) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let u = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+                        u.connect(upstream).await.expect("connect");
+                        let (u2, front2, c2) = (u.clone(), front.clone(), c.clone());
+                        tokio::spawn(async move {
+                            let mut b = vec![0u8; 65536];
+                            while let Ok(n) = u2.recv(&mut b).await {
+                                if !c2.load(Relaxed) {
+                                    let _ = front2.send_to(&b[..n], from).await;
+                                }
+                            }
+                        });
+                        clients.insert(from, u.clone());
+                        u
+                    }
+                };
+                let _ = up.send(&buf[..n]).await;
+            }
+        });
+        Self { addr, cut }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inlet_moves_to_another_relay_when_its_relay_vanishes_silently() {
+    init_logging();
+    let pki = Pki::new();
+    // The first relay is reached through a path we can cut; the others directly.
+    let relay_1 = free_udp_addr();
+    let path = CuttablePath::start(relay_1).await;
+    let front_addr = path.addr;
+    let relay = start_relay(&pki, relay_1, [9; 32], None);
+    let (others, _outlet, inlet) = {
+        // Build the cluster by hand: the first relay is the one behind the path.
+        let (echo, _task) = echo_server().await;
+        let others: Vec<RelayNode> = (0..2)
+            .map(|i| {
+                start_relay(
+                    &pki,
+                    "127.0.0.1:0".parse().expect("addr"),
+                    [20 + i; 32],
+                    None,
+                )
+            })
+            .collect();
+        let addrs = [front_addr, others[0].addr, others[1].addr];
+        let udp = TransportSettings {
+            mode: TransportMode::Udp,
+            ..TransportSettings::default()
+        };
+        let outlet = start_outlet_via(
+            &pki,
+            "outlet-ha",
+            &addrs,
+            vec![("echo", Target::tcp(echo.to_string()))],
+            udp.clone(),
+        )
+        .await;
+        let inlet =
+            start_inlet_via(&pki, "inlet-ha", &addrs, &[("echo", ServiceKind::Tcp)], udp).await;
+        short_exchange(inlet.addr("echo"))
+            .await
+            .expect("first exchange");
+        (others, outlet, inlet)
+    };
+    assert_eq!(
+        relay.handle.routes().len(),
+        1,
+        "the inlet uses the first relay"
+    );
+    let cut = path.cut.clone();
+    let kill = async move { cut.store(true, Relaxed) };
+    let report = under_load(inlet.addr("echo"), kill, Duration::from_secs(3)).await;
+    print("relay vanished", &report);
+    assert!(
+        report.recovery < postern_net::endpoint::E2E_IDLE_TIMEOUT,
+        "moved before the end-to-end connection would time out"
+    );
+    assert_survived(&report, &inlet, &others);
 }
