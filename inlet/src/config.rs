@@ -285,6 +285,52 @@ mod tests {
     }
 
     #[test]
+    fn several_relays_and_the_transport_come_from_file_or_flags() {
+        use clap::Parser;
+        use postern_net::relay_path::TransportMode;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inlet.toml");
+        std::fs::write(
+            &path,
+            "relay = [\"r1:4433\", \"r2:4433\"]\ntransport = \"tcp\"\nrelay-tcp-port = 443\n\
+             [[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        let config = path.display().to_string();
+        let cfg = Cli::parse_from(["inlet", "--config", &config])
+            .run
+            .resolve()
+            .expect("file");
+        assert_eq!(cfg.node.relay.as_deref(), Some("r1:4433"));
+        assert_eq!(cfg.more_relays, vec!["r2:4433".to_owned()]);
+        assert_eq!(cfg.transport.mode, TransportMode::Tcp);
+        assert_eq!(cfg.transport.tcp_port, Some(443));
+        let cfg = Cli::parse_from([
+            "inlet",
+            "--config",
+            &config,
+            "--relay",
+            "x:1,y:2",
+            "--relay",
+            "z:3",
+            "--transport",
+            "udp",
+        ])
+        .run
+        .resolve()
+        .expect("flags");
+        assert_eq!(cfg.node.relay.as_deref(), Some("x:1"));
+        assert_eq!(cfg.more_relays, vec!["y:2".to_owned(), "z:3".to_owned()]);
+        assert_eq!(cfg.transport.mode, TransportMode::Udp);
+        assert!(Cli::try_parse_from(["inlet", "--transport", "quic"]).is_err());
+    }
+
+    #[test]
     fn file_errors_name_the_key() {
         let e = toml::from_str::<InletFile>("[[service]]\nname = \"a\"\nlisten = \"bad\"\n")
             .expect_err("bad listen");

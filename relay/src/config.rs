@@ -90,6 +90,9 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     /// TLS/TCP fallback address; None when turned off.
     pub tcp_listen: Option<SocketAddr>,
+    /// Whether `tcp_listen` was asked for (then failing to bind it is an error), or is the
+    /// default (then the relay runs on UDP alone, with a warning).
+    pub tcp_listen_explicit: bool,
     pub state_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -151,7 +154,9 @@ impl RunArgs {
             }
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
-        let tcp_listen = match self.tcp_listen.or(file.tcp_listen).as_deref() {
+        let tcp_text = self.tcp_listen.or(file.tcp_listen);
+        let tcp_listen_explicit = tcp_text.is_some();
+        let tcp_listen = match tcp_text.as_deref() {
             None => Some(listen),
             Some("off") => None,
             Some(text) => Some(text.parse().map_err(|e| {
@@ -168,6 +173,7 @@ impl RunArgs {
             policy,
             listen,
             tcp_listen,
+            tcp_listen_explicit,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             audit_log: self.audit_log.or(file.audit_log),
             drain_timeout,
@@ -200,6 +206,34 @@ mod tests {
         let drain = file.drain_timeout.as_deref().expect("drain-timeout");
         postern_net::drain::parse_duration(drain).expect("drain-timeout");
         assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
+    }
+
+    fn resolve(args: &[&str]) -> Result<RelayConfig, FileError> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once("postern-relay").chain(args.iter().copied());
+        Cli::parse_from(argv).run.resolve()
+    }
+
+    #[test]
+    fn tcp_fallback_defaults_to_the_udp_address_and_can_be_moved_or_turned_off() {
+        let cfg = resolve(&["--listen", "127.0.0.1:4500"]).expect("default");
+        assert_eq!(
+            cfg.tcp_listen,
+            Some("127.0.0.1:4500".parse().expect("addr"))
+        );
+        assert!(!cfg.tcp_listen_explicit);
+        let cfg = resolve(&["--tcp-listen", "0.0.0.0:443"]).expect("moved");
+        assert_eq!(cfg.tcp_listen, Some("0.0.0.0:443".parse().expect("addr")));
+        assert!(cfg.tcp_listen_explicit);
+        let cfg = resolve(&["--tcp-listen", "off"]).expect("off");
+        assert_eq!(cfg.tcp_listen, None);
+        let e = resolve(&["--tcp-listen", "nowhere"]).expect_err("bad");
+        assert!(e.to_string().contains("tcp-listen"), "{e}");
     }
 
     #[test]
