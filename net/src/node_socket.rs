@@ -20,9 +20,9 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use tokio::io::Interest;
 
 /// First octet of virtual peer addresses (240.0.0.0/4 is reserved, RFC 1112 §4).
@@ -70,6 +70,8 @@ pub struct NodeSocket {
     stats: NodeSocketStats,
     /// TLS/TCP links to relays that cannot be reached over UDP (see [`crate::links`]).
     links: Arc<StreamLinks>,
+    /// Whether links or UDP are read first on the next receive.
+    links_turn: AtomicBool,
 }
 
 impl fmt::Debug for NodeSocket {
@@ -97,6 +99,7 @@ impl NodeSocket {
             pending: Mutex::default(),
             stats: NodeSocketStats::default(),
             links: Arc::default(),
+            links_turn: AtomicBool::new(false),
         })
     }
 
@@ -440,12 +443,21 @@ impl AsyncUdpSocket for NodeSocket {
                 return Poll::Ready(Ok(n));
             }
         }
-        let from_links = self.poll_links(cx, bufs, meta);
-        if from_links > 0 {
-            return Poll::Ready(Ok(from_links));
+        // Links and UDP take turns going first, so a busy one cannot starve the other (a node
+        // may reach one relay over TCP and another over UDP).
+        let links_first = self.links_turn.fetch_xor(true, Relaxed);
+        if links_first {
+            let n = self.poll_links(cx, bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
         }
         loop {
-            ready!(self.io.poll_recv_ready(cx))?;
+            match self.io.poll_recv_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
             let n = match self.io.try_io(Interest::READABLE, || {
                 self.state.recv((&*self.io).into(), bufs, meta)
             }) {
@@ -465,6 +477,13 @@ impl AsyncUdpSocket for NodeSocket {
             }
             return Poll::Ready(Ok(n));
         }
+        if !links_first {
+            let n = self.poll_links(cx, bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

@@ -108,8 +108,14 @@ async fn forced_tcp_carries_bulk_data_and_influxdb_http() {
         "both nodes hold a TLS/TCP link"
     );
 
+    let t0 = Instant::now();
     let (sent, received) = echo_round(inlet.addr("echo"), 20 * MIB).await;
     assert_eq!(sent, received, "20 MiB each way arrive intact over TLS/TCP");
+    let took = t0.elapsed();
+    println!(
+        "20 MiB each way over TLS/TCP in {took:?} ({:.0} Mbit/s each way, debug build)",
+        (20 * MIB * 8) as f64 / took.as_secs_f64() / 1e6
+    );
     let forwarded = relay.handle.forward_stats().forwarded_bytes.load(Relaxed);
     assert!(
         forwarded > 40 * MIB as u64,
