@@ -106,7 +106,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     inlet.set_drain_timeout(cfg.drain_timeout);
     inlet.set_transport(cfg.transport.clone());
-    for relay in postern_net::relay_path::resolve_relays(&cfg.more_relays, &settings.relay_name)
+    // Relays given in the config, else the other relays the enrollment ticket named.
+    let more_relays = if cfg.more_relays.is_empty() {
+        &settings.more_relays
+    } else {
+        &cfg.more_relays
+    };
+    for relay in postern_net::relay_path::resolve_relays(more_relays, &settings.relay_name)
         .map_err(anyhow::Error::msg)?
     {
         inlet.add_relay(relay);
