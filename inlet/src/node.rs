@@ -60,6 +60,8 @@ pub enum ServeError {
     E2e { outlet: String, reason: String },
     #[error("cannot open a stream: {0}")]
     Stream(String),
+    #[error("relay {relay} routes to another outlet ({outlet}) than the connection's")]
+    OtherOutlet { relay: SocketAddr, outlet: NodeName },
 }
 
 /// What a local listener carries.
@@ -183,6 +185,59 @@ impl Shared {
         tokio::time::timeout(timeout, first).await.ok().flatten()
     }
 
+    /// Relays whose control connection is up now, in configured order, other than `avoid`.
+    fn healthy_now(&self, avoid: Option<SocketAddr>) -> Vec<(SocketAddr, quinn::Connection)> {
+        self.relays()
+            .into_iter()
+            .filter(|(a, _)| Some(*a) != avoid)
+            .filter_map(|(a, rx)| {
+                let c = rx.borrow().clone()?;
+                c.close_reason().is_none().then_some((a, c))
+            })
+            .collect()
+    }
+
+    /// Asks the relays that are up (in configured order, other than `avoid`) for a route to
+    /// `service` until one grants it (to `outlet`, when given): a relay the outlet is not
+    /// connected to refuses, and the next one is asked. Waits up to `wait` for a relay to come
+    /// up when none is. A policy refusal is final (relays share policies in practice).
+    async fn route_via_any(
+        &self,
+        service: &ServiceName,
+        avoid: Option<SocketAddr>,
+        wait: Duration,
+        outlet: Option<&NodeName>,
+    ) -> Result<(SocketAddr, RouteId, NodeName), ServeError> {
+        let mut candidates = self.healthy_now(avoid);
+        if candidates.is_empty() {
+            candidates.extend(self.healthy_relay(avoid, wait).await);
+        }
+        let mut last = ServeError::NoRelay;
+        for (relay, ctl_conn) in candidates {
+            match Self::request_route(&ctl_conn, service).await {
+                Ok((route, granted)) if outlet.is_none_or(|want| *want == granted) => {
+                    return Ok((relay, route, granted));
+                }
+                // The connection's keys live with the outlet it was made to, so it cannot
+                // move to another one. (The unused route goes when this node disconnects.)
+                Ok((_, granted)) => {
+                    last = ServeError::OtherOutlet {
+                        relay,
+                        outlet: granted,
+                    }
+                }
+                Err(e @ ServeError::Refused(postern_proto::msg::RefuseReason::NotAllowed)) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    tracing::debug!(%relay, error = %e, "relay cannot route; asking the next");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
     /// Asks a relay for a route to `service`.
     async fn request_route(
         ctl_conn: &quinn::Connection,
@@ -217,11 +272,7 @@ impl Shared {
             self.socket.remove_route(e.route);
             *guard = None;
         }
-        let (relay, ctl_conn) = self
-            .healthy_relay(None, RELAY_WAIT)
-            .await
-            .ok_or(ServeError::NoRelay)?;
-        let (route, outlet) = Self::request_route(&ctl_conn, service).await?;
+        let (relay, route, outlet) = self.route_via_any(service, None, RELAY_WAIT, None).await?;
         let virt = self.socket.add_route(route, relay);
         let e2e_err = |reason: String| ServeError::E2e {
             outlet: outlet.to_string(),
@@ -279,24 +330,11 @@ impl Shared {
                 *guard = None;
                 return;
             }
-            let moved = async {
-                let (relay, ctl_conn) = self
-                    .healthy_relay(Some(lost), MIGRATE_WAIT)
-                    .await
-                    .ok_or_else(|| "no other relay is reachable".to_owned())?;
-                let (new_route, outlet) = Self::request_route(&ctl_conn, &service)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if outlet != e.outlet {
-                    // The relay routed to another outlet: the connection's keys live with the
-                    // old one, so it cannot move there. (The unused route is dropped by the
-                    // relay when this node disconnects.)
-                    return Err(format!("relay {relay} routes to another outlet ({outlet})"));
-                }
-                Ok::<_, String>((relay, new_route))
-            };
-            match moved.await {
-                Ok((relay, new_route)) => {
+            let moved = self
+                .route_via_any(&service, Some(lost), MIGRATE_WAIT, Some(&e.outlet))
+                .await;
+            match moved {
+                Ok((relay, new_route, _)) => {
                     self.socket.rebind_route(e.virt, new_route, relay);
                     tracing::info!(%service, from = %e.relay, to = %relay, old_route = %route, route = %new_route, "end-to-end connection moved to another relay");
                     e.route = new_route;
@@ -736,7 +774,7 @@ fn byte_counter(service: &ServiceName, direction: &'static str) -> metrics::Coun
 fn failed(service: &ServiceName, e: &ServeError) {
     let reason = match e {
         ServeError::NoRelay => "no_relay",
-        ServeError::Refused(_) => "route_refused",
+        ServeError::Refused(_) | ServeError::OtherOutlet { .. } => "route_refused",
         ServeError::Control(_) | ServeError::Unexpected => "control",
         ServeError::E2e { .. } => "e2e_connect",
         ServeError::Stream(_) => "stream",

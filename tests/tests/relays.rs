@@ -407,3 +407,63 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_vanishes_silently() {
     );
     assert_survived(&report, &inlet, &others);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_route_is_skipped_for_the_next_one() {
+    init_logging();
+    let (echo, _task) = echo_server().await;
+    let pki = Pki::new();
+    let relays: Vec<RelayNode> = (0..3)
+        .map(|i| {
+            start_relay(
+                &pki,
+                "127.0.0.1:0".parse().expect("addr"),
+                [30 + i; 32],
+                None,
+            )
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.addr).collect();
+    // The outlet is not connected to the first relay (as after a partition between them).
+    let _outlet = start_outlet_via(
+        &pki,
+        "outlet-partial",
+        &addrs[1..],
+        vec![("echo", Target::tcp(echo.to_string()))],
+        TransportSettings::default(),
+    )
+    .await;
+    let inlet = start_inlet_via(
+        &pki,
+        "inlet-partial",
+        &addrs,
+        &[("echo", ServiceKind::Tcp)],
+        TransportSettings::default(),
+    )
+    .await;
+    // The inlet is connected to every relay (the harness waited for the first only).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relays[1..].iter().any(|r| r.handle.nodes().len() < 2)
+        || relays[0].handle.nodes().is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "inlet did not connect to every relay"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    short_exchange(inlet.addr("echo"))
+        .await
+        .expect("served through a relay that can route");
+    assert_eq!(
+        relays[0]
+            .handle
+            .control_stats()
+            .routes_refused
+            .load(Relaxed),
+        1,
+        "the first relay was asked and refused"
+    );
+    assert_eq!(relays[0].handle.routes().len(), 0);
+    assert_eq!(relays[1].handle.routes().len(), 1, "the second one routes");
+}
