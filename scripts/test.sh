@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs postern's test suite. Installs what the tests need first (InfluxDB 1.x and its CLI from
 # Debian, a Python venv with the real InfluxDB client libraries, headless Chromium, certutil and
-# nginx for the browser test), then fmt, clippy and tests.
+# nginx for the browser test, iproute2 for the network namespace of the TLS/TCP fallback test),
+# then fmt, clippy and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -15,6 +16,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v chromium >/dev/null || need+=(chromium)
 command -v certutil >/dev/null || need+=(libnss3-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+# `ip netns` and `ip rule ... ipproto` for the UDP-blocked namespace of tests/fallback_netns.rs.
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   $sudo apt-get update -qq

@@ -44,8 +44,12 @@ impl ServiceFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct InletFile {
-    pub relay: Option<String>,
+    /// One `host:port` or a list (the node uses every relay in it).
+    pub relay: Option<postern_net::relay_path::RelayList>,
     pub relay_name: Option<String>,
+    /// `auto`, `udp` or `tcp`.
+    pub transport: Option<postern_net::relay_path::TransportMode>,
+    pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
@@ -66,9 +70,19 @@ pub struct RunArgs {
     /// tables with `name` and `listen`).
     #[arg(long, env = "POSTERN_INLET_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Relay address, `host:port` (UDP).
-    #[arg(long, env = "POSTERN_RELAY")]
-    pub relay: Option<String>,
+    /// Relay address, `host:port`. Repeat it (or separate with commas) to use several relays
+    /// at once: an outlet registers with every one; an inlet routes through the first one that
+    /// is up and moves its connections to another when that relay goes away.
+    #[arg(long, env = "POSTERN_RELAY", value_delimiter = ',')]
+    pub relay: Vec<String>,
+    /// How to reach the relays: `auto` tries QUIC over UDP and falls back to TLS 1.3 over TCP
+    /// when the UDP handshake gets no answer within 3 s (UDP blocked); `udp` or `tcp` force
+    /// one [default: auto].
+    #[arg(long, value_name = "auto|udp|tcp")]
+    pub transport: Option<postern_net::relay_path::TransportMode>,
+    /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
+    #[arg(long)]
+    pub relay_tcp_port: Option<u16>,
     /// Name the relay's certificate must carry [default: relay].
     #[arg(long)]
     pub relay_name: Option<String>,
@@ -114,6 +128,9 @@ pub struct RunArgs {
 #[derive(Debug)]
 pub struct InletConfig {
     pub node: NodeArgs,
+    /// Relays after the first (`node.relay`), used at the same time.
+    pub more_relays: Vec<String>,
+    pub transport: postern_net::relay_path::TransportSettings,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
     pub metrics_addr: Option<SocketAddr>,
@@ -184,7 +201,16 @@ impl RunArgs {
                 .context("drain-timeout")?,
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
+        let (first_relay, more_relays) =
+            postern_net::relay_path::merge_relays(self.relay, file.relay);
+        let transport = postern_net::relay_path::TransportSettings {
+            mode: self.transport.or(file.transport).unwrap_or_default(),
+            tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
+            udp_timeout: None,
+        };
         Ok(InletConfig {
+            more_relays,
+            transport,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             drain_timeout,
             state_dir: self
@@ -192,7 +218,7 @@ impl RunArgs {
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from("postern-inlet-state")),
             node: NodeArgs {
-                relay: self.relay.or(file.relay),
+                relay: first_relay,
                 relay_name: self.relay_name.or(file.relay_name),
                 cert: self.cert.or(file.cert),
                 key: self.key.or(file.key),
@@ -256,6 +282,52 @@ mod tests {
         )
         .expect("parse");
         assert!(f.service[0].tls_files().expect("pair").is_some());
+    }
+
+    #[test]
+    fn several_relays_and_the_transport_come_from_file_or_flags() {
+        use clap::Parser;
+        use postern_net::relay_path::TransportMode;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inlet.toml");
+        std::fs::write(
+            &path,
+            "relay = [\"r1:4433\", \"r2:4433\"]\ntransport = \"tcp\"\nrelay-tcp-port = 443\n\
+             [[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        let config = path.display().to_string();
+        let cfg = Cli::parse_from(["inlet", "--config", &config])
+            .run
+            .resolve()
+            .expect("file");
+        assert_eq!(cfg.node.relay.as_deref(), Some("r1:4433"));
+        assert_eq!(cfg.more_relays, vec!["r2:4433".to_owned()]);
+        assert_eq!(cfg.transport.mode, TransportMode::Tcp);
+        assert_eq!(cfg.transport.tcp_port, Some(443));
+        let cfg = Cli::parse_from([
+            "inlet",
+            "--config",
+            &config,
+            "--relay",
+            "x:1,y:2",
+            "--relay",
+            "z:3",
+            "--transport",
+            "udp",
+        ])
+        .run
+        .resolve()
+        .expect("flags");
+        assert_eq!(cfg.node.relay.as_deref(), Some("x:1"));
+        assert_eq!(cfg.more_relays, vec!["y:2".to_owned(), "z:3".to_owned()]);
+        assert_eq!(cfg.transport.mode, TransportMode::Udp);
+        assert!(Cli::try_parse_from(["inlet", "--transport", "quic"]).is_err());
     }
 
     #[test]

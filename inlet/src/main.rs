@@ -105,6 +105,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     inlet.set_drain_timeout(cfg.drain_timeout);
+    inlet.set_transport(cfg.transport.clone());
+    // Relays given in the config, else the other relays the enrollment ticket named.
+    let more_relays = if cfg.more_relays.is_empty() {
+        &settings.more_relays
+    } else {
+        &cfg.more_relays
+    };
+    for relay in postern_net::relay_path::resolve_relays(more_relays, &settings.relay_name)
+        .map_err(anyhow::Error::msg)?
+    {
+        inlet.add_relay(relay);
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;

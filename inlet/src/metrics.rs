@@ -39,6 +39,8 @@ impl Observe for InletHandle {
             "1 while the control connection to the relay is up.",
             if self.relay_connected() { 1.0 } else { 0.0 },
         );
+        self.transports()
+            .render(out, "postern_inlet_relay_transport");
         out.counter(
             "postern_inlet_key_updates_total",
             "Key updates made on end-to-end connections.",
@@ -48,5 +50,10 @@ impl Observe for InletHandle {
 
     fn ready(&self) -> Result<(), String> {
         self.readiness()
+    }
+
+    fn ready_detail(&self) -> Option<String> {
+        let d = self.transports().describe();
+        (!d.is_empty()).then_some(d)
     }
 }

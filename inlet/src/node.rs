@@ -7,11 +7,12 @@ use postern_net::control::{self, current_config, ControlHandler, RelayTarget, Sh
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
 use postern_net::node_socket::NodeSocket;
+use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
 use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl, StreamOpen};
-use postern_proto::name::ServiceName;
+use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::collections::HashMap;
@@ -59,6 +60,8 @@ pub enum ServeError {
     E2e { outlet: String, reason: String },
     #[error("cannot open a stream: {0}")]
     Stream(String),
+    #[error("relay {relay} routes to another outlet ({outlet}) than the connection's")]
+    OtherOutlet { relay: SocketAddr, outlet: NodeName },
 }
 
 /// What a local listener carries.
@@ -89,18 +92,28 @@ pub struct InletOptions {
     pub services: Vec<InletService>,
 }
 
-/// The end-to-end connections of one service: one route through the relay, and up to
-/// [`pool_size`] QUIC connections over it (the relay tells them apart by nothing: they share the
-/// route's addresses, and quinn tells them apart by connection ID).
+/// How long a connection whose relay went away waits for another relay to move to.
+pub const MIGRATE_WAIT: Duration = Duration::from_secs(5);
+
 struct E2e {
     route: RouteId,
+    /// The relay the route goes through.
+    relay: SocketAddr,
+    /// The address the connection was made to; it stays while the route under it changes.
     virt: SocketAddr,
-    /// The outlet's name, which its certificate must carry.
-    outlet: String,
+    outlet: NodeName,
+    /// Up to [`pool_size`] QUIC connections over the route: they share its addresses (the
+    /// relay tells them apart by nothing, quinn by connection ID), so a move takes them all.
     conns: Vec<Pooled>,
 }
 
 impl E2e {
+    /// Drops connections that have closed; false when none is left.
+    fn prune(&mut self) -> bool {
+        self.conns.retain(|p| p.conn.close_reason().is_none());
+        !self.conns.is_empty()
+    }
+
     /// Closes every connection of the pool (their route is gone).
     fn close(&self) {
         for p in &self.conns {
@@ -160,16 +173,25 @@ fn pool_size() -> usize {
     })
 }
 
+/// A relay and its control connection, as it comes and goes.
+type RelayControl = (SocketAddr, watch::Receiver<Option<quinn::Connection>>);
+
+fn healthy(c: &Option<quinn::Connection>) -> bool {
+    c.as_ref().is_some_and(|c| c.close_reason().is_none())
+}
+
 pub(crate) struct Shared {
     socket: Arc<NodeSocket>,
     endpoint: quinn::Endpoint,
     e2e_client: SharedClientConfig,
-    relay: SocketAddr,
     key_budget: Mutex<postern_net::rekey::KeyBudget>,
     /// Most end-to-end connections per service (see [`pool_size`]).
-    pool: Arc<std::sync::atomic::AtomicUsize>,
+    pool: std::sync::atomic::AtomicUsize,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
-    control: watch::Receiver<Option<quinn::Connection>>,
+    /// Every relay in configured order (the first healthy one is used for new routes).
+    relays: std::sync::RwLock<Vec<RelayControl>>,
+    /// End-to-end connections moved to another relay's path.
+    migrations: Arc<std::sync::atomic::AtomicU64>,
     /// Per service: the current end-to-end connection. The async mutex makes concurrent client
     /// connections wait for one route set-up instead of each asking for a route.
     e2e: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>>,
@@ -184,6 +206,126 @@ impl Shared {
         &self,
     ) -> MutexGuard<'_, HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>> {
         self.e2e.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn relays(&self) -> Vec<RelayControl> {
+        self.relays
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// More than one relay is configured (connections can move between them).
+    fn several_relays(&self) -> bool {
+        self.relays.read().unwrap_or_else(|p| p.into_inner()).len() > 1
+    }
+
+    /// The first relay (in configured order) whose control connection is up, other than
+    /// `avoid`; waits up to `timeout` for one to come up.
+    async fn healthy_relay(
+        &self,
+        avoid: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Option<(SocketAddr, quinn::Connection)> {
+        let relays: Vec<RelayControl> = self
+            .relays()
+            .into_iter()
+            .filter(|(a, _)| Some(*a) != avoid)
+            .collect();
+        for (addr, rx) in &relays {
+            if let Some(c) = rx.borrow().as_ref().filter(|c| c.close_reason().is_none()) {
+                return Some((*addr, c.clone()));
+            }
+        }
+        let mut waits = tokio::task::JoinSet::new();
+        for (addr, mut rx) in relays {
+            waits.spawn(async move {
+                let c = rx.wait_for(healthy).await.ok()?.clone()?;
+                Some((addr, c))
+            });
+        }
+        let first = async {
+            while let Some(r) = waits.join_next().await {
+                if let Ok(Some(found)) = r {
+                    return Some(found);
+                }
+            }
+            None
+        };
+        tokio::time::timeout(timeout, first).await.ok().flatten()
+    }
+
+    /// Relays whose control connection is up now, in configured order, other than `avoid`.
+    fn healthy_now(&self, avoid: Option<SocketAddr>) -> Vec<(SocketAddr, quinn::Connection)> {
+        self.relays()
+            .into_iter()
+            .filter(|(a, _)| Some(*a) != avoid)
+            .filter_map(|(a, rx)| {
+                let c = rx.borrow().clone()?;
+                c.close_reason().is_none().then_some((a, c))
+            })
+            .collect()
+    }
+
+    /// Asks the relays that are up (in configured order, other than `avoid`) for a route to
+    /// `service` until one grants it (to `outlet`, when given): a relay the outlet is not
+    /// connected to refuses, and the next one is asked. Waits up to `wait` for a relay to come
+    /// up when none is. A policy refusal is final (relays share policies in practice).
+    async fn route_via_any(
+        &self,
+        service: &ServiceName,
+        avoid: Option<SocketAddr>,
+        wait: Duration,
+        outlet: Option<&NodeName>,
+    ) -> Result<(SocketAddr, RouteId, NodeName), ServeError> {
+        let mut candidates = self.healthy_now(avoid);
+        if candidates.is_empty() {
+            candidates.extend(self.healthy_relay(avoid, wait).await);
+        }
+        let mut last = ServeError::NoRelay;
+        for (relay, ctl_conn) in candidates {
+            match Self::request_route(&ctl_conn, service).await {
+                Ok((route, granted)) if outlet.is_none_or(|want| *want == granted) => {
+                    return Ok((relay, route, granted));
+                }
+                // The connection's keys live with the outlet it was made to, so it cannot
+                // move to another one. (The unused route goes when this node disconnects.)
+                Ok((_, granted)) => {
+                    last = ServeError::OtherOutlet {
+                        relay,
+                        outlet: granted,
+                    }
+                }
+                Err(e @ ServeError::Refused(postern_proto::msg::RefuseReason::NotAllowed)) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    tracing::debug!(%relay, error = %e, "relay cannot route; asking the next");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Asks a relay for a route to `service`.
+    async fn request_route(
+        ctl_conn: &quinn::Connection,
+        service: &ServiceName,
+    ) -> Result<(RouteId, NodeName), ServeError> {
+        let answer = ctl::request(
+            ctl_conn,
+            &Ctl::RouteRequest {
+                service: service.clone(),
+            },
+            CTL_TIMEOUT,
+        )
+        .await?;
+        match answer {
+            Ctl::RouteGranted { route, outlet, .. } => Ok((route, outlet)),
+            Ctl::RouteRefused { reason, .. } => Err(ServeError::Refused(reason)),
+            _ => Err(ServeError::Unexpected),
+        }
     }
 
     /// A live end-to-end connection for `service`, set up if needed (lease streams).
@@ -203,20 +345,19 @@ impl Shared {
         let slot = self.slot(service);
         let mut guard = slot.lock().await;
         if let Some(e) = guard.as_mut() {
-            e.conns.retain(|p| p.conn.close_reason().is_none());
-            if e.conns.is_empty() {
+            if !e.prune() {
                 self.socket.remove_route(e.route);
                 *guard = None;
             }
         }
         if let Some(e) = guard.as_mut() {
-            let least = e.conns.iter().min_by_key(|p| p.load());
             let pool = self.pool.load(std::sync::atomic::Ordering::Relaxed);
+            let least = e.conns.iter().min_by_key(|p| p.load());
             if let Some(p) = least.filter(|p| p.load() == 0 || e.conns.len() >= pool) {
                 return Ok((p.conn.clone(), ActiveStream::on(p)));
             }
             // Every connection carries a stream: add one over the same route.
-            match self.connect_e2e(e.virt, &e.outlet).await {
+            match self.connect_e2e(e.virt, e.outlet.as_str()).await {
                 Ok(conn) => {
                     tracing::debug!(%service, route = %e.route, pool = e.conns.len() + 1, "extra end-to-end connection up");
                     e.conns.push(Pooled::new(conn));
@@ -232,24 +373,8 @@ impl Shared {
                 .ok_or(ServeError::Unexpected)?;
             return Ok((p.conn.clone(), ActiveStream::on(p)));
         }
-        let mut control = self.control.clone();
-        let ctl_conn = control::wait_connected(&mut control, RELAY_WAIT)
-            .await
-            .ok_or(ServeError::NoRelay)?;
-        let answer = ctl::request(
-            &ctl_conn,
-            &Ctl::RouteRequest {
-                service: service.clone(),
-            },
-            CTL_TIMEOUT,
-        )
-        .await?;
-        let (route, outlet) = match answer {
-            Ctl::RouteGranted { route, outlet, .. } => (route, outlet),
-            Ctl::RouteRefused { reason, .. } => return Err(ServeError::Refused(reason)),
-            _ => return Err(ServeError::Unexpected),
-        };
-        let virt = self.socket.add_route(route, self.relay);
+        let (relay, route, outlet) = self.route_via_any(service, None, RELAY_WAIT, None).await?;
+        let virt = self.socket.add_route(route, relay);
         let conn = match self.connect_e2e(virt, outlet.as_str()).await {
             Ok(c) => c,
             Err(reason) => {
@@ -265,8 +390,9 @@ impl Shared {
         let active = ActiveStream::on(&pooled);
         *guard = Some(E2e {
             route,
+            relay,
             virt,
-            outlet: outlet.to_string(),
+            outlet,
             conns: vec![pooled],
         });
         Ok((conn, active))
@@ -294,6 +420,48 @@ impl Shared {
             self.key_updates.clone(),
         ));
         Ok(conn)
+    }
+
+    /// Moves the end-to-end connection that used `route` (through `lost`, which is gone) to
+    /// another relay: a new route to the same outlet there, bound to the same virtual address,
+    /// so the QUIC connection carries on and the outlet sees a peer migration. Open streams
+    /// survive; if no relay can route to the same outlet, the connection is closed and the
+    /// next client connection makes a new one.
+    async fn migrate(self: Arc<Self>, route: RouteId, lost: SocketAddr) {
+        let slots: Vec<_> = self
+            .e2e_map()
+            .iter()
+            .map(|(s, v)| (s.clone(), v.clone()))
+            .collect();
+        for (service, slot) in slots {
+            let mut guard = slot.lock().await;
+            let Some(e) = guard.as_mut().filter(|e| e.route == route) else {
+                continue;
+            };
+            if !e.prune() {
+                *guard = None;
+                return;
+            }
+            let moved = self
+                .route_via_any(&service, Some(lost), MIGRATE_WAIT, Some(&e.outlet))
+                .await;
+            match moved {
+                Ok((relay, new_route, _)) => {
+                    self.socket.rebind_route(e.virt, new_route, relay);
+                    tracing::info!(%service, from = %e.relay, to = %relay, old_route = %route, route = %new_route, "end-to-end connection moved to another relay");
+                    e.route = new_route;
+                    e.relay = relay;
+                    self.migrations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(why) => {
+                    tracing::warn!(%service, relay = %lost, reason = %why, "cannot move the end-to-end connection; closing it");
+                    e.close();
+                    *guard = None;
+                }
+            }
+            return;
+        }
     }
 
     /// Drops the end-to-end connection using `route` (its relay route is gone).
@@ -331,6 +499,10 @@ pub struct Inlet {
     roots: Arc<RootCertStore>,
     relay: RelayTarget,
     control: watch::Sender<Option<quinn::Connection>>,
+    /// Relays beyond the first (see `add_relay`).
+    more_relays: Vec<(RelayTarget, watch::Sender<Option<quinn::Connection>>)>,
+    transport: TransportSettings,
+    transport_status: Arc<TransportStatus>,
     listeners: Vec<(ServiceName, ServiceKind, TcpListener)>,
     leases: Vec<(ServiceName, watch::Sender<LeaseState>)>,
     tls: HashMap<ServiceName, TlsAcceptor>,
@@ -349,8 +521,9 @@ struct Drain {
 #[derive(Clone)]
 pub struct InletHandle {
     control: watch::Receiver<Option<quinn::Connection>>,
+    shared: Arc<Shared>,
+    transport_status: Arc<TransportStatus>,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
-    pool: Arc<std::sync::atomic::AtomicUsize>,
     drain: Drain,
     client: SharedClientConfig,
     e2e_client: SharedClientConfig,
@@ -375,7 +548,8 @@ impl InletHandle {
     /// Caps the end-to-end connections per service (default: half the cores, at most 8); takes
     /// effect for the next stream.
     pub fn set_pool_size(&self, connections: usize) {
-        self.pool
+        self.shared
+            .pool
             .store(connections.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -396,12 +570,24 @@ impl InletHandle {
         self.drain.clients.len()
     }
 
-    /// True while the control connection to the relay is up.
+    /// True while a control connection to a relay is up.
     pub fn relay_connected(&self) -> bool {
-        self.control
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.close_reason().is_none())
+        self.shared
+            .relays()
+            .iter()
+            .any(|(_, rx)| healthy(&rx.borrow()))
+    }
+
+    /// Which transport (UDP or TLS/TCP) reaches each connected relay.
+    pub fn transports(&self) -> &TransportStatus {
+        &self.transport_status
+    }
+
+    /// End-to-end connections moved to another relay's path so far.
+    pub fn migrations(&self) -> u64 {
+        self.shared
+            .migrations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the inlet can serve clients (the `/readyz` answer).
@@ -453,11 +639,11 @@ impl Inlet {
                     &opts.identity,
                     opts.roots.clone(),
                 )?)),
-                relay: opts.relay.addr,
                 key_budget: Mutex::default(),
-                pool: Arc::new(pool_size().into()),
+                pool: pool_size().into(),
                 key_updates: Arc::default(),
-                control: control_rx,
+                relays: std::sync::RwLock::new(vec![(opts.relay.addr, control_rx)]),
+                migrations: Arc::default(),
                 e2e: Mutex::default(),
             }),
             client: Arc::new(std::sync::RwLock::new(endpoint::control_client(
@@ -467,6 +653,9 @@ impl Inlet {
             roots: opts.roots,
             relay: opts.relay,
             control,
+            more_relays: Vec::new(),
+            transport: TransportSettings::default(),
+            transport_status: Arc::default(),
             listeners,
             leases,
             tls: HashMap::new(),
@@ -480,6 +669,25 @@ impl Inlet {
     /// closing. Default: zero, close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
         self.drain_timeout = timeout;
+    }
+
+    /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
+    /// default). Call before [`run`](Self::run).
+    pub fn set_transport(&mut self, transport: TransportSettings) {
+        self.transport = transport;
+    }
+
+    /// Uses `relay` too: new end-to-end connections go through the first relay (in the order
+    /// given) whose control connection is up, and a connection whose relay goes away moves to
+    /// another one. Call before [`run`](Self::run).
+    pub fn add_relay(&mut self, relay: RelayTarget) {
+        let (tx, rx) = watch::channel(None);
+        self.shared
+            .relays
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((relay.addr, rx));
+        self.more_relays.push((relay, tx));
     }
 
     /// Serves `service`'s listener with TLS (see [`crate::tls`]): each accepted connection is
@@ -513,8 +721,9 @@ impl Inlet {
     pub fn handle(&self) -> InletHandle {
         InletHandle {
             control: self.control.subscribe(),
+            shared: self.shared.clone(),
+            transport_status: self.transport_status.clone(),
             key_updates: self.shared.key_updates.clone(),
-            pool: self.shared.pool.clone(),
             drain: self.drain.clone(),
             client: self.client.clone(),
             e2e_client: self.shared.e2e_client.clone(),
@@ -556,14 +765,32 @@ impl Inlet {
                 service, mode, listener, shared, shutdown, clients, tls,
             ));
         }
-        let ctl = control::run(
-            self.shared.endpoint.clone(),
-            self.client,
-            self.relay,
-            handler,
-            self.control,
-            close.clone(),
-        );
+        let mut controls = tokio::task::JoinSet::new();
+        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays)
+        {
+            let path = match RelayPath::new(
+                self.shared.socket.clone(),
+                relay,
+                self.roots.clone(),
+                self.transport.clone(),
+                self.transport_status.clone(),
+            ) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up the path to the relay");
+                    return;
+                }
+            };
+            controls.spawn(control::run(
+                self.shared.endpoint.clone(),
+                self.client.clone(),
+                path,
+                handler.clone(),
+                current,
+                close.clone(),
+            ));
+        }
+        let ctl = async move { while controls.join_next().await.is_some() {} };
         let (state, timeout) = (&self.drain, self.drain_timeout);
         let drain = async {
             shutdown.cancelled().await;
@@ -668,7 +895,7 @@ fn byte_counter(service: &ServiceName, direction: &'static str) -> metrics::Coun
 fn failed(service: &ServiceName, e: &ServeError) {
     let reason = match e {
         ServeError::NoRelay => "no_relay",
-        ServeError::Refused(_) => "route_refused",
+        ServeError::Refused(_) | ServeError::OtherOutlet { .. } => "route_refused",
         ServeError::Control(_) | ServeError::Unexpected => "control",
         ServeError::E2e { .. } => "e2e_connect",
         ServeError::Stream(_) => "stream",
@@ -779,7 +1006,14 @@ impl ControlHandler for InletControl {
         match msg {
             Ctl::RouteClosed { route, reason } => {
                 tracing::info!(%route, %reason, "route closed by relay");
-                self.shared.route_closed(route);
+                let relay = self.shared.socket.relay_of(route);
+                match relay {
+                    Some(relay) if self.shared.several_relays() => {
+                        self.shared.socket.remove_route(route);
+                        tokio::spawn(self.shared.clone().migrate(route, relay));
+                    }
+                    _ => self.shared.route_closed(route),
+                }
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
@@ -791,7 +1025,11 @@ impl ControlHandler for InletControl {
 
     fn on_disconnect(&self, relay: SocketAddr) {
         for route in self.shared.socket.remove_routes_via(relay) {
-            self.shared.route_closed(route);
+            if self.shared.several_relays() {
+                tokio::spawn(self.shared.clone().migrate(route, relay));
+            } else {
+                self.shared.route_closed(route);
+            }
         }
     }
 }

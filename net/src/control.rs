@@ -2,6 +2,7 @@
 
 use crate::backoff::Backoff;
 use crate::ctl::{self, CtlError, CTL_TIMEOUT};
+use crate::relay_path::RelayPath;
 use postern_proto::msg::Ctl;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,36 +46,45 @@ pub struct RelayTarget {
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Keeps a control connection to `relay` up until `shutdown`, publishing the current one in
-/// `current` (None while disconnected).
+/// Keeps a control connection to the relay of `path` up until `shutdown`, publishing the
+/// current one in `current` (None while disconnected). The path decides between UDP and
+/// TLS/TCP on each attempt (see [`crate::relay_path`]).
 pub async fn run<H: ControlHandler>(
     endpoint: quinn::Endpoint,
     client: SharedClientConfig,
-    relay: RelayTarget,
+    path: Arc<RelayPath>,
     handler: Arc<H>,
     current: watch::Sender<Option<quinn::Connection>>,
     shutdown: CancellationToken,
 ) {
+    let relay = path.relay().clone();
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
         let attempt = async {
-            let connecting = endpoint
-                .connect_with(current_config(&client), relay.addr, &relay.name)
-                .map_err(|e| format!("cannot start connection: {e}"))?;
-            let conn = connecting.await.map_err(|e| e.to_string())?;
-            handler
-                .on_connect(&conn)
+            let up = path
+                .connect(&endpoint, current_config(&client))
                 .await
-                .map_err(|e| format!("relay refused our session set-up: {e}"))?;
-            Ok::<_, String>(conn)
+                .map_err(|e| e.to_string())?;
+            if let Err(e) = handler.on_connect(&up.conn).await {
+                up.conn.close(
+                    postern_proto::msg::code::OK.into(),
+                    b"session set-up failed",
+                );
+                return Err(format!("relay refused our session set-up: {e}"));
+            }
+            Ok::<_, String>(up)
         };
-        let conn = tokio::select! {
-            _ = shutdown.cancelled() => return,
+        let up = tokio::select! {
+            _ = shutdown.cancelled() => {
+                path.disconnected();
+                return;
+            }
             r = attempt => r,
         };
-        let conn = match conn {
+        let up = match up {
             Ok(c) => c,
             Err(e) => {
+                path.disconnected();
                 let delay = backoff.next_delay();
                 tracing::warn!(relay = %relay.addr, error = %e, retry_in = ?delay, "cannot reach relay");
                 tokio::select! {
@@ -84,20 +94,27 @@ pub async fn run<H: ControlHandler>(
             }
         };
         backoff.reset();
-        tracing::info!(relay = %relay.addr, "control connection up");
+        let conn = up.conn;
+        tracing::info!(relay = %relay.addr, transport = %up.transport, "control connection up");
         current.send_replace(Some(conn.clone()));
         let reason = tokio::select! {
             _ = shutdown.cancelled() => {
                 conn.close(postern_proto::msg::code::SHUTDOWN.into(), b"shutting down");
                 current.send_replace(None);
+                path.disconnected();
                 return;
+            }
+            _ = up.link_lost.cancelled() => {
+                conn.close(postern_proto::msg::code::OK.into(), b"TLS/TCP link lost");
+                "the TLS/TCP link to the relay ended".to_owned()
             }
             r = serve_pushes(&conn, handler.as_ref()) => r,
         };
         current.send_replace(None);
+        path.disconnected();
         handler.on_disconnect(relay.addr);
         let delay = backoff.next_delay();
-        tracing::warn!(relay = %relay.addr, reason = %reason, retry_in = ?delay, "control connection lost");
+        tracing::warn!(relay = %relay.addr, transport = %up.transport, reason = %reason, retry_in = ?delay, "control connection lost");
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

@@ -5,6 +5,8 @@
 //! - [`node_socket`]: a node's UDP socket for quinn; one socket serves both the control
 //!   connection to the relay (plain QUIC) and end-to-end connections (wrapped in forwarding
 //!   frames and addressed to virtual peer addresses).
+//! - [`links`], [`relay_tcp`], [`relay_path`]: the TLS/TCP fallback where UDP is blocked (the
+//!   same datagrams over a TLS stream; the relay's listener; a node's choice of UDP or TCP).
 //! - [`endpoint`]: QUIC endpoint and transport configuration.
 //! - [`ctl`]: one-frame-each-way control exchanges on QUIC streams.
 //! - [`control`]: a node's long-lived, self-healing control connection to a relay.
@@ -21,12 +23,15 @@ pub mod drain;
 pub mod endpoint;
 pub mod enroll;
 pub mod files;
+pub mod links;
 pub mod logging;
 pub mod node_config;
 pub mod node_socket;
 pub mod ops;
 pub mod rekey;
+pub mod relay_path;
 pub mod relay_socket;
+pub mod relay_tcp;
 pub mod renew;
 pub mod splice;
 

@@ -14,6 +14,8 @@ use std::sync::Arc;
 pub struct NodeSettings {
     /// Relay address, `host:port`.
     pub relay: String,
+    /// Further relays named by the enrollment ticket, used when no `relay` was configured.
+    pub more_relays: Vec<String>,
     /// Name in the relay's certificate.
     pub relay_name: String,
     pub cert: PathBuf,
@@ -121,6 +123,7 @@ pub async fn prepare(
     if explicit {
         return Ok(NodeSettings {
             relay: required(args.relay, None, "relay")?,
+            more_relays: Vec::new(),
             relay_name: args.relay_name.unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
             cert: required(args.cert, None, "cert")?,
             key: required(args.key, None, "key")?,
@@ -128,7 +131,12 @@ pub async fn prepare(
         });
     }
     let info = state.info().context("enrolled state")?;
+    let more_relays = match args.relay {
+        Some(_) => Vec::new(),
+        None => info.relays.iter().skip(1).cloned().collect(),
+    };
     Ok(NodeSettings {
+        more_relays,
         relay: match args.relay {
             Some(r) => r,
             None => info

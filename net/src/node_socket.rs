@@ -9,6 +9,7 @@
 //! the relay learns, from that connection, the address our frames come from).
 
 use crate::canonical;
+use crate::links::StreamLinks;
 use crate::relay_socket::{bind_udp, Poller};
 use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
@@ -19,9 +20,9 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use tokio::io::Interest;
 
 /// Most bytes one GSO send may carry: one IPv4 datagram's payload.
@@ -70,6 +71,10 @@ pub struct NodeSocket {
     next_virtual: AtomicU32,
     pending: Mutex<VecDeque<Pending>>,
     stats: NodeSocketStats,
+    /// TLS/TCP links to relays that cannot be reached over UDP (see [`crate::links`]).
+    links: Arc<StreamLinks>,
+    /// Whether links or UDP are read first on the next receive.
+    links_turn: AtomicBool,
 }
 
 impl fmt::Debug for NodeSocket {
@@ -96,6 +101,8 @@ impl NodeSocket {
             next_virtual: AtomicU32::new(1),
             pending: Mutex::default(),
             stats: NodeSocketStats::default(),
+            links: Arc::default(),
+            links_turn: AtomicBool::new(false),
         })
     }
 
@@ -111,6 +118,59 @@ impl NodeSocket {
     /// Counters.
     pub fn stats(&self) -> &NodeSocketStats {
         &self.stats
+    }
+
+    /// Links to relays over TLS/TCP: while one is attached for a relay's address, everything
+    /// this socket sends to that relay (control packets and forwarding frames) goes over it.
+    pub fn links(&self) -> Arc<StreamLinks> {
+        self.links.clone()
+    }
+
+    /// Takes datagrams read from relay links into quinn's buffers (unwrapping forwarding
+    /// frames, as for UDP). Returns how many slots were filled.
+    fn poll_links(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        let mut filled = 0;
+        while filled < bufs.len().min(meta.len()) {
+            let Poll::Ready(Some(d)) = self.links.poll_inbound(cx) else {
+                break;
+            };
+            let (addr, payload) = match fwd::classify(&d.data) {
+                Kind::Quic => (self.present(d.from), &d.data[..]),
+                Kind::Forward => match fwd::parse(&d.data) {
+                    Ok((route, payload)) => match self.lookup(route, canonical(d.from)) {
+                        Some(virt) => (virt, payload),
+                        None => continue,
+                    },
+                    Err(_) => {
+                        self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                },
+                Kind::Unknown => {
+                    self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                    continue;
+                }
+            };
+            let slot = &mut bufs[filled];
+            if payload.len() > slot.len() {
+                self.links.oversize();
+                continue;
+            }
+            slot[..payload.len()].copy_from_slice(payload);
+            let m = &mut meta[filled];
+            m.addr = addr;
+            m.len = payload.len();
+            m.stride = payload.len();
+            m.ecn = None;
+            m.dst_ip = None;
+            filled += 1;
+        }
+        filled
     }
 
     /// Starts using `route` through `relay`; returns the virtual address to connect to (or that
@@ -137,6 +197,29 @@ impl NodeSocket {
         if let Some((virt, _)) = routes.by_route.remove(&route) {
             routes.by_virtual.remove(&virt);
         }
+    }
+
+    /// Points the virtual address `virt` (from [`add_route`](Self::add_route)) at `route`
+    /// through `relay`, replacing the route it stood for. A QUIC connection to `virt` keeps
+    /// sending as before and its packets take the new path: this is how an end-to-end
+    /// connection moves to another relay (the peer sees a new address and validates it, as in
+    /// any QUIC migration).
+    pub fn rebind_route(&self, virt: SocketAddr, route: RouteId, relay: SocketAddr) {
+        let (virt, relay) = (canonical(virt), canonical(relay));
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = routes.by_virtual.get(&virt).map(|v| v.route) {
+            routes.by_route.remove(&old);
+        }
+        routes.by_route.insert(route, (virt, relay));
+        routes
+            .by_virtual
+            .insert(virt, VirtualRoute { route, relay });
+    }
+
+    /// The relay a route goes through.
+    pub fn relay_of(&self, route: RouteId) -> Option<SocketAddr> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.by_route.get(&route).map(|(_, relay)| *relay)
     }
 
     /// The route a virtual address stands for.
@@ -306,6 +389,10 @@ impl AsyncUdpSocket for NodeSocket {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let dest = canonical(transmit.destination);
         if !Self::is_virtual(dest) {
+            let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
+            if self.links.send(dest, transmit.contents, seg) {
+                return Ok(());
+            }
             return self.io.try_io(Interest::WRITABLE, || {
                 self.state.send((&*self.io).into(), transmit)
             });
@@ -335,6 +422,10 @@ impl AsyncUdpSocket for NodeSocket {
                     framed.extend_from_slice(&header);
                     framed.extend_from_slice(chunk);
                 }
+                // Over a TLS/TCP link to this relay when there is one (UDP blocked).
+                if self.links.send(relay, &framed, seg + HEADER_LEN) {
+                    continue;
+                }
                 let out = Transmit {
                     destination: self.present(relay),
                     ecn: transmit.ecn,
@@ -362,8 +453,21 @@ impl AsyncUdpSocket for NodeSocket {
                 return Poll::Ready(Ok(n));
             }
         }
+        // Links and UDP take turns going first, so a busy one cannot starve the other (a node
+        // may reach one relay over TCP and another over UDP).
+        let links_first = self.links_turn.fetch_xor(true, Relaxed);
+        if links_first {
+            let n = self.poll_links(cx, bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
         loop {
-            ready!(self.io.poll_recv_ready(cx))?;
+            match self.io.poll_recv_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
             let n = match self.io.try_io(Interest::READABLE, || {
                 self.state.recv((&*self.io).into(), bufs, meta)
             }) {
@@ -383,6 +487,13 @@ impl AsyncUdpSocket for NodeSocket {
             }
             return Poll::Ready(Ok(n));
         }
+        if !links_first {
+            let n = self.poll_links(cx, bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

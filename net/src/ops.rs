@@ -26,6 +26,11 @@ pub trait Observe: Send + Sync + 'static {
     fn render(&self, out: &mut Exposition);
     /// `Ok` when the node can serve, otherwise why not (shown by `/readyz`).
     fn ready(&self) -> Result<(), String>;
+    /// What `/readyz` adds after `ready` when the node is ready (e.g. which transport reaches
+    /// the relay).
+    fn ready_detail(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The process-wide Prometheus recorder behind the `metrics` macros, installed by the first
@@ -281,7 +286,10 @@ fn route(
         "/metrics" => (200, "OK", PROMETHEUS, render(node, recorder)),
         "/healthz" => (200, "OK", TEXT, "ok\n".into()),
         "/readyz" => match node.ready() {
-            Ok(()) => (200, "OK", TEXT, "ready\n".into()),
+            Ok(()) => match node.ready_detail() {
+                Some(detail) => (200, "OK", TEXT, format!("ready: {detail}\n")),
+                None => (200, "OK", TEXT, "ready\n".into()),
+            },
             Err(why) => (
                 503,
                 "Service Unavailable",

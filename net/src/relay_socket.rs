@@ -8,6 +8,7 @@
 //! batch.
 
 use crate::canonical;
+use crate::links::StreamLinks;
 use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -120,6 +121,8 @@ pub struct RelaySocket {
     routes: Arc<RouteTable>,
     stats: Arc<ForwardStats>,
     tap: Option<Tap>,
+    /// Nodes that reach the relay over TLS/TCP (see [`crate::links`]).
+    links: Arc<StreamLinks>,
 }
 
 impl fmt::Debug for RelaySocket {
@@ -163,7 +166,61 @@ impl RelaySocket {
             routes,
             stats,
             tap,
+            links: Arc::default(),
         })
+    }
+
+    /// The TLS/TCP links of nodes that cannot use UDP; the relay's TCP listener attaches them.
+    pub fn links(&self) -> Arc<StreamLinks> {
+        self.links.clone()
+    }
+
+    /// Takes datagrams read from TLS/TCP links: forwarding frames are forwarded here, QUIC
+    /// packets fill `bufs` for quinn. Returns how many slots were filled.
+    fn poll_links(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        // Bounded like the UDP path, so links cannot starve it.
+        let mut budget = 256;
+        let mut filled = 0;
+        while filled < bufs.len().min(meta.len()) {
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            budget -= 1;
+            let Poll::Ready(Some(mut d)) = self.links.poll_inbound(cx) else {
+                break;
+            };
+            match fwd::classify(&d.data) {
+                Kind::Forward => {
+                    let len = d.data.len();
+                    self.forward(&mut d.data, len, d.from);
+                }
+                Kind::Quic => {
+                    let slot = &mut bufs[filled];
+                    if d.data.len() > slot.len() {
+                        self.links.oversize();
+                        continue;
+                    }
+                    slot[..d.data.len()].copy_from_slice(&d.data);
+                    let m = &mut meta[filled];
+                    m.addr = d.from;
+                    m.len = d.data.len();
+                    m.stride = d.data.len();
+                    m.ecn = None;
+                    m.dst_ip = None;
+                    filled += 1;
+                }
+                Kind::Unknown => {
+                    self.stats.dropped_malformed.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        filled
     }
 
     /// Forwards every frame in one received buffer (a GRO batch of `stride`-sized segments).
@@ -238,6 +295,14 @@ impl RelaySocket {
         if contents.is_empty() {
             return;
         }
+        let segments = contents.len().div_ceil(stride) as u64;
+        if self.links.send(dst, contents, stride) {
+            self.stats.forwarded_packets.fetch_add(segments, Relaxed);
+            self.stats
+                .forwarded_bytes
+                .fetch_add(contents.len() as u64, Relaxed);
+            return;
+        }
         let dst = self.family_addr(dst);
         let transmit = Transmit {
             destination: dst,
@@ -246,7 +311,6 @@ impl RelaySocket {
             segment_size: (contents.len() > stride).then_some(stride),
             src_ip: None,
         };
-        let segments = contents.len().div_ceil(stride) as u64;
         match self.io.try_io(Interest::WRITABLE, || {
             self.state.send((&*self.io).into(), &transmit)
         }) {
@@ -281,6 +345,13 @@ impl AsyncUdpSocket for RelaySocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
+        if self
+            .links
+            .send(transmit.destination, transmit.contents, seg)
+        {
+            return Ok(());
+        }
         self.io.try_io(Interest::WRITABLE, || {
             self.state.send((&*self.io).into(), transmit)
         })
@@ -295,6 +366,10 @@ impl AsyncUdpSocket for RelaySocket {
         // Bound the work done in one call so a flood of frames cannot starve the control plane.
         let mut budget = 64;
         loop {
+            let from_links = self.poll_links(cx, bufs, meta);
+            if from_links > 0 {
+                return Poll::Ready(Ok(from_links));
+            }
             ready!(self.io.poll_recv_ready(cx))?;
             let n = match self.io.try_io(Interest::READABLE, || {
                 self.state.recv((&*self.io).into(), bufs, meta)

@@ -34,8 +34,12 @@ pub struct ServiceFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct OutletFile {
-    pub relay: Option<String>,
+    /// One `host:port` or a list (the node uses every relay in it).
+    pub relay: Option<postern_net::relay_path::RelayList>,
     pub relay_name: Option<String>,
+    /// `auto`, `udp` or `tcp`.
+    pub transport: Option<postern_net::relay_path::TransportMode>,
+    pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
@@ -63,9 +67,19 @@ pub struct RunArgs {
     /// `[influxdb-outlet]` table for leased InfluxDB credentials).
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Relay address, `host:port` (UDP).
-    #[arg(long, env = "POSTERN_RELAY")]
-    pub relay: Option<String>,
+    /// Relay address, `host:port`. Repeat it (or separate with commas) to use several relays
+    /// at once: an outlet registers with every one; an inlet routes through the first one that
+    /// is up and moves its connections to another when that relay goes away.
+    #[arg(long, env = "POSTERN_RELAY", value_delimiter = ',')]
+    pub relay: Vec<String>,
+    /// How to reach the relays: `auto` tries QUIC over UDP and falls back to TLS 1.3 over TCP
+    /// when the UDP handshake gets no answer within 3 s (UDP blocked); `udp` or `tcp` force
+    /// one [default: auto].
+    #[arg(long, value_name = "auto|udp|tcp")]
+    pub transport: Option<postern_net::relay_path::TransportMode>,
+    /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
+    #[arg(long)]
+    pub relay_tcp_port: Option<u16>,
     /// Name the relay's certificate must carry [default: relay].
     #[arg(long)]
     pub relay_name: Option<String>,
@@ -110,6 +124,9 @@ pub struct RunArgs {
 #[derive(Debug)]
 pub struct OutletConfig {
     pub node: NodeArgs,
+    /// Relays after the first (`node.relay`), used at the same time.
+    pub more_relays: Vec<String>,
+    pub transport: postern_net::relay_path::TransportSettings,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
     /// The lease-managed InfluxDB service, if configured.
@@ -192,12 +209,21 @@ impl RunArgs {
                 .context("drain-timeout")?,
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
+        let (first_relay, more_relays) =
+            postern_net::relay_path::merge_relays(self.relay, file.relay);
+        let transport = postern_net::relay_path::TransportSettings {
+            mode: self.transport.or(file.transport).unwrap_or_default(),
+            tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
+            udp_timeout: None,
+        };
         Ok(OutletConfig {
+            more_relays,
+            transport,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             audit_log: self.audit_log.or(file.audit_log),
             drain_timeout,
             node: NodeArgs {
-                relay: self.relay.or(file.relay),
+                relay: first_relay,
                 relay_name: self.relay_name.or(file.relay_name),
                 cert: self.cert.or(file.cert),
                 key: self.key.or(file.key),

@@ -62,9 +62,16 @@ impl Observe for OutletHandle {
             "1 while the control connection to the relay is up.",
             if self.relay_connected() { 1.0 } else { 0.0 },
         );
+        self.transports()
+            .render(out, "postern_outlet_relay_transport");
     }
 
     fn ready(&self) -> Result<(), String> {
         self.readiness()
+    }
+
+    fn ready_detail(&self) -> Option<String> {
+        let d = self.transports().describe();
+        (!d.is_empty()).then_some(d)
     }
 }

@@ -5,6 +5,7 @@ use postern_net::control::{self, ControlHandler, RelayTarget, SharedClientConfig
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
 use postern_net::node_socket::NodeSocket;
+use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
@@ -43,6 +44,10 @@ pub struct Outlet {
     routes: Arc<Routes>,
     services: Arc<Services>,
     control: watch::Sender<Option<quinn::Connection>>,
+    /// Relays beyond the first, each with its own control connection (see `add_relay`).
+    more_relays: Vec<(RelayTarget, watch::Sender<Option<quinn::Connection>>)>,
+    transport: TransportSettings,
+    transport_status: Arc<TransportStatus>,
     drain: Drain,
     drain_timeout: Duration,
 }
@@ -52,6 +57,8 @@ pub struct Outlet {
 pub struct OutletHandle {
     routes: Arc<Routes>,
     control: watch::Receiver<Option<quinn::Connection>>,
+    more_controls: Vec<watch::Receiver<Option<quinn::Connection>>>,
+    transport_status: Arc<TransportStatus>,
     drain: Drain,
     endpoint: quinn::Endpoint,
     client: SharedClientConfig,
@@ -73,11 +80,22 @@ impl OutletHandle {
         Ok(())
     }
 
-    /// Waits until the outlet's control connection is up (and its services registered).
+    /// Waits until the outlet's control connection to every relay is up (and its services
+    /// registered there).
     pub async fn wait_registered(&mut self, timeout: std::time::Duration) -> bool {
-        control::wait_connected(&mut self.control, timeout)
-            .await
-            .is_some()
+        let deadline = tokio::time::Instant::now() + timeout;
+        for rx in std::iter::once(&mut self.control).chain(self.more_controls.iter_mut()) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if control::wait_connected(rx, left).await.is_none() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Which transport (UDP or TLS/TCP) reaches each connected relay.
+    pub fn transports(&self) -> &TransportStatus {
+        &self.transport_status
     }
 
     /// Live end-to-end connections.
@@ -90,12 +108,15 @@ impl OutletHandle {
         self.drain.streams.len()
     }
 
-    /// True while the control connection to the relay is up.
+    /// True while a control connection to a relay is up.
     pub fn relay_connected(&self) -> bool {
-        self.control
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.close_reason().is_none())
+        std::iter::once(&self.control)
+            .chain(self.more_controls.iter())
+            .any(|rx| {
+                rx.borrow()
+                    .as_ref()
+                    .is_some_and(|c| c.close_reason().is_none())
+            })
     }
 
     /// Whether the outlet can take streams (the `/readyz` answer).
@@ -135,9 +156,25 @@ impl Outlet {
             routes: Arc::new(Routes::default()),
             services: Arc::new(opts.services),
             control: watch::channel(None).0,
+            more_relays: Vec::new(),
+            transport: TransportSettings::default(),
+            transport_status: Arc::default(),
             drain: Drain::default(),
             drain_timeout: Duration::ZERO,
         })
+    }
+
+    /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
+    /// default). Call before [`run`](Self::run).
+    pub fn set_transport(&mut self, transport: TransportSettings) {
+        self.transport = transport;
+    }
+
+    /// Registers with `relay` too (as with the first: its own control connection, no state
+    /// shared between relays), so inlets can use any of them. Call before
+    /// [`handle`](Self::handle) and [`run`](Self::run).
+    pub fn add_relay(&mut self, relay: RelayTarget) {
+        self.more_relays.push((relay, watch::channel(None).0));
     }
 
     /// After shutdown is asked for, let open streams finish for up to `timeout` (refusing new
@@ -152,6 +189,12 @@ impl Outlet {
         OutletHandle {
             routes: self.routes.clone(),
             control: self.control.subscribe(),
+            more_controls: self
+                .more_relays
+                .iter()
+                .map(|(_, c)| c.subscribe())
+                .collect(),
+            transport_status: self.transport_status.clone(),
             drain: self.drain.clone(),
             endpoint: self.endpoint.clone(),
             client: self.client.clone(),
@@ -163,27 +206,47 @@ impl Outlet {
     pub async fn run(self, shutdown: CancellationToken) {
         // Cancelled once draining is over: closes the control connection.
         let close = CancellationToken::new();
-        let handler = Arc::new(OutletControl {
-            socket: self.socket.clone(),
-            routes: self.routes.clone(),
-            services: self.services.names(),
-            relay: self.relay.addr,
-            draining: self.drain.draining.clone(),
-        });
+        let several = !self.more_relays.is_empty();
+        let mut controls = tokio::task::JoinSet::new();
+        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays)
+        {
+            let handler = Arc::new(OutletControl {
+                socket: self.socket.clone(),
+                routes: self.routes.clone(),
+                services: self.services.names(),
+                relay: relay.addr,
+                draining: self.drain.draining.clone(),
+                keep_on_relay_loss: several,
+            });
+            let path = match RelayPath::new(
+                self.socket.clone(),
+                relay,
+                self.roots.clone(),
+                self.transport.clone(),
+                self.transport_status.clone(),
+            ) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up the path to the relay");
+                    return;
+                }
+            };
+            controls.spawn(control::run(
+                self.endpoint.clone(),
+                self.client.clone(),
+                path,
+                handler,
+                current,
+                close.clone(),
+            ));
+        }
+        let ctl = async move { while controls.join_next().await.is_some() {} };
         let accept = forward::accept_loop(
             self.endpoint.clone(),
             self.routes.clone(),
             self.services.clone(),
             shutdown.clone(),
             self.drain.clone(),
-        );
-        let ctl = control::run(
-            self.endpoint.clone(),
-            self.client,
-            self.relay,
-            handler,
-            self.control,
-            close.clone(),
         );
         let (endpoint, state, timeout) = (&self.endpoint, &self.drain, self.drain_timeout);
         let drain = async {
@@ -212,6 +275,10 @@ struct OutletControl {
     services: Vec<ServiceName>,
     relay: SocketAddr,
     draining: CancellationToken,
+    /// With several relays, end-to-end connections outlive the loss of one relay's routes:
+    /// the inlet moves them to another relay's path (QUIC migration), and those that do not
+    /// move end by idle timeout.
+    keep_on_relay_loss: bool,
 }
 
 impl ControlHandler for OutletControl {
@@ -282,7 +349,11 @@ impl ControlHandler for OutletControl {
 
     fn on_disconnect(&self, relay: SocketAddr) {
         for route in self.socket.remove_routes_via(relay) {
-            self.routes.close(route, b"relay connection lost");
+            if self.keep_on_relay_loss {
+                tracing::info!(%route, %relay, "relay lost; the connection may move to another relay");
+            } else {
+                self.routes.close(route, b"relay connection lost");
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `quinn-proto` is, while `postern-net` and the binaries do the I/O.
 
 pub mod codec;
+pub mod dgram;
 pub mod fwd;
 pub mod http;
 pub mod lease;

@@ -17,6 +17,8 @@ pub const DEFAULT_STATE_DIR: &str = "postern-relay-state";
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RelayFile {
     pub listen: Option<SocketAddr>,
+    /// `"off"` or an address; see `--tcp-listen`.
+    pub tcp_listen: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -43,6 +45,11 @@ pub struct RunArgs {
     /// [default: 0.0.0.0:4433].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// TCP address of the TLS fallback for nodes whose network blocks UDP (they reach the
+    /// relay over TLS 1.3 and carry the same QUIC packets inside), or `off`
+    /// [default: the `listen` address, on TCP].
+    #[arg(long, value_name = "ADDR|off")]
+    pub tcp_listen: Option<String>,
     /// Directory holding the project CA, the relay's certificate and its reset key
     /// [default: ./postern-relay-state].
     #[arg(long)]
@@ -93,6 +100,11 @@ pub struct RunArgs {
 pub struct RelayConfig {
     pub policy: PolicySet,
     pub listen: SocketAddr,
+    /// TLS/TCP fallback address; None when turned off.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Whether `tcp_listen` was asked for (then failing to bind it is an error), or is the
+    /// default (then the relay runs on UDP alone, with a warning).
+    pub tcp_listen_explicit: bool,
     pub state_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -184,11 +196,28 @@ impl RunArgs {
                 )));
             }
         }
+        let tcp_text = self.tcp_listen.or(file.tcp_listen);
+        let tcp_listen_explicit = tcp_text.is_some();
+        let tcp_listen = match tcp_text.as_deref() {
+            None => Some(listen),
+            Some("off") => None,
+            Some(text) => Some(text.parse().map_err(|e| {
+                FileError::Config {
+                    path: self
+                        .config
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("flags")),
+                    message: format!("tcp-listen {text:?}: {e} (expected an address or `off`)"),
+                }
+            })?),
+        };
         Ok(RelayConfig {
             admin_addr,
             admin_addr_explicit,
             policy,
             listen,
+            tcp_listen,
+            tcp_listen_explicit,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             audit_log: self.audit_log.or(file.audit_log),
             drain_timeout,
@@ -261,6 +290,34 @@ mod tests {
             .resolve()
             .expect_err("bad address");
         assert!(err.to_string().contains("admin-addr"), "{err}");
+    }
+
+    fn resolve(args: &[&str]) -> Result<RelayConfig, FileError> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once("postern-relay").chain(args.iter().copied());
+        Cli::parse_from(argv).run.resolve()
+    }
+
+    #[test]
+    fn tcp_fallback_defaults_to_the_udp_address_and_can_be_moved_or_turned_off() {
+        let cfg = resolve(&["--listen", "127.0.0.1:4500"]).expect("default");
+        assert_eq!(
+            cfg.tcp_listen,
+            Some("127.0.0.1:4500".parse().expect("addr"))
+        );
+        assert!(!cfg.tcp_listen_explicit);
+        let cfg = resolve(&["--tcp-listen", "0.0.0.0:443"]).expect("moved");
+        assert_eq!(cfg.tcp_listen, Some("0.0.0.0:443".parse().expect("addr")));
+        assert!(cfg.tcp_listen_explicit);
+        let cfg = resolve(&["--tcp-listen", "off"]).expect("off");
+        assert_eq!(cfg.tcp_listen, None);
+        let e = resolve(&["--tcp-listen", "nowhere"]).expect_err("bad");
+        assert!(e.to_string().contains("tcp-listen"), "{e}");
     }
 
     #[test]

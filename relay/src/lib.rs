@@ -9,5 +9,6 @@ pub mod policy;
 pub mod registry;
 pub mod server;
 pub mod state;
+pub mod tcp;
 
 pub use server::{Relay, RelayHandle, RelayOptions};

@@ -341,6 +341,17 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         authority,
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
+    if let Some(addr) = cfg.tcp_listen {
+        match relay.listen_tcp(addr) {
+            Ok(bound) => tracing::info!(%bound, "TLS/TCP fallback enabled"),
+            Err(e) if !cfg.tcp_listen_explicit => tracing::warn!(
+                error = %e,
+                "no TLS/TCP fallback: its default address is taken (set `tcp-listen` to \
+                 another address, or `off`); nodes that cannot use UDP will not reach this relay"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.admin_addr {
         let explicit = cfg.admin_addr_explicit;

@@ -136,6 +136,7 @@ impl Observe for RelayHandle {
             "Nodes drained through the admin API.",
             admin.drains.load(Relaxed),
         );
+        crate::tcp::render(self, out);
         out.gauge(
             "postern_relay_ready",
             "1 while the relay is listening and not shutting down.",

@@ -38,6 +38,11 @@ pub enum RelayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot bind TCP {addr}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What a relay needs to run.
@@ -109,9 +114,24 @@ impl Shared {
 #[derive(Clone)]
 pub struct RelayHandle {
     shared: Arc<Shared>,
+    /// The TLS/TCP fallback's counters and links.
+    tcp: (
+        Arc<postern_net::relay_tcp::TcpStats>,
+        Arc<postern_net::links::StreamLinks>,
+    ),
 }
 
 impl RelayHandle {
+    /// Counters of the TLS/TCP listener.
+    pub fn tcp_stats(&self) -> &postern_net::relay_tcp::TcpStats {
+        &self.tcp.0
+    }
+
+    /// The TLS/TCP links (their datagram counters).
+    pub fn tcp_links(&self) -> &postern_net::links::StreamLinks {
+        &self.tcp.1
+    }
+
     /// Forwarding counters.
     pub fn forward_stats(&self) -> &ForwardStats {
         &self.shared.fwd
@@ -163,6 +183,8 @@ pub struct Relay {
     socket_alive: std::sync::Weak<RelaySocket>,
     shared: Arc<Shared>,
     drain_timeout: Duration,
+    /// The TLS/TCP fallback for nodes without UDP (see [`crate::tcp`]).
+    tcp: crate::tcp::TcpFallback,
 }
 
 impl Relay {
@@ -175,6 +197,7 @@ impl Relay {
                 addr: opts.listen,
                 source,
             })?;
+        let tcp = crate::tcp::TcpFallback::new(&opts.identity, opts.roots.clone(), socket.links())?;
         let server = endpoint::relay_server(&opts.identity, opts.roots)?;
         let socket = Arc::new(socket);
         let socket_alive = Arc::downgrade(&socket);
@@ -211,7 +234,14 @@ impl Relay {
                 admin: admin_ops::AdminState::default(),
             }),
             drain_timeout: Duration::ZERO,
+            tcp,
         })
+    }
+
+    /// Also accepts nodes over TLS/TCP on `addr` (for networks that block UDP); returns the
+    /// bound address. Call before [`run`](Self::run).
+    pub fn listen_tcp(&mut self, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
+        self.tcp.bind(addr)
     }
 
     /// After shutdown is asked for, keep forwarding existing routes for up to `timeout` (or
@@ -230,11 +260,12 @@ impl Relay {
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
             shared: self.shared.clone(),
+            tcp: (self.tcp.stats(), self.tcp.links()),
         }
     }
 
     /// Serves until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(addr = ?self.endpoint.local_addr().ok(), "relay listening");
         if self.shared.policy.is_empty() {
             tracing::warn!(
@@ -248,6 +279,8 @@ impl Relay {
                 shutdown.clone(),
             ));
         }
+        let links_stop = CancellationToken::new();
+        let tcp_task = self.tcp.spawn(links_stop.clone());
         self.shared.listening.store(true, Relaxed);
         loop {
             let incoming = tokio::select! {
@@ -271,6 +304,11 @@ impl Relay {
             b"relay shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // TLS/TCP nodes got the close above through their links; now the links go.
+        links_stop.cancel();
+        if let Some(t) = tcp_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         // Return only once the UDP port is released, so a relay started right after (a restart
         // in place) can bind it: quinn's driver task drops the socket once the last endpoint
         // and connection handles are gone.

@@ -415,3 +415,113 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// Starts a relay that also accepts nodes over TLS/TCP, on the same port number as its UDP
+/// socket (the nodes' default).
+pub fn start_relay_with_tcp(pki: &Pki, reset_key: [u8; 32]) -> RelayNode {
+    for _ in 0..20 {
+        let mut relay = Relay::bind(RelayOptions {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            identity: pki.identity("relay"),
+            roots: pki.roots(),
+            reset_key: Some(reset_key),
+            tap: None,
+            policy: postern_relay::policy::PolicySet::allow_all(),
+            authority: None,
+        })
+        .expect("bind relay");
+        let addr = relay.local_addr().expect("relay addr");
+        // The same port on TCP is usually free; if another socket holds it, try another.
+        if relay.listen_tcp(addr).is_err() {
+            continue;
+        }
+        let handle = relay.handle();
+        let running = spawn(|s| relay.run(s));
+        return RelayNode {
+            addr,
+            handle,
+            running,
+        };
+    }
+    panic!("no UDP port whose TCP twin was free");
+}
+
+/// Starts an outlet registered with every relay in `relays`, reaching them as `transport`
+/// says; waits until it has registered with all of them.
+pub async fn start_outlet_via(
+    pki: &Pki,
+    name: &str,
+    relays: &[SocketAddr],
+    services: Vec<(&str, Target)>,
+    transport: postern_net::relay_path::TransportSettings,
+) -> OutletNode {
+    let targets: HashMap<ServiceName, Target> =
+        services.into_iter().map(|(n, t)| (svc(n), t)).collect();
+    let mut outlet = Outlet::bind(OutletOptions {
+        relay: relay_target(relays[0]),
+        identity: pki.identity(name),
+        roots: pki.roots(),
+        services: Services {
+            targets,
+            leases: HashMap::new(),
+            allow: HashMap::new(),
+        },
+    })
+    .expect("bind outlet");
+    outlet.set_transport(transport);
+    for r in &relays[1..] {
+        outlet.add_relay(relay_target(*r));
+    }
+    let mut handle = outlet.handle();
+    let running = spawn(|s| outlet.run(s));
+    assert!(
+        handle.wait_registered(Duration::from_secs(20)).await,
+        "outlet {name} did not register with every relay"
+    );
+    OutletNode { handle, running }
+}
+
+/// Starts an inlet using `relays` (in that order), reaching them as `transport` says; waits
+/// for its control connection to the first.
+pub async fn start_inlet_via(
+    pki: &Pki,
+    name: &str,
+    relays: &[SocketAddr],
+    services: &[(&str, ServiceKind)],
+    transport: postern_net::relay_path::TransportSettings,
+) -> InletNode {
+    let mut inlet = Inlet::bind(InletOptions {
+        relay: relay_target(relays[0]),
+        identity: pki.identity(name),
+        roots: pki.roots(),
+        services: services
+            .iter()
+            .map(|(s, kind)| InletService {
+                name: svc(s),
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                kind: *kind,
+            })
+            .collect(),
+    })
+    .await
+    .expect("bind inlet");
+    inlet.set_transport(transport);
+    for r in &relays[1..] {
+        inlet.add_relay(relay_target(*r));
+    }
+    let addrs = services
+        .iter()
+        .map(|(s, _)| (s.to_string(), inlet.listen_addr(&svc(s)).expect("listener")))
+        .collect();
+    let mut handle = inlet.handle();
+    let running = spawn(|s| inlet.run(s));
+    assert!(
+        handle.wait_connected(Duration::from_secs(20)).await,
+        "inlet {name} did not connect"
+    );
+    InletNode {
+        addrs,
+        handle,
+        running,
+    }
+}

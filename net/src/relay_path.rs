@@ -1,0 +1,450 @@
+//! How a node reaches a relay: QUIC over UDP, or the same QUIC packets over TLS/TCP.
+//!
+//! `auto` (the default) tries UDP first and falls back to TLS/TCP when the control handshake
+//! does not complete within [`UDP_HANDSHAKE_TIMEOUT`] (UDP dropped by a firewall shows up as
+//! silence, not as an error). Every reconnection starts with UDP again, so a node returns to
+//! the faster path once UDP works. `udp` and `tcp` force one path.
+//!
+//! Over TLS/TCP the node's socket sends to the relay's address through a [`crate::links`] link
+//! instead of UDP; the control connection and the end-to-end connections above it are the same
+//! QUIC connections either way, so the end-to-end encryption and authentication do not change.
+
+use crate::control::RelayTarget;
+use crate::node_socket::NodeSocket;
+use postern_proto::dgram::ALPN_TCP;
+use postern_proto::tls::TlsError;
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long `auto` waits for the QUIC handshake over UDP before trying TLS/TCP.
+pub const UDP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the TCP connect plus TLS handshake to the relay may take.
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which paths to the relay a node may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// UDP, falling back to TLS/TCP when the UDP handshake times out.
+    #[default]
+    Auto,
+    /// UDP only.
+    Udp,
+    /// TLS/TCP only.
+    Tcp,
+}
+
+impl FromStr for TransportMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "udp" => Ok(Self::Udp),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!(
+                "unknown transport {other:?} (expected auto, udp or tcp)"
+            )),
+        }
+    }
+}
+
+/// The path a control connection actually uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    /// Lower-case name, for logs, metrics labels and `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's transport settings (the same for every relay it uses).
+#[derive(Debug, Clone, Default)]
+pub struct TransportSettings {
+    pub mode: TransportMode,
+    /// TCP port of the relays' TLS listener [default: the relay's UDP port].
+    pub tcp_port: Option<u16>,
+    /// How long `auto` waits for UDP [default: [`UDP_HANDSHAKE_TIMEOUT`]].
+    pub udp_timeout: Option<Duration>,
+}
+
+/// Which transport each relay's control connection uses now, for metrics and `/readyz`.
+#[derive(Debug, Default)]
+pub struct TransportStatus {
+    by_relay: Mutex<BTreeMap<SocketAddr, Transport>>,
+}
+
+impl TransportStatus {
+    fn set(&self, relay: SocketAddr, transport: Option<Transport>) {
+        let mut map = self.by_relay.lock().unwrap_or_else(|p| p.into_inner());
+        match transport {
+            Some(t) => map.insert(relay, t),
+            None => map.remove(&relay),
+        };
+    }
+
+    /// Connected relays and the transport each uses.
+    pub fn snapshot(&self) -> Vec<(SocketAddr, Transport)> {
+        let map = self.by_relay.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(a, t)| (*a, *t)).collect()
+    }
+
+    /// The transport used to reach `relay`, if connected.
+    pub fn transport(&self, relay: SocketAddr) -> Option<Transport> {
+        self.snapshot()
+            .into_iter()
+            .find(|(a, _)| *a == relay)
+            .map(|(_, t)| t)
+    }
+
+    /// e.g. `relay 203.0.113.1:4433 via tcp`, one per connected relay (for `/readyz`).
+    pub fn describe(&self) -> String {
+        self.snapshot()
+            .iter()
+            .map(|(a, t)| format!("relay {a} via {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Renders `<metric>{relay,transport} 1` per connected relay, and 0 for the other
+    /// transport, so a dashboard sees a switch as a change of value.
+    pub fn render(&self, out: &mut crate::ops::Exposition, metric: &str) {
+        out.family(
+            metric,
+            "1 for the transport (udp or tcp) each relay's control connection uses now.",
+            crate::ops::Kind::Gauge,
+        );
+        for (relay, t) in self.snapshot() {
+            let relay = relay.to_string();
+            for candidate in [Transport::Udp, Transport::Tcp] {
+                let v = if candidate == t { 1.0 } else { 0.0 };
+                out.sample(
+                    metric,
+                    &[("relay", &relay), ("transport", candidate.as_str())],
+                    v,
+                );
+            }
+        }
+    }
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("cannot start connection: {0}")]
+    Start(#[from] quinn::ConnectError),
+    #[error("QUIC handshake over {transport}: {source}")]
+    Handshake {
+        transport: Transport,
+        source: quinn::ConnectionError,
+    },
+    #[error("QUIC handshake over {0} timed out")]
+    HandshakeTimeout(Transport),
+    #[error("TLS/TCP connection to {addr}: {reason}")]
+    Tcp { addr: SocketAddr, reason: String },
+}
+
+impl PathError {
+    /// The peer never answered (what a firewall dropping UDP looks like).
+    fn is_silence(&self) -> bool {
+        matches!(
+            self,
+            Self::HandshakeTimeout(_)
+                | Self::Handshake {
+                    source: quinn::ConnectionError::TimedOut,
+                    ..
+                }
+        )
+    }
+}
+
+/// One relay's path selection for one node socket.
+pub struct RelayPath {
+    socket: Arc<NodeSocket>,
+    relay: RelayTarget,
+    tcp_addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    settings: TransportSettings,
+    status: Arc<TransportStatus>,
+    /// Stops the current TLS/TCP link, if any.
+    link: Mutex<Option<CancellationToken>>,
+}
+
+impl fmt::Debug for RelayPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayPath")
+            .field("relay", &self.relay.addr)
+            .field("tcp", &self.tcp_addr)
+            .field("mode", &self.settings.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An established control connection and how it got there.
+pub struct Connected {
+    pub conn: quinn::Connection,
+    pub transport: Transport,
+    /// Cancelled when the TLS/TCP link under the connection ends (never, for UDP).
+    pub link_lost: CancellationToken,
+}
+
+impl RelayPath {
+    /// Paths to `relay` through `socket`; `roots` verify the relay's TLS certificate.
+    pub fn new(
+        socket: Arc<NodeSocket>,
+        relay: RelayTarget,
+        roots: Arc<RootCertStore>,
+        settings: TransportSettings,
+        status: Arc<TransportStatus>,
+    ) -> Result<Self, TlsError> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(postern_proto::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        let tcp_addr = SocketAddr::new(
+            relay.addr.ip(),
+            settings.tcp_port.unwrap_or(relay.addr.port()),
+        );
+        Ok(Self {
+            socket,
+            relay,
+            tcp_addr,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            settings,
+            status,
+            link: Mutex::default(),
+        })
+    }
+
+    /// The relay this path leads to.
+    pub fn relay(&self) -> &RelayTarget {
+        &self.relay
+    }
+
+    /// Makes one control connection, over the transport the mode allows (see the module docs).
+    pub async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+        client: quinn::ClientConfig,
+    ) -> Result<Connected, PathError> {
+        self.disconnected();
+        match self.settings.mode {
+            TransportMode::Udp => self.over_udp(endpoint, client, None).await,
+            TransportMode::Tcp => self.over_tcp(endpoint, client).await,
+            TransportMode::Auto => {
+                let wait = self.settings.udp_timeout.unwrap_or(UDP_HANDSHAKE_TIMEOUT);
+                match self.over_udp(endpoint, client.clone(), Some(wait)).await {
+                    Ok(c) => Ok(c),
+                    // The relay answered over UDP (refused, closed, wrong certificate...): UDP
+                    // works, so TCP would not help. Only silence means UDP is blocked.
+                    Err(e) if !e.is_silence() => Err(e),
+                    Err(e) => {
+                        tracing::warn!(relay = %self.relay.addr, tcp = %self.tcp_addr, error = %e, "no QUIC over UDP to the relay; falling back to TLS/TCP");
+                        self.over_tcp(endpoint, client).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// The control connection is gone: drop the link under it (the next attempt starts
+    /// afresh) and stop reporting a transport.
+    pub fn disconnected(&self) {
+        if let Some(stop) = self.link.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            stop.cancel();
+        }
+        self.socket.links().detach(self.relay.addr);
+        self.status.set(crate::canonical(self.relay.addr), None);
+    }
+
+    fn up(
+        &self,
+        conn: quinn::Connection,
+        transport: Transport,
+        link_lost: CancellationToken,
+    ) -> Connected {
+        self.status
+            .set(crate::canonical(self.relay.addr), Some(transport));
+        Connected {
+            conn,
+            transport,
+            link_lost,
+        }
+    }
+
+    async fn over_udp(
+        &self,
+        endpoint: &quinn::Endpoint,
+        client: quinn::ClientConfig,
+        timeout: Option<Duration>,
+    ) -> Result<Connected, PathError> {
+        let connecting = endpoint.connect_with(client, self.relay.addr, &self.relay.name)?;
+        let conn = match timeout {
+            Some(t) => tokio::time::timeout(t, connecting)
+                .await
+                .map_err(|_| PathError::HandshakeTimeout(Transport::Udp))?,
+            None => connecting.await,
+        }
+        .map_err(|source| PathError::Handshake {
+            transport: Transport::Udp,
+            source,
+        })?;
+        Ok(self.up(conn, Transport::Udp, CancellationToken::new()))
+    }
+
+    async fn over_tcp(
+        &self,
+        endpoint: &quinn::Endpoint,
+        client: quinn::ClientConfig,
+    ) -> Result<Connected, PathError> {
+        let addr = self.tcp_addr;
+        let tcp_err = |reason: String| PathError::Tcp { addr, reason };
+        let name = ServerName::try_from(self.relay.name.clone())
+            .map_err(|e| tcp_err(format!("relay name {:?}: {e}", self.relay.name)))?;
+        let open = async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| tcp_err(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            self.tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| tcp_err(format!("TLS: {e}")))
+        };
+        let tls = tokio::time::timeout(TCP_CONNECT_TIMEOUT, open)
+            .await
+            .map_err(|_| tcp_err("timed out".into()))??;
+        let stop = CancellationToken::new();
+        let lost = CancellationToken::new();
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.clone());
+        let (links, relay, lost_tx) = (self.socket.links(), self.relay.addr, lost.clone());
+        // Attached before the QUIC handshake starts, so its first packet already takes the link.
+        let attached = links.attach(relay);
+        tokio::spawn(async move {
+            match links.run(attached, tls, stop).await {
+                Ok(()) => tracing::debug!(%relay, "TLS/TCP link to relay closed"),
+                Err(e) => tracing::warn!(%relay, error = %e, "TLS/TCP link to relay ended"),
+            }
+            lost_tx.cancel();
+        });
+        let connecting = endpoint.connect_with(client, self.relay.addr, &self.relay.name)?;
+        let conn = tokio::select! {
+            r = connecting => r.map_err(|source| PathError::Handshake { transport: Transport::Tcp, source })?,
+            _ = lost.cancelled() => return Err(tcp_err("link closed during the QUIC handshake".into())),
+        };
+        Ok(self.up(conn, Transport::Tcp, lost))
+    }
+}
+
+/// `relay` in a node's config file: one `host:port` or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum RelayList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RelayList {
+    /// The addresses, in order.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(r) => vec![r],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Relays from flags (when any were given) or else from the file: the first, and the others.
+pub fn merge_relays(flags: Vec<String>, file: Option<RelayList>) -> (Option<String>, Vec<String>) {
+    let mut all = if flags.is_empty() {
+        file.map(RelayList::into_vec).unwrap_or_default()
+    } else {
+        flags
+    };
+    if all.is_empty() {
+        return (None, Vec::new());
+    }
+    let first = all.remove(0);
+    (Some(first), all)
+}
+
+/// Resolves the relays after the first; they carry the same certificate name as the first.
+pub fn resolve_relays(addrs: &[String], name: &str) -> Result<Vec<RelayTarget>, String> {
+    use std::net::ToSocketAddrs;
+    addrs
+        .iter()
+        .map(|text| {
+            let addr = text
+                .to_socket_addrs()
+                .map_err(|e| format!("relay: cannot resolve {text:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("relay: {text:?} resolves to no address"))?;
+            Ok(RelayTarget {
+                addr,
+                name: name.to_owned(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_may_be_one_or_a_list() {
+        #[derive(serde::Deserialize)]
+        struct F {
+            relay: RelayList,
+        }
+        let one: F = toml::from_str("relay = \"a:1\"").expect("one");
+        assert_eq!(
+            merge_relays(vec![], Some(one.relay)),
+            (Some("a:1".into()), vec![])
+        );
+        let many: F = toml::from_str("relay = [\"a:1\", \"b:2\", \"c:3\"]").expect("many");
+        assert_eq!(
+            merge_relays(vec![], Some(many.relay.clone())),
+            (Some("a:1".into()), vec!["b:2".into(), "c:3".into()])
+        );
+        // Flags replace the file's list.
+        assert_eq!(
+            merge_relays(vec!["x:9".into()], Some(many.relay)),
+            (Some("x:9".into()), vec![])
+        );
+        assert_eq!(merge_relays(vec![], None), (None, vec![]));
+    }
+
+    #[test]
+    fn transport_names_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!("tcp".parse::<TransportMode>(), Ok(TransportMode::Tcp));
+        assert_eq!("auto".parse::<TransportMode>(), Ok(TransportMode::Auto));
+        let e = "quic".parse::<TransportMode>().expect_err("unknown");
+        assert!(e.contains("auto, udp or tcp"), "{e}");
+        let resolved = resolve_relays(&["127.0.0.1:5".into()], "relay").expect("resolve");
+        assert_eq!(resolved[0].addr.port(), 5);
+        assert!(resolve_relays(&["nope".into()], "relay").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! The relay's TLS/TCP listener for nodes that cannot use UDP.
+//!
+//! Each accepted connection (TLS 1.3 with the relay's certificate, ALPN
+//! [`postern_proto::dgram::ALPN_TCP`]) becomes a [`crate::links`] link with its own *virtual*
+//! address in 240.0.0.0/8 (reserved, never routed). The node's QUIC control connection, carried
+//! inside, appears to quinn as coming from that address, so the route table names it as the
+//! node's endpoint and forwarding frames to it go back down the same TLS connection. Nothing
+//! else in the relay knows a node is on TCP.
+//!
+//! The TLS layer authenticates the relay only; the node proves who it is inside, on the
+//! control connection's mutual TLS, exactly as over UDP.
+
+use crate::links::StreamLinks;
+use postern_proto::dgram::ALPN_TCP;
+use postern_proto::tls::{self, Identity, TlsError};
+use rustls::RootCertStore;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// Most TLS/TCP nodes served at once; more are refused until some leave.
+pub const MAX_LINKS: usize = 4096;
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters of the TCP listener.
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// Links (TLS connections) accepted.
+    pub accepted: AtomicU64,
+    /// Links open now.
+    pub open: AtomicU64,
+    /// TLS handshakes that failed or timed out, and connections over the limit.
+    pub refused: AtomicU64,
+}
+
+/// The relay's TLS server configuration for links.
+pub fn server_config(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    // No client certificate at this layer: the node authenticates inside, on QUIC.
+    Ok(Arc::new(tls::server_config_with(
+        identity,
+        roots,
+        &[ALPN_TCP],
+        true,
+    )?))
+}
+
+/// Accepts links on `listener` until `shutdown`, attaching each to `links`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    links: Arc<StreamLinks>,
+    stats: Arc<TcpStats>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let next = AtomicU32::new(1);
+    let tasks = TaskTracker::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_LINKS));
+    tracing::info!(addr = ?listener.local_addr().ok(), "relay listening on TLS/TCP for nodes without UDP");
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Relaxed);
+            tracing::warn!(%peer, max = MAX_LINKS, "refusing TLS/TCP node: too many links");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let n = next.fetch_add(1, Relaxed) & 0x00ff_ffff;
+        let [_, b, c, d] = n.to_be_bytes();
+        let virt = SocketAddr::new(Ipv4Addr::new(240, b, c, d).into(), 443);
+        let (acceptor, links, stats, stop) = (
+            acceptor.clone(),
+            links.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(
+            async move {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        stats.refused.fetch_add(1, Relaxed);
+                        tracing::info!(error = %e, "TLS/TCP handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        stats.refused.fetch_add(1, Relaxed);
+                        tracing::info!("TLS/TCP handshake timed out");
+                        return;
+                    }
+                };
+                stats.accepted.fetch_add(1, Relaxed);
+                stats.open.fetch_add(1, Relaxed);
+                tracing::info!(%virt, "node link up over TLS/TCP");
+                let result = links.serve(virt, tls, stop).await;
+                stats.open.fetch_sub(1, Relaxed);
+                match result {
+                    Ok(()) => tracing::info!(%virt, "node link closed"),
+                    Err(e) => tracing::info!(%virt, error = %e, "node link ended"),
+                }
+            }
+            .instrument(tracing::info_span!("tcp_link", %peer)),
+        );
+    }
+    tasks.close();
+    tasks.wait().await;
+}
