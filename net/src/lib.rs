@@ -29,6 +29,7 @@ pub mod rekey;
 pub mod relay_socket;
 pub mod renew;
 pub mod splice;
+pub mod tls_server;
 
 use std::net::SocketAddr;
 

@@ -28,6 +28,8 @@ pub struct RelayFile {
     /// Who may register and reach each service (default: nobody).
     #[serde(default)]
     pub policy: Vec<PolicyFile>,
+    pub public_addr: Option<SocketAddr>,
+    pub public_domain: Option<String>,
 }
 
 /// `postern-relay run` flags.
@@ -74,6 +76,16 @@ pub struct RunArgs {
     /// new nodes and routes) before closing, e.g. `10s`, `500ms` [default: 10s].
     #[arg(long, value_parser = postern_net::drain::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
+    /// TCP address of the public hostname ingress, e.g. `0.0.0.0:443`: browsers open
+    /// `https://<service>.<public-domain>/` and reach an outlet that offers `service` publicly.
+    /// The relay reads only the TLS server name and never decrypts (the outlet holds the
+    /// certificate) [default: none; needs --public-domain].
+    #[arg(long, requires = "public_domain")]
+    pub public_addr: Option<SocketAddr>,
+    /// The DNS domain whose one-label subdomains name public services, e.g. `relay.example.com`
+    /// for `https://influxdb.relay.example.com/` (point `*.relay.example.com` at this relay).
+    #[arg(long)]
+    pub public_domain: Option<String>,
 }
 
 /// The merged configuration.
@@ -88,6 +100,20 @@ pub struct RelayConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub drain_timeout: std::time::Duration,
+    /// Public hostname ingress: TCP address and domain.
+    pub public: Option<(SocketAddr, String)>,
+}
+
+/// A DNS domain: dot-separated labels of letters, digits and `-`.
+fn valid_domain(d: &str) -> bool {
+    let d = d.strip_suffix('.').unwrap_or(d);
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 impl RunArgs {
@@ -142,7 +168,27 @@ impl RunArgs {
             }
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
+        let public = match (
+            self.public_addr.or(file.public_addr),
+            self.public_domain.or(file.public_domain),
+        ) {
+            (Some(addr), Some(domain)) if valid_domain(&domain) => Some((addr, domain)),
+            (Some(_), Some(domain)) => {
+                return Err(FileError::Config {
+                    path: PathBuf::from("public-domain"),
+                    message: format!("{domain:?} is not a DNS domain (e.g. relay.example.com)"),
+                })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(FileError::Config {
+                    path: PathBuf::from("public-addr/public-domain"),
+                    message: "the public ingress needs both public-addr and public-domain".into(),
+                })
+            }
+        };
         Ok(RelayConfig {
+            public,
             policy,
             listen,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),

@@ -277,6 +277,14 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         authority,
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
+    let public_stop = CancellationToken::new();
+    if let Some((addr, domain)) = cfg.public.clone() {
+        let opts = postern_relay::public::PublicOptions::new(addr, domain);
+        let ingress = postern_relay::public::PublicIngress::bind(opts)
+            .await
+            .with_context(|| format!("public ingress: cannot bind TCP {addr}"))?;
+        tokio::spawn(ingress.run(relay.handle(), public_stop.clone()));
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = postern_net::ops::bind(addr).await?;
@@ -296,6 +304,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         signal.cancel();
     });
     relay.run(shutdown).await;
+    public_stop.cancel();
     ops_stop.cancel();
     Ok(())
 }

@@ -80,6 +80,8 @@ struct Shared {
     listening: AtomicBool,
     /// Shutdown has begun: no new nodes or routes, existing routes keep forwarding.
     draining: AtomicBool,
+    /// Services outlets offer at the public hostname ingress.
+    public: Mutex<crate::public::PublicRegistry>,
 }
 
 impl Shared {
@@ -97,6 +99,10 @@ impl Shared {
 
     fn conn(&self, id: NodeId) -> Option<quinn::Connection> {
         self.conns().get(&id).cloned()
+    }
+
+    fn public(&self) -> MutexGuard<'_, crate::public::PublicRegistry> {
+        self.public.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -136,6 +142,16 @@ impl RelayHandle {
         } else {
             Ok(())
         }
+    }
+
+    /// Which outlets offer which services at the public ingress.
+    pub(crate) fn public_registry(&self) -> MutexGuard<'_, crate::public::PublicRegistry> {
+        self.shared.public()
+    }
+
+    /// A connected node's control connection.
+    pub(crate) fn node_conn(&self, id: NodeId) -> Option<quinn::Connection> {
+        self.shared.conn(id)
     }
 
     /// Names of connected nodes.
@@ -203,6 +219,7 @@ impl Relay {
                 next_id: AtomicU64::new(1),
                 listening: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
+                public: Mutex::default(),
             }),
             drain_timeout: Duration::ZERO,
         })
@@ -421,6 +438,7 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
 
 /// Drops a node's registrations and routes, and tells the other end of each route.
 fn forget_node(shared: &Arc<Shared>, id: NodeId) {
+    shared.public().remove_node(id);
     let gone = shared.registry().disconnect(id);
     for (route, other) in gone {
         shared.routes.remove(route);
@@ -463,6 +481,7 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             tracing::info!(?services, "services registered");
             Ctl::Registered { services }
         }
+        Ctl::RegisterPublic { services } => register_public(shared, id, services),
         Ctl::RouteRequest { .. } if shared.draining.load(Relaxed) => {
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
             Ctl::Error {
@@ -511,6 +530,31 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             }
         }
     }
+}
+
+/// Offers `services` at the public ingress, for a node allowed to register them.
+fn register_public(shared: &Arc<Shared>, id: NodeId, services: Vec<ServiceName>) -> Ctl {
+    let (name, attrs) = {
+        let reg = shared.registry();
+        (reg.name(id).cloned(), reg.attrs(id))
+    };
+    let Some(name) = name else {
+        return Ctl::Error {
+            message: "unknown node".into(),
+        };
+    };
+    for svc in &services {
+        let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
+        tracing::info!(target: "postern::audit", event = "policy", action = "register_public", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
+        if !d.allowed {
+            return Ctl::Error {
+                message: format!("not allowed to register {svc}: {}", d.rule),
+            };
+        }
+    }
+    shared.public().register(id, &services);
+    tracing::info!(?services, "public services registered");
+    Ctl::Registered { services }
 }
 
 async fn grant_route(
