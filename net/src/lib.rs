@@ -21,6 +21,7 @@ pub mod drain;
 pub mod endpoint;
 pub mod enroll;
 pub mod files;
+pub mod http_proxy;
 pub mod logging;
 pub mod node_config;
 pub mod node_socket;

@@ -151,8 +151,8 @@ impl Outlet {
 
     /// Also offers these services at the relay's public hostname ingress (each must be one of
     /// the outlet's services).
-    pub fn set_public(&mut self, public: crate::public::Public) {
-        self.public = Some(Arc::new(public));
+    pub fn set_public(&mut self, public: Arc<crate::public::Public>) {
+        self.public = Some(public);
     }
 
     /// A handle for inspection.

@@ -439,7 +439,7 @@ pub async fn start_outlet_public(
     name: &str,
     relay: SocketAddr,
     services: Services,
-    public: postern_outlet::public::Public,
+    public: Arc<postern_outlet::public::Public>,
 ) -> OutletNode {
     let mut outlet = Outlet::bind(OutletOptions {
         relay: relay_target(relay),

@@ -3,6 +3,7 @@
 //! forwards only ciphertext.
 
 use postern_outlet::forward::Services;
+use postern_outlet::public::access::AccessStore;
 use postern_outlet::public::{Public, PublicService};
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
@@ -61,6 +62,17 @@ fn connector(pki: &Pki) -> tokio_rustls::TlsConnector {
 /// Opens `https://<name>/<path>` through the ingress at `addr` (`name` an IP address: no SNI)
 /// and returns the whole response.
 async fn get(pki: &Pki, addr: SocketAddr, name: &str, path: &str) -> std::io::Result<String> {
+    get_with(pki, addr, name, path, "").await
+}
+
+/// [`get`] with extra header lines (each ending in CRLF).
+async fn get_with(
+    pki: &Pki,
+    addr: SocketAddr,
+    name: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<String> {
     let tcp = TcpStream::connect(addr).await?;
     let server = rustls::pki_types::ServerName::try_from(name.to_owned())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -68,7 +80,7 @@ async fn get(pki: &Pki, addr: SocketAddr, name: &str, path: &str) -> std::io::Re
         tokio::time::timeout(Duration::from_secs(10), connector(pki).connect(server, tcp))
             .await
             .map_err(|_| std::io::Error::other("handshake timed out"))??;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n{headers}\r\n");
     tls.write_all(req.as_bytes()).await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
@@ -86,9 +98,9 @@ fn is_unrecognized_name(e: &std::io::Error) -> bool {
         })
 }
 
-fn public_of(pki: &Pki, service: &str) -> Public {
+fn public_of(pki: &Pki, service: &str, state: &std::path::Path) -> Arc<Public> {
     let host = format!("{service}.{DOMAIN}");
-    Public {
+    Arc::new(Public {
         services: HashMap::from([(
             svc(service),
             PublicService {
@@ -96,7 +108,21 @@ fn public_of(pki: &Pki, service: &str) -> Public {
                 host,
             },
         )]),
-    }
+        access: Arc::new(AccessStore::open(state).expect("access store")),
+        link_port: 443,
+    })
+}
+
+/// A cookie header line for a new grant of `service` valid for `ttl`.
+fn grant_cookie(public: &Public, service: &str, ttl: Duration) -> (String, String) {
+    let g = public
+        .access
+        .create(&svc(service), ttl, Default::default())
+        .expect("grant");
+    (
+        format!("Cookie: postern_access={}\r\n", &*g.secret),
+        g.info.id,
+    )
 }
 
 fn services_of(service: &str, to: SocketAddr) -> Services {
@@ -122,12 +148,18 @@ async fn sni_routes_each_name_to_its_outlet_and_the_relay_sees_only_ciphertext()
     let (ingress, _ingress) = start_public_ingress(&relay, DOMAIN, Some(tap)).await;
     let (alpha_addr, alpha_hits) = tagged_server("alpha-backend").await;
     let (beta_addr, beta_hits) = tagged_server("beta-backend").await;
+    let (state_a, state_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let public_a = public_of(&pki, "alpha", state_a.path());
+    let public_b = public_of(&pki, "beta", state_b.path());
     let _a = start_outlet_public(
         &pki,
         "outlet-a",
         relay.addr,
         services_of("alpha", alpha_addr),
-        public_of(&pki, "alpha"),
+        public_a.clone(),
     )
     .await;
     let _b = start_outlet_public(
@@ -135,20 +167,39 @@ async fn sni_routes_each_name_to_its_outlet_and_the_relay_sees_only_ciphertext()
         "outlet-b",
         relay.addr,
         services_of("beta", beta_addr),
-        public_of(&pki, "beta"),
+        public_b.clone(),
     )
     .await;
+    let (cookie_a, _) = grant_cookie(&public_a, "alpha", Duration::from_secs(600));
+    let (cookie_b, _) = grant_cookie(&public_b, "beta", Duration::from_secs(600));
 
-    let alpha = get(&pki, ingress, "alpha.relay.test", "/secret-path-alpha")
-        .await
-        .expect("alpha");
+    let alpha = get_with(
+        &pki,
+        ingress,
+        "alpha.relay.test",
+        "/secret-path-alpha",
+        &cookie_a,
+    )
+    .await
+    .expect("alpha");
     assert!(alpha.contains("served by alpha-backend"), "{alpha}");
-    let beta = get(&pki, ingress, "beta.relay.test", "/secret-path-beta")
-        .await
-        .expect("beta");
+    let beta = get_with(
+        &pki,
+        ingress,
+        "beta.relay.test",
+        "/secret-path-beta",
+        &cookie_b,
+    )
+    .await
+    .expect("beta");
     assert!(beta.contains("served by beta-backend"), "{beta}");
-    // Case and a trailing dot do not matter to DNS, nor to the ingress.
-    let upper = get(&pki, ingress, "ALPHA.Relay.Test", "/x")
+    // A grant of one service does not open another.
+    let cross = get_with(&pki, ingress, "beta.relay.test", "/", &cookie_a)
+        .await
+        .expect("cross");
+    assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
+    // Case does not matter to DNS, nor to the ingress.
+    let upper = get_with(&pki, ingress, "ALPHA.Relay.Test", "/x", &cookie_a)
         .await
         .expect("upper");
     assert!(upper.contains("served by alpha-backend"), "{upper}");
@@ -239,4 +290,110 @@ async fn slow_or_oversize_client_hellos_are_cut_off() {
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "oversize ClientHello not cut off");
     assert!(rest.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_links_open_the_door_and_revocation_or_expiry_closes_it() {
+    init_logging();
+    let pki = Pki::new();
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
+    let (ingress, _ingress) = start_public_ingress(&relay, DOMAIN, None).await;
+    let (backend, hits) = tagged_server("alpha-backend").await;
+    let state = tempfile::tempdir().expect("dir");
+    let public = public_of(&pki, "alpha", state.path());
+    let _o = start_outlet_public(
+        &pki,
+        "outlet-a",
+        relay.addr,
+        services_of("alpha", backend),
+        public.clone(),
+    )
+    .await;
+    let host = "alpha.relay.test";
+
+    // No grant: a 403 page saying how to get one; the backend is never reached.
+    let page = get(&pki, ingress, host, "/").await.expect("403");
+    assert!(page.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{page}");
+    assert!(
+        page.contains("text/html") && page.contains("postern-outlet access create --service alpha"),
+        "{page}"
+    );
+    let bogus = get_with(
+        &pki,
+        ingress,
+        host,
+        "/",
+        "Cookie: postern_access=made-up\r\n",
+    )
+    .await
+    .expect("403");
+    assert!(bogus.starts_with("HTTP/1.1 403"), "{bogus}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+
+    // The access link sets a locked-down cookie holding the grant and redirects to `/`.
+    let g = public
+        .access
+        .create(&svc("alpha"), Duration::from_secs(600), Default::default())
+        .expect("grant");
+    let link = public.link(&svc("alpha"), &g.secret).expect("link");
+    assert_eq!(
+        link,
+        format!("https://{host}/_postern/access?grant={}", &*g.secret)
+    );
+    let path = link
+        .trim_start_matches(&format!("https://{host}"))
+        .to_owned();
+    let redirect = get(&pki, ingress, host, &path).await.expect("link");
+    assert!(redirect.starts_with("HTTP/1.1 302 Found\r\n"), "{redirect}");
+    let set_cookie = redirect
+        .lines()
+        .find(|l| l.starts_with("Set-Cookie: "))
+        .expect("Set-Cookie");
+    for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(set_cookie.contains(attr), "{set_cookie}");
+    }
+    let cookie = set_cookie
+        .trim_start_matches("Set-Cookie: ")
+        .split(';')
+        .next()
+        .expect("cookie");
+    assert_eq!(cookie, format!("postern_access={}", &*g.secret));
+    let with_cookie = format!("Cookie: theme=dark; {cookie}\r\n");
+    let ok = get_with(&pki, ingress, host, "/", &with_cookie)
+        .await
+        .expect("ok");
+    assert!(ok.contains("served by alpha-backend"), "{ok}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // Revoked: refused at once, and the link no longer opens.
+    public.access.revoke(&g.info.id).expect("revoke");
+    let after = get_with(&pki, ingress, host, "/", &with_cookie)
+        .await
+        .expect("403");
+    assert!(after.starts_with("HTTP/1.1 403"), "{after}");
+    let relink = get(&pki, ingress, host, &path).await.expect("403");
+    assert!(relink.starts_with("HTTP/1.1 403"), "{relink}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // A short grant works, then stops working once it expires.
+    let (short, _) = grant_cookie(&public, "alpha", Duration::from_secs(2));
+    let ok = get_with(&pki, ingress, host, "/", &short)
+        .await
+        .expect("ok");
+    assert!(ok.contains("served by alpha-backend"), "{ok}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get_with(&pki, ingress, host, "/", &short)
+            .await
+            .expect("answer");
+        if r.starts_with("HTTP/1.1 403") {
+            assert!(r.contains("expired"), "{r}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grant never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

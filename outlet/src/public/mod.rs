@@ -2,11 +2,19 @@
 //!
 //! The relay reads only the TLS server name and hands the outlet each such connection as a
 //! stream on the control connection (`Ctl::PublicStream`), bytes unchanged. The outlet holds
-//! the certificate: it terminates TLS here, so the relay never sees plaintext, then forwards
-//! the connection to the service's target.
+//! the certificate: it terminates TLS here, so the relay never sees plaintext, then serves the
+//! decrypted HTTP/1.1 through the shared HTTP filter ([`postern_net::http_proxy`]) with an
+//! [`gate::AccessGate`]: only requests with a live access grant reach the target, each with the
+//! grant's leased credential when the service has a lease manager.
+
+pub mod access;
+pub mod admin;
+pub mod gate;
 
 use crate::forward::{Drain, Services};
+use access::AccessStore;
 use postern_net::tls_server::{self, TlsAcceptor};
+use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl};
 use postern_proto::name::ServiceName;
 use quinn::VarInt;
@@ -23,12 +31,29 @@ pub struct PublicService {
 }
 
 /// Everything the outlet offers publicly.
-#[derive(Default)]
 pub struct Public {
     pub services: HashMap<ServiceName, PublicService>,
+    /// The access grants every request is checked against.
+    pub access: Arc<AccessStore>,
+    /// The relay's public port as browsers reach it (443 leaves it out of links).
+    pub link_port: u16,
 }
 
 impl Public {
+    /// The access link for a grant's secret, e.g.
+    /// `https://influxdb.relay.example.com/_postern/access?grant=...`.
+    pub fn link(&self, service: &ServiceName, secret: &str) -> Option<String> {
+        let host = &self.services.get(service)?.host;
+        let port = match self.link_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        Some(format!(
+            "https://{host}{port}{}?grant={secret}",
+            gate::ACCESS_PATH
+        ))
+    }
+
     /// Names of the services offered publicly.
     pub fn names(&self) -> Vec<ServiceName> {
         let mut names: Vec<ServiceName> = self.services.keys().cloned().collect();
@@ -84,32 +109,38 @@ pub fn spawn_stream(
                     return;
                 }
             };
-            serve_tls(tls, &target).await;
+            let lease = services.leases.get(&service).cloned();
+            let cfg = FilterConfig {
+                // InfluxDB takes credentials from `u`/`p` too; only the lease may reach it.
+                strip_query_credentials: lease.is_some(),
+                ..FilterConfig::default()
+            };
+            let gate = gate::AccessGate::new(public.access.clone(), service.clone(), lease);
+            let open = || async move {
+                match target.connect().await {
+                    Ok(crate::target::TargetStream::Tcp(t)) => Ok(Box::new(t) as Box<dyn Io>),
+                    Ok(crate::target::TargetStream::Tls(t)) => Ok(Box::new(*t) as Box<dyn Io>),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "public client: target unreachable");
+                        Err(std::io::Error::other(e.to_string()))
+                    }
+                }
+            };
+            match postern_net::http_proxy::proxy_gated(tls, open, gate, cfg).await {
+                Ok(stats) => tracing::debug!(
+                    requests = stats.requests,
+                    up = stats.bytes_up,
+                    down = stats.bytes_down,
+                    "public connection done"
+                ),
+                Err(e) => tracing::info!(error = %e, "public connection ended"),
+            }
             drop(token);
         }
         .instrument(span),
     );
 }
 
-/// Joins a public client's decrypted connection to the service's target.
-async fn serve_tls<S>(mut tls: S, target: &crate::target::Target)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let result = match target.connect().await {
-        Ok(crate::target::TargetStream::Tcp(mut tcp)) => {
-            tokio::io::copy_bidirectional(&mut tls, &mut tcp).await
-        }
-        Ok(crate::target::TargetStream::Tls(mut t)) => {
-            tokio::io::copy_bidirectional(&mut tls, &mut *t).await
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "public client: target unreachable");
-            return;
-        }
-    };
-    match result {
-        Ok((up, down)) => tracing::debug!(up, down, "public connection done"),
-        Err(e) => tracing::debug!(error = %e, "public connection ended with an error"),
-    }
-}
+/// A connection to a target, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
