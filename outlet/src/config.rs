@@ -110,8 +110,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
-    /// `,tls-server-name=NAME`. Repeatable; adds to the file's `[[service]]` tables.
-    #[arg(long = "service", value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH]")]
+    /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public,public-cert=PATH,public-key=PATH`
+    /// to offer it at the relay's public hostname too (`https://NAME.<public-domain>/`, behind
+    /// access links). Repeatable; adds to the file's `[[service]]` tables.
+    #[arg(
+        long = "service",
+        value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public]"
+    )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
     /// control connection to the relay is up), e.g. `127.0.0.1:9465` [default: none].
@@ -374,6 +379,55 @@ mod tests {
         let e = toml::from_str::<OutletFile>("[[service]]\nname = \"Bad Name\"\nto = \"x:1\"\n")
             .expect_err("bad name");
         assert!(e.to_string().contains("name"), "{e}");
+    }
+
+    fn args_with(file: &std::path::Path, public_domain: Option<&str>) -> RunArgs {
+        RunArgs {
+            config: Some(file.to_owned()),
+            relay: None,
+            relay_name: None,
+            ticket: None,
+            name: None,
+            cert: None,
+            key: None,
+            ca: None,
+            state_dir: None,
+            services: vec![],
+            metrics_addr: None,
+            audit_log: None,
+            drain_timeout: None,
+            public_domain: public_domain.map(str::to_owned),
+            public_port: None,
+        }
+    }
+
+    #[test]
+    fn public_services_need_a_domain_and_a_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        let svc = "[[service]]\nname = \"ui\"\nto = \"127.0.0.1:1\"\npublic = true\n";
+        std::fs::write(&file, svc).expect("write");
+        let e = args_with(&file, Some("relay.example.com"))
+            .resolve()
+            .expect_err("no cert");
+        assert!(e.to_string().contains("public-cert"), "{e}");
+        std::fs::write(
+            &file,
+            format!("{svc}public-cert = \"ui.pem\"\npublic-key = \"ui.key\"\n"),
+        )
+        .expect("write");
+        let e = args_with(&file, None).resolve().expect_err("no domain");
+        assert!(e.to_string().contains("public-domain"), "{e}");
+        let cfg = args_with(&file, Some("Relay.Example.com."))
+            .resolve()
+            .expect("valid");
+        let public = cfg.public.expect("public");
+        assert_eq!(public.domain, "relay.example.com");
+        assert_eq!(public.port, 443);
+        assert_eq!(public.services.len(), 1);
+        let flag =
+            parse_service_flag("ui=x:1,public,public-cert=a.pem,public-key=a.key").expect("flag");
+        assert!(flag.public && flag.public_cert.is_some() && flag.public_key.is_some());
     }
 
     #[test]

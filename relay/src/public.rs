@@ -37,6 +37,10 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most public connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Most public connections handed to one outlet at once. Each is a stream on the outlet's
+/// control connection, which admits 256 streams the relay opens: the rest stay free for route
+/// set-up, so public clients cannot starve the tunnels.
+pub const MAX_STREAMS_PER_OUTLET: usize = 192;
 
 /// Which way bytes were moving when the tap saw them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +183,7 @@ impl PublicIngress {
         tracing::info!(addr = ?self.listener.local_addr().ok(), domain = %self.opts.domain, "public ingress listening");
         let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let opts = Arc::new(self.opts);
+        let per_outlet = Arc::new(PerOutlet::default());
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -197,9 +202,10 @@ impl PublicIngress {
                 },
             };
             let (relay, opts, stats) = (relay.clone(), opts.clone(), self.stats.clone());
+            let per_outlet = per_outlet.clone();
             tokio::spawn(
                 async move {
-                    if let Err(refusal) = serve(tcp, peer, &relay, &opts).await {
+                    if let Err(refusal) = serve(tcp, peer, &relay, &opts, &per_outlet).await {
                         stats.refused.fetch_add(1, Relaxed);
                         if matches!(refusal, Refusal::NoName | Refusal::UnknownName) {
                             stats.refused_unknown_name.fetch_add(1, Relaxed);
@@ -222,6 +228,7 @@ async fn serve(
     peer: SocketAddr,
     relay: &RelayHandle,
     opts: &PublicOptions,
+    per_outlet: &PerOutlet,
 ) -> Result<(), Refusal> {
     let _ = tcp.set_nodelay(true);
     let mut hello = Vec::with_capacity(2048);
@@ -255,6 +262,10 @@ async fn serve(
         return Err(refuse(tcp, Refusal::UnknownName).await);
     }
     for conn in candidates {
+        let Some(_slot) = per_outlet.acquire(&conn) else {
+            tracing::warn!(%service, "an outlet has {MAX_STREAMS_PER_OUTLET} public connections open; trying another");
+            continue;
+        };
         let open = Ctl::PublicStream {
             service: service.clone(),
             client: peer.to_string(),
@@ -289,6 +300,28 @@ async fn serve(
         return Ok(());
     }
     Err(refuse(tcp, Refusal::OutletUnavailable).await)
+}
+
+/// Public connections open per outlet control connection.
+#[derive(Default)]
+struct PerOutlet {
+    slots: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl PerOutlet {
+    /// A slot for one more connection to `conn`'s outlet, or `None` when it has its fill.
+    fn acquire(&self, conn: &quinn::Connection) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() > 1024 {
+            // Forget idle entries (outlets that reconnected get a new connection id).
+            slots.retain(|_, s| s.available_permits() < MAX_STREAMS_PER_OUTLET);
+        }
+        let sem = slots
+            .entry(conn.stable_id())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS_PER_OUTLET)))
+            .clone();
+        sem.try_acquire_owned().ok()
+    }
 }
 
 /// Reads until the ClientHello is complete; `Ok(None)`: it names no server.
