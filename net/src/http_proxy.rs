@@ -82,13 +82,14 @@ pub enum Verdict {
 
 /// Decides, request by request, what goes to the upstream and with which credential.
 pub trait Gate: Send {
-    /// Looks at one accepted request head (the client's credentials already taken out).
-    fn check(&mut self, head: &RequestHead) -> impl Future<Output = Verdict> + Send;
+    /// Looks at one accepted request head (the client's credentials already taken out); may
+    /// edit it before it is forwarded (e.g. take out a cookie meant for the gate).
+    fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send;
 }
 
 /// The inlet's gate: every request goes on with the lease held at that moment, or gets a 503.
 impl Gate for CredentialSource {
-    fn check(&mut self, _head: &RequestHead) -> impl Future<Output = Verdict> + Send {
+    fn check(&mut self, _head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
         let verdict = match &*self.borrow() {
             LeaseState::Held(c) => Verdict::Forward {
                 authorization: Some(c.authorization()),
@@ -278,8 +279,8 @@ where
                         break self.finish().await;
                     }
                 }
-                Step::Head { head, consumed } => {
-                    let authorization = match self.gate.check(&head).await {
+                Step::Head { mut head, consumed } => {
+                    let authorization = match self.gate.check(&mut head).await {
                         Verdict::Forward { authorization } => Ok(authorization),
                         Verdict::NoLease { reason } => Err(reason),
                         Verdict::Answer { response, reason } => {

@@ -17,15 +17,25 @@ use tokio::net::{TcpListener, TcpStream};
 
 const DOMAIN: &str = "relay.test";
 
+type Heads = Arc<Mutex<Vec<String>>>;
+
 /// An HTTP server that answers every request with `tag` and counts the connections it got.
 async fn tagged_server(tag: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, count, _) = recording_server(tag).await;
+    (addr, count)
+}
+
+/// [`tagged_server`] that also keeps the request heads it received.
+async fn recording_server(tag: &'static str) -> (SocketAddr, Arc<AtomicUsize>, Heads) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
+    let heads = Heads::default();
+    let (c, h) = (count.clone(), heads.clone());
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             c.fetch_add(1, Ordering::SeqCst);
+            let h = h.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -35,6 +45,9 @@ async fn tagged_server(tag: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
+                h.lock()
+                    .expect("heads")
+                    .push(String::from_utf8_lossy(&head).into_owned());
                 let body = format!("served by {tag}");
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -45,7 +58,7 @@ async fn tagged_server(tag: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, count)
+    (addr, count, heads)
 }
 
 /// A TLS client trusting only the project CA.
@@ -298,7 +311,7 @@ async fn access_links_open_the_door_and_revocation_or_expiry_closes_it() {
     let pki = Pki::new();
     let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
     let (ingress, _ingress) = start_public_ingress(&relay, DOMAIN, None).await;
-    let (backend, hits) = tagged_server("alpha-backend").await;
+    let (backend, hits, heads) = recording_server("alpha-backend").await;
     let state = tempfile::tempdir().expect("dir");
     let public = public_of(&pki, "alpha", state.path());
     let _o = start_outlet_public(
@@ -364,6 +377,13 @@ async fn access_links_open_the_door_and_revocation_or_expiry_closes_it() {
         .expect("ok");
     assert!(ok.contains("served by alpha-backend"), "{ok}");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // The grant's secret stays with the gate; the service's own cookies pass.
+    let seen = heads.lock().expect("heads").join("");
+    assert!(seen.contains("Cookie: theme=dark\r\n"), "{seen}");
+    assert!(
+        !seen.contains(&*g.secret) && !seen.contains("postern_access"),
+        "{seen}"
+    );
 
     // Revoked: refused at once, and the link no longer opens.
     public.access.revoke(&g.info.id).expect("revoke");

@@ -53,7 +53,7 @@ impl AccessGate {
         }
     }
 
-    async fn decide(&mut self, head: &RequestHead) -> Verdict {
+    async fn decide(&mut self, head: &mut RequestHead) -> Verdict {
         let now = now_ms();
         if head.path() == ACCESS_PATH {
             let secret = query_param(head.target(), "grant").unwrap_or_default();
@@ -84,6 +84,8 @@ impl AccessGate {
         let Some(info) = granted else {
             return self.forbidden(denied);
         };
+        // The grant's secret is for the gate only: the service never sees it.
+        head.remove_cookie(COOKIE);
         match &self.lease {
             None => Verdict::Forward {
                 authorization: None,
@@ -147,7 +149,7 @@ impl AccessGate {
 }
 
 impl Gate for AccessGate {
-    fn check(&mut self, head: &RequestHead) -> impl Future<Output = Verdict> + Send {
+    fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
         self.decide(head)
     }
 }
