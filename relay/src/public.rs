@@ -154,28 +154,18 @@ impl PublicRegistry {
 pub struct PublicIngress {
     listener: TcpListener,
     opts: PublicOptions,
-    stats: Arc<PublicStats>,
 }
 
 impl PublicIngress {
     /// Binds the public TCP port.
     pub async fn bind(opts: PublicOptions) -> io::Result<Self> {
         let listener = TcpListener::bind(opts.listen).await?;
-        Ok(Self {
-            listener,
-            opts,
-            stats: Arc::default(),
-        })
+        Ok(Self { listener, opts })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
-    }
-
-    /// The ingress' counters.
-    pub fn stats(&self) -> Arc<PublicStats> {
-        self.stats.clone()
     }
 
     /// Serves until `shutdown`; connections already forwarded go on until they end.
@@ -201,7 +191,7 @@ impl PublicIngress {
                     }
                 },
             };
-            let (relay, opts, stats) = (relay.clone(), opts.clone(), self.stats.clone());
+            let (relay, opts, stats) = (relay.clone(), opts.clone(), relay.public_stats_arc());
             let per_outlet = per_outlet.clone();
             tokio::spawn(
                 async move {

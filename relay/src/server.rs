@@ -82,6 +82,8 @@ struct Shared {
     draining: AtomicBool,
     /// Services outlets offer at the public hostname ingress.
     public: Mutex<crate::public::PublicRegistry>,
+    /// The public ingress' counters (zero without one).
+    public_stats: Arc<crate::public::PublicStats>,
 }
 
 impl Shared {
@@ -147,6 +149,15 @@ impl RelayHandle {
     /// Which outlets offer which services at the public ingress.
     pub(crate) fn public_registry(&self) -> MutexGuard<'_, crate::public::PublicRegistry> {
         self.shared.public()
+    }
+
+    /// The public ingress' counters.
+    pub fn public_stats(&self) -> &crate::public::PublicStats {
+        &self.shared.public_stats
+    }
+
+    pub(crate) fn public_stats_arc(&self) -> Arc<crate::public::PublicStats> {
+        self.shared.public_stats.clone()
     }
 
     /// A connected node's control connection.
@@ -220,6 +231,7 @@ impl Relay {
                 listening: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 public: Mutex::default(),
+                public_stats: Arc::default(),
             }),
             drain_timeout: Duration::ZERO,
         })

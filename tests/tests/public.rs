@@ -255,6 +255,25 @@ async fn sni_routes_each_name_to_its_outlet_and_the_relay_sees_only_ciphertext()
         "beta backend connections"
     );
 
+    // The relay counts what it did (connections end on their own tasks: wait for the counts).
+    let stats = relay.handle.public_stats();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (fwd, refused, unknown) = (
+            stats.forwarded.load(Ordering::SeqCst),
+            stats.refused.load(Ordering::SeqCst),
+            stats.refused_unknown_name.load(Ordering::SeqCst),
+        );
+        if (fwd, refused, unknown) == (4, 6, 5) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "forwarded {fwd}, refused {refused}, unknown names {unknown}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // The relay forwarded the traffic but saw none of it in the clear.
     let seen = seen.lock().expect("seen");
     assert!(

@@ -59,6 +59,7 @@ impl AccessGate {
             let secret = query_param(head.target(), "grant").unwrap_or_default();
             return match self.store.check(secret, &self.service, now) {
                 Ok(info) => {
+                    self.count("link");
                     tracing::info!(target: "postern::audit", event = "access", grant = %info.id, service = %self.service, attrs = ?info.attrs, "access link opened");
                     Verdict::Answer {
                         response: redirect_with_cookie(secret, info.expires_at_ms - now),
@@ -86,6 +87,7 @@ impl AccessGate {
         };
         // The grant's secret is for the gate only: the service never sees it.
         head.remove_cookie(COOKIE);
+        self.count("allowed");
         match &self.lease {
             None => Verdict::Forward {
                 authorization: None,
@@ -139,7 +141,12 @@ impl AccessGate {
         }
     }
 
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!("postern_outlet_public_requests_total", "service" => self.service.as_str().to_owned(), "outcome" => outcome).increment(1);
+    }
+
     fn forbidden(&self, denied: Denied) -> Verdict {
+        self.count("denied");
         tracing::info!(target: "postern::audit", event = "access", service = %self.service, allowed = false, reason = %denied, "request refused");
         Verdict::Answer {
             response: forbidden_page(&self.service, &denied),

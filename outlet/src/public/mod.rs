@@ -109,6 +109,7 @@ pub fn spawn_stream(
                     return;
                 }
             };
+            metrics::counter!("postern_outlet_public_connections_total", "service" => service.as_str().to_owned()).increment(1);
             let lease = services.leases.get(&service).cloned();
             let cfg = FilterConfig {
                 // InfluxDB takes credentials from `u`/`p` too; only the lease may reach it.
