@@ -20,6 +20,11 @@ use postern_proto::name::ServiceName;
 use quinn::VarInt;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// How long a public client may take, after the TLS handshake, to start its first request.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 use tracing::Instrument;
 
 /// One service offered publicly.
@@ -110,6 +115,20 @@ pub fn spawn_stream(
                 }
             };
             metrics::counter!("postern_outlet_public_connections_total", "service" => service.as_str().to_owned()).increment(1);
+            // A client that completes TLS and then says nothing would hold one of the outlet's
+            // public slots at the relay for ever: it must start its first request in time.
+            let (mut tls_r, tls_w) = tokio::io::split(tls);
+            let mut first = vec![0u8; 4096];
+            let n = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, tls_r.read(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::info!(timeout = ?FIRST_REQUEST_TIMEOUT, "public client sent no request in time; closing");
+                    return;
+                }
+            };
+            first.truncate(n);
+            let client = tokio::io::join(std::io::Cursor::new(first).chain(tls_r), tls_w);
             let lease = services.leases.get(&service).cloned();
             let cfg = FilterConfig {
                 // InfluxDB takes credentials from `u`/`p` too; only the lease may reach it.
@@ -127,7 +146,7 @@ pub fn spawn_stream(
                     }
                 }
             };
-            match postern_net::http_proxy::proxy_gated(tls, open, gate, cfg).await {
+            match postern_net::http_proxy::proxy_gated(client, open, gate, cfg).await {
                 Ok(stats) => tracing::debug!(
                     requests = stats.requests,
                     up = stats.bytes_up,
