@@ -8,82 +8,18 @@
 //! the handshake is done.
 
 use postern_net::splice;
-use postern_proto::tls::{provider, Identity};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-pub use tokio_rustls::TlsAcceptor;
 
-/// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The ALPN protocol offered: HTTP/1.1 only (the HTTP filter does not speak HTTP/2).
-pub const ALPN_HTTP11: &[u8] = b"http/1.1";
-
-/// Why a listener's TLS configuration could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsSetupError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error("tls-cert {cert} / tls-key {key}: {message}")]
-    Pem {
-        cert: PathBuf,
-        key: PathBuf,
-        message: String,
-    },
-    #[error("tls-cert {cert} / tls-key {key}: {source}")]
-    Rustls {
-        cert: PathBuf,
-        key: PathBuf,
-        source: rustls::Error,
-    },
-}
-
-/// A TLS acceptor serving the PEM certificate chain in `cert` with the PEM private key in `key`.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
-    let read = |what, path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| TlsSetupError::Read {
-            what,
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let cert_pem = read("tls-cert", cert)?;
-    let key_pem = read("tls-key", key)?;
-    let identity = Identity::from_pem(&cert_pem, &key_pem).map_err(|e| TlsSetupError::Pem {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        message: e.to_string(),
-    })?;
-    server_config(&identity)
-        .map(|c| TlsAcceptor::from(Arc::new(c)))
-        .map_err(|source| TlsSetupError::Rustls {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            source,
-        })
-}
-
-/// The server configuration for a local listener: TLS 1.2 + 1.3, no client certificate, ALPN
-/// `http/1.1`. Fails if the key does not match the certificate.
-pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(identity.certs.clone(), identity.key())?;
-    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
-    Ok(cfg)
-}
+pub use postern_net::tls_server::{
+    acceptor, server_config, TlsAcceptor, TlsSetupError, ALPN_HTTP11, HANDSHAKE_TIMEOUT,
+};
 
 /// Runs the server side of the handshake on an accepted connection, within
 /// [`HANDSHAKE_TIMEOUT`].
@@ -241,6 +177,9 @@ mod tests {
     use super::*;
     use postern_proto::name::NodeName;
     use postern_proto::pki::Ca;
+    use postern_proto::tls::provider;
+    use std::path::PathBuf;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio_rustls::TlsConnector;

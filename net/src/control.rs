@@ -22,6 +22,14 @@ pub trait ControlHandler: Send + Sync + 'static {
     fn on_push(&self, msg: Ctl) -> impl Future<Output = Ctl> + Send;
     /// Called when a control connection is lost (its routes at the relay are gone with it).
     fn on_disconnect(&self, relay: SocketAddr);
+    /// Takes a stream the relay opened with a `PublicStream` frame (a client of the public
+    /// ingress); must not block: spawn what serves it. Nodes without public services refuse it.
+    fn on_stream(&self, open: Ctl, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        tracing::warn!(message = ?std::mem::discriminant(&open), "relay opened a public stream, but this node serves none");
+        let c = quinn::VarInt::from_u32(postern_proto::msg::code::UNKNOWN_SERVICE);
+        let _ = send.reset(c);
+        let _ = recv.stop(c);
+    }
 }
 
 /// A client configuration that can be replaced while in use (e.g. after certificate renewal):
@@ -129,8 +137,12 @@ async fn serve_pushes<H: ControlHandler>(conn: &quinn::Connection, handler: &H) 
             Err(e) => return e.to_string(),
         };
         // Pushes are rare and quick; answering them in order keeps route set-up ordered.
-        let msg = match tokio::time::timeout(CTL_TIMEOUT, ctl::read_message::<Ctl>(&mut recv)).await
-        {
+        // One frame, not the whole stream: a public stream goes on with the client's bytes.
+        let msg = match tokio::time::timeout(CTL_TIMEOUT, ctl::read_frame::<Ctl>(&mut recv)).await {
+            Ok(Ok(open @ Ctl::PublicStream { .. })) => {
+                handler.on_stream(open, send, recv);
+                continue;
+            }
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "bad message from relay");

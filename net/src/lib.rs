@@ -23,6 +23,7 @@ pub mod drain;
 pub mod endpoint;
 pub mod enroll;
 pub mod files;
+pub mod http_proxy;
 pub mod links;
 pub mod logging;
 pub mod node_config;
@@ -34,6 +35,7 @@ pub mod relay_socket;
 pub mod relay_tcp;
 pub mod renew;
 pub mod splice;
+pub mod tls_server;
 
 use std::net::SocketAddr;
 

@@ -28,6 +28,15 @@ pub struct ServiceFile {
     /// Attribute expression an inlet must satisfy to use this service, e.g.
     /// `role = "influxdb-client"` (checked by the outlet itself, after the relay's policy).
     pub allow: Option<String>,
+    /// Also offer this service at the relay's public hostname,
+    /// `https://<name>.<public-domain>/`, to browsers holding an access link.
+    #[serde(default)]
+    pub public: bool,
+    /// Certificate (PEM chain) for `<name>.<public-domain>`, e.g. from
+    /// `postern-relay ca issue <name>.<public-domain>` (required with `public`).
+    pub public_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub public_key: Option<PathBuf>,
 }
 
 /// The outlet's config file.
@@ -57,6 +66,18 @@ pub struct OutletFile {
     pub influxdb_outlet: Option<InfluxdbOutletConfig>,
     /// Service name for `[influxdb-outlet]` [default: influxdb].
     pub influxdb_service: Option<ServiceName>,
+    /// The relay's public domain (its `--public-domain`): public services are
+    /// `https://<service>.<public-domain>/`.
+    pub public_domain: Option<String>,
+    /// The relay's public port as browsers reach it, for access links [default: 443].
+    pub public_port: Option<u16>,
+    /// Offer the `[influxdb-outlet]` service publicly too (each access grant gets its own lease).
+    #[serde(default)]
+    pub influxdb_public: bool,
+    /// Certificate (PEM chain) for the public InfluxDB host name.
+    pub influxdb_public_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub influxdb_public_key: Option<PathBuf>,
 }
 
 /// `postern-outlet run` flags.
@@ -103,8 +124,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
-    /// `,tls-server-name=NAME`. Repeatable; adds to the file's `[[service]]` tables.
-    #[arg(long = "service", value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH]")]
+    /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public,public-cert=PATH,public-key=PATH`
+    /// to offer it at the relay's public hostname too (`https://NAME.<public-domain>/`, behind
+    /// access links). Repeatable; adds to the file's `[[service]]` tables.
+    #[arg(
+        long = "service",
+        value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public]"
+    )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
     /// control connection to the relay is up), e.g. `127.0.0.1:9465` [default: none].
@@ -118,6 +144,13 @@ pub struct RunArgs {
     /// long, then close and revoke leases, e.g. `10s`, `500ms` [default: 10s].
     #[arg(long, value_parser = postern_net::drain::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
+    /// The relay's public domain (the relay's `--public-domain`), needed by services offered
+    /// publicly (`public = true`): they are reached as `https://<service>.<public-domain>/`.
+    #[arg(long)]
+    pub public_domain: Option<String>,
+    /// The relay's public TLS port as browsers reach it, used in access links [default: 443].
+    #[arg(long)]
+    pub public_port: Option<u16>,
 }
 
 /// The merged configuration.
@@ -134,6 +167,17 @@ pub struct OutletConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub drain_timeout: std::time::Duration,
+    /// Services offered at the relay's public hostname, if any.
+    pub public: Option<PublicConfig>,
+}
+
+/// The services offered at the relay's public hostname.
+#[derive(Debug, Clone)]
+pub struct PublicConfig {
+    pub domain: String,
+    pub port: u16,
+    /// Service, certificate and key files.
+    pub services: Vec<(ServiceName, PathBuf, PathBuf)>,
 }
 
 /// Parses one `--service` flag.
@@ -152,6 +196,9 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         tls_ca: None,
         tls_server_name: None,
         allow: None,
+        public: false,
+        public_cert: None,
+        public_key: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -159,7 +206,10 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
             Some(("tls-ca", p)) => svc.tls_ca = Some(PathBuf::from(p)),
             Some(("tls-server-name", n)) => svc.tls_server_name = Some(n.to_owned()),
             Some(("allow", e)) => svc.allow = Some(e.to_owned()),
-            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH or tls-server-name=NAME)"),
+            None if opt == "public" => svc.public = true,
+            Some(("public-cert", p)) => svc.public_cert = Some(PathBuf::from(p)),
+            Some(("public-key", p)) => svc.public_key = Some(PathBuf::from(p)),
+            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH or public-key=PATH)"),
         }
     }
     Ok(svc)
@@ -216,7 +266,39 @@ impl RunArgs {
             tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
             udp_timeout: None,
         };
+        let mut public_services = Vec::new();
+        let mut want =
+            |name: &ServiceName, cert: &Option<PathBuf>, key: &Option<PathBuf>| match (cert, key) {
+                (Some(c), Some(k)) => {
+                    public_services.push((name.clone(), c.clone(), k.clone()));
+                    Ok(())
+                }
+                _ => Err(anyhow::anyhow!(
+                    "service {:?} is public: it needs public-cert and public-key (a certificate \
+                     for {}.<public-domain>, e.g. from `postern-relay ca issue`)",
+                    name.as_str(),
+                    name.as_str()
+                )),
+            };
+        for s in services.iter().filter(|s| s.public) {
+            want(&s.name, &s.public_cert, &s.public_key)?;
+        }
+        if let (true, Some((name, _))) = (file.influxdb_public, &influxdb) {
+            want(name, &file.influxdb_public_cert, &file.influxdb_public_key)?;
+        }
+        let public = match (public_services.is_empty(), self.public_domain.or(file.public_domain)) {
+            (true, _) => None,
+            (false, None) => bail!(
+                "services are offered publicly but no public-domain is set (the relay's --public-domain)"
+            ),
+            (false, Some(domain)) => Some(PublicConfig {
+                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+                port: self.public_port.or(file.public_port).unwrap_or(443),
+                services: public_services,
+            }),
+        };
         Ok(OutletConfig {
+            public,
             more_relays,
             transport,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
@@ -323,6 +405,57 @@ mod tests {
         let e = toml::from_str::<OutletFile>("[[service]]\nname = \"Bad Name\"\nto = \"x:1\"\n")
             .expect_err("bad name");
         assert!(e.to_string().contains("name"), "{e}");
+    }
+
+    fn args_with(file: &std::path::Path, public_domain: Option<&str>) -> RunArgs {
+        RunArgs {
+            config: Some(file.to_owned()),
+            relay: vec![],
+            transport: None,
+            relay_tcp_port: None,
+            relay_name: None,
+            ticket: None,
+            name: None,
+            cert: None,
+            key: None,
+            ca: None,
+            state_dir: None,
+            services: vec![],
+            metrics_addr: None,
+            audit_log: None,
+            drain_timeout: None,
+            public_domain: public_domain.map(str::to_owned),
+            public_port: None,
+        }
+    }
+
+    #[test]
+    fn public_services_need_a_domain_and_a_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        let svc = "[[service]]\nname = \"ui\"\nto = \"127.0.0.1:1\"\npublic = true\n";
+        std::fs::write(&file, svc).expect("write");
+        let e = args_with(&file, Some("relay.example.com"))
+            .resolve()
+            .expect_err("no cert");
+        assert!(e.to_string().contains("public-cert"), "{e}");
+        std::fs::write(
+            &file,
+            format!("{svc}public-cert = \"ui.pem\"\npublic-key = \"ui.key\"\n"),
+        )
+        .expect("write");
+        let e = args_with(&file, None).resolve().expect_err("no domain");
+        assert!(e.to_string().contains("public-domain"), "{e}");
+        let cfg = args_with(&file, Some("Relay.Example.com."))
+            .resolve()
+            .expect("valid");
+        let public = cfg.public.expect("public");
+        assert_eq!(public.domain, "relay.example.com");
+        assert_eq!(public.port, 443);
+        assert_eq!(public.services.len(), 1);
+        let flag =
+            parse_service_flag("ui=x:1,public,public-cert=a.pem,public-key=a.key").expect("flag");
+        assert!(flag.public && flag.public_cert.is_some() && flag.public_key.is_some());
     }
 
     #[test]

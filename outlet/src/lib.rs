@@ -6,6 +6,7 @@ pub mod forward;
 pub mod lease;
 pub mod metrics;
 pub mod node;
+pub mod public;
 pub mod target;
 
 pub use node::{Outlet, OutletHandle, OutletOptions};

@@ -51,6 +51,41 @@ enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Manage access links to the services offered at the relay's public hostname (through the
+    /// running outlet's admin socket).
+    Access {
+        /// The running outlet's state directory.
+        #[arg(long, default_value = "postern-outlet-state", global = true)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccessCommand {
+    /// Make a time-limited access grant and print its link
+    /// (`https://<service>.<public-domain>/_postern/access?grant=...`): opening it lets that
+    /// browser in until the grant expires or is revoked.
+    Create {
+        /// The public service the link opens.
+        #[arg(long)]
+        service: postern_proto::name::ServiceName,
+        /// How long the grant lasts, e.g. `30m`, `1h`.
+        #[arg(long, default_value = "1h", value_parser = postern_net::drain::parse_duration)]
+        ttl: std::time::Duration,
+        /// A label recorded with the grant and in the audit log, `KEY=VALUE` (repeatable),
+        /// e.g. `team=ops`.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+    },
+    /// List grants (no secrets).
+    List,
+    /// Revoke a grant now: its browsers are refused from their next request on.
+    Revoke {
+        /// The grant's id, as `access list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,7 +124,50 @@ async fn main() -> anyhow::Result<()> {
             state_dir,
         } => postern_net::node_config::enroll_command("outlet", &ticket, name, &state_dir).await,
         Command::Lease { state_dir, command } => lease(state_dir, command).await,
+        Command::Access { state_dir, command } => access(state_dir, command).await,
     }
+}
+
+async fn access(state_dir: PathBuf, command: AccessCommand) -> anyhow::Result<()> {
+    use postern_outlet::public::admin as access_admin;
+    let request = match command {
+        AccessCommand::Create {
+            service,
+            ttl,
+            attrs,
+        } => {
+            let attrs = attrs
+                .iter()
+                .map(|a| {
+                    a.split_once('=')
+                        .filter(|(k, _)| !k.is_empty())
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--attr {a:?}: expected KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            access_admin::Request::Create {
+                service,
+                ttl_ms: ttl.as_millis() as u64,
+                attrs,
+            }
+        }
+        AccessCommand::List => access_admin::Request::List,
+        AccessCommand::Revoke { id } => access_admin::Request::Revoke { id },
+    };
+    let path = access_admin::socket_path(&state_dir);
+    let response = access_admin::client_request(&path, &request)
+        .await
+        .with_context(|| {
+            format!(
+                "is the outlet running with --state-dir {} and a public service?",
+                state_dir.display()
+            )
+        })?;
+    print!("{}", response.to_text());
+    if let access_admin::Response::Error { .. } = response {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> {
@@ -176,6 +254,33 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?
     {
         outlet.add_relay(relay);
+    }
+    if let Some(p) = &cfg.public {
+        let access = postern_outlet::public::access::AccessStore::open(&cfg.state_dir)
+            .context("opening the access grant store")?;
+        let mut offered = std::collections::HashMap::new();
+        for (name, cert, key) in &p.services {
+            let acceptor = postern_net::tls_server::acceptor(cert, key)
+                .with_context(|| format!("public service {name}"))?;
+            let host = format!("{name}.{}", p.domain);
+            offered.insert(
+                name.clone(),
+                postern_outlet::public::PublicService { host, acceptor },
+            );
+        }
+        let public = std::sync::Arc::new(postern_outlet::public::Public {
+            services: offered,
+            access: std::sync::Arc::new(access),
+            link_port: p.port,
+        });
+        let socket = postern_outlet::public::admin::socket_path(&cfg.state_dir);
+        let (pub2, stop) = (public.clone(), leases_stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = postern_outlet::public::admin::serve(pub2, &socket, stop).await {
+                tracing::error!(error = %e, "access admin socket failed");
+            }
+        });
+        outlet.set_public(public);
     }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {

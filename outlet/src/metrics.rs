@@ -7,7 +7,11 @@
 //! - `postern_outlet_stream_refusals_total{reason}`: `not_allowed`, `unknown_service`,
 //!   `bad_header`, `target_unreachable`, `draining`;
 //! - `postern_outlet_leases_issued_total`, `..._renewed_total`, `..._revoked_total`,
-//!   `postern_outlet_leases_failed_total{operation}` (`create`, `revoke`).
+//!   `postern_outlet_leases_failed_total{operation}` (`create`, `revoke`);
+//! - `postern_outlet_public_connections_total{service}`: connections from the relay's public
+//!   hostname whose TLS handshake completed;
+//! - `postern_outlet_public_requests_total{service,outcome}`: requests at the public hostname,
+//!   `allowed`, `denied` (no live grant) or `link` (an access link opened).
 
 use crate::node::OutletHandle;
 use postern_net::ops::{Exposition, Observe};
@@ -42,6 +46,14 @@ pub fn describe() {
     metrics::describe_counter!(
         "postern_outlet_leases_failed_total",
         "Lease operations that failed (they are retried), by operation."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_public_connections_total",
+        "Connections from the relay's public hostname whose TLS handshake completed."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_public_requests_total",
+        "Requests at the public hostname, by outcome (allowed, denied, link)."
     );
 }
 

@@ -50,6 +50,7 @@ pub struct Outlet {
     transport_status: Arc<TransportStatus>,
     drain: Drain,
     drain_timeout: Duration,
+    public: Option<Arc<crate::public::Public>>,
 }
 
 /// Inspect a running outlet (tests, bench, the metrics endpoint).
@@ -161,6 +162,7 @@ impl Outlet {
             transport_status: Arc::default(),
             drain: Drain::default(),
             drain_timeout: Duration::ZERO,
+            public: None,
         })
     }
 
@@ -182,6 +184,12 @@ impl Outlet {
     /// stay) before closing. Default: zero, close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
         self.drain_timeout = timeout;
+    }
+
+    /// Also offers these services at the relay's public hostname ingress (each must be one of
+    /// the outlet's services).
+    pub fn set_public(&mut self, public: Arc<crate::public::Public>) {
+        self.public = Some(public);
     }
 
     /// A handle for inspection.
@@ -217,6 +225,9 @@ impl Outlet {
                 relay: relay.addr,
                 draining: self.drain.draining.clone(),
                 keep_on_relay_loss: several,
+                public: self.public.clone(),
+                all: self.services.clone(),
+                drain: self.drain.clone(),
             });
             let path = match RelayPath::new(
                 self.socket.clone(),
@@ -279,6 +290,10 @@ struct OutletControl {
     /// the inlet moves them to another relay's path (QUIC migration), and those that do not
     /// move end by idle timeout.
     keep_on_relay_loss: bool,
+    /// Services offered at the relay's public hostname ingress.
+    public: Option<Arc<crate::public::Public>>,
+    all: Arc<Services>,
+    drain: Drain,
 }
 
 impl ControlHandler for OutletControl {
@@ -289,6 +304,9 @@ impl ControlHandler for OutletControl {
         match ctl::request(conn, &msg, CTL_TIMEOUT).await? {
             Ctl::Registered { services } => {
                 tracing::info!(?services, "services registered with relay");
+                if let Some(public) = &self.public {
+                    register_public(conn, public.names()).await?;
+                }
                 Ok(())
             }
             other => Err(CtlError::Codec(
@@ -347,6 +365,25 @@ impl ControlHandler for OutletControl {
         }
     }
 
+    fn on_stream(&self, open: Ctl, send: quinn::SendStream, recv: quinn::RecvStream) {
+        match &self.public {
+            Some(public) => crate::public::spawn_stream(
+                public.clone(),
+                self.all.clone(),
+                self.drain.clone(),
+                open,
+                send,
+                recv,
+            ),
+            None => {
+                let c = quinn::VarInt::from_u32(postern_proto::msg::code::UNKNOWN_SERVICE);
+                let (mut send, mut recv) = (send, recv);
+                let _ = send.reset(c);
+                let _ = recv.stop(c);
+            }
+        }
+    }
+
     fn on_disconnect(&self, relay: SocketAddr) {
         for route in self.socket.remove_routes_via(relay) {
             if self.keep_on_relay_loss {
@@ -356,4 +393,27 @@ impl ControlHandler for OutletControl {
             }
         }
     }
+}
+
+/// Asks the relay to route `services` from its public hostname ingress. A relay that refuses
+/// (no ingress, or policy) is logged, not fatal: the tunnel services still work.
+async fn register_public(
+    conn: &quinn::Connection,
+    services: Vec<ServiceName>,
+) -> Result<(), CtlError> {
+    if services.is_empty() {
+        return Ok(());
+    }
+    match ctl::request(conn, &Ctl::RegisterPublic { services }, CTL_TIMEOUT).await? {
+        Ctl::Registered { services } => {
+            tracing::info!(?services, "public services registered with relay");
+        }
+        Ctl::Error { message } => {
+            tracing::error!(%message, "the relay refused our public services");
+        }
+        other => {
+            tracing::error!(answer = ?std::mem::discriminant(&other), "unexpected answer to RegisterPublic");
+        }
+    }
+    Ok(())
 }

@@ -251,6 +251,80 @@ impl RequestHead {
         self.removed_credentials
     }
 
+    /// Values of the fields named `name` (case-insensitive), without surrounding whitespace, in
+    /// the order received. They may hold secrets (cookies): never log them.
+    pub fn field_values(&self, name: &str) -> Vec<&[u8]> {
+        self.fields
+            .split(|&b| b == b'\n')
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r")?;
+                let colon = line.iter().position(|&b| b == b':')?;
+                let (n, v) = line.split_at(colon);
+                n.eq_ignore_ascii_case(name.as_bytes())
+                    .then(|| trim_ows(&v[1..]))
+            })
+            .collect()
+    }
+
+    /// Removes cookie `name` from every `Cookie` field (a field left empty goes), so that a
+    /// cookie meant for the proxy itself (an access grant) never reaches the server. Returns how
+    /// many were removed.
+    pub fn remove_cookie(&mut self, name: &str) -> usize {
+        let mut removed = 0;
+        let mut out = Vec::with_capacity(self.fields.len());
+        for line in self.fields.split_inclusive(|&b| b == b'\n') {
+            let body = line.strip_suffix(b"\r\n").unwrap_or(line);
+            let cookie = body
+                .iter()
+                .position(|&b| b == b':')
+                .filter(|&c| body[..c].eq_ignore_ascii_case(b"cookie"));
+            let Some(colon) = cookie else {
+                out.extend_from_slice(line);
+                continue;
+            };
+            let pairs: Vec<&[u8]> = trim_ows(&body[colon + 1..])
+                .split(|&b| b == b';')
+                .map(trim_ows)
+                .filter(|p| !p.is_empty())
+                .collect();
+            let kept: Vec<&[u8]> = pairs
+                .iter()
+                .copied()
+                .filter(|p| {
+                    let n = p.split(|&b| b == b'=').next().unwrap_or_default();
+                    trim_ows(n) != name.as_bytes()
+                })
+                .collect();
+            removed += pairs.len() - kept.len();
+            if kept.len() == pairs.len() {
+                out.extend_from_slice(line);
+            } else if kept.is_empty() {
+                self.field_count -= 1;
+            } else {
+                out.extend_from_slice(&body[..colon]);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&kept.join(&b"; "[..]));
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        self.fields = out;
+        removed
+    }
+
+    /// Appends the head to `out` without any `Authorization` field (the client's were removed),
+    /// line endings normalized to CRLF.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.method.len() + self.target.len() + self.fields.len() + 16);
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.version.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.fields);
+        out.extend_from_slice(b"\r\n");
+    }
+
     /// Appends the head to `out` with one `Authorization: <authorization>` field after the
     /// client's other fields, line endings normalized to CRLF.
     ///
@@ -1672,5 +1746,56 @@ mod tests {
                 prop_assert_eq!(w.0, s.0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod field_tests {
+    use super::*;
+
+    fn head_of(raw: &[u8]) -> RequestHead {
+        let mut f = RequestFilter::new(FilterConfig::default());
+        match f.step(raw).expect("valid head") {
+            Step::Head { head, .. } => *head,
+            other => panic!("expected a head, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn field_values_are_found_case_insensitively_and_trimmed() {
+        let head = head_of(
+            b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nX-Other: y\r\ncookie:   b=2 \r\n\
+              Authorization: Token secret\r\n\r\n",
+        );
+        assert_eq!(head.field_values("COOKIE"), vec![&b"a=1"[..], &b"b=2"[..]]);
+        assert!(
+            head.field_values("authorization").is_empty(),
+            "removed by the filter"
+        );
+        assert!(head.field_values("missing").is_empty());
+    }
+
+    #[test]
+    fn remove_cookie_takes_out_only_that_cookie() {
+        let mut head = head_of(
+            b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1; postern_access=s3cret; b=2\r\n\
+              Cookie: postern_access=other\r\nCookie: postern_accessx=keep\r\n\r\n",
+        );
+        assert_eq!(head.remove_cookie("postern_access"), 2);
+        let mut out = Vec::new();
+        head.write_to(&mut out);
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1; b=2\r\nCookie: postern_accessx=keep\r\n\r\n"
+        );
+        assert_eq!(head.remove_cookie("postern_access"), 0);
+    }
+
+    #[test]
+    fn write_to_adds_no_authorization() {
+        let head = head_of(b"GET /p HTTP/1.1\r\nHost: x\r\nAuthorization: Basic c2VjcmV0\r\n\r\n");
+        let mut out = Vec::new();
+        head.write_to(&mut out);
+        assert_eq!(out, b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n");
     }
 }

@@ -55,6 +55,18 @@ pub enum Ctl {
     Ack,
     /// Generic negative answer: the request was not understood or not allowed.
     Error { message: String },
+    /// Outlet -> relay: also take connections for these services (registered with `Register`
+    /// first) at the relay's public hostname ingress, `https://<service>.<relay-domain>`.
+    /// Answered by `Registered` with the services accepted, or `Error`.
+    RegisterPublic { services: Vec<ServiceName> },
+    /// Relay -> outlet, first frame of a stream the relay opens: a client reached the public
+    /// ingress asking for `service` (`client` is its address, for logs). After this frame the
+    /// stream carries the client's bytes unchanged, its TLS ClientHello first, both ways; the
+    /// outlet terminates TLS. Never answered with a frame.
+    PublicStream {
+        service: ServiceName,
+        client: String,
+    },
 }
 
 /// Why the relay refused a route.

@@ -33,6 +33,8 @@ pub struct RelayFile {
     /// Who may register and reach each service (default: nobody).
     #[serde(default)]
     pub policy: Vec<PolicyFile>,
+    pub public_addr: Option<SocketAddr>,
+    pub public_domain: Option<String>,
 }
 
 /// `postern-relay run` flags.
@@ -93,6 +95,16 @@ pub struct RunArgs {
     /// TLS proxy or a private network). Without it such an address is refused.
     #[arg(long)]
     pub admin_allow_remote: bool,
+    /// TCP address of the public hostname ingress, e.g. `0.0.0.0:443`: browsers open
+    /// `https://<service>.<public-domain>/` and reach an outlet that offers `service` publicly.
+    /// The relay reads only the TLS server name and never decrypts (the outlet holds the
+    /// certificate) [default: none; needs --public-domain].
+    #[arg(long, requires = "public_domain")]
+    pub public_addr: Option<SocketAddr>,
+    /// The DNS domain whose one-label subdomains name public services, e.g. `relay.example.com`
+    /// for `https://influxdb.relay.example.com/` (point `*.relay.example.com` at this relay).
+    #[arg(long)]
+    pub public_domain: Option<String>,
 }
 
 /// The merged configuration.
@@ -117,6 +129,20 @@ pub struct RelayConfig {
     /// Whether `admin_addr` was asked for (then failing to bind it is an error; the default
     /// address being taken only disables the API with a warning).
     pub admin_addr_explicit: bool,
+    /// Public hostname ingress: TCP address and domain.
+    pub public: Option<(SocketAddr, String)>,
+}
+
+/// A DNS domain: dot-separated labels of letters, digits and `-`.
+fn valid_domain(d: &str) -> bool {
+    let d = d.strip_suffix('.').unwrap_or(d);
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 impl RunArgs {
@@ -211,7 +237,27 @@ impl RunArgs {
                 }
             })?),
         };
+        let public = match (
+            self.public_addr.or(file.public_addr),
+            self.public_domain.or(file.public_domain),
+        ) {
+            (Some(addr), Some(domain)) if valid_domain(&domain) => Some((addr, domain)),
+            (Some(_), Some(domain)) => {
+                return Err(FileError::Config {
+                    path: PathBuf::from("public-domain"),
+                    message: format!("{domain:?} is not a DNS domain (e.g. relay.example.com)"),
+                })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(FileError::Config {
+                    path: PathBuf::from("public-addr/public-domain"),
+                    message: "the public ingress needs both public-addr and public-domain".into(),
+                })
+            }
+        };
         Ok(RelayConfig {
+            public,
             admin_addr,
             admin_addr_explicit,
             policy,

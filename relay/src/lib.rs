@@ -6,6 +6,7 @@ pub mod authority;
 pub mod config;
 pub mod metrics;
 pub mod policy;
+pub mod public;
 pub mod registry;
 pub mod server;
 pub mod state;

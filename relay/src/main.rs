@@ -352,6 +352,14 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
+    let public_stop = CancellationToken::new();
+    if let Some((addr, domain)) = cfg.public.clone() {
+        let opts = postern_relay::public::PublicOptions::new(addr, domain);
+        let ingress = postern_relay::public::PublicIngress::bind(opts)
+            .await
+            .with_context(|| format!("public ingress: cannot bind TCP {addr}"))?;
+        tokio::spawn(ingress.run(relay.handle(), public_stop.clone()));
+    }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.admin_addr {
         let explicit = cfg.admin_addr_explicit;
@@ -384,6 +392,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         signal.cancel();
     });
     relay.run(shutdown).await;
+    public_stop.cancel();
     ops_stop.cancel();
     Ok(())
 }

@@ -33,6 +33,22 @@ impl Observe for RelayHandle {
                 outlets.len() as f64,
             );
         }
+        let public = self.public_stats();
+        out.counter(
+            "postern_relay_public_forwarded_total",
+            "Connections at the public hostname ingress handed to an outlet.",
+            public.forwarded.load(Relaxed),
+        );
+        out.counter(
+            "postern_relay_public_refused_total",
+            "Connections at the public hostname ingress refused (bad or slow ClientHello, unknown name, no outlet).",
+            public.refused.load(Relaxed),
+        );
+        out.counter(
+            "postern_relay_public_unknown_name_total",
+            "Public connections refused because their server name routes nowhere (or was missing).",
+            public.refused_unknown_name.load(Relaxed),
+        );
         out.gauge(
             "postern_relay_routes",
             "Routes (inlet-outlet pairs) being forwarded.",

@@ -90,6 +90,10 @@ struct Shared {
     draining: AtomicBool,
     /// What the admin API adds: connection times, drained nodes, its counters.
     admin: admin_ops::AdminState,
+    /// Services outlets offer at the public hostname ingress.
+    public: Mutex<crate::public::PublicRegistry>,
+    /// The public ingress' counters (zero without one).
+    public_stats: Arc<crate::public::PublicStats>,
 }
 
 impl Shared {
@@ -107,6 +111,10 @@ impl Shared {
 
     fn conn(&self, id: NodeId) -> Option<quinn::Connection> {
         self.conns().get(&id).cloned()
+    }
+
+    fn public(&self) -> MutexGuard<'_, crate::public::PublicRegistry> {
+        self.public.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -161,6 +169,25 @@ impl RelayHandle {
         } else {
             Ok(())
         }
+    }
+
+    /// Which outlets offer which services at the public ingress.
+    pub(crate) fn public_registry(&self) -> MutexGuard<'_, crate::public::PublicRegistry> {
+        self.shared.public()
+    }
+
+    /// The public ingress' counters.
+    pub fn public_stats(&self) -> &crate::public::PublicStats {
+        &self.shared.public_stats
+    }
+
+    pub(crate) fn public_stats_arc(&self) -> Arc<crate::public::PublicStats> {
+        self.shared.public_stats.clone()
+    }
+
+    /// A connected node's control connection.
+    pub(crate) fn node_conn(&self, id: NodeId) -> Option<quinn::Connection> {
+        self.shared.conn(id)
     }
 
     /// Names of connected nodes.
@@ -232,6 +259,8 @@ impl Relay {
                 listening: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 admin: admin_ops::AdminState::default(),
+                public: Mutex::default(),
+                public_stats: Arc::default(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,
@@ -475,6 +504,7 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
 
 /// Drops a node's registrations and routes, and tells the other end of each route.
 fn forget_node(shared: &Arc<Shared>, id: NodeId) {
+    shared.public().remove_node(id);
     let gone = shared.registry().disconnect(id);
     for (route, other) in gone {
         shared.routes.remove(route);
@@ -522,6 +552,7 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             tracing::info!(?services, "services registered");
             Ctl::Registered { services }
         }
+        Ctl::RegisterPublic { services } => register_public(shared, id, services),
         Ctl::RouteRequest { .. } if shared.draining.load(Relaxed) => {
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
             Ctl::Error {
@@ -576,6 +607,31 @@ async fn handle(shared: &Arc<Shared>, id: NodeId, conn: &quinn::Connection, msg:
             }
         }
     }
+}
+
+/// Offers `services` at the public ingress, for a node allowed to register them.
+fn register_public(shared: &Arc<Shared>, id: NodeId, services: Vec<ServiceName>) -> Ctl {
+    let (name, attrs) = {
+        let reg = shared.registry();
+        (reg.name(id).cloned(), reg.attrs(id))
+    };
+    let Some(name) = name else {
+        return Ctl::Error {
+            message: "unknown node".into(),
+        };
+    };
+    for svc in &services {
+        let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
+        tracing::info!(target: "postern::audit", event = "policy", action = "register_public", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
+        if !d.allowed {
+            return Ctl::Error {
+                message: format!("not allowed to register {svc}: {}", d.rule),
+            };
+        }
+    }
+    shared.public().register(id, &services);
+    tracing::info!(?services, "public services registered");
+    Ctl::Registered { services }
 }
 
 async fn grant_route(

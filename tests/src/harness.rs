@@ -525,3 +525,64 @@ pub async fn start_inlet_via(
         running,
     }
 }
+/// A TLS acceptor for `host` with a certificate issued by the project CA (what an operator gets
+/// from `postern-relay ca issue HOST`).
+pub fn host_acceptor(pki: &Pki, host: &str) -> postern_net::tls_server::TlsAcceptor {
+    let issued = pki
+        .ca()
+        .issue(&node(host), Duration::from_secs(3600))
+        .expect("issue host certificate");
+    let identity = Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity");
+    let cfg = postern_net::tls_server::server_config(&identity).expect("server config");
+    postern_net::tls_server::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// Starts a relay's public hostname ingress on 127.0.0.1:0 for `domain`.
+pub async fn start_public_ingress(
+    relay: &RelayNode,
+    domain: &str,
+    tap: Option<postern_relay::public::PublicTap>,
+) -> (SocketAddr, Running) {
+    let mut opts =
+        postern_relay::public::PublicOptions::new("127.0.0.1:0".parse().expect("addr"), domain);
+    opts.tap = tap;
+    start_public_ingress_with(relay, opts).await
+}
+
+/// [`start_public_ingress`] with full control over the options.
+pub async fn start_public_ingress_with(
+    relay: &RelayNode,
+    opts: postern_relay::public::PublicOptions,
+) -> (SocketAddr, Running) {
+    let ingress = postern_relay::public::PublicIngress::bind(opts)
+        .await
+        .expect("bind public ingress");
+    let addr = ingress.local_addr().expect("public addr");
+    let handle = relay.handle.clone();
+    (addr, spawn(|s| ingress.run(handle, s)))
+}
+
+/// Like [`start_outlet_with`], also offering `public` at the relay's public ingress.
+pub async fn start_outlet_public(
+    pki: &Pki,
+    name: &str,
+    relay: SocketAddr,
+    services: Services,
+    public: Arc<postern_outlet::public::Public>,
+) -> OutletNode {
+    let mut outlet = Outlet::bind(OutletOptions {
+        relay: relay_target(relay),
+        identity: pki.identity(name),
+        roots: pki.roots(),
+        services,
+    })
+    .expect("bind outlet");
+    outlet.set_public(public);
+    let mut handle = outlet.handle();
+    let running = spawn(|s| outlet.run(s));
+    assert!(
+        handle.wait_registered(Duration::from_secs(10)).await,
+        "outlet {name} did not register"
+    );
+    OutletNode { handle, running }
+}

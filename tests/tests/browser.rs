@@ -13,6 +13,11 @@
 //! browser without the CA imported must fail to load the page, which shows that the first one
 //! really verified the certificate.
 //!
+//! A second test opens the same page at the relay's public hostname
+//! (`https://influxdb.relay.localhost:<port>/`): without an access link the browser sees the
+//! outlet's 403 page; the link from `access create` lets it in, the outlet putting the grant's
+//! own leased credential into every request; once the grant expires it is refused again.
+//!
 //! Needs `chromium`, `certutil` (libnss3-tools), `nginx` and `influxd` (scripts/test.sh installs
 //! them when absent).
 
@@ -48,8 +53,8 @@ const INDEX_HTML: &str = r#"<!doctype html>
 </style>
 </head>
 <body>
-<h1>InfluxDB through the postern inlet</h1>
-<p>Page origin: <code id="origin"></code> &mdash; the browser sends no credential; the inlet
+<h1>InfluxDB through postern</h1>
+<p>Page origin: <code id="origin"></code> &mdash; the browser sends no credential; postern
 puts a leased one into every request.</p>
 <p id="status" data-state="loading">loading&hellip;</p>
 <table id="points">
@@ -232,6 +237,20 @@ async fn leased_outlet(
     state: &Path,
     shutdown: CancellationToken,
 ) -> (OutletNode, std::sync::Arc<LeaseManager>) {
+    let (services, manager) = leased_services(influxd, target, state, shutdown).await;
+    (
+        start_outlet_with(pki, "outlet-1", relay, services).await,
+        manager,
+    )
+}
+
+/// The services of [`leased_outlet`], for an outlet started some other way.
+async fn leased_services(
+    influxd: &Influxd,
+    target: SocketAddr,
+    state: &Path,
+    shutdown: CancellationToken,
+) -> (Services, std::sync::Arc<LeaseManager>) {
     let admin = state.join("admin-credential");
     std::fs::write(
         &admin,
@@ -259,10 +278,7 @@ leased-token-permissions = '[{{"action":"read","resource":{{"type":"buckets","na
         .targets
         .insert(svc("influxdb"), Target::tcp(target.to_string()));
     services.leases.insert(svc("influxdb"), manager.clone());
-    (
-        start_outlet_with(pki, "outlet-1", relay, services).await,
-        manager,
-    )
+    (services, manager)
 }
 
 /// An inlet whose `influxdb` listener (HTTP filter on) serves TLS with `cert`/`key`.
@@ -551,6 +567,179 @@ async fn browser_opens_the_influxdb_ui_by_hostname_through_the_tls_inlet() {
     );
 
     inlet.stop().await;
+    outlet.running.stop().await;
+    lease_shutdown.cancel();
+    manager.closed().await;
+    eprintln!("test took {:?}", started.elapsed());
+}
+
+/// The relay's public domain in the public-path test (`*.localhost` resolves to loopback in
+/// Chromium).
+const PUBLIC_DOMAIN: &str = "relay.localhost";
+/// The public hostname of the InfluxDB UI.
+const PUBLIC_HOST: &str = "influxdb.relay.localhost";
+
+/// What a request with `cookie` gets through the public ingress at `addr` (status and body).
+async fn public_get(addr: SocketAddr, ca_pem: &str, cookie: &str) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA"))
+        .resolve(PUBLIC_HOST, addr)
+        .https_only(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let r = client
+        .get(format!("https://{PUBLIC_HOST}:{}/", addr.port()))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .expect("request through the public ingress");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_opens_the_influxdb_ui_by_public_hostname_with_an_access_link() {
+    init_logging();
+    for tool in ["chromium", "certutil", "nginx"] {
+        require(tool);
+    }
+    let started = Instant::now();
+    let influxd = Influxd::start(InfluxdOptions { auth: true })
+        .await
+        .expect("start influxd");
+    influxd
+        .query("CREATE DATABASE leased")
+        .await
+        .expect("create db");
+    let nginx = Nginx::start(influxd.http_addr()).await;
+    let pki = Pki::new();
+    let files = tempfile::tempdir().expect("tempdir");
+    let ca_file = files.path().join("ca.pem");
+    std::fs::write(&ca_file, pki.ca_pem()).expect("write ca.pem");
+
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [13; 32], None);
+    let (ingress, _ingress) = start_public_ingress(&relay, PUBLIC_DOMAIN, None).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let lease_shutdown = CancellationToken::new();
+    let (services, manager) =
+        leased_services(&influxd, nginx.addr, state.path(), lease_shutdown.clone()).await;
+    // The outlet holds the certificate for the public hostname (`postern-relay ca issue
+    // influxdb.relay.localhost`); the relay holds none.
+    let public = std::sync::Arc::new(postern_outlet::public::Public {
+        services: std::collections::HashMap::from([(
+            svc("influxdb"),
+            postern_outlet::public::PublicService {
+                acceptor: host_acceptor(&pki, PUBLIC_HOST),
+                host: PUBLIC_HOST.to_owned(),
+            },
+        )]),
+        access: std::sync::Arc::new(
+            postern_outlet::public::access::AccessStore::open(state.path()).expect("access store"),
+        ),
+        link_port: ingress.port(),
+    });
+    let outlet = start_outlet_public(&pki, "outlet-1", relay.addr, services, public.clone()).await;
+    let home = browser_home(Some(&ca_file)).await;
+    let root = format!("https://{PUBLIC_HOST}:{}/", ingress.port());
+
+    // Without an access link: the 403 page, and nothing reaches the web front.
+    let probes = nginx.access_log().lines().count();
+    let (dom, stderr) = chromium(home.path(), &root, None).await;
+    assert!(
+        dom.contains("Access needed")
+            && dom.contains("postern-outlet access create --service influxdb"),
+        "expected the 403 page.\nDOM:\n{dom}\nchromium stderr:\n{stderr}"
+    );
+    assert_eq!(
+        nginx.access_log().lines().count(),
+        probes,
+        "{}",
+        nginx.access_log()
+    );
+
+    // With a short access link: the page loads, writes and reads back points through the
+    // outlet, which puts the grant's own leased credential into every request.
+    let ttl = Duration::from_secs(20);
+    let grant = public
+        .access
+        .create(
+            &svc("influxdb"),
+            ttl,
+            [("team".to_owned(), "ops".to_owned())].into(),
+        )
+        .expect("grant");
+    let granted_at = Instant::now();
+    let link = public.link(&svc("influxdb"), &grant.secret).expect("link");
+    let shot = artifacts_dir().join("ui-through-public-hostname.png");
+    let _ = std::fs::remove_file(&shot);
+    let (dom, stderr) = chromium(home.path(), &link, Some(&shot)).await;
+    assert!(
+        granted_at.elapsed() < ttl,
+        "chromium took longer than the grant lives; raise the ttl"
+    );
+    assert!(
+        dom.contains(r#"data-state="ok""#) && dom.contains(EXPECTED),
+        "the page did not show the points read back.\nDOM:\n{dom}\nchromium stderr:\n{stderr}\n\
+         nginx access log:\n{}",
+        nginx.access_log()
+    );
+    assert!(
+        dom.contains(&root.trim_end_matches('/').to_string()),
+        "{dom}"
+    );
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+    eprintln!("screenshot: {}", shot.display());
+    let log = nginx.access_log();
+    for req in [
+        "GET / ",
+        "GET /app.js ",
+        "POST /write?db=leased",
+        "GET /query?db=leased",
+    ] {
+        assert!(log.contains(req), "{req:?} not in the access log:\n{log}");
+    }
+    assert!(
+        !log.contains("/_postern/"),
+        "the access link reached the web front:\n{log}"
+    );
+    let v = influxd
+        .query("SELECT count(\"value\") FROM leased.autogen.temp")
+        .await
+        .expect("query influxd directly");
+    assert_eq!(
+        v.pointer("/results/0/series/0/values/0/1"),
+        Some(&serde_json::json!(3))
+    );
+    let leases = manager.list().await.expect("leases");
+    let client = format!("access-{}", grant.info.id);
+    assert!(
+        leases.iter().any(|l| l.client == client),
+        "no lease for the grant: {leases:?}"
+    );
+
+    // Once the grant expires the outlet refuses it (polled with the cookie itself), and the
+    // browser gets the 403 page again.
+    let cookie = format!("postern_access={}", &*grant.secret);
+    let deadline = Instant::now() + ttl + Duration::from_secs(20);
+    loop {
+        let (status, body) = public_get(ingress, pki.ca_pem(), &cookie).await;
+        if status == 403 {
+            assert!(body.contains("expired"), "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(Instant::now() < deadline, "the grant never expired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let requests_before = nginx.access_log().lines().count();
+    let (dom, _) = chromium(home.path(), &root, None).await;
+    assert!(dom.contains("Access needed"), "after expiry:\n{dom}");
+    assert_eq!(nginx.access_log().lines().count(), requests_before);
+
     outlet.running.stop().await;
     lease_shutdown.cancel();
     manager.closed().await;

@@ -911,3 +911,256 @@ async fn audit_logs_record_decisions_and_no_secret() {
         assert!(status.success(), "{}: {status}\n{}", p.name, p.log());
     }
 }
+
+/// A one-request HTTP server answering `ok from the web app`, keeping each request head.
+async fn head_recorder() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                h.lock()
+                    .expect("heads")
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let body = "ok from the web app";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// The public hostname path with the real binaries: `postern-relay run --public-addr
+/// --public-domain`, an outlet config with `public = true`, and `postern-outlet access
+/// create|list|revoke` against the running outlet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_hostname_with_access_links_from_the_command_line() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let certs = path("certs");
+    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
+    for name in ["outlet-1", "web.pub.localhost"] {
+        let args = [
+            "ca",
+            "issue",
+            name,
+            "--state-dir",
+            &state,
+            "--out-dir",
+            &certs,
+        ];
+        cli("postern-relay", &args).await;
+    }
+    let relay_addr = free_udp_addr().to_string();
+    let public_port = free_tcp_port();
+    let public = format!("127.0.0.1:{public_port}");
+    let relay_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let mut relay = Proc::spawn(
+        dir.path(),
+        "relay",
+        "postern-relay",
+        &[
+            "run",
+            "--state-dir",
+            &state,
+            "--listen",
+            &relay_addr,
+            "--allow-register",
+            "web=name = \"outlet-1\"",
+            "--public-addr",
+            &public,
+            "--public-domain",
+            "pub.localhost",
+            "--metrics-addr",
+            &relay_ops,
+        ],
+    );
+    relay.wait_ready(relay_ops.parse().expect("addr")).await;
+
+    let (web, heads) = head_recorder().await;
+    let outlet_state = path("outlet-state");
+    let config = dir.path().join("outlet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"relay = "{relay_addr}"
+cert = "{certs}/outlet-1.pem"
+key = "{certs}/outlet-1.key"
+ca = "{certs}/ca.pem"
+state-dir = "{outlet_state}"
+public-domain = "pub.localhost"
+public-port = {public_port}
+[[service]]
+name = "web"
+to = "{web}"
+public = true
+public-cert = "{certs}/web.pub.localhost.pem"
+public-key = "{certs}/web.pub.localhost.key"
+"#
+        ),
+    )
+    .expect("write outlet.toml");
+    let outlet_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let mut outlet = Proc::spawn(
+        dir.path(),
+        "outlet",
+        "postern-outlet",
+        &[
+            "run",
+            "--config",
+            &config.display().to_string(),
+            "--metrics-addr",
+            &outlet_ops,
+        ],
+    );
+    outlet.wait_ready(outlet_ops.parse().expect("addr")).await;
+
+    let ca = std::fs::read(dir.path().join("certs/ca.pem")).expect("ca.pem");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+        .resolve("web.pub.localhost", public.parse().expect("addr"))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let root = format!("https://web.pub.localhost:{public_port}/");
+    // The outlet registers its public service right after connecting; until then (and without
+    // a grant) nothing gets through.
+    let mut status = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status != 403 {
+        assert!(
+            Instant::now() < deadline,
+            "no 403 page: {status}\n{}\n{}",
+            relay.log(),
+            outlet.log()
+        );
+        status = match client.get(&root).send().await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        };
+        if status != 403 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let created = cli(
+        "postern-outlet",
+        &[
+            "access",
+            "create",
+            "--service",
+            "web",
+            "--ttl",
+            "10m",
+            "--attr",
+            "team=ops",
+            "--state-dir",
+            &outlet_state,
+        ],
+    )
+    .await;
+    let field = |name: &str| {
+        created
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {created}"))
+    };
+    let (link, id) = (field("link:"), field("grant:"));
+    assert!(
+        link.starts_with(&format!("{root}_postern/access?grant=")),
+        "{link}"
+    );
+    let r = client.get(&link).send().await.expect("open link");
+    assert_eq!(r.status().as_u16(), 302);
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("cookie")
+        .to_owned();
+    let r = client
+        .get(&root)
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .expect("with cookie");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.text().await.expect("body"), "ok from the web app");
+    assert_eq!(heads.lock().expect("heads").len(), 1);
+
+    let listed = cli(
+        "postern-outlet",
+        &["access", "list", "--state-dir", &outlet_state],
+    )
+    .await;
+    assert!(
+        listed.contains(&id) && listed.contains("team=ops") && listed.contains("active"),
+        "{listed}"
+    );
+    let secret = link.split("grant=").nth(1).expect("secret");
+    assert!(
+        !listed.contains(secret),
+        "the list shows the grant's secret"
+    );
+    cli(
+        "postern-outlet",
+        &["access", "revoke", &id, "--state-dir", &outlet_state],
+    )
+    .await;
+    let r = client
+        .get(&root)
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .expect("after revoke");
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(heads.lock().expect("heads").len(), 1);
+    // A service the outlet does not offer publicly gets no link.
+    let out = Command::new(bin("postern-outlet"))
+        .args([
+            "access",
+            "create",
+            "--service",
+            "other",
+            "--state-dir",
+            &outlet_state,
+        ])
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not offered publicly"));
+    // The secret never reaches the logs.
+    for log in [relay.log(), outlet.log()] {
+        assert!(!log.contains(secret), "a log holds the grant's secret");
+    }
+    outlet.sigterm();
+    relay.sigterm();
+    outlet.wait(Duration::from_secs(20)).await;
+    relay.wait(Duration::from_secs(20)).await;
+}

@@ -311,8 +311,9 @@ async fn dispatch(manager: &LeaseManager, req: Request) -> Response {
     })
 }
 
-/// Reads one line (without the newline); `None` at a clean end of stream.
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+/// Reads one line (without the newline); `None` at a clean end of stream. Shared with the
+/// access admin socket ([`crate::public::admin`]).
+pub(crate) async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<Vec<u8>>, AdminError> {
     let mut buf = Vec::new();
@@ -337,6 +338,15 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 
 /// Sends one request to the outlet listening at `path` and returns its answer.
 pub async fn client_request(path: &Path, request: &Request) -> Result<Response, AdminError> {
+    json_request(path, request).await
+}
+
+/// Sends one JSON-lines request to the admin socket at `path` and reads the answer (shared with
+/// the access admin socket).
+pub async fn json_request<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+    path: &Path,
+    request: &Req,
+) -> Result<Resp, AdminError> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|source| AdminError::Connect {

@@ -1,10 +1,13 @@
-//! Serves one client connection through the HTTP/1.1 request filter.
+//! Serves one client connection through the HTTP/1.1 request filter: the inlet's local
+//! listeners and the outlet's public hostname share it.
 //!
 //! The sans-IO [`postern_proto::http::RequestFilter`] decides what the client's bytes are; this
 //! module does the I/O around it. Two directions run concurrently on the caller's task:
 //!
-//! * client -> upstream: bytes go through the filter; every request head is re-serialized with
-//!   the credential current at that moment (so a lease rotation applies from the next request
+//! * client -> upstream: bytes go through the filter; a [`Gate`] decides for every request head
+//!   whether it goes on and with which credential (the inlet's gate is its lease, the outlet's
+//!   public gate also checks the client's access grant); every head is re-serialized with the
+//!   credential current at that moment (so a lease rotation applies from the next request
 //!   on and no request fails because of it); bodies and, after `CONNECT`/`Upgrade`, the opaque
 //!   tunnel pass unchanged.
 //! * upstream -> client: bytes are copied unchanged (responses are not parsed).
@@ -23,7 +26,9 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use postern_proto::http::{error_response, FilterConfig, HttpError, RequestFilter, Step};
+use postern_proto::http::{
+    error_response, FilterConfig, HttpError, RequestFilter, RequestHead, Step,
+};
 use postern_proto::lease::Credential;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
@@ -63,6 +68,40 @@ impl LeaseState {
 /// Where the proxy reads the current credential, once per request head.
 pub type CredentialSource = watch::Receiver<LeaseState>;
 
+/// What to do with one request head.
+pub enum Verdict {
+    /// Forward it, with this `Authorization` value (`None`: with none; the client's own is
+    /// removed either way).
+    Forward { authorization: Option<String> },
+    /// No credential can be had: answer 503 with `reason` (never a secret) and close.
+    NoLease { reason: String },
+    /// Answer the request here with `response` (a complete HTTP response, e.g. a 403 page or a
+    /// redirect) and close; `reason` is for logs.
+    Answer { response: Vec<u8>, reason: String },
+}
+
+/// Decides, request by request, what goes to the upstream and with which credential.
+pub trait Gate: Send {
+    /// Looks at one accepted request head (the client's credentials already taken out); may
+    /// edit it before it is forwarded (e.g. take out a cookie meant for the gate).
+    fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send;
+}
+
+/// The inlet's gate: every request goes on with the lease held at that moment, or gets a 503.
+impl Gate for CredentialSource {
+    fn check(&mut self, _head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
+        let verdict = match &*self.borrow() {
+            LeaseState::Held(c) => Verdict::Forward {
+                authorization: Some(c.authorization()),
+            },
+            LeaseState::Missing { reason } => Verdict::NoLease {
+                reason: reason.clone(),
+            },
+        };
+        std::future::ready(verdict)
+    }
+}
+
 /// Counters of one proxied connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyStats {
@@ -86,6 +125,10 @@ pub enum ProxyError {
     /// No valid credential was held when a request had to be forwarded; the client got a 503.
     #[error("no valid lease held: {reason}")]
     NoLease { reason: String },
+    /// The gate answered a request itself (e.g. 403 without an access grant); the connection
+    /// was closed after that answer.
+    #[error("answered by the gate: {reason}")]
+    Answered { reason: String },
     /// The upstream could not be opened; the client got a 502.
     #[error("cannot open the upstream: {0}")]
     UpstreamUnavailable(#[source] io::Error),
@@ -117,13 +160,30 @@ where
     Fut: Future<Output = io::Result<U>>,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    proxy_gated(client, open_upstream, credential, cfg).await
+}
+
+/// [`proxy`] with any [`Gate`] deciding about each request.
+pub async fn proxy_gated<C, U, F, Fut, G>(
+    client: C,
+    open_upstream: F,
+    gate: G,
+    cfg: FilterConfig,
+) -> Result<ProxyStats, ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = io::Result<U>>,
+    U: AsyncRead + AsyncWrite + Unpin,
+    G: Gate,
+{
     let (client_r, client_w) = tokio::io::split(client);
     // At most two events: the upstream opened, then a refusal.
     let (events_tx, events_rx) = mpsc::channel(2);
     let (closed_tx, closed_rx) = watch::channel(false);
     let up = Upstreamward {
         filter: RequestFilter::new(cfg),
-        credential,
+        gate,
         open: Some(open_upstream),
         upstream: None,
         events: events_tx,
@@ -155,9 +215,9 @@ enum Outcome {
 }
 
 /// The client->upstream direction.
-struct Upstreamward<F, U> {
+struct Upstreamward<F, U, G> {
     filter: RequestFilter,
-    credential: CredentialSource,
+    gate: G,
     open: Option<F>,
     upstream: Option<WriteHalf<U>>,
     events: mpsc::Sender<Event<ReadHalf<U>>>,
@@ -166,11 +226,12 @@ struct Upstreamward<F, U> {
     stats: ProxyStats,
 }
 
-impl<F, Fut, U> Upstreamward<F, U>
+impl<F, Fut, U, G> Upstreamward<F, U, G>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = io::Result<U>>,
     U: AsyncRead + AsyncWrite + Unpin,
+    G: Gate,
 {
     async fn run<R: AsyncRead + Unpin>(
         mut self,
@@ -218,15 +279,22 @@ where
                         break self.finish().await;
                     }
                 }
-                Step::Head { head, consumed } => {
-                    let authorization = match &*self.credential.borrow() {
-                        LeaseState::Held(c) => Ok(c.authorization()),
-                        LeaseState::Missing { reason } => Err(reason.clone()),
+                Step::Head { mut head, consumed } => {
+                    let authorization = match self.gate.check(&mut head).await {
+                        Verdict::Forward { authorization } => Ok(authorization),
+                        Verdict::NoLease { reason } => Err(reason),
+                        Verdict::Answer { response, reason } => {
+                            break self.answer(response, reason, &mut client, &mut buf).await;
+                        }
                     };
                     head_out.clear();
                     let unusable = match authorization {
                         Err(reason) => Some(reason),
-                        Ok(a) => head
+                        Ok(None) => {
+                            head.write_to(&mut head_out);
+                            None
+                        }
+                        Ok(Some(a)) => head
                             .write_with_authorization(&a, &mut head_out)
                             .err()
                             .map(|_| "the leased credential cannot be sent in a header".to_owned()),
@@ -359,6 +427,18 @@ where
         );
         self.refuse(response, client, buf).await;
         Outcome::Failed(ProxyError::NoLease { reason })
+    }
+
+    async fn answer<R: AsyncRead + Unpin>(
+        &mut self,
+        response: Vec<u8>,
+        reason: String,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> Outcome {
+        tracing::info!(%reason, "request answered by the gate");
+        self.refuse(response, client, buf).await;
+        Outcome::Failed(ProxyError::Answered { reason })
     }
 
     async fn refuse_unreachable<R: AsyncRead + Unpin>(

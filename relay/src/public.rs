@@ -1,0 +1,440 @@
+//! Public hostname ingress: `https://<service>.<relay-domain>` for browsers, without the relay
+//! holding any service's key.
+//!
+//! A TCP listener reads each connection's TLS ClientHello (in the clear) just far enough to
+//! learn the server name ([`postern_proto::sni`]), maps `<service>.<domain>` to an outlet that
+//! registered `service` as public (`Ctl::RegisterPublic`), opens a stream to that outlet on its
+//! control connection with a `Ctl::PublicStream` frame, and from then on moves bytes: the
+//! ClientHello it read, then everything else, both ways. The outlet terminates TLS, so the relay
+//! sees only ciphertext. A name that routes nowhere (no SNI, another domain, a service nobody
+//! offers publicly) gets a TLS `unrecognized_name` alert and a close, never another service.
+//!
+//! Limits: the ClientHello must arrive within [`PublicOptions::peek_timeout`] and fit in
+//! [`PublicOptions::max_hello`] bytes; at most [`MAX_CONNECTIONS`] connections at once.
+
+use crate::registry::NodeId;
+use crate::server::RelayHandle;
+use postern_net::ctl;
+use postern_proto::msg::Ctl;
+use postern_proto::name::ServiceName;
+use postern_proto::sni::{self, SniError};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Default for how long a client may take to send its whole ClientHello.
+pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening the stream to the outlet may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most public connections served at once; more wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Most public connections handed to one outlet at once. Each is a stream on the outlet's
+/// control connection, which admits 256 streams the relay opens: the rest stay free for route
+/// set-up, so public clients cannot starve the tunnels.
+pub const MAX_STREAMS_PER_OUTLET: usize = 192;
+
+/// Which way bytes were moving when the tap saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the public client to the outlet.
+    ToOutlet,
+    /// From the outlet to the public client.
+    ToClient,
+}
+
+/// Test hook that sees every byte the ingress forwards (to show the relay sees no plaintext).
+pub type PublicTap = Arc<dyn Fn(Direction, &[u8]) + Send + Sync>;
+
+/// What the public ingress needs.
+#[derive(Clone)]
+pub struct PublicOptions {
+    /// TCP address of the public TLS port, e.g. `0.0.0.0:443`.
+    pub listen: SocketAddr,
+    /// The relay's public domain: `<service>.<domain>` reaches `service`.
+    pub domain: String,
+    /// Cap on the bytes read before the ClientHello must be complete.
+    pub max_hello: usize,
+    /// How long a client may take to send its whole ClientHello.
+    pub peek_timeout: Duration,
+    /// Sees every forwarded byte (tests).
+    pub tap: Option<PublicTap>,
+}
+
+impl PublicOptions {
+    /// Options with the default ClientHello cap and no tap.
+    pub fn new(listen: SocketAddr, domain: impl Into<String>) -> Self {
+        Self {
+            listen,
+            domain: domain.into(),
+            max_hello: sni::DEFAULT_MAX_HELLO,
+            peek_timeout: PEEK_TIMEOUT,
+            tap: None,
+        }
+    }
+}
+
+/// Why a public connection was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a TLS ClientHello, malformed, or too large.
+    BadHello,
+    /// The ClientHello did not arrive in time.
+    Timeout,
+    /// The ClientHello named no server.
+    NoName,
+    /// The name is not `<service>.<domain>` for a service offered publicly by a live outlet.
+    UnknownName,
+    /// The outlet could not be reached.
+    OutletUnavailable,
+}
+
+/// Counters of the public ingress.
+#[derive(Debug, Default)]
+pub struct PublicStats {
+    /// Connections forwarded to an outlet.
+    pub forwarded: AtomicU64,
+    /// Connections refused, all reasons.
+    pub refused: AtomicU64,
+    /// Refused because the name routes nowhere (or no name was sent).
+    pub refused_unknown_name: AtomicU64,
+}
+
+/// Which outlets offer which services publicly (sans-IO; the server applies it).
+#[derive(Debug, Default)]
+pub struct PublicRegistry {
+    services: HashMap<ServiceName, Vec<NodeId>>,
+    cursor: usize,
+}
+
+impl PublicRegistry {
+    /// Makes `node` a public outlet of each of `services`, replacing its earlier list.
+    pub fn register(&mut self, node: NodeId, services: &[ServiceName]) {
+        self.remove_node(node);
+        for s in services {
+            let outlets = self.services.entry(s.clone()).or_default();
+            if !outlets.contains(&node) {
+                outlets.push(node);
+            }
+        }
+    }
+
+    /// Forgets a node (it disconnected).
+    pub fn remove_node(&mut self, node: NodeId) {
+        for outlets in self.services.values_mut() {
+            outlets.retain(|n| *n != node);
+        }
+        self.services.retain(|_, o| !o.is_empty());
+    }
+
+    /// The public outlets of `service`, starting at a different one each call.
+    pub fn candidates(&mut self, service: &ServiceName) -> Vec<NodeId> {
+        let Some(outlets) = self.services.get(service) else {
+            return Vec::new();
+        };
+        let start = self.cursor % outlets.len();
+        self.cursor = self.cursor.wrapping_add(1);
+        outlets[start..]
+            .iter()
+            .chain(&outlets[..start])
+            .copied()
+            .collect()
+    }
+}
+
+/// A bound public ingress, ready to [`run`](PublicIngress::run).
+pub struct PublicIngress {
+    listener: TcpListener,
+    opts: PublicOptions,
+}
+
+impl PublicIngress {
+    /// Binds the public TCP port.
+    pub async fn bind(opts: PublicOptions) -> io::Result<Self> {
+        let listener = TcpListener::bind(opts.listen).await?;
+        Ok(Self { listener, opts })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`; connections already forwarded go on until they end.
+    pub async fn run(self, relay: RelayHandle, shutdown: CancellationToken) {
+        tracing::info!(addr = ?self.listener.local_addr().ok(), domain = %self.opts.domain, "public ingress listening");
+        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let opts = Arc::new(self.opts);
+        let per_outlet = Arc::new(PerOutlet::default());
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = limit.clone().acquire_owned() => p,
+            };
+            let Ok(permit) = permit else { break };
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "public accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (relay, opts, stats) = (relay.clone(), opts.clone(), relay.public_stats_arc());
+            let per_outlet = per_outlet.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(refusal) = serve(tcp, peer, &relay, &opts, &per_outlet).await {
+                        stats.refused.fetch_add(1, Relaxed);
+                        if matches!(refusal, Refusal::NoName | Refusal::UnknownName) {
+                            stats.refused_unknown_name.fetch_add(1, Relaxed);
+                        }
+                    } else {
+                        stats.forwarded.fetch_add(1, Relaxed);
+                    }
+                    drop(permit);
+                }
+                .instrument(tracing::info_span!("public", %peer)),
+            );
+        }
+        tracing::info!("public ingress stopped");
+    }
+}
+
+/// Serves one public connection; `Err` when it was refused. Returns once the connection ends.
+async fn serve(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    relay: &RelayHandle,
+    opts: &PublicOptions,
+    per_outlet: &PerOutlet,
+) -> Result<(), Refusal> {
+    let _ = tcp.set_nodelay(true);
+    let mut hello = Vec::with_capacity(2048);
+    let peeked = tokio::time::timeout(
+        opts.peek_timeout,
+        peek(&mut tcp, &mut hello, opts.max_hello),
+    )
+    .await
+    .unwrap_or(Err(Refusal::Timeout));
+    let name = match peeked {
+        Ok(Some(name)) => name,
+        Ok(None) => {
+            tracing::info!("refusing a public connection without a server name");
+            return Err(refuse(tcp, Refusal::NoName).await);
+        }
+        Err(r) => {
+            tracing::info!(reason = ?r, "refusing a public connection");
+            // Not TLS or cut short: nothing sensible to answer.
+            return Err(r);
+        }
+    };
+    let service = sni::service_label(&name, &opts.domain)
+        .and_then(|label| ServiceName::new(&label.to_ascii_lowercase()).ok());
+    let Some(service) = service else {
+        tracing::info!(%name, "refusing a public connection for a name outside the public domain");
+        return Err(refuse(tcp, Refusal::UnknownName).await);
+    };
+    let candidates = relay.public_candidates(&service);
+    if candidates.is_empty() {
+        tracing::info!(%service, "refusing a public connection for a service no live outlet offers publicly");
+        return Err(refuse(tcp, Refusal::UnknownName).await);
+    }
+    for conn in candidates {
+        let Some(_slot) = per_outlet.acquire(&conn) else {
+            tracing::warn!(%service, "an outlet has {MAX_STREAMS_PER_OUTLET} public connections open; trying another");
+            continue;
+        };
+        let open = Ctl::PublicStream {
+            service: service.clone(),
+            client: peer.to_string(),
+        };
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            ctl::write_frame(&mut send, &open)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.write_all(&hello).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((send, recv))
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+        let (send, recv) = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%service, error = %e, "cannot open a public stream to an outlet; trying another");
+                continue;
+            }
+        };
+        if let Some(tap) = &opts.tap {
+            tap(Direction::ToOutlet, &hello);
+        }
+        tracing::debug!(%service, "public connection forwarded");
+        let io = Tapped {
+            inner: tcp,
+            tap: opts.tap.clone(),
+        };
+        let out = postern_net::splice::splice_io(io, send, recv).await;
+        tracing::debug!(%service, up = out.up, down = out.down, "public connection done");
+        return Ok(());
+    }
+    Err(refuse(tcp, Refusal::OutletUnavailable).await)
+}
+
+/// Public connections open per outlet control connection.
+#[derive(Default)]
+struct PerOutlet {
+    slots: std::sync::Mutex<HashMap<usize, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl PerOutlet {
+    /// A slot for one more connection to `conn`'s outlet, or `None` when it has its fill.
+    fn acquire(&self, conn: &quinn::Connection) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() > 1024 {
+            // Forget idle entries (outlets that reconnected get a new connection id).
+            slots.retain(|_, s| s.available_permits() < MAX_STREAMS_PER_OUTLET);
+        }
+        let sem = slots
+            .entry(conn.stable_id())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS_PER_OUTLET)))
+            .clone();
+        sem.try_acquire_owned().ok()
+    }
+}
+
+/// Reads until the ClientHello is complete; `Ok(None)`: it names no server.
+async fn peek(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<String>, Refusal> {
+    loop {
+        match sni::peek_server_name(buf, max) {
+            Ok(Some(info)) => return Ok(info.server_name),
+            Ok(None) => {}
+            Err(e @ (SniError::NotTls | SniError::NotClientHello)) => {
+                tracing::debug!(error = %e, "not a TLS client");
+                return Err(Refusal::BadHello);
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "bad ClientHello");
+                return Err(Refusal::BadHello);
+            }
+        }
+        let room = max.saturating_sub(buf.len()).max(1);
+        let n = (&mut *tcp)
+            .take(room as u64)
+            .read_buf(buf)
+            .await
+            .map_err(|_| Refusal::BadHello)?;
+        if n == 0 {
+            return Err(Refusal::BadHello);
+        }
+    }
+}
+
+/// Sends the TLS `unrecognized_name` alert and closes.
+async fn refuse(mut tcp: TcpStream, why: Refusal) -> Refusal {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = tcp.write_all(&sni::ALERT_UNRECOGNIZED_NAME).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+    why
+}
+
+impl RelayHandle {
+    /// Live control connections of the outlets offering `service` publicly, in the order to try.
+    fn public_candidates(&self, service: &ServiceName) -> Vec<quinn::Connection> {
+        let ids = self.public_registry().candidates(service);
+        ids.into_iter()
+            .filter_map(|id| self.node_conn(id))
+            .filter(|c| c.close_reason().is_none())
+            .collect()
+    }
+}
+
+/// The client's connection, showing every byte that passes to the tap.
+struct Tapped {
+    inner: TcpStream,
+    tap: Option<PublicTap>,
+}
+
+impl AsyncRead for Tapped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(tap) = &self.tap {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                tap(Direction::ToOutlet, new);
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for Tapped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Some(tap), Poll::Ready(Ok(n))) = (&self.tap, &res) {
+            tap(Direction::ToClient, &buf[..*n]);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).expect("name")
+    }
+
+    #[test]
+    fn registry_spreads_and_forgets() {
+        let mut r = PublicRegistry::default();
+        assert!(r.candidates(&svc("db")).is_empty());
+        r.register(1, &[svc("db"), svc("ui")]);
+        r.register(2, &[svc("db")]);
+        let firsts: std::collections::BTreeSet<NodeId> =
+            (0..4).map(|_| r.candidates(&svc("db"))[0]).collect();
+        assert_eq!(firsts, [1, 2].into());
+        assert_eq!(r.candidates(&svc("ui")), vec![1]);
+        r.register(1, &[svc("db")]);
+        assert!(r.candidates(&svc("ui")).is_empty());
+        r.remove_node(1);
+        assert_eq!(r.candidates(&svc("db")), vec![2]);
+        r.remove_node(2);
+        assert!(r.candidates(&svc("db")).is_empty());
+    }
+}
