@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Enrollment tickets (single-use, time-limited invitations for new nodes).
     #[command(subcommand)]
     Ticket(TicketCommand),
