@@ -183,13 +183,16 @@ async fn transfer(
 
 pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<BulkReport> {
     let (sink, _sink_task) = sink_server().await?;
-    let tunnel = Tunnel::start(pki, mode, sink).await?;
+    let mut tunnel = Tunnel::start(pki, mode, sink).await?;
+    let tcp_addr = tunnel.add_tcp(pki, sink).await?;
     let data = Arc::new(payload(4 << 20));
     let mut notes = Vec::new();
     let mut systems = vec![
         System::plain("direct", sink),
         System::plain("postern", tunnel.addr).with_relay(tunnel.relay.pid()),
+        System::plain("postern-fallback", tcp_addr).with_relay(tunnel.relay.pid()),
     ];
+    notes.push("postern-fallback: the same relay, with an outlet and an inlet that reach it over its TLS/TCP fallback (transport = tcp, as when UDP is blocked); the end-to-end QUIC connection is carried inside".into());
     let mut extra = systems::start_baselines(opts.baselines, sink, &mut notes).await;
     systems.extend(extra.iter_mut().map(|b| b.system()));
     // Warm every path up (postern's end-to-end connection is set up on first use); a
@@ -296,6 +299,10 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<Bulk
     }
     notes.push("CPU time is read from /proc with 10 ms resolution; the bench process holds the clients and the sink, and for postern also the inlet and the outlet (rathole's and bore's clients run in processes of their own, not counted)".into());
     drop(extra);
+    if let Some((outlet, inlet, _)) = tunnel.tcp {
+        inlet.stop().await;
+        outlet.stop().await;
+    }
     tunnel.inlet.stop().await;
     tunnel.outlet.stop().await;
     relay.stop().await;

@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
 use postern_net::control::RelayTarget;
+use postern_net::relay_path::{TransportMode, TransportSettings};
 use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};
@@ -196,7 +197,7 @@ impl BenchRelay {
     pub async fn start(pki: &Pki, mode: &RelayMode) -> Result<Self> {
         match mode {
             RelayMode::InProcess => {
-                let relay = Relay::bind(RelayOptions {
+                let mut relay = Relay::bind(RelayOptions {
                     listen: "127.0.0.1:0".parse()?,
                     identity: pki.identity("relay")?,
                     roots: pki.roots()?,
@@ -207,6 +208,7 @@ impl BenchRelay {
                 })
                 .context("bind relay")?;
                 let addr = relay.local_addr()?;
+                listen_tcp(&mut relay, addr);
                 let handle = relay.handle();
                 let shutdown = CancellationToken::new();
                 let task = tokio::spawn(relay.run(shutdown.clone()));
@@ -326,12 +328,20 @@ impl BenchRelay {
     }
 }
 
+/// Opens the relay's TLS/TCP fallback listener on the UDP socket's port, as `postern-relay run`
+/// does by default. If that port is taken on TCP, the `postern-fallback` rows are left out with a note.
+fn listen_tcp(relay: &mut Relay, addr: SocketAddr) {
+    if let Err(e) = relay.listen_tcp(addr) {
+        tracing::warn!(error = %e, "relay: no TLS/TCP listener");
+    }
+}
+
 /// Body of the hidden `relay-child` subcommand: a relay whose counters are read over stdin.
 pub async fn relay_child(dir: &Path) -> Result<()> {
     let cert = std::fs::read_to_string(dir.join("relay.crt"))?;
     let key = std::fs::read_to_string(dir.join("relay.key"))?;
     let ca = std::fs::read_to_string(dir.join("ca.crt"))?;
-    let relay = Relay::bind(RelayOptions {
+    let mut relay = Relay::bind(RelayOptions {
         listen: "127.0.0.1:0".parse()?,
         identity: Identity::from_pem(&cert, &key)?,
         roots: tls::roots_from_pem(&ca)?,
@@ -342,6 +352,7 @@ pub async fn relay_child(dir: &Path) -> Result<()> {
     })
     .context("bind relay")?;
     let addr = relay.local_addr()?;
+    listen_tcp(&mut relay, addr);
     let handle = relay.handle();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
@@ -423,13 +434,25 @@ pub async fn start_outlet_services(
     relay: SocketAddr,
     services: Services,
 ) -> Result<Running> {
-    let outlet = Outlet::bind(OutletOptions {
+    start_outlet_via(pki, name, relay, services, TransportSettings::default()).await
+}
+
+/// [`start_outlet_services`], reaching the relay as `transport` says.
+pub async fn start_outlet_via(
+    pki: &Pki,
+    name: &str,
+    relay: SocketAddr,
+    services: Services,
+    transport: TransportSettings,
+) -> Result<Running> {
+    let mut outlet = Outlet::bind(OutletOptions {
         relay: relay_target(relay),
         identity: pki.identity(name)?,
         roots: pki.roots()?,
         services,
     })
     .with_context(|| format!("bind outlet {name}"))?;
+    outlet.set_transport(transport);
     let mut handle = outlet.handle();
     let running = Running::spawn(|s| outlet.run(s));
     if !handle.wait_registered(READY_TIMEOUT).await {
@@ -446,6 +469,17 @@ pub async fn start_inlet(
     relay: SocketAddr,
     services: &[(String, ServiceKind)],
 ) -> Result<(Running, HashMap<String, SocketAddr>)> {
+    start_inlet_via(pki, name, relay, services, TransportSettings::default()).await
+}
+
+/// [`start_inlet`], reaching the relay as `transport` says.
+pub async fn start_inlet_via(
+    pki: &Pki,
+    name: &str,
+    relay: SocketAddr,
+    services: &[(String, ServiceKind)],
+    transport: TransportSettings,
+) -> Result<(Running, HashMap<String, SocketAddr>)> {
     let mut list = Vec::new();
     for (s, kind) in services {
         list.push(InletService {
@@ -454,7 +488,7 @@ pub async fn start_inlet(
             kind: *kind,
         });
     }
-    let inlet = Inlet::bind(InletOptions {
+    let mut inlet = Inlet::bind(InletOptions {
         relay: relay_target(relay),
         identity: pki.identity(name)?,
         roots: pki.roots()?,
@@ -462,6 +496,7 @@ pub async fn start_inlet(
     })
     .await
     .with_context(|| format!("bind inlet {name}"))?;
+    inlet.set_transport(transport);
     let mut addrs = HashMap::new();
     for (s, _) in services {
         let a = inlet
@@ -484,6 +519,9 @@ pub struct Tunnel {
     pub inlet: Running,
     /// The inlet's listener: connect here to reach `target` through postern.
     pub addr: SocketAddr,
+    /// A second outlet and inlet on the same relay that reach it over the TLS/TCP fallback
+    /// (`transport = "tcp"`), and that inlet's listener; see [`Tunnel::add_tcp`].
+    pub tcp: Option<(Running, Running, SocketAddr)>,
 }
 
 impl Tunnel {
@@ -505,10 +543,43 @@ impl Tunnel {
             outlet,
             inlet,
             addr,
+            tcp: None,
         })
     }
 
+    /// Adds the `postern-fallback` pair: both nodes forced onto the relay's TLS/TCP fallback, as
+    /// when UDP is blocked; the end-to-end connection is still QUIC, carried inside.
+    pub async fn add_tcp(&mut self, pki: &Pki, target: SocketAddr) -> Result<SocketAddr> {
+        let tcp = || TransportSettings {
+            mode: TransportMode::Tcp,
+            ..TransportSettings::default()
+        };
+        let service = "bench-tcp".to_string();
+        let mut targets = HashMap::new();
+        targets.insert(svc(&service)?, Target::tcp(target.to_string()));
+        let services = Services {
+            targets,
+            ..Services::default()
+        };
+        let outlet = start_outlet_via(pki, "outlet-tcp", self.relay.addr, services, tcp()).await?;
+        let (inlet, addrs) = start_inlet_via(
+            pki,
+            "inlet-tcp",
+            self.relay.addr,
+            &[(service.clone(), ServiceKind::Tcp)],
+            tcp(),
+        )
+        .await?;
+        let addr = addrs[&service];
+        self.tcp = Some((outlet, inlet, addr));
+        Ok(addr)
+    }
+
     pub async fn stop(self) {
+        if let Some((outlet, inlet, _)) = self.tcp {
+            inlet.stop().await;
+            outlet.stop().await;
+        }
         self.inlet.stop().await;
         self.outlet.stop().await;
         self.relay.stop().await;

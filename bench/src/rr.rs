@@ -175,13 +175,15 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &RrOptions) -> Result<RrRepo
         bail!("rate must be positive");
     }
     let (echo, _task) = echo_server().await?;
-    let tunnel = Tunnel::start(pki, mode, echo).await?;
+    let mut tunnel = Tunnel::start(pki, mode, echo).await?;
+    let tcp_addr = tunnel.add_tcp(pki, echo).await?;
     let mut notes = vec![
         "latency is from the write of a request to the read of its echo, one TCP connection, sends on a fixed schedule".to_string(),
     ];
     let mut systems = vec![
         System::plain("direct", echo),
         System::plain("postern", tunnel.addr).with_relay(tunnel.relay.pid()),
+        System::plain("postern-fallback", tcp_addr).with_relay(tunnel.relay.pid()),
     ];
     let mut extra = systems::start_baselines(opts.baselines, echo, &mut notes).await;
     systems.extend(extra.iter_mut().map(|b| b.system()));
