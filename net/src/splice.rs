@@ -15,6 +15,18 @@ use tokio::net::TcpStream;
 /// Size of the per-direction copy buffer.
 pub const CHUNK: usize = 64 * 1024;
 
+/// First size of a splice buffer. An idle stream (the common case in large fleets) holds only
+/// this much per direction; a buffer that a read fills grows by doubling up to [`CHUNK`].
+const FIRST_CHUNK: usize = 4 * 1024;
+
+/// Doubles `buf` (up to [`CHUNK`]) when the last read filled it: the peer has more ready than
+/// the buffer takes, so larger reads and writes pay off.
+fn grow_if_full(buf: &mut Vec<u8>, n: usize) {
+    if n == buf.len() && buf.len() < CHUNK {
+        buf.resize((buf.len() * 2).min(CHUNK), 0);
+    }
+}
+
 /// Counters a splice adds its bytes to as they move (chunk by chunk, so a scrape during a long
 /// transfer sees it progress). The default counts nothing.
 #[derive(Debug, Clone)]
@@ -58,7 +70,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
     send: &mut SendStream,
     counter: &metrics::Counter,
 ) -> Dir {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; FIRST_CHUNK];
     let mut total = 0u64;
     loop {
         match tcp.read(&mut buf).await {
@@ -77,6 +89,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
                 }
                 total += n as u64;
                 counter.increment(n as u64);
+                grow_if_full(&mut buf, n);
             }
             Err(e) => {
                 let _ = send.reset(VarInt::from_u32(code::RESET));
@@ -94,7 +107,7 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
     let mut total = 0u64;
     // `read` gathers every chunk quinn has ready (often many ~1.4 KB packets) into one buffer,
     // so the TCP side sees one large write instead of one per packet.
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; FIRST_CHUNK];
     loop {
         match recv.read(&mut buf).await {
             Ok(Some(n)) => {
@@ -104,6 +117,7 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
                 }
                 total += n as u64;
                 counter.increment(n as u64);
+                grow_if_full(&mut buf, n);
             }
             Ok(None) => {
                 let _ = tcp.shutdown().await;
@@ -278,5 +292,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    #[test]
+    fn buffers_start_small_and_grow_only_when_filled() {
+        let mut buf = vec![0u8; FIRST_CHUNK];
+        grow_if_full(&mut buf, 100);
+        assert_eq!(
+            buf.len(),
+            FIRST_CHUNK,
+            "a partial read does not grow the buffer"
+        );
+        let mut sizes = Vec::new();
+        for _ in 0..10 {
+            let n = buf.len();
+            grow_if_full(&mut buf, n);
+            sizes.push(buf.len());
+        }
+        assert_eq!(sizes[..4], [8 * 1024, 16 * 1024, 32 * 1024, CHUNK]);
+        assert!(
+            sizes.iter().all(|&s| s <= CHUNK),
+            "never beyond CHUNK: {sizes:?}"
+        );
     }
 }
