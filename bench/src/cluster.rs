@@ -190,6 +190,8 @@ enum RelayInner {
 /// A running relay.
 pub struct BenchRelay {
     pub addr: SocketAddr,
+    /// Port of its TLS/TCP fallback listener (a free one, not necessarily the UDP port).
+    pub tcp_port: Option<u16>,
     inner: RelayInner,
 }
 
@@ -208,12 +210,13 @@ impl BenchRelay {
                 })
                 .context("bind relay")?;
                 let addr = relay.local_addr()?;
-                listen_tcp(&mut relay, addr);
+                let tcp_port = listen_tcp(&mut relay);
                 let handle = relay.handle();
                 let shutdown = CancellationToken::new();
                 let task = tokio::spawn(relay.run(shutdown.clone()));
                 Ok(Self {
                     addr,
+                    tcp_port,
                     inner: RelayInner::InProcess {
                         handle,
                         shutdown,
@@ -252,12 +255,17 @@ impl BenchRelay {
                     .await
                     .context("relay child did not start in time")??
                     .ok_or_else(|| anyhow!("relay child exited before reporting its address"))?;
-                let addr = line
-                    .strip_prefix("ADDR ")
-                    .ok_or_else(|| anyhow!("unexpected relay child line {line:?}"))?
-                    .parse()?;
+                let mut words = line.split(' ');
+                let (Some("ADDR"), Some(addr), Some("TCP"), Some(tcp)) =
+                    (words.next(), words.next(), words.next(), words.next())
+                else {
+                    bail!("unexpected relay child line {line:?}");
+                };
+                let addr = addr.parse()?;
+                let tcp_port = tcp.parse().ok();
                 Ok(Self {
                     addr,
+                    tcp_port,
                     inner: RelayInner::Child {
                         child,
                         stdin,
@@ -328,11 +336,17 @@ impl BenchRelay {
     }
 }
 
-/// Opens the relay's TLS/TCP fallback listener on the UDP socket's port, as `postern-relay run`
-/// does by default. If that port is taken on TCP, the `postern-fallback` rows are left out with a note.
-fn listen_tcp(relay: &mut Relay, addr: SocketAddr) {
-    if let Err(e) = relay.listen_tcp(addr) {
-        tracing::warn!(error = %e, "relay: no TLS/TCP listener");
+/// Opens the relay's TLS/TCP fallback listener on a free port of 127.0.0.1 (the UDP port's TCP
+/// twin, `postern-relay run`'s default, may be held by one of the many client sockets a run
+/// leaves behind); the nodes are told the port.
+fn listen_tcp(relay: &mut Relay) -> Option<u16> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    match relay.listen_tcp(any) {
+        Ok(bound) => Some(bound.port()),
+        Err(e) => {
+            tracing::warn!(error = %e, "relay: no TLS/TCP listener");
+            None
+        }
     }
 }
 
@@ -352,12 +366,14 @@ pub async fn relay_child(dir: &Path) -> Result<()> {
     })
     .context("bind relay")?;
     let addr = relay.local_addr()?;
-    listen_tcp(&mut relay, addr);
+    let tcp_port = listen_tcp(&mut relay);
     let handle = relay.handle();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     let mut out = tokio::io::stdout();
-    out.write_all(format!("ADDR {addr}\n").as_bytes()).await?;
+    let tcp = tcp_port.map_or("none".to_string(), |p| p.to_string());
+    out.write_all(format!("ADDR {addr} TCP {tcp}\n").as_bytes())
+        .await?;
     out.flush().await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
@@ -550,8 +566,13 @@ impl Tunnel {
     /// Adds the `postern-fallback` pair: both nodes forced onto the relay's TLS/TCP fallback, as
     /// when UDP is blocked; the end-to-end connection is still QUIC, carried inside.
     pub async fn add_tcp(&mut self, pki: &Pki, target: SocketAddr) -> Result<SocketAddr> {
+        let tcp_port = self
+            .relay
+            .tcp_port
+            .ok_or_else(|| anyhow!("the relay has no TLS/TCP listener"))?;
         let tcp = || TransportSettings {
             mode: TransportMode::Tcp,
+            tcp_port: Some(tcp_port),
             ..TransportSettings::default()
         };
         let service = "bench-tcp".to_string();

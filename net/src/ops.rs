@@ -146,6 +146,34 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;
 
+/// The next connection on `listener`, taken only while fewer than `limit`'s permits are out
+/// (the permit travels with the connection); `None` once `shutdown` is cancelled. Accept errors
+/// (e.g. out of file descriptors) are logged and retried after a short pause.
+pub async fn accept_bounded(
+    listener: &TcpListener,
+    limit: &Arc<tokio::sync::Semaphore>,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            p = limit.clone().acquire_owned() => p.ok()?,
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, peer)) => return Some((tcp, peer, permit)),
+            Err(e) => {
+                tracing::debug!(error = %e, "{what} accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -155,26 +183,9 @@ pub async fn serve(
 ) {
     tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz and /readyz");
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, _) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::debug!(error = %e, "metrics endpoint accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((tcp, _, permit)) =
+        accept_bounded(&listener, &limit, &shutdown, "metrics endpoint").await
+    {
         let node = node.clone();
         let recorder = recorder.clone();
         tokio::spawn(async move {

@@ -586,3 +586,41 @@ pub async fn start_outlet_public(
     );
     OutletNode { handle, running }
 }
+
+/// Writes `total` random bytes to `addr` (an echo service) while reading the echo; returns
+/// (SHA-256 of what was sent, SHA-256 of what came back).
+pub async fn echo_round(addr: SocketAddr, total: usize) -> (Vec<u8>, Vec<u8>) {
+    use rand::RngCore;
+    use sha2::{Digest, Sha256};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect inlet");
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rand::rng().fill_bytes(&mut buf[..n]);
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n]).await.expect("write");
+            left -= n;
+        }
+        w.shutdown().await.expect("shutdown");
+        h.finalize().to_vec()
+    });
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, total, "echoed byte count");
+    (writer.await.expect("writer"), h.finalize().to_vec())
+}

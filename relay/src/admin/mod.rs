@@ -334,26 +334,9 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 pub async fn serve(listener: TcpListener, api: Arc<AdminApi>, shutdown: CancellationToken) {
     tracing::info!(addr = ?listener.local_addr().ok(), "serving the admin API");
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::debug!(error = %e, "admin API accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((tcp, peer, permit)) =
+        postern_net::ops::accept_bounded(&listener, &limit, &shutdown, "admin API").await
+    {
         let api = api.clone();
         tokio::spawn(async move {
             let _permit = permit;
