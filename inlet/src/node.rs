@@ -11,7 +11,7 @@ use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
 use postern_proto::http::FilterConfig;
-use postern_proto::msg::{code, Ctl, StreamOpen};
+use postern_proto::msg::{code, Ctl, RefuseReason, StreamOpen};
 use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
@@ -91,6 +91,11 @@ pub struct InletOptions {
     pub roots: Arc<RootCertStore>,
     pub services: Vec<InletService>,
 }
+
+/// How long after connecting to a relay a refusal for an unknown service, or one with no outlet
+/// connected, is taken as "the outlets have not re-registered yet" and the route asked for again.
+/// A relay that restarts forgets every registration, and outlets take a moment to come back.
+pub const OUTLET_GRACE: Duration = Duration::from_secs(3);
 
 /// How long a connection whose relay went away waits for another relay to move to.
 pub const MIGRATE_WAIT: Duration = Duration::from_secs(5);
@@ -192,6 +197,8 @@ pub(crate) struct Shared {
     relays: std::sync::RwLock<Vec<RelayControl>>,
     /// End-to-end connections moved to another relay's path.
     migrations: Arc<std::sync::atomic::AtomicU64>,
+    /// When each control connection (by `stable_id`) came up, for [`OUTLET_GRACE`].
+    control_since: Mutex<HashMap<usize, std::time::Instant>>,
     /// Per service: the current end-to-end connection. The async mutex makes concurrent client
     /// connections wait for one route set-up instead of each asking for a route.
     e2e: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>>,
@@ -213,6 +220,13 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Whether `ctl_conn` came up less than [`OUTLET_GRACE`] ago.
+    fn connected_recently(&self, ctl_conn: &quinn::Connection) -> bool {
+        let mut since = self.control_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.retain(|_, t| t.elapsed() < OUTLET_GRACE);
+        since.contains_key(&ctl_conn.stable_id())
     }
 
     /// More than one relay is configured (connections can move between them).
@@ -278,15 +292,42 @@ impl Shared {
         wait: Duration,
         outlet: Option<&NodeName>,
     ) -> Result<(SocketAddr, RouteId, NodeName), ServeError> {
+        let grace_end = tokio::time::Instant::now() + OUTLET_GRACE;
+        loop {
+            let (result, young) = self.route_once(service, avoid, wait, outlet).await;
+            match result {
+                // A relay that has just (re)started has not heard from every outlet yet: ask
+                // again for a little while rather than fail the client at once.
+                Err(ServeError::Refused(
+                    RefuseReason::UnknownService | RefuseReason::NoLiveOutlet,
+                )) if young && tokio::time::Instant::now() < grace_end => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One pass of [`route_via_any`]; also says whether the last relay asked was connected
+    /// only recently (less than [`OUTLET_GRACE`] ago).
+    async fn route_once(
+        &self,
+        service: &ServiceName,
+        avoid: Option<SocketAddr>,
+        wait: Duration,
+        outlet: Option<&NodeName>,
+    ) -> (Result<(SocketAddr, RouteId, NodeName), ServeError>, bool) {
         let mut candidates = self.healthy_now(avoid);
         if candidates.is_empty() {
             candidates.extend(self.healthy_relay(avoid, wait).await);
         }
         let mut last = ServeError::NoRelay;
+        let mut young = false;
         for (relay, ctl_conn) in candidates {
+            young = self.connected_recently(&ctl_conn);
             match Self::request_route(&ctl_conn, service).await {
                 Ok((route, granted)) if outlet.is_none_or(|want| *want == granted) => {
-                    return Ok((relay, route, granted));
+                    return (Ok((relay, route, granted)), young);
                 }
                 // The connection's keys live with the outlet it was made to, so it cannot
                 // move to another one. (The unused route goes when this node disconnects.)
@@ -296,16 +337,14 @@ impl Shared {
                         outlet: granted,
                     }
                 }
-                Err(e @ ServeError::Refused(postern_proto::msg::RefuseReason::NotAllowed)) => {
-                    return Err(e)
-                }
+                Err(e @ ServeError::Refused(RefuseReason::NotAllowed)) => return (Err(e), young),
                 Err(e) => {
                     tracing::debug!(%relay, error = %e, "relay cannot route; asking the next");
                     last = e;
                 }
             }
         }
-        Err(last)
+        (Err(last), young)
     }
 
     /// Asks a relay for a route to `service`.
@@ -644,6 +683,7 @@ impl Inlet {
                 key_updates: Arc::default(),
                 relays: std::sync::RwLock::new(vec![(opts.relay.addr, control_rx)]),
                 migrations: Arc::default(),
+                control_since: Mutex::default(),
                 e2e: Mutex::default(),
             }),
             client: Arc::new(std::sync::RwLock::new(endpoint::control_client(
@@ -998,7 +1038,12 @@ struct InletControl {
 }
 
 impl ControlHandler for InletControl {
-    async fn on_connect(&self, _conn: &quinn::Connection) -> Result<(), CtlError> {
+    async fn on_connect(&self, conn: &quinn::Connection) -> Result<(), CtlError> {
+        self.shared
+            .control_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn.stable_id(), std::time::Instant::now());
         Ok(())
     }
 

@@ -6,8 +6,6 @@ use postern_net::relay_path::{Transport, TransportMode, TransportSettings};
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};

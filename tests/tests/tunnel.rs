@@ -2,8 +2,6 @@
 
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -285,6 +283,113 @@ async fn nodes_recover_after_the_relay_restarts() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(relay.handle.nodes().len(), 2, "both nodes reconnected");
+}
+
+/// One short echo through `addr`; true when it came back whole within 10 s.
+async fn ping(addr: std::net::SocketAddr, i: usize) -> bool {
+    let payload = format!("ping {i}").into_bytes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(&payload).await.ok()?;
+        s.shutdown().await.ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.ok()?;
+        (out == payload).then_some(())
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_under_load_loses_no_connection_started_after_it_is_back() {
+    init_logging();
+    let pki = Pki::new();
+    let (echo, _t) = echo_server().await;
+    let addr = free_udp_addr();
+    let relay = start_relay(&pki, addr, [4; 32], None);
+    let _o = start_outlet(
+        &pki,
+        "outlet-1",
+        addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(&pki, "inlet-1", addr, &["echo"]).await;
+    let target = inlet.addr("echo");
+    assert!(ping(target, 0).await);
+
+    // Clients keep opening connections, 8 at a time, before, during and after the restart;
+    // each records when it started and whether it got its echo.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::<(Instant, bool)>::new()));
+    let mut load = Vec::new();
+    for w in 0..8usize {
+        let (stop, results) = (stop.clone(), results.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let ok = ping(target, i).await;
+                results.lock().expect("results").push((started, ok));
+                i += 8;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.running.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let relay = start_relay(&pki, addr, [4; 32], None);
+    let back = Instant::now();
+    // Let the load run on well past the nodes' reconnection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.expect("load task");
+    }
+    let results = results.lock().expect("results");
+    let after: Vec<bool> = results
+        .iter()
+        .filter(|(started, _)| *started >= back)
+        .map(|(_, ok)| *ok)
+        .collect();
+    let failed = after.iter().filter(|ok| !**ok).count();
+    eprintln!(
+        "{} connections in all, {} started after the relay was back, {failed} of those failed",
+        results.len(),
+        after.len()
+    );
+    assert!(after.len() > 20, "the load kept going after the restart");
+    assert_eq!(
+        failed, 0,
+        "connections started after the relay came back failed"
+    );
+    assert_eq!(relay.handle.nodes().len(), 2, "both nodes reconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_arriving_before_the_outlet_registers_waits_for_it_briefly() {
+    // Just after an inlet connects to a relay (a relay that restarted forgets every outlet),
+    // "unknown service" may only mean the outlet has not registered again yet.
+    init_logging();
+    let pki = Pki::new();
+    let (echo, _t) = echo_server().await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
+    let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["echo"]).await;
+    let client = tokio::spawn(ping(inlet.addr("echo"), 1));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _o = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    assert!(
+        client.await.expect("client"),
+        "the client that came before the outlet registered got no echo"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
