@@ -9,6 +9,87 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The flags every node (inlet, outlet) takes to reach its relays and to prove who it is; each
+/// binary flattens them into its `run` flags, and builds the same struct from its config file's
+/// keys of the same names, so [`NodeFlags::over`] and [`NodeFlags::resolve`] merge them once.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct NodeFlags {
+    /// Relay address, `host:port`. Repeat it (or separate with commas) to use several relays
+    /// at once: an outlet registers with every one; an inlet routes through the first one that
+    /// is up and moves its connections to another when that relay goes away.
+    #[arg(long, env = "POSTERN_RELAY", value_delimiter = ',')]
+    pub relay: Vec<String>,
+    /// How to reach the relays: `auto` tries QUIC over UDP and falls back to TLS 1.3 over TCP
+    /// when the UDP handshake gets no answer within 3 s (UDP blocked); `udp` or `tcp` force
+    /// one [default: auto].
+    #[arg(long, value_name = "auto|udp|tcp")]
+    pub transport: Option<crate::relay_path::TransportMode>,
+    /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
+    #[arg(long)]
+    pub relay_tcp_port: Option<u16>,
+    /// Name the relay's certificate must carry [default: relay].
+    #[arg(long)]
+    pub relay_name: Option<String>,
+    /// Enrollment ticket, used once if this node has not enrolled yet (see `enroll`).
+    #[arg(long, env = "POSTERN_TICKET", hide_env_values = true)]
+    pub ticket: Option<String>,
+    /// Name to ask for when enrolling [default: inlet-<hostname> or outlet-<hostname>].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// This node's certificate (PEM), issued by the project CA [default: the enrolled one in
+    /// the state directory].
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The project CA certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+impl NodeFlags {
+    /// These flags, each falling back to `file`'s value where it is unset.
+    pub fn over(self, file: NodeFlags) -> NodeFlags {
+        NodeFlags {
+            relay: if self.relay.is_empty() {
+                file.relay
+            } else {
+                self.relay
+            },
+            transport: self.transport.or(file.transport),
+            relay_tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
+            relay_name: self.relay_name.or(file.relay_name),
+            ticket: self.ticket.or(file.ticket),
+            name: self.name.or(file.name),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            ca: self.ca.or(file.ca),
+        }
+    }
+
+    /// Splits into the node's identity settings, the relays after the first, and how to
+    /// reach them.
+    pub fn resolve(self) -> (NodeArgs, Vec<String>, crate::relay_path::TransportSettings) {
+        let (first, more) = crate::relay_path::merge_relays(self.relay, None);
+        let transport = crate::relay_path::TransportSettings {
+            mode: self.transport.unwrap_or_default(),
+            tcp_port: self.relay_tcp_port,
+            udp_timeout: None,
+        };
+        let node = NodeArgs {
+            relay: first,
+            relay_name: self.relay_name,
+            cert: self.cert,
+            key: self.key,
+            ca: self.ca,
+            ticket: self.ticket,
+            name: self.name,
+        };
+        (node, more, transport)
+    }
+}
+
 /// Resolved node settings.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {

@@ -88,38 +88,8 @@ pub struct RunArgs {
     /// `[influxdb-outlet]` table for leased InfluxDB credentials).
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Relay address, `host:port`. Repeat it (or separate with commas) to use several relays
-    /// at once: an outlet registers with every one; an inlet routes through the first one that
-    /// is up and moves its connections to another when that relay goes away.
-    #[arg(long, env = "POSTERN_RELAY", value_delimiter = ',')]
-    pub relay: Vec<String>,
-    /// How to reach the relays: `auto` tries QUIC over UDP and falls back to TLS 1.3 over TCP
-    /// when the UDP handshake gets no answer within 3 s (UDP blocked); `udp` or `tcp` force
-    /// one [default: auto].
-    #[arg(long, value_name = "auto|udp|tcp")]
-    pub transport: Option<postern_net::relay_path::TransportMode>,
-    /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
-    #[arg(long)]
-    pub relay_tcp_port: Option<u16>,
-    /// Name the relay's certificate must carry [default: relay].
-    #[arg(long)]
-    pub relay_name: Option<String>,
-    /// Enrollment ticket, used once if this outlet has not enrolled yet (see `enroll`).
-    #[arg(long, env = "POSTERN_TICKET", hide_env_values = true)]
-    pub ticket: Option<String>,
-    /// Name to ask for when enrolling [default: outlet-<hostname>].
-    #[arg(long)]
-    pub name: Option<String>,
-    /// This outlet's certificate (PEM), issued by the project CA [default: the enrolled one in
-    /// the state directory].
-    #[arg(long)]
-    pub cert: Option<PathBuf>,
-    /// This outlet's private key (PEM).
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// The project CA certificate (PEM).
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub node: postern_net::node_config::NodeFlags,
     /// Directory for the outlet's state (lease store) [default: ./postern-outlet-state].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -259,13 +229,21 @@ impl RunArgs {
                 .context("drain-timeout")?,
             (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
         };
-        let (first_relay, more_relays) =
-            postern_net::relay_path::merge_relays(self.relay, file.relay);
-        let transport = postern_net::relay_path::TransportSettings {
-            mode: self.transport.or(file.transport).unwrap_or_default(),
-            tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
-            udp_timeout: None,
+        let from_file = postern_net::node_config::NodeFlags {
+            relay: file
+                .relay
+                .map(postern_net::relay_path::RelayList::into_vec)
+                .unwrap_or_default(),
+            transport: file.transport,
+            relay_tcp_port: file.relay_tcp_port,
+            relay_name: file.relay_name,
+            ticket: file.ticket,
+            name: file.name,
+            cert: file.cert,
+            key: file.key,
+            ca: file.ca,
         };
+        let (node, more_relays, transport) = self.node.over(from_file).resolve();
         let mut public_services = Vec::new();
         let mut want =
             |name: &ServiceName, cert: &Option<PathBuf>, key: &Option<PathBuf>| match (cert, key) {
@@ -304,15 +282,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             audit_log: self.audit_log.or(file.audit_log),
             drain_timeout,
-            node: NodeArgs {
-                relay: first_relay,
-                relay_name: self.relay_name.or(file.relay_name),
-                cert: self.cert.or(file.cert),
-                key: self.key.or(file.key),
-                ca: self.ca.or(file.ca),
-                ticket: self.ticket.or(file.ticket),
-                name: self.name.or(file.name),
-            },
+            node,
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
@@ -410,15 +380,7 @@ mod tests {
     fn args_with(file: &std::path::Path, public_domain: Option<&str>) -> RunArgs {
         RunArgs {
             config: Some(file.to_owned()),
-            relay: vec![],
-            transport: None,
-            relay_tcp_port: None,
-            relay_name: None,
-            ticket: None,
-            name: None,
-            cert: None,
-            key: None,
-            ca: None,
+            node: postern_net::node_config::NodeFlags::default(),
             state_dir: None,
             services: vec![],
             metrics_addr: None,
