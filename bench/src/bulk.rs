@@ -291,21 +291,14 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<Bulk
             r.ratio_to_direct = direct.filter(|d| *d > 0.0).map(|d| r.gbps / d);
         }
     }
-    let mut relay = tunnel.relay;
-    let relay_stats = relay.stats().await?;
-    let relay_separate_process = relay.separate_process();
+    let relay_stats = tunnel.relay.stats().await?;
+    let relay_separate_process = tunnel.relay.separate_process();
     if !relay_separate_process {
         notes.push("relay in-process: its CPU is part of the bench process's".into());
     }
     notes.push("CPU time is read from /proc with 10 ms resolution; the bench process holds the clients and the sink, and for postern also the inlet and the outlet (rathole's and bore's clients run in processes of their own, not counted)".into());
     drop(extra);
-    if let Some((outlet, inlet, _)) = tunnel.tcp {
-        inlet.stop().await;
-        outlet.stop().await;
-    }
-    tunnel.inlet.stop().await;
-    tunnel.outlet.stop().await;
-    relay.stop().await;
+    tunnel.stop().await;
     // Let the sockets of the finished transfers go before the next scenario.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(BulkReport {

@@ -264,16 +264,7 @@ async fn nodes_recover_after_the_relay_restarts() {
     let relay = start_relay(&pki, addr, [3; 32], None);
     let back = Instant::now();
     loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut s = TcpStream::connect(inlet.addr("echo")).await.ok()?;
-            s.write_all(b"ping").await.ok()?;
-            s.shutdown().await.ok()?;
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).await.ok()?;
-            (out == b"ping").then_some(())
-        })
-        .await;
-        if let Ok(Some(())) = attempt {
+        if ping(inlet.addr("echo"), 0, Duration::from_secs(2)).await {
             break;
         }
         assert!(
@@ -285,10 +276,10 @@ async fn nodes_recover_after_the_relay_restarts() {
     assert_eq!(relay.handle.nodes().len(), 2, "both nodes reconnected");
 }
 
-/// One short echo through `addr`; true when it came back whole within 10 s.
-async fn ping(addr: std::net::SocketAddr, i: usize) -> bool {
+/// One short echo through `addr`; true when it came back whole `within` the time given.
+async fn ping(addr: std::net::SocketAddr, i: usize, within: Duration) -> bool {
     let payload = format!("ping {i}").into_bytes();
-    tokio::time::timeout(Duration::from_secs(10), async {
+    tokio::time::timeout(within, async {
         let mut s = TcpStream::connect(addr).await.ok()?;
         s.write_all(&payload).await.ok()?;
         s.shutdown().await.ok()?;
@@ -318,7 +309,7 @@ async fn a_relay_restarted_under_load_loses_no_connection_started_after_it_is_ba
     .await;
     let inlet = start_inlet(&pki, "inlet-1", addr, &["echo"]).await;
     let target = inlet.addr("echo");
-    assert!(ping(target, 0).await);
+    assert!(ping(target, 0, Duration::from_secs(10)).await);
 
     // Clients keep opening connections, 8 at a time, before, during and after the restart;
     // each records when it started and whether it got its echo.
@@ -331,7 +322,7 @@ async fn a_relay_restarted_under_load_loses_no_connection_started_after_it_is_ba
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
-                let ok = ping(target, i).await;
+                let ok = ping(target, i, Duration::from_secs(10)).await;
                 results.lock().expect("results").push((started, ok));
                 i += 8;
             }
@@ -377,7 +368,7 @@ async fn a_client_arriving_before_the_outlet_registers_waits_for_it_briefly() {
     let (echo, _t) = echo_server().await;
     let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
     let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["echo"]).await;
-    let client = tokio::spawn(ping(inlet.addr("echo"), 1));
+    let client = tokio::spawn(ping(inlet.addr("echo"), 1, Duration::from_secs(10)));
     tokio::time::sleep(Duration::from_millis(800)).await;
     let _o = start_outlet(
         &pki,
