@@ -391,18 +391,16 @@ impl Shared {
         }
         if let Some(e) = guard.as_mut() {
             let pool = self.pool.load(std::sync::atomic::Ordering::Relaxed);
-            let least = e.conns.iter().min_by_key(|p| p.load());
-            if let Some(p) = least.filter(|p| p.load() == 0 || e.conns.len() >= pool) {
-                return Ok((p.conn.clone(), ActiveStream::on(p)));
-            }
-            // Every connection carries a stream: add one over the same route.
-            match self.connect_e2e(e.virt, e.outlet.as_str()).await {
-                Ok(conn) => {
-                    tracing::debug!(%service, route = %e.route, pool = e.conns.len() + 1, "extra end-to-end connection up");
-                    e.conns.push(Pooled::new(conn));
-                }
-                Err(reason) => {
-                    tracing::debug!(%service, %reason, "extra end-to-end connection failed; sharing one");
+            if e.conns.len() < pool && e.conns.iter().all(|p| p.load() > 0) {
+                // Every connection carries a stream: add one over the same route.
+                match self.connect_e2e(e.virt, e.outlet.as_str()).await {
+                    Ok(conn) => {
+                        tracing::debug!(%service, route = %e.route, pool = e.conns.len() + 1, "extra end-to-end connection up");
+                        e.conns.push(Pooled::new(conn));
+                    }
+                    Err(reason) => {
+                        tracing::debug!(%service, %reason, "extra end-to-end connection failed; sharing one");
+                    }
                 }
             }
             let p = e
