@@ -1,17 +1,67 @@
 //! The inlet's lease client: keeps the current leased credential of a service, as streamed by
 //! the outlet, in a watch channel the HTTP filter reads once per request.
 
-use crate::http_proxy::LeaseState;
 use crate::node::Shared;
 use postern_net::backoff::Backoff;
 use postern_net::ctl;
-use postern_proto::lease::LeaseGrant;
+use postern_net::http_proxy::{Gate, Verdict};
+use postern_proto::http::RequestHead;
+use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::msg::{LeaseMsg, StreamOpen};
 use postern_proto::name::ServiceName;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// What the inlet knows about its lease for the service, as published by the lease client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// A valid credential, put into every request forwarded from now on.
+    Held(Credential),
+    /// The outlet injects the credential itself: requests go on with no credential (the
+    /// client's own are still removed).
+    AtOutlet,
+    /// No valid credential. `reason` is shown to the client in the 503 body, so it must never
+    /// contain a secret (e.g. "no lease received from the outlet yet", "lease expired").
+    Missing { reason: String },
+}
+
+impl LeaseState {
+    /// The state before the outlet has sent any lease.
+    pub fn waiting() -> Self {
+        LeaseState::Missing {
+            reason: "no lease received from the outlet yet".to_owned(),
+        }
+    }
+}
+
+/// Where the HTTP filter reads the current credential, once per request head.
+pub type CredentialSource = watch::Receiver<LeaseState>;
+
+/// The inlet's gate: every request goes on with the lease held at that moment (or with none
+/// when the outlet injects it), or gets a 503.
+pub struct LeaseGate(pub CredentialSource);
+
+impl Gate for LeaseGate {
+    fn check(
+        &mut self,
+        _head: &mut RequestHead,
+    ) -> impl std::future::Future<Output = Verdict> + Send {
+        let verdict = match &*self.0.borrow() {
+            LeaseState::Held(c) => Verdict::Forward {
+                authorization: Some(c.authorization()),
+            },
+            LeaseState::AtOutlet => Verdict::Forward {
+                authorization: None,
+            },
+            LeaseState::Missing { reason } => Verdict::NoLease {
+                reason: reason.clone(),
+            },
+        };
+        std::future::ready(verdict)
+    }
+}
 
 /// Stop using a credential this long before the outlet says it expires, to absorb clock skew
 /// and requests in flight; shorter for short leases (see [`until`]).
@@ -114,6 +164,14 @@ async fn follow(
             Ok(LeaseMsg::Grant(grant)) => {
                 backoff.reset();
                 apply(state, held_until, grant);
+            }
+            Ok(LeaseMsg::AtOutlet) => {
+                backoff.reset();
+                *held_until = None;
+                if *state.borrow() != LeaseState::AtOutlet {
+                    tracing::info!(%service, "the outlet injects the leased credential itself");
+                }
+                state.send_replace(LeaseState::AtOutlet);
             }
             Ok(LeaseMsg::Unavailable { reason }) => {
                 tracing::warn!(%service, %reason, "the outlet cannot lease a credential now");

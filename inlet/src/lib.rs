@@ -2,7 +2,6 @@
 //! connection to an outlet, through a relay.
 
 pub mod config;
-pub use postern_net::http_proxy;
 pub mod lease;
 pub mod metrics;
 pub mod node;

@@ -1,11 +1,12 @@
 //! The inlet node: local listeners, one control connection to the relay, and one end-to-end
 //! connection per service's outlet, created on demand and replaced when its route goes away.
 
-use crate::http_proxy::{CredentialSource, LeaseState};
+use crate::lease::{CredentialSource, LeaseState};
 use crate::tls::{ClientStream, TlsAcceptor};
 use postern_net::control::{self, current_config, ControlHandler, RelayTarget, SharedClientConfig};
 use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
 use postern_net::endpoint::{self, EndpointError};
+use postern_net::http_proxy;
 use postern_net::node_socket::NodeSocket;
 use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_net::splice;
@@ -1020,7 +1021,8 @@ async fn serve_http_client(
         strip_query_credentials: true,
         ..FilterConfig::default()
     };
-    match crate::http_proxy::proxy(tcp, open, credential, cfg).await {
+    let opts = http_proxy::ProxyOptions::new("postern inlet", cfg);
+    match http_proxy::proxy(tcp, open, crate::lease::LeaseGate(credential), opts).await {
         Ok(stats) => tracing::debug!(
             requests = stats.requests,
             up = stats.bytes_up,

@@ -1,43 +1,51 @@
 //! Serves one client connection through the HTTP/1.1 request filter: the inlet's local
-//! listeners and the outlet's public hostname share it.
+//! listeners, the outlet's enforcement of leased credentials and the outlet's public hostname
+//! share it.
 //!
 //! The sans-IO [`postern_proto::http::RequestFilter`] decides what the client's bytes are; this
 //! module does the I/O around it. Two directions run concurrently on the caller's task:
 //!
 //! * client -> upstream: bytes go through the filter; a [`Gate`] decides for every request head
 //!   whether it goes on and with which credential (the inlet's gate is its lease, the outlet's
-//!   public gate also checks the client's access grant); every head is re-serialized with the
-//!   credential current at that moment (so a lease rotation applies from the next request
-//!   on and no request fails because of it); bodies and, after `CONNECT`/`Upgrade`, the opaque
-//!   tunnel pass unchanged.
-//! * upstream -> client: bytes are copied unchanged (responses are not parsed).
+//!   gates check the peer's lease or inject it, and the public gate also checks the client's
+//!   access grant); every head is re-serialized with the credential current at that moment (so a
+//!   lease rotation applies from the next request on and no request fails because of it); bodies
+//!   pass unchanged. A WebSocket upgrade pauses this direction until the server has answered it;
+//!   only a `101` turns the rest of the connection into an opaque tunnel.
+//! * upstream -> client: bytes are copied unchanged; a
+//!   [`postern_proto::http_response::ResponseTracker`] follows their framing to find the
+//!   server's answer to an upgrade.
 //!
 //! Everything written to the client goes through the second direction, which also writes the
-//! responses the inlet makes itself (400, 502, 503). That keeps those responses behind the
-//! server's responses to earlier pipelined requests instead of interleaving with them.
+//! responses the proxy makes itself (400, 403, 408, 501, 502, 503). That keeps those responses
+//! behind the server's responses to earlier pipelined requests instead of interleaving with them.
 //!
-//! The upstream (a stream to the outlet) is opened lazily: only once the first request head has
-//! parsed cleanly and a credential is held, so a malformed request or a client without a lease
-//! never reaches the server. Buffers are bounded (64 KiB, or the head limit if larger), so a fast
-//! client is slowed down by a slow server and the other way round.
+//! The upstream is opened lazily: only once the first request head has parsed cleanly and the
+//! gate let it through, so a malformed request or a client without a credential never reaches
+//! the server. Buffers are bounded (64 KiB, or the head limit if larger), so a fast client is
+//! slowed down by a slow server and the other way round. A request head must arrive whole within
+//! [`ProxyOptions::head_timeout`] of its first byte (slowloris), and a connection with no request
+//! in flight is closed after [`ProxyOptions::idle_timeout`].
 
 use std::future::Future;
 use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use postern_proto::http::{
     error_response, FilterConfig, HttpError, RequestFilter, RequestHead, Step,
 };
-use postern_proto::lease::Credential;
+use postern_proto::http_response::{Expect, ResponseTracker, UpgradeAnswer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// Size of each direction's buffer (raised to the filter's head limit when that is larger: a
 /// whole head must fit).
 pub const BUF_LEN: usize = 64 * 1024;
 
-/// After the inlet refuses a request, how long the server's responses to earlier requests may
+/// After the proxy refuses a request, how long the server's responses to earlier requests may
 /// take to reach the client before the connection is closed, and how long the client's further
 /// input is read and discarded (closing a TCP socket with unread input sends a reset, which can
 /// destroy the error response before the client reads it).
@@ -46,27 +54,38 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// How long opening the upstream stream may take before the client gets a 502.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// What the inlet knows about its lease for the service, as published by the lease client.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LeaseState {
-    /// A valid credential, put into every request forwarded from now on.
-    Held(Credential),
-    /// No valid credential. `reason` is shown to the client in the 503 body, so it must never
-    /// contain a secret (e.g. "no lease received from the outlet yet", "lease expired").
-    Missing { reason: String },
+/// Default [`ProxyOptions::head_timeout`].
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default [`ProxyOptions::idle_timeout`].
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How one proxied connection behaves.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// The request filter's limits and whether it strips `u`/`p` query credentials.
+    pub filter: FilterConfig,
+    /// Who speaks in the responses the proxy makes itself ("postern inlet", "postern outlet").
+    pub name: &'static str,
+    /// Longest time from the first byte of a request head to its end. A client trickling a head
+    /// (slowloris) gets a 408 and is closed.
+    pub head_timeout: Duration,
+    /// Longest time a connection may wait for its next request while no response is due (a
+    /// keep-alive connection left idle, or a connection that never sends a request).
+    pub idle_timeout: Duration,
 }
 
-impl LeaseState {
-    /// The state before the outlet has sent any lease.
-    pub fn waiting() -> Self {
-        LeaseState::Missing {
-            reason: "no lease received from the outlet yet".to_owned(),
+impl ProxyOptions {
+    /// Options for `name` with the default limits and timeouts.
+    pub fn new(name: &'static str, filter: FilterConfig) -> Self {
+        ProxyOptions {
+            filter,
+            name,
+            head_timeout: HEAD_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
-
-/// Where the proxy reads the current credential, once per request head.
-pub type CredentialSource = watch::Receiver<LeaseState>;
 
 /// What to do with one request head.
 pub enum Verdict {
@@ -82,24 +101,10 @@ pub enum Verdict {
 
 /// Decides, request by request, what goes to the upstream and with which credential.
 pub trait Gate: Send {
-    /// Looks at one accepted request head (the client's credentials already taken out); may
-    /// edit it before it is forwarded (e.g. take out a cookie meant for the gate).
+    /// Looks at one accepted request head (the client's credentials already taken out, the one
+    /// it presented still readable with [`RequestHead::presented_authorization`]); may edit it
+    /// before it is forwarded (e.g. take out a cookie meant for the gate).
     fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send;
-}
-
-/// The inlet's gate: every request goes on with the lease held at that moment, or gets a 503.
-impl Gate for CredentialSource {
-    fn check(&mut self, _head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
-        let verdict = match &*self.borrow() {
-            LeaseState::Held(c) => Verdict::Forward {
-                authorization: Some(c.authorization()),
-            },
-            LeaseState::Missing { reason } => Verdict::NoLease {
-                reason: reason.clone(),
-            },
-        };
-        std::future::ready(verdict)
-    }
 }
 
 /// Counters of one proxied connection.
@@ -111,27 +116,33 @@ pub struct ProxyStats {
     pub bytes_up: u64,
     /// Bytes copied from the upstream to the client.
     pub bytes_down: u64,
-    /// Whether the connection became an opaque tunnel (`CONNECT` or `Upgrade`).
+    /// Whether the connection became an opaque tunnel (the server switched to WebSocket).
     pub tunneled: bool,
 }
 
-/// Why a proxied connection ended abnormally. In the first three cases the client has been sent
-/// a response saying so (unless it went away first).
+/// Why a proxied connection ended abnormally. Where the client could still be answered it was
+/// sent a response saying so (unless it went away first).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The client sent a malformed or ambiguous request; it got a 400.
+    /// The client sent a malformed, ambiguous or unsupported request; it got a 400 or 501.
     #[error("refused a request: {0}")]
     BadRequest(#[source] HttpError),
+    /// A request head did not arrive whole in time; the client got a 408.
+    #[error("request head not complete within {0:?}")]
+    HeadTimeout(Duration),
     /// No valid credential was held when a request had to be forwarded; the client got a 503.
     #[error("no valid lease held: {reason}")]
     NoLease { reason: String },
-    /// The gate answered a request itself (e.g. 403 without an access grant); the connection
-    /// was closed after that answer.
+    /// The gate answered a request itself (e.g. 403 without an access grant or with a
+    /// credential that is not the peer's lease); the connection was closed after that answer.
     #[error("answered by the gate: {reason}")]
     Answered { reason: String },
     /// The upstream could not be opened; the client got a 502.
     #[error("cannot open the upstream: {0}")]
     UpstreamUnavailable(#[source] io::Error),
+    /// The server's responses could not be followed, so an upgrade could not be decided.
+    #[error("cannot follow the server's responses: {0}")]
+    UpstreamProtocol(String),
     /// Reading from or writing to the client failed.
     #[error("client connection: {0}")]
     Client(#[source] io::Error),
@@ -140,35 +151,19 @@ pub enum ProxyError {
     Upstream(#[source] io::Error),
 }
 
-/// Serves one client connection: requests go through the filter to a lazily opened upstream,
-/// responses come back unchanged. Returns when both directions are done (each side's EOF is
-/// passed on as a write shutdown to the other).
+/// Serves one client connection: requests go through the filter and the `gate` to a lazily
+/// opened upstream, responses come back unchanged. Returns when both directions are done (each
+/// side's EOF is passed on as a write shutdown to the other).
 ///
 /// On a malformed request the upstream's write side is shut down, the responses to earlier
 /// requests are let through for up to [`DRAIN_DEADLINE`], then the client gets a 400 and the
 /// connection is closed. Without a credential when a head must be forwarded, the same happens
 /// with a 503. Neither header values nor credentials are ever logged.
-pub async fn proxy<C, U, F, Fut>(
-    client: C,
-    open_upstream: F,
-    credential: CredentialSource,
-    cfg: FilterConfig,
-) -> Result<ProxyStats, ProxyError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = io::Result<U>>,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    proxy_gated(client, open_upstream, credential, cfg).await
-}
-
-/// [`proxy`] with any [`Gate`] deciding about each request.
-pub async fn proxy_gated<C, U, F, Fut, G>(
+pub async fn proxy<C, U, F, Fut, G>(
     client: C,
     open_upstream: F,
     gate: G,
-    cfg: FilterConfig,
+    opts: ProxyOptions,
 ) -> Result<ProxyStats, ProxyError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -181,17 +176,28 @@ where
     // At most two events: the upstream opened, then a refusal.
     let (events_tx, events_rx) = mpsc::channel(2);
     let (closed_tx, closed_rx) = watch::channel(false);
+    // At most one upgrade waits for its answer at a time.
+    let (answers_tx, answers_rx) = mpsc::channel(1);
+    let tracker = Arc::new(Mutex::new(ResponseTracker::new(
+        opts.filter.max_head_len.max(BUF_LEN),
+    )));
     let up = Upstreamward {
-        filter: RequestFilter::new(cfg),
+        filter: RequestFilter::new(opts.filter.clone()),
         gate,
         open: Some(open_upstream),
         upstream: None,
         events: events_tx,
         upstream_closed: closed_rx,
+        tracker: tracker.clone(),
+        answers: answers_rx,
+        opts,
         stats: ProxyStats::default(),
     };
-    let (up, down) =
-        tokio::try_join!(up.run(client_r), downstream(client_w, events_rx, closed_tx))?;
+    let down = Downstream {
+        tracker,
+        answers: answers_tx,
+    };
+    let (up, down) = tokio::try_join!(up.run(client_r), down.run(client_w, events_rx, closed_tx))?;
     let (outcome, mut stats) = up;
     stats.bytes_down = down;
     match outcome {
@@ -208,10 +214,32 @@ enum Event<R> {
     Refuse(Vec<u8>),
 }
 
+/// The server's answer to an upgrade, as the upstream->client direction saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Upgrade(UpgradeAnswer),
+    /// The responses could not be followed (malformed), so no answer can be trusted.
+    Lost(String),
+}
+
 /// How the client->upstream direction ended, when the other direction must still finish.
 enum Outcome {
     Done,
     Failed(ProxyError),
+}
+
+fn lock(t: &Mutex<ResponseTracker>) -> MutexGuard<'_, ResponseTracker> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the client->upstream direction waits for when it reads.
+enum Waiting {
+    /// Nothing in flight: the idle timeout applies.
+    Idle,
+    /// Part of a head has arrived: it must be complete by then.
+    Head(Instant),
+    /// Inside a body or a tunnel: no deadline (bodies may stream slowly).
+    Body,
 }
 
 /// The client->upstream direction.
@@ -223,6 +251,9 @@ struct Upstreamward<F, U, G> {
     events: mpsc::Sender<Event<ReadHalf<U>>>,
     /// Becomes true (or its sender goes away) once nothing more comes from the upstream.
     upstream_closed: watch::Receiver<bool>,
+    tracker: Arc<Mutex<ResponseTracker>>,
+    answers: mpsc::Receiver<Answer>,
+    opts: ProxyOptions,
     stats: ProxyStats,
 }
 
@@ -240,6 +271,8 @@ where
         let cap = BUF_LEN.max(self.filter.config().max_head_len);
         let mut buf = BytesMut::with_capacity(cap);
         let mut head_out = Vec::new();
+        // When the first byte of the head being read arrived.
+        let mut head_started: Option<Instant> = None;
         let outcome = loop {
             let step = match self.filter.step(&buf) {
                 Ok(step) => step,
@@ -254,32 +287,44 @@ where
                         };
                         break self.refuse_bad_request(e, &mut client, &mut buf).await;
                     }
-                    // Between requests, a closed upstream ends the connection: the server
-                    // (e.g. after `Connection: close` or an idle timeout) will answer nothing
-                    // more, and a keep-alive client would otherwise hold us open.
-                    let idle =
-                        buf.is_empty() && self.filter.between_requests() && self.upstream.is_some();
-                    let read = if idle {
-                        tokio::select! {
-                            read = read_more(&mut client, &mut buf, cap) => Some(read),
-                            _ = self.upstream_closed.wait_for(|closed| *closed) => None,
-                        }
+                    let waiting = if !self.filter.between_requests() {
+                        Waiting::Body
+                    } else if buf.is_empty() {
+                        head_started = None;
+                        Waiting::Idle
                     } else {
-                        Some(read_more(&mut client, &mut buf, cap).await)
+                        Waiting::Head(
+                            *head_started.get_or_insert_with(Instant::now) + self.opts.head_timeout,
+                        )
                     };
-                    let Some(read) = read else {
-                        tracing::debug!("upstream closed while the client was idle");
-                        break self.finish().await;
-                    };
-                    let n = read.map_err(ProxyError::Client)?;
-                    if n == 0 {
-                        if !buf.is_empty() || !self.filter.between_requests() {
-                            tracing::debug!("client closed its side in the middle of a request");
+                    match self.read(&mut client, &mut buf, cap, waiting).await {
+                        Read::Data => {}
+                        Read::Eof => {
+                            if !buf.is_empty() || !self.filter.between_requests() {
+                                tracing::debug!(
+                                    "client closed its side in the middle of a request"
+                                );
+                            }
+                            break self.finish().await;
                         }
-                        break self.finish().await;
+                        Read::Failed(e) => return Err(ProxyError::Client(e)),
+                        Read::UpstreamClosed => {
+                            tracing::debug!("upstream closed while the client was idle");
+                            break self.finish().await;
+                        }
+                        Read::Idle => {
+                            tracing::debug!(timeout = ?self.opts.idle_timeout, "closing an idle client connection");
+                            break self.finish().await;
+                        }
+                        Read::HeadTimeout => break self.refuse_slow(&mut client, &mut buf).await,
                     }
                 }
                 Step::Head { mut head, consumed } => {
+                    head_started = None;
+                    if head.is_upgrade() && lock(&self.tracker).failure().is_some() {
+                        let e = "an earlier response could not be followed".to_owned();
+                        break self.refuse_lost(e, &mut client, &mut buf).await;
+                    }
                     let authorization = match self.gate.check(&mut head).await {
                         Verdict::Forward { authorization } => Ok(authorization),
                         Verdict::NoLease { reason } => Err(reason),
@@ -313,6 +358,14 @@ where
                             break self.refuse_unreachable(e, &mut client, &mut buf).await;
                         }
                     }
+                    // Announced before any byte goes out, so that its answer cannot come first.
+                    lock(&self.tracker).expect(if head.is_upgrade() {
+                        Expect::Upgrade
+                    } else if head.method() == "HEAD" {
+                        Expect::Head
+                    } else {
+                        Expect::Normal
+                    });
                     let sent = self.send(&head_out).await;
                     head_out.clear();
                     if let Err(e) = sent {
@@ -327,6 +380,21 @@ where
                     }
                     buf.advance(len);
                 }
+                Step::AwaitUpgrade => match self.answers.recv().await {
+                    Some(Answer::Upgrade(UpgradeAnswer::Switched)) => {
+                        tracing::debug!("server switched protocols");
+                        self.filter.upgrade_answered(true);
+                    }
+                    Some(Answer::Upgrade(UpgradeAnswer::Refused)) => {
+                        tracing::debug!("server did not switch protocols; filtering goes on");
+                        self.filter.upgrade_answered(false);
+                    }
+                    Some(Answer::Lost(e)) => {
+                        break self.refuse_lost(e, &mut client, &mut buf).await;
+                    }
+                    // The upstream ended without answering.
+                    None => break self.finish().await,
+                },
                 Step::Opaque => {
                     self.stats.tunneled = true;
                     tracing::debug!("switching to opaque passthrough");
@@ -335,6 +403,55 @@ where
             }
         };
         Ok((outcome, self.stats))
+    }
+
+    /// Reads once from the client, within the deadline that applies.
+    async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut R,
+        buf: &mut BytesMut,
+        cap: usize,
+        waiting: Waiting,
+    ) -> Read {
+        let result = |r: io::Result<usize>| match r {
+            Ok(0) => Read::Eof,
+            Ok(_) => Read::Data,
+            Err(e) => Read::Failed(e),
+        };
+        match waiting {
+            Waiting::Body => result(read_more(client, buf, cap).await),
+            Waiting::Head(deadline) => tokio::select! {
+                r = read_more(client, buf, cap) => result(r),
+                _ = tokio::time::sleep_until(deadline) => Read::HeadTimeout,
+            },
+            Waiting::Idle => loop {
+                // Between requests, a closed upstream ends the connection: the server (e.g.
+                // after `Connection: close` or an idle timeout) will answer nothing more, and a
+                // keep-alive client would otherwise hold us open.
+                let open = self.upstream.is_some();
+                let closed = self.upstream_closed.clone();
+                let upstream_gone = async move {
+                    let mut closed = closed;
+                    if open {
+                        let _ = closed.wait_for(|c| *c).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    r = read_more(client, buf, cap) => return result(r),
+                    () = upstream_gone => return Read::UpstreamClosed,
+                    _ = tokio::time::sleep(self.opts.idle_timeout) => {
+                        // Idle only counts while no response is due: a long query may stream
+                        // its answer for minutes while the client sends nothing.
+                        let due = lock(&self.tracker).pending();
+                        if due == 0 {
+                            return Read::Idle;
+                        }
+                    }
+                }
+            },
+        }
     }
 
     /// Opens the upstream and hands its read side to the other direction.
@@ -364,7 +481,7 @@ where
         Ok(())
     }
 
-    /// After `CONNECT`/`Upgrade`: everything else the client sends goes up unchanged.
+    /// After the server switched protocols: everything else the client sends goes up unchanged.
     async fn tunnel<R: AsyncRead + Unpin>(
         &mut self,
         client: &mut R,
@@ -403,14 +520,35 @@ where
         client: &mut R,
         buf: &mut BytesMut,
     ) -> Outcome {
-        tracing::warn!(error = %e, "refusing a malformed request");
+        tracing::warn!(error = %e, "refusing a request");
+        let (status, reason) = e.status();
         let response = error_response(
-            400,
-            "Bad Request",
-            &format!("postern inlet refused the request: {e}"),
+            status,
+            reason,
+            &format!("{} refused the request: {e}", self.opts.name),
         );
         self.refuse(response, client, buf).await;
         Outcome::Failed(ProxyError::BadRequest(e))
+    }
+
+    async fn refuse_slow<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> Outcome {
+        let limit = self.opts.head_timeout;
+        tracing::info!(timeout = ?limit, "request head not complete in time; closing");
+        let response = error_response(
+            408,
+            "Request Timeout",
+            &format!(
+                "{}: the request head did not arrive within {} s",
+                self.opts.name,
+                limit.as_secs_f32()
+            ),
+        );
+        self.refuse(response, client, buf).await;
+        Outcome::Failed(ProxyError::HeadTimeout(limit))
     }
 
     async fn refuse_no_lease<R: AsyncRead + Unpin>(
@@ -423,10 +561,32 @@ where
         let response = error_response(
             503,
             "Service Unavailable",
-            &format!("postern inlet holds no valid lease for this service: {reason}"),
+            &format!(
+                "{} holds no valid lease for this service: {reason}",
+                self.opts.name
+            ),
         );
         self.refuse(response, client, buf).await;
         Outcome::Failed(ProxyError::NoLease { reason })
+    }
+
+    async fn refuse_lost<R: AsyncRead + Unpin>(
+        &mut self,
+        reason: String,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> Outcome {
+        tracing::warn!(%reason, "cannot tell how the server answered an upgrade; closing");
+        let response = error_response(
+            502,
+            "Bad Gateway",
+            &format!(
+                "{} cannot follow the service's responses, so it cannot switch protocols",
+                self.opts.name
+            ),
+        );
+        self.refuse(response, client, buf).await;
+        Outcome::Failed(ProxyError::UpstreamProtocol(reason))
     }
 
     async fn answer<R: AsyncRead + Unpin>(
@@ -448,7 +608,11 @@ where
         buf: &mut BytesMut,
     ) -> Outcome {
         tracing::warn!(error = %e, "cannot open the upstream, answering 502");
-        let response = error_response(502, "Bad Gateway", "postern inlet cannot reach the service");
+        let response = error_response(
+            502,
+            "Bad Gateway",
+            &format!("{} cannot reach the service", self.opts.name),
+        );
         self.refuse(response, client, buf).await;
         Outcome::Failed(ProxyError::UpstreamUnavailable(e))
     }
@@ -478,6 +642,16 @@ where
     }
 }
 
+/// How one read from the client went.
+enum Read {
+    Data,
+    Eof,
+    Failed(io::Error),
+    UpstreamClosed,
+    Idle,
+    HeadTimeout,
+}
+
 /// Reads once into `buf`, never letting it grow past `cap` bytes.
 async fn read_more<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -489,101 +663,135 @@ async fn read_more<R: AsyncRead + Unpin>(
     (&mut *r).take(room as u64).read_buf(buf).await
 }
 
-/// The upstream->client direction: waits for the upstream to be opened (or a refusal before
-/// that), copies responses, and sends the inlet's own response when a request was refused.
-/// Returns the number of bytes copied from the upstream.
-async fn downstream<W, U>(
-    mut client: W,
-    mut events: mpsc::Receiver<Event<ReadHalf<U>>>,
-    upstream_closed: watch::Sender<bool>,
-) -> Result<u64, ProxyError>
-where
-    W: AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut copied = 0u64;
-    let refusal = match events.recv().await {
-        // The client went away before sending a request.
-        None => None,
-        Some(Event::Refuse(response)) => Some(response),
-        Some(Event::Opened(mut upstream)) => {
-            let copy = copy_down(&mut upstream, &mut client, &mut copied);
-            tokio::pin!(copy);
-            tokio::select! {
-                res = &mut copy => {
-                    res?;
-                    // The refusal, if any, was queued before the upstream was shut down.
-                    match events.try_recv() {
-                        Ok(Event::Refuse(response)) => Some(response),
-                        _ => None,
-                    }
-                }
-                ev = events.recv() => match ev {
-                    Some(Event::Refuse(response)) => {
-                        match tokio::time::timeout(DRAIN_DEADLINE, &mut copy).await {
-                            Ok(res) => {
-                                res?;
-                                Some(response)
-                            }
-                            Err(_) => {
-                                // We may be in the middle of a response: appending ours would
-                                // only garble it. Just close.
-                                tracing::warn!("upstream did not finish its responses in time");
-                                None
-                            }
+/// The upstream->client direction.
+struct Downstream {
+    tracker: Arc<Mutex<ResponseTracker>>,
+    answers: mpsc::Sender<Answer>,
+}
+
+impl Downstream {
+    /// Waits for the upstream to be opened (or a refusal before that), copies responses, and
+    /// sends the proxy's own response when a request was refused. Returns the number of bytes
+    /// copied from the upstream.
+    async fn run<W, U>(
+        self,
+        mut client: W,
+        mut events: mpsc::Receiver<Event<ReadHalf<U>>>,
+        upstream_closed: watch::Sender<bool>,
+    ) -> Result<u64, ProxyError>
+    where
+        W: AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut copied = 0u64;
+        let refusal = match events.recv().await {
+            // The client went away before sending a request.
+            None => None,
+            Some(Event::Refuse(response)) => Some(response),
+            Some(Event::Opened(mut upstream)) => {
+                let copy = self.copy_down(&mut upstream, &mut client, &mut copied);
+                tokio::pin!(copy);
+                tokio::select! {
+                    res = &mut copy => {
+                        res?;
+                        // The refusal, if any, was queued before the upstream was shut down.
+                        match events.try_recv() {
+                            Ok(Event::Refuse(response)) => Some(response),
+                            _ => None,
                         }
                     }
-                    _ => {
-                        copy.await?;
-                        None
+                    ev = events.recv() => match ev {
+                        Some(Event::Refuse(response)) => {
+                            match tokio::time::timeout(DRAIN_DEADLINE, &mut copy).await {
+                                Ok(res) => {
+                                    res?;
+                                    Some(response)
+                                }
+                                Err(_) => {
+                                    // We may be in the middle of a response: appending ours would
+                                    // only garble it. Just close.
+                                    tracing::warn!("upstream did not finish its responses in time");
+                                    None
+                                }
+                            }
+                        }
+                        _ => {
+                            copy.await?;
+                            None
+                        }
                     }
                 }
             }
+        };
+        upstream_closed.send_replace(true);
+        if let Some(response) = refusal {
+            client
+                .write_all(&response)
+                .await
+                .map_err(ProxyError::Client)?;
         }
-    };
-    upstream_closed.send_replace(true);
-    if let Some(response) = refusal {
-        client
-            .write_all(&response)
-            .await
-            .map_err(ProxyError::Client)?;
-    }
-    if let Err(e) = client.shutdown().await {
-        tracing::debug!(error = %e, "shutting down the client's write side failed");
-    }
-    Ok(copied)
-}
-
-/// Copies until the upstream's EOF.
-async fn copy_down<R, W>(
-    upstream: &mut R,
-    client: &mut W,
-    copied: &mut u64,
-) -> Result<(), ProxyError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF_LEN];
-    loop {
-        let n = upstream
-            .read(&mut buf)
-            .await
-            .map_err(ProxyError::Upstream)?;
-        if n == 0 {
-            return Ok(());
+        if let Err(e) = client.shutdown().await {
+            tracing::debug!(error = %e, "shutting down the client's write side failed");
         }
-        client
-            .write_all(&buf[..n])
-            .await
-            .map_err(ProxyError::Client)?;
-        *copied += n as u64;
+        Ok(copied)
+    }
+
+    /// Copies until the upstream's EOF, following the responses' framing on the way.
+    async fn copy_down<R, W>(
+        &self,
+        upstream: &mut R,
+        client: &mut W,
+        copied: &mut u64,
+    ) -> Result<(), ProxyError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; BUF_LEN];
+        // Once the stream is opaque or cannot be followed, looking at it is pointless.
+        let mut follow = true;
+        loop {
+            let n = upstream
+                .read(&mut buf)
+                .await
+                .map_err(ProxyError::Upstream)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let answer = if follow {
+                let mut t = lock(&self.tracker);
+                match t.feed(&buf[..n]) {
+                    Ok(a) => {
+                        follow = !t.is_opaque();
+                        a.map(Answer::Upgrade)
+                    }
+                    Err(e) => {
+                        follow = false;
+                        tracing::warn!(error = %e, "cannot follow the service's responses");
+                        t.pending_upgrade().then(|| Answer::Lost(e.to_string()))
+                    }
+                }
+            } else {
+                None
+            };
+            client
+                .write_all(&buf[..n])
+                .await
+                .map_err(ProxyError::Client)?;
+            *copied += n as u64;
+            if let Some(a) = answer {
+                // Sent after the bytes reached the client, so the client has the 101 before any
+                // of its tunnel bytes can go up. Capacity 1 and one upgrade at a time: never
+                // blocks for long.
+                let _ = self.answers.send(a).await;
+            }
+        }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postern_proto::lease::Credential;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader, DuplexStream};
@@ -687,7 +895,8 @@ mod tests {
                 });
                 log.len()
             };
-            if header_of(&head, "upgrade").is_some() {
+            // `/no-ws` plays a server that ignores upgrades and answers normally.
+            if header_of(&head, "upgrade").is_some() && !head.starts_with("GET /no-ws ") {
                 w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n")
                     .await?;
                 tokio::io::copy(&mut r, &mut w).await?;
@@ -737,6 +946,37 @@ mod tests {
         task: tokio::task::JoinHandle<Result<ProxyStats, ProxyError>>,
     }
 
+    /// The inlet's kind of gate, as the tests see it: a credential held or not.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum LeaseState {
+        Held(Credential),
+        Missing { reason: String },
+    }
+
+    impl Gate for watch::Receiver<LeaseState> {
+        fn check(&mut self, _head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
+            let verdict = match &*self.borrow() {
+                LeaseState::Held(c) => Verdict::Forward {
+                    authorization: Some(c.authorization()),
+                },
+                LeaseState::Missing { reason } => Verdict::NoLease {
+                    reason: reason.clone(),
+                },
+            };
+            std::future::ready(verdict)
+        }
+    }
+
+    fn waiting() -> LeaseState {
+        LeaseState::Missing {
+            reason: "no lease received from the outlet yet".to_owned(),
+        }
+    }
+
+    fn opts(cfg: FilterConfig) -> ProxyOptions {
+        ProxyOptions::new("postern inlet", cfg)
+    }
+
     fn token(t: &str) -> LeaseState {
         LeaseState::Held(Credential::Token(t.to_owned()))
     }
@@ -757,7 +997,7 @@ mod tests {
                 Ok(a)
             }
         };
-        let task = tokio::spawn(proxy(proxy_side, open, creds_rx, cfg));
+        let task = tokio::spawn(proxy(proxy_side, open, creds_rx, opts(cfg)));
         (
             client,
             Harness {
@@ -1031,7 +1271,7 @@ mod tests {
             .unwrap();
         let (_, text) = read_response(&mut r).await;
         assert_eq!(text, "response 1 auth=Token t");
-        h.creds.send_replace(LeaseState::waiting());
+        h.creds.send_replace(waiting());
         w.write_all(b"GET /b HTTP/1.1\r\nHost: i\r\n\r\n")
             .await
             .unwrap();
@@ -1102,7 +1342,7 @@ mod tests {
         let open = || async {
             Err::<DuplexStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
         };
-        let task = tokio::spawn(proxy(proxy_side, open, rx, FilterConfig::default()));
+        let task = tokio::spawn(proxy(proxy_side, open, rx, opts(FilterConfig::default())));
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: i\r\n\r\n")
             .await
@@ -1119,6 +1359,109 @@ mod tests {
 
     /// Real TCP on both sides: the client half-closes after its request and still reads the
     /// whole response, then sees EOF once the server closed.
+    #[tokio::test]
+    async fn request_behind_an_ignored_upgrade_is_filtered() {
+        let (client, h) = start(token("t"), influx1());
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        // The server answers the upgrade with a plain 200; the request pipelined behind it must
+        // still lose the client's credentials and carry the lease.
+        w.write_all(
+            b"GET /no-ws HTTP/1.1\r\nHost: i\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\
+              GET /query?u=admin&p=pw HTTP/1.1\r\nHost: i\r\nAuthorization: Basic YWRtaW46cHc=\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (status, _) = read_response(&mut r).await;
+        assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
+        let (status, body) = read_response(&mut r).await;
+        assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
+        assert_eq!(body, "response 2 auth=Token t");
+        w.shutdown().await.unwrap();
+        let stats = done(h.task).await.unwrap();
+        assert!(!stats.tunneled);
+        let seen = snapshot(&h.log);
+        assert_eq!(seen[1].request_line(), "GET /query HTTP/1.1");
+        assert_eq!(seen[1].headers("authorization"), ["Token t"]);
+    }
+
+    #[tokio::test]
+    async fn h2c_and_connect_are_refused_and_nothing_behind_them_passes() {
+        for first in [
+            &b"GET / HTTP/1.1\r\nHost: i\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"[..],
+            &b"CONNECT db:8086 HTTP/1.1\r\nHost: db:8086\r\n\r\n"[..],
+        ] {
+            let (client, h) = start(token("t"), influx1());
+            let (r, mut w) = tokio::io::split(client);
+            let mut r = BufReader::new(r);
+            let mut input = first.to_vec();
+            input.extend_from_slice(b"GET /query?u=admin&p=pw HTTP/1.1\r\nHost: i\r\n\r\n");
+            w.write_all(&input).await.unwrap();
+            let (status, body) = read_response(&mut r).await;
+            assert!(status.starts_with("HTTP/1.1 501 "), "{status}");
+            assert!(body.contains("postern inlet refused"), "{body}");
+            drop(w);
+            assert!(matches!(done(h.task).await, Err(ProxyError::BadRequest(_))));
+            assert!(!h.opened.load(Ordering::SeqCst), "upstream opened");
+            assert!(snapshot(&h.log).is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn slow_head_gets_408() {
+        let (client, proxy_side) = tokio::io::duplex(BUF_LEN);
+        let (_tx, rx) = watch::channel(token("t"));
+        let mut o = opts(influx1());
+        o.head_timeout = Duration::from_millis(300);
+        let task = tokio::spawn(proxy(
+            proxy_side,
+            || async { Ok::<_, io::Error>(tokio::io::duplex(16).0) },
+            rx,
+            o,
+        ));
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        let started = Instant::now();
+        // A byte every 50 ms: each read is quick, the head never completes.
+        let trickle = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nHost: i\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                if w.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let (status, _) = read_response(&mut r).await;
+        let answered = started.elapsed();
+        assert!(status.starts_with("HTTP/1.1 408 "), "{status}");
+        assert!(
+            answered >= Duration::from_millis(300) && answered < Duration::from_secs(2),
+            "{answered:?}"
+        );
+        trickle.abort();
+        assert!(matches!(done(task).await, Err(ProxyError::HeadTimeout(_))));
+    }
+
+    #[tokio::test]
+    async fn idle_connection_is_closed() {
+        let (client, proxy_side) = tokio::io::duplex(BUF_LEN);
+        let (_tx, rx) = watch::channel(token("t"));
+        let mut o = opts(influx1());
+        o.idle_timeout = Duration::from_millis(200);
+        let task = tokio::spawn(proxy(
+            proxy_side,
+            || async { Ok::<_, io::Error>(tokio::io::duplex(16).0) },
+            rx,
+            o,
+        ));
+        let (mut r, _w) = tokio::io::split(client);
+        let mut rest = Vec::new();
+        // The proxy closes its side without a response.
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert!(done(task).await.is_ok());
+    }
+
     #[tokio::test]
     async fn half_close_over_tcp() {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1138,7 +1481,7 @@ mod tests {
                 c,
                 move || TcpStream::connect(server_addr),
                 rx,
-                FilterConfig::default(),
+                opts(FilterConfig::default()),
             )
             .await
         });
@@ -1164,12 +1507,12 @@ mod tests {
     fn proxy_future_is_send() {
         fn assert_send<T: Send>(_: &T) {}
         let (a, _b) = tokio::io::duplex(16);
-        let (_tx, rx) = watch::channel(LeaseState::waiting());
+        let (_tx, rx) = watch::channel(waiting());
         let fut = proxy(
             a,
             || async { Ok::<_, io::Error>(tokio::io::duplex(16).0) },
             rx,
-            FilterConfig::default(),
+            opts(FilterConfig::default()),
         );
         assert_send(&fut);
     }

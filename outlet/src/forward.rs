@@ -1,11 +1,14 @@
 //! The outlet's data plane: end-to-end connections from inlets, one stream per client
 //! connection, each joined to a fresh connection to the service's target.
 
-use crate::lease::LeaseManager;
+use crate::enforce::LeaseGate;
+use crate::lease::{InjectAt, LeaseManager};
 use crate::target::{Target, TargetError};
 use postern_net::ctl;
+use postern_net::http_proxy::{self, ProxyOptions};
 use postern_net::splice;
 use postern_proto::fwd::RouteId;
+use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, LeaseMsg, StreamOpen};
 use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::policy::{Attributes, Expr};
@@ -28,9 +31,17 @@ pub struct Services {
     /// relay already applied its own policy. A service without an entry admits any inlet the
     /// relay routed here.
     pub allow: HashMap<ServiceName, Expr>,
+    /// Where each leased service's credential is put into requests (absent: at the inlet).
+    /// Every service in `leases` is enforced here either way (see [`crate::enforce`]).
+    pub inject_at: HashMap<ServiceName, InjectAt>,
 }
 
 impl Services {
+    /// Where `service`'s leased credential is put into requests.
+    pub fn inject_at(&self, service: &ServiceName) -> InjectAt {
+        self.inject_at.get(service).copied().unwrap_or_default()
+    }
+
     /// Every service name offered.
     pub fn names(&self) -> Vec<ServiceName> {
         let mut names: Vec<ServiceName> = self.targets.keys().cloned().collect();
@@ -262,7 +273,8 @@ async fn serve_stream(
             };
             // A lease stream lasts as long as its connection: it does not hold up a drain.
             drop(token);
-            return serve_lease(send, recv, manager, &inlet).await;
+            let mode = services.inject_at(&service);
+            return serve_lease(send, recv, manager, &inlet, mode).await;
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "bad stream header");
@@ -290,6 +302,39 @@ async fn serve_stream(
     };
     metrics::counter!("postern_outlet_streams_total", "service" => service.as_str().to_owned())
         .increment(1);
+    if let Some(manager) = services.leases.get(&service) {
+        // A service with leased credentials: every request is checked here, whatever the
+        // inlet did (see `crate::enforce`).
+        let gate = LeaseGate::new(
+            manager.clone(),
+            inlet.clone(),
+            service.clone(),
+            services.inject_at(&service),
+        );
+        let client = splice::Counted::new(
+            tokio::io::join(recv, send),
+            counters.stream_to_tcp.clone(),
+            counters.tcp_to_stream.clone(),
+        );
+        let cfg = FilterConfig {
+            // InfluxDB takes credentials from `u`/`p` too; only the lease may reach it.
+            strip_query_credentials: true,
+            ..FilterConfig::default()
+        };
+        let opts = ProxyOptions::new("postern outlet", cfg);
+        match http_proxy::proxy(client, || target.connect_io(), gate, opts).await {
+            Ok(stats) => tracing::debug!(
+                %service,
+                requests = stats.requests,
+                up = stats.bytes_up,
+                down = stats.bytes_down,
+                "stream done"
+            ),
+            Err(e) => tracing::info!(%service, error = %e, "stream ended"),
+        }
+        drop(token);
+        return;
+    }
     let outcome = match target.connect().await {
         Ok(crate::target::TargetStream::Tcp(tcp)) => {
             splice::splice_counted(tcp, send, recv, &counters).await
@@ -326,6 +371,7 @@ async fn serve_lease(
     recv: quinn::RecvStream,
     manager: &LeaseManager,
     inlet: &NodeName,
+    mode: InjectAt,
 ) {
     // The inlet never writes after the header; its side ending means it is gone.
     drop(recv);
@@ -341,6 +387,23 @@ async fn serve_lease(
             return;
         }
     };
+    if mode == InjectAt::Outlet {
+        // The credential stays here: tell the inlet to send none, and keep the subscription
+        // (and so the lease, renewed) for as long as the inlet is connected.
+        if let Err(e) = ctl::write_frame(&mut send, &LeaseMsg::AtOutlet).await {
+            tracing::debug!(error = %e, "lease stream closed");
+            return;
+        }
+        tracing::info!("inlet told that the outlet injects its lease");
+        loop {
+            tokio::select! {
+                changed = grants.changed() => if changed.is_err() { break },
+                _ = send.stopped() => break,
+            }
+        }
+        let _ = send.finish();
+        return;
+    }
     // Whether the inlet has been told that no lease can be had now; reset by the next grant.
     let mut told = false;
     loop {

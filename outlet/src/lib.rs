@@ -2,6 +2,7 @@
 //! and forwards their streams to targets; runs the lease manager for InfluxDB credentials.
 
 pub mod config;
+pub mod enforce;
 pub mod forward;
 pub mod lease;
 pub mod metrics;

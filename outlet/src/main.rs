@@ -213,6 +213,7 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
         targets: targets(&cfg.services)?,
         leases: Default::default(),
         allow: allows(&cfg.services)?,
+        inject_at: Default::default(),
     };
     let mut managers = Vec::new();
     if let Some((name, influx)) = cfg.influxdb {
@@ -233,6 +234,7 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
             services.allow.insert(name.clone(), e);
         }
         services.targets.insert(name.clone(), target);
+        services.inject_at.insert(name.clone(), influx.inject_at);
         services.leases.insert(name, manager.clone());
         managers.push(manager);
     }

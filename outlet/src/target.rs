@@ -101,4 +101,22 @@ impl Target {
             }
         }
     }
+
+    /// Connects, as one byte stream whatever the transport, for the HTTP filter (which opens
+    /// its upstream lazily and only needs bytes both ways). The error names the target, never
+    /// a secret.
+    pub async fn connect_io(&self) -> std::io::Result<Box<dyn TargetIo>> {
+        match self.connect().await {
+            Ok(TargetStream::Tcp(t)) => Ok(Box::new(t)),
+            Ok(TargetStream::Tls(t)) => Ok(Box::new(*t)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the service's target");
+                Err(std::io::Error::other(e.to_string()))
+            }
+        }
+    }
 }
+
+/// A connection to a target, plain or TLS.
+pub trait TargetIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> TargetIo for T {}

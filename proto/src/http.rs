@@ -11,10 +11,19 @@
 //!
 //! The filter only looks at the client-to-server direction and never buffers a body: it tells
 //! the caller what the next bytes are ([`Step`]): a request head to re-serialize with the leased
-//! credential, a number of body bytes to pass on unchanged, or the start of an opaque tunnel
-//! (after `CONNECT` or an `Upgrade` request). Like mini-redis' `Frame::check`, [`RequestFilter::step`]
-//! looks at the unconsumed bytes and either says what they are or that it needs more, so partial
-//! reads are natural and the same stream split anywhere gives the same result.
+//! credential, a number of body bytes to pass on unchanged, a pause until the server has answered
+//! a WebSocket upgrade, or the start of an opaque tunnel (only once the server has answered that
+//! upgrade with `101 Switching Protocols`, which the caller learns from
+//! [`crate::http_response::ResponseTracker`]). Like mini-redis' `Frame::check`,
+//! [`RequestFilter::step`] looks at the unconsumed bytes and either says what they are or that it
+//! needs more, so partial reads are natural and the same stream split anywhere gives the same
+//! result.
+//!
+//! Tunnels are where filters get bypassed: a request that *announces* a protocol switch is
+//! answered normally by a server that does not switch, and a request pipelined behind it would
+//! reach the server unfiltered if the filter had stopped looking. So `CONNECT` and every upgrade
+//! other than `websocket` are refused outright, and a WebSocket upgrade turns the stream opaque
+//! only after the server's `101`; any other answer and the filter goes on with the next request.
 
 use std::borrow::Cow;
 
@@ -150,6 +159,24 @@ pub enum HttpError {
     /// end the field line).
     #[error("invalid Authorization value supplied to the filter")]
     InvalidAuthorizationValue,
+    /// `CONNECT`: a tunnel to anywhere the server can reach is never offered.
+    #[error("CONNECT is not supported")]
+    ConnectRefused,
+    /// An `Upgrade` other than a single `websocket` on an HTTP/1.1 `GET` with
+    /// `Connection: upgrade` (e.g. `h2c`, `TLS/1.0`, a list of protocols).
+    #[error("unsupported protocol upgrade (only a WebSocket upgrade on GET is accepted)")]
+    UnsupportedUpgrade,
+}
+
+impl HttpError {
+    /// The status code the client is answered with: 501 for what is well-formed but never
+    /// offered (`CONNECT`, other upgrades), 400 for the rest.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            HttpError::ConnectRefused | HttpError::UnsupportedUpgrade => (501, "Not Implemented"),
+            _ => (400, "Bad Request"),
+        }
+    }
 }
 
 /// HTTP version of a request.
@@ -193,8 +220,11 @@ pub struct RequestHead {
     fields: Vec<u8>,
     field_count: usize,
     removed_credentials: usize,
+    /// The value of each `Authorization` field the client sent (never forwarded, never shown by
+    /// `Debug`): the outlet checks it against the peer's lease.
+    presented: Vec<Vec<u8>>,
     framing: BodyFraming,
-    opaque_after: bool,
+    upgrade: bool,
 }
 
 impl std::fmt::Debug for RequestHead {
@@ -205,7 +235,7 @@ impl std::fmt::Debug for RequestHead {
             .field("field_count", &self.field_count)
             .field("removed_credentials", &self.removed_credentials)
             .field("framing", &self.framing)
-            .field("opaque_after", &self.opaque_after)
+            .field("upgrade", &self.upgrade)
             .finish_non_exhaustive()
     }
 }
@@ -240,15 +270,24 @@ impl RequestHead {
         self.framing
     }
 
-    /// Whether the stream becomes an opaque tunnel after this request's body (`CONNECT`, or an
-    /// HTTP/1.1 `Upgrade` with `Connection: upgrade`).
-    pub fn opens_tunnel(&self) -> bool {
-        self.opaque_after
+    /// Whether this is a WebSocket upgrade request: after its body the filter waits for the
+    /// server's answer ([`Step::AwaitUpgrade`]).
+    pub fn is_upgrade(&self) -> bool {
+        self.upgrade
     }
 
     /// How many `Authorization` / `Proxy-Authorization` fields were removed.
     pub fn removed_credentials(&self) -> usize {
         self.removed_credentials
+    }
+
+    /// The client's `Authorization` value when it sent exactly one `Authorization` field (and no
+    /// `Proxy-Authorization`), else `None`. A secret: compare it, never log it.
+    pub fn presented_authorization(&self) -> Option<&[u8]> {
+        match self.presented.as_slice() {
+            [one] if self.removed_credentials == 1 => Some(one),
+            _ => None,
+        }
     }
 
     /// Values of the fields named `name` (case-insensitive), without surrounding whitespace, in
@@ -376,17 +415,19 @@ pub enum Step {
     /// The next `len` bytes (1 or more, at most the buffer) are body bytes (for chunked bodies:
     /// framing and trailers included): pass them on unchanged.
     Body { len: usize },
-    /// The rest of the stream, from the start of the buffer on, is an opaque tunnel (after
-    /// `CONNECT` or `Upgrade`): pass everything on unchanged and stop calling the filter. The
-    /// filter cannot see whether the server accepted the upgrade; if it did not, the client's
-    /// later requests go to the server unfiltered, without the leased credential.
+    /// A WebSocket upgrade request has been passed on whole: nothing more may go to the server
+    /// until it has answered. Call [`RequestFilter::upgrade_answered`] with whether it switched
+    /// protocols (`101`), then go on calling `step`.
+    AwaitUpgrade,
+    /// The server switched protocols: the rest of the stream, from the start of the buffer on,
+    /// is opaque. Pass everything on unchanged and stop calling the filter.
     Opaque,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum After {
     NextHead,
-    Opaque,
+    AwaitUpgrade,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,7 +450,9 @@ enum State {
     Length { remaining: u64, then: After },
     /// Inside a chunked body.
     Chunked { chunk: Chunk, then: After },
-    /// Opaque tunnel for the rest of the stream.
+    /// A WebSocket upgrade was passed on; waiting for the server's answer.
+    AwaitUpgrade,
+    /// Opaque tunnel for the rest of the stream (the server answered `101`).
     Opaque,
     /// A previous step failed; the stream cannot be resynchronized.
     Failed(HttpError),
@@ -459,6 +502,21 @@ impl RequestFilter {
         self.state == State::Head
     }
 
+    /// Whether the filter waits for the server's answer to a WebSocket upgrade.
+    pub fn awaiting_upgrade(&self) -> bool {
+        self.state == State::AwaitUpgrade
+    }
+
+    /// The server's answer to the upgrade request [`Step::AwaitUpgrade`] is waiting for:
+    /// `switched` when it was `101 Switching Protocols` (the stream becomes opaque), else the
+    /// next bytes are a new request head. Ignored in any other state.
+    pub fn upgrade_answered(&mut self, switched: bool) {
+        if self.state == State::AwaitUpgrade {
+            self.scan = Scan::default();
+            self.state = if switched { State::Opaque } else { State::Head };
+        }
+    }
+
     /// Looks at the unconsumed client bytes `buf` and says what the next piece is.
     ///
     /// Once an error is returned the filter stays failed and returns it again: after a framing
@@ -475,6 +533,7 @@ impl RequestFilter {
         match self.state.clone() {
             State::Failed(e) => Err(e),
             State::Opaque => Ok(Step::Opaque),
+            State::AwaitUpgrade => Ok(Step::AwaitUpgrade),
             State::Head => self.step_head(buf),
             State::Length { remaining, then } => {
                 if buf.is_empty() {
@@ -500,7 +559,7 @@ impl RequestFilter {
         self.scan = Scan::default();
         match then {
             After::NextHead => State::Head,
-            After::Opaque => State::Opaque,
+            After::AwaitUpgrade => State::AwaitUpgrade,
         }
     }
 
@@ -509,8 +568,8 @@ impl RequestFilter {
             return Ok(Step::NeedMore);
         };
         let head = parse_head(&buf[start..end], &self.cfg)?;
-        let then = if head.opaque_after {
-            After::Opaque
+        let then = if head.upgrade {
+            After::AwaitUpgrade
         } else {
             After::NextHead
         };
@@ -891,8 +950,10 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
     let mut content_length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut hosts = 0usize;
-    let mut upgrade = false;
+    let mut upgrades = 0usize;
+    let mut websocket = false;
     let mut connection_upgrade = false;
+    let mut presented = Vec::new();
     for (idx, line) in lines.filter(|l| !l.is_empty()).enumerate() {
         let n = idx + 1;
         let (name, value) = check_field_line(line, n)?;
@@ -901,6 +962,9 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
             // Proxy-Authorization is meant for us, the proxy, and we use none: forwarding it
             // would hand the server a credential of the client's.
             removed_credentials += 1;
+            if is("authorization") {
+                presented.push(value.to_vec());
+            }
             continue;
         }
         if is("content-length") {
@@ -919,7 +983,8 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
         } else if is("host") {
             hosts += 1;
         } else if is("upgrade") {
-            upgrade = true;
+            upgrades += 1;
+            websocket = value.eq_ignore_ascii_case(b"websocket");
         } else if is("connection") {
             connection_upgrade |= value
                 .split(|&b| b == b',')
@@ -959,12 +1024,24 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
         (Some(0), false) | (None, false) => BodyFraming::None,
         (Some(n), false) => BodyFraming::Length(n),
     };
-    let opaque_after =
-        method == "CONNECT" || (upgrade && connection_upgrade && version == Version::Http11);
+    // One WebSocket upgrade, on GET over HTTP/1.1, announced in `Connection` too. Anything else
+    // that names an upgrade is refused: a server that ignores the header answers normally, and
+    // we must not guess which way it went.
+    let upgrade = upgrades > 0;
+    if upgrade
+        && !(upgrades == 1
+            && websocket
+            && connection_upgrade
+            && method == "GET"
+            && version == Version::Http11)
+    {
+        return Err(HttpError::UnsupportedUpgrade);
+    }
+    let target = origin_form(target);
     let target = if cfg.strip_query_credentials {
-        strip_query_credentials(target).into_owned()
+        strip_query_credentials(&target).into_owned()
     } else {
-        target.to_owned()
+        target.into_owned()
     };
     Ok(RequestHead {
         method: method.to_owned(),
@@ -973,9 +1050,32 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
         fields,
         field_count,
         removed_credentials,
+        presented,
         framing,
-        opaque_after,
+        upgrade,
     })
+}
+
+/// Reduces an absolute-form target (`http://user:pw@host:8086/write?db=x`) to origin-form
+/// (`/write?db=x`): the authority, and with it any userinfo (a credential the server could
+/// otherwise read), never reaches the server or a log. Other forms are returned as they are.
+fn origin_form(target: &str) -> Cow<'_, str> {
+    let rest = if starts_with_ignore_case(target, "http://") {
+        &target[7..]
+    } else if starts_with_ignore_case(target, "https://") {
+        &target[8..]
+    } else {
+        return Cow::Borrowed(target);
+    };
+    // The authority ends at the first `/`, `?` or `#` (RFC 3986 §3.2).
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let tail = &rest[end..];
+    let tail = tail.split('#').next().unwrap_or_default();
+    if tail.starts_with('/') {
+        Cow::Owned(tail.to_owned())
+    } else {
+        Cow::Owned(format!("/{tail}"))
+    }
 }
 
 fn httparse_error_name(e: httparse::Error) -> &'static str {
@@ -1021,7 +1121,8 @@ fn parse_request_line(line: &[u8]) -> Result<(&str, &str, Version), HttpError> {
     // RFC 9112 §3.2: origin-form, absolute-form, authority-form (CONNECT only), asterisk-form
     // (OPTIONS only).
     let form_ok = if method == "CONNECT" {
-        !target.starts_with('/') && target.contains(':')
+        // Refused in any form; say so rather than "bad target".
+        return Err(HttpError::ConnectRefused);
     } else {
         target.starts_with('/')
             || (target == "*" && method == "OPTIONS")
@@ -1151,6 +1252,17 @@ mod tests {
         input: &[u8],
         cuts: &[usize],
     ) -> Result<(Vec<u8>, Vec<RequestHead>, bool), HttpError> {
+        run_answered(cfg, input, cuts, true)
+    }
+
+    /// [`run_pieces`], the server answering each WebSocket upgrade with `101` when `switches`,
+    /// else with something else.
+    fn run_answered(
+        cfg: FilterConfig,
+        input: &[u8],
+        cuts: &[usize],
+        switches: bool,
+    ) -> Result<(Vec<u8>, Vec<RequestHead>, bool), HttpError> {
         let mut f = RequestFilter::new(cfg);
         let mut out = Vec::new();
         let mut heads = Vec::new();
@@ -1180,6 +1292,7 @@ mod tests {
                         assert!(len > 0 && len <= pending.len());
                         out.extend(pending.drain(..len));
                     }
+                    Step::AwaitUpgrade => f.upgrade_answered(switches),
                     Step::Opaque => opaque = true,
                 }
             }
@@ -1329,27 +1442,107 @@ mod tests {
     }
 
     #[test]
-    fn upgrade_and_connect_switch_to_opaque() {
+    fn websocket_upgrade_turns_opaque_only_after_101() {
         let input = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n\x81\x05\nGET\r\n";
         let (out, heads, clean) = run_bytewise(input).unwrap();
         assert!(clean);
-        assert!(heads[0].opens_tunnel());
+        assert!(heads[0].is_upgrade());
         assert!(out.ends_with(b"\r\n\r\n\x81\x05\nGET\r\n"));
 
-        let input = b"CONNECT db:8086 HTTP/1.1\r\nHost: db:8086\r\n\r\n\x00\x01raw";
-        let (out, heads, _) = run(input).unwrap();
-        assert!(heads[0].opens_tunnel());
-        assert!(out.ends_with(b"\x00\x01raw"));
+        // Until the server has answered, the filter hands out nothing more.
+        let mut f = RequestFilter::new(cfg());
+        let head =
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n";
+        let mut buf = head.to_vec();
+        buf.extend_from_slice(b"GET /query?u=admin&p=pw HTTP/1.1\r\nHost: h\r\n\r\n");
+        let Step::Head { consumed, .. } = f.step(&buf).unwrap() else {
+            panic!("expected the upgrade head");
+        };
+        buf.drain(..consumed);
+        assert!(matches!(f.step(&buf).unwrap(), Step::AwaitUpgrade));
+        assert!(matches!(f.step(&buf).unwrap(), Step::AwaitUpgrade));
+        assert!(f.awaiting_upgrade());
+        // The server answered 200 (it does not speak WebSocket here): the pipelined request
+        // behind the upgrade is filtered like any other, its query credentials removed.
+        f.upgrade_answered(false);
+        let Step::Head { head, .. } = f.step(&buf).unwrap() else {
+            panic!("the request behind a refused upgrade must be filtered");
+        };
+        assert_eq!(head.target(), "/query");
+    }
 
-        // Upgrade with a body: the body first, then opaque.
-        let input = b"POST / HTTP/1.1\r\nHost: h\r\nUpgrade: x\r\nConnection: upgrade\r\nContent-Length: 2\r\n\r\nab\ncd";
-        let (out, _, _) = run_bytewise(input).unwrap();
-        assert!(out.ends_with(b"\r\n\r\nab\ncd"));
+    #[test]
+    fn refused_upgrade_keeps_filtering() {
+        let input = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nGET /q?p=x HTTP/1.1\r\nHost: h\r\nAuthorization: Basic b3duOnB3\r\n\r\n";
+        let (out, heads, clean) =
+            run_answered(cfg(), input, &(1..input.len()).collect::<Vec<_>>(), false).unwrap();
+        assert!(clean);
+        assert_eq!(heads.len(), 2);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("b3duOnB3"), "client credential leaked: {out}");
+        assert!(out.contains("GET /q HTTP/1.1\r\n"));
+        assert_eq!(out.matches("Authorization: Token leased").count(), 2);
+    }
 
-        // Upgrade without `Connection: upgrade` is ignored by servers: keep filtering.
-        let input = b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n";
-        let (_, heads, _) = run(input).unwrap();
-        assert!(!heads[0].opens_tunnel());
+    #[test]
+    fn connect_and_other_upgrades_are_refused() {
+        let refused: Vec<(&str, &[u8], HttpError)> = vec![
+            ("CONNECT authority", b"CONNECT db:8086 HTTP/1.1\r\nHost: db:8086\r\n\r\n", HttpError::ConnectRefused),
+            ("CONNECT origin", b"CONNECT / HTTP/1.1\r\nHost: h\r\n\r\n", HttpError::ConnectRefused),
+            ("h2c", b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n", HttpError::UnsupportedUpgrade),
+            ("h2c no connection", b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\n\r\n", HttpError::UnsupportedUpgrade),
+            ("tls upgrade", b"OPTIONS * HTTP/1.1\r\nHost: h\r\nUpgrade: TLS/1.0\r\nConnection: Upgrade\r\n\r\n", HttpError::UnsupportedUpgrade),
+            ("list", b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket, h2c\r\nConnection: Upgrade\r\n\r\n", HttpError::UnsupportedUpgrade),
+            ("two fields", b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", HttpError::UnsupportedUpgrade),
+            ("websocket on POST", b"POST / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 2\r\n\r\nab", HttpError::UnsupportedUpgrade),
+            ("websocket without Connection", b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n", HttpError::UnsupportedUpgrade),
+            ("websocket over 1.0", b"GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", HttpError::UnsupportedUpgrade),
+        ];
+        for (name, input, want) in refused {
+            assert_eq!(run(input).err(), Some(want.clone()), "{name}");
+            assert_eq!(
+                run_bytewise(input).err(),
+                Some(want.clone()),
+                "{name} bytewise"
+            );
+            assert_eq!(want.status().0, 501, "{name}");
+        }
+    }
+
+    #[test]
+    fn absolute_form_is_reduced_to_origin_form() {
+        let cases = [
+            (
+                "http://admin:secret@db:8086/write?db=x&u=a&p=b",
+                "/write?db=x",
+            ),
+            ("HTTPS://user@db/query", "/query"),
+            ("http://db:8086", "/"),
+            ("http://db:8086?q=1", "/?q=1"),
+            ("http://a:b@db#frag", "/"),
+            ("/plain?x=1", "/plain?x=1"),
+        ];
+        for (target, want) in cases {
+            let input = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+            let (out, heads, _) = run(input.as_bytes()).unwrap();
+            assert_eq!(heads[0].target(), want, "{target}");
+            let out = String::from_utf8(out).unwrap();
+            assert!(!out.contains("secret") && !out.contains("admin"), "{out}");
+        }
+    }
+
+    #[test]
+    fn presented_authorization_is_kept_aside() {
+        let (_, heads, _) =
+            run(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Token abc\r\n\r\n").unwrap();
+        assert_eq!(heads[0].presented_authorization(), Some(&b"Token abc"[..]));
+        assert!(!format!("{:?}", heads[0]).contains("abc"));
+        let (_, heads, _) = run(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Token a\r\nAuthorization: Token b\r\n\r\n").unwrap();
+        assert_eq!(heads[0].presented_authorization(), None);
+        let (_, heads, _) = run(b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Token a\r\nProxy-Authorization: Basic x\r\n\r\n").unwrap();
+        assert_eq!(heads[0].presented_authorization(), None);
+        let (_, heads, _) = run(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert_eq!(heads[0].presented_authorization(), None);
     }
 
     #[test]
@@ -1425,7 +1618,7 @@ mod tests {
         let out = out_str(
             b"GET http://db:8086/ping HTTP/1.0\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
         );
-        assert!(out.starts_with("GET http://db:8086/ping HTTP/1.0\r\nAuthorization"));
+        assert!(out.starts_with("GET /ping HTTP/1.0\r\nAuthorization"));
         assert!(out.contains("OPTIONS * HTTP/1.1\r\n"));
     }
 

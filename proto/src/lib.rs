@@ -8,6 +8,7 @@ pub mod codec;
 pub mod dgram;
 pub mod fwd;
 pub mod http;
+pub mod http_response;
 pub mod lease;
 pub mod msg;
 pub mod name;

@@ -110,6 +110,10 @@ pub enum LeaseMsg {
     Grant(crate::lease::LeaseGrant),
     /// No lease can be had right now, and why (e.g. the backend is down).
     Unavailable { reason: String },
+    /// The outlet puts this client's leased credential into its requests itself
+    /// (`inject-at = "outlet"`): the credential never leaves the private network. The inlet
+    /// sends requests with no credential at all.
+    AtOutlet,
 }
 
 /// Application error codes used to reset streams and close connections, so the other side can

@@ -177,6 +177,7 @@ pub async fn start_outlet(
             targets,
             leases: HashMap::new(),
             allow: HashMap::new(),
+            inject_at: HashMap::new(),
         },
     )
     .await
@@ -465,6 +466,7 @@ pub async fn start_outlet_via(
             targets,
             leases: HashMap::new(),
             allow: HashMap::new(),
+            inject_at: HashMap::new(),
         },
     })
     .expect("bind outlet");

@@ -75,6 +75,7 @@ async fn outlet(ca: &Ca, name: &str, relay: SocketAddr, service: &str, target: S
             targets: HashMap::from([(svc(service), Target::tcp(target.to_string()))]),
             leases: HashMap::new(),
             allow: HashMap::new(),
+            inject_at: HashMap::new(),
         },
     })
     .expect("bind outlet");

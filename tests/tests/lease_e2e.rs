@@ -315,6 +315,7 @@ fn v2_config(to: &str, org_id: &str, admin: SecretRef, ttl_s: u64) -> LeaseConfi
         leased_token_expires_in: ttl_s,
         leased_token_permissions: V2_PERMS.into(),
         api: Api::V2,
+        inject_at: Default::default(),
     }
     .validate()
     .expect("valid v2 lease config")
@@ -336,6 +337,7 @@ fn v1_config(influxd: &Influxd, dir: &Path, ttl_s: u64) -> LeaseConfig {
         leased_token_expires_in: ttl_s,
         leased_token_permissions: V1_PERMS.into(),
         api: Api::V1,
+        inject_at: Default::default(),
     }
     .validate()
     .expect("valid v1 lease config")

@@ -97,6 +97,7 @@ impl Setup {
             leased_token_expires_in: ttl_s,
             leased_token_permissions: perms.into(),
             api: Api::V1,
+            inject_at: Default::default(),
         }
         .validate()
         .expect("valid config")

@@ -58,6 +58,7 @@ impl Setup {
             leased_token_expires_in: ttl_s,
             leased_token_permissions: perms.into(),
             api: Api::V2,
+            inject_at: Default::default(),
         }
         .validate()
         .expect("valid config")

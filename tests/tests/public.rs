@@ -143,6 +143,7 @@ fn services_of(service: &str, to: SocketAddr) -> Services {
         targets: HashMap::from([(svc(service), Target::tcp(to.to_string()))]),
         leases: HashMap::new(),
         allow: HashMap::new(),
+        inject_at: HashMap::new(),
     }
 }
 

@@ -292,6 +292,7 @@ async fn lease_manager(server: &Influx2, dir: &std::path::Path) -> Arc<LeaseMana
         leased_token_expires_in: 3600,
         leased_token_permissions: r#"[{"action":"read","resource":{"type":"buckets","name":"telegraf","orgID":"INFLUX_ORG_ID"}}]"#.into(),
         api: Api::V2,
+        inject_at: Default::default(),
     }
     .validate()
     .expect("lease config");

@@ -66,6 +66,20 @@ pub enum Api {
     V1,
 }
 
+/// Where the leased credential is put into requests. Either way the outlet checks every
+/// request: only the requesting inlet's own live lease reaches InfluxDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InjectAt {
+    /// The lease is streamed to the inlet, whose filter puts it into each request; the outlet
+    /// verifies it is the lease of the identity that sent the request.
+    #[default]
+    Inlet,
+    /// The lease never leaves the private network: the inlet sends requests with no
+    /// credential and the outlet puts the peer's lease into each.
+    Outlet,
+}
+
 /// The `[influxdb-outlet]` section as written in the outlet's config file.
 ///
 /// Nothing here is checked yet; call [`validate`](Self::validate).
@@ -99,6 +113,9 @@ pub struct InfluxdbOutletConfig {
     /// `"v2"` (default) or `"v1"`.
     #[serde(default)]
     pub api: Api,
+    /// `"inlet"` (default) or `"outlet"`: where the leased credential is put into requests.
+    #[serde(default)]
+    pub inject_at: InjectAt,
 }
 
 fn default_expires_in() -> u64 {

@@ -50,7 +50,9 @@ pub mod v1;
 pub mod v2;
 
 pub use backend::{Backend, BackendError};
-pub use config::{Api, ConfigError, InfluxdbOutletConfig, LeaseConfig, Secret, SecretRef};
+pub use config::{
+    Api, ConfigError, InfluxdbOutletConfig, InjectAt, LeaseConfig, Secret, SecretRef,
+};
 pub use store::{LeaseRecord, LeaseState, StoreError};
 
 use backend::CreateRequest;
@@ -155,6 +157,8 @@ pub struct LeaseInfo {
 struct State {
     schedule: Schedule,
     watchers: BTreeMap<NodeName, watch::Sender<Option<LeaseGrant>>>,
+    /// Every live credential, for the outlet's enforcement ([`LeaseManager::accepts`]).
+    live: LiveCredentials,
     /// When to look for orphaned credentials again (the scan at start failed).
     orphan_scan_at: Option<u64>,
     orphan_scan_failures: u32,
@@ -179,6 +183,50 @@ struct Inner {
 /// The lease manager. Cheap to share (`Arc`); all methods take `&self`.
 pub struct LeaseManager {
     inner: Arc<Inner>,
+}
+
+/// The live credentials by digest (SHA-256 of the `Authorization` value), so that a request's
+/// credential is checked in one look-up and no plaintext credential is kept for it.
+#[derive(Default)]
+struct LiveCredentials {
+    by_digest: HashMap<[u8; 32], LiveCredential>,
+    digest_of: HashMap<String, [u8; 32]>,
+}
+
+struct LiveCredential {
+    client: NodeName,
+    expires_at_ms: u64,
+}
+
+fn digest(authorization: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(authorization).into()
+}
+
+impl LiveCredentials {
+    fn insert(&mut self, lease_id: &str, client: &NodeName, c: &Credential, expires_at_ms: u64) {
+        let d = digest(c.authorization().as_bytes());
+        self.by_digest.insert(
+            d,
+            LiveCredential {
+                client: client.clone(),
+                expires_at_ms,
+            },
+        );
+        self.digest_of.insert(lease_id.to_owned(), d);
+    }
+
+    fn remove(&mut self, lease_id: &str) {
+        if let Some(d) = self.digest_of.remove(lease_id) {
+            self.by_digest.remove(&d);
+        }
+    }
+
+    fn accepts(&self, client: &NodeName, authorization: &[u8], now_ms: u64) -> bool {
+        self.by_digest
+            .get(&digest(authorization))
+            .is_some_and(|l| &l.client == client && now_ms < l.expires_at_ms)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -235,6 +283,7 @@ impl LeaseManager {
             state: Mutex::new(State {
                 schedule: Schedule::new(policy),
                 watchers: BTreeMap::new(),
+                live: LiveCredentials::default(),
                 orphan_scan_at: None,
                 orphan_scan_failures: 0,
                 orphan_scan_running: false,
@@ -289,6 +338,16 @@ impl LeaseManager {
         };
         self.inner.wake.notify_one();
         Ok(rx)
+    }
+
+    /// Whether `authorization` (an `Authorization` header value as a client presented it) is
+    /// the credential of a live lease of `client`: made by this manager for that identity, not
+    /// expired, not revoked. The current lease and the previous one during its grace period both
+    /// count, so a request sent just before a rotation is not refused.
+    pub fn accepts(&self, client: &NodeName, authorization: &[u8]) -> bool {
+        lock(&self.inner.state)
+            .live
+            .accepts(client, authorization, now_ms())
     }
 
     /// Makes a lease for `client` that is not streamed nor renewed (the command line's
@@ -549,6 +608,12 @@ impl Inner {
             return Err(e);
         }
         self.checkpoint(Step::CreateAfterActivate).await?;
+        lock(&self.state).live.insert(
+            &rec.lease_id,
+            client,
+            &created.credential,
+            rec.expires_at_ms,
+        );
         metrics::counter!("postern_outlet_leases_issued_total").increment(1);
         Ok((active, created.credential))
     }
@@ -588,6 +653,8 @@ impl Inner {
     /// Revokes one lease according to its record. A lease with no record is done. Counts and
     /// audits the outcome.
     async fn revoke_lease(self: &Arc<Self>, lease_id: &str) -> Result<(), LeaseError> {
+        // No longer accepted from this moment, whatever the backend says.
+        lock(&self.state).live.remove(lease_id);
         let id = lease_id.to_owned();
         let Some(rec) = self.store_op(move |s| s.get(&id)).await? else {
             return Ok(());

@@ -13,6 +13,7 @@ pub mod gate;
 
 use crate::forward::{Drain, Services};
 use access::AccessStore;
+use postern_net::http_proxy::ProxyOptions;
 use postern_net::tls_server::{self, TlsAcceptor};
 use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl};
@@ -136,17 +137,9 @@ pub fn spawn_stream(
                 ..FilterConfig::default()
             };
             let gate = gate::AccessGate::new(public.access.clone(), service.clone(), lease);
-            let open = || async move {
-                match target.connect().await {
-                    Ok(crate::target::TargetStream::Tcp(t)) => Ok(Box::new(t) as Box<dyn Io>),
-                    Ok(crate::target::TargetStream::Tls(t)) => Ok(Box::new(*t) as Box<dyn Io>),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "public client: target unreachable");
-                        Err(std::io::Error::other(e.to_string()))
-                    }
-                }
-            };
-            match postern_net::http_proxy::proxy_gated(client, open, gate, cfg).await {
+            let open = || target.connect_io();
+            let opts = ProxyOptions::new("postern outlet", cfg);
+            match postern_net::http_proxy::proxy(client, open, gate, opts).await {
                 Ok(stats) => tracing::debug!(
                     requests = stats.requests,
                     up = stats.bytes_up,
@@ -160,7 +153,3 @@ pub fn spawn_stream(
         .instrument(span),
     );
 }
-
-/// A connection to a target, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
