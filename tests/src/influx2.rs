@@ -691,7 +691,6 @@ impl Conn {
     }
 }
 
-
 async fn serve_conn(stream: TcpStream, shared: Arc<Shared>) {
     let mut conn = Conn {
         stream,
@@ -794,7 +793,10 @@ fn check_contract(
         match serde_json::from_slice::<Value>(body) {
             Ok(v) => Some(v),
             Err(e) => {
-                found.push(format!("{} {path} {status}: body is not JSON: {e}", req.method));
+                found.push(format!(
+                    "{} {path} {status}: body is not JSON: {e}",
+                    req.method
+                ));
                 None
             }
         }
@@ -1054,13 +1056,7 @@ fn read_permission(flavor: Flavor, p: &Value) -> Result<Value, Answer> {
         match r.get(k) {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) if is_id(s) => *slot = Some(s.as_str()),
-            Some(_) => {
-                return Err(error(
-                    400,
-                    "invalid",
-                    "invalid json structure: invalid ID",
-                ))
-            }
+            Some(_) => return Err(error(400, "invalid", "invalid json structure: invalid ID")),
         }
     }
     Ok(perm(action, rtype, ids[1], ids[0]))
@@ -1113,20 +1109,30 @@ fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> 
         return error(401, "unauthorized", &format!("{p} is unauthorized"));
     }
     for p in &perms {
-        let (a, t) = (p["action"].as_str().unwrap_or(""), field(p, "type").unwrap_or(""));
+        let (a, t) = (
+            p["action"].as_str().unwrap_or(""),
+            field(p, "type").unwrap_or(""),
+        );
         let (o, i) = (field(p, "orgID"), field(p, "id"));
         if !allowed(caller, a, t, o, i) {
             return error(
                 403,
                 "forbidden",
-                &format!("permission {} is not allowed", permission_string(a, t, o, i)),
+                &format!(
+                    "permission {} is not allowed",
+                    permission_string(a, t, o, i)
+                ),
             );
         }
     }
     // Authorization.Valid: every permission's org is the authorization's.
     for p in &perms {
         if let Some(o) = field(p, "orgID").filter(|o| *o != org_id) {
-            let (a, t, i) = (p["action"].as_str().unwrap_or(""), field(p, "type").unwrap_or(""), field(p, "id"));
+            let (a, t, i) = (
+                p["action"].as_str().unwrap_or(""),
+                field(p, "type").unwrap_or(""),
+                field(p, "id"),
+            );
             return error(
                 400,
                 "invalid",
@@ -1163,8 +1169,13 @@ fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> 
 
 /// Whether the caller may read an authorization: the authorization in its org, and its owner.
 fn may_read(caller: &Authorization, a: &Authorization) -> bool {
-    allowed(caller, "read", "authorizations", Some(&a.org_id), Some(&a.id))
-        && allowed(caller, "read", "users", None, Some(&a.user_id))
+    allowed(
+        caller,
+        "read",
+        "authorizations",
+        Some(&a.org_id),
+        Some(&a.id),
+    ) && allowed(caller, "read", "users", None, Some(&a.user_id))
 }
 
 fn list_authorizations(st: &State, caller: &Authorization, q: &BTreeMap<String, String>) -> Answer {
@@ -1229,9 +1240,7 @@ fn one_authorization(st: &mut State, caller: &Authorization, req: &Request, id: 
             let mut a = a;
             match body.get("status") {
                 None => {}
-                Some(Value::String(s)) if s == "active" || s == "inactive" => {
-                    a.status = s.clone()
-                }
+                Some(Value::String(s)) if s == "active" || s == "inactive" => a.status = s.clone(),
                 Some(_) => return error(400, "invalid", "invalid status"),
             }
             if let Some(d) = body.get("description").and_then(Value::as_str) {
@@ -1457,14 +1466,38 @@ mod tests {
     fn permissions_match_as_the_server_matches_them() {
         let org = "00000000000000aa";
         let all_buckets = perm("write", "buckets", Some(org), None);
-        assert!(matches(&all_buckets, "write", "buckets", Some(org), Some("00000000000000bb")));
-        assert!(!matches(&all_buckets, "write", "buckets", Some("00000000000000cc"), None));
+        assert!(matches(
+            &all_buckets,
+            "write",
+            "buckets",
+            Some(org),
+            Some("00000000000000bb")
+        ));
+        assert!(!matches(
+            &all_buckets,
+            "write",
+            "buckets",
+            Some("00000000000000cc"),
+            None
+        ));
         assert!(!matches(&all_buckets, "read", "buckets", Some(org), None));
         let one = perm("write", "buckets", Some(org), Some("00000000000000bb"));
         assert!(!matches(&one, "write", "buckets", Some(org), None));
-        assert!(!matches(&one, "write", "buckets", Some(org), Some("00000000000000dd")));
+        assert!(!matches(
+            &one,
+            "write",
+            "buckets",
+            Some(org),
+            Some("00000000000000dd")
+        ));
         let inst = perm("write", "instance", None, None);
-        assert!(matches(&inst, "write", "users", None, Some("00000000000000ee")));
+        assert!(matches(
+            &inst,
+            "write",
+            "users",
+            None,
+            Some("00000000000000ee")
+        ));
         assert_eq!(
             permission_string("write", "buckets", Some(org), None),
             "write:orgs/00000000000000aa/buckets"

@@ -55,10 +55,9 @@ pub fn operation(contract: Contract, method: &str, path: &str) -> Option<&'stati
         Contract::Oss => "oss",
         Contract::Cloud => "cloud",
     };
-    fixture()["operations"][key]
-        .as_array()?
-        .iter()
-        .find(|op| op["method"] == method && op["path"].as_str().is_some_and(|t| path_matches(t, path)))
+    fixture()["operations"][key].as_array()?.iter().find(|op| {
+        op["method"] == method && op["path"].as_str().is_some_and(|t| path_matches(t, path))
+    })
 }
 
 /// Checks a request body against the operation's request schema. Operations without one, or
@@ -96,7 +95,11 @@ pub fn check_response(
             Some(s) => s,
             None => return vec![format!("{id}: status {status} is not in the contract")],
         },
-        None => return vec![format!("{id}: success status {status} is not in the contract")],
+        None => {
+            return vec![format!(
+                "{id}: success status {status} is not in the contract"
+            )]
+        }
     };
     match (schema.as_str(), body) {
         (None, None) => Vec::new(),
@@ -172,7 +175,10 @@ fn check(schema: &Value, v: &Value, dir: Direction, at: &str, errors: &mut Vec<S
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
         if !allowed.contains(v) {
-            errors.push(format!("{at}: {v} is not one of {}", Value::Array(allowed.clone())));
+            errors.push(format!(
+                "{at}: {v} is not one of {}",
+                Value::Array(allowed.clone())
+            ));
         }
     }
     if schema.get("format").and_then(Value::as_str) == Some("date-time") {
@@ -193,8 +199,8 @@ fn check(schema: &Value, v: &Value, dir: Direction, at: &str, errors: &mut Vec<S
         if let Some(props) = schema.get("properties").and_then(Value::as_object) {
             for (k, sub) in props {
                 let Some(x) = obj.get(k) else { continue };
-                let read_only = sub.get("readOnly") == Some(&Value::Bool(true))
-                    && sub.get("$ref").is_none();
+                let read_only =
+                    sub.get("readOnly") == Some(&Value::Bool(true)) && sub.get("$ref").is_none();
                 if dir == Direction::Request && read_only {
                     errors.push(format!("{at}.{k}: read-only, must not be sent"));
                 }
@@ -262,10 +268,38 @@ mod tests {
     fn responses_must_be_documented() {
         let c = Contract::Oss;
         let gone = json!({"code":"not found","message":"authorization not found"});
-        assert!(check_response(c, "DELETE", "/api/v2/authorizations/00000000000000aa", 404, Some(&gone)).is_empty());
-        assert!(!check_response(c, "DELETE", "/api/v2/authorizations/00000000000000aa", 200, None).is_empty());
-        assert!(!check_response(c, "GET", "/api/v2/authorizations", 401, Some(&json!({"code":"forbidden"}))).is_empty());
-        assert!(!check_response(c, "POST", "/api/v2/authorizations", 400, Some(&json!({"message":"no code"}))).is_empty());
+        assert!(check_response(
+            c,
+            "DELETE",
+            "/api/v2/authorizations/00000000000000aa",
+            404,
+            Some(&gone)
+        )
+        .is_empty());
+        assert!(!check_response(
+            c,
+            "DELETE",
+            "/api/v2/authorizations/00000000000000aa",
+            200,
+            None
+        )
+        .is_empty());
+        assert!(!check_response(
+            c,
+            "GET",
+            "/api/v2/authorizations",
+            401,
+            Some(&json!({"code":"forbidden"}))
+        )
+        .is_empty());
+        assert!(!check_response(
+            c,
+            "POST",
+            "/api/v2/authorizations",
+            400,
+            Some(&json!({"message":"no code"}))
+        )
+        .is_empty());
         assert!(operation(Contract::Cloud, "GET", "/health").is_none());
         assert!(operation(Contract::Oss, "GET", "/health").is_some());
     }

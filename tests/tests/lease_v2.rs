@@ -315,7 +315,10 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
         .await
         .expect_err("bad permission")
         .to_string();
-    assert!(msg.contains("invalid resource type for permission"), "{msg}");
+    assert!(
+        msg.contains("invalid resource type for permission"),
+        "{msg}"
+    );
     assert!(msg.contains("leased-token-permissions"), "{msg}");
     mgr.shutdown().await.expect("shutdown");
 
@@ -338,7 +341,10 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
     assert!(s.server.authorizations().is_empty());
     // The misspelt type was sent on purpose; it is the only thing off the contract.
     let v = s.server.contract_violations();
-    assert!(!v.is_empty() && v.iter().all(|e| e.contains("bukkits")), "{v:#?}");
+    assert!(
+        !v.is_empty() && v.iter().all(|e| e.contains("bukkits")),
+        "{v:#?}"
+    );
 }
 
 /// Crash at each step of creation and revocation; a manager restarted on the same state
@@ -683,9 +689,16 @@ async fn name_scoped_bucket_is_resolved_to_its_id() {
         .await
         .expect_err("bucket gone")
         .to_string();
-    assert!(msg.contains("\"telegraf\"") && msg.contains("does not exist"), "{msg}");
+    assert!(
+        msg.contains("\"telegraf\"") && msg.contains("does not exist"),
+        "{msg}"
+    );
     assert_eq!(s.server.authorizations().len(), before);
-    assert_eq!(mgr.list().await.expect("list").len(), 2, "no record left behind");
+    assert_eq!(
+        mgr.list().await.expect("list").len(),
+        2,
+        "no record left behind"
+    );
     mgr.shutdown().await.expect("shutdown");
     s.assert_contract_kept();
 }
@@ -699,7 +712,10 @@ async fn missing_bucket_stops_the_start() {
         Err(e) => e.to_string(),
         Ok(_) => panic!("started with a bucket that does not exist"),
     };
-    assert!(err.contains("\"nope\"") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("\"nope\"") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(err.contains("leased-token-permissions"), "{err}");
 }
 
@@ -728,10 +744,12 @@ async fn admin_token_refusals_point_the_right_way() {
         p("read", "buckets", Some(&org), None),
         p("write", "buckets", Some(&org), None),
     ]);
-    let mgr = s
-        .start(s.config_with(60, PERMS, &custom, &org), None)
-        .await;
-    let msg = mgr.create(&client("inlet-t")).await.expect_err("no users").to_string();
+    let mgr = s.start(s.config_with(60, PERMS, &custom, &org), None).await;
+    let msg = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect_err("no users")
+        .to_string();
     assert!(msg.contains("401") && msg.contains("write:users/"), "{msg}");
     assert!(msg.contains("use an all-access or operator token"), "{msg}");
     assert!(!msg.contains(&custom), "{msg}");
@@ -748,9 +766,19 @@ async fn admin_token_refusals_point_the_right_way() {
     let mgr = s
         .start(s.config_with(60, ALL_BUCKETS, &narrow, &org), None)
         .await;
-    let msg = mgr.create(&client("inlet-t")).await.expect_err("wider").to_string();
-    assert!(msg.contains("403") && msg.contains("is not allowed"), "{msg}");
-    assert!(msg.contains("more than the all-access-token holds"), "{msg}");
+    let msg = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect_err("wider")
+        .to_string();
+    assert!(
+        msg.contains("403") && msg.contains("is not allowed"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("more than the all-access-token holds"),
+        "{msg}"
+    );
     mgr.shutdown().await.expect("shutdown");
 
     // An all-access token is scoped to its org: another org id is refused, with a hint at
@@ -762,14 +790,26 @@ async fn admin_token_refusals_point_the_right_way() {
             None,
         )
         .await;
-    let msg = mgr.create(&client("inlet-t")).await.expect_err("other org").to_string();
-    assert!(msg.contains("401") && msg.contains("/authorizations is unauthorized"), "{msg}");
+    let msg = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect_err("other org")
+        .to_string();
+    assert!(
+        msg.contains("401") && msg.contains("/authorizations is unauthorized"),
+        "{msg}"
+    );
     assert!(msg.contains("check that org-id"), "{msg}");
     mgr.shutdown().await.expect("shutdown");
 
     // And in its own org it leases exactly what is asked.
-    let mgr = s.start(s.config_with(60, PERMS, &all_access, &org), None).await;
-    let g = mgr.create(&client("inlet-t")).await.expect("all-access leases");
+    let mgr = s
+        .start(s.config_with(60, PERMS, &all_access, &org), None)
+        .await;
+    let g = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect("all-access leases");
     assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
     assert_eq!(s.write(&g.credential, "other", "cpu v=1i 1").await, 403);
     mgr.shutdown().await.expect("shutdown");
@@ -806,11 +846,18 @@ async fn flavours_list_and_lease_as_the_real_servers() {
             .as_array()
             .expect("list")
             .iter()
-            .find(|a| a["description"].as_str().is_some_and(|d| d.contains(&g.lease_id)))
+            .find(|a| {
+                a["description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&g.lease_id))
+            })
             .expect("listed")
             .clone();
         assert_eq!(ours.get("token").is_some(), shows, "{flavor:?}: {ours}");
-        assert_eq!(ours["permissions"][0]["resource"]["name"], "telegraf", "name shown from id");
+        assert_eq!(
+            ours["permissions"][0]["resource"]["name"], "telegraf",
+            "name shown from id"
+        );
         mgr.shutdown().await.expect("shutdown");
         assert!(s.server.authorizations().is_empty(), "{flavor:?}");
         s.assert_contract_kept();
@@ -824,7 +871,11 @@ async fn flavours_list_and_lease_as_the_real_servers() {
             None,
         )
         .await;
-    let msg = mgr.create(&client("inlet-f")).await.expect_err("no instance on Cloud").to_string();
+    let msg = mgr
+        .create(&client("inlet-f"))
+        .await
+        .expect_err("no instance on Cloud")
+        .to_string();
     assert!(msg.contains("invalid resource type"), "{msg}");
     assert!(msg.contains("leased-token-permissions"), "{msg}");
     mgr.shutdown().await.expect("shutdown");
@@ -846,12 +897,22 @@ async fn a_proxy_404_is_not_a_revocation() {
         body: "<html><body><h1>404 Not Found</h1>nginx</body></html>".into(),
         times: 1,
     });
-    let msg = mgr.revoke(&g.lease_id).await.expect_err("not revoked").to_string();
-    assert!(msg.contains("404") && msg.contains("not InfluxDB's"), "{msg}");
+    let msg = mgr
+        .revoke(&g.lease_id)
+        .await
+        .expect_err("not revoked")
+        .to_string();
+    assert!(
+        msg.contains("404") && msg.contains("not InfluxDB's"),
+        "{msg}"
+    );
     assert_eq!(s.server.authorizations().len(), 1, "the token still exists");
     assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
     let leases = mgr.list().await.expect("list");
-    assert!(leases.iter().any(|l| l.lease_id == g.lease_id), "still recorded: {leases:?}");
+    assert!(
+        leases.iter().any(|l| l.lease_id == g.lease_id),
+        "still recorded: {leases:?}"
+    );
     // The retry reaches InfluxDB and deletes it.
     s.server
         .wait_for_authorizations(WAIT, |a| a.is_empty())
@@ -876,7 +937,9 @@ async fn refused_delete_falls_back_to_deactivation() {
         body: r#"{"code":"method not allowed","message":"DELETE is not allowed here"}"#.into(),
         times: usize::MAX,
     });
-    mgr.revoke(&g.lease_id).await.expect("revoked by deactivation");
+    mgr.revoke(&g.lease_id)
+        .await
+        .expect("revoked by deactivation");
     let a = s.server.authorizations();
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].status, "inactive");
@@ -888,7 +951,13 @@ async fn refused_delete_falls_back_to_deactivation() {
         .any(|r| r.method == "PATCH" && r.status == 200));
     mgr.shutdown().await.expect("shutdown");
     // A restart does not take the inactive token for a stray one to revoke again.
-    let patches = |s: &Setup| s.server.requests().iter().filter(|r| r.method == "PATCH").count();
+    let patches = |s: &Setup| {
+        s.server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH")
+            .count()
+    };
     let before = patches(&s);
     let mgr = s.start(s.config(60), None).await;
     mgr.shutdown().await.expect("shutdown");
@@ -909,7 +978,10 @@ async fn retry_after_is_honoured_on_429() {
         body: r#"{"code":"too many requests","message":"rate limited"}"#.into(),
         times: 1,
     });
-    let g = mgr.create(&client("inlet-r")).await.expect("created after waiting");
+    let g = mgr
+        .create(&client("inlet-r"))
+        .await
+        .expect("created after waiting");
     assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
     let posts: Vec<_> = s
         .server
@@ -951,6 +1023,9 @@ async fn v1_against_a_2x_server_is_refused() {
         Err(e) => e.to_string(),
         Ok(_) => panic!("v1 started against InfluxDB 2"),
     };
-    assert!(err.contains("v2.7") && err.contains("api = \"v2\""), "{err}");
+    assert!(
+        err.contains("v2.7") && err.contains("api = \"v2\""),
+        "{err}"
+    );
     assert!(err.contains("DBRP"), "{err}");
 }

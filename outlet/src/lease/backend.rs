@@ -465,8 +465,14 @@ mod tests {
             ServerKind::from_headers(Some("v2.7.11"), Some("OSS")),
             ServerKind::V2("v2.7.11".into())
         );
-        assert_eq!(ServerKind::from_headers(None, Some("Cloud")), ServerKind::Cloud);
-        assert_eq!(ServerKind::from_headers(Some(""), None), ServerKind::Unknown);
+        assert_eq!(
+            ServerKind::from_headers(None, Some("Cloud")),
+            ServerKind::Cloud
+        );
+        assert_eq!(
+            ServerKind::from_headers(Some(""), None),
+            ServerKind::Unknown
+        );
         assert!(matches!(
             ServerKind::from_version("3.0.1"),
             ServerKind::Other(_)

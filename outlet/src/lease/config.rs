@@ -803,7 +803,10 @@ mod tests {
         let p = v2_perms(r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#)
             .expect("by name");
         assert_eq!(p[0].v2_scope(), V2Scope::BucketName("telegraf".into()));
-        assert_eq!(p[0].resource["orgID"], "0123456789abcdef", "orgID filled in");
+        assert_eq!(
+            p[0].resource["orgID"], "0123456789abcdef",
+            "orgID filled in"
+        );
         let p = v2_perms(
             r#"[{"action":"read","resource":{"type":"buckets","id":"00000000000000aa"}}]"#,
         )
@@ -820,7 +823,10 @@ mod tests {
                 r#"[{"action":"write","resource":{"type":"buckets","orgID":"INFLUX_ORG_ID"}}]"#,
                 "every resource of type \"buckets\"",
             ),
-            (r#"[{"action":"write","resource":{"type":"buckets"}}]"#, "\"all\": true"),
+            (
+                r#"[{"action":"write","resource":{"type":"buckets"}}]"#,
+                "\"all\": true",
+            ),
             (
                 r#"[{"action":"read","resource":{"type":"dashboards","name":"d"}}]"#,
                 "scopes nothing",
@@ -841,7 +847,10 @@ mod tests {
                 r#"[{"action":"read","resource":{"type":"buckets","id":"telegraf"}}]"#,
                 "16 hex digits",
             ),
-            (r#"[{"action":"read","resource":{"type":"buckets","all":false}}]"#, "only be true"),
+            (
+                r#"[{"action":"read","resource":{"type":"buckets","all":false}}]"#,
+                "only be true",
+            ),
         ] {
             let err = v2_perms(perms).expect_err(perms);
             assert_eq!(err.key(), "leased-token-permissions");

@@ -16,8 +16,8 @@
 //! sent by the inlet as HTTP Basic auth.
 
 use super::backend::{
-    detect_server, http_client, parse_error_body, ServerKind, parse_v1_user_name, v1_user_name, Backend, BackendError,
-    BoxFuture, CreateRequest, Created, Found,
+    detect_server, http_client, parse_error_body, parse_v1_user_name, v1_user_name, Backend,
+    BackendError, BoxFuture, CreateRequest, Created, Found, ServerKind,
 };
 use super::config::{v1_grants, LeaseConfig, Secret, V1Grant};
 use postern_proto::lease::Credential;

@@ -544,8 +544,12 @@ mod tests {
             "write:orgs/0000000000000001/authorizations is unauthorized"
         )
         .contains("org-id"));
-        assert!(h(401, "unauthorized", "write:users/0a1b2c3d4e5f6789 is unauthorized")
-            .contains("use an all-access or operator token"));
+        assert!(h(
+            401,
+            "unauthorized",
+            "write:users/0a1b2c3d4e5f6789 is unauthorized"
+        )
+        .contains("use an all-access or operator token"));
         assert!(h(
             403,
             "forbidden",
