@@ -1,55 +1,56 @@
-//! An in-test HTTP server that follows the InfluxDB 2 API contract for what postern uses.
+//! An in-test HTTP server as strict as InfluxDB 2 for what postern uses.
 //!
-//! The contract followed is InfluxDB OSS 2.x's HTTP API as documented in its OpenAPI spec
-//! (`/api/v2/authorizations`: `PostAuthorizations`, `GetAuthorizations`,
-//! `GetAuthorizationsID`, `DeleteAuthorizationsID`; `PostWrite`; `PostQuery`; `GetPing`;
-//! `GetHealth`) and as the OSS server implements it (influxdb `authorization/http_server.go`,
-//! `kit/transport/http` error encoding):
+//! It follows the published API contract (influxdata/openapi, trimmed in
+//! `tests/fixtures/influxdb2-openapi.json`; every request and response body is checked against
+//! it, see [`Influx2::contract_violations`]) and the OSS server's authorization rules as its
+//! source has them (influxdb v2.7 `authorization/`, `authorizer/`, `authz.go`):
 //!
+//! - a permission resource has only `type`, `id` and `orgID`: `name` and `org` are dropped on
+//!   input and filled in on output from the ids. A resource without `id` covers every resource
+//!   of its type in `orgID` (every org without `orgID`); `instance` covers everything;
 //! - every request except `/ping` and `/health` needs `Authorization: Token <token>` (or
-//!   `Bearer`) naming an active authorization, else `401 {"code":"unauthorized","message":
-//!   "unauthorized access"}`;
-//! - `POST /api/v2/authorizations` takes `{orgID, permissions, description?, status?}` and
-//!   answers `201` with the authorization (`id`, `token`, `status`, `description`, `orgID`,
-//!   `org`, `userID`, `user`, `permissions`, `links`, `createdAt`, `updatedAt`). Refusals:
-//!   body not JSON -> `400 invalid "invalid json structure: …"`; no permissions -> `400 invalid
-//!   "authorization must include permissions"`; unknown resource type -> `400 invalid "invalid
-//!   resource type \"…\" for permission"`; unknown action -> `400 invalid "invalid action type
-//!   for permission"`; no orgID -> `400 invalid "org id required"`; an orgID that is not 16 hex
-//!   digits -> `400 invalid "invalid json structure: invalid ID"`; an org that does not exist ->
-//!   `400 invalid "unable to create token"` (the server's sanitized message); a token without
-//!   `write` on the org's `authorizations` -> `401 unauthorized "write:orgs/<id>/authorizations
-//!   is unauthorized"`;
-//! - `GET /api/v2/authorizations[?orgID=|org=|id=]` answers `200 {"links":…,"authorizations":[…]}`;
-//!   `GET|DELETE /api/v2/authorizations/{id}` answer `200` / `204`, or `404 {"code":"not
-//!   found","message":"authorization not found"}`. Like InfluxDB Cloud and newer OSS releases,
-//!   a token's value is shown only in the `POST` answer, never in listings;
-//! - `POST /api/v2/write?org|orgID=&bucket=` stores the lines (`204`); an unknown bucket ->
-//!   `404 not found "bucket \"…\" not found"`; no `write` permission on the bucket -> `403
-//!   forbidden "insufficient permissions for write"`;
-//! - `POST /api/v2/query?org|orgID=` is minimal: it finds `from(bucket: "…")` in the Flux text
-//!   (JSON `{"query": …}` or `application/vnd.flux`), checks `read` on that bucket (`403`
-//!   otherwise) and answers `200 text/csv` with one row per stored line in a `_raw` column,
-//!   preceded by the `#datatype`/`#group`/`#default` annotation rows a JSON body's
-//!   `dialect.annotations` asks for (as the client libraries do). It does not evaluate Flux.
+//!   `Bearer`) naming an active authorization, else `401 unauthorized "unauthorized access"`;
+//! - `POST /api/v2/authorizations` checks, in the server's order: the body (`400 invalid`:
+//!   "authorization must include permissions", "invalid resource type for permission" (also for
+//!   a type the flavour lacks), "invalid action type for permission", "org id required");
+//!   `write:orgs/<org>/authorizations` (`401 "write:orgs/<org>/authorizations is
+//!   unauthorized"`); `write:users/<caller's user>` (`401 "write:users/<id> is unauthorized"`);
+//!   that the caller holds every permission it grants (`403 forbidden "permission <p> is not
+//!   allowed"`); that each permission's `orgID` is the body's (`400 "permission <p> is not for
+//!   org id <org>"`); that the org exists (`400 "unable to create token"`). Tokens are 64 random
+//!   bytes in URL-safe base64 (88 characters), as the server makes them;
+//! - `GET /api/v2/authorizations` lists only those the caller may read (the authorization and
+//!   its owner user); OSS 2.7 shows each token's value, OSS 2.9 and Cloud do not
+//!   ([`Flavor`]). `GET|PATCH|DELETE /api/v2/authorizations/{id}` answer `404 {"code":"not
+//!   found","message":"authorization not found"}` for an unknown id;
+//! - `GET /api/v2/buckets?name=&orgID=` answers `404 not found "bucket \"…\" not found"` for an
+//!   unknown name and hides buckets the caller may not read;
+//! - `POST /api/v2/write` and a minimal `POST /api/v2/query` check `write`/`read` on the bucket
+//!   (`403`); the query finds `from(bucket: "…")` and answers every stored line as CSV;
+//! - `GET /ping` answers `204` with `X-Influxdb-Build` and (not on Cloud) `X-Influxdb-Version`;
+//!   `/health` exists on OSS only.
 //!
-//! The admin token made at start is an operator token (all permissions). Request framing is
-//! HTTP/1.1 with keep-alive, `Content-Length` or chunked bodies, and `Expect: 100-continue`.
+//! [`Influx2::inject`] puts answers in front of the server, as a proxy or gateway would (a
+//! foreign 404, a 429 with `Retry-After`, a refused DELETE); those are not checked against the
+//! contract. Request framing is HTTP/1.1 with keep-alive, `Content-Length` or chunked bodies,
+//! and `Expect: 100-continue`.
 
+use crate::openapi::{self, Contract};
 use anyhow::{bail, Context};
+use base64::Engine;
 use postern_outlet::lease::backend::format_rfc3339;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Resource types InfluxDB 2.7 knows.
-const RESOURCE_TYPES: &[&str] = &[
+/// Resource types InfluxDB OSS 2.7 knows (`influxdb.AllResourceTypes`).
+const OSS_RESOURCE_TYPES: &[&str] = &[
     "authorizations",
     "buckets",
     "dashboards",
@@ -75,9 +76,83 @@ const RESOURCE_TYPES: &[&str] = &[
     "instance",
 ];
 
+/// Resource types InfluxDB Cloud knows: no instance-wide ones, no edge replication, and the
+/// Cloud-only scripts (`functions`), flows and subscriptions.
+const CLOUD_RESOURCE_TYPES: &[&str] = &[
+    "authorizations",
+    "buckets",
+    "dashboards",
+    "orgs",
+    "tasks",
+    "telegrafs",
+    "users",
+    "variables",
+    "secrets",
+    "labels",
+    "views",
+    "documents",
+    "notificationRules",
+    "notificationEndpoints",
+    "checks",
+    "dbrp",
+    "notebooks",
+    "annotations",
+    "flows",
+    "functions",
+    "subscriptions",
+];
+
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 16 * 1024 * 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which InfluxDB the server behaves as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flavor {
+    /// OSS 2.7: operator token, token values shown in listings, `/health`.
+    #[default]
+    Oss27,
+    /// OSS 2.9: as 2.7, but token values are never shown again after creation.
+    Oss29,
+    /// Cloud: no operator token (the admin token is an all-access one), no version header,
+    /// no `/health`, token values never shown again, Cloud's resource types.
+    Cloud,
+}
+
+impl Flavor {
+    fn version(self) -> Option<&'static str> {
+        match self {
+            Flavor::Oss27 => Some("v2.7.12"),
+            Flavor::Oss29 => Some("v2.9.0"),
+            Flavor::Cloud => None,
+        }
+    }
+
+    fn build(self) -> &'static str {
+        match self {
+            Flavor::Cloud => "Cloud",
+            _ => "OSS",
+        }
+    }
+
+    fn resource_types(self) -> &'static [&'static str] {
+        match self {
+            Flavor::Cloud => CLOUD_RESOURCE_TYPES,
+            _ => OSS_RESOURCE_TYPES,
+        }
+    }
+
+    fn contract(self) -> Contract {
+        match self {
+            Flavor::Cloud => Contract::Cloud,
+            _ => Contract::Oss,
+        }
+    }
+
+    fn shows_tokens(self) -> bool {
+        self == Flavor::Oss27
+    }
+}
 
 /// What to set up in the server.
 #[derive(Debug, Clone)]
@@ -86,6 +161,8 @@ pub struct Influx2Options {
     pub org: String,
     /// Buckets to create in it.
     pub buckets: Vec<String>,
+    /// Which server to behave as.
+    pub flavor: Flavor,
 }
 
 impl Default for Influx2Options {
@@ -93,11 +170,13 @@ impl Default for Influx2Options {
         Influx2Options {
             org: "postern".into(),
             buckets: vec!["telegraf".into(), "other".into()],
+            flavor: Flavor::default(),
         }
     }
 }
 
-/// One authorization as the server holds it (for assertions).
+/// One authorization as the server holds it (for assertions). `permissions` are as stored:
+/// resources with `type`, `id` and `orgID` only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Authorization {
     pub id: String,
@@ -107,7 +186,8 @@ pub struct Authorization {
     pub org_id: String,
     pub user_id: String,
     pub permissions: Vec<Value>,
-    pub operator: bool,
+    /// Made by the test set-up (admin tokens), not through the API.
+    pub seeded: bool,
     pub created_at_ms: u64,
 }
 
@@ -117,19 +197,41 @@ pub struct Logged {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// When the answer was made.
+    pub at: Instant,
+}
+
+/// An answer given in front of the server, as a proxy or gateway would.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// Request method to match.
+    pub method: String,
+    /// Path prefix to match (`/api/v2/authorizations/`).
+    pub path_prefix: String,
+    pub status: u16,
+    /// Extra response headers (`Retry-After`).
+    pub headers: Vec<(String, String)>,
+    pub content_type: String,
+    pub body: String,
+    /// How many requests it answers; `usize::MAX` for all.
+    pub times: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    flavor: Flavor,
     org_id: String,
     org_name: String,
     user_id: String,
+    user_name: String,
     buckets: BTreeMap<String, String>,
     auths: BTreeMap<String, Authorization>,
     points: BTreeMap<String, Vec<String>>,
     log: Vec<Logged>,
-    /// Every token ever issued, the operator's included (for checks that none leaks).
+    /// Every token ever issued, the admin ones included (for checks that none leaks).
     issued: Vec<String>,
+    injections: Vec<Injection>,
+    violations: Vec<String>,
 }
 
 struct Shared {
@@ -159,9 +261,10 @@ fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>() | 1)
 }
 
+/// A token as InfluxDB 2 makes them: 64 random bytes, URL-safe base64 with padding.
 fn new_token() -> String {
-    let bytes: [u8; 48] = rand::random();
-    hex::encode(bytes)
+    let bytes: [u8; 64] = rand::random();
+    base64::engine::general_purpose::URL_SAFE.encode(bytes)
 }
 
 fn now_ms() -> u64 {
@@ -175,34 +278,90 @@ fn is_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+fn perm(action: &str, rtype: &str, org: Option<&str>, id: Option<&str>) -> Value {
+    let mut r = Map::new();
+    r.insert("type".into(), json!(rtype));
+    if let Some(id) = id {
+        r.insert("id".into(), json!(id));
+    }
+    if let Some(o) = org {
+        r.insert("orgID".into(), json!(o));
+    }
+    json!({"action": action, "resource": r})
+}
+
+impl State {
+    /// OSS operator permissions: everything, every org.
+    fn operator_permissions(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for t in self.flavor.resource_types() {
+            for a in ["read", "write"] {
+                out.push(perm(a, t, None, None));
+            }
+        }
+        out
+    }
+
+    /// An all-access token's permissions, as the UI and CLI make them: every type in the org,
+    /// the org itself, and the token's own user.
+    fn all_access_permissions(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for t in self.flavor.resource_types() {
+            for a in ["read", "write"] {
+                match *t {
+                    "instance" => {}
+                    "orgs" => out.push(perm(a, t, None, Some(&self.org_id))),
+                    "users" => out.push(perm(a, t, None, Some(&self.user_id))),
+                    _ => out.push(perm(a, t, Some(&self.org_id), None)),
+                }
+            }
+        }
+        out
+    }
+
+    fn seed(&mut self, description: &str, permissions: Vec<Value>) -> String {
+        let a = Authorization {
+            id: new_id(),
+            token: new_token(),
+            status: "active".into(),
+            description: description.into(),
+            org_id: self.org_id.clone(),
+            user_id: self.user_id.clone(),
+            permissions,
+            seeded: true,
+            created_at_ms: now_ms(),
+        };
+        let token = a.token.clone();
+        self.issued.push(token.clone());
+        self.auths.insert(a.id.clone(), a);
+        token
+    }
+}
+
 impl Influx2 {
-    /// Starts the server on 127.0.0.1 with a fresh org, buckets and an operator token.
+    /// Starts the server on 127.0.0.1 with a fresh org, buckets and an admin token (OSS: an
+    /// operator token; Cloud: an all-access token).
     pub async fn start(opts: Influx2Options) -> anyhow::Result<Influx2> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let admin_token = new_token();
         let mut st = State {
+            flavor: opts.flavor,
             org_id: new_id(),
             org_name: opts.org.clone(),
             user_id: new_id(),
+            user_name: "admin".into(),
             ..State::default()
         };
         for b in &opts.buckets {
             st.buckets.insert(b.clone(), new_id());
         }
-        let admin = Authorization {
-            id: new_id(),
-            token: admin_token.clone(),
-            status: "active".into(),
-            description: "operator token".into(),
-            org_id: st.org_id.clone(),
-            user_id: st.user_id.clone(),
-            permissions: Vec::new(),
-            operator: true,
-            created_at_ms: now_ms(),
+        let admin_token = if opts.flavor == Flavor::Cloud {
+            let p = st.all_access_permissions();
+            st.seed("all-access token", p)
+        } else {
+            let p = st.operator_permissions();
+            st.seed("operator token", p)
         };
-        st.issued.push(admin.token.clone());
-        st.auths.insert(admin.id.clone(), admin);
         let shared = Arc::new(Shared {
             state: Mutex::new(st),
             changed: watch::channel(0).0,
@@ -237,23 +396,55 @@ impl Influx2 {
         self.shared.lock().org_name.clone()
     }
 
+    /// The admin user's id (owner of every authorization).
+    pub fn user_id(&self) -> String {
+        self.shared.lock().user_id.clone()
+    }
+
     /// A bucket's id.
     pub fn bucket_id(&self, name: &str) -> Option<String> {
         self.shared.lock().buckets.get(name).cloned()
     }
 
-    /// The operator token.
+    /// Makes a bucket (or gives an existing one a new id, as deleting and re-making it would).
+    pub fn make_bucket(&self, name: &str) -> String {
+        let id = new_id();
+        self.shared.lock().buckets.insert(name.into(), id.clone());
+        self.shared.bump();
+        id
+    }
+
+    /// Deletes a bucket.
+    pub fn delete_bucket(&self, name: &str) {
+        self.shared.lock().buckets.remove(name);
+        self.shared.bump();
+    }
+
+    /// The admin token made at start (OSS: operator; Cloud: all-access).
     pub fn admin_token(&self) -> &str {
         &self.admin_token
     }
 
-    /// Every authorization except the operator token.
+    /// A new all-access token for the org (every type in the org, the org, its own user).
+    pub fn all_access_token(&self) -> String {
+        let mut st = self.shared.lock();
+        let p = st.all_access_permissions();
+        st.seed("all-access token", p)
+    }
+
+    /// A new token with exactly these permissions (resources as stored: `type`, `id`,
+    /// `orgID`), owned by the admin user.
+    pub fn custom_token(&self, permissions: Vec<Value>) -> String {
+        self.shared.lock().seed("custom token", permissions)
+    }
+
+    /// Every authorization made through the API (not the seeded admin tokens).
     pub fn authorizations(&self) -> Vec<Authorization> {
         self.shared
             .lock()
             .auths
             .values()
-            .filter(|a| !a.operator)
+            .filter(|a| !a.seeded)
             .cloned()
             .collect()
     }
@@ -268,7 +459,7 @@ impl Influx2 {
             .unwrap_or_default()
     }
 
-    /// Every token the server ever issued, including deleted ones and the operator token.
+    /// Every token the server ever issued, including deleted ones and the admin tokens.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.lock().issued.clone()
     }
@@ -278,8 +469,23 @@ impl Influx2 {
         self.shared.lock().log.clone()
     }
 
-    /// Waits until `cond` holds for the non-operator authorizations, re-checking whenever the
-    /// server's state changes.
+    /// Answers matching requests in front of the server (see [`Injection`]).
+    pub fn inject(&self, injection: Injection) {
+        self.shared.lock().injections.push(injection);
+    }
+
+    /// Removes every injection.
+    pub fn clear_injections(&self) {
+        self.shared.lock().injections.clear();
+    }
+
+    /// Request and response bodies that did not match the published contract.
+    pub fn contract_violations(&self) -> Vec<String> {
+        self.shared.lock().violations.clone()
+    }
+
+    /// Waits until `cond` holds for the authorizations made through the API, re-checking
+    /// whenever the server's state changes.
     pub async fn wait_for_authorizations(
         &self,
         timeout: Duration,
@@ -303,7 +509,7 @@ impl Influx2 {
                 "condition on authorizations not met within {timeout:?}; now: {:?}",
                 self.authorizations()
                     .iter()
-                    .map(|a| &a.description)
+                    .map(|a| (&a.description, &a.status))
                     .collect::<Vec<_>>()
             ),
         }
@@ -499,6 +705,7 @@ async fn serve_conn(stream: TcpStream, shared: Arc<Shared>) {
                     &mut conn.stream,
                     400,
                     "application/json",
+                    &[],
                     br#"{"code":"invalid","message":"bad request"}"#,
                     true,
                 )
@@ -506,13 +713,33 @@ async fn serve_conn(stream: TcpStream, shared: Arc<Shared>) {
                 return;
             }
         };
-        let (status, ctype, body) = route(&shared, &req);
+        let path = req.target.split('?').next().unwrap_or("").to_owned();
+        let injected = take_injection(&shared, &req.method, &path);
+        let flavor = shared.lock().flavor;
+        let (status, ctype, body, mut headers) = match injected {
+            Some(inj) => (
+                inj.status,
+                inj.content_type,
+                inj.body.into_bytes(),
+                inj.headers,
+            ),
+            None => {
+                let (status, ctype, body) = route(&shared, &req);
+                check_contract(&shared, flavor, &req, &path, status, ctype, &body);
+                (status, ctype.to_owned(), body, Vec::new())
+            }
+        };
+        headers.push(("X-Influxdb-Build".into(), flavor.build().into()));
+        if let Some(v) = flavor.version() {
+            headers.push(("X-Influxdb-Version".into(), v.into()));
+        }
         {
             let mut st = shared.lock();
             st.log.push(Logged {
                 method: req.method.clone(),
-                path: req.target.split('?').next().unwrap_or("").to_owned(),
+                path,
                 status,
+                at: Instant::now(),
             });
         }
         shared.bump();
@@ -521,7 +748,7 @@ async fn serve_conn(stream: TcpStream, shared: Arc<Shared>) {
         } else {
             body
         };
-        if write_response(&mut conn.stream, status, ctype, &body, req.close)
+        if write_response(&mut conn.stream, status, &ctype, &headers, &body, req.close)
             .await
             .is_err()
             || req.close
@@ -531,10 +758,68 @@ async fn serve_conn(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+fn take_injection(shared: &Shared, method: &str, path: &str) -> Option<Injection> {
+    let mut st = shared.lock();
+    let i = st
+        .injections
+        .iter()
+        .position(|j| j.times > 0 && j.method == method && path.starts_with(&j.path_prefix))?;
+    let inj = &mut st.injections[i];
+    inj.times = inj.times.saturating_sub(1);
+    Some(inj.clone())
+}
+
+/// Checks a request body and the answer against the published contract; records violations.
+fn check_contract(
+    shared: &Shared,
+    flavor: Flavor,
+    req: &Request,
+    path: &str,
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+) {
+    let contract = flavor.contract();
+    let mut found = Vec::new();
+    if matches!(req.method.as_str(), "POST" | "PATCH") {
+        // A body that is not JSON is the server's to refuse; the contract covers JSON ones.
+        if let Ok(v) = serde_json::from_slice::<Value>(&req.body) {
+            found.extend(openapi::check_request(contract, &req.method, path, &v));
+        }
+    }
+    let answer = if body.is_empty() {
+        None
+    } else if ctype.starts_with("application/json") {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                found.push(format!(
+                    "{} {path} {status}: body is not JSON: {e}",
+                    req.method
+                ));
+                None
+            }
+        }
+    } else {
+        Some(Value::String(String::from_utf8_lossy(body).into_owned()))
+    };
+    found.extend(openapi::check_response(
+        contract,
+        &req.method,
+        path,
+        status,
+        answer.as_ref(),
+    ));
+    if !found.is_empty() {
+        shared.lock().violations.extend(found);
+    }
+}
+
 async fn write_response(
     stream: &mut TcpStream,
     status: u16,
     ctype: &str,
+    headers: &[(String, String)],
     body: &[u8],
     close: bool,
 ) -> std::io::Result<()> {
@@ -548,11 +833,13 @@ async fn write_response(
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
+        429 => "Too Many Requests",
         _ => "Unknown",
     };
-    let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nX-Influxdb-Build: OSS\r\nX-Influxdb-Version: v2.7.0-postern-contract\r\n"
-    );
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
     if status != 204 {
         head.push_str(&format!(
             "Content-Type: {ctype}\r\nContent-Length: {}\r\n",
@@ -590,6 +877,10 @@ fn ok_json(status: u16, v: Value) -> Answer {
     )
 }
 
+fn no_content() -> Answer {
+    (204, "text/plain", Vec::new())
+}
+
 fn unauthorized() -> Answer {
     error(401, "unauthorized", "unauthorized access")
 }
@@ -602,25 +893,27 @@ fn route(shared: &Shared, req: &Request) -> Answer {
     let path = url.path().trim_end_matches('/').to_owned();
     let query: BTreeMap<String, String> = url.query_pairs().into_owned().collect();
     let m = req.method.as_str();
+    let flavor = shared.lock().flavor;
     match (m, path.as_str()) {
-        ("GET" | "HEAD", "/ping") => (204, "text/plain", Vec::new()),
-        ("GET" | "HEAD", "/health") => ok_json(
+        ("GET" | "HEAD", "/ping") => no_content(),
+        ("GET" | "HEAD", "/health") if flavor != Flavor::Cloud => ok_json(
             200,
             json!({"name":"influxdb","message":"ready for queries and writes","status":"pass",
-                   "checks":[],"version":"v2.7.0-postern-contract","commit":"contract"}),
+                   "checks":[],"version": flavor.version(),"commit":"contract"}),
         ),
         _ => {
             let mut st = shared.lock();
             let Some(caller) = authenticate(&st, req) else {
                 return unauthorized();
             };
+            const ONE: &str = "/api/v2/authorizations/";
             match (m, path.as_str()) {
                 ("POST", "/api/v2/authorizations") => post_authorization(&mut st, &caller, req),
                 ("GET", "/api/v2/authorizations") => list_authorizations(&st, &caller, &query),
-                ("GET" | "DELETE", p) if p.starts_with("/api/v2/authorizations/") => {
-                    let id = &p["/api/v2/authorizations/".len()..];
-                    one_authorization(&mut st, &caller, m, id)
+                ("GET" | "DELETE" | "PATCH", p) if p.starts_with(ONE) => {
+                    one_authorization(&mut st, &caller, req, &p[ONE.len()..])
                 }
+                ("GET", "/api/v2/buckets") => list_buckets(&st, &caller, &query),
                 ("POST", "/api/v2/write") => write(&mut st, &caller, &query, &req.body),
                 ("POST", "/api/v2/query") => flux_query(&st, &caller, &query, req),
                 (_, "/api/v2/authorizations" | "/api/v2/write" | "/api/v2/query") => {
@@ -645,27 +938,78 @@ fn authenticate(st: &State, req: &Request) -> Option<Authorization> {
         .cloned()
 }
 
-/// Whether `auth` may do `action` on a resource of `rtype` in `org_id` with `id`/`name`.
+fn field<'a>(p: &'a Value, k: &str) -> Option<&'a str> {
+    p["resource"].get(k).and_then(Value::as_str)
+}
+
+/// `influxdb.Permission.Matches` (v2.7): whether held permission `p` covers the wanted one.
+fn matches(p: &Value, action: &str, rtype: &str, org: Option<&str>, id: Option<&str>) -> bool {
+    if p["action"] != action {
+        return false;
+    }
+    let ty = field(p, "type");
+    if ty == Some("instance") {
+        return true;
+    }
+    if ty != Some(rtype) {
+        return false;
+    }
+    match (field(p, "orgID"), field(p, "id")) {
+        (None, None) => true,
+        (Some(po), None) => org == Some(po),
+        (_, Some(pid)) => id == Some(pid),
+    }
+}
+
+/// Whether `auth` may do `action` on the resource (authorizer `IsAllowed`).
 fn allowed(
     auth: &Authorization,
     action: &str,
     rtype: &str,
-    org_id: &str,
+    org: Option<&str>,
     id: Option<&str>,
-    name: Option<&str>,
 ) -> bool {
-    if auth.operator {
-        return true;
+    auth.status == "active"
+        && auth
+            .permissions
+            .iter()
+            .any(|p| matches(p, action, rtype, org, id))
+}
+
+/// `influxdb.Resource.String` after the action: `write:orgs/<org>/buckets/<id>`.
+fn permission_string(action: &str, rtype: &str, org: Option<&str>, id: Option<&str>) -> String {
+    let r = match (org, id) {
+        (Some(o), Some(i)) => format!("orgs/{o}/{rtype}/{i}"),
+        (Some(o), None) => format!("orgs/{o}/{rtype}"),
+        (None, Some(i)) => format!("{rtype}/{i}"),
+        (None, None) => rtype.to_owned(),
+    };
+    format!("{action}:{r}")
+}
+
+/// A stored permission as the server shows it: `name` and `org` filled in from the ids.
+fn shown_permission(st: &State, p: &Value) -> Value {
+    let mut v = p.clone();
+    let (ty, id, org) = (field(p, "type"), field(p, "id"), field(p, "orgID"));
+    let name = match (ty, id) {
+        (Some("buckets"), Some(id)) => st
+            .buckets
+            .iter()
+            .find(|(_, b)| b.as_str() == id)
+            .map(|(n, _)| n.clone()),
+        (Some("orgs"), Some(id)) if id == st.org_id => Some(st.org_name.clone()),
+        (Some("users"), Some(id)) if id == st.user_id => Some(st.user_name.clone()),
+        _ => None,
+    };
+    if let Some(r) = v.get_mut("resource").and_then(Value::as_object_mut) {
+        if let Some(n) = name {
+            r.insert("name".into(), json!(n));
+        }
+        if org == Some(st.org_id.as_str()) {
+            r.insert("org".into(), json!(st.org_name));
+        }
     }
-    auth.permissions.iter().any(|p| {
-        let r = &p["resource"];
-        let field = |k: &str| r.get(k).and_then(Value::as_str);
-        p["action"] == action
-            && (field("type") == Some(rtype) || field("type") == Some("instance"))
-            && field("orgID").is_none_or(|o| o == org_id)
-            && field("id").is_none_or(|i| Some(i) == id)
-            && field("name").is_none_or(|n| Some(n) == name)
-    })
+    v
 }
 
 fn auth_json(st: &State, a: &Authorization, with_token: bool) -> Value {
@@ -676,8 +1020,8 @@ fn auth_json(st: &State, a: &Authorization, with_token: bool) -> Value {
         "orgID": a.org_id,
         "org": st.org_name,
         "userID": a.user_id,
-        "user": "admin",
-        "permissions": a.permissions,
+        "user": st.user_name,
+        "permissions": a.permissions.iter().map(|p| shown_permission(st, p)).collect::<Vec<_>>(),
         "links": {
             "self": format!("/api/v2/authorizations/{}", a.id),
             "user": format!("/api/v2/users/{}", a.user_id),
@@ -691,39 +1035,51 @@ fn auth_json(st: &State, a: &Authorization, with_token: bool) -> Value {
     v
 }
 
+/// Reads one permission as the server's JSON decoding does: only `type`, `id` and `orgID`
+/// are kept.
+fn read_permission(flavor: Flavor, p: &Value) -> Result<Value, Answer> {
+    let r = p.get("resource").cloned().unwrap_or(Value::Null);
+    let rtype = r.get("type").and_then(Value::as_str).unwrap_or("");
+    if !flavor.resource_types().contains(&rtype) {
+        return Err(error(
+            400,
+            "invalid",
+            "invalid resource type for permission",
+        ));
+    }
+    let action = match p.get("action").and_then(Value::as_str) {
+        Some(a @ ("read" | "write")) => a,
+        _ => return Err(error(400, "invalid", "invalid action type for permission")),
+    };
+    let mut ids = [None, None];
+    for (slot, k) in ids.iter_mut().zip(["id", "orgID"]) {
+        match r.get(k) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if is_id(s) => *slot = Some(s.as_str()),
+            Some(_) => return Err(error(400, "invalid", "invalid json structure: invalid ID")),
+        }
+    }
+    Ok(perm(action, rtype, ids[1], ids[0]))
+}
+
 fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> Answer {
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return error(400, "invalid", "invalid json structure: expected an object"),
         Err(e) => return error(400, "invalid", &format!("invalid json structure: {e}")),
     };
-    let perms = match body.get("permissions") {
+    let raw = match body.get("permissions") {
         Some(Value::Array(p)) if !p.is_empty() => p.clone(),
         Some(Value::Array(_)) | None | Some(Value::Null) => {
             return error(400, "invalid", "authorization must include permissions")
         }
         Some(_) => return error(400, "invalid", "invalid json structure: permissions"),
     };
-    for p in &perms {
-        let r = p.get("resource").cloned().unwrap_or(Value::Null);
-        let rtype = r.get("type").and_then(Value::as_str).unwrap_or("");
-        if !RESOURCE_TYPES.contains(&rtype) {
-            return error(
-                400,
-                "invalid",
-                &format!("invalid resource type {rtype:?} for permission"),
-            );
-        }
-        match p.get("action").and_then(Value::as_str) {
-            Some("read" | "write") => {}
-            _ => return error(400, "invalid", "invalid action type for permission"),
-        }
-        for k in ["orgID", "id"] {
-            if let Some(v) = r.get(k) {
-                if !v.as_str().is_some_and(is_id) {
-                    return error(400, "invalid", &format!("invalid {k} for permission"));
-                }
-            }
+    let mut perms = Vec::with_capacity(raw.len());
+    for p in &raw {
+        match read_permission(st.flavor, p) {
+            Ok(p) => perms.push(p),
+            Err(a) => return a,
         }
     }
     let org_id = match body.get("orgID") {
@@ -737,14 +1093,57 @@ fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> 
         Some(s @ ("active" | "inactive")) => s.to_owned(),
         Some(_) => return error(400, "invalid", "invalid status"),
     };
-    if !allowed(caller, "write", "authorizations", &org_id, None, None) {
-        return error(
-            401,
-            "unauthorized",
-            &format!("write:orgs/{org_id}/authorizations is unauthorized"),
-        );
+    // The owner is the caller's user unless the body names one.
+    let user_id = match body.get("userID").and_then(Value::as_str) {
+        Some(u) if is_id(u) => u.to_owned(),
+        Some(_) => return error(400, "invalid", "invalid json structure: invalid ID"),
+        None => caller.user_id.clone(),
+    };
+    // authorizer: create in the org, write the owner user, hold every permission granted.
+    if !allowed(caller, "write", "authorizations", Some(&org_id), None) {
+        let p = permission_string("write", "authorizations", Some(&org_id), None);
+        return error(401, "unauthorized", &format!("{p} is unauthorized"));
     }
-    if org_id != st.org_id {
+    if !allowed(caller, "write", "users", None, Some(&user_id)) {
+        let p = permission_string("write", "users", None, Some(&user_id));
+        return error(401, "unauthorized", &format!("{p} is unauthorized"));
+    }
+    for p in &perms {
+        let (a, t) = (
+            p["action"].as_str().unwrap_or(""),
+            field(p, "type").unwrap_or(""),
+        );
+        let (o, i) = (field(p, "orgID"), field(p, "id"));
+        if !allowed(caller, a, t, o, i) {
+            return error(
+                403,
+                "forbidden",
+                &format!(
+                    "permission {} is not allowed",
+                    permission_string(a, t, o, i)
+                ),
+            );
+        }
+    }
+    // Authorization.Valid: every permission's org is the authorization's.
+    for p in &perms {
+        if let Some(o) = field(p, "orgID").filter(|o| *o != org_id) {
+            let (a, t, i) = (
+                p["action"].as_str().unwrap_or(""),
+                field(p, "type").unwrap_or(""),
+                field(p, "id"),
+            );
+            return error(
+                400,
+                "invalid",
+                &format!(
+                    "permission {} is not for org id {org_id}",
+                    permission_string(a, t, Some(o), i)
+                ),
+            );
+        }
+    }
+    if org_id != st.org_id || user_id != st.user_id {
         return error(400, "invalid", "unable to create token");
     }
     let a = Authorization {
@@ -757,9 +1156,9 @@ fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> 
             .unwrap_or("")
             .to_owned(),
         org_id,
-        user_id: st.user_id.clone(),
+        user_id,
         permissions: perms,
-        operator: false,
+        seeded: false,
         created_at_ms: now_ms(),
     };
     let v = auth_json(st, &a, true);
@@ -768,8 +1167,19 @@ fn post_authorization(st: &mut State, caller: &Authorization, req: &Request) -> 
     ok_json(201, v)
 }
 
+/// Whether the caller may read an authorization: the authorization in its org, and its owner.
+fn may_read(caller: &Authorization, a: &Authorization) -> bool {
+    allowed(
+        caller,
+        "read",
+        "authorizations",
+        Some(&a.org_id),
+        Some(&a.id),
+    ) && allowed(caller, "read", "users", None, Some(&a.user_id))
+}
+
 fn list_authorizations(st: &State, caller: &Authorization, q: &BTreeMap<String, String>) -> Answer {
-    for k in ["orgID", "userID", "id"] {
+    for k in ["orgID", "userID"] {
         if let Some(v) = q.get(k) {
             if !is_id(v) {
                 return error(400, "invalid", "id must have a length of 16 bytes");
@@ -790,18 +1200,8 @@ fn list_authorizations(st: &State, caller: &Authorization, q: &BTreeMap<String, 
         .values()
         .filter(|a| q.get("orgID").is_none_or(|o| *o == a.org_id))
         .filter(|a| q.get("userID").is_none_or(|u| *u == a.user_id))
-        .filter(|a| q.get("id").is_none_or(|i| *i == a.id))
-        .filter(|a| {
-            allowed(
-                caller,
-                "read",
-                "authorizations",
-                &a.org_id,
-                Some(&a.id),
-                None,
-            )
-        })
-        .map(|a| auth_json(st, a, false))
+        .filter(|a| may_read(caller, a))
+        .map(|a| auth_json(st, a, st.flavor.shows_tokens()))
         .collect();
     ok_json(
         200,
@@ -809,30 +1209,94 @@ fn list_authorizations(st: &State, caller: &Authorization, q: &BTreeMap<String, 
     )
 }
 
-fn one_authorization(st: &mut State, caller: &Authorization, method: &str, id: &str) -> Answer {
+fn one_authorization(st: &mut State, caller: &Authorization, req: &Request, id: &str) -> Answer {
     if !is_id(id) {
         return error(400, "invalid", "id must have a length of 16 bytes");
     }
     let Some(a) = st.auths.get(id).cloned() else {
         return error(404, "not found", "authorization not found");
     };
-    let action = if method == "DELETE" { "write" } else { "read" };
-    if !allowed(caller, action, "authorizations", &a.org_id, Some(id), None) {
-        return error(
-            401,
-            "unauthorized",
-            &format!(
-                "{action}:orgs/{}/authorizations/{id} is unauthorized",
-                a.org_id
-            ),
-        );
+    let method = req.method.as_str();
+    let action = if method == "GET" { "read" } else { "write" };
+    for (t, org, rid) in [
+        ("authorizations", Some(a.org_id.as_str()), a.id.as_str()),
+        ("users", None, a.user_id.as_str()),
+    ] {
+        if !allowed(caller, action, t, org, Some(rid)) {
+            let p = permission_string(action, t, org, Some(rid));
+            return error(401, "unauthorized", &format!("{p} is unauthorized"));
+        }
     }
-    if method == "DELETE" {
-        st.auths.remove(id);
-        (204, "text/plain", Vec::new())
-    } else {
-        ok_json(200, auth_json(st, &a, false))
+    match method {
+        "DELETE" => {
+            st.auths.remove(id);
+            no_content()
+        }
+        "PATCH" => {
+            let body: Value = match serde_json::from_slice(&req.body) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => return error(400, "invalid", "invalid json structure"),
+            };
+            let mut a = a;
+            match body.get("status") {
+                None => {}
+                Some(Value::String(s)) if s == "active" || s == "inactive" => a.status = s.clone(),
+                Some(_) => return error(400, "invalid", "invalid status"),
+            }
+            if let Some(d) = body.get("description").and_then(Value::as_str) {
+                a.description = d.to_owned();
+            }
+            let v = auth_json(st, &a, false);
+            st.auths.insert(a.id.clone(), a);
+            ok_json(200, v)
+        }
+        _ => ok_json(200, auth_json(st, &a, false)),
     }
+}
+
+fn bucket_json(st: &State, name: &str, id: &str) -> Value {
+    json!({
+        "id": id,
+        "orgID": st.org_id,
+        "type": "user",
+        "name": name,
+        "schemaType": "implicit",
+        "retentionRules": [{"type": "expire", "everySeconds": 0, "shardGroupDurationSeconds": 604800}],
+        "createdAt": format_rfc3339(0),
+        "updatedAt": format_rfc3339(0),
+        "links": {"self": format!("/api/v2/buckets/{id}"), "org": format!("/api/v2/orgs/{}", st.org_id)},
+        "labels": [],
+    })
+}
+
+/// `GET /api/v2/buckets`: by name in an org (404 when there is none), or every bucket; the
+/// authorizer hides those the caller may not read.
+fn list_buckets(st: &State, caller: &Authorization, q: &BTreeMap<String, String>) -> Answer {
+    let org_id = match (q.get("orgID"), q.get("org")) {
+        (None, None) => None,
+        _ => match org_of(st, q) {
+            Ok(o) => Some(o),
+            Err(a) => return a,
+        },
+    };
+    let name = q.get("name");
+    if let (Some(org), Some(name)) = (&org_id, name) {
+        if *org != st.org_id || !st.buckets.contains_key(name) {
+            return error(404, "not found", &format!("bucket \"{name}\" not found"));
+        }
+    }
+    let list: Vec<Value> = st
+        .buckets
+        .iter()
+        .filter(|(n, _)| name.is_none_or(|w| w == *n))
+        .filter(|(_, id)| q.get("id").is_none_or(|w| w == *id))
+        .filter(|(_, id)| allowed(caller, "read", "buckets", Some(&st.org_id), Some(id)))
+        .map(|(n, id)| bucket_json(st, n, id))
+        .collect();
+    ok_json(
+        200,
+        json!({"links": {"self": "/api/v2/buckets"}, "buckets": list}),
+    )
 }
 
 fn org_of(st: &State, q: &BTreeMap<String, String>) -> Result<String, Answer> {
@@ -869,14 +1333,7 @@ fn write(
     let Some(bucket_id) = st.buckets.get(bucket).cloned() else {
         return error(404, "not found", &format!("bucket \"{bucket}\" not found"));
     };
-    if !allowed(
-        caller,
-        "write",
-        "buckets",
-        &org_id,
-        Some(&bucket_id),
-        Some(bucket),
-    ) {
+    if !allowed(caller, "write", "buckets", Some(&org_id), Some(&bucket_id)) {
         return error(403, "forbidden", "insufficient permissions for write");
     }
     let text = String::from_utf8_lossy(body);
@@ -960,14 +1417,7 @@ fn flux_query(
             &format!("could not find bucket \"{bucket}\""),
         );
     };
-    if !allowed(
-        caller,
-        "read",
-        "buckets",
-        &org_id,
-        Some(&bucket_id),
-        Some(&bucket),
-    ) {
+    if !allowed(caller, "read", "buckets", Some(&org_id), Some(&bucket_id)) {
         return error(403, "forbidden", "insufficient permissions for read");
     }
     // Annotated CSV as InfluxDB writes it when the dialect asks for annotations.
@@ -999,5 +1449,58 @@ mod tests {
         );
         assert_eq!(flux_bucket(r#"from(bucket:"a")"#).as_deref(), Some("a"));
         assert_eq!(flux_bucket("buckets()"), None);
+    }
+
+    #[test]
+    fn tokens_have_the_real_format() {
+        let t = new_token();
+        assert_eq!(t.len(), 88);
+        assert!(t.ends_with("=="));
+        assert!(t
+            .trim_end_matches('=')
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    }
+
+    #[test]
+    fn permissions_match_as_the_server_matches_them() {
+        let org = "00000000000000aa";
+        let all_buckets = perm("write", "buckets", Some(org), None);
+        assert!(matches(
+            &all_buckets,
+            "write",
+            "buckets",
+            Some(org),
+            Some("00000000000000bb")
+        ));
+        assert!(!matches(
+            &all_buckets,
+            "write",
+            "buckets",
+            Some("00000000000000cc"),
+            None
+        ));
+        assert!(!matches(&all_buckets, "read", "buckets", Some(org), None));
+        let one = perm("write", "buckets", Some(org), Some("00000000000000bb"));
+        assert!(!matches(&one, "write", "buckets", Some(org), None));
+        assert!(!matches(
+            &one,
+            "write",
+            "buckets",
+            Some(org),
+            Some("00000000000000dd")
+        ));
+        let inst = perm("write", "instance", None, None);
+        assert!(matches(
+            &inst,
+            "write",
+            "users",
+            None,
+            Some("00000000000000ee")
+        ));
+        assert_eq!(
+            permission_string("write", "buckets", Some(org), None),
+            "write:orgs/00000000000000aa/buckets"
+        );
     }
 }

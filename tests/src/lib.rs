@@ -2,3 +2,4 @@
 pub mod harness;
 pub mod influx2;
 pub mod influxd;
+pub mod openapi;

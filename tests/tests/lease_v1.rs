@@ -452,3 +452,34 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
     .await;
     mgr.shutdown().await.expect("shutdown");
 }
+
+/// The real influxd 1.x says its version on `/ping`: `api = "v2"` is refused at start with
+/// what to use instead.
+#[tokio::test]
+async fn v2_against_the_real_1x_is_refused() {
+    let s = Setup::new().await;
+    let secret = s.dir.path().join("v2-admin");
+    std::fs::write(&secret, "some-token").expect("write secret");
+    let cfg = InfluxdbOutletConfig {
+        to: s.influxd.http_addr().to_string(),
+        tls: false,
+        tls_ca: None,
+        allow: None,
+        org_id: Some("0123456789abcdef".into()),
+        all_access_token: SecretRef::new(format!("file:{}", secret.display())),
+        leased_token_expires_in: 60,
+        leased_token_permissions:
+            r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
+        api: Api::V2,
+    }
+    .validate()
+    .expect("valid v2 config");
+    let err = match LeaseManager::start(cfg, &s.state_dir("v2"), CancellationToken::new()).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("api = \"v2\" started against InfluxDB 1.x"),
+    };
+    assert!(
+        err.contains("version 1.") && err.contains("api = \"v1\""),
+        "{err}"
+    );
+}

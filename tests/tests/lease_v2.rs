@@ -9,7 +9,7 @@ use postern_outlet::lease::{
 };
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
-use postern_tests::influx2::{Authorization, Influx2, Influx2Options};
+use postern_tests::influx2::{Authorization, Flavor, Influx2, Influx2Options, Injection};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -22,6 +22,10 @@ const PERMS: &str = r#"[
   {"action":"read","resource":{"type":"buckets","name":"telegraf","orgID":"INFLUX_ORG_ID"}}
 ]"#;
 
+/// Every bucket of the org, on purpose.
+const ALL_BUCKETS: &str =
+    r#"[{"action":"write","resource":{"type":"buckets","orgID":"INFLUX_ORG_ID","all":true}}]"#;
+
 fn client(name: &str) -> NodeName {
     NodeName::new(name).expect("node name")
 }
@@ -33,12 +37,30 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Setup {
+        Setup::flavor(Flavor::Oss27).await
+    }
+
+    async fn flavor(flavor: Flavor) -> Setup {
         Setup {
-            server: Influx2::start(Influx2Options::default())
-                .await
-                .expect("contract server"),
+            server: Influx2::start(Influx2Options {
+                flavor,
+                ..Influx2Options::default()
+            })
+            .await
+            .expect("contract server"),
             dir: tempfile::tempdir().expect("tempdir"),
         }
+    }
+
+    /// Neither the outlet's requests nor the server's answers strayed from the published
+    /// contract.
+    fn assert_contract_kept(&self) {
+        let v = self.server.contract_violations();
+        assert!(v.is_empty(), "contract violations: {v:#?}");
+    }
+
+    async fn try_start(&self, cfg: LeaseConfig) -> Result<Arc<LeaseManager>, LeaseError> {
+        LeaseManager::start(cfg, &self.state_dir(), CancellationToken::new()).await
     }
 
     fn state_dir(&self) -> std::path::PathBuf {
@@ -238,6 +260,7 @@ async fn create_use_rotate_and_revoke() {
     mgr.shutdown().await.expect("clean shutdown");
     assert!(s.server.authorizations().is_empty(), "shutdown revokes all");
     assert!(matches!(mgr.list().await, Err(LeaseError::Closed)));
+    s.assert_contract_kept();
 }
 
 #[tokio::test]
@@ -268,8 +291,9 @@ async fn unsubscribed_lease_is_not_renewed_and_is_revoked_at_expiry() {
 async fn influxdb_errors_are_surfaced_without_secrets() {
     let s = Setup::new().await;
 
-    // An organization that does not exist.
-    let cfg = s.config_with(60, PERMS, s.server.admin_token(), "0000000000000001");
+    // An organization that does not exist (permissions that need no bucket lookup, so that
+    // the manager starts and the token API itself answers).
+    let cfg = s.config_with(60, ALL_BUCKETS, s.server.admin_token(), "0000000000000001");
     let mgr = s.start(cfg, None).await;
     let err = mgr.create(&client("inlet-c")).await.expect_err("bad org");
     let msg = err.to_string();
@@ -282,7 +306,7 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
     // A bad permission.
     let cfg = s.config_with(
         60,
-        r#"[{"action":"write","resource":{"type":"bukkits"}}]"#,
+        r#"[{"action":"write","resource":{"type":"bukkits","all":true}}]"#,
         s.server.admin_token(),
         &s.server.org_id(),
     );
@@ -292,7 +316,10 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
         .await
         .expect_err("bad permission")
         .to_string();
-    assert!(msg.contains("invalid resource type \"bukkits\""), "{msg}");
+    assert!(
+        msg.contains("invalid resource type for permission"),
+        "{msg}"
+    );
     assert!(msg.contains("leased-token-permissions"), "{msg}");
     mgr.shutdown().await.expect("shutdown");
 
@@ -313,6 +340,12 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
     assert!(!msg.contains(s.server.admin_token()), "{msg}");
     mgr.shutdown().await.expect("shutdown");
     assert!(s.server.authorizations().is_empty());
+    // The misspelt type was sent on purpose; it is the only thing off the contract.
+    let v = s.server.contract_violations();
+    assert!(
+        !v.is_empty() && v.iter().all(|e| e.contains("bukkits")),
+        "{v:#?}"
+    );
 }
 
 /// Crash at each step of creation and revocation; a manager restarted on the same state
@@ -613,4 +646,387 @@ async fn logs_never_contain_secrets() {
     for secret in secrets {
         assert!(!text.contains(&secret), "a secret appeared in the logs");
     }
+}
+
+fn resource_ids(a: &Authorization) -> Vec<Option<String>> {
+    a.permissions
+        .iter()
+        .map(|p| p["resource"]["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A bucket named by `name` is scoped by its id, looked up for every lease: the token works on
+/// that bucket and no other, follows a bucket re-made under the same name, and a bucket that
+/// is gone is an error naming it.
+#[tokio::test]
+async fn name_scoped_bucket_is_resolved_to_its_id() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(60), None).await;
+    let g = mgr.create(&client("inlet-n")).await.expect("create");
+    let a = s.server.authorizations();
+    let telegraf = s.server.bucket_id("telegraf").expect("bucket");
+    assert_eq!(resource_ids(&a[0]), vec![Some(telegraf.clone()); 2]);
+    assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
+    assert_eq!(s.write(&g.credential, "other", "cpu v=1i 1").await, 403);
+    assert_eq!(s.query(&g.credential, "other").await.0, 403);
+
+    // Re-made under the same name: the next lease follows the new id.
+    let new_id = s.server.make_bucket("telegraf");
+    assert_ne!(new_id, telegraf);
+    let g2 = mgr.create(&client("inlet-n")).await.expect("create");
+    let a2 = s
+        .server
+        .authorizations()
+        .into_iter()
+        .find(|a| a.description.contains(&g2.lease_id))
+        .expect("second authorization");
+    assert_eq!(resource_ids(&a2), vec![Some(new_id); 2]);
+
+    // Gone: a clear error that names it, and nothing made.
+    s.server.delete_bucket("telegraf");
+    let before = s.server.authorizations().len();
+    let msg = mgr
+        .create(&client("inlet-n"))
+        .await
+        .expect_err("bucket gone")
+        .to_string();
+    assert!(
+        msg.contains("\"telegraf\"") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert_eq!(s.server.authorizations().len(), before);
+    assert_eq!(
+        mgr.list().await.expect("list").len(),
+        2,
+        "no record left behind"
+    );
+    mgr.shutdown().await.expect("shutdown");
+    s.assert_contract_kept();
+}
+
+#[tokio::test]
+async fn missing_bucket_stops_the_start() {
+    let s = Setup::new().await;
+    let perms = r#"[{"action":"write","resource":{"type":"buckets","name":"nope"}}]"#;
+    let cfg = s.config_with(60, perms, s.server.admin_token(), &s.server.org_id());
+    let err = match s.try_start(cfg).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("started with a bucket that does not exist"),
+    };
+    assert!(
+        err.contains("\"nope\"") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("leased-token-permissions"), "{err}");
+}
+
+/// The admin token's kind decides what it may grant; each refusal points at what to change.
+#[tokio::test]
+async fn admin_token_refusals_point_the_right_way() {
+    let s = Setup::new().await;
+    let org = s.server.org_id();
+    let telegraf = s.server.bucket_id("telegraf").expect("bucket");
+    let p = |action: &str, rtype: &str, org: Option<&str>, id: Option<&str>| {
+        let mut r = serde_json::json!({ "type": rtype });
+        if let Some(o) = org {
+            r["orgID"] = serde_json::json!(o);
+        }
+        if let Some(i) = id {
+            r["id"] = serde_json::json!(i);
+        }
+        serde_json::json!({ "action": action, "resource": r })
+    };
+
+    // A custom token that may create authorizations and write the bucket, but has no
+    // permission on its own user.
+    let custom = s.server.custom_token(vec![
+        p("read", "authorizations", Some(&org), None),
+        p("write", "authorizations", Some(&org), None),
+        p("read", "buckets", Some(&org), None),
+        p("write", "buckets", Some(&org), None),
+    ]);
+    let mgr = s.start(s.config_with(60, PERMS, &custom, &org), None).await;
+    let msg = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect_err("no users")
+        .to_string();
+    assert!(msg.contains("401") && msg.contains("write:users/"), "{msg}");
+    assert!(msg.contains("use an all-access or operator token"), "{msg}");
+    assert!(!msg.contains(&custom), "{msg}");
+    mgr.shutdown().await.expect("shutdown");
+
+    // A token that holds write on one bucket only cannot grant write on every bucket.
+    let narrow = s.server.custom_token(vec![
+        p("write", "authorizations", Some(&org), None),
+        p("read", "authorizations", Some(&org), None),
+        p("write", "users", None, Some(&s.server.user_id())),
+        p("read", "users", None, Some(&s.server.user_id())),
+        p("write", "buckets", Some(&org), Some(&telegraf)),
+    ]);
+    let mgr = s
+        .start(s.config_with(60, ALL_BUCKETS, &narrow, &org), None)
+        .await;
+    let msg = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect_err("wider")
+        .to_string();
+    assert!(
+        msg.contains("403") && msg.contains("is not allowed"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("more than the all-access-token holds"),
+        "{msg}"
+    );
+    mgr.shutdown().await.expect("shutdown");
+
+    // An all-access token is scoped to its org: another org id is refused, with a hint at
+    // org-id rather than at the token.
+    let all_access = s.server.all_access_token();
+    let mgr = s
+        .start(
+            s.config_with(60, ALL_BUCKETS, &all_access, "00000000000000f1"),
+            None,
+        )
+        .await;
+    let msg = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect_err("other org")
+        .to_string();
+    assert!(
+        msg.contains("401") && msg.contains("/authorizations is unauthorized"),
+        "{msg}"
+    );
+    assert!(msg.contains("check that org-id"), "{msg}");
+    mgr.shutdown().await.expect("shutdown");
+
+    // And in its own org it leases exactly what is asked.
+    let mgr = s
+        .start(s.config_with(60, PERMS, &all_access, &org), None)
+        .await;
+    let g = mgr
+        .create(&client("inlet-t"))
+        .await
+        .expect("all-access leases");
+    assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
+    assert_eq!(s.write(&g.credential, "other", "cpu v=1i 1").await, 403);
+    mgr.shutdown().await.expect("shutdown");
+    s.assert_contract_kept();
+}
+
+/// OSS 2.7 shows token values in listings, 2.9 and Cloud do not; leases work on all three,
+/// and Cloud refuses resource types it does not have.
+#[tokio::test]
+async fn flavours_list_and_lease_as_the_real_servers() {
+    for (flavor, shows) in [
+        (Flavor::Oss27, true),
+        (Flavor::Oss29, false),
+        (Flavor::Cloud, false),
+    ] {
+        let s = Setup::flavor(flavor).await;
+        let mgr = s.start(s.config(60), None).await;
+        let g = mgr.create(&client("inlet-f")).await.expect("create");
+        let Credential::Token(token) = &g.credential else {
+            panic!("v2 gives tokens");
+        };
+        assert_eq!(token.len(), 88, "{flavor:?}: tokens are 64 bytes of base64");
+        assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
+        let listed: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v2/authorizations", s.server.url()))
+            .header("Authorization", format!("Token {}", s.server.admin_token()))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        let ours = listed["authorizations"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|a| {
+                a["description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&g.lease_id))
+            })
+            .expect("listed")
+            .clone();
+        assert_eq!(ours.get("token").is_some(), shows, "{flavor:?}: {ours}");
+        assert_eq!(
+            ours["permissions"][0]["resource"]["name"], "telegraf",
+            "name shown from id"
+        );
+        mgr.shutdown().await.expect("shutdown");
+        assert!(s.server.authorizations().is_empty(), "{flavor:?}");
+        s.assert_contract_kept();
+    }
+
+    let s = Setup::flavor(Flavor::Cloud).await;
+    let perms = r#"[{"action":"read","resource":{"type":"instance","all":true}}]"#;
+    let mgr = s
+        .start(
+            s.config_with(60, perms, s.server.admin_token(), &s.server.org_id()),
+            None,
+        )
+        .await;
+    let msg = mgr
+        .create(&client("inlet-f"))
+        .await
+        .expect_err("no instance on Cloud")
+        .to_string();
+    assert!(msg.contains("invalid resource type"), "{msg}");
+    assert!(msg.contains("leased-token-permissions"), "{msg}");
+    mgr.shutdown().await.expect("shutdown");
+}
+
+/// A 404 that is not InfluxDB's "authorization not found" (a proxy's) does not count as
+/// revoked: the lease stays recorded and the revocation is retried until the real one.
+#[tokio::test]
+async fn a_proxy_404_is_not_a_revocation() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(60), None).await;
+    let g = mgr.create(&client("inlet-p")).await.expect("create");
+    s.server.inject(Injection {
+        method: "DELETE".into(),
+        path_prefix: "/api/v2/authorizations/".into(),
+        status: 404,
+        headers: Vec::new(),
+        content_type: "text/html".into(),
+        body: "<html><body><h1>404 Not Found</h1>nginx</body></html>".into(),
+        times: 1,
+    });
+    let msg = mgr
+        .revoke(&g.lease_id)
+        .await
+        .expect_err("not revoked")
+        .to_string();
+    assert!(
+        msg.contains("404") && msg.contains("not InfluxDB's"),
+        "{msg}"
+    );
+    assert_eq!(s.server.authorizations().len(), 1, "the token still exists");
+    assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
+    let leases = mgr.list().await.expect("list");
+    assert!(
+        leases.iter().any(|l| l.lease_id == g.lease_id),
+        "still recorded: {leases:?}"
+    );
+    // The retry reaches InfluxDB and deletes it.
+    s.server
+        .wait_for_authorizations(WAIT, |a| a.is_empty())
+        .await
+        .expect("revoked by the retry");
+    assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 2").await, 401);
+    mgr.shutdown().await.expect("shutdown");
+}
+
+/// When DELETE is refused (a gateway allowing no DELETE), the token is deactivated instead.
+#[tokio::test]
+async fn refused_delete_falls_back_to_deactivation() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(60), None).await;
+    let g = mgr.create(&client("inlet-q")).await.expect("create");
+    s.server.inject(Injection {
+        method: "DELETE".into(),
+        path_prefix: "/api/v2/authorizations/".into(),
+        status: 405,
+        headers: Vec::new(),
+        content_type: "application/json; charset=utf-8".into(),
+        body: r#"{"code":"method not allowed","message":"DELETE is not allowed here"}"#.into(),
+        times: usize::MAX,
+    });
+    mgr.revoke(&g.lease_id)
+        .await
+        .expect("revoked by deactivation");
+    let a = s.server.authorizations();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].status, "inactive");
+    assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 401);
+    assert!(s
+        .server
+        .requests()
+        .iter()
+        .any(|r| r.method == "PATCH" && r.status == 200));
+    mgr.shutdown().await.expect("shutdown");
+    // A restart does not take the inactive token for a stray one to revoke again.
+    let patches = |s: &Setup| {
+        s.server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH")
+            .count()
+    };
+    let before = patches(&s);
+    let mgr = s.start(s.config(60), None).await;
+    mgr.shutdown().await.expect("shutdown");
+    assert_eq!(patches(&s), before);
+    s.assert_contract_kept();
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_on_429() {
+    let s = Setup::new().await;
+    let mgr = s.start(s.config(60), None).await;
+    s.server.inject(Injection {
+        method: "POST".into(),
+        path_prefix: "/api/v2/authorizations".into(),
+        status: 429,
+        headers: vec![("Retry-After".into(), "1".into())],
+        content_type: "application/json; charset=utf-8".into(),
+        body: r#"{"code":"too many requests","message":"rate limited"}"#.into(),
+        times: 1,
+    });
+    let g = mgr
+        .create(&client("inlet-r"))
+        .await
+        .expect("created after waiting");
+    assert_eq!(s.write(&g.credential, "telegraf", "cpu v=1i 1").await, 204);
+    let posts: Vec<_> = s
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/api/v2/authorizations")
+        .collect();
+    assert_eq!(posts.len(), 2, "{posts:?}");
+    assert_eq!(posts[0].status, 429);
+    assert!(
+        posts[1].at.duration_since(posts[0].at) >= Duration::from_millis(950),
+        "waited {:?}",
+        posts[1].at.duration_since(posts[0].at)
+    );
+    mgr.shutdown().await.expect("shutdown");
+}
+
+/// `api = "v1"` cannot lease anything from InfluxDB 2: refused at start with what to use.
+#[tokio::test]
+async fn v1_against_a_2x_server_is_refused() {
+    let s = Setup::new().await;
+    let secret = s.dir.path().join("v1-admin");
+    std::fs::write(&secret, "admin:pw").expect("write");
+    let cfg = InfluxdbOutletConfig {
+        to: s.server.url(),
+        tls: false,
+        tls_ca: None,
+        allow: None,
+        org_id: None,
+        all_access_token: SecretRef::new(format!("file:{}", secret.display())),
+        leased_token_expires_in: 60,
+        leased_token_permissions:
+            r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
+        api: Api::V1,
+    }
+    .validate()
+    .expect("valid v1 config");
+    let err = match s.try_start(cfg).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("v1 started against InfluxDB 2"),
+    };
+    assert!(
+        err.contains("v2.7") && err.contains("api = \"v2\""),
+        "{err}"
+    );
+    assert!(err.contains("DBRP"), "{err}");
 }

@@ -64,6 +64,12 @@ pub trait Backend: Send + Sync + 'static {
     fn revoke<'a>(&'a self, backend_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>>;
     /// Lists the credentials that carry this outlet instance's marker.
     fn list_ours(&self) -> BoxFuture<'_, Result<Vec<Found>, BackendError>>;
+    /// Checks at start-up that the server is the kind this backend talks to and that the
+    /// config fits it. Fails only when it surely cannot work ([`BackendError::Misconfigured`]);
+    /// a server that cannot be reached or asked is logged and left to the first lease.
+    fn check(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Why a backend call failed. Never contains a secret.
@@ -93,6 +99,10 @@ pub enum BackendError {
     /// The backend could not be set up (TLS CA file and the like).
     #[error("cannot set up the InfluxDB client: {0}")]
     Setup(String),
+    /// The server or its content does not fit the config (wrong API version, a bucket that
+    /// does not exist); nothing was made.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 fn code_suffix(code: &Option<String>) -> String {
@@ -106,7 +116,11 @@ impl BackendError {
     /// True when InfluxDB refused a request outright (a 4xx answer), so a failed `create` left
     /// nothing behind. Backends return `Refused` from `create` only in that case.
     pub fn nothing_made(&self) -> bool {
-        matches!(self, BackendError::Refused { status, .. } if (400..500).contains(status))
+        match self {
+            BackendError::Refused { status, .. } => (400..500).contains(status),
+            BackendError::Misconfigured(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -149,6 +163,142 @@ pub(crate) fn http_client(cfg: &LeaseConfig) -> Result<reqwest::Client, BackendE
     }
     b.build()
         .map_err(|e| BackendError::Setup(format!("HTTP client: {e}")))
+}
+
+/// What answered at the configured URL, as far as its version headers tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerKind {
+    /// InfluxDB 1.x (version as reported).
+    V1(String),
+    /// InfluxDB 2.x OSS or a 2.x-compatible server such as Timestream for InfluxDB.
+    V2(String),
+    /// InfluxDB Cloud (reports its build, never a version).
+    Cloud,
+    /// Something else (a newer major version); the text says what it reported.
+    Other(String),
+    /// Nothing to go by: no version header on `/ping`, no version in `/health`.
+    Unknown,
+}
+
+impl ServerKind {
+    /// Reads the version headers: `X-Influxdb-Version` (`1.8.10`, `v2.7.1`) and, for Cloud,
+    /// which sends no version, `X-Influxdb-Build`.
+    pub fn from_headers(version: Option<&str>, build: Option<&str>) -> ServerKind {
+        if let Some(v) = version.map(str::trim).filter(|v| !v.is_empty()) {
+            return ServerKind::from_version(v);
+        }
+        match build {
+            Some(b) if b.to_ascii_lowercase().contains("cloud") => ServerKind::Cloud,
+            _ => ServerKind::Unknown,
+        }
+    }
+
+    /// Reads a version string such as `1.8.10`, `v2.7.1` or `2.7.10-…`.
+    pub fn from_version(v: &str) -> ServerKind {
+        let digits = v.trim().trim_start_matches(['v', 'V']);
+        let major: String = digits.chars().take_while(char::is_ascii_digit).collect();
+        let shown = clean(v.trim());
+        match major.as_str() {
+            "1" => ServerKind::V1(shown),
+            "2" => ServerKind::V2(shown),
+            _ => ServerKind::Other(shown),
+        }
+    }
+}
+
+/// Asks the server what it is: `GET /ping`'s version headers (InfluxDB 1.x and 2.x, no auth
+/// needed), then `GET /health`'s `version` when `/ping` carried none.
+pub(crate) async fn detect_server(
+    http: &reqwest::Client,
+    base: &reqwest::Url,
+) -> Result<ServerKind, BackendError> {
+    const OP: &str = "read the server version";
+    let url = |p: &str| {
+        base.join(p)
+            .map_err(|e| BackendError::Setup(format!("bad URL path {p:?}: {e}")))
+    };
+    let resp = http
+        .get(url("ping")?)
+        .send()
+        .await
+        .map_err(|source| BackendError::Transport { op: OP, source })?;
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let kind = ServerKind::from_headers(
+        header("x-influxdb-version").as_deref(),
+        header("x-influxdb-build").as_deref(),
+    );
+    if kind != ServerKind::Unknown {
+        return Ok(kind);
+    }
+    let resp = http
+        .get(url("health")?)
+        .send()
+        .await
+        .map_err(|source| BackendError::Transport { op: OP, source })?;
+    if !resp.status().is_success() && resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        return Ok(ServerKind::Unknown);
+    }
+    let body: serde_json::Value = match resp.json().await {
+        Ok(v) => v,
+        Err(_) => return Ok(ServerKind::Unknown),
+    };
+    Ok(body
+        .get("version")
+        .and_then(|v| v.as_str())
+        .map_or(ServerKind::Unknown, ServerKind::from_version))
+}
+
+/// How many times a request refused with `429 Too Many Requests` is sent again.
+pub const RETRIES_ON_429: u32 = 3;
+/// Longest `Retry-After` honoured; a longer one ends the attempt (the caller retries later).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Wait after a 429 without a readable `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Reads `Retry-After` in its delay-seconds form (InfluxDB sends seconds).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// Sends the request built by `build`, again after the server's `Retry-After` when it answers
+/// 429, up to [`RETRIES_ON_429`] times. The last answer is returned whatever it is.
+pub(crate) async fn send_honouring_429(
+    op: &'static str,
+    build: impl Fn() -> Result<reqwest::RequestBuilder, BackendError>,
+) -> Result<reqwest::Response, BackendError> {
+    let mut tries = 0;
+    loop {
+        let resp = build()?
+            .send()
+            .await
+            .map_err(|source| BackendError::Transport { op, source })?;
+        if resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || tries >= RETRIES_ON_429 {
+            return Ok(resp);
+        }
+        let wait = retry_after(resp.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
+        if wait > MAX_RETRY_AFTER {
+            return Ok(resp);
+        }
+        tries += 1;
+        tracing::warn!(
+            op,
+            wait_s = wait.as_secs(),
+            "InfluxDB is rate-limiting (429); waiting as its Retry-After asks"
+        );
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Reads an error answer: an InfluxDB 2 body `{"code":..,"message":..}`, a 1.x body
@@ -303,6 +453,34 @@ mod tests {
             parse_v1_user_name("a1b2c3d4", "postern_a1b2c3d4_0123"),
             None
         );
+    }
+
+    #[test]
+    fn server_kinds_are_read_from_version_headers() {
+        assert_eq!(
+            ServerKind::from_headers(Some("1.6.7~rc0"), Some("OSS")),
+            ServerKind::V1("1.6.7~rc0".into())
+        );
+        assert_eq!(
+            ServerKind::from_headers(Some("v2.7.11"), Some("OSS")),
+            ServerKind::V2("v2.7.11".into())
+        );
+        assert_eq!(
+            ServerKind::from_headers(None, Some("Cloud")),
+            ServerKind::Cloud
+        );
+        assert_eq!(
+            ServerKind::from_headers(Some(""), None),
+            ServerKind::Unknown
+        );
+        assert!(matches!(
+            ServerKind::from_version("3.0.1"),
+            ServerKind::Other(_)
+        ));
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().expect("value"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
     }
 
     #[test]

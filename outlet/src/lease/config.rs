@@ -16,9 +16,28 @@
 //! org-id = "0123456789abcdef"
 //! all-access-token = "env:INFLUX_ADMIN_TOKEN"
 //! leased-token-expires-in = 3600
-//! leased-token-permissions = '[{"action":"write","resource":{"type":"buckets","orgID":"INFLUX_ORG_ID"}}]'
+//! leased-token-permissions = '[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]'
 //! api = "v2"
 //! ```
+//!
+//! ## How an InfluxDB 2 permission is scoped (`api = "v2"`)
+//!
+//! An InfluxDB 2 permission resource has only `type`, `id` and `orgID`: the server drops `name`
+//! and `org` when it reads a permission and fills them in only when it shows one. A resource
+//! without `id` therefore grants the action on *every* resource of that type in `orgID` (and
+//! in every org when `orgID` is missing too). So that a lease is never wider than written, each
+//! resource must say which one it means, in exactly one of three ways:
+//!
+//! - `"id": "<16 hex digits>"`: that resource;
+//! - `"name": "<bucket>"` (buckets only): the outlet looks the bucket up by name in `org-id`
+//!   (`GET /api/v2/buckets?name=…&orgID=…`) at start-up and again for every lease, and sends
+//!   its id; a bucket that does not exist is an error naming it;
+//! - `"all": true`: every resource of that type in `org-id`, on purpose. `orgID` is set to
+//!   `org-id` if missing. The outlet strips `all` before sending the permission.
+//!
+//! A resource with none of these is refused at load, as are `org` (InfluxDB ignores it), a
+//! `name` on a type other than `buckets`, and an `orgID` other than `org-id` (InfluxDB refuses a
+//! permission whose `orgID` differs from the authorization's).
 //!
 //! ## InfluxDB 1.x (`api = "v1"`)
 //!
@@ -31,7 +50,7 @@
 //! - `read` becomes `GRANT READ ON "<db>"`, `write` becomes `GRANT WRITE ON "<db>"`, and a
 //!   database that is both read and written gets `GRANT ALL ON "<db>"` (1.x keeps one privilege
 //!   per user and database, so a second `GRANT` would replace the first instead of adding to it);
-//! - `org-id`, `id` and `orgID` have no meaning in 1.x: `org-id` may be left out, and
+//! - `org-id`, `id`, `orgID` and `all` have no meaning in 1.x: `org-id` may be left out, and
 //!   `INFLUX_ORG_ID` is substituted only if it is set.
 //!
 //! The admin credential for 1.x is the user and password of an admin user, written
@@ -182,6 +201,120 @@ impl Permission {
     }
 }
 
+/// Which resources of its type an InfluxDB 2 permission covers (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum V2Scope {
+    /// The resource with this id.
+    Id(String),
+    /// The bucket with this name in `org-id`, looked up for every lease.
+    BucketName(String),
+    /// Every resource of the type in `org-id`, as written with `"all": true`.
+    AllInOrg,
+}
+
+impl Permission {
+    /// The scope of a permission that passed v2 validation.
+    pub fn v2_scope(&self) -> V2Scope {
+        if let Some(id) = self.resource.get("id").and_then(Value::as_str) {
+            V2Scope::Id(id.to_owned())
+        } else if let Some(name) = self.resource_name() {
+            V2Scope::BucketName(name.to_owned())
+        } else {
+            V2Scope::AllInOrg
+        }
+    }
+}
+
+fn is_influx_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Checks one permission for `api = "v2"` and fills in `orgID` where the scope needs it.
+fn scope_v2(i: usize, p: &mut Permission, org_id: &str) -> Result<(), ConfigError> {
+    const KEY: &str = "leased-token-permissions";
+    let err = |m: String| ConfigError::invalid(KEY, format!("permission {i}: {m}"));
+    let ty = p.resource_type().to_owned();
+    if let Some(k) = p
+        .resource
+        .keys()
+        .find(|k| !matches!(k.as_str(), "type" | "id" | "orgID" | "name" | "all"))
+    {
+        return Err(err(if k == "org" {
+            "\"org\" is ignored by InfluxDB 2 (it only shows it); use \"orgID\"".to_owned()
+        } else {
+            format!("unknown resource field {k:?}: InfluxDB 2 would ignore it, so it would scope nothing")
+        }));
+    }
+    let id = match p.resource.get("id") {
+        None => None,
+        Some(Value::String(id)) if is_influx_id(id) => Some(id.clone()),
+        Some(other) => {
+            return Err(err(format!(
+                "\"id\" must be an InfluxDB id (16 hex digits), not {other}"
+            )))
+        }
+    };
+    let name = match p.resource.get("name") {
+        None => None,
+        Some(Value::String(n)) if !n.is_empty() && !n.chars().any(char::is_control) => {
+            Some(n.clone())
+        }
+        Some(other) => return Err(err(format!("\"name\" must be a bucket name, not {other}"))),
+    };
+    let all = match p.resource.get("all") {
+        None => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(err(format!(
+                "\"all\" may only be true (to mean every {ty} of the org), not {other}"
+            )))
+        }
+    };
+    match p.resource.get("orgID") {
+        None => {}
+        Some(Value::String(o)) if o.eq_ignore_ascii_case(org_id) => {}
+        Some(other) => {
+            return Err(err(format!(
+                "\"orgID\" {other} is not org-id {org_id:?}: InfluxDB 2 refuses a permission \
+                 for another org than the token's (use INFLUX_ORG_ID)"
+            )))
+        }
+    }
+    if name.is_some() && ty != "buckets" {
+        return Err(err(format!(
+            "\"name\" scopes nothing in InfluxDB 2 (the server drops it); a {ty:?} resource \
+             must be named by \"id\""
+        )));
+    }
+    let given = usize::from(id.is_some()) + usize::from(name.is_some()) + usize::from(all);
+    if given > 1 {
+        return Err(err(
+            "give only one of \"id\", \"name\" and \"all\"".to_owned()
+        ));
+    }
+    if given == 0 {
+        let hint = if ty == "buckets" {
+            "name the bucket with \"name\" or \"id\", or write \"all\": true to mean every \
+             bucket of the org"
+        } else {
+            "give its \"id\", or write \"all\": true to mean every one in the org"
+        };
+        return Err(err(format!(
+            "the {ty:?} resource has no \"id\": InfluxDB 2 would grant {} on every resource of \
+             type {ty:?} in the org (or in every org); {hint}",
+            match p.action {
+                Action::Read => "read",
+                Action::Write => "write",
+            }
+        )));
+    }
+    if name.is_some() || all {
+        p.resource
+            .insert("orgID".into(), Value::String(org_id.to_owned()));
+    }
+    Ok(())
+}
+
 /// A 1.x privilege on one database, as derived from the permissions (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct V1Grant {
@@ -201,6 +334,15 @@ pub fn v1_grants(perms: &[Permission]) -> Result<Vec<V1Grant>, ConfigError> {
                 format!(
                     "permission {i}: with api = \"v1\" the resource type must be \"buckets\" or \
                      \"databases\", not {ty:?}"
+                ),
+            ));
+        }
+        if p.resource.contains_key("all") {
+            return Err(ConfigError::invalid(
+                "leased-token-permissions",
+                format!(
+                    "permission {i}: \"all\" has no meaning with api = \"v1\" (1.x cannot grant \
+                     all databases to a non-admin user); name the database in \"name\""
                 ),
             ));
         }
@@ -319,8 +461,18 @@ impl InfluxdbOutletConfig {
         }
         let permissions =
             parse_permissions(&self.leased_token_permissions, org_id.as_deref(), self.api)?;
-        if self.api == Api::V1 {
-            v1_grants(&permissions)?;
+        let mut permissions = permissions;
+        match (self.api, org_id.as_deref()) {
+            (Api::V1, _) => {
+                v1_grants(&permissions)?;
+            }
+            (Api::V2, Some(org)) => {
+                for (i, p) in permissions.iter_mut().enumerate() {
+                    scope_v2(i, p, org)?;
+                }
+            }
+            // Refused above: v2 needs org-id.
+            (Api::V2, None) => {}
         }
         let admin = self.all_access_token.resolve("all-access-token")?;
         if self.api == Api::V1 && !admin.expose().contains(':') {
@@ -617,7 +769,7 @@ mod tests {
     use std::io::Write;
 
     const PERMS: &str =
-        r#"[{"action":"write","resource":{"type":"buckets","orgID":"INFLUX_ORG_ID"}}]"#;
+        r#"[{"action":"write","resource":{"type":"buckets","orgID":"INFLUX_ORG_ID","all":true}}]"#;
 
     fn secret_file(content: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
@@ -648,8 +800,79 @@ mod tests {
         assert_eq!(cfg.permissions.len(), 1);
         assert_eq!(
             cfg.permissions[0].to_json(),
-            serde_json::json!({"action":"write","resource":{"type":"buckets","orgID":"0123456789abcdef"}})
+            serde_json::json!({"action":"write","resource":{"type":"buckets","orgID":"0123456789abcdef","all":true}})
         );
+        assert_eq!(cfg.permissions[0].v2_scope(), V2Scope::AllInOrg);
+    }
+
+    fn v2_perms(perms: &str) -> Result<Vec<Permission>, ConfigError> {
+        let s = secret_file("t");
+        let text = base(&s).replace(PERMS, perms);
+        parse(&text)
+            .expect("parse")
+            .validate()
+            .map(|c| c.permissions)
+    }
+
+    #[test]
+    fn v2_scopes_are_explicit() {
+        // By name (resolved later), by id, or all of the org on purpose.
+        let p = v2_perms(r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#)
+            .expect("by name");
+        assert_eq!(p[0].v2_scope(), V2Scope::BucketName("telegraf".into()));
+        assert_eq!(
+            p[0].resource["orgID"], "0123456789abcdef",
+            "orgID filled in"
+        );
+        let p = v2_perms(
+            r#"[{"action":"read","resource":{"type":"buckets","id":"00000000000000aa"}}]"#,
+        )
+        .expect("by id");
+        assert_eq!(p[0].v2_scope(), V2Scope::Id("00000000000000aa".into()));
+        let p = v2_perms(r#"[{"action":"read","resource":{"type":"dashboards","all":true}}]"#)
+            .expect("all");
+        assert_eq!(p[0].v2_scope(), V2Scope::AllInOrg);
+        assert_eq!(p[0].resource["orgID"], "0123456789abcdef");
+
+        // Anything that InfluxDB 2 would read as wider than written is refused at load.
+        for (perms, says) in [
+            (
+                r#"[{"action":"write","resource":{"type":"buckets","orgID":"INFLUX_ORG_ID"}}]"#,
+                "every resource of type \"buckets\"",
+            ),
+            (
+                r#"[{"action":"write","resource":{"type":"buckets"}}]"#,
+                "\"all\": true",
+            ),
+            (
+                r#"[{"action":"read","resource":{"type":"dashboards","name":"d"}}]"#,
+                "scopes nothing",
+            ),
+            (
+                r#"[{"action":"read","resource":{"type":"buckets","name":"a","org":"o"}}]"#,
+                "\"org\" is ignored",
+            ),
+            (
+                r#"[{"action":"read","resource":{"type":"buckets","name":"a","id":"00000000000000aa"}}]"#,
+                "only one of",
+            ),
+            (
+                r#"[{"action":"read","resource":{"type":"buckets","name":"a","orgID":"00000000000000bb"}}]"#,
+                "is not org-id",
+            ),
+            (
+                r#"[{"action":"read","resource":{"type":"buckets","id":"telegraf"}}]"#,
+                "16 hex digits",
+            ),
+            (
+                r#"[{"action":"read","resource":{"type":"buckets","all":false}}]"#,
+                "only be true",
+            ),
+        ] {
+            let err = v2_perms(perms).expect_err(perms);
+            assert_eq!(err.key(), "leased-token-permissions");
+            assert!(err.to_string().contains(says), "{perms}: {err}");
+        }
     }
 
     #[test]

@@ -274,6 +274,7 @@ impl LeaseManager {
             Some(b) => b,
             None => backend::from_config(&config, &instance)?,
         };
+        backend.check().await?;
         let policy = Policy::new(config.ttl);
         let inner = Arc::new(Inner {
             backend,

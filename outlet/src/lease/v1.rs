@@ -7,15 +7,17 @@
 //!   `GRANT READ|WRITE|ALL ON "<db>" TO "<user>"` per database (see
 //!   [`super::config::v1_grants`]); if a grant fails the user is dropped again;
 //! - revoke: `DROP USER "<user>"`; "user not found" means already gone;
-//! - list: `SHOW USERS`, keeping the names that carry this outlet's prefix.
+//! - list: `SHOW USERS`, keeping the names that carry this outlet's prefix;
+//! - start-up: `GET /ping`'s `X-Influxdb-Version` must not be 2.x (InfluxDB 2 answers `/query`
+//!   but implements no user management), else the outlet refuses to start.
 //!
 //! Identifiers are double-quoted and strings single-quoted, with `\` and the quote escaped by a
 //! backslash, as InfluxQL's scanner reads them. The leased credential is the user and password,
 //! sent by the inlet as HTTP Basic auth.
 
 use super::backend::{
-    http_client, parse_error_body, parse_v1_user_name, v1_user_name, Backend, BackendError,
-    BoxFuture, CreateRequest, Created, Found,
+    detect_server, http_client, parse_error_body, parse_v1_user_name, v1_user_name, Backend,
+    BackendError, BoxFuture, CreateRequest, Created, Found, ServerKind,
 };
 use super::config::{v1_grants, LeaseConfig, Secret, V1Grant};
 use postern_proto::lease::Credential;
@@ -268,6 +270,34 @@ impl Backend for V1Backend {
                 }
             }
             Ok(out)
+        })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let two = match detect_server(&self.http, &self.base).await {
+                Ok(ServerKind::V1(version)) => {
+                    tracing::info!(version = %version, "InfluxDB 1.x found");
+                    return Ok(());
+                }
+                Ok(ServerKind::V2(version)) => format!("version {version}"),
+                Ok(ServerKind::Cloud) => "InfluxDB Cloud".to_owned(),
+                Ok(other) => {
+                    tracing::warn!(server = ?other, "cannot tell InfluxDB's version; using the 1.x API");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read InfluxDB's version at start-up; the first lease will tell");
+                    return Ok(());
+                }
+            };
+            Err(BackendError::Misconfigured(format!(
+                "InfluxDB at {} is {two}, which does not implement CREATE USER or GRANT: set \
+                 api = \"v2\" (with org-id and bucket permissions) to lease tokens. 1.x clients \
+                 keep working through the inlet once the database/retention policy is mapped \
+                 to a bucket (DBRP mapping, see the README)",
+                self.base
+            )))
         })
     }
 }
