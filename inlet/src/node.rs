@@ -396,7 +396,7 @@ impl Shared {
                 // Every connection carries a stream: add one over the same route.
                 match self.connect_e2e(e.virt, e.outlet.as_str()).await {
                     Ok(conn) => {
-                        tracing::debug!(%service, route = %e.route, pool = e.conns.len() + 1, "extra end-to-end connection up");
+                        tracing::debug!(%service, route = %e.route.short(), pool = e.conns.len() + 1, "extra end-to-end connection up");
                         e.conns.push(Pooled::new(conn));
                     }
                     Err(reason) => {
@@ -423,7 +423,8 @@ impl Shared {
                 });
             }
         };
-        tracing::info!(%service, %route, %outlet, "end-to-end connection up");
+        tracing::info!(%service, %outlet, "end-to-end connection up");
+        tracing::debug!(%service, route = %route.short(), "end-to-end connection route");
         let pooled = Pooled::new(conn.clone());
         let active = ActiveStream::on(&pooled);
         *guard = Some(E2e {
@@ -486,7 +487,8 @@ impl Shared {
             match moved {
                 Ok((relay, new_route, _)) => {
                     self.socket.rebind_route(e.virt, new_route, relay);
-                    tracing::info!(%service, from = %e.relay, to = %relay, old_route = %route, route = %new_route, "end-to-end connection moved to another relay");
+                    tracing::info!(%service, from = %e.relay, to = %relay, "end-to-end connection moved to another relay");
+                    tracing::debug!(old_route = %route.short(), route = %new_route.short(), "end-to-end connection moved");
                     e.route = new_route;
                     e.relay = relay;
                     self.migrations
@@ -1050,7 +1052,8 @@ impl ControlHandler for InletControl {
     async fn on_push(&self, msg: Ctl) -> Ctl {
         match msg {
             Ctl::RouteClosed { route, reason } => {
-                tracing::info!(%route, %reason, "route closed by relay");
+                tracing::info!(%reason, "route closed by relay");
+                tracing::debug!(route = %route.short(), "closed route");
                 let relay = self.shared.socket.relay_of(route);
                 match relay {
                     Some(relay) if self.shared.several_relays() => {

@@ -132,8 +132,17 @@ pub fn relay_server(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(control_transport()));
+    // Attempts waiting for the relay's admission decision (which takes microseconds): quinn's
+    // defaults (65,536 of them, 100 MiB of buffered packets) are sized for servers that await
+    // slow application checks; a flood would park that much memory here.
+    cfg.max_incoming(RELAY_MAX_INCOMING)
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total(4 * 1024 * 1024);
     Ok(cfg)
 }
+
+/// Connection attempts quinn holds for the relay before refusing more (see `relay_server`).
+pub const RELAY_MAX_INCOMING: usize = 2048;
 
 /// Client config for enrollment: no client certificate; the relay is verified against the CA
 /// fingerprint pinned in the ticket.

@@ -14,6 +14,7 @@
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`ops`]: the `/metrics`, `/healthz` and `/readyz` endpoint of every node.
 //! - [`logging`]: stderr logs and the JSON-lines audit log.
+//! - [`ratelog`]: refusals logged as one summary line per reason per interval.
 //! - [`drain`]: graceful shutdown (wait for open streams up to a deadline).
 
 pub mod backoff;
@@ -29,6 +30,7 @@ pub mod logging;
 pub mod node_config;
 pub mod node_socket;
 pub mod ops;
+pub mod ratelog;
 pub mod rekey;
 pub mod relay_path;
 pub mod relay_socket;

@@ -264,13 +264,13 @@ impl RelaySocket {
             Ok((id, _)) => id,
             Err(e) => {
                 self.stats.dropped_malformed.fetch_add(1, Relaxed);
-                tracing::debug!(%src, error = %e, "dropped malformed forwarding frame");
+                crate::refusal!(info, "malformed_frame", "dropped malformed forwarding frames", %src, error = %e);
                 return None;
             }
         };
         let Some(route) = self.routes.get(route_id) else {
             self.stats.dropped_unknown_route.fetch_add(1, Relaxed);
-            tracing::trace!(%src, route = %route_id, "dropped frame for unknown route");
+            crate::refusal!(info, "unknown_route", "dropped frames for unknown routes", %src);
             return None;
         };
         let dst = if src == route.a {
@@ -280,7 +280,7 @@ impl RelaySocket {
             route.a
         } else {
             self.stats.dropped_spoofed.fetch_add(1, Relaxed);
-            tracing::debug!(%src, route = %route_id, "dropped frame from an address that is not an endpoint of its route");
+            crate::refusal!(info, "spoofed_frame", "dropped frames from an address that is not an endpoint of their route", %src, route = %route_id.short());
             return None;
         };
         if let Some(tap) = &self.tap {
@@ -389,7 +389,7 @@ impl AsyncUdpSocket for RelaySocket {
                     }
                     Kind::Unknown => {
                         self.stats.dropped_malformed.fetch_add(1, Relaxed);
-                        tracing::debug!(src = %m.addr, len = m.len, "dropped datagram that is neither QUIC nor a forwarding frame");
+                        crate::refusal!(info, "junk_datagram", "dropped datagrams that are neither QUIC nor a forwarding frame", src = %m.addr, len = m.len);
                         m.len = 0;
                     }
                 }

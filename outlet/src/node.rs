@@ -336,7 +336,8 @@ impl ControlHandler for OutletControl {
                     };
                 }
                 let virt = self.socket.add_route(route, self.relay);
-                tracing::info!(%route, %service, %inlet, "route opened");
+                tracing::info!(%service, %inlet, "route opened");
+                tracing::debug!(route = %route.short(), %service, "opened route");
                 self.routes.expect(
                     virt,
                     ExpectedRoute {
@@ -348,7 +349,8 @@ impl ControlHandler for OutletControl {
                 Ctl::Ack
             }
             Ctl::RouteClosed { route, reason } => {
-                tracing::info!(%route, %reason, "route closed by relay");
+                tracing::info!(%reason, "route closed by relay");
+                tracing::debug!(route = %route.short(), "closed route");
                 self.routes.close(route, b"route closed");
                 self.socket.remove_route(route);
                 Ctl::Ack
@@ -387,7 +389,8 @@ impl ControlHandler for OutletControl {
     fn on_disconnect(&self, relay: SocketAddr) {
         for route in self.socket.remove_routes_via(relay) {
             if self.keep_on_relay_loss {
-                tracing::info!(%route, %relay, "relay lost; the connection may move to another relay");
+                tracing::info!(%relay, "relay lost; the connection may move to another relay");
+                tracing::debug!(route = %route.short(), "route of the lost relay");
             } else {
                 self.routes.close(route, b"relay connection lost");
             }

@@ -26,6 +26,27 @@ impl fmt::Debug for RouteId {
     }
 }
 
+impl RouteId {
+    /// A short hash of the id for DEBUG logs: enough to tell routes apart in one log and to match
+    /// the relay's lines with a node's, useless for forging frames (16 bits of a hash, while the
+    /// relay needs the whole 64-bit id). The id itself never goes to a log.
+    pub fn short(&self) -> RouteTag {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(self.0.to_be_bytes());
+        RouteTag(u16::from_be_bytes([d[0], d[1]]))
+    }
+}
+
+/// See [`RouteId::short`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteTag(pub u16);
+
+impl fmt::Display for RouteTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{:04x}", self.0)
+    }
+}
+
 impl fmt::Display for RouteId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)

@@ -2,6 +2,7 @@
 //! end-to-end connections that never holds their keys.
 
 pub mod admin;
+pub mod admission;
 pub mod authority;
 pub mod config;
 pub mod metrics;

@@ -95,6 +95,23 @@ impl Observe for RelayHandle {
             "Control connections that failed their handshake or presented an unusable or revoked identity.",
             ctl.handshake_failures.load(Relaxed),
         );
+        let adm = self.admission_stats();
+        let name = "postern_relay_handshake_attempts_total";
+        out.family(
+            name,
+            "QUIC connection attempts, by what the relay did before keeping any state: accepted (a handshake), retry (a stateless Retry to prove the address), or dropped for a reason.",
+            Kind::Counter,
+        )
+        .sample(name, &[("outcome", "accepted")], adm.accepted.load(Relaxed) as f64)
+        .sample(name, &[("outcome", "retry")], adm.retried.load(Relaxed) as f64)
+        .sample(name, &[("outcome", "pending_cap")], adm.refused_pending.load(Relaxed) as f64)
+        .sample(name, &[("outcome", "source_rate")], adm.refused_source_rate.load(Relaxed) as f64)
+        .sample(name, &[("outcome", "total_rate")], adm.refused_total_rate.load(Relaxed) as f64);
+        out.gauge(
+            "postern_relay_handshakes_pending",
+            "QUIC handshakes and enrollment exchanges in progress (hard-capped).",
+            adm.pending.load(Relaxed) as f64,
+        );
         out.counter(
             "postern_relay_control_bad_messages_total",
             "Malformed, late or unexpected control messages.",

@@ -1,6 +1,7 @@
 //! The relay: accepts nodes' control connections, keeps the registry, grants routes, and
 //! (through [`RelaySocket`]) forwards end-to-end packets.
 
+use crate::admission::{Admission, AdmissionStats, Decision, HandshakeLimits, Pending};
 use crate::authority::Authority;
 use crate::policy::{Action, PolicySet};
 use crate::registry::{NodeId, Registry, RouteInfo};
@@ -94,6 +95,8 @@ struct Shared {
     public: Mutex<crate::public::PublicRegistry>,
     /// The public ingress' counters (zero without one).
     public_stats: Arc<crate::public::PublicStats>,
+    /// Handshake admission counters.
+    admission: Arc<AdmissionStats>,
 }
 
 impl Shared {
@@ -148,6 +151,11 @@ impl RelayHandle {
     /// Control-plane counters.
     pub fn control_stats(&self) -> &ControlStats {
         &self.shared.ctl
+    }
+
+    /// Handshake admission counters (Retries, refusals, pending handshakes).
+    pub fn admission_stats(&self) -> &AdmissionStats {
+        &self.shared.admission
     }
 
     /// The route table.
@@ -212,6 +220,8 @@ pub struct Relay {
     drain_timeout: Duration,
     /// The TLS/TCP fallback for nodes without UDP (see [`crate::tcp`]).
     tcp: crate::tcp::TcpFallback,
+    /// Who may start a handshake (see [`crate::admission`]).
+    admission: Admission,
 }
 
 impl Relay {
@@ -238,6 +248,7 @@ impl Relay {
             addr: opts.listen,
             source,
         })?;
+        let admission_stats = Arc::new(AdmissionStats::default());
         Ok(Self {
             endpoint,
             socket_alive,
@@ -261,9 +272,11 @@ impl Relay {
                 admin: admin_ops::AdminState::default(),
                 public: Mutex::default(),
                 public_stats: Arc::default(),
+                admission: admission_stats.clone(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,
+            admission: Admission::new(HandshakeLimits::default(), admission_stats),
         })
     }
 
@@ -278,6 +291,11 @@ impl Relay {
     /// close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
         self.drain_timeout = timeout;
+    }
+
+    /// Replaces the default bounds on QUIC handshakes. Call before [`run`](Self::run).
+    pub fn set_handshake_limits(&mut self, limits: HandshakeLimits) {
+        self.admission = Admission::new(limits, self.shared.admission.clone());
     }
 
     /// The address the relay listens on.
@@ -310,6 +328,7 @@ impl Relay {
         }
         let links_stop = CancellationToken::new();
         let tcp_task = self.tcp.spawn(links_stop.clone());
+        postern_net::ratelog::spawn_flusher(links_stop.clone());
         self.shared.listening.store(true, Relaxed);
         loop {
             let incoming = tokio::select! {
@@ -317,10 +336,15 @@ impl Relay {
                 i = self.endpoint.accept() => i,
             };
             let Some(incoming) = incoming else { break };
+            let Some(pending) = self.admit(&incoming) else {
+                continue;
+            };
             let shared = self.shared.clone();
             let remote = incoming.remote_address();
+            let timeout = self.admission.limits().timeout;
             tokio::spawn(
-                serve_node(shared, incoming).instrument(tracing::info_span!("node", %remote)),
+                serve_node(shared, incoming, pending, timeout)
+                    .instrument(tracing::info_span!("node", %remote)),
             );
         }
         self.shared.draining.store(true, Relaxed);
@@ -364,6 +388,33 @@ impl Relay {
 }
 
 impl Relay {
+    /// Applies handshake admission to one attempt; a pending slot when it may go on. Nothing
+    /// here allocates per attempt: a Retry and a drop leave no state behind.
+    fn admit(&self, incoming: &quinn::Incoming) -> Option<Pending> {
+        let remote = postern_net::canonical(incoming.remote_address());
+        let d = self.admission.decide(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+            std::time::Instant::now(),
+        );
+        self.admission.count(d);
+        match d {
+            Decision::Accept => Some(self.admission.admit()),
+            Decision::Retry | Decision::Ignore(_) => {
+                if let Decision::Ignore(reason) = d {
+                    postern_net::refusal!(
+                        warn,
+                        reason,
+                        "QUIC handshakes refused before any state was kept",
+                        src = %remote
+                    );
+                }
+                None
+            }
+        }
+    }
+
     /// Keeps forwarding the routes in place until they are gone or the drain deadline passes;
     /// new connections are refused meanwhile (and new routes, see `handle`).
     async fn drain(&self) {
@@ -384,17 +435,22 @@ impl Relay {
     }
 }
 
-async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let conn = match tokio::time::timeout(CTL_TIMEOUT, incoming).await {
+async fn serve_node(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    pending: Pending,
+    timeout: Duration,
+) {
+    let conn = match tokio::time::timeout(timeout, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             shared.ctl.handshake_failures.fetch_add(1, Relaxed);
-            tracing::warn!(error = %e, "control handshake failed");
+            postern_net::refusal!(warn, "handshake_failed", "control handshakes failed", error = %e);
             return;
         }
         Err(_) => {
             shared.ctl.handshake_failures.fetch_add(1, Relaxed);
-            tracing::warn!("control handshake timed out");
+            postern_net::refusal!(warn, "handshake_timeout", "control handshakes timed out");
             return;
         }
     };
@@ -403,14 +459,16 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
     if alpn.as_deref() == Some(postern_proto::ticket::ALPN_ENROLL) {
-        serve_enrollment(&shared, conn).await;
+        // Unauthenticated until the ticket is checked: the exchange keeps its pending slot.
+        serve_enrollment(&shared, conn, timeout).await;
+        drop(pending);
         return;
     }
     let name = match postern_net::peer_name(&conn) {
         Ok(n) => n,
         Err(e) => {
             shared.ctl.handshake_failures.fetch_add(1, Relaxed);
-            tracing::warn!(error = %e, "node certificate names no node");
+            postern_net::refusal!(warn, "no_node_name", "node certificates naming no node", error = %e);
             conn.close(
                 postern_proto::msg::code::NOT_ALLOWED.into(),
                 b"no node name",
@@ -420,7 +478,7 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     if shared.revoked().contains(&name) {
         shared.ctl.handshake_failures.fetch_add(1, Relaxed);
-        tracing::warn!(node = %name, "refusing a revoked identity");
+        postern_net::refusal!(warn, "revoked_identity", "refusing revoked identities", node = %name);
         conn.close(
             postern_proto::msg::code::NOT_ALLOWED.into(),
             b"identity revoked",
@@ -435,6 +493,8 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
         );
         return;
     }
+    // Authenticated: the slot is for handshakes, not for connected nodes.
+    drop(pending);
     let attrs = postern_net::peer_attributes(&conn);
     let id = shared.next_id.fetch_add(1, Relaxed);
     let replaced = {
@@ -475,14 +535,14 @@ async fn serve_node(shared: Arc<Shared>, incoming: quinn::Incoming) {
                         Ok(Ok(msg)) => handle(&shared, id, &conn, msg).await,
                         Ok(Err(e)) => {
                             shared.ctl.bad_messages.fetch_add(1, Relaxed);
-                            tracing::warn!(error = %e, "bad control message");
+                            postern_net::refusal!(warn, "bad_control_message", "bad control messages", error = %e);
                             Ctl::Error {
                                 message: e.to_string(),
                             }
                         }
                         Err(_) => {
                             shared.ctl.bad_messages.fetch_add(1, Relaxed);
-                            tracing::warn!("control stream opened but no message arrived in time");
+                            postern_net::refusal!(warn, "control_message_timeout", "control streams opened but no message arrived in time");
                             Ctl::Error {
                                 message: "timed out waiting for a message".into(),
                             }
@@ -515,7 +575,7 @@ fn forget_node(shared: &Arc<Shared>, id: NodeId) {
                     reason: "the other end disconnected".into(),
                 };
                 if let Err(e) = ctl::request(&c, &msg, CTL_TIMEOUT).await {
-                    tracing::debug!(%route, error = %e, "could not tell node that its route closed");
+                    tracing::debug!(route = %route.short(), error = %e, "could not tell node that its route closed");
                 }
             });
         }
@@ -704,7 +764,8 @@ async fn grant_route(
                         service: service.clone(),
                     },
                 );
-                tracing::info!(%service, %route, inlet = %inlet_name, outlet = %outlet_name, "route granted");
+                tracing::info!(%service, inlet = %inlet_name, outlet = %outlet_name, "route granted");
+                tracing::debug!(route = %route.short(), %service, "granted route");
                 return Ctl::RouteGranted {
                     route,
                     service,
@@ -721,9 +782,13 @@ async fn grant_route(
 }
 
 /// Serves one enrollment connection: one request, one answer.
-async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection) {
+async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection, timeout: Duration) {
     let Some(authority) = shared.authority.clone() else {
-        tracing::warn!("enrollment attempt, but this relay does not run the authority");
+        postern_net::refusal!(
+            warn,
+            "enroll_no_authority",
+            "enrollment attempts, but this relay does not run the authority"
+        );
         conn.close(
             postern_proto::msg::code::NOT_ALLOWED.into(),
             b"no authority here",
@@ -750,16 +815,21 @@ async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection) {
             .await
             .map_err(|e| e.to_string())?;
         // Let the answer reach the node before the connection goes away.
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        let _ = tokio::time::timeout(timeout, conn.closed()).await;
         Ok::<_, String>(())
     };
-    match tokio::time::timeout(CTL_TIMEOUT * 2, exchange).await {
+    // The request must come within the handshake timeout; signing and the answer's delivery
+    // get as long again.
+    match tokio::time::timeout(timeout * 3, exchange).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             shared.ctl.bad_messages.fetch_add(1, Relaxed);
-            tracing::warn!(error = %e, "enrollment exchange failed");
+            postern_net::refusal!(warn, "enroll_failed", "enrollment exchanges failed", error = %e);
         }
-        Err(_) => tracing::warn!("enrollment exchange timed out"),
+        Err(_) => {
+            conn.close(postern_proto::msg::code::NOT_ALLOWED.into(), b"too slow");
+            postern_net::refusal!(warn, "enroll_timeout", "enrollment exchanges timed out");
+        }
     }
 }
 
