@@ -336,7 +336,7 @@ impl Relay {
                 i = self.endpoint.accept() => i,
             };
             let Some(incoming) = incoming else { break };
-            let Some(pending) = self.admit(&incoming) else {
+            let Some((incoming, pending)) = self.admit(incoming) else {
                 continue;
             };
             let shared = self.shared.clone();
@@ -390,7 +390,7 @@ impl Relay {
 impl Relay {
     /// Applies handshake admission to one attempt; a pending slot when it may go on. Nothing
     /// here allocates per attempt: a Retry and a drop leave no state behind.
-    fn admit(&self, incoming: &quinn::Incoming) -> Option<Pending> {
+    fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Pending)> {
         let remote = postern_net::canonical(incoming.remote_address());
         let d = self.admission.decide(
             remote.ip(),
@@ -400,16 +400,23 @@ impl Relay {
         );
         self.admission.count(d);
         match d {
-            Decision::Accept => Some(self.admission.admit()),
-            Decision::Retry | Decision::Ignore(_) => {
-                if let Decision::Ignore(reason) = d {
-                    postern_net::refusal!(
-                        warn,
-                        reason,
-                        "QUIC handshakes refused before any state was kept",
-                        src = %remote
-                    );
+            Decision::Accept => Some((incoming, self.admission.admit())),
+            Decision::Retry => {
+                // `decide` only asks for a Retry where one is allowed; if quinn disagrees,
+                // drop the attempt rather than keep state for it.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
                 }
+                None
+            }
+            Decision::Ignore(reason) => {
+                incoming.ignore();
+                postern_net::refusal!(
+                    warn,
+                    reason,
+                    "QUIC handshakes refused before any state was kept",
+                    src = %remote
+                );
                 None
             }
         }

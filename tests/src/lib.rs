@@ -1,4 +1,5 @@
 //! Shared helpers for end-to-end tests.
+pub mod flood;
 pub mod harness;
 pub mod influx2;
 pub mod influxd;
