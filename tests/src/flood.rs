@@ -37,7 +37,7 @@ impl Initials {
     pub fn next(&mut self, to: SocketAddr) -> Vec<u8> {
         // The client endpoint keeps every connection it started: start afresh now and then.
         self.made += 1;
-        if self.made % 512 == 0 {
+        if self.made.is_multiple_of(512) {
             self.endpoint = Self::endpoint();
         }
         let now = Instant::now();
