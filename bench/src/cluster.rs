@@ -197,6 +197,12 @@ pub struct BenchRelay {
 
 impl BenchRelay {
     pub async fn start(pki: &Pki, mode: &RelayMode) -> Result<Self> {
+        Self::start_logged(pki, mode, None).await
+    }
+
+    /// [`start`](Self::start); a child relay also logs at INFO to `log` (the `attack` scenario
+    /// measures how much it writes).
+    pub async fn start_logged(pki: &Pki, mode: &RelayMode, log: Option<&Path>) -> Result<Self> {
         match mode {
             RelayMode::InProcess => {
                 let mut relay = Relay::bind(RelayOptions {
@@ -230,7 +236,13 @@ impl BenchRelay {
                 std::fs::write(dir.path().join("relay.crt"), cert)?;
                 std::fs::write(dir.path().join("relay.key"), key)?;
                 std::fs::write(dir.path().join("ca.crt"), pki.ca_pem())?;
-                let mut child = Command::new(exe)
+                let mut cmd = Command::new(exe);
+                if let Some(log) = log {
+                    let file = std::fs::File::create(log)
+                        .with_context(|| format!("create {}", log.display()))?;
+                    cmd.env("RUST_LOG", "info").stderr(file);
+                }
+                let mut child = cmd
                     .arg("relay-child")
                     .arg("--dir")
                     .arg(dir.path())

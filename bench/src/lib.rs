@@ -3,6 +3,7 @@
 //! tunnels) in the same run. The binary in `main.rs` only parses flags; everything runs from
 //! here so tests can drive it in-process.
 
+pub mod attack;
 pub mod bulk;
 pub mod charts;
 pub mod cluster;

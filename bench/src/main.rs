@@ -49,6 +49,9 @@ enum Cmd {
     Http(HttpArgs),
     /// N outlets x M inlets x K idle streams on one relay: memory, CPU, errors.
     Fleet(FleetArgs),
+    /// Hostile traffic at the relay (garbage, random route ids, Initial flood) while a legit
+    /// stream runs: throughput, reconnect time, relay CPU, RSS and log bytes.
+    Attack(AttackArgs),
     /// Every scenario with its default sizes.
     All,
     /// (internal) a relay in its own process, driven over stdin.
@@ -57,6 +60,22 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct AttackArgs {
+    /// Seconds each attack runs.
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Datagrams per second of the garbage and random-route attacks.
+    #[arg(long)]
+    junk_rate: Option<f64>,
+    /// Initials per second of the handshake flood.
+    #[arg(long)]
+    initial_rate: Option<f64>,
+    /// Source ports the attacks send from.
+    #[arg(long)]
+    sockets: Option<usize>,
 }
 
 #[derive(Args)]
@@ -240,6 +259,7 @@ fn plan(cli: &Cli) -> Plan {
             }
         }
         Cmd::All => Plan::all(q, cli.baselines),
+        Cmd::Attack(_) => Plan::default(),
         Cmd::RelayChild { .. } => Plan::default(),
     }
 }
@@ -262,6 +282,40 @@ async fn main() -> Result<()> {
         RelayArg::Inproc => RelayMode::InProcess,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Cmd::Attack(a) = &cli.cmd {
+        let mut o = if cli.quick {
+            postern_bench::attack::AttackOptions::quick()
+        } else {
+            postern_bench::attack::AttackOptions::standard()
+        };
+        if let Some(v) = a.secs {
+            o.secs = v.max(1.0);
+        }
+        if let Some(v) = a.junk_rate {
+            o.junk_rate = v.max(1.0);
+        }
+        if let Some(v) = a.initial_rate {
+            o.initial_rate = v.max(1.0);
+        }
+        if let Some(v) = a.sockets {
+            o.sockets = v.max(1);
+        }
+        let pki = postern_bench::cluster::Pki::new()?;
+        let report = postern_bench::attack::run(&pki, &mode, &o).await?;
+        let m = postern_bench::report::Machine::probe();
+        println!(
+            "machine: {} CPUs, {}, kernel {}\ncommand: {command}\n\n{}",
+            m.cpus,
+            m.cpu_model,
+            m.kernel,
+            report.table()
+        );
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let report = postern_bench::run(&plan(&cli), &mode, cli.quick, &command).await?;
     postern_bench::report::finish_progress();
     println!("{}", report.tables());
