@@ -73,9 +73,10 @@ impl Lab {
             .await
             .expect("start lease manager");
         let mut services = Services::default();
-        services
-            .targets
-            .insert(svc("influxdb"), Target::tcp(influxd.http_addr().to_string()));
+        services.targets.insert(
+            svc("influxdb"),
+            Target::tcp(influxd.http_addr().to_string()),
+        );
         services.leases.insert(svc("influxdb"), manager.clone());
         services.inject_at.insert(svc("influxdb"), inject_at);
         let pki = Pki::new();
@@ -93,9 +94,13 @@ impl Lab {
             &[("influxdb", ServiceKind::Influxdb)],
         )
         .await;
-        let mallory =
-            start_inlet_kinds(&pki, "mallory", relay.addr, &[("influxdb", ServiceKind::Tcp)])
-                .await;
+        let mallory = start_inlet_kinds(
+            &pki,
+            "mallory",
+            relay.addr,
+            &[("influxdb", ServiceKind::Tcp)],
+        )
+        .await;
         Lab {
             influxd,
             manager,
@@ -208,7 +213,10 @@ async fn requests_behind_h2c_and_connect_never_run() {
             let mut input = opener.clone().into_bytes();
             input.extend_from_slice(create_db_with_query_creds(&lab, &db).as_bytes());
             let (statuses, text) = exchange(addr, &input).await;
-            assert!(!lab.has_db(&db).await, "{via}/{i}: pipelined request ran: {text}");
+            assert!(
+                !lab.has_db(&db).await,
+                "{via}/{i}: pipelined request ran: {text}"
+            );
             let db = format!("evil_{via}_{i}_auth");
             let mut input = opener.clone().into_bytes();
             input.extend_from_slice(
@@ -219,7 +227,10 @@ async fn requests_behind_h2c_and_connect_never_run() {
                 .as_bytes(),
             );
             let (statuses2, text2) = exchange(addr, &input).await;
-            assert!(!lab.has_db(&db).await, "{via}/{i}: pipelined request ran: {text2}");
+            assert!(
+                !lab.has_db(&db).await,
+                "{via}/{i}: pipelined request ran: {text2}"
+            );
             if i < 2 {
                 assert_eq!(statuses.first(), Some(&501), "{via}/{i}: {text}");
                 assert_eq!(statuses2.first(), Some(&501), "{via}/{i}: {text2}");
@@ -239,23 +250,58 @@ async fn plain_tcp_client_gets_nothing_but_its_own_lease_inject_at_inlet() {
     let users_before = lab.influxd.users().await.expect("users");
     let mallory = lab.mallory.addr("influxdb");
     let attempts = [
-        ("admin header", query("CREATE DATABASE evil1", &format!("Authorization: {}\r\n", lab.admin_basic())), "evil1"),
-        ("admin query", create_db_with_query_creds(&lab, "evil2"), "evil2"),
-        ("stolen lease", query("CREATE DATABASE evil3", &format!("Authorization: {alice_lease}\r\n")), "evil3"),
+        (
+            "admin header",
+            query(
+                "CREATE DATABASE evil1",
+                &format!("Authorization: {}\r\n", lab.admin_basic()),
+            ),
+            "evil1",
+        ),
+        (
+            "admin query",
+            create_db_with_query_creds(&lab, "evil2"),
+            "evil2",
+        ),
+        (
+            "stolen lease",
+            query(
+                "CREATE DATABASE evil3",
+                &format!("Authorization: {alice_lease}\r\n"),
+            ),
+            "evil3",
+        ),
         ("none", query("CREATE DATABASE evil4", ""), "evil4"),
-        ("two", query("CREATE DATABASE evil5", &format!("Authorization: {alice_lease}\r\nAuthorization: {}\r\n", lab.admin_basic())), "evil5"),
+        (
+            "two",
+            query(
+                "CREATE DATABASE evil5",
+                &format!(
+                    "Authorization: {alice_lease}\r\nAuthorization: {}\r\n",
+                    lab.admin_basic()
+                ),
+            ),
+            "evil5",
+        ),
     ];
     for (name, req, db) in &attempts {
         let (statuses, text) = exchange(mallory, req.as_bytes()).await;
         assert_eq!(statuses, vec![403], "{name}: {text}");
         assert!(text.contains("postern outlet"), "{name}: {text}");
-        assert!(!text.contains(lab.influxd.admin_password()), "{name}: secret echoed");
+        assert!(
+            !text.contains(lab.influxd.admin_password()),
+            "{name}: secret echoed"
+        );
         assert!(!lab.has_db(db).await, "{name}: ran on InfluxDB");
     }
     // Writing with alice's stolen lease is refused as well: nothing lands in the database.
     let (statuses, _) = exchange(
         mallory,
-        write_point(&format!("Authorization: {alice_lease}\r\n"), "m,who=mallory v=1").as_bytes(),
+        write_point(
+            &format!("Authorization: {alice_lease}\r\n"),
+            "m,who=mallory v=1",
+        )
+        .as_bytes(),
     )
     .await;
     assert_eq!(statuses, vec![403]);
@@ -265,11 +311,17 @@ async fn plain_tcp_client_gets_nothing_but_its_own_lease_inject_at_inlet() {
     assert_eq!(statuses, vec![204], "{text}");
     let (statuses, text) = exchange(alice, query("SELECT * FROM leased..m", "").as_bytes()).await;
     assert_eq!(statuses, vec![200], "{text}");
-    assert!(text.contains("alice") && !text.contains("mallory"), "{text}");
+    assert!(
+        text.contains("alice") && !text.contains("mallory"),
+        "{text}"
+    );
     // The outlet made no user for the attacker's attempts: only alice's lease (and mallory's,
     // which her inlet asks for when it connects) exist besides the admin.
     let users_after = lab.influxd.users().await.expect("users");
-    assert!(users_after.len() <= users_before.len() + 1, "{users_before:?} -> {users_after:?}");
+    assert!(
+        users_after.len() <= users_before.len() + 1,
+        "{users_before:?} -> {users_after:?}"
+    );
     lab.stop().await;
 }
 
@@ -284,8 +336,7 @@ async fn plain_tcp_client_gets_nothing_but_its_own_lease_inject_at_outlet() {
     // Alice works with no credential anywhere on her side.
     let deadline = Instant::now() + WAIT;
     loop {
-        let (statuses, text) =
-            exchange(alice, write_point("", "m,who=alice v=1").as_bytes()).await;
+        let (statuses, text) = exchange(alice, write_point("", "m,who=alice v=1").as_bytes()).await;
         if statuses == vec![204] {
             break;
         }
@@ -294,21 +345,45 @@ async fn plain_tcp_client_gets_nothing_but_its_own_lease_inject_at_outlet() {
     }
     let alice_lease = lab.alice_lease().await.authorization();
     let attempts = [
-        ("admin header", query("CREATE DATABASE evil1", &format!("Authorization: {}\r\n", lab.admin_basic())), "evil1"),
-        ("admin query", create_db_with_query_creds(&lab, "evil2"), "evil2"),
-        ("stolen lease", query("CREATE DATABASE evil3", &format!("Authorization: {alice_lease}\r\n")), "evil3"),
+        (
+            "admin header",
+            query(
+                "CREATE DATABASE evil1",
+                &format!("Authorization: {}\r\n", lab.admin_basic()),
+            ),
+            "evil1",
+        ),
+        (
+            "admin query",
+            create_db_with_query_creds(&lab, "evil2"),
+            "evil2",
+        ),
+        (
+            "stolen lease",
+            query(
+                "CREATE DATABASE evil3",
+                &format!("Authorization: {alice_lease}\r\n"),
+            ),
+            "evil3",
+        ),
     ];
     for (name, req, db) in &attempts {
         let (statuses, text) = exchange(mallory, req.as_bytes()).await;
         // InfluxDB answers, but as mallory's lease user, who may not create databases.
         assert_eq!(statuses, vec![403], "{name}: {text}");
-        assert!(!lab.has_db(db).await, "{name}: ran with more than mallory's lease");
+        assert!(
+            !lab.has_db(db).await,
+            "{name}: ran with more than mallory's lease"
+        );
     }
     // Mallory's own lease works for what it allows, and is written as mallory's user.
     let (statuses, text) = exchange(
         mallory,
-        write_point(&format!("Authorization: {}\r\n", lab.admin_basic()), "m,who=mallory v=2")
-            .as_bytes(),
+        write_point(
+            &format!("Authorization: {}\r\n", lab.admin_basic()),
+            "m,who=mallory v=2",
+        )
+        .as_bytes(),
     )
     .await;
     assert_eq!(statuses, vec![204], "{text}");
@@ -329,7 +404,10 @@ async fn slowloris_is_cut_off() {
         let started = Instant::now();
         let (mut r, mut w) = s.split();
         let trickle = async {
-            for b in b"GET /ping HTTP/1.1\r\nHost: influxdb\r\nX-Slow: ".iter().chain([b'a'; 200].iter()) {
+            for b in b"GET /ping HTTP/1.1\r\nHost: influxdb\r\nX-Slow: "
+                .iter()
+                .chain([b'a'; 200].iter())
+            {
                 if w.write_all(&[*b]).await.is_err() {
                     return;
                 }
@@ -347,7 +425,10 @@ async fn slowloris_is_cut_off() {
         };
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
-        assert!(took >= limit && took < limit + Duration::from_secs(8), "{took:?}");
+        assert!(
+            took >= limit && took < limit + Duration::from_secs(8),
+            "{took:?}"
+        );
     }
     lab.stop().await;
 }
