@@ -914,7 +914,7 @@ async fn accept_loop(
         };
         backoff.succeeded();
         let evicted_before = limit.evicted();
-        let slot = match limit.admit(client_speaks_first) {
+        let slot = match limit.admit(client_speaks_first).await {
             Ok(s) => s,
             Err(_) => {
                 refused(&service, "cap");

@@ -40,9 +40,7 @@ pub fn fd_limit() -> Option<u64> {
 }
 
 fn parse_fd_limit(limits: &str) -> Option<u64> {
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.trim_start_matches("Max open files")
         .split_whitespace()
         .next()?
@@ -50,11 +48,12 @@ fn parse_fd_limit(limits: &str) -> Option<u64> {
         .ok()
 }
 
-/// The largest cap that leaves descriptors free under `fd_limit`: an eighth of the limit, at
+/// The largest cap that leaves descriptors free under `fd_limit`: a quarter of the limit, at
 /// least [`MIN_RESERVE`], is kept for the sockets, files and outgoing connections the process
-/// needs besides one listener's clients.
+/// needs besides one listener's clients, and for connections being evicted (see
+/// [`ConnLimit::admit`]).
 pub fn cap_for_fd_limit(fd_limit: u64) -> usize {
-    let reserve = (fd_limit / 8).max(MIN_RESERVE);
+    let reserve = (fd_limit / 4).max(MIN_RESERVE);
     let room = fd_limit.saturating_sub(reserve);
     usize::try_from(room).unwrap_or(usize::MAX).max(MIN_CAP)
 }
@@ -140,6 +139,8 @@ pub struct ConnLimit {
     refused: AtomicU64,
     evicted: AtomicU64,
     log: RateLimited,
+    /// Woken when a slot is given back.
+    freed: tokio::sync::Notify,
 }
 
 impl ConnLimit {
@@ -152,6 +153,7 @@ impl ConnLimit {
             refused: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             log: RateLimited::new(LOG_EVERY),
+            freed: tokio::sync::Notify::new(),
         })
     }
 
@@ -182,47 +184,77 @@ impl ConnLimit {
     /// Admits one more connection, or refuses it when the cap is reached. With
     /// `client_speaks_first`, the connection counts as silent until [`Slot::spoke`], and a full
     /// cap evicts the oldest silent connection (which sees [`Slot::evicted`]) to admit this one.
-    pub fn admit(self: &Arc<Self>, client_speaks_first: bool) -> Result<Slot, OverCap> {
-        let evict = CancellationToken::new();
-        let mut st = self.state();
-        if st.open >= self.max {
-            let oldest = if client_speaks_first {
-                st.silent.pop_first()
-            } else {
-                None
-            };
-            match oldest {
-                Some((_, victim)) => {
-                    victim.cancel();
-                    self.evicted.fetch_add(1, Relaxed);
-                }
-                None => {
-                    drop(st);
-                    self.refused.fetch_add(1, Relaxed);
-                    if let Some(held_back) = self.log.check() {
-                        tracing::warn!(
-                            listener = %self.listener,
-                            max = self.max,
-                            refused_since_last_log = held_back,
-                            "connection cap reached: closing new connections at once"
-                        );
-                    }
-                    return Err(OverCap { max: self.max });
+    /// An evicted connection holds its descriptor until its task sees the eviction, so while an
+    /// eighth of the cap is still closing this waits (briefly) for them to go.
+    pub async fn admit(self: &Arc<Self>, client_speaks_first: bool) -> Result<Slot, OverCap> {
+        loop {
+            let freed = self.freed.notified();
+            match self.attempt(client_speaks_first) {
+                Attempt::Admitted(slot) => return Ok(slot),
+                Attempt::Full => return Err(self.over_cap()),
+                Attempt::Evicting => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
                 }
             }
         }
+    }
+
+    /// [`admit`](Self::admit) without waiting: refuses while evicted connections are closing.
+    pub fn try_admit(self: &Arc<Self>, client_speaks_first: bool) -> Result<Slot, OverCap> {
+        match self.attempt(client_speaks_first) {
+            Attempt::Admitted(slot) => Ok(slot),
+            Attempt::Full | Attempt::Evicting => Err(self.over_cap()),
+        }
+    }
+
+    fn over_cap(&self) -> OverCap {
+        self.refused.fetch_add(1, Relaxed);
+        if let Some(held_back) = self.log.check() {
+            tracing::warn!(
+                listener = %self.listener,
+                max = self.max,
+                refused_since_last_log = held_back,
+                "connection cap reached: closing new connections at once"
+            );
+        }
+        OverCap { max: self.max }
+    }
+
+    fn attempt(self: &Arc<Self>, client_speaks_first: bool) -> Attempt {
+        let mut st = self.state();
+        if st.open >= self.max {
+            if !client_speaks_first || st.silent.is_empty() {
+                return Attempt::Full;
+            }
+            if st.open >= self.max + (self.max / 8).max(1) {
+                return Attempt::Evicting;
+            }
+            if let Some((_, victim)) = st.silent.pop_first() {
+                victim.cancel();
+                self.evicted.fetch_add(1, Relaxed);
+            }
+        }
+        let evict = CancellationToken::new();
         st.open += 1;
         st.next += 1;
         let seq = st.next;
         if client_speaks_first {
             st.silent.insert(seq, evict.clone());
         }
-        Ok(Slot {
+        Attempt::Admitted(Slot {
             limit: self.clone(),
             seq,
             evict,
         })
     }
+}
+
+enum Attempt {
+    Admitted(Slot),
+    /// Full, and nothing silent to evict.
+    Full,
+    /// Full, and too many evicted connections still closing.
+    Evicting,
 }
 
 /// A connection's place under a [`ConnLimit`], given back when dropped.
@@ -245,11 +277,13 @@ impl Slot {
     }
 
     /// Waits until `tcp` has bytes to read (or its peer closed) and marks the slot
-    /// [`spoke`](Self::spoke); `false` if the connection was evicted first.
+    /// [`spoke`](Self::spoke); `false` if the connection was evicted first. Peeks, so the
+    /// bytes stay for whoever reads the connection next.
     pub async fn wait_first_bytes(&self, tcp: &tokio::net::TcpStream) -> bool {
+        let mut byte = [0u8; 1];
         tokio::select! {
             _ = self.evict.cancelled() => false,
-            _ = tcp.readable() => {
+            _ = tcp.peek(&mut byte) => {
                 self.spoke();
                 true
             }
@@ -259,9 +293,12 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut st = self.limit.state();
-        st.open = st.open.saturating_sub(1);
-        st.silent.remove(&self.seq);
+        {
+            let mut st = self.limit.state();
+            st.open = st.open.saturating_sub(1);
+            st.silent.remove(&self.seq);
+        }
+        self.limit.freed.notify_waiters();
     }
 }
 
@@ -337,7 +374,7 @@ mod tests {
 
     #[test]
     fn cap_leaves_room_under_the_fd_limit() {
-        assert_eq!(cap_for_fd_limit(1024), 1024 - 128);
+        assert_eq!(cap_for_fd_limit(1024), 1024 - 256);
         assert_eq!(cap_for_fd_limit(256), 256 - 64);
         assert_eq!(cap_for_fd_limit(40), MIN_CAP);
         assert!(default_cap(Some(usize::MAX)) < usize::MAX);
@@ -347,32 +384,37 @@ mod tests {
     #[test]
     fn over_the_cap_is_refused_and_counted() {
         let limit = ConnLimit::new("test", 2);
-        let a = limit.admit(false).expect("first");
-        let _b = limit.admit(false).expect("second");
-        assert_eq!(limit.admit(false).expect_err("third"), OverCap { max: 2 });
+        let a = limit.try_admit(false).expect("first");
+        let _b = limit.try_admit(false).expect("second");
+        assert_eq!(
+            limit.try_admit(false).expect_err("third"),
+            OverCap { max: 2 }
+        );
         assert_eq!(limit.refused(), 1);
         drop(a);
         assert_eq!(limit.open(), 1);
-        let _c = limit.admit(false).expect("room again");
+        let _c = limit.try_admit(false).expect("room again");
         assert_eq!(limit.open(), 2);
     }
 
     #[tokio::test]
     async fn a_newcomer_evicts_the_oldest_silent_connection() {
         let limit = ConnLimit::new("test", 2);
-        let old = limit.admit(true).expect("first");
-        let spoke = limit.admit(true).expect("second");
+        let old = limit.try_admit(true).expect("first");
+        let spoke = limit.try_admit(true).expect("second");
         spoke.spoke();
-        let _new = limit.admit(true).expect("evicts the silent one");
+        let _new = limit.try_admit(true).expect("evicts the silent one");
         tokio::time::timeout(Duration::from_secs(1), old.evicted())
             .await
             .expect("the oldest silent connection is told to go");
         assert_eq!(limit.evicted(), 1);
         drop(old);
         // The one that spoke stays; the newcomer is silent and can itself be evicted.
-        let _newer = limit.admit(true).expect("evicts the newcomer");
+        let _newer = limit.try_admit(true).expect("evicts the newcomer");
         assert_eq!(limit.evicted(), 2);
-        let _ = limit.admit(false).expect_err("a listener whose clients may not speak first refuses");
+        let _ = limit
+            .try_admit(false)
+            .expect_err("a listener whose clients may not speak first refuses");
     }
 
     #[test]

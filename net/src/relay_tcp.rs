@@ -68,10 +68,8 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let next = AtomicU32::new(1);
     let tasks = TaskTracker::new();
-    let limit = crate::limit::ConnLimit::new(
-        "relay TLS/TCP",
-        crate::limit::default_cap(Some(MAX_LINKS)),
-    );
+    let limit =
+        crate::limit::ConnLimit::new("relay TLS/TCP", crate::limit::default_cap(Some(MAX_LINKS)));
     let mut backoff = crate::limit::AcceptBackoff::new("relay TLS/TCP");
     tracing::info!(addr = ?listener.local_addr().ok(), "relay listening on TLS/TCP for nodes without UDP");
     loop {
@@ -89,7 +87,7 @@ pub async fn serve(
         };
         backoff.succeeded();
         // The client speaks first (ClientHello): a silent connection makes room for a new one.
-        let Ok(permit) = limit.admit(true) else {
+        let Ok(permit) = limit.admit(true).await else {
             stats.refused.fetch_add(1, Relaxed);
             stats.refused_cap.fetch_add(1, Relaxed);
             tracing::debug!(%peer, "refusing TLS/TCP node: too many links");

@@ -405,8 +405,12 @@ fn revoke_leases(services: &Services, name: &postern_proto::name::NodeName) {
         let (manager, name, service) = (manager.clone(), name.clone(), service.clone());
         tokio::spawn(async move {
             match manager.revoke_client(&name).await {
-                Ok(n) => tracing::info!(node = %name, %service, leases = n, "leases of a revoked identity revoked"),
-                Err(e) => tracing::error!(node = %name, %service, error = %e, "could not revoke every lease of a revoked identity"),
+                Ok(n) => {
+                    tracing::info!(node = %name, %service, leases = n, "leases of a revoked identity revoked")
+                }
+                Err(e) => {
+                    tracing::error!(node = %name, %service, error = %e, "could not revoke every lease of a revoked identity")
+                }
             }
         });
     }

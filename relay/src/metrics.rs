@@ -53,7 +53,11 @@ impl Observe for RelayHandle {
         let tcp = self.tcp_stats();
         for (listener, reason, n) in [
             ("public", "cap", public.refused_cap.load(Relaxed)),
-            ("public", "evicted_silent", public.evicted_silent.load(Relaxed)),
+            (
+                "public",
+                "evicted_silent",
+                public.evicted_silent.load(Relaxed),
+            ),
             ("tcp", "cap", tcp.refused_cap.load(Relaxed)),
             ("tcp", "evicted_silent", tcp.evicted_silent.load(Relaxed)),
         ] {

@@ -201,7 +201,7 @@ impl PublicIngress {
             };
             backoff.succeeded();
             let evicted_before = limit.evicted();
-            let Ok(permit) = limit.admit(true) else {
+            let Ok(permit) = limit.admit(true).await else {
                 relay.public_stats().refused.fetch_add(1, Relaxed);
                 relay.public_stats().refused_cap.fetch_add(1, Relaxed);
                 continue;
@@ -213,7 +213,8 @@ impl PublicIngress {
             let per_outlet = per_outlet.clone();
             tokio::spawn(
                 async move {
-                    let first = tokio::time::timeout(opts.peek_timeout, permit.wait_first_bytes(&tcp));
+                    let first =
+                        tokio::time::timeout(opts.peek_timeout, permit.wait_first_bytes(&tcp));
                     if !matches!(first.await, Ok(true)) {
                         // Evicted to make room, or silent past the ClientHello's time limit.
                         stats.refused.fetch_add(1, Relaxed);

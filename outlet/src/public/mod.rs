@@ -110,7 +110,7 @@ pub fn spawn_stream(
         tracing::warn!(%service, "relay sent a public stream for a service not offered publicly");
         return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
     };
-    let Ok(slot) = public_limit().admit(false) else {
+    let Ok(slot) = public_limit().try_admit(false) else {
         metrics::counter!("postern_outlet_connections_refused_total", "service" => service.as_str().to_owned(), "reason" => "cap").increment(1);
         return refuse(&mut send, &mut recv, code::NOT_ALLOWED);
     };
