@@ -284,7 +284,9 @@ pub fn filter_cost(req: &[u8], body_len: usize, iterations: usize) -> Result<Fil
                     out.extend_from_slice(&buf[..len]);
                     buf = &buf[len..];
                 }
-                Step::NeedMore | Step::Opaque => bail!("filter did not take a whole request"),
+                Step::NeedMore | Step::Opaque | Step::AwaitUpgrade => {
+                    bail!("filter did not take a whole request")
+                }
             }
         }
         std::hint::black_box(&out);

@@ -1440,7 +1440,9 @@ async fn secrets_scenario() -> Vec<String> {
     // Refused requests log why, never the target's userinfo or query credentials.
     let mut refused = Http::connect(a1).await.expect("connect");
     let r = refused
-        .request(b"CONNECT mallory:connect-secret-1b2c@influxdb:8086 HTTP/1.1\r\nHost: influxdb\r\n\r\n")
+        .request(
+            b"CONNECT mallory:connect-secret-1b2c@influxdb:8086 HTTP/1.1\r\nHost: influxdb\r\n\r\n",
+        )
         .await
         .expect("CONNECT answered");
     assert_eq!(r.status, 501, "{r:?}");

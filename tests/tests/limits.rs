@@ -42,6 +42,7 @@ fn lease_config(influxd: &Influxd, dir: &Path, ttl_s: u64) -> LeaseConfig {
         leased_token_expires_in: ttl_s,
         leased_token_permissions: PERMS.into(),
         api: Api::V1,
+        inject_at: Default::default(),
     }
     .validate()
     .expect("valid v1 lease config")
