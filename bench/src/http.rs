@@ -284,7 +284,9 @@ pub fn filter_cost(req: &[u8], body_len: usize, iterations: usize) -> Result<Fil
                     out.extend_from_slice(&buf[..len]);
                     buf = &buf[len..];
                 }
-                Step::NeedMore | Step::Opaque => bail!("filter did not take a whole request"),
+                Step::NeedMore | Step::Opaque | Step::AwaitUpgrade => {
+                    bail!("filter did not take a whole request")
+                }
             }
         }
         std::hint::black_box(&out);
@@ -325,7 +327,11 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
     )
     .await
     .map_err(|e| anyhow!("start lease manager: {e}"))?;
-    let (filtered, plain) = ("influxdb".to_string(), "influxdb-tcp".to_string());
+    let (filtered, plain, at_outlet) = (
+        "influxdb".to_string(),
+        "influxdb-tcp".to_string(),
+        "influxdb-at-outlet".to_string(),
+    );
     let mut services = Services::default();
     services.targets.insert(
         crate::cluster::svc(&filtered)?,
@@ -335,9 +341,20 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         crate::cluster::svc(&plain)?,
         Target::tcp(target.to_string()),
     );
+    services.targets.insert(
+        crate::cluster::svc(&at_outlet)?,
+        Target::tcp(target.to_string()),
+    );
     services
         .leases
-        .insert(crate::cluster::svc(&filtered)?, manager);
+        .insert(crate::cluster::svc(&filtered)?, manager.clone());
+    services
+        .leases
+        .insert(crate::cluster::svc(&at_outlet)?, manager);
+    services.inject_at.insert(
+        crate::cluster::svc(&at_outlet)?,
+        postern_outlet::lease::InjectAt::Outlet,
+    );
     let outlet = start_outlet_services(pki, "outlet-1", relay.addr, services).await?;
     let (inlet, addrs) = start_inlet(
         pki,
@@ -346,6 +363,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         &[
             (filtered.clone(), ServiceKind::Influxdb),
             (plain.clone(), ServiceKind::Tcp),
+            (at_outlet.clone(), ServiceKind::Influxdb),
         ],
     )
     .await?;
@@ -362,6 +380,10 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         ),
         (
             System::plain("postern-http", addrs[&filtered]),
+            client_req.clone(),
+        ),
+        (
+            System::plain("postern-http-at-outlet", addrs[&at_outlet]),
             client_req.clone(),
         ),
     ];
@@ -407,7 +429,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         rows,
         filter: Some(filter),
         notes: vec![
-            "postern-http: inlet service kind influxdb (HTTP filter puts the leased token in every request; lease manager with an in-memory backend); postern-tcp: same outlet, unfiltered service".into(),
+            "postern-http: inlet service kind influxdb (the inlet's HTTP filter puts the leased token in every request, the outlet's filter checks it is the inlet's own lease; lease manager with an in-memory backend); postern-http-at-outlet: inject-at = outlet (the inlet's filter strips credentials, the outlet's puts the lease in); postern-tcp: same outlet, a service without leases (no filter on either side)".into(),
             "the target answers 204 only to requests that carry a leased token".into(),
         ],
     })

@@ -59,6 +59,8 @@ pub struct InletFile {
     pub metrics_addr: Option<SocketAddr>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
+    /// Most client connections open at once on each listener.
+    pub max_connections: Option<usize>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
 }
@@ -92,6 +94,12 @@ pub struct RunArgs {
     /// most this long before closing, e.g. `10s`, `500ms` [default: 10s].
     #[arg(long, value_parser = postern_net::drain::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
+    /// Most client connections open at once on each listener; more are closed at once (or, on
+    /// `kind=influxdb` and TLS listeners, make room by closing the oldest connection that has
+    /// not sent a byte yet). Lowered to fit the open-file limit (`ulimit -n`), so the process
+    /// keeps descriptors for its relay connection and new clients [default: 4096].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
 }
 
 /// The merged configuration.
@@ -105,6 +113,8 @@ pub struct InletConfig {
     pub services: Vec<ServiceFile>,
     pub metrics_addr: Option<SocketAddr>,
     pub drain_timeout: std::time::Duration,
+    /// Per-listener connection cap, if set (see `--max-connections`).
+    pub max_connections: Option<usize>,
 }
 
 /// Parses one `--service` flag.
@@ -186,7 +196,13 @@ impl RunArgs {
             ca: file.ca,
         };
         let (node, more_relays, transport) = self.node.over(from_file).resolve();
+        let max_connections = match (self.max_connections, file.max_connections) {
+            (Some(n), _) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            (None, Some(0)) => bail!("max-connections must be at least 1"),
+            (None, n) => n,
+        };
         Ok(InletConfig {
+            max_connections,
             more_relays,
             transport,
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
@@ -298,6 +314,45 @@ mod tests {
         assert_eq!(cfg.more_relays, vec!["y:2".to_owned(), "z:3".to_owned()]);
         assert_eq!(cfg.transport.mode, TransportMode::Udp);
         assert!(Cli::try_parse_from(["inlet", "--transport", "quic"]).is_err());
+    }
+
+    #[test]
+    fn max_connections_comes_from_file_or_flag() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inlet.toml");
+        std::fs::write(
+            &path,
+            "max-connections = 50\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        let config = path.display().to_string();
+        let cfg = Cli::parse_from(["inlet", "--config", &config])
+            .run
+            .resolve()
+            .expect("file");
+        assert_eq!(cfg.max_connections, Some(50));
+        let cfg = Cli::parse_from(["inlet", "--config", &config, "--max-connections", "7"])
+            .run
+            .resolve()
+            .expect("flag");
+        assert_eq!(cfg.max_connections, Some(7));
+        assert!(Cli::try_parse_from(["inlet", "--max-connections", "0"]).is_err());
+        std::fs::write(
+            &path,
+            "max-connections = 0\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        let e = Cli::parse_from(["inlet", "--config", &config])
+            .run
+            .resolve()
+            .expect_err("zero");
+        assert!(e.to_string().contains("max-connections"), "{e}");
     }
 
     #[test]

@@ -105,6 +105,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     inlet.set_drain_timeout(cfg.drain_timeout);
+    if let Some(max) = cfg.max_connections {
+        inlet.set_max_connections(max);
+    }
     inlet.set_transport(cfg.transport.clone());
     // Relays given in the config, else the other relays the enrollment ticket named.
     let more_relays = if cfg.more_relays.is_empty() {

@@ -5,7 +5,11 @@
 //!   service to client, counted as the bytes move;
 //! - `postern_inlet_streams_total{service}`: client connections accepted;
 //! - `postern_inlet_stream_failures_total{service,reason}`: client connections that could not
-//!   be served (`no_relay`, `route_refused`, `control`, `e2e_connect`, `stream`).
+//!   be served (`no_relay`, `route_refused`, `control`, `e2e_connect`, `stream`);
+//! - `postern_inlet_connections_refused_total{service,reason}`: client connections closed by
+//!   the listener's cap (`cap`: closed at once; `evicted_silent`: closed before sending a byte
+//!   to make room for a newer one);
+//! - `postern_node_relay_refusals_total`: times a relay refused this node for good (revoked).
 
 use crate::node::InletHandle;
 use postern_net::ops::{Exposition, Observe};
@@ -24,6 +28,14 @@ pub fn describe() {
     metrics::describe_counter!(
         "postern_inlet_stream_failures_total",
         "Client connections that could not be served, by service and reason."
+    );
+    metrics::describe_counter!(
+        crate::node::CONNECTIONS_REFUSED,
+        "Client connections closed by the listener's connection cap, by service and reason (cap, evicted_silent)."
+    );
+    metrics::describe_counter!(
+        "postern_node_relay_refusals_total",
+        "Times a relay refused this node for good (e.g. its identity is revoked)."
     );
 }
 

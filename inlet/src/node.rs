@@ -548,6 +548,8 @@ pub struct Inlet {
     tls: HashMap<ServiceName, TlsAcceptor>,
     drain: Drain,
     drain_timeout: Duration,
+    /// Most client connections per listener (`None`: the default, fitted to the fd limit).
+    max_connections: Option<usize>,
 }
 
 /// Graceful-shutdown state: whether it has begun, and the open client connections.
@@ -635,7 +637,9 @@ impl InletHandle {
         if self.drain.draining.is_cancelled() {
             Err("shutting down".into())
         } else if !self.relay_connected() {
-            Err("no control connection to the relay".into())
+            Err(self
+                .transport_status
+                .not_ready_reason("no control connection to the relay"))
         } else {
             Ok(())
         }
@@ -702,7 +706,17 @@ impl Inlet {
             tls: HashMap::new(),
             drain: Drain::default(),
             drain_timeout: Duration::ZERO,
+            max_connections: None,
         })
+    }
+
+    /// Caps each listener's open client connections (default
+    /// [`DEFAULT_MAX_CONNECTIONS`](postern_net::limit::DEFAULT_MAX_CONNECTIONS); either is
+    /// lowered to fit the open-file limit). Connections over the cap are closed at once, or,
+    /// where the client speaks first (`kind = "influxdb"`, TLS), make room by closing the
+    /// oldest connection that has not sent a byte yet. Call before [`run`](Self::run).
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = Some(max);
     }
 
     /// After shutdown is asked for, stop accepting client connections and let open ones finish
@@ -802,8 +816,12 @@ impl Inlet {
             };
             let clients = self.drain.clients.clone();
             let tls = self.tls.get(&service).cloned();
+            let limit = postern_net::limit::ConnLimit::new(
+                format!("inlet service {service}"),
+                postern_net::limit::default_cap(self.max_connections),
+            );
             tasks.spawn(accept_loop(
-                service, mode, listener, shared, shutdown, clients, tls,
+                service, mode, listener, shared, shutdown, clients, tls, limit,
             ));
         }
         let mut controls = tokio::task::JoinSet::new();
@@ -859,6 +877,17 @@ enum Mode {
     Http(CredentialSource),
 }
 
+/// Counts a client connection closed by the listener's cap (`reason`: `cap`, or
+/// `evicted_silent` for one closed before its first byte to make room for a newer one).
+fn refused(service: &ServiceName, reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "service" => service.as_str().to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+/// Client connections closed by a listener's cap, by service and reason.
+pub const CONNECTIONS_REFUSED: &str = "postern_inlet_connections_refused_total";
+
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     service: ServiceName,
     mode: Mode,
@@ -867,8 +896,12 @@ async fn accept_loop(
     shutdown: CancellationToken,
     clients: TaskTracker,
     tls: Option<TlsAcceptor>,
+    limit: Arc<postern_net::limit::ConnLimit>,
 ) {
-    tracing::info!(%service, addr = ?listener.local_addr().ok(), tls = tls.is_some(), "listening");
+    tracing::info!(%service, addr = ?listener.local_addr().ok(), tls = tls.is_some(), max_connections = limit.max(), "listening");
+    // HTTP and TLS clients speak first: one that has sent nothing yet can make room for another.
+    let client_speaks_first = tls.is_some() || matches!(mode, Mode::Http(_));
+    let mut backoff = postern_net::limit::AcceptBackoff::new(format!("inlet service {service}"));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -877,12 +910,25 @@ async fn accept_loop(
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Usually EMFILE: back off briefly instead of spinning.
-                tracing::warn!(%service, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Usually EMFILE: back off instead of spinning; open connections are still served.
+                backoff.failed(&e).await;
                 continue;
             }
         };
+        backoff.succeeded();
+        let evicted_before = limit.evicted();
+        let slot = match limit.admit(client_speaks_first).await {
+            Ok(s) => s,
+            Err(_) => {
+                refused(&service, "cap");
+                // Closed at once (dropped here): its descriptor is free again.
+                splice::set_reset_on_close(&tcp);
+                continue;
+            }
+        };
+        if limit.evicted() > evicted_before {
+            refused(&service, "evicted_silent");
+        }
         let shared = shared.clone();
         let service = service.clone();
         let span = tracing::info_span!("client", %service, %peer);
@@ -890,6 +936,25 @@ async fn accept_loop(
             .increment(1);
         let (mode, tls) = (mode.clone(), tls.clone());
         let serve = async move {
+            if client_speaks_first {
+                // The first bytes must come within the TLS handshake's time limit.
+                match tokio::time::timeout(
+                    crate::tls::HANDSHAKE_TIMEOUT,
+                    slot.wait_first_bytes(&tcp),
+                )
+                .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!("closing a silent client connection to make room");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("client sent nothing in time; closing");
+                        return;
+                    }
+                }
+            }
             let client = match ClientStream::accept(tcp, tls.as_ref()).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -901,6 +966,7 @@ async fn accept_loop(
                 Mode::Tcp => serve_client(client, service, shared).await,
                 Mode::Http(cred) => serve_http_client(client, service, shared, cred).await,
             }
+            drop(slot);
         };
         clients.spawn(serve.instrument(span));
     }

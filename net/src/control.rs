@@ -54,9 +54,45 @@ pub struct RelayTarget {
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Back-off after the relay refused this node for good (its identity is revoked): retrying
+/// cannot help until an operator acts, so attempts slow down to one every few minutes instead
+/// of hammering the relay (and its log) several times a second.
+pub const REFUSED_BACKOFF_BASE: Duration = Duration::from_secs(2);
+pub const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A control connection that stays up this long counts as accepted: the back-off starts over
+/// and a refusal recorded earlier is cleared. (A relay refuses a revoked node right after the
+/// handshake, so a connection coming up proves nothing by itself.)
+pub const SETTLED_AFTER: Duration = Duration::from_secs(2);
+
+/// Why the relay closed `conn`, when that is a refusal of this node that retrying soon cannot
+/// change (the relay closes with [`code::NOT_ALLOWED`](postern_proto::msg::code::NOT_ALLOWED),
+/// e.g. "identity revoked").
+pub fn permanent_refusal(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(postern_proto::msg::code::NOT_ALLOWED) =>
+        {
+            // The reason is the relay's text: keep it short and printable for logs and /readyz.
+            let text: String = String::from_utf8_lossy(&c.reason)
+                .chars()
+                .filter(|ch| !ch.is_control())
+                .take(200)
+                .collect();
+            Some(if text.is_empty() {
+                "not allowed".to_owned()
+            } else {
+                text
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Keeps a control connection to the relay of `path` up until `shutdown`, publishing the
 /// current one in `current` (None while disconnected). The path decides between UDP and
-/// TLS/TCP on each attempt (see [`crate::relay_path`]).
+/// TLS/TCP on each attempt (see [`crate::relay_path`]). A relay that refuses this node for
+/// good (see [`permanent_refusal`]) is retried only every few minutes, said once in the log
+/// and reported in the path's status (for `/readyz`).
 pub async fn run<H: ControlHandler>(
     endpoint: quinn::Endpoint,
     client: SharedClientConfig,
@@ -67,20 +103,22 @@ pub async fn run<H: ControlHandler>(
 ) {
     let relay = path.relay().clone();
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    let mut refused = Refused::new(&path);
     loop {
         let attempt = async {
             let up = path
                 .connect(&endpoint, current_config(&client))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), None))?;
             if let Err(e) = handler.on_connect(&up.conn).await {
                 up.conn.close(
                     postern_proto::msg::code::OK.into(),
                     b"session set-up failed",
                 );
-                return Err(format!("relay refused our session set-up: {e}"));
+                let why = permanent_refusal(&up.conn);
+                return Err((format!("relay refused our session set-up: {e}"), why));
             }
-            Ok::<_, String>(up)
+            Ok::<_, (String, Option<String>)>(up)
         };
         let up = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -91,41 +129,112 @@ pub async fn run<H: ControlHandler>(
         };
         let up = match up {
             Ok(c) => c,
-            Err(e) => {
+            Err((e, refusal)) => {
                 path.disconnected();
-                let delay = backoff.next_delay();
-                tracing::warn!(relay = %relay.addr, error = %e, retry_in = ?delay, "cannot reach relay");
+                let delay = match refusal {
+                    Some(why) => refused.delay(why),
+                    None => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(relay = %relay.addr, error = %e, retry_in = ?delay, "cannot reach relay");
+                        delay
+                    }
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
                 }
             }
         };
-        backoff.reset();
         let conn = up.conn;
-        tracing::info!(relay = %relay.addr, transport = %up.transport, "control connection up");
+        if refused.why.is_none() {
+            tracing::info!(relay = %relay.addr, transport = %up.transport, "control connection up");
+        }
         current.send_replace(Some(conn.clone()));
-        let reason = tokio::select! {
-            _ = shutdown.cancelled() => {
-                conn.close(postern_proto::msg::code::SHUTDOWN.into(), b"shutting down");
-                current.send_replace(None);
-                path.disconnected();
-                return;
+        let pushes = serve_pushes(&conn, handler.as_ref());
+        tokio::pin!(pushes);
+        let mut settled = false;
+        let reason = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    conn.close(postern_proto::msg::code::SHUTDOWN.into(), b"shutting down");
+                    current.send_replace(None);
+                    path.disconnected();
+                    return;
+                }
+                _ = up.link_lost.cancelled() => {
+                    conn.close(postern_proto::msg::code::OK.into(), b"TLS/TCP link lost");
+                    break "the TLS/TCP link to the relay ended".to_owned();
+                }
+                r = &mut pushes => break r,
+                _ = tokio::time::sleep(SETTLED_AFTER), if !settled => {
+                    settled = true;
+                    backoff.reset();
+                    refused.accepted();
+                }
             }
-            _ = up.link_lost.cancelled() => {
-                conn.close(postern_proto::msg::code::OK.into(), b"TLS/TCP link lost");
-                "the TLS/TCP link to the relay ended".to_owned()
-            }
-            r = serve_pushes(&conn, handler.as_ref()) => r,
         };
         current.send_replace(None);
         path.disconnected();
         handler.on_disconnect(relay.addr);
-        let delay = backoff.next_delay();
-        tracing::warn!(relay = %relay.addr, transport = %up.transport, reason = %reason, retry_in = ?delay, "control connection lost");
+        let delay = match permanent_refusal(&conn) {
+            Some(why) => refused.delay(why),
+            None => {
+                let delay = backoff.next_delay();
+                tracing::warn!(relay = %relay.addr, transport = %up.transport, reason = %reason, retry_in = ?delay, "control connection lost");
+                delay
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The state of a relay's permanent refusal of this node: its own slow back-off, and whether
+/// it has been logged and reported already.
+struct Refused<'a> {
+    path: &'a RelayPath,
+    why: Option<String>,
+    backoff: Backoff,
+}
+
+impl<'a> Refused<'a> {
+    fn new(path: &'a RelayPath) -> Self {
+        Self {
+            path,
+            why: None,
+            backoff: Backoff::new(REFUSED_BACKOFF_BASE, REFUSED_BACKOFF_MAX),
+        }
+    }
+
+    /// The relay refused this node again: the delay before the next attempt. Logged at error
+    /// level the first time (and when the reason changes), at debug level after that.
+    fn delay(&mut self, why: String) -> Duration {
+        let delay = self.backoff.next_delay();
+        let relay = self.path.relay().addr;
+        metrics::counter!("postern_node_relay_refusals_total").increment(1);
+        if self.why.as_deref() != Some(why.as_str()) {
+            tracing::error!(
+                %relay, reason = %why, retry_in = ?delay, max_retry_in = ?REFUSED_BACKOFF_MAX,
+                "the relay refuses this node ({why}); retrying only every few minutes from now \
+                 on (re-enroll the node or ask the relay's operator)"
+            );
+            self.path.status().set_refused(relay, Some(why.clone()));
+            self.why = Some(why);
+        } else {
+            tracing::debug!(%relay, reason = %why, retry_in = ?delay, "the relay still refuses this node");
+        }
+        delay
+    }
+
+    /// A connection stayed up: the relay accepts this node (again).
+    fn accepted(&mut self) {
+        self.backoff.reset();
+        if self.why.take().is_some() {
+            let relay = self.path.relay().addr;
+            tracing::info!(%relay, "the relay accepts this node again");
+            self.path.status().set_refused(relay, None);
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod endpoint;
 pub mod enroll;
 pub mod files;
 pub mod http_proxy;
+pub mod limit;
 pub mod links;
 pub mod logging;
 pub mod node_config;

@@ -93,9 +93,35 @@ pub struct TransportSettings {
 #[derive(Debug, Default)]
 pub struct TransportStatus {
     by_relay: Mutex<BTreeMap<SocketAddr, Transport>>,
+    /// Relays that refuse this node for good (e.g. its identity is revoked), and why.
+    refused: Mutex<BTreeMap<SocketAddr, String>>,
 }
 
 impl TransportStatus {
+    /// Records that `relay` refuses this node for good (`Some(why)`), or no longer does.
+    pub fn set_refused(&self, relay: SocketAddr, why: Option<String>) {
+        let mut map = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(w) => map.insert(relay, w),
+            None => map.remove(&relay),
+        };
+    }
+
+    /// Relays that refuse this node for good, and why (for `/readyz`).
+    pub fn refusals(&self) -> Vec<(SocketAddr, String)> {
+        let map = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(a, w)| (*a, w.clone())).collect()
+    }
+
+    /// Why the node is not ready when no relay is connected: a relay's refusal if there is
+    /// one, else `fallback`.
+    pub fn not_ready_reason(&self, fallback: &str) -> String {
+        match self.refusals().first() {
+            Some((relay, why)) => format!("relay {relay} refuses this node: {why}"),
+            None => fallback.to_owned(),
+        }
+    }
+
     fn set(&self, relay: SocketAddr, transport: Option<Transport>) {
         let mut map = self.by_relay.lock().unwrap_or_else(|p| p.into_inner());
         match transport {
@@ -267,6 +293,11 @@ impl RelayPath {
                 }
             }
         }
+    }
+
+    /// The status this path reports to.
+    pub fn status(&self) -> &TransportStatus {
+        &self.status
     }
 
     /// The control connection is gone: drop the link under it (the next attempt starts

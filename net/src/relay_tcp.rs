@@ -37,6 +37,10 @@ pub struct TcpStats {
     pub open: AtomicU64,
     /// TLS handshakes that failed or timed out, and connections over the limit.
     pub refused: AtomicU64,
+    /// Of `refused`: connections over the cap ([`MAX_LINKS`]), closed at once.
+    pub refused_cap: AtomicU64,
+    /// Of `refused`: connections that sent nothing and were closed to make room for a new one.
+    pub evicted_silent: AtomicU64,
 }
 
 /// The relay's TLS server configuration for links.
@@ -64,7 +68,9 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let next = AtomicU32::new(1);
     let tasks = TaskTracker::new();
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_LINKS));
+    let limit =
+        crate::limit::ConnLimit::new("relay TLS/TCP", crate::limit::default_cap(Some(MAX_LINKS)));
+    let mut backoff = crate::limit::AcceptBackoff::new("relay TLS/TCP");
     tracing::info!(addr = ?listener.local_addr().ok(), "relay listening on TLS/TCP for nodes without UDP");
     loop {
         let accepted = tokio::select! {
@@ -74,15 +80,17 @@ pub async fn serve(
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Usually EMFILE: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Usually EMFILE: back off instead of spinning; links already up go on.
+                backoff.failed(&e).await;
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        backoff.succeeded();
+        // The client speaks first (ClientHello): a silent connection makes room for a new one.
+        let Ok(permit) = limit.admit(true).await else {
             stats.refused.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, max = MAX_LINKS, "refusing TLS/TCP node: too many links");
+            stats.refused_cap.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, "refusing TLS/TCP node: too many links");
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -97,9 +105,24 @@ pub async fn serve(
         );
         tasks.spawn(
             async move {
-                let _permit = permit;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
+                let slot = permit;
+                // One time limit for the first bytes and the whole handshake.
+                let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                match tokio::time::timeout_at(deadline, slot.wait_first_bytes(&tcp)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        stats.refused.fetch_add(1, Relaxed);
+                        stats.evicted_silent.fetch_add(1, Relaxed);
+                        tracing::debug!("silent TLS/TCP connection closed to make room");
+                        return;
+                    }
+                    Err(_) => {
+                        stats.refused.fetch_add(1, Relaxed);
+                        tracing::info!("TLS/TCP connection sent nothing in time");
+                        return;
+                    }
+                }
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         stats.refused.fetch_add(1, Relaxed);

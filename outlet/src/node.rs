@@ -125,7 +125,9 @@ impl OutletHandle {
         if self.drain.draining.is_cancelled() {
             Err("shutting down".into())
         } else if !self.relay_connected() {
-            Err("no control connection to the relay".into())
+            Err(self
+                .transport_status
+                .not_ready_reason("no control connection to the relay"))
         } else {
             Ok(())
         }
@@ -356,8 +358,9 @@ impl ControlHandler for OutletControl {
                 Ctl::Ack
             }
             Ctl::Revoked { name } => {
-                tracing::warn!(node = %name, "identity revoked; closing its connections");
+                tracing::warn!(node = %name, "identity revoked; closing its connections and revoking its leases");
                 self.routes.close_inlet(&name);
+                revoke_leases(&self.all, &name);
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
@@ -395,6 +398,24 @@ impl ControlHandler for OutletControl {
                 self.routes.close(route, b"relay connection lost");
             }
         }
+    }
+}
+
+/// Revokes every lease of a revoked identity in InfluxDB now, rather than when the leases
+/// expire. Each lease manager works on its own task, so the relay's push is answered at once.
+fn revoke_leases(services: &Services, name: &postern_proto::name::NodeName) {
+    for (service, manager) in &services.leases {
+        let (manager, name, service) = (manager.clone(), name.clone(), service.clone());
+        tokio::spawn(async move {
+            match manager.revoke_client(&name).await {
+                Ok(n) => {
+                    tracing::info!(node = %name, %service, leases = n, "leases of a revoked identity revoked")
+                }
+                Err(e) => {
+                    tracing::error!(node = %name, %service, error = %e, "could not revoke every lease of a revoked identity")
+                }
+            }
+        });
     }
 }
 

@@ -44,6 +44,29 @@ impl Observe for RelayHandle {
             "Connections at the public hostname ingress refused (bad or slow ClientHello, unknown name, no outlet).",
             public.refused.load(Relaxed),
         );
+        out.family(
+            "postern_relay_connections_refused_total",
+            "Connections closed at once because a listener's cap was reached (reason=cap), or \
+             closed before sending a byte to make room for a new one (reason=evicted_silent).",
+            Kind::Counter,
+        );
+        let tcp = self.tcp_stats();
+        for (listener, reason, n) in [
+            ("public", "cap", public.refused_cap.load(Relaxed)),
+            (
+                "public",
+                "evicted_silent",
+                public.evicted_silent.load(Relaxed),
+            ),
+            ("tcp", "cap", tcp.refused_cap.load(Relaxed)),
+            ("tcp", "evicted_silent", tcp.evicted_silent.load(Relaxed)),
+        ] {
+            out.sample(
+                "postern_relay_connections_refused_total",
+                &[("listener", listener), ("reason", reason)],
+                n as f64,
+            );
+        }
         out.counter(
             "postern_relay_public_unknown_name_total",
             "Public connections refused because their server name routes nowhere (or was missing).",

@@ -35,7 +35,9 @@ use tracing::Instrument;
 pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening the stream to the outlet may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most public connections served at once; more wait in the kernel's accept queue.
+/// Most public connections served at once (lowered to fit the open-file limit); more are
+/// closed at once, or make room by closing the oldest that has not sent a byte yet (see
+/// [`postern_net::limit`]).
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Most public connections handed to one outlet at once. Each is a stream on the outlet's
 /// control connection, which admits 256 streams the relay opens: the rest stay free for route
@@ -67,6 +69,9 @@ pub struct PublicOptions {
     pub peek_timeout: Duration,
     /// Sees every forwarded byte (tests).
     pub tap: Option<PublicTap>,
+    /// Most connections at once [default: [`MAX_CONNECTIONS`], lowered to fit the open-file
+    /// limit].
+    pub max_connections: usize,
 }
 
 impl PublicOptions {
@@ -78,6 +83,7 @@ impl PublicOptions {
             max_hello: sni::DEFAULT_MAX_HELLO,
             peek_timeout: PEEK_TIMEOUT,
             tap: None,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -106,6 +112,10 @@ pub struct PublicStats {
     pub refused: AtomicU64,
     /// Refused because the name routes nowhere (or no name was sent).
     pub refused_unknown_name: AtomicU64,
+    /// Closed at once because [`MAX_CONNECTIONS`] were open (and none was silent).
+    pub refused_cap: AtomicU64,
+    /// Silent connections (no byte of ClientHello yet) closed to make room for a new one.
+    pub evicted_silent: AtomicU64,
 }
 
 /// Which outlets offer which services publicly (sans-IO; the server applies it).
@@ -171,30 +181,45 @@ impl PublicIngress {
     /// Serves until `shutdown`; connections already forwarded go on until they end.
     pub async fn run(self, relay: RelayHandle, shutdown: CancellationToken) {
         tracing::info!(addr = ?self.listener.local_addr().ok(), domain = %self.opts.domain, "public ingress listening");
-        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let limit = postern_net::limit::ConnLimit::new(
+            "relay public ingress",
+            postern_net::limit::default_cap(Some(self.opts.max_connections)),
+        );
+        let mut backoff = postern_net::limit::AcceptBackoff::new("relay public ingress");
         let opts = Arc::new(self.opts);
         let per_outlet = Arc::new(PerOutlet::default());
         loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = limit.clone().acquire_owned() => p,
-            };
-            let Ok(permit) = permit else { break };
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 a = self.listener.accept() => match a {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "public accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        backoff.failed(&e).await;
                         continue;
                     }
                 },
             };
+            backoff.succeeded();
+            let evicted_before = limit.evicted();
+            let Ok(permit) = limit.admit(true).await else {
+                relay.public_stats().refused.fetch_add(1, Relaxed);
+                relay.public_stats().refused_cap.fetch_add(1, Relaxed);
+                continue;
+            };
+            if limit.evicted() > evicted_before {
+                relay.public_stats().evicted_silent.fetch_add(1, Relaxed);
+            }
             let (relay, opts, stats) = (relay.clone(), opts.clone(), relay.public_stats_arc());
             let per_outlet = per_outlet.clone();
             tokio::spawn(
                 async move {
+                    let first =
+                        tokio::time::timeout(opts.peek_timeout, permit.wait_first_bytes(&tcp));
+                    if !matches!(first.await, Ok(true)) {
+                        // Evicted to make room, or silent past the ClientHello's time limit.
+                        stats.refused.fetch_add(1, Relaxed);
+                        return;
+                    }
                     if let Err(refusal) = serve(tcp, peer, &relay, &opts, &per_outlet).await {
                         stats.refused.fetch_add(1, Relaxed);
                         if matches!(refusal, Refusal::NoName | Refusal::UnknownName) {

@@ -476,7 +476,8 @@ async fn revoking_through_the_api_cuts_the_node_off() {
         .find(|i| i.name.as_str() == "rev-inlet")
         .unwrap_or_else(|| panic!("rev-inlet not listed: {ids:?}"));
     assert!(rev.revoked && !rev.connected, "{rev:?}");
-    // It keeps trying (its backoff is at most 2 s) and keeps being refused.
+    // It keeps trying, more and more slowly (a permanent refusal backs off from 1-2 s to
+    // minutes), and keeps being refused.
     let refused = || {
         relay
             .handle

@@ -1427,6 +1427,25 @@ async fn secrets_scenario() -> Vec<String> {
         assert_eq!(r.status, 204, "v1 write #{n}: {r:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // An absolute-form target with userinfo: reduced to origin-form, its userinfo nowhere.
+    let r = c1conn
+        .request(&post(
+            "http://mallory:userinfo-secret-7f3a@influxdb:8086/write?db=leased",
+            "",
+            "s v=0i 1",
+        ))
+        .await
+        .expect("absolute-form write");
+    assert_eq!(r.status, 204, "absolute-form write: {r:?}");
+    // Refused requests log why, never the target's userinfo or query credentials.
+    let mut refused = Http::connect(a1).await.expect("connect");
+    let r = refused
+        .request(
+            b"CONNECT mallory:connect-secret-1b2c@influxdb:8086 HTTP/1.1\r\nHost: influxdb\r\n\r\n",
+        )
+        .await
+        .expect("CONNECT answered");
+    assert_eq!(r.status, 501, "{r:?}");
     // A manager whose admin token InfluxDB does not know: the error is logged.
     let wrong = secret_file(dir.path(), "wrong-token", "wrong-admin-token-9d1e");
     let bad = start_manager(
@@ -1457,6 +1476,8 @@ async fn secrets_scenario() -> Vec<String> {
         "client-own-v2-secret".to_owned(),
         "client-own-v1-secret".to_owned(),
         "wrong-admin-token-9d1e".to_owned(),
+        "userinfo-secret-7f3a".to_owned(),
+        "connect-secret-1b2c".to_owned(),
         influxd.admin_password().to_owned(),
     ];
     secrets.extend(secrets_of(&Credential::Basic {

@@ -471,6 +471,7 @@ async fn v2_against_the_real_1x_is_refused() {
         leased_token_permissions:
             r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
         api: Api::V2,
+        inject_at: Default::default(),
     }
     .validate()
     .expect("valid v2 config");

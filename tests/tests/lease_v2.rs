@@ -1017,6 +1017,7 @@ async fn v1_against_a_2x_server_is_refused() {
         leased_token_permissions:
             r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
         api: Api::V1,
+        inject_at: Default::default(),
     }
     .validate()
     .expect("valid v1 config");

@@ -483,3 +483,60 @@ async fn websocket_and_streaming_through_the_public_hostname() {
     let mut s = tls_connect(&pki, ingress, host).await;
     streamed_response(&mut s, host, &cookie, &release).await;
 }
+
+/// With `inject-at = "outlet"` the inlet sends no credential, the outlet puts the lease into the
+/// upgrade request, and the WebSocket works once the server answered `101`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_with_the_lease_injected_at_the_outlet() {
+    init_logging();
+    let pki = Pki::new();
+    let influx2 = Influx2::start(Influx2Options::default())
+        .await
+        .expect("contract server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = lease_manager(&influx2, dir.path()).await;
+    let release = Arc::new(Notify::new());
+    let target = target_server(release.clone()).await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [22; 32], None);
+    let mut services = Services::default();
+    services
+        .targets
+        .insert(svc("ws"), Target::tcp(target.to_string()));
+    services.leases.insert(svc("ws"), manager.clone());
+    services
+        .inject_at
+        .insert(svc("ws"), postern_outlet::lease::InjectAt::Outlet);
+    let _outlet = start_outlet_with(&pki, "outlet-1", relay.addr, services).await;
+    let inlet = start_inlet_kinds(
+        &pki,
+        "inlet-1",
+        relay.addr,
+        &[("ws", ServiceKind::Influxdb)],
+    )
+    .await;
+    let plain = inlet.addr("ws");
+    // The client's own token is removed at the inlet and replaced at the outlet.
+    let token = leased_token(
+        || async { TcpStream::connect(plain).await.expect("connect") },
+        "localhost",
+        "Authorization: Token the-clients-own\r\n",
+    )
+    .await;
+    let mut rx = manager.subscribe(&node("inlet-1")).expect("subscribe");
+    let grant = rx
+        .borrow_and_update()
+        .clone()
+        .expect("a lease while the inlet is connected");
+    assert_eq!(token, grant.credential.authorization());
+    let mut s = TcpStream::connect(plain).await.expect("connect");
+    let seen = websocket_round_trip(
+        &mut s,
+        "localhost",
+        "Authorization: Token the-clients-own\r\n",
+    )
+    .await;
+    assert_eq!(seen, token);
+    let mut s = TcpStream::connect(plain).await.expect("connect");
+    streamed_response(&mut s, "localhost", "", &release).await;
+    inlet.running.stop().await;
+}

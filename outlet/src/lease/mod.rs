@@ -100,6 +100,10 @@ pub enum LeaseError {
     Crashed(Step),
     #[error("{0} lease(s) could not be revoked at shutdown; they stay in the store and are revoked at the next start")]
     Unrevoked(usize),
+    #[error("identity {0} is revoked: it gets no lease")]
+    ClientRevoked(NodeName),
+    #[error("{0} lease(s) of a revoked identity could not be revoked now; they are retried")]
+    RevokeClient(usize),
 }
 
 /// Points in making and revoking a lease where [`StartOptions::crash_at`] can stop the manager.
@@ -178,6 +182,8 @@ struct Inner {
     crash_at: Option<CrashAt>,
     crash_counts: Mutex<HashMap<Step, u32>>,
     crashed: AtomicBool,
+    /// Identities revoked while this manager runs: they get no lease (see `revoke_client`).
+    revoked_clients: Mutex<std::collections::BTreeSet<NodeName>>,
 }
 
 /// The lease manager. Cheap to share (`Arc`); all methods take `&self`.
@@ -296,6 +302,7 @@ impl LeaseManager {
             crash_at: options.crash_at,
             crash_counts: Mutex::new(HashMap::new()),
             crashed: AtomicBool::new(false),
+            revoked_clients: Mutex::default(),
         });
         if let Err(e) = inner.reconcile_at_start().await {
             inner.close_store().await;
@@ -327,6 +334,7 @@ impl LeaseManager {
         client: &NodeName,
     ) -> Result<watch::Receiver<Option<LeaseGrant>>, LeaseError> {
         self.inner.check_open()?;
+        self.inner.check_not_revoked(client)?;
         let rx = {
             let mut st = lock(&self.inner.state);
             let tx = st
@@ -355,6 +363,7 @@ impl LeaseManager {
     /// `lease create`); it is revoked at expiry.
     pub async fn create(&self, client: &NodeName) -> Result<LeaseGrant, LeaseError> {
         self.inner.check_open()?;
+        self.inner.check_not_revoked(client)?;
         let (rec, credential) = self.inner.create_lease(client).await?;
         lock(&self.inner.state).schedule.track(
             &rec.lease_id,
@@ -441,6 +450,45 @@ impl LeaseManager {
         result
     }
 
+    /// The identity `client` was revoked (the relay said so): every live lease of it is revoked
+    /// now, its subscribers see `None` and then the channel close, nothing is renewed for it,
+    /// and it gets no new lease from this manager. Without this its credential would stay
+    /// usable in InfluxDB until the lease expired. Returns how many leases were revoked; a
+    /// lease that cannot be revoked now stays recorded and is retried with backoff
+    /// ([`LeaseError::RevokeClient`]).
+    pub async fn revoke_client(&self, client: &NodeName) -> Result<usize, LeaseError> {
+        self.inner.check_open()?;
+        lock(&self.inner.revoked_clients).insert(client.clone());
+        {
+            let mut st = lock(&self.inner.state);
+            st.schedule.set_wanted(client, false);
+            if let Some(tx) = st.watchers.remove(client) {
+                tx.send_replace(None);
+            }
+        }
+        tracing::info!(target: "postern::audit", event = "lease", action = "revoke_client", %client);
+        let name = client.to_string();
+        let records = self.inner.store_op(|s| s.all()).await?;
+        let (mut revoked, mut failed) = (0usize, 0usize);
+        for rec in records.into_iter().filter(|r| r.client == name) {
+            match self.revoke(&rec.lease_id).await {
+                Ok(()) => revoked += 1,
+                // Being made right now (`renew` revokes it as soon as it is made) or already
+                // being revoked.
+                Err(LeaseError::Busy(_) | LeaseError::NotFound(_)) => {}
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(lease_id = %rec.lease_id, %client, error = %e, "could not revoke a lease of a revoked identity; retrying");
+                }
+            }
+        }
+        tracing::info!(%client, revoked, failed, "identity revoked: its leases are revoked");
+        match failed {
+            0 => Ok(revoked),
+            n => Err(LeaseError::RevokeClient(n)),
+        }
+    }
+
     /// Stops the manager: revokes every lease (see the module docs) and closes the store.
     /// Returns [`LeaseError::Unrevoked`] if some could not be revoked in time.
     pub async fn shutdown(&self) -> Result<(), LeaseError> {
@@ -481,6 +529,13 @@ fn info(schedule: &Schedule, r: LeaseRecord) -> LeaseInfo {
 }
 
 impl Inner {
+    fn check_not_revoked(&self, client: &NodeName) -> Result<(), LeaseError> {
+        if lock(&self.revoked_clients).contains(client) {
+            return Err(LeaseError::ClientRevoked(client.clone()));
+        }
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<(), LeaseError> {
         if self.crashed.load(Ordering::SeqCst) {
             return Err(LeaseError::Closed);
@@ -959,6 +1014,19 @@ impl Inner {
         let now = now_ms();
         let mut st = lock(&self.state);
         match result {
+            Ok((rec, _)) if lock(&self.revoked_clients).contains(&client) => {
+                // Revoked while this lease was being made: never hand it out, revoke it now.
+                st.schedule.created(
+                    &client,
+                    &rec.lease_id,
+                    rec.created_at_ms,
+                    rec.expires_at_ms,
+                    now,
+                );
+                st.schedule
+                    .track(&rec.lease_id, &rec.client, rec.expires_at_ms, now);
+                tracing::info!(client = %client, lease_id = %rec.lease_id, "lease made for an identity revoked meanwhile; revoking it");
+            }
             Ok((rec, credential)) => {
                 let old = st.schedule.created(
                     &client,

@@ -68,6 +68,23 @@ impl Public {
     }
 }
 
+/// Most public client connections this outlet serves at once (lowered to fit the open-file
+/// limit): each holds a TLS session and a connection to the target. Over it, a new stream is
+/// reset at once, so the ones already open keep their file descriptors and memory.
+pub const MAX_PUBLIC_CONNECTIONS: usize = 4096;
+
+/// The outlet's cap on public client connections (one public path per process).
+fn public_limit() -> &'static Arc<postern_net::limit::ConnLimit> {
+    static LIMIT: std::sync::OnceLock<Arc<postern_net::limit::ConnLimit>> =
+        std::sync::OnceLock::new();
+    LIMIT.get_or_init(|| {
+        postern_net::limit::ConnLimit::new(
+            "outlet public hostname",
+            postern_net::limit::default_cap(Some(MAX_PUBLIC_CONNECTIONS)),
+        )
+    })
+}
+
 /// Serves one stream the relay opened for a public client, on its own task.
 pub fn spawn_stream(
     public: Arc<Public>,
@@ -93,6 +110,10 @@ pub fn spawn_stream(
     ) else {
         tracing::warn!(%service, "relay sent a public stream for a service not offered publicly");
         return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
+    };
+    let Ok(slot) = public_limit().try_admit(false) else {
+        metrics::counter!("postern_outlet_connections_refused_total", "service" => service.as_str().to_owned(), "reason" => "cap").increment(1);
+        return refuse(&mut send, &mut recv, code::NOT_ALLOWED);
     };
     let target = target.clone();
     let token = drain.streams.token();
@@ -149,6 +170,7 @@ pub fn spawn_stream(
                 Err(e) => tracing::info!(error = %e, "public connection ended"),
             }
             drop(token);
+            drop(slot);
         }
         .instrument(span),
     );
