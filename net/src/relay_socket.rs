@@ -108,6 +108,19 @@ pub struct ForwardStats {
     pub dropped_malformed: AtomicU64,
     /// Frames dropped because the outgoing socket buffer was full.
     pub dropped_congested: AtomicU64,
+    /// QUIC packets no postern node sends (a long header of another version than QUIC v1),
+    /// dropped before quinn would answer them with a Version Negotiation packet.
+    pub dropped_not_postern: AtomicU64,
+}
+
+/// Whether a QUIC packet may come from a postern node: every node speaks QUIC v1 only, so a
+/// long-header packet of another version is a scan or a probe, and answering it (Version
+/// Negotiation) would only make the relay a reflector.
+fn postern_quic(data: &[u8]) -> bool {
+    match data.first() {
+        Some(b) if b & 0x80 != 0 => data.get(1..5) == Some(&[0, 0, 0, 1][..]),
+        _ => true,
+    }
 }
 
 /// A test hook that sees (and may alter) every forwarded packet's bytes.
@@ -199,6 +212,9 @@ impl RelaySocket {
                 Kind::Forward => {
                     let len = d.data.len();
                     self.forward(&mut d.data, len, d.from);
+                }
+                Kind::Quic if !postern_quic(&d.data) => {
+                    self.stats.dropped_not_postern.fetch_add(1, Relaxed);
                 }
                 Kind::Quic => {
                     let slot = &mut bufs[filled];
@@ -382,7 +398,12 @@ impl AsyncUdpSocket for RelaySocket {
             for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
                 let data = &mut buf[..m.len];
                 match fwd::classify(data) {
-                    Kind::Quic => for_quinn += 1,
+                    Kind::Quic if postern_quic(data) => for_quinn += 1,
+                    Kind::Quic => {
+                        self.stats.dropped_not_postern.fetch_add(1, Relaxed);
+                        crate::refusal!(info, "quic_version", "dropped QUIC packets of a version no postern node speaks", src = %m.addr);
+                        m.len = 0;
+                    }
                     Kind::Forward => {
                         self.forward(data, m.stride, m.addr);
                         m.len = 0;

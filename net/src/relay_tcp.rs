@@ -118,7 +118,7 @@ pub async fn serve(
                     }
                     Err(_) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        tracing::info!("TLS/TCP connection sent nothing in time");
+                        crate::refusal!(info, "tcp_silent", "TLS/TCP connections sent nothing in time");
                         return;
                     }
                 }
@@ -126,12 +126,12 @@ pub async fn serve(
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        tracing::info!(error = %e, "TLS/TCP handshake failed");
+                        crate::refusal!(info, "tcp_tls_failed", "TLS/TCP handshakes failed", error = %e);
                         return;
                     }
                     Err(_) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        tracing::info!("TLS/TCP handshake timed out");
+                        crate::refusal!(info, "tcp_tls_timeout", "TLS/TCP handshakes timed out");
                         return;
                     }
                 };

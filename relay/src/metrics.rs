@@ -112,6 +112,11 @@ impl Observe for RelayHandle {
             name,
             &[("reason", "congested")],
             fwd.dropped_congested.load(Relaxed) as f64,
+        )
+        .sample(
+            name,
+            &[("reason", "not_postern")],
+            fwd.dropped_not_postern.load(Relaxed) as f64,
         );
         out.counter(
             "postern_relay_handshake_failures_total",

@@ -256,11 +256,15 @@ async fn serve(
     let name = match peeked {
         Ok(Some(name)) => name,
         Ok(None) => {
-            tracing::info!("refusing a public connection without a server name");
+            postern_net::refusal!(
+                info,
+                "public_no_name",
+                "refusing public connections without a server name"
+            );
             return Err(refuse(tcp, Refusal::NoName).await);
         }
         Err(r) => {
-            tracing::info!(reason = ?r, "refusing a public connection");
+            postern_net::refusal!(info, "public_refused", "refusing public connections", refusal = ?r);
             // Not TLS or cut short: nothing sensible to answer.
             return Err(r);
         }
@@ -268,12 +272,12 @@ async fn serve(
     let service = sni::service_label(&name, &opts.domain)
         .and_then(|label| ServiceName::new(&label.to_ascii_lowercase()).ok());
     let Some(service) = service else {
-        tracing::info!(%name, "refusing a public connection for a name outside the public domain");
+        postern_net::refusal!(info, "public_foreign_name", "refusing public connections for names outside the public domain", %name);
         return Err(refuse(tcp, Refusal::UnknownName).await);
     };
     let candidates = relay.public_candidates(&service);
     if candidates.is_empty() {
-        tracing::info!(%service, "refusing a public connection for a service no live outlet offers publicly");
+        postern_net::refusal!(info, "public_no_outlet", "refusing public connections for services no live outlet offers publicly", %service);
         return Err(refuse(tcp, Refusal::UnknownName).await);
     }
     for conn in candidates {
@@ -354,7 +358,7 @@ async fn peek(
                 return Err(Refusal::BadHello);
             }
             Err(e) => {
-                tracing::info!(error = %e, "bad ClientHello");
+                postern_net::refusal!(info, "public_bad_hello", "bad ClientHellos", error = %e);
                 return Err(Refusal::BadHello);
             }
         }

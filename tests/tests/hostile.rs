@@ -175,6 +175,37 @@ async fn one_source_cannot_take_the_handshake_budget() {
     assert!(try_node_connect(&pki, "127.0.0.1", "polite", relay.addr).await);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_versions_no_node_speaks_get_no_answer() {
+    init_logging();
+    let pki = Pki::new();
+    let relay = start_relay_limited(&pki, HandshakeLimits::default());
+    let sock = tokio::net::UdpSocket::bind("127.0.0.2:0")
+        .await
+        .expect("bind");
+    // A long-header Initial of an unknown version, padded like a real one: quinn would answer
+    // it with a Version Negotiation packet (a reflection towards a spoofed source).
+    let mut probe = vec![0xc0, 0x1a, 0x2a, 0x3a, 0x4a, 8];
+    probe.extend_from_slice(&[7; 8]);
+    probe.push(8);
+    probe.extend_from_slice(&[9; 8]);
+    probe.resize(1200, 0);
+    sock.send_to(&probe, relay.addr).await.expect("send");
+    let fwd = relay.handle.forward_stats();
+    wait_for("the probe to be counted", Duration::from_secs(5), || {
+        fwd.dropped_not_postern.load(Relaxed) == 1
+    })
+    .await;
+    let mut buf = [0u8; 2048];
+    let answer = tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await;
+    assert!(
+        answer.is_err(),
+        "the relay answered a QUIC version no node speaks"
+    );
+    // QUIC v1 from a real node still works.
+    assert!(try_node_connect(&pki, "127.0.0.1", "node-v1", relay.addr).await);
+}
+
 async fn scrape(addr: SocketAddr, metric: &str) -> f64 {
     let body = reqwest::get(format!("http://{addr}/metrics"))
         .await
