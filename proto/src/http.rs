@@ -1697,6 +1697,50 @@ mod tests {
         }
     }
 
+    /// Valid requests for the fuzzers' seed corpus (see [`write_seed_corpus`]).
+    fn valid_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("get", b"GET /ping HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("query with credentials", b"GET /query?db=d&u=me&p=pw&q=SHOW+DATABASES HTTP/1.1\r\nHost: h\r\nAuthorization: Token mine\r\n\r\n".to_vec()),
+            ("write length", b"POST /write?db=d HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nm v=1\n".to_vec()),
+            ("write chunked with ext and trailer", chunked("3;a=b\r\nm v\r\n3;q=\"x y\"\r\n=1\n\r\n0\r\nX-T: v\r\n\r\n")),
+            ("pipelined", b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhiGET /c HTTP/1.0\r\n\r\n".to_vec()),
+            ("expect continue", b"POST /write HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx".to_vec()),
+            ("absolute-form http10", b"GET http://db:8086/ping HTTP/1.0\r\n\r\n".to_vec()),
+            ("options asterisk", b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("websocket upgrade", b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n".to_vec()),
+            ("cookies", b"GET / HTTP/1.1\r\nHost: h\r\nCookie: a=1; session=s; b=2\r\n\r\n".to_vec()),
+        ]
+    }
+
+    /// Writes the malformed table and [`valid_seeds`] as files into `$POSTERN_WRITE_SEED_CORPUS`
+    /// (the fuzz targets' seed corpus and the corpus of the differential test against
+    /// influxd, `fuzz/corpus/http_request`); does nothing when it is unset. Regenerate with
+    /// `POSTERN_WRITE_SEED_CORPUS=$PWD/fuzz/corpus/http_request cargo test -p postern-proto
+    /// --lib write_seed_corpus`.
+    #[test]
+    fn write_seed_corpus() {
+        let Some(dir) = std::env::var_os("POSTERN_WRITE_SEED_CORPUS") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+        let name = |kind: &str, n: &str| {
+            let clean: String = n
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            dir.join(format!("{kind}-{clean}"))
+        };
+        for (n, input) in malformed() {
+            std::fs::write(name("malformed", n), input).expect("write seed");
+        }
+        for (n, input) in valid_seeds() {
+            assert!(run(&input).is_ok(), "{n} is valid");
+            std::fs::write(name("valid", n), input).expect("write seed");
+        }
+    }
+
     #[test]
     fn specific_errors() {
         let cases: &[(&[u8], HttpError)] = &[
