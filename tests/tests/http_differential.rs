@@ -186,7 +186,7 @@ fn go_edge_cases(write: &str) -> Vec<(String, Vec<u8>)> {
     let ping = |fields: &str| format!("GET /ping HTTP/1.1\r\n{fields}\r\n").into_bytes();
     let target = |t: &str| format!("GET {t} HTTP/1.1\r\nHost: h\r\n\r\n").into_bytes();
     let mut v: Vec<(String, Vec<u8>)> = vec![
-        ("chunk ext".into(), chunked(&format!("6;a\r\nm v=1\n\r\n0\r\n\r\n"))),
+        ("chunk ext".into(), chunked("6;a\r\nm v=1\n\r\n0\r\n\r\n")),
         ("chunk ext value".into(), chunked("6;a=b\r\nm v=1\n\r\n0\r\n\r\n")),
         ("chunk ext quoted".into(), chunked("6;a=\"b c;d\"\r\nm v=1\n\r\n0\r\n\r\n")),
         ("chunk ext quoted escape".into(), chunked("6;a=\"b\\\"c\"\r\nm v=1\n\r\n0\r\n\r\n")),
