@@ -1713,18 +1713,14 @@ mod tests {
         ]
     }
 
-    /// Writes the malformed table and [`valid_seeds`] as files into `$POSTERN_WRITE_SEED_CORPUS`
-    /// (the fuzz targets' seed corpus and the corpus of the differential test against
-    /// influxd, `fuzz/corpus/http_request`); does nothing when it is unset. Regenerate with
-    /// `POSTERN_WRITE_SEED_CORPUS=$PWD/fuzz/corpus/http_request cargo test -p postern-proto
-    /// --lib write_seed_corpus`.
+    /// Writes the malformed table and [`valid_seeds`] as files into `fuzz/corpus/http_request`
+    /// (the fuzz target's seed corpus, and the corpus of the differential test against
+    /// influxd) when `$POSTERN_WRITE_SEED_CORPUS` names `fuzz/corpus` (see fuzz/README.md).
     #[test]
     fn write_seed_corpus() {
-        let Some(dir) = std::env::var_os("POSTERN_WRITE_SEED_CORPUS") else {
+        let Some(dir) = crate::seed_corpus_dir("http_request") else {
             return;
         };
-        let dir = std::path::PathBuf::from(dir);
-        std::fs::create_dir_all(&dir).expect("corpus dir");
         let name = |kind: &str, n: &str| {
             let clean: String = n
                 .chars()
