@@ -40,3 +40,34 @@ echo "==> cargo build --bins (tests/operations.rs runs the real binaries)"
 cargo build --workspace --bins --locked
 echo "==> cargo test"
 cargo test --workspace --locked
+
+# Coverage-guided fuzzing (fuzz/README.md): a short run of every target, from its committed seed
+# corpus (new inputs go to a scratch directory). cargo fuzz needs nightly flags; a stable
+# toolchain takes them with RUSTC_BOOTSTRAP=1. Longer runs: see the README's Tests section.
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "==> installing cargo-fuzz"
+  cargo install cargo-fuzz --locked -q || true
+fi
+if command -v cargo-fuzz >/dev/null; then
+  echo "==> cargo fuzz (${POSTERN_FUZZ_SECONDS:-10} s per target)"
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+  (
+    cd fuzz
+    export RUSTC_BOOTSTRAP=1
+    cargo fuzz build -O -s none
+    for target in $(cargo fuzz list); do
+      mkdir -p "$scratch/$target" "corpus/$target"
+      echo "--> $target"
+      if ! cargo fuzz run -O -s none "$target" "$scratch/$target" "corpus/$target" -- \
+        -max_total_time="${POSTERN_FUZZ_SECONDS:-10}" -max_len=8192 >"$scratch/$target.log" 2>&1; then
+        tail -n 40 "$scratch/$target.log"
+        echo "fuzz target $target failed; the input is in fuzz/artifacts/$target/" >&2
+        exit 1
+      fi
+      grep -E '^Done' "$scratch/$target.log" || true
+    done
+  )
+else
+  echo "==> SKIPPED cargo fuzz: cargo-fuzz is not installed and could not be installed (no crates.io?)"
+fi

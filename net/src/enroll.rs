@@ -184,9 +184,10 @@ pub async fn enroll(
         } => (name, attrs, cert_pem, ca_pem),
         EnrollResponse::Refused { reason } => return Err(EnrollError::Refused(reason)),
     };
+    files::private_dir(state.dir())?;
     files::write(&state.key(), key.0.as_bytes(), true)?;
-    files::write(&state.cert(), cert_pem.as_bytes(), false)?;
-    files::write(&state.ca(), ca_pem.as_bytes(), false)?;
+    files::write(&state.cert(), cert_pem.as_bytes(), true)?;
+    files::write(&state.ca(), ca_pem.as_bytes(), true)?;
     let info = NodeInfo {
         name,
         attrs,
@@ -197,6 +198,6 @@ pub async fn enroll(
         path: state.info_path(),
         message: e.to_string(),
     })?;
-    files::write(&state.info_path(), &json, false)?;
+    files::write(&state.info_path(), &json, true)?;
     Ok(info)
 }

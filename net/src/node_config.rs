@@ -185,6 +185,11 @@ pub async fn prepare(
 ) -> anyhow::Result<NodeSettings> {
     use crate::enroll::{enroll, NodeState};
     let state = NodeState::new(state_dir);
+    // The identity, leases and grants live here: tighten a directory an older install or a
+    // hand-made one left open to other users (a missing one is made private by its first write).
+    if state_dir.exists() {
+        files::private_dir(state_dir)?;
+    }
     let explicit = args.cert.is_some() || args.key.is_some() || args.ca.is_some();
     if !explicit && !state.is_enrolled() {
         let Some(text) = args.ticket.as_deref() else {

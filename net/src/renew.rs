@@ -53,7 +53,7 @@ pub async fn renew_once(
     let key_new = state.key().with_extension("key.new");
     let cert_new = state.cert().with_extension("pem.new");
     files::write(&key_new, key.0.as_bytes(), true)?;
-    files::write(&cert_new, cert_pem.as_bytes(), false)?;
+    files::write(&cert_new, cert_pem.as_bytes(), true)?;
     let rename = |from: &std::path::Path, to: std::path::PathBuf| {
         std::fs::rename(from, &to).map_err(|source| FileError::Write { path: to, source })
     };

@@ -50,6 +50,10 @@ impl Services {
     }
 }
 
+/// Room in a request head for the `Authorization` field an inlet's filter adds (a v2 token is
+/// about 100 bytes, a v1 Basic credential less).
+const INJECTED_FIELD_ROOM: usize = 1024;
+
 /// How long an inlet may take to name the service on a new stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -316,10 +320,14 @@ async fn serve_stream(
             counters.stream_to_tcp.clone(),
             counters.tcp_to_stream.clone(),
         );
+        let inlet_limits = FilterConfig::default();
         let cfg = FilterConfig {
             // InfluxDB takes credentials from `u`/`p` too; only the lease may reach it.
             strip_query_credentials: true,
-            ..FilterConfig::default()
+            // The inlet's filter accepts heads up to its limits and then adds one field (the
+            // lease): leave room for it, or a request at the limit passes there and fails here.
+            max_headers: inlet_limits.max_headers + 1,
+            max_head_len: inlet_limits.max_head_len + INJECTED_FIELD_ROOM,
         };
         let opts = ProxyOptions::new("postern outlet", cfg);
         match http_proxy::proxy(client, || target.connect_io(), gate, opts).await {

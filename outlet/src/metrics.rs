@@ -6,6 +6,9 @@
 //! - `postern_outlet_streams_total{service}`: data streams forwarded to a target;
 //! - `postern_outlet_stream_refusals_total{reason}`: `not_allowed`, `unknown_service`,
 //!   `bad_header`, `target_unreachable`, `draining`;
+//! - `postern_outlet_requests_refused_total{service,reason}`: requests of an `[influxdb-outlet]`
+//!   service refused by the outlet's enforcement (`no_credential`, `several_credentials`,
+//!   `not_own_lease`), see [`crate::enforce`];
 //! - `postern_outlet_leases_issued_total`, `..._renewed_total`, `..._revoked_total`,
 //!   `postern_outlet_leases_failed_total{operation}` (`create`, `revoke`);
 //! - `postern_outlet_public_connections_total{service}`: connections from the relay's public
@@ -30,6 +33,10 @@ pub fn describe() {
     metrics::describe_counter!(
         "postern_outlet_stream_refusals_total",
         "Streams the outlet refused, by reason."
+    );
+    metrics::describe_counter!(
+        "postern_outlet_requests_refused_total",
+        "Requests refused because they did not carry the requesting inlet's own lease, by service and reason."
     );
     metrics::describe_counter!(
         "postern_outlet_leases_issued_total",

@@ -147,6 +147,69 @@ mod tests {
         ServiceName::new(s).expect("valid name")
     }
 
+    /// Writes frames of every message type a node or relay decodes into `fuzz/corpus/codec`
+    /// when `$POSTERN_WRITE_SEED_CORPUS` is set (see fuzz/README.md).
+    #[test]
+    fn write_seed_corpus() {
+        use crate::msg::{LeaseMsg, StreamOpen};
+        use crate::name::NodeName;
+        let Some(dir) = crate::seed_corpus_dir("codec") else {
+            return;
+        };
+        let node = NodeName::new("inlet-1").expect("name");
+        let ctl = [
+            Ctl::Register {
+                services: vec![svc("influxdb"), svc("web")],
+            },
+            Ctl::RouteRequest {
+                service: svc("influxdb"),
+            },
+            Ctl::RouteGranted {
+                route: crate::fwd::RouteId(7),
+                service: svc("influxdb"),
+                outlet: node.clone(),
+            },
+            Ctl::RouteRefused {
+                service: svc("influxdb"),
+                reason: RefuseReason::NoLiveOutlet,
+            },
+            Ctl::Revoked { name: node },
+            Ctl::Renew {
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+            },
+            Ctl::Heartbeat { seq: 42 },
+            Ctl::Ack,
+            Ctl::Error {
+                message: "no".into(),
+            },
+            Ctl::PublicStream {
+                service: svc("web"),
+                client: "127.0.0.1:1".into(),
+            },
+        ];
+        for (i, m) in ctl.iter().enumerate() {
+            let frame = to_frame(m).expect("encode");
+            std::fs::write(dir.join(format!("ctl-{i}")), frame).expect("write seed");
+        }
+        let open = [
+            StreamOpen::Connect {
+                service: svc("influxdb"),
+            },
+            StreamOpen::Lease {
+                service: svc("influxdb"),
+            },
+        ];
+        for (i, m) in open.iter().enumerate() {
+            let frame = to_frame(m).expect("encode");
+            std::fs::write(dir.join(format!("open-{i}")), frame).expect("write seed");
+        }
+        let lease = to_frame(&LeaseMsg::Unavailable {
+            reason: "down".into(),
+        })
+        .expect("encode");
+        std::fs::write(dir.join("lease-unavailable"), lease).expect("write seed");
+    }
+
     #[test]
     fn round_trip_and_consumed_length() {
         let msg = Ctl::RouteRequest {

@@ -100,6 +100,22 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Writes datagram streams into `fuzz/corpus/dgram` when `$POSTERN_WRITE_SEED_CORPUS` is
+    /// set (see fuzz/README.md).
+    #[test]
+    fn write_seed_corpus() {
+        let Some(dir) = crate::seed_corpus_dir("dgram") else {
+            return;
+        };
+        let mut stream = Vec::new();
+        for d in [&b"a"[..], &[0xc3; 1200], &[0x41; 5]] {
+            encode(d, &mut stream).expect("encode");
+        }
+        std::fs::write(dir.join("three"), &stream).expect("write seed");
+        std::fs::write(dir.join("zero"), [0, 0]).expect("write seed");
+        std::fs::write(dir.join("oversize"), [0xff, 0xff, 1]).expect("write seed");
+    }
+
     #[test]
     fn bad_lengths_are_typed_errors() {
         let mut d = Decoder::new();

@@ -131,6 +131,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Writes frames and QUIC-like packets into `fuzz/corpus/fwd` when
+    /// `$POSTERN_WRITE_SEED_CORPUS` is set (see fuzz/README.md).
+    #[test]
+    fn write_seed_corpus() {
+        let Some(dir) = crate::seed_corpus_dir("fwd") else {
+            return;
+        };
+        let mut frame = header(RouteId(0x0102_0304_0506_0708)).to_vec();
+        frame.extend_from_slice(&[0x41; 32]);
+        std::fs::write(dir.join("frame"), frame).expect("write seed");
+        std::fs::write(dir.join("header-only"), header(RouteId(5))).expect("write seed");
+        std::fs::write(dir.join("quic-long"), [0xc3; 40]).expect("write seed");
+        std::fs::write(dir.join("quic-short"), [0x41, 0, 0]).expect("write seed");
+    }
+
     #[test]
     fn quic_packets_are_not_frames() {
         // Long header (Initial) and short header first bytes both carry 0x40.

@@ -32,8 +32,11 @@ pub const DEFAULT_MAX_HEAD_LEN: usize = 64 * 1024;
 /// Default limit on the number of header fields in one request (and of trailer fields).
 pub const DEFAULT_MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (size and extensions, without CRLF) we accept. Real clients send a few
-/// hex digits; the limit keeps a hostile one from making us scan forever for the line end.
-pub const MAX_CHUNK_LINE_LEN: usize = 4096;
+/// hex digits; the limit keeps a hostile one from making us scan forever for the line end. Go's
+/// net/http (InfluxDB) refuses a line of 4096 bytes or more with its CRLF, so 4093 without.
+pub const MAX_CHUNK_LINE_LEN: usize = 4093;
+/// Most hex digits in a chunk size, leading zeros included: Go's net/http refuses more.
+const MAX_CHUNK_SIZE_DIGITS: usize = 16;
 
 /// How the filter treats requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -850,9 +853,13 @@ fn is_forbidden_trailer(name: &[u8]) -> bool {
 }
 
 /// Parses `chunk-size [ chunk-ext ]` (RFC 9112 §7.1), without the CRLF.
+///
+/// Stricter than the RFC where Go's net/http (InfluxDB's server) is: the size is at most 16 hex
+/// digits and is followed directly by `;` or the end of the line (RFC 9112 allows whitespace
+/// before `;`, Go refuses it), so the server never refuses a body the filter passed on.
 fn parse_chunk_size_line(line: &[u8]) -> Result<u64, HttpError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 {
+    if digits == 0 || digits > MAX_CHUNK_SIZE_DIGITS {
         return Err(HttpError::BadChunkSize);
     }
     let mut size: u64 = 0;
@@ -868,10 +875,8 @@ fn parse_chunk_size_line(line: &[u8]) -> Result<u64, HttpError> {
             .ok_or(HttpError::ChunkSizeOverflow)?;
     }
     let ext = &line[digits..];
-    if let Some(&b) = ext.first() {
-        if b != b';' && !is_ows(b) {
-            return Err(HttpError::BadChunkSize);
-        }
+    if ext.first().is_some_and(|&b| b != b';') {
+        return Err(HttpError::BadChunkSize);
     }
     check_chunk_ext(ext)?;
     Ok(size)
@@ -943,6 +948,7 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let request_line = lines.next().unwrap_or_default();
     let (method, target, version) = parse_request_line(request_line)?;
+    check_target(target)?;
 
     let mut fields = Vec::with_capacity(head.len());
     let mut field_count = 0;
@@ -981,6 +987,9 @@ fn parse_head(head: &[u8], cfg: &FilterConfig) -> Result<RequestHead, HttpError>
             }
             transfer_encoding = true;
         } else if is("host") {
+            if !is_valid_host(value) {
+                return Err(HttpError::InvalidHeaderValue { line: n });
+            }
             hosts += 1;
         } else if is("upgrade") {
             upgrades += 1;
@@ -1139,16 +1148,121 @@ fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
     s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
-/// A `Content-Length` value: one or more digits, nothing else (no sign, no list), fitting u64.
+/// A `Content-Length` value: one or more digits, nothing else (no sign, no list), at most
+/// 2^63 - 1 (Go's net/http refuses larger ones).
 fn parse_content_length(v: &[u8]) -> Result<u64, HttpError> {
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return Err(HttpError::InvalidContentLength);
     }
-    v.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)
-            .and_then(|a| a.checked_add(u64::from(d - b'0')))
-            .ok_or(HttpError::InvalidContentLength)
+    v.iter()
+        .try_fold(0u64, |acc, &d| {
+            acc.checked_mul(10)
+                .and_then(|a| a.checked_add(u64::from(d - b'0')))
+                .ok_or(HttpError::InvalidContentLength)
+        })
+        .and_then(|n| {
+            if n > i64::MAX as u64 {
+                Err(HttpError::InvalidContentLength)
+            } else {
+                Ok(n)
+            }
+        })
+}
+
+/// A `Host` value Go's net/http accepts (`httpguts.ValidHostHeader`): empty, or only the bytes
+/// of a URI host and port (letters, digits, `-._~`, sub-delims, `%`, `:`, `[`, `]`). InfluxDB
+/// answers anything else with 400, so the filter refuses it first.
+fn is_valid_host(v: &[u8]) -> bool {
+    v.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'-'
+                    | b'.'
+                    | b':'
+                    | b';'
+                    | b'='
+                    | b'['
+                    | b']'
+                    | b'_'
+                    | b'~'
+            )
     })
+}
+
+/// Checks a request target the way Go's `url.ParseRequestURI` (InfluxDB's server) does, or
+/// more strictly, so the server never refuses a target the filter passed on: every `%` in the
+/// path is followed by two hex digits, and an absolute-form authority holds only the bytes of
+/// a plain host name or address, an optional userinfo and a numeric port.
+fn check_target(target: &str) -> Result<(), HttpError> {
+    let b = target.as_bytes();
+    let path_end = b.iter().position(|&c| c == b'?').unwrap_or(b.len());
+    let path = &b[..path_end];
+    let pct_ok = |s: &[u8]| {
+        s.iter().enumerate().all(|(i, &c)| {
+            c != b'%'
+                || (s.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        })
+    };
+    if !pct_ok(path) {
+        return Err(HttpError::BadTarget);
+    }
+    let Some(rest) = path
+        .iter()
+        .position(|&c| c == b':')
+        .filter(|&i| path[i..].starts_with(b"://") && !path.starts_with(b"/"))
+        .map(|i| &path[i + 3..])
+    else {
+        return Ok(());
+    };
+    let authority = &rest[..rest.iter().position(|&c| c == b'/').unwrap_or(rest.len())];
+    let (userinfo, hostport) = match authority.iter().rposition(|&c| c == b'@') {
+        Some(at) => (&authority[..at], &authority[at + 1..]),
+        None => (&authority[..0], authority),
+    };
+    let userinfo_ok = userinfo.iter().all(|&c| {
+        c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b':' | b'%')
+    });
+    let (host, port) = if let Some(inner) = hostport.strip_prefix(b"[") {
+        let Some(close) = inner.iter().position(|&c| c == b']') else {
+            return Err(HttpError::BadTarget);
+        };
+        let addr_ok = inner[..close]
+            .iter()
+            .all(|&c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'));
+        if !addr_ok {
+            return Err(HttpError::BadTarget);
+        }
+        (&inner[..0], &inner[close + 1..])
+    } else {
+        match hostport.iter().position(|&c| c == b':') {
+            Some(i) => (&hostport[..i], &hostport[i..]),
+            None => (hostport, &hostport[..0]),
+        }
+    };
+    let host_ok = host
+        .iter()
+        .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    if userinfo_ok && pct_ok(userinfo) && host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(HttpError::BadTarget)
+    }
 }
 
 /// Removes every `u` and `p` query parameter from `target`, keeping the other parameters in
@@ -1715,6 +1829,26 @@ mod tests {
             ("content-length trailer", chunked("0\r\nContent-Length: 5\r\n\r\n")),
             ("trailer obs-fold", chunked("0\r\nX-A: b\r\n c\r\n\r\n")),
             ("trailer bare LF", chunked("0\r\nX-A: b\n\r\n")),
+            // Found by comparing with influxd (Go's net/http), which refuses each of these.
+            ("chunk size space before ext", chunked("5 ;a\r\nhello\r\n0\r\n\r\n")),
+            ("chunk size tab before ext", chunked("5\t;a=b\r\nhello\r\n0\r\n\r\n")),
+            ("chunk size 17 digits", chunked("00000000000000005\r\nhello\r\n0\r\n\r\n")),
+            ("last chunk 17 zeros", chunked("00000000000000000\r\n\r\n")),
+            ("CL over 2^63-1", b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 9223372036854775808\r\n\r\n".to_vec()),
+            ("Host with space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n".to_vec()),
+            ("Host with slash", b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n".to_vec()),
+            ("Host with at", b"GET / HTTP/1.1\r\nHost: u@h\r\n\r\n".to_vec()),
+            ("Host with quote", b"GET / HTTP/1.1\r\nHost: \"h\"\r\n\r\n".to_vec()),
+            ("Host non-ASCII", b"GET / HTTP/1.1\r\nHost: h\xc3\xa9\r\n\r\n".to_vec()),
+            ("Host with brace", b"GET / HTTP/1.1\r\nHost: h{1}\r\n\r\n".to_vec()),
+            ("bad percent in path", b"GET /a%zz HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("short percent in path", b"GET /a%2 HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("percent at end of path", b"GET /a% HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("absolute-form bad port", b"GET http://h:8x/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("absolute-form two ports", b"GET http://h:1:2/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("absolute-form bad host byte", b"GET http://h|x/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("absolute-form unclosed bracket", b"GET http://[::1/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("absolute-form bad percent in host", b"GET http://h%zz/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
             ("second request malformed", b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx".to_vec()),
         ];
         let mut long_ext = "5;".to_owned();
@@ -1756,6 +1890,46 @@ mod tests {
         }
     }
 
+    /// Valid requests for the fuzzers' seed corpus (see [`write_seed_corpus`]).
+    fn valid_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("get", b"GET /ping HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("query with credentials", b"GET /query?db=d&u=me&p=pw&q=SHOW+DATABASES HTTP/1.1\r\nHost: h\r\nAuthorization: Token mine\r\n\r\n".to_vec()),
+            ("write length", b"POST /write?db=d HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nm v=1\n".to_vec()),
+            ("write chunked with ext and trailer", chunked("3;a=b\r\nm v\r\n3;q=\"x y\"\r\n=1\n\r\n0\r\nX-T: v\r\n\r\n")),
+            ("pipelined", b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhiGET /c HTTP/1.0\r\n\r\n".to_vec()),
+            ("expect continue", b"POST /write HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx".to_vec()),
+            ("absolute-form http10", b"GET http://db:8086/ping HTTP/1.0\r\n\r\n".to_vec()),
+            ("options asterisk", b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n".to_vec()),
+            ("websocket upgrade", b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n".to_vec()),
+            ("cookies", b"GET / HTTP/1.1\r\nHost: h\r\nCookie: a=1; session=s; b=2\r\n\r\n".to_vec()),
+        ]
+    }
+
+    /// Writes the malformed table and [`valid_seeds`] as files into `fuzz/corpus/http_request`
+    /// (the fuzz target's seed corpus, and the corpus of the differential test against
+    /// influxd) when `$POSTERN_WRITE_SEED_CORPUS` names `fuzz/corpus` (see fuzz/README.md).
+    #[test]
+    fn write_seed_corpus() {
+        let Some(dir) = crate::seed_corpus_dir("http_request") else {
+            return;
+        };
+        let name = |kind: &str, n: &str| {
+            let clean: String = n
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            dir.join(format!("{kind}-{clean}"))
+        };
+        for (n, input) in malformed() {
+            std::fs::write(name("malformed", n), input).expect("write seed");
+        }
+        for (n, input) in valid_seeds() {
+            assert!(run(&input).is_ok(), "{n} is valid");
+            std::fs::write(name("valid", n), input).expect("write seed");
+        }
+    }
+
     #[test]
     fn specific_errors() {
         let cases: &[(&[u8], HttpError)] = &[
@@ -1790,7 +1964,8 @@ mod tests {
         let chunk_cases: &[(&str, HttpError)] = &[
             ("g\r\n", HttpError::BadChunkSize),
             ("1g\r\n", HttpError::BadChunkSize),
-            ("fffffffffffffffff\r\n", HttpError::ChunkSizeOverflow),
+            // More than 16 digits: Go's limit, before any overflow.
+            ("fffffffffffffffff\r\n", HttpError::BadChunkSize),
             ("1;\r\n", HttpError::BadChunkExtension),
             ("1\r\nab", HttpError::MissingChunkCrlf),
             (
@@ -1811,10 +1986,19 @@ mod tests {
             run(&chunked(&long)).unwrap_err(),
             HttpError::ChunkLineTooLong
         );
-        // Leading zeros are fine as long as the line fits.
-        let mut zeros = "0".repeat(100);
+        // Leading zeros are fine up to 16 digits in all, as Go's net/http allows.
+        let mut zeros = "0".repeat(15);
         zeros.push_str("1\r\na\r\n0\r\n\r\n");
         assert!(run(&chunked(&zeros)).is_ok());
+        assert_eq!(
+            run(&chunked(&format!("0{zeros}"))).unwrap_err(),
+            HttpError::BadChunkSize
+        );
+        // The longest chunk line Go's net/http takes, with an extension filling it.
+        let mut ext = "1;".to_owned();
+        ext.push_str(&"e".repeat(MAX_CHUNK_LINE_LEN - 2));
+        ext.push_str("\r\na\r\n0\r\n\r\n");
+        assert!(run(&chunked(&ext)).is_ok());
     }
 
     /// One valid request for the property tests: its bytes and what the filter must make of it.

@@ -18,6 +18,15 @@ pub mod sni;
 pub mod ticket;
 pub mod tls;
 
+/// Where a test writes the seed corpus of fuzz target `target` (`fuzz/corpus/<target>`, see
+/// fuzz/README.md): under `$POSTERN_WRITE_SEED_CORPUS`, or `None` when that is unset.
+#[cfg(test)]
+pub(crate) fn seed_corpus_dir(target: &str) -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(std::env::var_os("POSTERN_WRITE_SEED_CORPUS")?).join(target);
+    std::fs::create_dir_all(&dir).expect("seed corpus dir");
+    Some(dir)
+}
+
 /// ALPN of the control connection between a node and a relay.
 pub const ALPN_CONTROL: &[u8] = b"postern-ctl/1";
 /// ALPN of the end-to-end connection between an inlet and an outlet.

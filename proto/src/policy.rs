@@ -354,7 +354,11 @@ mod tests {
         }
 
         #[test]
-        fn display_round_trips(k in "[a-z]{1,8}", v in "[ -~]{0,12}") {
+        fn display_round_trips(
+            // Keywords are not attribute names (the grammar reserves them).
+            k in "[a-z]{1,8}".prop_filter("a keyword", |k| !["and", "or", "not"].contains(&k.as_str())),
+            v in "[ -~]{0,12}",
+        ) {
             let e = Expr::Or(
                 Box::new(Expr::Eq(k.clone(), v.clone())),
                 Box::new(Expr::Not(Box::new(Expr::Ne(k, v)))),

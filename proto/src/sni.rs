@@ -307,6 +307,21 @@ mod tests {
         out
     }
 
+    /// Writes real ClientHellos (whole and split over records) and a few non-TLS openings into
+    /// `fuzz/corpus/sni` when `$POSTERN_WRITE_SEED_CORPUS` is set (see fuzz/README.md).
+    #[test]
+    fn write_seed_corpus() {
+        let Some(dir) = crate::seed_corpus_dir("sni") else {
+            return;
+        };
+        let hello = real_hello(Some("influxdb.relay.example.com"));
+        std::fs::write(dir.join("hello"), &hello).expect("write seed");
+        std::fs::write(dir.join("hello-no-sni"), real_hello(None)).expect("write seed");
+        std::fs::write(dir.join("hello-fragmented"), refragment(&hello, 100)).expect("write seed");
+        std::fs::write(dir.join("http"), b"GET / HTTP/1.1\r\n").expect("write seed");
+        std::fs::write(dir.join("alert"), ALERT_UNRECOGNIZED_NAME).expect("write seed");
+    }
+
     #[test]
     fn real_client_hello_names_the_host() {
         let hello = real_hello(Some("InfluxDB.Relay.Example.com"));

@@ -151,6 +151,19 @@ pub enum EnrollResponse {
 mod tests {
     use super::*;
 
+    /// Writes ticket strings into `fuzz/corpus/ticket` when `$POSTERN_WRITE_SEED_CORPUS` is
+    /// set (see fuzz/README.md).
+    #[test]
+    fn write_seed_corpus() {
+        let Some(dir) = crate::seed_corpus_dir("ticket") else {
+            return;
+        };
+        std::fs::write(dir.join("sample"), sample().encode()).expect("write seed");
+        let mut named = sample();
+        named.name = Some("inlet-1".parse().expect("name"));
+        std::fs::write(dir.join("named"), named.encode()).expect("write seed");
+    }
+
     fn sample() -> Ticket {
         Ticket {
             id: "abc".into(),

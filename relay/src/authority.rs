@@ -180,7 +180,7 @@ impl Authority {
         record.revoked = true;
         let json =
             serde_json::to_vec_pretty(&record).map_err(|e| StateError::Invalid(e.to_string()))?;
-        files::write(&path, &json, false)?;
+        files::write(&path, &json, true)?;
         Ok(existed)
     }
 
@@ -274,7 +274,7 @@ impl Authority {
         files::write(
             &self.identities_dir().join(format!("{name}.json")),
             &json,
-            false,
+            true,
         )
         .map_err(|e| e.to_string())?;
         tracing::info!(node = %name, attrs = ?record.attrs, ticket = %record.id, "node enrolled");

@@ -318,6 +318,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
+    // Keys, tickets and identities live here: made 0700, or tightened if an older install or a
+    // hand-made directory left it open to other users.
+    postern_net::files::private_dir(state.root())?;
     let cert = postern_net::files::read(&cfg.cert)?;
     let key = postern_net::files::read(&cfg.key)?;
     let ca_pem = postern_net::files::read(&cfg.ca)?;

@@ -70,11 +70,12 @@ impl StateDir {
             return Err(StateError::Exists(self.ca_key()));
         }
         let ca = Ca::generate(project)?;
+        files::private_dir(&self.root)?;
         files::write(&self.ca_key(), ca.key_pem().as_bytes(), true)?;
-        files::write(&self.ca_cert(), ca.cert_pem().as_bytes(), false)?;
+        files::write(&self.ca_cert(), ca.cert_pem().as_bytes(), true)?;
         let relay = ca.issue(relay_name, ISSUED_VALIDITY)?;
         files::write(&self.relay_key(), relay.key_pem.as_bytes(), true)?;
-        files::write(&self.relay_cert(), relay.cert_pem.as_bytes(), false)?;
+        files::write(&self.relay_cert(), relay.cert_pem.as_bytes(), true)?;
         Ok(ca)
     }
 
@@ -89,7 +90,8 @@ impl StateDir {
     }
 
     /// Issues a certificate for `name` into `out_dir` as `NAME.pem` / `NAME.key`, with the CA
-    /// certificate beside them as `ca.pem`. Returns the paths of the certificate and key.
+    /// certificate beside them as `ca.pem`. Returns the paths of the certificate and key. The
+    /// certificates are meant to be handed out (0644); the key is private (0600).
     pub fn issue(&self, name: &NodeName, out_dir: &Path) -> Result<(PathBuf, PathBuf), StateError> {
         let ca = self.load_ca()?;
         let issued = ca.issue(name, ISSUED_VALIDITY)?;

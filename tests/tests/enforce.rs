@@ -432,3 +432,36 @@ async fn slowloris_is_cut_off() {
     }
     lab.stop().await;
 }
+
+/// A request at the inlet filter's limits (128 fields) still passes the outlet's filter after
+/// the inlet added the lease's field (found by fuzzing: the same limits on both sides refused it
+/// at the outlet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_at_the_limits_passes_both_filters() {
+    let lab = Lab::start(InjectAt::Inlet).await;
+    let max = postern_proto::http::DEFAULT_MAX_HEADERS;
+    // Host, Content-Length and Connection are three of the fields.
+    let extra: String = (0..max - 3)
+        .map(|i| format!("X-Pad-{i}: {i}\r\n"))
+        .collect();
+    let alice = lab.alice.addr("influxdb");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (statuses, text) =
+            exchange(alice, write_point(&extra, "m,who=alice v=3").as_bytes()).await;
+        if statuses == vec![204] {
+            break;
+        }
+        assert!(
+            statuses == vec![503] && Instant::now() < deadline,
+            "refused at the limits: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One field more is refused by the inlet itself.
+    let extra = format!("{extra}X-One-More: 1\r\n");
+    let (statuses, text) = exchange(alice, write_point(&extra, "m v=4").as_bytes()).await;
+    assert_eq!(statuses, vec![400], "{text}");
+    assert!(text.contains("postern inlet"), "{text}");
+    lab.stop().await;
+}

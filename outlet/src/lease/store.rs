@@ -81,12 +81,9 @@ pub enum StoreError {
     Db(#[source] Box<redb::Error>),
     #[error("lease store: corrupt record {key:?}: {detail}")]
     Corrupt { key: String, detail: String },
-    #[error("lease store: cannot create the state directory {path}: {source}")]
-    Dir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The state directory or the store file could not be made private.
+    #[error("lease store: {0}")]
+    Private(#[source] postern_net::files::FileError),
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -100,25 +97,13 @@ pub struct LeaseStore {
 }
 
 impl LeaseStore {
-    /// Opens (or creates) `<state_dir>/leases.redb`, creating `state_dir` with mode 0700 if it
-    /// is missing.
+    /// Opens (or creates) `<state_dir>/leases.redb` (mode 0600), creating `state_dir` with mode
+    /// 0700 if it is missing and tightening it if it is open to other users.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        if !state_dir.exists() {
-            std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
-                path: state_dir.to_owned(),
-                source,
-            })?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(|source| StoreError::Dir {
-                        path: state_dir.to_owned(),
-                        source,
-                    })?;
-            }
-        }
+        postern_net::files::private_dir(state_dir).map_err(StoreError::Private)?;
         let path = state_dir.join(STORE_FILE);
+        // Made (or tightened to) 0600 before redb opens it: leases and grants are secrets.
+        postern_net::files::private_file(&path).map_err(StoreError::Private)?;
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
@@ -277,5 +262,61 @@ mod tests {
             Err(e) => panic!("unexpected error: {e}"),
             Ok(_) => panic!("second open succeeded"),
         }
+    }
+
+    /// Every entry under `dir` whose mode is not private (directories 0700, files 0600), and
+    /// how many entries there were.
+    #[cfg(unix)]
+    fn open_entries(dir: &std::path::Path) -> (Vec<String>, usize) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut open = Vec::new();
+        let mut seen = 0;
+        let mut pending = vec![dir.to_owned()];
+        while let Some(d) = pending.pop() {
+            for e in std::fs::read_dir(&d).expect("read_dir") {
+                let p = e.expect("entry").path();
+                let meta = std::fs::symlink_metadata(&p).expect("meta");
+                let want = if meta.is_dir() {
+                    pending.push(p.clone());
+                    0o700
+                } else {
+                    0o600
+                };
+                seen += 1;
+                if meta.permissions().mode() & 0o777 != want {
+                    open.push(format!("{} {:o}", p.display(), meta.permissions().mode()));
+                }
+            }
+        }
+        (open, seen)
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fresh_store_is_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let _store = LeaseStore::open(&state).expect("open");
+        let (open, seen) = open_entries(dir.path());
+        assert!(open.is_empty(), "open to others: {open:?}");
+        assert!(seen >= 2, "the walk saw the directory and leases.redb");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_open_store_from_an_older_install_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        drop(LeaseStore::open(&state).expect("first open"));
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(
+            state.join("leases.redb"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        let _store = LeaseStore::open(&state).expect("reopen");
+        let (open, _) = open_entries(dir.path());
+        assert!(open.is_empty(), "still open to others: {open:?}");
     }
 }
