@@ -132,26 +132,36 @@ impl LeaseGate {
                 reason: "the outlet cannot lease a credential".into(),
             };
         };
-        let current = tokio::time::timeout(LEASE_WAIT, rx.wait_for(Option::is_some)).await;
-        match current {
-            Ok(Ok(grant)) => match grant.as_ref() {
-                Some(g) => Verdict::Forward {
-                    authorization: Some(g.credential.authorization()),
-                },
-                None => Verdict::NoLease {
-                    reason: "no lease".into(),
-                },
+        current_lease(rx, LEASE_WAIT).await
+    }
+}
+
+/// Waits up to `wait` for a live (unexpired) lease on `rx` and says to forward with it, or
+/// why there is none. Shared by the gates that put a lease into requests at the outlet.
+pub async fn current_lease(
+    rx: &mut watch::Receiver<Option<LeaseGrant>>,
+    wait: Duration,
+) -> Verdict {
+    use crate::public::access::now_ms;
+    let live = rx.wait_for(|g| g.as_ref().is_some_and(|g| g.expires_at_ms > now_ms()));
+    match tokio::time::timeout(wait, live).await {
+        Ok(Ok(grant)) => match grant.as_ref() {
+            Some(g) => Verdict::Forward {
+                authorization: Some(g.credential.authorization()),
             },
-            Ok(Err(_)) => Verdict::NoLease {
-                reason: "the lease manager stopped".into(),
+            None => Verdict::NoLease {
+                reason: "no lease".into(),
             },
-            Err(_) => Verdict::NoLease {
-                reason: format!(
-                    "no lease could be made within {} s (the outlet's log says why)",
-                    LEASE_WAIT.as_secs()
-                ),
-            },
-        }
+        },
+        Ok(Err(_)) => Verdict::NoLease {
+            reason: "the lease manager stopped".into(),
+        },
+        Err(_) => Verdict::NoLease {
+            reason: format!(
+                "no credential could be leased within {} s (the outlet's log says why)",
+                wait.as_secs()
+            ),
+        },
     }
 }
 

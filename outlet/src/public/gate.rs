@@ -119,26 +119,7 @@ impl AccessGate {
                 }
             }
         };
-        let wait = rx.wait_for(|g| g.as_ref().is_some_and(|g| g.expires_at_ms > now_ms()));
-        match tokio::time::timeout(LEASE_WAIT, wait).await {
-            Ok(Ok(grant)) => match grant.as_ref() {
-                Some(g) => Verdict::Forward {
-                    authorization: Some(g.credential.authorization()),
-                },
-                None => Verdict::NoLease {
-                    reason: "no lease".into(),
-                },
-            },
-            Ok(Err(_)) => Verdict::NoLease {
-                reason: "the lease manager stopped".into(),
-            },
-            Err(_) => Verdict::NoLease {
-                reason: format!(
-                    "no credential could be leased within {} s (the outlet's log says why)",
-                    LEASE_WAIT.as_secs()
-                ),
-            },
-        }
+        crate::enforce::current_lease(rx, LEASE_WAIT).await
     }
 
     fn count(&self, outcome: &'static str) {
