@@ -81,6 +81,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Held until the process ends: a second inlet on this identity is refused here.
+    let _lock = postern_net::state_lock::lock(&cfg.state_dir, "inlet")?;
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
     let (relay, identity, roots) = settings.load()?;
