@@ -25,6 +25,8 @@ enum Command {
     Run(RunArgs),
     /// Enroll with a ticket from `postern-relay ticket create`: makes this node's key pair
     /// (the private key never leaves this machine) and gets its certificate.
+    /// A state directory that is already enrolled is refused (saying as whom) and the ticket
+    /// is not used: move the directory away first to enroll again.
     Enroll {
         /// The ticket string.
         ticket: String,

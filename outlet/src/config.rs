@@ -85,12 +85,15 @@ pub struct OutletFile {
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
     /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, and an
-    /// `[influxdb-outlet]` table for leased InfluxDB credentials).
+    /// `[influxdb-outlet]` table for leased InfluxDB credentials, whose `allow` is required:
+    /// an attribute expression, or `"*"` for every inlet the relay routes).
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
     /// Directory for the outlet's state (lease store) [default: ./postern-outlet-state].
+    /// Locked while the outlet runs: a second process on it is refused, naming the first one's
+    /// pid.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
