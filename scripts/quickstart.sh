@@ -18,8 +18,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 if ! command -v influxd >/dev/null || ! command -v influx >/dev/null; then
   say "installing InfluxDB 1.x and its CLI from Debian's packages"
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq influxdb influxdb-client >/dev/null
+  $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq influxdb influxdb-client >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
   echo "cargo is needed (https://rustup.rs)" >&2

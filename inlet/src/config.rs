@@ -74,7 +74,8 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
-    /// Directory for the inlet's enrolled identity [default: ./postern-inlet-state].
+    /// Directory for the inlet's enrolled identity [default: ./postern-inlet-state]. Locked
+    /// while the inlet runs: a second process on it is refused, naming the first one's pid.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// A local listener: `NAME=LISTEN_ADDR[,kind=influxdb]`, e.g.

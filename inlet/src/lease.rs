@@ -139,7 +139,22 @@ async fn follow(
 ) -> String {
     let conn = match shared.connection(service).await {
         Ok(c) => c,
-        Err(e) => return e.to_string(),
+        Err(e) => {
+            let reason = shared.explain(service, &e);
+            // A held credential stays usable until it expires; without one, clients are told
+            // why there is none instead of "not received yet".
+            if held_until.is_none() {
+                state.send_if_modified(|s| {
+                    let new = LeaseState::Missing {
+                        reason: reason.clone(),
+                    };
+                    let changed = *s != new;
+                    *s = new;
+                    changed
+                });
+            }
+            return reason;
+        }
     };
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,

@@ -25,6 +25,8 @@ enum Command {
     Run(RunArgs),
     /// Enroll with a ticket from `postern-relay ticket create`: makes this node's key pair
     /// (the private key never leaves this machine) and gets its certificate.
+    /// A state directory that is already enrolled is refused (saying as whom) and the ticket
+    /// is not used: move the directory away first to enroll again.
     Enroll {
         /// The ticket string.
         ticket: String,
@@ -81,6 +83,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Held until the process ends: a second inlet on this identity is refused here.
+    let _lock = postern_net::state_lock::lock(&cfg.state_dir, "inlet")?;
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
     let (relay, identity, roots) = settings.load()?;

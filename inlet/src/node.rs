@@ -203,9 +203,63 @@ pub(crate) struct Shared {
     /// Per service: the current end-to-end connection. The async mutex makes concurrent client
     /// connections wait for one route set-up instead of each asking for a route.
     e2e: Mutex<HashMap<ServiceName, Arc<tokio::sync::Mutex<Option<E2e>>>>>,
+    /// Relays' permanent refusals of this node, so that a client can be told its identity is
+    /// revoked rather than that the relay is merely unreachable.
+    transport_status: Arc<TransportStatus>,
+    /// Per service: when a failed client connection was last logged, and how many were not.
+    failure_log: Mutex<HashMap<ServiceName, (Option<std::time::Instant>, u64)>>,
 }
 
+/// At most one log line per service this often for failed plain TCP client connections.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl Shared {
+    /// Whether a failed client connection to `service` is to be logged: `Some(n)` for the first
+    /// of a burst (with `n` failures not logged since the last line), `None` within
+    /// [`FAILURE_LOG_EVERY`] of the last line, so that a client retrying in a loop does not
+    /// flood the log but its cause is still said.
+    fn failure_burst(&self, service: &ServiceName) -> Option<u64> {
+        let mut map = self.failure_log.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let entry = map.entry(service.clone()).or_insert((None, 0));
+        match entry.0 {
+            Some(last) if now.duration_since(last) < FAILURE_LOG_EVERY => {
+                entry.1 += 1;
+                None
+            }
+            _ => {
+                let more = entry.1;
+                *entry = (Some(now), 0);
+                Some(more)
+            }
+        }
+    }
+
+    /// Why `service` cannot be reached, worded for the client (the 503 body) and the log: the
+    /// cause and what to check next. Never contains a secret.
+    pub(crate) fn explain(&self, service: &ServiceName, e: &ServeError) -> String {
+        match e {
+            ServeError::NoRelay => match self.transport_status.refusals().first() {
+                Some((relay, why)) => format!(
+                    "the relay {relay} refuses this inlet ({why}); its identity must be \
+                     enrolled again"
+                ),
+                None => "the relay is not reachable from this inlet".to_owned(),
+            },
+            ServeError::Refused(RefuseReason::NotAllowed) => {
+                format!("the relay's policy does not allow this inlet to reach service {service}")
+            }
+            ServeError::Refused(RefuseReason::UnknownService) => format!(
+                "no outlet serves service {service} (check the service name in the inlet's \
+                 and the outlet's configuration)"
+            ),
+            ServeError::Refused(RefuseReason::NoLiveOutlet) => {
+                format!("no outlet for service {service} is connected to the relay")
+            }
+            other => format!("service {service} cannot be reached: {other}"),
+        }
+    }
+
     fn slot(&self, service: &ServiceName) -> Arc<tokio::sync::Mutex<Option<E2e>>> {
         self.e2e_map().entry(service.clone()).or_default().clone()
     }
@@ -675,6 +729,7 @@ impl Inlet {
             .map(|s| (s.name.clone(), watch::channel(LeaseState::waiting()).0))
             .collect();
         let (control, control_rx) = watch::channel(None);
+        let transport_status = Arc::<TransportStatus>::default();
         Ok(Self {
             shared: Arc::new(Shared {
                 socket,
@@ -690,6 +745,8 @@ impl Inlet {
                 migrations: Arc::default(),
                 control_since: Mutex::default(),
                 e2e: Mutex::default(),
+                transport_status: transport_status.clone(),
+                failure_log: Mutex::default(),
             }),
             client: Arc::new(std::sync::RwLock::new(endpoint::control_client(
                 &opts.identity,
@@ -700,7 +757,7 @@ impl Inlet {
             control,
             more_relays: Vec::new(),
             transport: TransportSettings::default(),
-            transport_status: Arc::default(),
+            transport_status,
             listeners,
             leases,
             tls: HashMap::new(),
@@ -1016,7 +1073,17 @@ async fn serve_client(tcp: ClientStream, service: ServiceName, shared: Arc<Share
         Ok(s) => s,
         Err(e) => {
             failed(&service, &e);
-            tracing::warn!(error = %e, "closing client connection");
+            let why = shared.explain(&service, &e);
+            match shared.failure_burst(&service) {
+                Some(0) => tracing::warn!(%service, cause = %why, "closing client connection"),
+                Some(more) => tracing::warn!(
+                    %service,
+                    cause = %why,
+                    earlier = more,
+                    "closing client connection (and {more} more since the last such line)"
+                ),
+                None => tracing::debug!(%service, cause = %why, "closing client connection"),
+            }
             splice::set_reset_on_close(tcp.tcp());
             return;
         }

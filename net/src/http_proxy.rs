@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use postern_proto::http::{
-    error_response, FilterConfig, HttpError, RequestFilter, RequestHead, Step,
+    error_response, json_error_response, FilterConfig, HttpError, RequestFilter, RequestHead, Step,
 };
 use postern_proto::http_response::{Expect, ResponseTracker, UpgradeAnswer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -558,7 +558,7 @@ where
         buf: &mut BytesMut,
     ) -> Outcome {
         tracing::warn!(%reason, "no valid lease held, answering 503");
-        let response = error_response(
+        let response = json_error_response(
             503,
             "Service Unavailable",
             &format!(

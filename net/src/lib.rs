@@ -38,6 +38,7 @@ pub mod relay_socket;
 pub mod relay_tcp;
 pub mod renew;
 pub mod splice;
+pub mod state_lock;
 pub mod tls_server;
 
 use std::net::SocketAddr;

@@ -246,12 +246,28 @@ pub async fn enroll_command(
     state_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use crate::enroll::{enroll, NodeState};
+    let state = NodeState::new(state_dir);
+    // Checked before the ticket is used, so that a second `enroll` neither spends a ticket nor
+    // reads as a problem with it.
+    if state.is_enrolled() {
+        let who = match state.info() {
+            Ok(info) => format!("as {} with attributes {:?}", info.name, info.attrs),
+            Err(_) => "(its enrollment record is unreadable)".to_owned(),
+        };
+        anyhow::bail!(
+            "{} is already enrolled {who}; `postern-{role} run --state-dir {}` uses that \
+             identity. To enroll again, move that directory away (or pass another --state-dir) \
+             and enroll with a new ticket",
+            state_dir.display(),
+            state_dir.display()
+        );
+    }
     let ticket = postern_proto::ticket::Ticket::decode(ticket).context("ticket")?;
     let name = match name {
         Some(n) => n.parse().context("--name")?,
         None => default_name(role),
     };
-    let info = enroll(&ticket, &name, &NodeState::new(state_dir)).await?;
+    let info = enroll(&ticket, &name, &state).await?;
     println!("enrolled as {} with attributes {:?}", info.name, info.attrs);
     println!("identity stored in {}", state_dir.display());
     Ok(())

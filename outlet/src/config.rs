@@ -85,12 +85,15 @@ pub struct OutletFile {
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
     /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, and an
-    /// `[influxdb-outlet]` table for leased InfluxDB credentials).
+    /// `[influxdb-outlet]` table for leased InfluxDB credentials, whose `allow` is required:
+    /// an attribute expression, or `"*"` for every inlet the relay routes).
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
     /// Directory for the outlet's state (lease store) [default: ./postern-outlet-state].
+    /// Locked while the outlet runs: a second process on it is refused, naming the first one's
+    /// pid.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
@@ -211,7 +214,8 @@ impl RunArgs {
                 .unwrap_or_else(|| ServiceName::new("influxdb").unwrap_or_else(|_| unreachable!()));
             (name, c)
         });
-        if let Some((name, _)) = &influxdb {
+        if let Some((name, c)) = &influxdb {
+            influxdb_rule(c)?;
             if services.iter().any(|s| &s.name == name) {
                 bail!(
                     "service {:?} is defined both by [influxdb-outlet] and a [[service]] table",
@@ -333,6 +337,29 @@ pub fn allows(
     Ok(out)
 }
 
+/// `allow = "*"`: lease to every inlet the relay routes to the service (said explicitly, since
+/// that hands a credential to each of them).
+pub const ALLOW_ANY: &str = "*";
+
+/// The `[influxdb-outlet]` section's own check of inlets: `None` for [`ALLOW_ANY`]. A missing
+/// `allow` is an error rather than "anyone", since the README presents `allow` as the outlet's
+/// own check and every inlet the relay routes would otherwise get a credential.
+pub fn influxdb_rule(
+    c: &InfluxdbOutletConfig,
+) -> anyhow::Result<Option<postern_proto::policy::Expr>> {
+    match c.allow.as_deref().map(str::trim) {
+        None => bail!(
+            "[influxdb-outlet] has no `allow`: without it every inlet the relay routes would get \
+             a credential. Say which inlets may have one, e.g. allow = 'role = \"influxdb-client\"', \
+             or allow = \"*\" for every inlet the relay's policy lets through"
+        ),
+        Some(ALLOW_ANY) => Ok(None),
+        Some(a) => postern_proto::policy::Expr::parse(a)
+            .map(Some)
+            .context("[influxdb-outlet] allow"),
+    }
+}
+
 /// Builds the target map.
 pub fn targets(services: &[ServiceFile]) -> anyhow::Result<HashMap<ServiceName, Target>> {
     services
@@ -389,6 +416,35 @@ mod tests {
             public_domain: public_domain.map(str::to_owned),
             public_port: None,
         }
+    }
+
+    #[test]
+    fn influxdb_outlet_needs_allow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        let section = "[influxdb-outlet]\nto = \"http://127.0.0.1:8086\"\napi = \"v1\"\n\
+            all-access-token = \"env:INFLUX_ADMIN\"\nleased-token-permissions = \"[]\"\n";
+        std::fs::write(&file, section).expect("write");
+        let e = args_with(&file, None).resolve().expect_err("no allow");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("no `allow`") && e.contains("allow = \"*\""),
+            "{e}"
+        );
+        std::fs::write(&file, format!("{section}allow = \"*\"\n")).expect("write");
+        let cfg = args_with(&file, None).resolve().expect("explicit anyone");
+        let (_, c) = cfg.influxdb.expect("influxdb");
+        assert!(influxdb_rule(&c).expect("rule").is_none());
+        std::fs::write(&file, format!("{section}allow = 'role = \"a\"'\n")).expect("write");
+        let cfg = args_with(&file, None).resolve().expect("a rule");
+        let (_, c) = cfg.influxdb.expect("influxdb");
+        assert!(influxdb_rule(&c).expect("rule").is_some());
+        std::fs::write(&file, format!("{section}allow = 'role ='\n")).expect("write");
+        let e = args_with(&file, None).resolve().expect_err("bad rule");
+        assert!(
+            format!("{e:#}").contains("[influxdb-outlet] allow"),
+            "{e:#}"
+        );
     }
 
     #[test]

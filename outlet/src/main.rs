@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use postern_outlet::config::{allows, targets, OutletConfig, RunArgs};
+use postern_outlet::config::{allows, influxdb_rule, targets, OutletConfig, RunArgs};
 use postern_outlet::forward::Services;
 use postern_outlet::lease::{admin, LeaseManager};
 use postern_outlet::target::Target;
@@ -33,6 +33,8 @@ enum Command {
     Run(RunArgs),
     /// Enroll with a ticket from `postern-relay ticket create`: makes this node's key pair
     /// (the private key never leaves this machine) and gets its certificate.
+    /// A state directory that is already enrolled is refused (saying as whom) and the ticket
+    /// is not used: move the directory away first to enroll again.
     Enroll {
         /// The ticket string.
         ticket: String,
@@ -202,6 +204,8 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Held until the process ends: a second outlet on this identity is refused here.
+    let _lock = postern_net::state_lock::lock(&cfg.state_dir, "outlet")?;
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
     let (relay, identity, roots) = settings.load()?;
@@ -229,8 +233,7 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "lease admin socket failed");
             }
         });
-        if let Some(a) = &influx.allow {
-            let e = postern_proto::policy::Expr::parse(a).context("[influxdb-outlet] allow")?;
+        if let Some(e) = influxdb_rule(&influx)? {
             services.allow.insert(name.clone(), e);
         }
         services.targets.insert(name.clone(), target);

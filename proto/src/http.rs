@@ -1344,10 +1344,49 @@ pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Like [`error_response`], with the body InfluxDB itself sends on errors
+/// (`{"error": "..."}`, `application/json`): InfluxDB clients (the `influx` CLI, the client
+/// libraries) show that field to the user, and show nothing useful for a plain-text body.
+pub fn json_error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut body = serde_json::json!({ "error": message }).to_string();
+    body.push('\n');
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn json_error_response_is_json_influxdb_clients_read() {
+        let r = json_error_response(503, "Service\r\nUnavailable", "say \"why\"\n");
+        let text = String::from_utf8(r).expect("utf-8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service  Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("\r\nContent-Type: application/json\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert_eq!(v["error"], "say \"why\"\n");
+    }
 
     const AUTH: &str = "Token leased";
 

@@ -141,11 +141,18 @@ enum IdentityCommand {
         #[arg(long, default_value = postern_relay::config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
-    /// Revoke a node: a running relay drops it within a second and refuses it afterwards.
+    /// Revoke a node. When the relay of this state directory runs (its admin API answers with
+    /// the directory's admin token), the revocation goes to it: it cuts the node off at once,
+    /// records it and says so. Otherwise it is written to the state directory, and a relay
+    /// started from it refuses the node. A directory without the project CA is an error.
     Revoke {
         name: NodeName,
+        /// The relay's state directory (made by `postern-relay ca init`).
         #[arg(long, default_value = postern_relay::config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// The running relay's admin API address (its `--admin-addr`) [default: 127.0.0.1:4434].
+        #[arg(long)]
+        admin_addr: Option<std::net::SocketAddr>,
     },
 }
 
@@ -258,23 +265,93 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Identity(IdentityCommand::Revoke { name, state_dir }) => {
-            let existed = Authority::new(StateDir::new(state_dir)).revoke(&name)?;
-            if existed {
-                println!("revoked {name}");
-            } else {
-                println!(
-                    "revoked {name} (no such enrolled identity; the name is refused from now on)"
-                );
-            }
-            Ok(())
-        }
+        Command::Identity(IdentityCommand::Revoke {
+            name,
+            state_dir,
+            admin_addr,
+        }) => revoke(name, state_dir, admin_addr).await,
         Command::Ca(CaCommand::Fingerprint { state_dir }) => {
             println!("{}", StateDir::new(state_dir).load_ca()?.fingerprint());
             Ok(())
         }
         Command::Status(args) => status(args).await,
     }
+}
+
+/// `identity revoke`: at the running relay when there is one, else in the state directory,
+/// and never in a directory that is not a relay's (which would report a revocation no relay
+/// ever applies).
+async fn revoke(
+    name: NodeName,
+    state_dir: PathBuf,
+    admin_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use postern_relay::admin::{self, client::AdminClient, client::ClientError, AdminToken};
+    let state = StateDir::new(&state_dir);
+    if !state.ca_key().exists() {
+        anyhow::bail!(
+            "{} holds no project CA ({} is missing): it is not the state directory of the relay \
+             that enrolls nodes. Pass the --state-dir the relay runs with (the one \
+             `postern-relay ca init` made); nothing was revoked",
+            state_dir.display(),
+            state.ca_key().display()
+        );
+    }
+    let addr = match admin_addr {
+        Some(a) => a,
+        None => admin::parse_admin_addr(admin::DEFAULT_ADMIN_ADDR)
+            .map_err(anyhow::Error::msg)?
+            .context("no default admin address")?,
+    };
+    let token_file = state_dir.join(admin::TOKEN_FILE);
+    if token_file.exists() {
+        let token = AdminToken::load(&token_file)
+            .with_context(|| format!("cannot read the admin token {}", token_file.display()))?;
+        let path = format!("/v1/identities/{name}/revoke");
+        match AdminClient::new(addr, token)
+            .post::<admin::views::Revoked>(&path)
+            .await
+        {
+            Ok(done) => {
+                println!(
+                    "revoked {name} at the running relay (admin API {addr}, state directory {}){}{}",
+                    state_dir.display(),
+                    if done.was_connected {
+                        "; it was connected and has been cut off"
+                    } else {
+                        "; it was not connected"
+                    },
+                    if done.persisted {
+                        ""
+                    } else {
+                        "; that relay has no authority, so this lasts until it restarts"
+                    }
+                );
+                return Ok(());
+            }
+            Err(ClientError::NotRunning { .. }) => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the relay at admin API {addr} did not apply the revocation (is it the relay \
+                     of {}? pass its --admin-addr); nothing was revoked",
+                    state_dir.display()
+                )))
+            }
+        }
+    }
+    let existed = Authority::new(state).revoke(&name)?;
+    let what = if existed {
+        ""
+    } else {
+        " (no such enrolled identity; the name is refused from now on)"
+    };
+    println!(
+        "revoked {name} in {}{what}: no relay answers at admin API {addr}, so no running relay \
+         applied it; a relay running from this directory drops the node within a second, one \
+         started from it refuses it",
+        state_dir.display()
+    );
+    Ok(())
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {

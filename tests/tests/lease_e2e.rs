@@ -1311,6 +1311,67 @@ async fn no_lease_gets_a_prompt_503_saying_why() {
     let _ = mgr.shutdown().await;
 }
 
+/// A route the relay refuses (here: a service no outlet serves, as with a misspelt name) is
+/// told to the client in the 503, as JSON the InfluxDB clients read, and the `influx` CLI shows
+/// it (it printed `ERR: %!s(<nil>)` for the plain-text body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_route_is_told_to_the_client_as_influxdb_json() {
+    init_logging();
+    let target = ok_server().await;
+    let closed: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = secret_file(dir.path(), "admin-token", "some-admin-token");
+    let mgr = start_manager(
+        v2_config(&format!("http://{closed}"), "0123456789abcdef", admin, 60),
+        &dir.path().join("state"),
+    )
+    .await;
+    // The inlet asks for "influxdbx"; the outlet serves "influxdb".
+    let cluster = Cluster::start(services(vec![("influxdb", target, mgr)]), &["influxdbx"]).await;
+    let addr = cluster.inlet.addr("influxdbx");
+    let deadline = Instant::now() + WAIT;
+    let r = loop {
+        let (r, _) = prompt_request(addr, &get("/ping", "")).await;
+        assert_eq!(r.status, 503, "{r:?}");
+        if r.text().contains("no outlet serves service influxdbx") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "503 never said why: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("a JSON body");
+    let error = v["error"].as_str().expect("an error field");
+    assert!(
+        error.contains("no outlet serves service influxdbx"),
+        "{error}"
+    );
+
+    let out = tokio::process::Command::new("influx")
+        .args(["-host", "127.0.0.1", "-port", &addr.port().to_string()])
+        .args(["-execute", "SHOW DATABASES"])
+        .output()
+        .await
+        .expect("run influx CLI (apt-get install influxdb-client)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("no outlet serves service influxdbx"),
+        "the influx CLI does not show the cause: {said}"
+    );
+    assert!(
+        !out.status.success(),
+        "the influx CLI reports success: {said}"
+    );
+    cluster.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. No secret in the logs, at TRACE level, over creation, rotation, requests and errors.
 

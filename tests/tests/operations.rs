@@ -1174,3 +1174,168 @@ public-key = "{certs}/web.pub.localhost.key"
     outlet.wait(Duration::from_secs(20)).await;
     relay.wait(Duration::from_secs(20)).await;
 }
+
+/// Runs a postern binary that is to fail; returns its stderr.
+async fn cli_fails(program: &str, args: &[&str]) -> String {
+    let out = Command::new(bin(program))
+        .args(args)
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{program} {args:?} succeeded: {}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
+/// The usual mistakes of a new operator, each answered with its cause and the next step:
+/// revoking in a directory that is not the relay's, enrolling an enrolled directory again,
+/// starting a second inlet on one identity; and a revocation that goes to the running relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_mistakes_are_explained() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let relay_addr = free_udp_addr().to_string();
+    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
+    let ticket = || {
+        let (state, relay_addr) = (state.clone(), relay_addr.clone());
+        async move {
+            let args = [
+                "ticket",
+                "create",
+                "--attr",
+                "role=client",
+                "--relay",
+                &relay_addr,
+                "--state-dir",
+                &state,
+            ];
+            cli("postern-relay", &args).await.trim().to_owned()
+        }
+    };
+    let first_ticket = ticket().await;
+    let second_ticket = ticket().await;
+
+    // Revoking in a directory without the CA is an error, and makes no directory.
+    let elsewhere = path("relay-state-typo");
+    let err = cli_fails(
+        "postern-relay",
+        &["identity", "revoke", "laptop", "--state-dir", &elsewhere],
+    )
+    .await;
+    assert!(
+        err.contains("holds no project CA") && err.contains("nothing was revoked"),
+        "{err}"
+    );
+    assert!(!Path::new(&elsewhere).exists(), "revoke made {elsewhere}");
+
+    let admin_addr = format!("127.0.0.1:{}", free_tcp_port());
+    let relay_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let mut relay = Proc::spawn(
+        dir.path(),
+        "relay",
+        "postern-relay",
+        &[
+            "run",
+            "--state-dir",
+            &state,
+            "--listen",
+            &relay_addr,
+            "--admin-addr",
+            &admin_addr,
+            "--metrics-addr",
+            &relay_ops,
+            "--drain-timeout",
+            "1s",
+        ],
+    );
+    relay.wait_ready(relay_ops.parse().expect("addr")).await;
+
+    let inlet_state = path("inlet-state");
+    let inlet_args = |ops: &str, listen: &str| -> Vec<String> {
+        [
+            "run",
+            "--ticket",
+            &first_ticket,
+            "--name",
+            "inlet-a",
+            "--state-dir",
+            &inlet_state,
+            "--service",
+            &format!("echo={listen}"),
+            "--metrics-addr",
+            ops,
+            "--drain-timeout",
+            "1s",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let ops = format!("127.0.0.1:{}", free_tcp_port());
+    let args = inlet_args(&ops, &format!("127.0.0.1:{}", free_tcp_port()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut inlet = Proc::spawn(dir.path(), "inlet", "postern-inlet", &args);
+    inlet.wait_ready(ops.parse().expect("addr")).await;
+
+    // Enrolling the enrolled directory again says as whom, and leaves the ticket unused.
+    let err = cli_fails(
+        "postern-inlet",
+        &["enroll", &second_ticket, "--state-dir", &inlet_state],
+    )
+    .await;
+    assert!(
+        err.contains("already enrolled as inlet-a") && err.contains("To enroll again"),
+        "{err}"
+    );
+
+    // A second inlet on the same identity is refused, naming the first one's pid.
+    let ops2 = format!("127.0.0.1:{}", free_tcp_port());
+    let args = inlet_args(&ops2, &format!("127.0.0.1:{}", free_tcp_port()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut second = Proc::spawn(dir.path(), "inlet-second", "postern-inlet", &args);
+    let status = second.wait(Duration::from_secs(20)).await;
+    assert!(!status.success(), "the second inlet ran");
+    let pid = inlet.child.id().expect("first inlet runs");
+    let log = second.log();
+    assert!(
+        log.contains(&format!("in use by another postern-inlet (pid {pid})")),
+        "{log}"
+    );
+    inlet.wait_ready(ops.parse().expect("addr")).await;
+
+    // With the relay running, the revocation goes to it and says so.
+    let out = cli(
+        "postern-relay",
+        &[
+            "identity",
+            "revoke",
+            "inlet-a",
+            "--state-dir",
+            &state,
+            "--admin-addr",
+            &admin_addr,
+        ],
+    )
+    .await;
+    assert!(
+        out.contains(&format!("at the running relay (admin API {admin_addr}"))
+            && out.contains("cut off"),
+        "{out}"
+    );
+    let listed = cli(
+        "postern-relay",
+        &["identity", "list", "--state-dir", &state],
+    )
+    .await;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("inlet-a") && l.contains("REVOKED")),
+        "{listed}"
+    );
+}

@@ -116,7 +116,9 @@ pub struct InfluxdbOutletConfig {
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
     /// Attribute expression saying which inlets may use this service (kept as written; the
-    /// outlet's policy code evaluates it).
+    /// outlet's policy code evaluates it), or `"*"` for every inlet the relay routes. The
+    /// outlet's config file must have it (see `config::influxdb_rule`); in-process callers
+    /// may leave it out.
     #[serde(default)]
     pub allow: Option<String>,
     /// InfluxDB 2 organization id (16 hex digits). Required for `api = "v2"`.
