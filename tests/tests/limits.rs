@@ -384,11 +384,16 @@ async fn a_revoked_inlet_stops_retrying_and_says_why() {
         None,
     );
     let inlet = start_inlet(&pki, "inlet-gone", relay.addr, &["svc"]).await;
-    relay
-        .handle
-        .revoke_identity(&node("inlet-gone"))
-        .await
-        .expect("revoke");
+    // The inlet sees its control connection up a moment before the relay has filed the node:
+    // revoke once the relay knows it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match relay.handle.revoke_identity(&node("inlet-gone")).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "revoke: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let failures = || {
         relay
             .handle
