@@ -31,7 +31,9 @@ cargo build --release --quiet --bins
 bin=$root/target/release
 
 rm -rf "$work"
-mkdir -p "$work"/{influxdb,relay,outlet,inlet}
+# Private from the start (the nodes would otherwise tighten them, with a warning).
+mkdir -p -m 700 "$work"
+mkdir -p -m 700 "$work"/{influxdb,relay,outlet,inlet}
 pids=()
 cleanup() {
   if [ -z "${KEEP:-}" ]; then
