@@ -9,5 +9,7 @@ pub mod metrics;
 pub mod node;
 pub mod public;
 pub mod target;
+#[cfg(all(test, unix))]
+mod test_fs;
 
 pub use node::{Outlet, OutletHandle, OutletOptions};
