@@ -117,20 +117,16 @@ impl LeaseGate {
     }
 
     async fn inject(&mut self) -> Verdict {
-        if self.grants.is_none() {
-            match self.manager.subscribe(&self.client) {
-                Ok(rx) => self.grants = Some(rx),
+        let rx = match &mut self.grants {
+            Some(rx) => rx,
+            None => match self.manager.subscribe(&self.client) {
+                Ok(rx) => self.grants.insert(rx),
                 Err(e) => {
                     return Verdict::NoLease {
                         reason: format!("the outlet cannot lease a credential: {e}"),
                     }
                 }
-            }
-        }
-        let Some(rx) = self.grants.as_mut() else {
-            return Verdict::NoLease {
-                reason: "the outlet cannot lease a credential".into(),
-            };
+            },
         };
         current_lease(rx, LEASE_WAIT).await
     }
