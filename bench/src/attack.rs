@@ -169,9 +169,11 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
         // Generated up front so that making them does not compete with the measurement.
         let initials = if attack == Attack::InitialFlood {
             let n = (o.initial_rate * o.secs) as usize;
-            let cfg =
-                postern_net::endpoint::control_client(&pki.identity("flooder")?, pki.roots()?)
-                    .context("flood client config")?;
+            let cfg = postern_net::transport::endpoint::control_client(
+                &pki.identity("flooder")?,
+                pki.roots()?,
+            )
+            .context("flood client config")?;
             let to = relay.addr;
             tokio::task::spawn_blocking(move || make_initials(cfg, to, n)).await??
         } else {

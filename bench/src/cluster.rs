@@ -3,8 +3,8 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_net::control::RelayTarget;
-use postern_net::relay_path::{TransportMode, TransportSettings};
+use postern_net::transport::relay_path::RelayTarget;
+use postern_net::transport::relay_path::{TransportMode, TransportSettings};
 use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};

@@ -45,10 +45,10 @@ impl ServiceFile {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct InletFile {
     /// One `host:port` or a list (the node uses every relay in it).
-    pub relay: Option<postern_net::relay_path::RelayList>,
+    pub relay: Option<postern_net::transport::relay_path::RelayList>,
     pub relay_name: Option<String>,
     /// `auto`, `udp` or `tcp`.
-    pub transport: Option<postern_net::relay_path::TransportMode>,
+    pub transport: Option<postern_net::transport::relay_path::TransportMode>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -93,7 +93,7 @@ pub struct RunArgs {
     pub metrics_addr: Option<SocketAddr>,
     /// On SIGTERM/SIGINT, stop accepting client connections and let open ones finish for at
     /// most this long before closing, e.g. `10s`, `500ms` [default: 10s].
-    #[arg(long, value_parser = postern_net::drain::parse_duration)]
+    #[arg(long, value_parser = postern_net::runtime::duration::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
     /// Most client connections open at once on each listener; more are closed at once (or, on
     /// `kind=influxdb` and TLS listeners, make room by closing the oldest connection that has
@@ -109,7 +109,7 @@ pub struct InletConfig {
     pub node: NodeArgs,
     /// Relays after the first (`node.relay`), used at the same time.
     pub more_relays: Vec<String>,
-    pub transport: postern_net::relay_path::TransportSettings,
+    pub transport: postern_net::transport::relay_path::TransportSettings,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
     pub metrics_addr: Option<SocketAddr>,
@@ -158,7 +158,7 @@ impl RunArgs {
     /// Merges flags over the file over defaults.
     pub fn resolve(self) -> anyhow::Result<InletConfig> {
         let file: InletFile = match &self.config {
-            Some(p) => postern_net::files::load_toml(p)?,
+            Some(p) => postern_net::runtime::files::load_toml(p)?,
             None => InletFile::default(),
         };
         let mut services = file.service;
@@ -177,15 +177,15 @@ impl RunArgs {
         }
         let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
             (Some(d), _) => d,
-            (None, Some(text)) => postern_net::drain::parse_duration(text)
+            (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
                 .map_err(anyhow::Error::msg)
                 .context("drain-timeout")?,
-            (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
+            (None, None) => postern_net::runtime::drain::DEFAULT_DRAIN_TIMEOUT,
         };
         let from_file = postern_net::node_config::NodeFlags {
             relay: file
                 .relay
-                .map(postern_net::relay_path::RelayList::into_vec)
+                .map(postern_net::transport::relay_path::RelayList::into_vec)
                 .unwrap_or_default(),
             transport: file.transport,
             relay_tcp_port: file.relay_tcp_port,
@@ -227,7 +227,7 @@ mod tests {
         let file: InletFile = toml::from_str(include_str!("../../deploy/config/inlet.toml"))
             .expect("deploy/config/inlet.toml");
         let drain = file.drain_timeout.as_deref().expect("drain-timeout");
-        postern_net::drain::parse_duration(drain).expect("drain-timeout");
+        postern_net::runtime::duration::parse_duration(drain).expect("drain-timeout");
         assert!(file.metrics_addr.is_some());
         assert_eq!(file.service.len(), 1);
     }
@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn several_relays_and_the_transport_come_from_file_or_flags() {
         use clap::Parser;
-        use postern_net::relay_path::TransportMode;
+        use postern_net::transport::relay_path::TransportMode;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]

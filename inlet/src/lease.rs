@@ -2,9 +2,9 @@
 //! the outlet, in a watch channel the HTTP filter reads once per request.
 
 use crate::node::Shared;
-use postern_net::backoff::Backoff;
-use postern_net::ctl;
-use postern_net::http_proxy::{Gate, Verdict};
+use postern_net::control::exchange;
+use postern_net::runtime::backoff::Backoff;
+use postern_net::stream::http_proxy::{Gate, Verdict};
 use postern_proto::http::RequestHead;
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::msg::{LeaseMsg, StreamOpen};
@@ -163,11 +163,11 @@ async fn follow(
     let open = StreamOpen::Lease {
         service: service.clone(),
     };
-    if let Err(e) = ctl::write_message(&mut send, &open).await {
+    if let Err(e) = exchange::write_message(&mut send, &open).await {
         return e.to_string();
     }
     loop {
-        let next = ctl::read_frame::<LeaseMsg>(&mut recv);
+        let next = exchange::read_frame::<LeaseMsg>(&mut recv);
         let msg = tokio::select! {
             m = next => m,
             _ = expiry_timer(*held_until) => {

@@ -58,7 +58,7 @@ enum CaCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    postern_net::logging::init(&cli.log, None)?;
+    postern_net::runtime::logging::init(&cli.log, None)?;
     match cli.command {
         Command::Run(args) => run(args).await,
         Command::Enroll {
@@ -77,14 +77,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     let recorder = match cfg.metrics_addr {
         Some(_) => {
-            let r = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
+            let r = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
             postern_inlet::metrics::describe();
             Some(r)
         }
         None => None,
     };
     // Held until the process ends: a second inlet on this identity is refused here.
-    let _lock = postern_net::state_lock::lock(&cfg.state_dir, "inlet")?;
+    let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "inlet")?;
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
     let (relay, identity, roots) = settings.load()?;
@@ -119,15 +119,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         &cfg.more_relays
     };
-    for relay in postern_net::relay_path::resolve_relays(more_relays, &settings.relay_name)
-        .map_err(anyhow::Error::msg)?
+    for relay in
+        postern_net::transport::relay_path::resolve_relays(more_relays, &settings.relay_name)
+            .map_err(anyhow::Error::msg)?
     {
         inlet.add_relay(relay);
     }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
-        let listener = postern_net::ops::bind(addr).await?;
-        tokio::spawn(postern_net::ops::serve(
+        let listener = postern_net::runtime::ops::bind(addr).await?;
+        tokio::spawn(postern_net::runtime::ops::serve(
             listener,
             std::sync::Arc::new(inlet.handle()),
             recorder,
@@ -137,12 +138,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        postern_net::shutdown_signal().await;
+        postern_net::runtime::signal::shutdown_signal().await;
         tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
     let handle = inlet.handle();
-    postern_net::renew::spawn_if_enrolled(
+    postern_net::control::renew::spawn_if_enrolled(
         &cfg.state_dir,
         &settings.cert,
         handle.control(),

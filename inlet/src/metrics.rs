@@ -12,7 +12,7 @@
 //! - `postern_node_relay_refusals_total`: times a relay refused this node for good (revoked).
 
 use crate::node::InletHandle;
-use postern_net::ops::{Exposition, Observe};
+use postern_net::runtime::ops::{Exposition, Observe};
 
 /// Gives the recorder's metrics their help texts (call once after installing it).
 pub fn describe() {

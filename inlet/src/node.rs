@@ -3,13 +3,14 @@
 
 use crate::lease::{CredentialSource, LeaseState};
 use crate::tls::{ClientStream, TlsAcceptor};
-use postern_net::control::{self, current_config, ControlHandler, RelayTarget, SharedClientConfig};
-use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
-use postern_net::endpoint::{self, EndpointError};
-use postern_net::http_proxy;
-use postern_net::node_socket::NodeSocket;
-use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
-use postern_net::splice;
+use postern_net::control::connection::{self, current_config, ControlHandler, SharedClientConfig};
+use postern_net::control::exchange::{self, CtlError, CTL_TIMEOUT};
+use postern_net::stream::http_proxy;
+use postern_net::stream::splice;
+use postern_net::transport::endpoint::{self, EndpointError};
+use postern_net::transport::node_socket::NodeSocket;
+use postern_net::transport::relay_path::RelayTarget;
+use postern_net::transport::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_proto::fwd::RouteId;
 use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl, RefuseReason, StreamOpen};
@@ -190,7 +191,7 @@ pub(crate) struct Shared {
     socket: Arc<NodeSocket>,
     endpoint: quinn::Endpoint,
     e2e_client: SharedClientConfig,
-    key_budget: Mutex<postern_net::rekey::KeyBudget>,
+    key_budget: Mutex<postern_net::transport::rekey::KeyBudget>,
     /// Most end-to-end connections per service (see [`pool_size`]).
     pool: std::sync::atomic::AtomicUsize,
     key_updates: Arc<std::sync::atomic::AtomicU64>,
@@ -407,7 +408,7 @@ impl Shared {
         ctl_conn: &quinn::Connection,
         service: &ServiceName,
     ) -> Result<(RouteId, NodeName), ServeError> {
-        let answer = ctl::request(
+        let answer = exchange::request(
             ctl_conn,
             &Ctl::RouteRequest {
                 service: service.clone(),
@@ -507,7 +508,7 @@ impl Shared {
             Err(_) => return Err("timed out".into()),
         };
         let budget = *self.key_budget.lock().unwrap_or_else(|p| p.into_inner());
-        tokio::spawn(postern_net::rekey::run(
+        tokio::spawn(postern_net::transport::rekey::run(
             conn.clone(),
             budget,
             self.key_updates.clone(),
@@ -656,7 +657,7 @@ impl InletHandle {
 
     /// Waits until the control connection to the relay is up.
     pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
-        control::wait_connected(&mut self.control, timeout)
+        connection::wait_connected(&mut self.control, timeout)
             .await
             .is_some()
     }
@@ -768,7 +769,7 @@ impl Inlet {
     }
 
     /// Caps each listener's open client connections (default
-    /// [`DEFAULT_MAX_CONNECTIONS`](postern_net::limit::DEFAULT_MAX_CONNECTIONS); either is
+    /// [`DEFAULT_MAX_CONNECTIONS`](postern_net::runtime::limit::DEFAULT_MAX_CONNECTIONS); either is
     /// lowered to fit the open-file limit). Connections over the cap are closed at once, or,
     /// where the client speaks first (`kind = "influxdb"`, TLS), make room by closing the
     /// oldest connection that has not sent a byte yet. Call before [`run`](Self::run).
@@ -813,7 +814,7 @@ impl Inlet {
     }
 
     /// Sets when end-to-end traffic keys are rotated (default: every GiB or hour).
-    pub fn set_key_budget(&self, budget: postern_net::rekey::KeyBudget) {
+    pub fn set_key_budget(&self, budget: postern_net::transport::rekey::KeyBudget) {
         *self
             .shared
             .key_budget
@@ -873,9 +874,9 @@ impl Inlet {
             };
             let clients = self.drain.clients.clone();
             let tls = self.tls.get(&service).cloned();
-            let limit = postern_net::limit::ConnLimit::new(
+            let limit = postern_net::runtime::limit::ConnLimit::new(
                 format!("inlet service {service}"),
-                postern_net::limit::default_cap(self.max_connections),
+                postern_net::runtime::limit::default_cap(self.max_connections),
             );
             tasks.spawn(accept_loop(
                 service, mode, listener, shared, shutdown, clients, tls, limit,
@@ -897,7 +898,7 @@ impl Inlet {
                     return;
                 }
             };
-            controls.spawn(control::run(
+            controls.spawn(connection::run(
                 self.shared.endpoint.clone(),
                 self.client.clone(),
                 path,
@@ -913,7 +914,8 @@ impl Inlet {
             // The accept loops return now, closing the listeners.
             state.draining.cancel();
             if !timeout.is_zero() {
-                postern_net::drain::drain(&state.clients, timeout, "client connections").await;
+                postern_net::runtime::drain::drain(&state.clients, timeout, "client connections")
+                    .await;
             }
             close.cancel();
         };
@@ -953,12 +955,13 @@ async fn accept_loop(
     shutdown: CancellationToken,
     clients: TaskTracker,
     tls: Option<TlsAcceptor>,
-    limit: Arc<postern_net::limit::ConnLimit>,
+    limit: Arc<postern_net::runtime::limit::ConnLimit>,
 ) {
     tracing::info!(%service, addr = ?listener.local_addr().ok(), tls = tls.is_some(), max_connections = limit.max(), "listening");
     // HTTP and TLS clients speak first: one that has sent nothing yet can make room for another.
     let client_speaks_first = tls.is_some() || matches!(mode, Mode::Http(_));
-    let mut backoff = postern_net::limit::AcceptBackoff::new(format!("inlet service {service}"));
+    let mut backoff =
+        postern_net::runtime::limit::AcceptBackoff::new(format!("inlet service {service}"));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1088,7 +1091,7 @@ async fn serve_client(tcp: ClientStream, service: ServiceName, shared: Arc<Share
             return;
         }
     };
-    if let Err(e) = ctl::write_frame(
+    if let Err(e) = exchange::write_frame(
         &mut send,
         &StreamOpen::Connect {
             service: service.clone(),
@@ -1135,7 +1138,7 @@ async fn serve_http_client(
             failed(&service, &e);
             std::io::Error::other(e.to_string())
         })?;
-        ctl::write_frame(
+        exchange::write_frame(
             &mut send,
             &StreamOpen::Connect {
                 service: service.clone(),

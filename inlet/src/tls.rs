@@ -7,7 +7,7 @@
 //! no client certificate, ALPN `http/1.1` so the HTTP filter sees plain HTTP/1.1 requests once
 //! the handshake is done.
 
-use postern_net::splice;
+use postern_net::stream::splice;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-pub use postern_net::tls_server::{
+pub use postern_net::stream::tls_server::{
     acceptor, server_config, TlsAcceptor, TlsSetupError, ALPN_HTTP11, HANDSHAKE_TIMEOUT,
 };
 
@@ -45,7 +45,7 @@ pub async fn accept_within(
 /// The project CA certificate (PEM) from an enrolled inlet's state directory, checked to hold
 /// at least one certificate (`postern-inlet ca export`).
 pub fn export_ca(state_dir: &Path) -> anyhow::Result<String> {
-    let path = postern_net::enroll::NodeState::new(state_dir).ca();
+    let path = postern_net::control::enroll::NodeState::new(state_dir).ca();
     let pem = std::fs::read_to_string(&path).map_err(|e| {
         anyhow::anyhow!(
             "cannot read the project CA {}: {e} (enroll first: postern-inlet enroll TICKET \
@@ -272,7 +272,7 @@ mod tests {
         assert!(e.to_string().contains("ca.pem"), "{e}");
         assert!(e.to_string().contains("enroll"), "{e}");
         let ca = Ca::generate("test").expect("ca");
-        let state = postern_net::enroll::NodeState::new(dir.path());
+        let state = postern_net::control::enroll::NodeState::new(dir.path());
         std::fs::write(state.ca(), ca.cert_pem()).expect("write");
         assert_eq!(export_ca(dir.path()).expect("export"), ca.cert_pem());
         std::fs::write(state.ca(), "not a certificate").expect("write");

@@ -1,7 +1,7 @@
 //! Settings every node (outlet, inlet) shares: how to reach the relay and who it is.
 
-use crate::control::RelayTarget;
-use crate::files;
+use crate::runtime::files;
+use crate::transport::relay_path::RelayTarget;
 use anyhow::Context;
 use postern_proto::tls::{self, Identity};
 use rustls::RootCertStore;
@@ -23,7 +23,7 @@ pub struct NodeFlags {
     /// when the UDP handshake gets no answer within 3 s (UDP blocked); `udp` or `tcp` force
     /// one [default: auto].
     #[arg(long, value_name = "auto|udp|tcp")]
-    pub transport: Option<crate::relay_path::TransportMode>,
+    pub transport: Option<crate::transport::relay_path::TransportMode>,
     /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
     #[arg(long)]
     pub relay_tcp_port: Option<u16>,
@@ -70,9 +70,15 @@ impl NodeFlags {
 
     /// Splits into the node's identity settings, the relays after the first, and how to
     /// reach them.
-    pub fn resolve(self) -> (NodeArgs, Vec<String>, crate::relay_path::TransportSettings) {
-        let (first, more) = crate::relay_path::merge_relays(self.relay, None);
-        let transport = crate::relay_path::TransportSettings {
+    pub fn resolve(
+        self,
+    ) -> (
+        NodeArgs,
+        Vec<String>,
+        crate::transport::relay_path::TransportSettings,
+    ) {
+        let (first, more) = crate::transport::relay_path::merge_relays(self.relay, None);
+        let transport = crate::transport::relay_path::TransportSettings {
             mode: self.transport.unwrap_or_default(),
             tcp_port: self.relay_tcp_port,
             udp_timeout: None,
@@ -183,7 +189,7 @@ pub async fn prepare(
     state_dir: &std::path::Path,
     role: &str,
 ) -> anyhow::Result<NodeSettings> {
-    use crate::enroll::{enroll, NodeState};
+    use crate::control::enroll::{enroll, NodeState};
     let state = NodeState::new(state_dir);
     // The identity, leases and grants live here: tighten a directory an older install or a
     // hand-made one left open to other users (a missing one is made private by its first write).
@@ -245,7 +251,7 @@ pub async fn enroll_command(
     name: Option<String>,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use crate::enroll::{enroll, NodeState};
+    use crate::control::enroll::{enroll, NodeState};
     let state = NodeState::new(state_dir);
     // Checked before the ticket is used, so that a second `enroll` neither spends a ticket nor
     // reads as a problem with it.

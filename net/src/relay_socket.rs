@@ -7,14 +7,13 @@
 //! stream. Consecutive frames of one GRO batch going to the same endpoint are sent on as one GSO
 //! batch.
 
-use crate::canonical;
-use crate::links::StreamLinks;
+use crate::transport::links::StreamLinks;
+use crate::transport::udp::{bind_udp, canonical, Poller};
 use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -134,7 +133,7 @@ pub struct RelaySocket {
     routes: Arc<RouteTable>,
     stats: Arc<ForwardStats>,
     tap: Option<Tap>,
-    /// Nodes that reach the relay over TLS/TCP (see [`crate::links`]).
+    /// Nodes that reach the relay over TLS/TCP (see [`crate::transport::links`]).
     links: Arc<StreamLinks>,
 }
 
@@ -144,23 +143,6 @@ impl fmt::Debug for RelaySocket {
             .field("local", &self.io.local_addr().ok())
             .finish_non_exhaustive()
     }
-}
-
-/// Socket buffer size asked for on every postern UDP socket (the kernel may cap it).
-pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
-
-/// Binds a UDP socket prepared for quinn (non-blocking, large buffers, GSO/GRO probed).
-pub(crate) fn bind_udp(
-    addr: SocketAddr,
-) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
-    let std = std::net::UdpSocket::bind(addr)?;
-    let state = UdpSocketState::new((&std).into())?;
-    // Larger buffers absorb bursts at high rates; failure only costs throughput.
-    let _ = state.set_recv_buffer_size((&std).into(), SOCKET_BUFFER);
-    let _ = state.set_send_buffer_size((&std).into(), SOCKET_BUFFER);
-    std.set_nonblocking(true)?;
-    let io = tokio::net::UdpSocket::from_std(std)?;
-    Ok((Arc::new(io), state))
 }
 
 impl RelaySocket {
@@ -440,41 +422,5 @@ impl AsyncUdpSocket for RelaySocket {
 
     fn max_receive_segments(&self) -> usize {
         self.state.gro_segments()
-    }
-}
-
-type WritableFut = Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>;
-
-/// Waits for the socket to become writable; one per quinn connection, so each needs its own
-/// future (tokio's `poll_send_ready` keeps only the last waker).
-pub(crate) struct Poller {
-    io: Arc<tokio::net::UdpSocket>,
-    fut: Option<WritableFut>,
-}
-
-impl Poller {
-    pub(crate) fn new(io: Arc<tokio::net::UdpSocket>) -> Self {
-        Self { io, fut: None }
-    }
-}
-
-impl fmt::Debug for Poller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Poller").finish_non_exhaustive()
-    }
-}
-
-impl UdpPoller for Poller {
-    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let fut = this.fut.get_or_insert_with(|| {
-            let io = this.io.clone();
-            Box::pin(async move { io.writable().await })
-        });
-        let res = fut.as_mut().poll(cx);
-        if res.is_ready() {
-            this.fut = None;
-        }
-        res
     }
 }

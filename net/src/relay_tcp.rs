@@ -1,7 +1,7 @@
 //! The relay's TLS/TCP listener for nodes that cannot use UDP.
 //!
 //! Each accepted connection (TLS 1.3 with the relay's certificate, ALPN
-//! [`postern_proto::dgram::ALPN_TCP`]) becomes a [`crate::links`] link with its own *virtual*
+//! [`postern_proto::dgram::ALPN_TCP`]) becomes a [`crate::transport::links`] link with its own *virtual*
 //! address in 240.0.0.0/8 (reserved, never routed). The node's QUIC control connection, carried
 //! inside, appears to quinn as coming from that address, so the route table names it as the
 //! node's endpoint and forwarding frames to it go back down the same TLS connection. Nothing
@@ -10,7 +10,7 @@
 //! The TLS layer authenticates the relay only; the node proves who it is inside, on the
 //! control connection's mutual TLS, exactly as over UDP.
 
-use crate::links::StreamLinks;
+use crate::transport::links::StreamLinks;
 use postern_proto::dgram::ALPN_TCP;
 use postern_proto::tls::{self, Identity, TlsError};
 use rustls::RootCertStore;
@@ -68,9 +68,11 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let next = AtomicU32::new(1);
     let tasks = TaskTracker::new();
-    let limit =
-        crate::limit::ConnLimit::new("relay TLS/TCP", crate::limit::default_cap(Some(MAX_LINKS)));
-    let mut backoff = crate::limit::AcceptBackoff::new("relay TLS/TCP");
+    let limit = crate::runtime::limit::ConnLimit::new(
+        "relay TLS/TCP",
+        crate::runtime::limit::default_cap(Some(MAX_LINKS)),
+    );
+    let mut backoff = crate::runtime::limit::AcceptBackoff::new("relay TLS/TCP");
     tracing::info!(addr = ?listener.local_addr().ok(), "relay listening on TLS/TCP for nodes without UDP");
     loop {
         let accepted = tokio::select! {

@@ -44,10 +44,10 @@ pub struct ServiceFile {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct OutletFile {
     /// One `host:port` or a list (the node uses every relay in it).
-    pub relay: Option<postern_net::relay_path::RelayList>,
+    pub relay: Option<postern_net::transport::relay_path::RelayList>,
     pub relay_name: Option<String>,
     /// `auto`, `udp` or `tcp`.
-    pub transport: Option<postern_net::relay_path::TransportMode>,
+    pub transport: Option<postern_net::transport::relay_path::TransportMode>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -115,7 +115,7 @@ pub struct RunArgs {
     pub audit_log: Option<PathBuf>,
     /// On SIGTERM/SIGINT, stop taking new streams and let open ones finish for at most this
     /// long, then close and revoke leases, e.g. `10s`, `500ms` [default: 10s].
-    #[arg(long, value_parser = postern_net::drain::parse_duration)]
+    #[arg(long, value_parser = postern_net::runtime::duration::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
     /// The relay's public domain (the relay's `--public-domain`), needed by services offered
     /// publicly (`public = true`): they are reached as `https://<service>.<public-domain>/`.
@@ -132,7 +132,7 @@ pub struct OutletConfig {
     pub node: NodeArgs,
     /// Relays after the first (`node.relay`), used at the same time.
     pub more_relays: Vec<String>,
-    pub transport: postern_net::relay_path::TransportSettings,
+    pub transport: postern_net::transport::relay_path::TransportSettings,
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
     /// The lease-managed InfluxDB service, if configured.
@@ -192,7 +192,7 @@ impl RunArgs {
     /// Merges flags over the file over defaults.
     pub fn resolve(self) -> anyhow::Result<OutletConfig> {
         let file: OutletFile = match &self.config {
-            Some(p) => postern_net::files::load_toml(p)?,
+            Some(p) => postern_net::runtime::files::load_toml(p)?,
             None => OutletFile::default(),
         };
         let mut services = file.service;
@@ -228,15 +228,15 @@ impl RunArgs {
         }
         let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
             (Some(d), _) => d,
-            (None, Some(text)) => postern_net::drain::parse_duration(text)
+            (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
                 .map_err(anyhow::Error::msg)
                 .context("drain-timeout")?,
-            (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
+            (None, None) => postern_net::runtime::drain::DEFAULT_DRAIN_TIMEOUT,
         };
         let from_file = postern_net::node_config::NodeFlags {
             relay: file
                 .relay
-                .map(postern_net::relay_path::RelayList::into_vec)
+                .map(postern_net::transport::relay_path::RelayList::into_vec)
                 .unwrap_or_default(),
             transport: file.transport,
             relay_tcp_port: file.relay_tcp_port,
@@ -307,7 +307,7 @@ impl ServiceFile {
             .tls_ca
             .as_ref()
             .with_context(|| format!("service {}: tls-ca missing", self.name))?;
-        let ca = postern_net::files::read(ca_path)?;
+        let ca = postern_net::runtime::files::read(ca_path)?;
         let host = self
             .tls_server_name
             .clone()
@@ -377,7 +377,7 @@ mod tests {
         let file: OutletFile = toml::from_str(include_str!("../../deploy/config/outlet.toml"))
             .expect("deploy/config/outlet.toml");
         let drain = file.drain_timeout.as_deref().expect("drain-timeout");
-        postern_net::drain::parse_duration(drain).expect("drain-timeout");
+        postern_net::runtime::duration::parse_duration(drain).expect("drain-timeout");
         assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
         assert!(file.influxdb_outlet.is_some());
     }

@@ -3,7 +3,7 @@
 //! Nothing on the client's side can be trusted: an enrolled client may run a modified inlet, or
 //! declare the service as plain TCP in its own inlet and send any bytes it likes. So every stream
 //! of a service with leased credentials goes through the same strict HTTP filter at the outlet
-//! as at the inlet ([`postern_net::http_proxy`]), and [`LeaseGate`] lets a request reach InfluxDB
+//! as at the inlet ([`postern_net::stream::http_proxy`]), and [`LeaseGate`] lets a request reach InfluxDB
 //! only with the credential leased to the identity proven by the end-to-end mutual TLS:
 //!
 //! * `inject-at = "inlet"`: the request must carry exactly one `Authorization` field whose value
@@ -17,7 +17,7 @@
 //! but a WebSocket one, and turns the stream into raw bytes only after InfluxDB answered `101`.
 
 use crate::lease::{InjectAt, LeaseManager};
-use postern_net::http_proxy::{Gate, Verdict};
+use postern_net::stream::http_proxy::{Gate, Verdict};
 use postern_proto::http::{error_response, RequestHead};
 use postern_proto::lease::LeaseGrant;
 use postern_proto::name::{NodeName, ServiceName};

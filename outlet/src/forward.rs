@@ -4,9 +4,9 @@
 use crate::enforce::LeaseGate;
 use crate::lease::{InjectAt, LeaseManager};
 use crate::target::{Target, TargetError};
-use postern_net::ctl;
-use postern_net::http_proxy::{self, ProxyOptions};
-use postern_net::splice;
+use postern_net::control::exchange;
+use postern_net::stream::http_proxy::{self, ProxyOptions};
+use postern_net::stream::splice;
 use postern_proto::fwd::RouteId;
 use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, LeaseMsg, StreamOpen};
@@ -85,7 +85,8 @@ impl Routes {
 
     /// Records a route announced by the relay.
     pub fn expect(&self, virt: SocketAddr, route: ExpectedRoute) {
-        self.expected().insert(postern_net::canonical(virt), route);
+        self.expected()
+            .insert(postern_net::transport::udp::canonical(virt), route);
     }
 
     /// Forgets a route and closes its connection.
@@ -94,7 +95,9 @@ impl Routes {
     }
 
     fn lookup(&self, virt: SocketAddr) -> Option<ExpectedRoute> {
-        self.expected().get(&postern_net::canonical(virt)).cloned()
+        self.expected()
+            .get(&postern_net::transport::udp::canonical(virt))
+            .cloned()
     }
 
     /// Closes every end-to-end connection from `inlet` (its identity was revoked).
@@ -178,7 +181,7 @@ async fn serve_connection(
             return;
         }
     };
-    match postern_net::peer_name(&conn) {
+    match postern_net::transport::endpoint::peer_name(&conn) {
         Ok(name) if name == expected.inlet => {}
         Ok(name) => {
             tracing::warn!(presented = %name, "inlet's certificate does not match the route; closing");
@@ -194,7 +197,7 @@ async fn serve_connection(
             return;
         }
     }
-    let attrs = Arc::new(postern_net::peer_attributes(&conn));
+    let attrs = Arc::new(postern_net::transport::endpoint::peer_attributes(&conn));
     tracing::info!(?attrs, "end-to-end connection up");
     routes
         .conns()
@@ -248,8 +251,11 @@ async fn serve_stream(
         let _ = send.reset(VarInt::from_u32(c));
         let _ = recv.stop(VarInt::from_u32(c));
     };
-    let header =
-        tokio::time::timeout(HEADER_TIMEOUT, ctl::read_frame::<StreamOpen>(&mut recv)).await;
+    let header = tokio::time::timeout(
+        HEADER_TIMEOUT,
+        exchange::read_frame::<StreamOpen>(&mut recv),
+    )
+    .await;
     let requested = match &header {
         Ok(Ok(StreamOpen::Connect { service })) | Ok(Ok(StreamOpen::Lease { service })) => {
             Some(service.clone())
@@ -390,7 +396,7 @@ async fn serve_lease(
             let msg = LeaseMsg::Unavailable {
                 reason: e.to_string(),
             };
-            let _ = ctl::write_frame(&mut send, &msg).await;
+            let _ = exchange::write_frame(&mut send, &msg).await;
             let _ = send.finish();
             return;
         }
@@ -398,7 +404,7 @@ async fn serve_lease(
     if mode == InjectAt::Outlet {
         // The credential stays here: tell the inlet to send none, and keep the subscription
         // (and so the lease, renewed) for as long as the inlet is connected.
-        if let Err(e) = ctl::write_frame(&mut send, &LeaseMsg::AtOutlet).await {
+        if let Err(e) = exchange::write_frame(&mut send, &LeaseMsg::AtOutlet).await {
             tracing::debug!(error = %e, "lease stream closed");
             return;
         }
@@ -420,7 +426,7 @@ async fn serve_lease(
         if let Some(grant) = current {
             told = false;
             tracing::info!(lease = %grant.lease_id, expires_at_ms = grant.expires_at_ms, "lease sent to inlet");
-            if let Err(e) = ctl::write_frame(&mut send, &LeaseMsg::Grant(grant)).await {
+            if let Err(e) = exchange::write_frame(&mut send, &LeaseMsg::Grant(grant)).await {
                 tracing::debug!(error = %e, "lease stream closed");
                 return;
             }
@@ -437,7 +443,7 @@ async fn serve_lease(
         tokio::select! {
             changed = grants.changed() => {
                 if changed.is_err() {
-                    let _ = ctl::write_frame(&mut send, &LeaseMsg::Unavailable {
+                    let _ = exchange::write_frame(&mut send, &LeaseMsg::Unavailable {
                         reason: "the lease manager stopped".into(),
                     }).await;
                     let _ = send.finish();
@@ -458,7 +464,7 @@ async fn serve_lease(
                         LEASE_NOTICE.as_secs()
                     ),
                 };
-                if let Err(e) = ctl::write_frame(&mut send, &msg).await {
+                if let Err(e) = exchange::write_frame(&mut send, &msg).await {
                     tracing::debug!(error = %e, "lease stream closed");
                     return;
                 }

@@ -74,7 +74,7 @@ enum AccessCommand {
         #[arg(long)]
         service: postern_proto::name::ServiceName,
         /// How long the grant lasts, e.g. `30m`, `1h`.
-        #[arg(long, default_value = "1h", value_parser = postern_net::drain::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = postern_net::runtime::duration::parse_duration)]
         ttl: std::time::Duration,
         /// A label recorded with the grant and in the audit log, `KEY=VALUE` (repeatable),
         /// e.g. `team=ops`.
@@ -112,12 +112,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             // The config names the audit log, so it is read before logging starts.
             let cfg = args.resolve()?;
-            postern_net::logging::init(&cli.log, cfg.audit_log.as_deref())?;
+            postern_net::runtime::logging::init(&cli.log, cfg.audit_log.as_deref())?;
             return run(cfg).await;
         }
         other => other,
     };
-    postern_net::logging::init(&cli.log, None)?;
+    postern_net::runtime::logging::init(&cli.log, None)?;
     match command {
         Command::Run(_) => Ok(()),
         Command::Enroll {
@@ -198,14 +198,14 @@ async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> 
 async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
     let recorder = match cfg.metrics_addr {
         Some(_) => {
-            let r = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
+            let r = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
             postern_outlet::metrics::describe();
             Some(r)
         }
         None => None,
     };
     // Held until the process ends: a second outlet on this identity is refused here.
-    let _lock = postern_net::state_lock::lock(&cfg.state_dir, "outlet")?;
+    let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "outlet")?;
     let settings =
         postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
     let (relay, identity, roots) = settings.load()?;
@@ -255,8 +255,9 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
     } else {
         &cfg.more_relays
     };
-    for relay in postern_net::relay_path::resolve_relays(more_relays, &settings.relay_name)
-        .map_err(anyhow::Error::msg)?
+    for relay in
+        postern_net::transport::relay_path::resolve_relays(more_relays, &settings.relay_name)
+            .map_err(anyhow::Error::msg)?
     {
         outlet.add_relay(relay);
     }
@@ -265,7 +266,7 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
             .context("opening the access grant store")?;
         let mut offered = std::collections::HashMap::new();
         for (name, cert, key) in &p.services {
-            let acceptor = postern_net::tls_server::acceptor(cert, key)
+            let acceptor = postern_net::stream::tls_server::acceptor(cert, key)
                 .with_context(|| format!("public service {name}"))?;
             let host = format!("{name}.{}", p.domain);
             offered.insert(
@@ -289,8 +290,8 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
     }
     let ops_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
-        let listener = postern_net::ops::bind(addr).await?;
-        tokio::spawn(postern_net::ops::serve(
+        let listener = postern_net::runtime::ops::bind(addr).await?;
+        tokio::spawn(postern_net::runtime::ops::serve(
             listener,
             std::sync::Arc::new(outlet.handle()),
             recorder,
@@ -299,12 +300,12 @@ async fn run(cfg: OutletConfig) -> anyhow::Result<()> {
     }
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        postern_net::shutdown_signal().await;
+        postern_net::runtime::signal::shutdown_signal().await;
         tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });
     let handle = outlet.handle();
-    postern_net::renew::spawn_if_enrolled(
+    postern_net::control::renew::spawn_if_enrolled(
         &cfg.state_dir,
         &settings.cert,
         handle.control(),
@@ -345,7 +346,7 @@ fn influx_target(cfg: &postern_outlet::lease::LeaseConfig) -> anyhow::Result<Tar
         let ca_path = cfg.tls_ca.as_ref().context(
             "[influxdb-outlet]: `tls = true` needs `tls-ca` for the tunnel's TLS to InfluxDB",
         )?;
-        let ca = postern_net::files::read(ca_path)?;
+        let ca = postern_net::runtime::files::read(ca_path)?;
         Ok(Target::tls(to, &ca, host)?)
     } else {
         Ok(Target::tcp(to))

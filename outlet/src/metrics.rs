@@ -17,7 +17,7 @@
 //!   `allowed`, `denied` (no live grant) or `link` (an access link opened).
 
 use crate::node::OutletHandle;
-use postern_net::ops::{Exposition, Observe};
+use postern_net::runtime::ops::{Exposition, Observe};
 
 /// Gives the recorder's metrics their help texts (call once after installing it).
 pub fn describe() {

@@ -1,11 +1,12 @@
 //! The outlet node: one socket, one control connection to the relay, end-to-end listener.
 
 use crate::forward::{self, Drain, ExpectedRoute, Routes, Services};
-use postern_net::control::{self, ControlHandler, RelayTarget, SharedClientConfig};
-use postern_net::ctl::{self, CtlError, CTL_TIMEOUT};
-use postern_net::endpoint::{self, EndpointError};
-use postern_net::node_socket::NodeSocket;
-use postern_net::relay_path::{RelayPath, TransportSettings, TransportStatus};
+use postern_net::control::connection::{self, ControlHandler, SharedClientConfig};
+use postern_net::control::exchange::{self, CtlError, CTL_TIMEOUT};
+use postern_net::transport::endpoint::{self, EndpointError};
+use postern_net::transport::node_socket::NodeSocket;
+use postern_net::transport::relay_path::RelayTarget;
+use postern_net::transport::relay_path::{RelayPath, TransportSettings, TransportStatus};
 use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
@@ -87,7 +88,7 @@ impl OutletHandle {
         let deadline = tokio::time::Instant::now() + timeout;
         for rx in std::iter::once(&mut self.control).chain(self.more_controls.iter_mut()) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if control::wait_connected(rx, left).await.is_none() {
+            if connection::wait_connected(rx, left).await.is_none() {
                 return false;
             }
         }
@@ -244,7 +245,7 @@ impl Outlet {
                     return;
                 }
             };
-            controls.spawn(control::run(
+            controls.spawn(connection::run(
                 self.endpoint.clone(),
                 self.client.clone(),
                 path,
@@ -268,7 +269,7 @@ impl Outlet {
             // New end-to-end connections are refused from now on.
             endpoint.set_server_config(None);
             if !timeout.is_zero() {
-                postern_net::drain::drain(&state.streams, timeout, "streams").await;
+                postern_net::runtime::drain::drain(&state.streams, timeout, "streams").await;
             }
             close.cancel();
         };
@@ -303,7 +304,7 @@ impl ControlHandler for OutletControl {
         let msg = Ctl::Register {
             services: self.services.clone(),
         };
-        match ctl::request(conn, &msg, CTL_TIMEOUT).await? {
+        match exchange::request(conn, &msg, CTL_TIMEOUT).await? {
             Ctl::Registered { services } => {
                 tracing::info!(?services, "services registered with relay");
                 if let Some(public) = &self.public {
@@ -428,7 +429,7 @@ async fn register_public(
     if services.is_empty() {
         return Ok(());
     }
-    match ctl::request(conn, &Ctl::RegisterPublic { services }, CTL_TIMEOUT).await? {
+    match exchange::request(conn, &Ctl::RegisterPublic { services }, CTL_TIMEOUT).await? {
         Ctl::Registered { services } => {
             tracing::info!(?services, "public services registered with relay");
         }

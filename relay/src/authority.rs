@@ -3,7 +3,7 @@
 //! identities (see the README: running the authority apart from the relay).
 
 use crate::state::{StateDir, StateError};
-use postern_net::files;
+use postern_net::runtime::files;
 use postern_proto::name::NodeName;
 use postern_proto::policy::Attributes;
 use postern_proto::ticket::{self, EnrollRequest, EnrollResponse, Ticket};

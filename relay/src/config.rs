@@ -2,7 +2,7 @@
 
 use crate::policy::{PolicyFile, PolicySet};
 use clap::Args;
-use postern_net::files::FileError;
+use postern_net::runtime::files::FileError;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,7 +84,7 @@ pub struct RunArgs {
     pub audit_log: Option<PathBuf>,
     /// On SIGTERM/SIGINT, keep forwarding existing routes for at most this long (while refusing
     /// new nodes and routes) before closing, e.g. `10s`, `500ms` [default: 10s].
-    #[arg(long, value_parser = postern_net::drain::parse_duration)]
+    #[arg(long, value_parser = postern_net::runtime::duration::parse_duration)]
     pub drain_timeout: Option<std::time::Duration>,
     /// TCP address of the admin HTTP API (nodes, services, routes, tickets; revoke, drain),
     /// or `off`. It asks for the bearer token in `<state-dir>/admin.token` (made at first
@@ -149,7 +149,7 @@ impl RunArgs {
     /// Merges flags over the file over defaults.
     pub fn resolve(self) -> Result<RelayConfig, FileError> {
         let file: RelayFile = match &self.config {
-            Some(p) => postern_net::files::load_toml(p)?,
+            Some(p) => postern_net::runtime::files::load_toml(p)?,
             None => RelayFile::default(),
         };
         let state_dir = self
@@ -184,19 +184,19 @@ impl RunArgs {
                 .unwrap_or_else(|| PathBuf::from("flags")),
             message,
         })?;
-        let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
-            (Some(d), _) => d,
-            (None, Some(text)) => {
-                postern_net::drain::parse_duration(text).map_err(|message| FileError::Config {
-                    path: self
-                        .config
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from("flags")),
-                    message: format!("drain-timeout: {message}"),
-                })?
-            }
-            (None, None) => postern_net::drain::DEFAULT_DRAIN_TIMEOUT,
-        };
+        let drain_timeout =
+            match (self.drain_timeout, &file.drain_timeout) {
+                (Some(d), _) => d,
+                (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
+                    .map_err(|message| FileError::Config {
+                        path: self
+                            .config
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("flags")),
+                        message: format!("drain-timeout: {message}"),
+                    })?,
+                (None, None) => postern_net::runtime::drain::DEFAULT_DRAIN_TIMEOUT,
+            };
         let config_error = |message: String| FileError::Config {
             path: self
                 .config
@@ -294,7 +294,7 @@ mod tests {
             .expect("deploy/config/relay.toml");
         PolicySet::from_config(&file.policy).expect("policy");
         let drain = file.drain_timeout.as_deref().expect("drain-timeout");
-        postern_net::drain::parse_duration(drain).expect("drain-timeout");
+        postern_net::runtime::duration::parse_duration(drain).expect("drain-timeout");
         assert!(file.metrics_addr.is_some() && file.audit_log.is_some());
         let admin = file.admin_addr.as_deref().expect("admin-addr");
         assert!(crate::admin::parse_admin_addr(admin)

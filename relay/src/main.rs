@@ -183,12 +183,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             // The config names the audit log, so it is read before logging starts.
             let cfg = args.resolve()?;
-            postern_net::logging::init(&cli.log, cfg.audit_log.as_deref())?;
+            postern_net::runtime::logging::init(&cli.log, cfg.audit_log.as_deref())?;
             return run(cfg).await;
         }
         other => other,
     };
-    postern_net::logging::init(&cli.log, None)?;
+    postern_net::runtime::logging::init(&cli.log, None)?;
     match command {
         Command::Run(_) => Ok(()),
         Command::Ca(CaCommand::Init {
@@ -357,7 +357,7 @@ async fn revoke(
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
     use postern_relay::admin::{self, client::AdminClient, AdminToken};
     let file: postern_relay::config::RelayFile = match &args.config {
-        Some(p) => postern_net::files::load_toml(p)?,
+        Some(p) => postern_net::runtime::files::load_toml(p)?,
         None => Default::default(),
     };
     let addr = match args.admin_addr {
@@ -397,10 +397,10 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
     // Keys, tickets and identities live here: made 0700, or tightened if an older install or a
     // hand-made directory left it open to other users.
-    postern_net::files::private_dir(state.root())?;
-    let cert = postern_net::files::read(&cfg.cert)?;
-    let key = postern_net::files::read(&cfg.key)?;
-    let ca_pem = postern_net::files::read(&cfg.ca)?;
+    postern_net::runtime::files::private_dir(state.root())?;
+    let cert = postern_net::runtime::files::read(&cfg.cert)?;
+    let key = postern_net::runtime::files::read(&cfg.key)?;
+    let ca_pem = postern_net::runtime::files::read(&cfg.ca)?;
     // Send the CA with our certificate: enrolling nodes pin it by fingerprint.
     let chain = format!("{}\n{}", cert.trim_end(), ca_pem);
     let identity = tls::Identity::from_pem(&chain, &key)
@@ -457,9 +457,9 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         .await?;
     }
     if let Some(addr) = cfg.metrics_addr {
-        let listener = postern_net::ops::bind(addr).await?;
-        let recorder = postern_net::ops::recorder().map_err(anyhow::Error::msg)?;
-        tokio::spawn(postern_net::ops::serve(
+        let listener = postern_net::runtime::ops::bind(addr).await?;
+        let recorder = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
+        tokio::spawn(postern_net::runtime::ops::serve(
             listener,
             std::sync::Arc::new(relay.handle()),
             Some(recorder),
@@ -469,7 +469,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        postern_net::shutdown_signal().await;
+        postern_net::runtime::signal::shutdown_signal().await;
         tracing::info!("shutdown asked for: draining");
         signal.cancel();
     });

@@ -1,9 +1,9 @@
 //! The relay's metrics, read at scrape time from the counters it keeps anyway (forwarding and
 //! control-plane stats, the registry and the route table); served by
-//! [`postern_net::ops::serve`].
+//! [`postern_net::runtime::ops::serve`].
 
 use crate::server::RelayHandle;
-use postern_net::ops::{Exposition, Kind, Observe};
+use postern_net::runtime::ops::{Exposition, Kind, Observe};
 use std::sync::atomic::Ordering::Relaxed;
 
 impl Observe for RelayHandle {

@@ -14,7 +14,7 @@
 
 use crate::registry::NodeId;
 use crate::server::RelayHandle;
-use postern_net::ctl;
+use postern_net::control::exchange;
 use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::sni::{self, SniError};
@@ -37,7 +37,7 @@ pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most public connections served at once (lowered to fit the open-file limit); more are
 /// closed at once, or make room by closing the oldest that has not sent a byte yet (see
-/// [`postern_net::limit`]).
+/// [`postern_net::runtime::limit`]).
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Most public connections handed to one outlet at once. Each is a stream on the outlet's
 /// control connection, which admits 256 streams the relay opens: the rest stay free for route
@@ -181,11 +181,11 @@ impl PublicIngress {
     /// Serves until `shutdown`; connections already forwarded go on until they end.
     pub async fn run(self, relay: RelayHandle, shutdown: CancellationToken) {
         tracing::info!(addr = ?self.listener.local_addr().ok(), domain = %self.opts.domain, "public ingress listening");
-        let limit = postern_net::limit::ConnLimit::new(
+        let limit = postern_net::runtime::limit::ConnLimit::new(
             "relay public ingress",
-            postern_net::limit::default_cap(Some(self.opts.max_connections)),
+            postern_net::runtime::limit::default_cap(Some(self.opts.max_connections)),
         );
-        let mut backoff = postern_net::limit::AcceptBackoff::new("relay public ingress");
+        let mut backoff = postern_net::runtime::limit::AcceptBackoff::new("relay public ingress");
         let opts = Arc::new(self.opts);
         let per_outlet = Arc::new(PerOutlet::default());
         loop {
@@ -291,7 +291,7 @@ async fn serve(
         };
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
             let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            ctl::write_frame(&mut send, &open)
+            exchange::write_frame(&mut send, &open)
                 .await
                 .map_err(|e| e.to_string())?;
             send.write_all(&hello).await.map_err(|e| e.to_string())?;
@@ -314,7 +314,7 @@ async fn serve(
             inner: tcp,
             tap: opts.tap.clone(),
         };
-        let out = postern_net::splice::splice_io(io, send, recv).await;
+        let out = postern_net::stream::splice::splice_io(io, send, recv).await;
         tracing::debug!(%service, up = out.up, down = out.down, "public connection done");
         return Ok(());
     }

@@ -5,9 +5,9 @@ use crate::admission::{Admission, AdmissionStats, Decision, HandshakeLimits, Pen
 use crate::authority::Authority;
 use crate::policy::{Action, PolicySet};
 use crate::registry::{NodeId, Registry, RouteInfo};
-use postern_net::ctl::{self, CTL_TIMEOUT};
-use postern_net::endpoint::{self, EndpointError};
+use postern_net::control::exchange::{self, CTL_TIMEOUT};
 use postern_net::relay_socket::{ForwardStats, RelaySocket, RouteTable, Tap};
+use postern_net::transport::endpoint::{self, EndpointError};
 use postern_proto::fwd::RouteId;
 use postern_proto::msg::{Ctl, RefuseReason};
 use postern_proto::name::{NodeName, ServiceName};
@@ -128,7 +128,7 @@ pub struct RelayHandle {
     /// The TLS/TCP fallback's counters and links.
     tcp: (
         Arc<postern_net::relay_tcp::TcpStats>,
-        Arc<postern_net::links::StreamLinks>,
+        Arc<postern_net::transport::links::StreamLinks>,
     ),
 }
 
@@ -139,7 +139,7 @@ impl RelayHandle {
     }
 
     /// The TLS/TCP links (their datagram counters).
-    pub fn tcp_links(&self) -> &postern_net::links::StreamLinks {
+    pub fn tcp_links(&self) -> &postern_net::transport::links::StreamLinks {
         &self.tcp.1
     }
 
@@ -328,7 +328,7 @@ impl Relay {
         }
         let links_stop = CancellationToken::new();
         let tcp_task = self.tcp.spawn(links_stop.clone());
-        postern_net::ratelog::spawn_flusher(links_stop.clone());
+        postern_net::runtime::ratelog::spawn_flusher(links_stop.clone());
         self.shared.listening.store(true, Relaxed);
         loop {
             let incoming = tokio::select! {
@@ -391,7 +391,7 @@ impl Relay {
     /// Applies handshake admission to one attempt; a pending slot when it may go on. Nothing
     /// here allocates per attempt: a Retry and a drop leave no state behind.
     fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Pending)> {
-        let remote = postern_net::canonical(incoming.remote_address());
+        let remote = postern_net::transport::udp::canonical(incoming.remote_address());
         let d = self.admission.decide(
             remote.ip(),
             incoming.remote_address_validated(),
@@ -471,7 +471,7 @@ async fn serve_node(
         drop(pending);
         return;
     }
-    let name = match postern_net::peer_name(&conn) {
+    let name = match postern_net::transport::endpoint::peer_name(&conn) {
         Ok(n) => n,
         Err(e) => {
             shared.ctl.handshake_failures.fetch_add(1, Relaxed);
@@ -502,7 +502,7 @@ async fn serve_node(
     }
     // Authenticated: the slot is for handshakes, not for connected nodes.
     drop(pending);
-    let attrs = postern_net::peer_attributes(&conn);
+    let attrs = postern_net::transport::endpoint::peer_attributes(&conn);
     let id = shared.next_id.fetch_add(1, Relaxed);
     let replaced = {
         let mut reg = shared.registry();
@@ -536,7 +536,7 @@ async fn serve_node(
         tokio::spawn(
             async move {
                 let answer =
-                    match tokio::time::timeout(CTL_TIMEOUT, ctl::read_message::<Ctl>(&mut recv))
+                    match tokio::time::timeout(CTL_TIMEOUT, exchange::read_message::<Ctl>(&mut recv))
                         .await
                     {
                         Ok(Ok(msg)) => handle(&shared, id, &conn, msg).await,
@@ -555,7 +555,7 @@ async fn serve_node(
                             }
                         }
                     };
-                if let Err(e) = ctl::write_message(&mut send, &answer).await {
+                if let Err(e) = exchange::write_message(&mut send, &answer).await {
                     tracing::debug!(error = %e, "could not answer control message");
                 }
             }
@@ -581,7 +581,7 @@ fn forget_node(shared: &Arc<Shared>, id: NodeId) {
                     route,
                     reason: "the other end disconnected".into(),
                 };
-                if let Err(e) = ctl::request(&c, &msg, CTL_TIMEOUT).await {
+                if let Err(e) = exchange::request(&c, &msg, CTL_TIMEOUT).await {
                     tracing::debug!(route = %route.short(), error = %e, "could not tell node that its route closed");
                 }
             });
@@ -756,7 +756,7 @@ async fn grant_route(
             service: service.clone(),
             inlet: inlet_name.clone(),
         };
-        match ctl::request(&outlet_conn, &open, ROUTE_OPEN_TIMEOUT).await {
+        match exchange::request(&outlet_conn, &open, ROUTE_OPEN_TIMEOUT).await {
             Ok(Ctl::Ack) => {
                 shared.routes.insert(
                     route,
@@ -804,7 +804,7 @@ async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection, timeout
     };
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let req: postern_proto::ticket::EnrollRequest = ctl::read_message(&mut recv)
+        let req: postern_proto::ticket::EnrollRequest = exchange::read_message(&mut recv)
             .await
             .map_err(|e| e.to_string())?;
         let answer = tokio::task::spawn_blocking(move || authority.enroll(&req))
@@ -818,7 +818,7 @@ async fn serve_enrollment(shared: &Arc<Shared>, conn: quinn::Connection, timeout
                 shared.ctl.enrollments_refused.fetch_add(1, Relaxed)
             }
         };
-        ctl::write_message(&mut send, &answer)
+        exchange::write_message(&mut send, &answer)
             .await
             .map_err(|e| e.to_string())?;
         // Let the answer reach the node before the connection goes away.
@@ -896,7 +896,7 @@ fn apply_revocation(shared: &Arc<Shared>, name: &NodeName) -> bool {
         if let Some(c) = shared.conn(id) {
             let msg = Ctl::Revoked { name: name.clone() };
             tokio::spawn(async move {
-                let _ = ctl::request(&c, &msg, CTL_TIMEOUT).await;
+                let _ = exchange::request(&c, &msg, CTL_TIMEOUT).await;
             });
         }
     }

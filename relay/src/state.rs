@@ -1,6 +1,6 @@
 //! The relay's state directory: the project CA, the relay's own certificate, the reset key.
 
-use postern_net::files::{self, FileError};
+use postern_net::runtime::files::{self, FileError};
 use postern_proto::name::NodeName;
 use postern_proto::pki::{Ca, PkiError};
 use std::path::{Path, PathBuf};

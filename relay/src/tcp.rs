@@ -1,11 +1,11 @@
 //! The relay's TLS/TCP fallback listener, bound on request and served beside the UDP socket.
 //!
-//! The work is in [`postern_net::relay_tcp`] (accepting links) and [`postern_net::links`]
+//! The work is in [`postern_net::relay_tcp`] (accepting links) and [`postern_net::transport::links`]
 //! (carrying datagrams); this module only holds the listener between `bind` and `run`.
 
 use crate::server::RelayError;
-use postern_net::links::StreamLinks;
 use postern_net::relay_tcp::{self, TcpStats};
+use postern_net::transport::links::StreamLinks;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::net::SocketAddr;
@@ -27,8 +27,9 @@ impl TcpFallback {
         roots: Arc<RootCertStore>,
         links: Arc<StreamLinks>,
     ) -> Result<Self, RelayError> {
-        let tls = relay_tcp::server_config(identity, roots)
-            .map_err(|e| RelayError::Endpoint(postern_net::endpoint::EndpointError::Tls(e)))?;
+        let tls = relay_tcp::server_config(identity, roots).map_err(|e| {
+            RelayError::Endpoint(postern_net::transport::endpoint::EndpointError::Tls(e))
+        })?;
         Ok(Self {
             tls,
             links,
@@ -77,7 +78,7 @@ impl TcpFallback {
 
 /// Writes the fallback's metrics: links open, accepted and refused, datagrams each way and
 /// those dropped (full write queue) or ending a link (bad length prefix).
-pub fn render(handle: &crate::RelayHandle, out: &mut postern_net::ops::Exposition) {
+pub fn render(handle: &crate::RelayHandle, out: &mut postern_net::runtime::ops::Exposition) {
     use std::sync::atomic::Ordering::Relaxed;
     let (tcp, links) = (handle.tcp_stats(), handle.tcp_links().stats());
     out.gauge(

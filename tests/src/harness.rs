@@ -1,8 +1,8 @@
 //! In-process postern clusters on 127.0.0.1 with port 0, for end-to-end tests.
 
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
-use postern_net::control::RelayTarget;
 use postern_net::relay_socket::Tap;
+use postern_net::transport::relay_path::RelayTarget;
 use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
@@ -366,15 +366,15 @@ pub async fn influx_cli(addr: SocketAddr, args: &[&str]) -> String {
 }
 
 thread_local! {
-    static KEY_BUDGET: std::cell::Cell<Option<postern_net::rekey::KeyBudget>> = const { std::cell::Cell::new(None) };
+    static KEY_BUDGET: std::cell::Cell<Option<postern_net::transport::rekey::KeyBudget>> = const { std::cell::Cell::new(None) };
 }
 
 /// Makes inlets started by this thread (until reset) rotate keys on `budget`.
-pub fn set_key_budget(budget: Option<postern_net::rekey::KeyBudget>) {
+pub fn set_key_budget(budget: Option<postern_net::transport::rekey::KeyBudget>) {
     KEY_BUDGET.with(|b| b.set(budget));
 }
 
-fn key_budget() -> Option<postern_net::rekey::KeyBudget> {
+fn key_budget() -> Option<postern_net::transport::rekey::KeyBudget> {
     KEY_BUDGET.with(|b| b.get())
 }
 
@@ -454,7 +454,7 @@ pub async fn start_outlet_via(
     name: &str,
     relays: &[SocketAddr],
     services: Vec<(&str, Target)>,
-    transport: postern_net::relay_path::TransportSettings,
+    transport: postern_net::transport::relay_path::TransportSettings,
 ) -> OutletNode {
     let targets: HashMap<ServiceName, Target> =
         services.into_iter().map(|(n, t)| (svc(n), t)).collect();
@@ -490,7 +490,7 @@ pub async fn start_inlet_via(
     name: &str,
     relays: &[SocketAddr],
     services: &[(&str, ServiceKind)],
-    transport: postern_net::relay_path::TransportSettings,
+    transport: postern_net::transport::relay_path::TransportSettings,
 ) -> InletNode {
     let mut inlet = Inlet::bind(InletOptions {
         relay: relay_target(relays[0]),
@@ -529,14 +529,14 @@ pub async fn start_inlet_via(
 }
 /// A TLS acceptor for `host` with a certificate issued by the project CA (what an operator gets
 /// from `postern-relay ca issue HOST`).
-pub fn host_acceptor(pki: &Pki, host: &str) -> postern_net::tls_server::TlsAcceptor {
+pub fn host_acceptor(pki: &Pki, host: &str) -> postern_net::stream::tls_server::TlsAcceptor {
     let issued = pki
         .ca()
         .issue(&node(host), Duration::from_secs(3600))
         .expect("issue host certificate");
     let identity = Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity");
-    let cfg = postern_net::tls_server::server_config(&identity).expect("server config");
-    postern_net::tls_server::TlsAcceptor::from(Arc::new(cfg))
+    let cfg = postern_net::stream::tls_server::server_config(&identity).expect("server config");
+    postern_net::stream::tls_server::TlsAcceptor::from(Arc::new(cfg))
 }
 
 /// Starts a relay's public hostname ingress on 127.0.0.1:0 for `domain`.

@@ -485,7 +485,7 @@ async fn browser_opens_the_influxdb_ui_by_hostname_through_the_tls_inlet() {
     let inlet_state = files.path().join("inlet-state");
     std::fs::create_dir(&inlet_state).expect("mkdir");
     std::fs::write(
-        postern_net::enroll::NodeState::new(&inlet_state).ca(),
+        postern_net::control::enroll::NodeState::new(&inlet_state).ca(),
         pki.ca_pem(),
     )
     .expect("write state ca.pem");

@@ -398,7 +398,7 @@ async fn plain_tcp_client_gets_nothing_but_its_own_lease_inject_at_outlet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off() {
     let lab = Lab::start(InjectAt::Inlet).await;
-    let limit = postern_net::http_proxy::HEAD_TIMEOUT;
+    let limit = postern_net::stream::http_proxy::HEAD_TIMEOUT;
     for addr in [lab.alice.addr("influxdb"), lab.mallory.addr("influxdb")] {
         let mut s = TcpStream::connect(addr).await.expect("connect");
         let started = Instant::now();

@@ -2,7 +2,7 @@
 //! the same QUIC control and end-to-end connections inside.
 
 use postern_inlet::ServiceKind;
-use postern_net::relay_path::{Transport, TransportMode, TransportSettings};
+use postern_net::transport::relay_path::{Transport, TransportMode, TransportSettings};
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
@@ -122,7 +122,7 @@ async fn forced_tcp_carries_bulk_data_and_influxdb_http() {
     assert!(body.contains("42"), "the point came back: {body}");
 
     // Operators see the transport in metrics and readiness.
-    let metrics = postern_net::ops::render(&inlet.handle, None);
+    let metrics = postern_net::runtime::ops::render(&inlet.handle, None);
     assert_eq!(
         transport_sample(&metrics, "inlet", relay.addr, "tcp"),
         Some(1.0),
@@ -132,13 +132,13 @@ async fn forced_tcp_carries_bulk_data_and_influxdb_http() {
         transport_sample(&metrics, "inlet", relay.addr, "udp"),
         Some(0.0)
     );
-    let metrics = postern_net::ops::render(&outlet.handle, None);
+    let metrics = postern_net::runtime::ops::render(&outlet.handle, None);
     assert_eq!(
         transport_sample(&metrics, "outlet", relay.addr, "tcp"),
         Some(1.0),
         "{metrics}"
     );
-    use postern_net::ops::Observe;
+    use postern_net::runtime::ops::Observe;
     let detail = inlet.handle.ready_detail().expect("detail");
     assert_eq!(detail, format!("relay {} via tcp", relay.addr));
 }
@@ -186,7 +186,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
     .await;
     let waited = started.elapsed();
     assert!(
-        waited >= postern_net::relay_path::UDP_HANDSHAKE_TIMEOUT,
+        waited >= postern_net::transport::relay_path::UDP_HANDSHAKE_TIMEOUT,
         "UDP was tried first ({waited:?})"
     );
     assert_eq!(
@@ -208,7 +208,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
     assert_eq!(relay.handle.tcp_stats().accepted.load(Relaxed), 2);
     let (sent, received) = echo_round(inlet.addr("echo"), 4 * MIB).await;
     assert_eq!(sent, received);
-    use postern_net::ops::Observe;
+    use postern_net::runtime::ops::Observe;
     assert!(inlet
         .handle
         .ready_detail()
@@ -394,7 +394,7 @@ async fn bad_input_on_the_tcp_listener_is_refused_and_disturbs_no_route() {
     // The real nodes never noticed.
     let (a, b) = echo_round(inlet.addr("echo"), MIB).await;
     assert_eq!(a, b, "the route over TLS/TCP still works");
-    let metrics = postern_net::ops::render(&relay.handle, None);
+    let metrics = postern_net::runtime::ops::render(&relay.handle, None);
     assert!(
         metrics.contains("postern_relay_tcp_framing_errors_total 1"),
         "{metrics}"

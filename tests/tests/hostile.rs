@@ -65,8 +65,9 @@ async fn initial_flood_gets_stateless_retries_while_nodes_still_connect() {
         },
     );
     let (echo, _e) = echo_server().await;
-    let cfg = postern_net::endpoint::control_client(&pki.identity("flooder"), pki.roots())
-        .expect("client config");
+    let cfg =
+        postern_net::transport::endpoint::control_client(&pki.identity("flooder"), pki.roots())
+            .expect("client config");
     let flood = tokio::spawn(flood::initial_flood(
         relay.addr,
         ip("127.0.0.2"),
@@ -138,7 +139,7 @@ async fn initial_flood_gets_stateless_retries_while_nodes_still_connect() {
 /// A client endpoint on `from` that connects to the relay as node `name`.
 async fn try_node_connect(pki: &Pki, from: &str, name: &str, relay: SocketAddr) -> bool {
     let ep = quinn::Endpoint::client(format!("{from}:0").parse().expect("addr")).expect("ep");
-    let cfg = postern_net::endpoint::control_client(&pki.identity(name), pki.roots())
+    let cfg = postern_net::transport::endpoint::control_client(&pki.identity(name), pki.roots())
         .expect("client config");
     let connecting = ep.connect_with(cfg, relay, "relay").expect("connect");
     let ok = matches!(
@@ -299,7 +300,8 @@ async fn flooded_relay_binary_keeps_logs_and_memory_bounded() {
 
     let pki = Pki::new();
     let cfg =
-        postern_net::endpoint::control_client(&pki.identity("flooder"), pki.roots()).expect("cfg");
+        postern_net::transport::endpoint::control_client(&pki.identity("flooder"), pki.roots())
+            .expect("cfg");
     let junk = 30_000;
     let (junk_sent, initials_sent) = tokio::join!(
         flood::junk_flood(relay_addr, junk, 10_000.0),

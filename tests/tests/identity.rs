@@ -2,8 +2,8 @@
 //! real relay running the authority, and outlets/inlets enrolled from tickets.
 
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_net::control::RelayTarget;
-use postern_net::enroll::{enroll, EnrollError, NodeState};
+use postern_net::control::enroll::{enroll, EnrollError, NodeState};
+use postern_net::transport::relay_path::RelayTarget;
 use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};
@@ -373,12 +373,13 @@ async fn certificates_from_another_ca_are_refused_by_relay_and_outlet() {
 
     // The outlet's end-to-end listener checks the CA too: a connection presenting a foreign
     // certificate on a route the outlet expects is refused during the handshake.
-    let cfg = postern_net::endpoint::e2e_client(&foreign.identity("inlet-x"), project_roots)
-        .expect("client config");
+    let cfg =
+        postern_net::transport::endpoint::e2e_client(&foreign.identity("inlet-x"), project_roots)
+            .expect("client config");
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     // The outlet only listens through the relay, so its trust is checked on the very server
     // config it uses (`e2e_server` with the project CA), driven directly.
-    let server = postern_net::endpoint::e2e_server(
+    let server = postern_net::transport::endpoint::e2e_server(
         &Pki::new().identity("outlet-y"),
         tls::roots_from_pem(&std::fs::read_to_string(p.state.ca_cert()).expect("ca"))
             .expect("roots"),
@@ -550,10 +551,11 @@ async fn certificates_are_renewed_over_the_control_connection() {
     let old_cert = std::fs::read_to_string(state.cert()).expect("cert");
     let old_key = std::fs::read_to_string(state.key()).expect("key");
     let mut control = ih.control();
-    let conn = postern_net::control::wait_connected(&mut control, Duration::from_secs(10))
-        .await
-        .expect("control connection");
-    let identity = postern_net::renew::renew_once(&conn, &state)
+    let conn =
+        postern_net::control::connection::wait_connected(&mut control, Duration::from_secs(10))
+            .await
+            .expect("control connection");
+    let identity = postern_net::control::renew::renew_once(&conn, &state)
         .await
         .expect("renew");
     ih.set_identity(&identity).expect("use renewed identity");
@@ -585,11 +587,12 @@ async fn certificates_are_renewed_over_the_control_connection() {
 
     // A revoked identity cannot renew.
     let mut control = ih.control();
-    let conn = postern_net::control::wait_connected(&mut control, Duration::from_secs(10))
-        .await
-        .expect("control connection");
+    let conn =
+        postern_net::control::connection::wait_connected(&mut control, Duration::from_secs(10))
+            .await
+            .expect("control connection");
     p.authority.revoke(&node("inlet-n")).expect("revoke");
-    let err = postern_net::renew::renew_once(&conn, &state)
+    let err = postern_net::control::renew::renew_once(&conn, &state)
         .await
         .expect_err("revoked");
     assert!(

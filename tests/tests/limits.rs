@@ -210,7 +210,7 @@ fn metric_sum(text: &str, metric: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_cap_leaves_ping_answering_and_is_counted() {
     init_logging();
-    let recorder = postern_net::ops::recorder().expect("metrics recorder");
+    let recorder = postern_net::runtime::ops::recorder().expect("metrics recorder");
     let b = Backend::start(120).await;
     let (addr, _inlet) = start_capped_inlet(&b, "inlet-flood", 50).await;
     ping_eventually(addr).await;

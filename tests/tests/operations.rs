@@ -87,15 +87,15 @@ async fn scrape(addr: SocketAddr) -> String {
 
 /// Starts an in-process operations endpoint for `node`.
 async fn ops_endpoint(
-    node: Arc<dyn postern_net::ops::Observe>,
+    node: Arc<dyn postern_net::runtime::ops::Observe>,
     stop: &CancellationToken,
 ) -> SocketAddr {
-    let listener = postern_net::ops::bind("127.0.0.1:0".parse().expect("addr"))
+    let listener = postern_net::runtime::ops::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("bind metrics endpoint");
     let addr = listener.local_addr().expect("addr");
-    let recorder = postern_net::ops::recorder().expect("metrics recorder");
-    tokio::spawn(postern_net::ops::serve(
+    let recorder = postern_net::runtime::ops::recorder().expect("metrics recorder");
+    tokio::spawn(postern_net::runtime::ops::serve(
         listener,
         node,
         Some(recorder),
@@ -108,7 +108,7 @@ async fn ops_endpoint(
 async fn metrics_move_with_a_transfer() {
     init_logging();
     // Before any node starts, so their counters record.
-    postern_net::ops::recorder().expect("metrics recorder");
+    postern_net::runtime::ops::recorder().expect("metrics recorder");
     let pki = Pki::new();
     let (echo, _e) = echo_server().await;
     let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [3; 32], None);

@@ -7,7 +7,7 @@
 //! crashed host or a cut link would; nodes learn from their control keep-alives).
 
 use postern_inlet::ServiceKind;
-use postern_net::relay_path::{TransportMode, TransportSettings};
+use postern_net::transport::relay_path::{TransportMode, TransportSettings};
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use rand::RngCore;
@@ -402,7 +402,7 @@ async fn an_inlet_moves_to_another_relay_when_its_relay_vanishes_silently() {
     let report = under_load(inlet.addr("echo"), kill, Duration::from_secs(3)).await;
     print("relay vanished", &report);
     assert!(
-        report.recovery < postern_net::endpoint::E2E_IDLE_TIMEOUT,
+        report.recovery < postern_net::transport::endpoint::E2E_IDLE_TIMEOUT,
         "moved before the end-to-end connection would time out"
     );
     assert_survived(&report, &inlet, &others);

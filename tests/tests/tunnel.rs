@@ -497,7 +497,7 @@ async fn routes_spread_over_outlets_and_move_when_one_leaves() {
 async fn traffic_keys_rotate_on_budget_without_disturbing_data() {
     init_logging();
     let pki = Pki::new();
-    set_key_budget(Some(postern_net::rekey::KeyBudget {
+    set_key_budget(Some(postern_net::transport::rekey::KeyBudget {
         bytes: 4 * MIB as u64,
         time: Duration::from_secs(3600),
     }));
@@ -574,8 +574,9 @@ async fn bad_input_to_the_relay_is_counted_and_disturbs_no_route() {
     }
 
     // A real node sending an oversize frame and an unknown-version frame on control streams.
-    let client = postern_net::endpoint::control_client(&pki.identity("prober"), pki.roots())
-        .expect("client");
+    let client =
+        postern_net::transport::endpoint::control_client(&pki.identity("prober"), pki.roots())
+            .expect("client");
     let conn = ep
         .connect_with(client, relay.addr, "relay")
         .expect("connect")
@@ -610,7 +611,7 @@ async fn bad_input_to_the_relay_is_counted_and_disturbs_no_route() {
     }
     assert_eq!(ctl.bad_messages.load(Relaxed), bad_before + 2);
     // The relay still answers a good request on the same connection...
-    let pong = postern_net::ctl::request(
+    let pong = postern_net::control::exchange::request(
         &conn,
         &postern_proto::msg::Ctl::Heartbeat { seq: 7 },
         Duration::from_secs(5),

@@ -1238,7 +1238,7 @@ mod tests {
         use tracing_subscriber::layer::SubscriberExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let audit = dir.path().join("audit.jsonl");
-        let layer = postern_net::logging::audit_layer(&audit).expect("audit layer");
+        let layer = postern_net::runtime::logging::audit_layer(&audit).expect("audit layer");
         // A current-thread runtime: every task logs through this thread's subscriber.
         let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
         // With a single scoped subscriber alive, tracing computes a callsite's interest from

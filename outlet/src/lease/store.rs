@@ -83,7 +83,7 @@ pub enum StoreError {
     Corrupt { key: String, detail: String },
     /// The state directory or the store file could not be made private.
     #[error("lease store: {0}")]
-    Private(#[source] postern_net::files::FileError),
+    Private(#[source] postern_net::runtime::files::FileError),
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -100,10 +100,10 @@ impl LeaseStore {
     /// Opens (or creates) `<state_dir>/leases.redb` (mode 0600), creating `state_dir` with mode
     /// 0700 if it is missing and tightening it if it is open to other users.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        postern_net::files::private_dir(state_dir).map_err(StoreError::Private)?;
+        postern_net::runtime::files::private_dir(state_dir).map_err(StoreError::Private)?;
         let path = state_dir.join(STORE_FILE);
         // Made (or tightened to) 0600 before redb opens it: leases and grants are secrets.
-        postern_net::files::private_file(&path).map_err(StoreError::Private)?;
+        postern_net::runtime::files::private_file(&path).map_err(StoreError::Private)?;
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {

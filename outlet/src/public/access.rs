@@ -39,7 +39,7 @@ pub enum AccessError {
     Corrupt { key: String, detail: String },
     /// The state directory or the store file could not be made private.
     #[error("access store: {0}")]
-    Private(#[source] postern_net::files::FileError),
+    Private(#[source] postern_net::runtime::files::FileError),
     #[error("grant {0} not found")]
     NotFound(String),
     #[error("a grant must last between 1 s and {} days", MAX_TTL.as_secs() / 86400)]
@@ -135,10 +135,10 @@ pub struct AccessStore {
 impl AccessStore {
     /// Opens (or creates) `<state_dir>/access.redb` and drops the grants that have expired.
     pub fn open(state_dir: &Path) -> Result<Self, AccessError> {
-        postern_net::files::private_dir(state_dir).map_err(AccessError::Private)?;
+        postern_net::runtime::files::private_dir(state_dir).map_err(AccessError::Private)?;
         let path = state_dir.join(STORE_FILE);
         // Made (or tightened to) 0600 before redb opens it: leases and grants are secrets.
-        postern_net::files::private_file(&path).map_err(AccessError::Private)?;
+        postern_net::runtime::files::private_file(&path).map_err(AccessError::Private)?;
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {

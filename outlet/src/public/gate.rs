@@ -12,7 +12,7 @@
 
 use super::access::{now_ms, AccessStore, Denied, GrantInfo};
 use crate::lease::LeaseManager;
-use postern_net::http_proxy::{Gate, Verdict};
+use postern_net::stream::http_proxy::{Gate, Verdict};
 use postern_proto::http::RequestHead;
 use postern_proto::lease::LeaseGrant;
 use postern_proto::name::{NodeName, ServiceName};

@@ -3,7 +3,7 @@
 //! The relay reads only the TLS server name and hands the outlet each such connection as a
 //! stream on the control connection (`Ctl::PublicStream`), bytes unchanged. The outlet holds
 //! the certificate: it terminates TLS here, so the relay never sees plaintext, then serves the
-//! decrypted HTTP/1.1 through the shared HTTP filter ([`postern_net::http_proxy`]) with an
+//! decrypted HTTP/1.1 through the shared HTTP filter ([`postern_net::stream::http_proxy`]) with an
 //! [`gate::AccessGate`]: only requests with a live access grant reach the target, each with the
 //! grant's leased credential when the service has a lease manager.
 
@@ -13,8 +13,8 @@ pub mod gate;
 
 use crate::forward::{Drain, Services};
 use access::AccessStore;
-use postern_net::http_proxy::ProxyOptions;
-use postern_net::tls_server::{self, TlsAcceptor};
+use postern_net::stream::http_proxy::ProxyOptions;
+use postern_net::stream::tls_server::{self, TlsAcceptor};
 use postern_proto::http::FilterConfig;
 use postern_proto::msg::{code, Ctl};
 use postern_proto::name::ServiceName;
@@ -74,13 +74,13 @@ impl Public {
 pub const MAX_PUBLIC_CONNECTIONS: usize = 4096;
 
 /// The outlet's cap on public client connections (one public path per process).
-fn public_limit() -> &'static Arc<postern_net::limit::ConnLimit> {
-    static LIMIT: std::sync::OnceLock<Arc<postern_net::limit::ConnLimit>> =
+fn public_limit() -> &'static Arc<postern_net::runtime::limit::ConnLimit> {
+    static LIMIT: std::sync::OnceLock<Arc<postern_net::runtime::limit::ConnLimit>> =
         std::sync::OnceLock::new();
     LIMIT.get_or_init(|| {
-        postern_net::limit::ConnLimit::new(
+        postern_net::runtime::limit::ConnLimit::new(
             "outlet public hostname",
-            postern_net::limit::default_cap(Some(MAX_PUBLIC_CONNECTIONS)),
+            postern_net::runtime::limit::default_cap(Some(MAX_PUBLIC_CONNECTIONS)),
         )
     })
 }
@@ -160,7 +160,7 @@ pub fn spawn_stream(
             let gate = gate::AccessGate::new(public.access.clone(), service.clone(), lease);
             let open = || target.connect_io();
             let opts = ProxyOptions::new("postern outlet", cfg);
-            match postern_net::http_proxy::proxy(client, open, gate, opts).await {
+            match postern_net::stream::http_proxy::proxy(client, open, gate, opts).await {
                 Ok(stats) => tracing::debug!(
                     requests = stats.requests,
                     up = stats.bytes_up,

@@ -253,7 +253,7 @@ impl AdminApi {
                 }
                 let timeout = match query_param(req.uri().query(), "timeout") {
                     None => self.drain_timeout,
-                    Some(t) => match postern_net::drain::parse_duration(&t) {
+                    Some(t) => match postern_net::runtime::duration::parse_duration(&t) {
                         Ok(d) => d,
                         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("timeout: {e}")),
                     },
@@ -335,7 +335,7 @@ pub async fn serve(listener: TcpListener, api: Arc<AdminApi>, shutdown: Cancella
     tracing::info!(addr = ?listener.local_addr().ok(), "serving the admin API");
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, peer, permit)) =
-        postern_net::ops::accept_bounded(&listener, &limit, &shutdown, "admin API").await
+        postern_net::runtime::ops::accept_bounded(&listener, &limit, &shutdown, "admin API").await
     {
         let api = api.clone();
         tokio::spawn(async move {

@@ -1,7 +1,7 @@
 //! The admin API's bearer token: random, made at the relay's first start, kept in the state
 //! directory with mode 0600 so only the relay's user (and root) can use the API.
 
-use postern_net::files::{self, FileError};
+use postern_net::runtime::files::{self, FileError};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;

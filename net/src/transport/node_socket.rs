@@ -8,9 +8,9 @@
 //! through untouched, which is how the control connection to the relay shares the socket (and
 //! the relay learns, from that connection, the address our frames come from).
 
-use crate::canonical;
-use crate::links::StreamLinks;
-use crate::relay_socket::{bind_udp, Poller};
+use crate::transport::links::StreamLinks;
+use crate::transport::udp::canonical;
+use crate::transport::udp::{bind_udp, Poller};
 use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -71,7 +71,7 @@ pub struct NodeSocket {
     next_virtual: AtomicU32,
     pending: Mutex<VecDeque<Pending>>,
     stats: NodeSocketStats,
-    /// TLS/TCP links to relays that cannot be reached over UDP (see [`crate::links`]).
+    /// TLS/TCP links to relays that cannot be reached over UDP (see [`crate::transport::links`]).
     links: Arc<StreamLinks>,
     /// Whether links or UDP are read first on the next receive.
     links_turn: AtomicBool,

@@ -5,12 +5,11 @@
 //! silence, not as an error). Every reconnection starts with UDP again, so a node returns to
 //! the faster path once UDP works. `udp` and `tcp` force one path.
 //!
-//! Over TLS/TCP the node's socket sends to the relay's address through a [`crate::links`] link
+//! Over TLS/TCP the node's socket sends to the relay's address through a [`crate::transport::links`] link
 //! instead of UDP; the control connection and the end-to-end connections above it are the same
 //! QUIC connections either way, so the end-to-end encryption and authentication do not change.
 
-use crate::control::RelayTarget;
-use crate::node_socket::NodeSocket;
+use crate::transport::node_socket::NodeSocket;
 use postern_proto::dgram::ALPN_TCP;
 use postern_proto::tls::TlsError;
 use rustls::pki_types::ServerName;
@@ -27,6 +26,14 @@ use tokio_util::sync::CancellationToken;
 pub const UDP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the TCP connect plus TLS handshake to the relay may take.
 pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how to reach a relay.
+#[derive(Debug, Clone)]
+pub struct RelayTarget {
+    pub addr: SocketAddr,
+    /// Name in the relay's certificate.
+    pub name: String,
+}
 
 /// Which paths to the relay a node may use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -155,11 +162,11 @@ impl TransportStatus {
 
     /// Renders `<metric>{relay,transport} 1` per connected relay, and 0 for the other
     /// transport, so a dashboard sees a switch as a change of value.
-    pub fn render(&self, out: &mut crate::ops::Exposition, metric: &str) {
+    pub fn render(&self, out: &mut crate::runtime::ops::Exposition, metric: &str) {
         out.family(
             metric,
             "1 for the transport (udp or tcp) each relay's control connection uses now.",
-            crate::ops::Kind::Gauge,
+            crate::runtime::ops::Kind::Gauge,
         );
         for (relay, t) in self.snapshot() {
             let relay = relay.to_string();
@@ -307,7 +314,8 @@ impl RelayPath {
             stop.cancel();
         }
         self.socket.links().detach(self.relay.addr);
-        self.status.set(crate::canonical(self.relay.addr), None);
+        self.status
+            .set(crate::transport::udp::canonical(self.relay.addr), None);
     }
 
     fn up(
@@ -316,8 +324,10 @@ impl RelayPath {
         transport: Transport,
         link_lost: CancellationToken,
     ) -> Connected {
-        self.status
-            .set(crate::canonical(self.relay.addr), Some(transport));
+        self.status.set(
+            crate::transport::udp::canonical(self.relay.addr),
+            Some(transport),
+        );
         Connected {
             conn,
             transport,

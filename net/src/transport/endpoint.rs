@@ -177,3 +177,36 @@ pub fn e2e_server(
 ) -> Result<quinn::ServerConfig, EndpointError> {
     quic_server(identity, roots, ALPN_E2E, e2e_transport())
 }
+
+/// Reads the peer's node name from an established connection's certificate chain.
+pub fn peer_name(
+    conn: &quinn::Connection,
+) -> Result<postern_proto::name::NodeName, postern_proto::pki::PkiError> {
+    use postern_proto::pki::{cert_name, PkiError};
+    let ident = conn
+        .peer_identity()
+        .ok_or_else(|| PkiError::NoName("peer presented no certificate".into()))?;
+    let certs = ident
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| PkiError::NoName("unexpected peer identity type".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| PkiError::NoName("empty certificate chain".into()))?;
+    cert_name(first)
+}
+
+/// Reads the attributes from an established connection's peer certificate (empty if none).
+pub fn peer_attributes(conn: &quinn::Connection) -> postern_proto::policy::Attributes {
+    conn.peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| {
+            certs
+                .first()
+                .map(|c| postern_proto::pki::cert_attributes(c))
+        })
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}

@@ -5,9 +5,9 @@
 //! anything is sent. The result is written to the node's state directory (key mode 0600), so a
 //! restart needs no new ticket.
 
-use crate::ctl::{self, CtlError};
-use crate::endpoint::{self, EndpointError};
-use crate::files::{self, FileError};
+use crate::control::exchange::{self, CtlError};
+use crate::runtime::files::{self, FileError};
+use crate::transport::endpoint::{self, EndpointError};
 use postern_proto::name::NodeName;
 use postern_proto::pki::make_csr;
 use postern_proto::ticket::{EnrollRequest, EnrollResponse, Ticket, TicketError};
@@ -166,8 +166,8 @@ pub async fn enroll(
             name: asked,
             attrs: ticket.attrs.clone(),
         };
-        ctl::write_message(&mut send, &req).await?;
-        let answer: EnrollResponse = ctl::read_message(&mut recv).await?;
+        exchange::write_message(&mut send, &req).await?;
+        let answer: EnrollResponse = exchange::read_message(&mut recv).await?;
         conn.close(0u32.into(), b"enrolled");
         Ok::<_, EnrollError>(answer)
     };

@@ -128,7 +128,7 @@ pub fn refusals() -> &'static RateLog {
 #[macro_export]
 macro_rules! refusal {
     ($level:ident, $reason:expr, $msg:literal $(, $($fields:tt)+)?) => {
-        if let Some(count) = $crate::ratelog::refusals().hit($reason) {
+        if let Some(count) = $crate::runtime::ratelog::refusals().hit($reason) {
             ::tracing::$level!(reason = $reason, count, $($($fields)+ ,)? $msg);
         }
     };

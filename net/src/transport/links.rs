@@ -3,7 +3,7 @@
 //! Where UDP is blocked, a node reaches its relay over one TLS/TCP connection that carries, as
 //! length-prefixed datagrams ([`postern_proto::dgram`]), exactly what the UDP socket would have
 //! carried: the control connection's QUIC packets and forwarding frames. Each side's socket
-//! ([`crate::node_socket::NodeSocket`], [`crate::relay_socket::RelaySocket`]) keeps a
+//! ([`crate::transport::node_socket::NodeSocket`], [`crate::relay_socket::RelaySocket`]) keeps a
 //! [`StreamLinks`]: a send to an address that has a link goes to that link's bounded write
 //! queue instead of the UDP socket, and datagrams read from a link are handed to the socket's
 //! receive path as if they came from that address. quinn does not know the difference; QUIC's
@@ -132,7 +132,10 @@ impl StreamLinks {
 
     /// Whether sends to `addr` go over a link.
     pub fn has(&self, addr: SocketAddr) -> bool {
-        !self.is_empty() && self.read().contains_key(&crate::canonical(addr))
+        !self.is_empty()
+            && self
+                .read()
+                .contains_key(&crate::transport::udp::canonical(addr))
     }
 
     /// Queues `contents` (segments of `segment` bytes, as in a GSO transmit) for the link to
@@ -144,7 +147,7 @@ impl StreamLinks {
         }
         let tx = {
             let out = self.read();
-            match out.get(&crate::canonical(dst)) {
+            match out.get(&crate::transport::udp::canonical(dst)) {
                 Some(tx) => tx.clone(),
                 None => return false,
             }
@@ -177,7 +180,10 @@ impl StreamLinks {
     /// its stream closes).
     pub fn detach(&self, addr: SocketAddr) {
         let mut out = self.write();
-        if out.remove(&crate::canonical(addr)).is_some() {
+        if out
+            .remove(&crate::transport::udp::canonical(addr))
+            .is_some()
+        {
             self.count.store(out.len(), Relaxed);
         }
     }
@@ -185,7 +191,7 @@ impl StreamLinks {
     /// Makes `addr` a link now (sends to it are queued from this moment), replacing any link
     /// to it; [`run`](Self::run) then carries the queued datagrams.
     pub fn attach(&self, addr: SocketAddr) -> Attached {
-        let addr = crate::canonical(addr);
+        let addr = crate::transport::udp::canonical(addr);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let mut out = self.write();
         out.insert(addr, tx.clone());

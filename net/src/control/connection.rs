@@ -1,8 +1,8 @@
 //! A node's long-lived control connection to a relay, re-established on loss.
 
-use crate::backoff::Backoff;
-use crate::ctl::{self, CtlError, CTL_TIMEOUT};
-use crate::relay_path::RelayPath;
+use crate::control::exchange::{self, CtlError, CTL_TIMEOUT};
+use crate::runtime::backoff::Backoff;
+use crate::transport::relay_path::RelayPath;
 use postern_proto::msg::Ctl;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,14 +39,6 @@ pub type SharedClientConfig = std::sync::Arc<std::sync::RwLock<quinn::ClientConf
 /// The configuration a new connection should use now.
 pub fn current_config(shared: &SharedClientConfig) -> quinn::ClientConfig {
     shared.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-/// Where and how to reach a relay.
-#[derive(Debug, Clone)]
-pub struct RelayTarget {
-    pub addr: SocketAddr,
-    /// Name in the relay's certificate.
-    pub name: String,
 }
 
 /// Reconnect backoff bounds: quick first retry, capped so a relay that comes back is found
@@ -90,7 +82,7 @@ pub fn permanent_refusal(conn: &quinn::Connection) -> Option<String> {
 
 /// Keeps a control connection to the relay of `path` up until `shutdown`, publishing the
 /// current one in `current` (None while disconnected). The path decides between UDP and
-/// TLS/TCP on each attempt (see [`crate::relay_path`]). A relay that refuses this node for
+/// TLS/TCP on each attempt (see [`crate::transport::relay_path`]). A relay that refuses this node for
 /// good (see [`permanent_refusal`]) is retried only every few minutes, said once in the log
 /// and reported in the path's status (for `/readyz`).
 pub async fn run<H: ControlHandler>(
@@ -247,30 +239,31 @@ async fn serve_pushes<H: ControlHandler>(conn: &quinn::Connection, handler: &H) 
         };
         // Pushes are rare and quick; answering them in order keeps route set-up ordered.
         // One frame, not the whole stream: a public stream goes on with the client's bytes.
-        let msg = match tokio::time::timeout(CTL_TIMEOUT, ctl::read_frame::<Ctl>(&mut recv)).await {
-            Ok(Ok(open @ Ctl::PublicStream { .. })) => {
-                handler.on_stream(open, send, recv);
-                continue;
-            }
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "bad message from relay");
-                let _ = ctl::write_message(
-                    &mut send,
-                    &Ctl::Error {
-                        message: e.to_string(),
-                    },
-                )
-                .await;
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!("relay opened a stream and sent nothing");
-                continue;
-            }
-        };
+        let msg =
+            match tokio::time::timeout(CTL_TIMEOUT, exchange::read_frame::<Ctl>(&mut recv)).await {
+                Ok(Ok(open @ Ctl::PublicStream { .. })) => {
+                    handler.on_stream(open, send, recv);
+                    continue;
+                }
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "bad message from relay");
+                    let _ = exchange::write_message(
+                        &mut send,
+                        &Ctl::Error {
+                            message: e.to_string(),
+                        },
+                    )
+                    .await;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("relay opened a stream and sent nothing");
+                    continue;
+                }
+            };
         let answer = handler.on_push(msg).await;
-        if let Err(e) = ctl::write_message(&mut send, &answer).await {
+        if let Err(e) = exchange::write_message(&mut send, &answer).await {
             tracing::debug!(error = %e, "could not answer relay push");
         }
     }

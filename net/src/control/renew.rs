@@ -6,9 +6,9 @@
 //! renamed, so a crash leaves either the old pair or the new one. New connections use the new
 //! identity through the caller's `on_renewed` hook; open connections keep theirs.
 
-use crate::ctl::{self, CtlError, CTL_TIMEOUT};
-use crate::enroll::NodeState;
-use crate::files::{self, FileError};
+use crate::control::enroll::NodeState;
+use crate::control::exchange::{self, CtlError, CTL_TIMEOUT};
+use crate::runtime::files::{self, FileError};
 use postern_proto::msg::Ctl;
 use postern_proto::pki::{self, PkiError};
 use postern_proto::tls::Identity;
@@ -43,7 +43,7 @@ pub async fn renew_once(
     let current = files::read(&state.cert())?;
     let name = pki::cert_name(&pki::first_cert(&current)?)?;
     let (csr_pem, key) = pki::make_csr(&name)?;
-    let cert_pem = match ctl::request(conn, &Ctl::Renew { csr_pem }, CTL_TIMEOUT).await? {
+    let cert_pem = match exchange::request(conn, &Ctl::Renew { csr_pem }, CTL_TIMEOUT).await? {
         Ctl::Renewed { cert_pem } => cert_pem,
         Ctl::Error { message } => return Err(RenewError::Refused(message)),
         other => return Err(RenewError::Refused(format!("unexpected answer {other:?}"))),
@@ -85,7 +85,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff =
-        crate::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+        crate::runtime::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
     loop {
         let due = files::read(&state.cert())
             .ok()
@@ -102,7 +102,7 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
         }
         let Some(conn) =
-            crate::control::wait_connected(&mut control, Duration::from_secs(30)).await
+            crate::control::connection::wait_connected(&mut control, Duration::from_secs(30)).await
         else {
             continue;
         };

@@ -23,7 +23,7 @@ pub enum LockError {
         holder: String,
     },
     #[error(transparent)]
-    Dir(#[from] crate::files::FileError),
+    Dir(#[from] crate::runtime::files::FileError),
     #[error("cannot lock the state directory ({path}): {source}")]
     Io {
         path: PathBuf,
@@ -44,7 +44,7 @@ pub fn lock(dir: &Path, role: &str) -> Result<StateLock, LockError> {
         path: path.clone(),
         source,
     };
-    crate::files::private_dir(dir)?;
+    crate::runtime::files::private_dir(dir)?;
     let mut file = open(&path).map_err(io)?;
     if !try_lock(&file).map_err(io)? {
         let mut text = String::new();

@@ -1,0 +1,13 @@
+//! The ground every postern process stands on: ops endpoint, logs, drain, durations, files,
+//! backoff, listener limits and signals.
+
+pub mod backoff;
+pub mod drain;
+pub mod duration;
+pub mod files;
+pub mod limit;
+pub mod logging;
+pub mod ops;
+pub mod ratelog;
+pub mod signal;
+pub mod state_lock;

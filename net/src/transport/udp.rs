@@ -1,0 +1,76 @@
+//! The UDP socket every postern process binds for quinn: large buffers, GSO/GRO probed, and a
+//! writability poller per connection.
+
+use quinn::udp::UdpSocketState;
+use quinn::UdpPoller;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Maps an IPv4-mapped IPv6 address to plain IPv4, so addresses compare equal whichever family
+/// the socket that saw them uses.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Socket buffer size asked for on every postern UDP socket (the kernel may cap it).
+pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Binds a UDP socket prepared for quinn (non-blocking, large buffers, GSO/GRO probed).
+pub fn bind_udp(addr: SocketAddr) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
+    let std = std::net::UdpSocket::bind(addr)?;
+    let state = UdpSocketState::new((&std).into())?;
+    // Larger buffers absorb bursts at high rates; failure only costs throughput.
+    let _ = state.set_recv_buffer_size((&std).into(), SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&std).into(), SOCKET_BUFFER);
+    std.set_nonblocking(true)?;
+    let io = tokio::net::UdpSocket::from_std(std)?;
+    Ok((Arc::new(io), state))
+}
+
+/// The pending writability wait a [`Poller`] keeps between polls.
+pub type WritableFut = Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>;
+
+/// Waits for the socket to become writable; one per quinn connection, so each needs its own
+/// future (tokio's `poll_send_ready` keeps only the last waker).
+pub struct Poller {
+    io: Arc<tokio::net::UdpSocket>,
+    fut: Option<WritableFut>,
+}
+
+impl Poller {
+    pub fn new(io: Arc<tokio::net::UdpSocket>) -> Self {
+        Self { io, fut: None }
+    }
+}
+
+impl fmt::Debug for Poller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Poller").finish_non_exhaustive()
+    }
+}
+
+impl UdpPoller for Poller {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let fut = this.fut.get_or_insert_with(|| {
+            let io = this.io.clone();
+            Box::pin(async move { io.writable().await })
+        });
+        let res = fut.as_mut().poll(cx);
+        if res.is_ready() {
+            this.fut = None;
+        }
+        res
+    }
+}
