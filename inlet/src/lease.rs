@@ -221,13 +221,7 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn now_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
+    use postern_net::runtime::clock::now_ms;
 
     #[test]
     fn short_leases_get_a_shorter_margin() {

@@ -3,6 +3,7 @@
 //! identities (see the README: running the authority apart from the relay).
 
 use crate::state::{StateDir, StateError};
+pub use postern_net::runtime::clock::now_ms;
 use postern_net::runtime::files;
 use postern_proto::name::NodeName;
 use postern_proto::policy::Attributes;
@@ -11,19 +12,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Lifetime of certificates issued at enrollment and renewal. Nodes renew at two thirds of it
 /// over their control connection, so a node offline for longer than this needs a new ticket.
 pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The authority's record of a ticket. Holds a hash of the secret, never the secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //! restart needs no new ticket.
 
 use crate::control::exchange::{self, CtlError};
+use crate::runtime::clock::now_ms;
 use crate::runtime::files::{self, FileError};
 use crate::transport::endpoint::{self, EndpointError};
 use postern_proto::name::NodeName;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Why enrollment failed. Messages say what to do; none contains the ticket secret.
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +98,6 @@ impl NodeState {
             message: e.to_string(),
         })
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Enrolls with `ticket` (asking for `name` unless the ticket fixes one) and saves the result

@@ -2,6 +2,7 @@
 //! backoff, listener limits and signals.
 
 pub mod backoff;
+pub mod clock;
 pub mod drain;
 pub mod duration;
 pub mod files;

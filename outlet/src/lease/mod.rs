@@ -56,6 +56,7 @@ pub use config::{
 pub use store::{LeaseRecord, LeaseState, StoreError};
 
 use backend::CreateRequest;
+use postern_net::runtime::clock::now_ms;
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
 use schedule::{Action, Policy, Schedule};
@@ -64,7 +65,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use store::LeaseStore;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
@@ -233,13 +234,6 @@ impl LiveCredentials {
             .get(&digest(authorization))
             .is_some_and(|l| &l.client == client && now_ms < l.expires_at_ms)
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn new_lease_id() -> String {

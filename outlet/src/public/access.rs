@@ -7,6 +7,7 @@
 //! every request is checked against, so a revoked or expired grant stops working at the next
 //! request. Expired grants are dropped from the store when it opens.
 
+pub use postern_net::runtime::clock::now_ms;
 use postern_proto::name::ServiceName;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 /// File name of the store inside the state directory.
@@ -111,14 +112,6 @@ pub enum Denied {
     Expired,
     #[error("the access grant is for another service")]
     OtherService,
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn hash(secret: &str) -> String {
