@@ -82,6 +82,7 @@ impl NodeFlags {
             mode: self.transport.unwrap_or_default(),
             tcp_port: self.relay_tcp_port,
             udp_timeout: None,
+            udp_probe_interval: None,
         };
         let node = NodeArgs {
             relay: first,

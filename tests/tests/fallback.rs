@@ -6,8 +6,11 @@ use postern_net::transport::relay_path::{Transport, TransportMode, TransportSett
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -174,6 +177,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
         mode: TransportMode::Auto,
         tcp_port: Some(relay.addr.port()),
         udp_timeout: None,
+        udp_probe_interval: None,
     };
     let started = Instant::now();
     let outlet = start_outlet_via(
@@ -225,6 +229,116 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(inlet.handle.transports().transport(hole), None);
+}
+
+/// A UDP forwarder to `upstream` that drops everything while `open` is false: a firewall
+/// that starts passing UDP again. Each client address gets its own upstream socket, so the
+/// relay sees one address per node.
+async fn udp_gate(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+    let front = Arc::new(
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    );
+    let addr = front.local_addr().expect("addr");
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = open.clone();
+    tokio::spawn(async move {
+        let mut backs: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            if !gate.load(Relaxed) {
+                continue;
+            }
+            let back = match backs.get(&from) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = Arc::new(
+                        tokio::net::UdpSocket::bind("127.0.0.1:0")
+                            .await
+                            .expect("bind"),
+                    );
+                    let (b2, front2, gate2) = (b.clone(), front.clone(), gate.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok((n, _)) = b2.recv_from(&mut buf).await {
+                            if gate2.load(Relaxed) {
+                                let _ = front2.send_to(&buf[..n], from).await;
+                            }
+                        }
+                    });
+                    backs.insert(from, b.clone());
+                    b
+                }
+            };
+            let _ = back.send_to(&buf[..n], upstream).await;
+        }
+    });
+    (addr, open)
+}
+
+/// Issue 18 item 1: `auto` must not stay on TLS/TCP once UDP works again. A node that fell
+/// back (UDP dropped) moves its control connection back to UDP after a probe gets through, and
+/// the tunnel keeps working on the new path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_returns_to_udp_when_udp_works_again() {
+    init_logging();
+    let (echo, _task) = echo_server().await;
+    let pki = Pki::new();
+    let relay = start_relay_with_tcp(&pki, [6; 32]);
+    let (gate, open) = udp_gate(relay.addr).await;
+    let auto = TransportSettings {
+        mode: TransportMode::Auto,
+        tcp_port: Some(relay.addr.port()),
+        udp_timeout: Some(Duration::from_millis(500)),
+        udp_probe_interval: Some(Duration::from_millis(300)),
+    };
+    let outlet = start_outlet_via(
+        &pki,
+        "outlet-back",
+        &[gate],
+        vec![("echo", Target::tcp(echo.to_string()))],
+        auto.clone(),
+    )
+    .await;
+    let inlet = start_inlet_via(
+        &pki,
+        "inlet-back",
+        &[gate],
+        &[("echo", ServiceKind::Tcp)],
+        auto,
+    )
+    .await;
+    assert_eq!(
+        inlet.handle.transports().transport(gate),
+        Some(Transport::Tcp)
+    );
+    assert_eq!(
+        outlet.handle.transports().transport(gate),
+        Some(Transport::Tcp)
+    );
+    let (sent, received) = echo_round(inlet.addr("echo"), MIB).await;
+    assert_eq!(sent, received);
+
+    open.store(true, Relaxed);
+    wait_for("both nodes back on UDP", || {
+        inlet.handle.transports().transport(gate) == Some(Transport::Udp)
+            && outlet.handle.transports().transport(gate) == Some(Transport::Udp)
+    })
+    .await;
+    let links = relay.handle.tcp_stats().accepted.load(Relaxed);
+    let (sent, received) = echo_round(inlet.addr("echo"), MIB).await;
+    assert_eq!(sent, received);
+    use postern_net::runtime::ops::Observe;
+    assert!(inlet
+        .handle
+        .ready_detail()
+        .is_some_and(|d| d.ends_with("via udp")));
+    assert_eq!(
+        relay.handle.tcp_stats().accepted.load(Relaxed),
+        links,
+        "no new TLS/TCP link once UDP works"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

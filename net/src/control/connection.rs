@@ -80,6 +80,9 @@ pub fn permanent_refusal(conn: &quinn::Connection) -> Option<String> {
     }
 }
 
+/// Why a control connection over TLS/TCP was closed on purpose: a UDP probe got through.
+const MOVING_TO_UDP: &str = "moving back to QUIC over UDP";
+
 /// Keeps a control connection to the relay of `path` up until `shutdown`, publishing the
 /// current one in `current` (None while disconnected). The path decides between UDP and
 /// TLS/TCP on each attempt (see [`crate::transport::relay_path`]). A relay that refuses this node for
@@ -157,6 +160,10 @@ pub async fn run<H: ControlHandler>(
                     conn.close(postern_proto::msg::code::OK.into(), b"TLS/TCP link lost");
                     break "the TLS/TCP link to the relay ended".to_owned();
                 }
+                _ = up.udp_works.cancelled() => {
+                    conn.close(postern_proto::msg::code::OK.into(), b"moving to UDP");
+                    break MOVING_TO_UDP.to_owned();
+                }
                 r = &mut pushes => break r,
                 _ = tokio::time::sleep(SETTLED_AFTER), if !settled => {
                     settled = true;
@@ -170,6 +177,8 @@ pub async fn run<H: ControlHandler>(
         handler.on_disconnect(relay.addr);
         let delay = match permanent_refusal(&conn) {
             Some(why) => refused.delay(why),
+            // Not a failure: reconnect at once, UDP first.
+            None if reason == MOVING_TO_UDP => Duration::ZERO,
             None => {
                 let delay = backoff.next_delay();
                 tracing::warn!(relay = %relay.addr, transport = %up.transport, reason = %reason, retry_in = ?delay, "control connection lost");

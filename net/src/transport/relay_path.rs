@@ -2,8 +2,11 @@
 //!
 //! `auto` (the default) tries UDP first and falls back to TLS/TCP when the control handshake
 //! does not complete within [`UDP_HANDSHAKE_TIMEOUT`] (UDP dropped by a firewall shows up as
-//! silence, not as an error). Every reconnection starts with UDP again, so a node returns to
-//! the faster path once UDP works. `udp` and `tcp` force one path.
+//! silence, not as an error) *and* TLS/TCP works: a relay that is simply down answers neither,
+//! and is reported as unreachable rather than as a UDP block. While on TLS/TCP, `auto` probes
+//! QUIC over UDP every [`UDP_PROBE_INTERVAL`] from a throwaway socket; when the relay answers,
+//! the control connection moves back to UDP (each move is logged). Every reconnection starts
+//! with UDP again. `udp` and `tcp` force one path.
 //!
 //! Over TLS/TCP the node's socket sends to the relay's address through a [`crate::transport::links`] link
 //! instead of UDP; the control connection and the end-to-end connections above it are the same
@@ -24,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long `auto` waits for the QUIC handshake over UDP before trying TLS/TCP.
 pub const UDP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a node that fell back to TLS/TCP checks whether QUIC over UDP works again.
+pub const UDP_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long the TCP connect plus TLS handshake to the relay may take.
 pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -94,6 +99,8 @@ pub struct TransportSettings {
     pub tcp_port: Option<u16>,
     /// How long `auto` waits for UDP [default: [`UDP_HANDSHAKE_TIMEOUT`]].
     pub udp_timeout: Option<Duration>,
+    /// How often `auto` on TLS/TCP probes UDP [default: [`UDP_PROBE_INTERVAL`]].
+    pub udp_probe_interval: Option<Duration>,
 }
 
 /// Which transport each relay's control connection uses now, for metrics and `/readyz`.
@@ -196,6 +203,12 @@ pub enum PathError {
     HandshakeTimeout(Transport),
     #[error("TLS/TCP connection to {addr}: {reason}")]
     Tcp { addr: SocketAddr, reason: String },
+    /// Neither path answered: the relay is down or unreachable, not merely behind a UDP block.
+    #[error("relay unreachable: no answer over UDP ({udp}) and {tcp}")]
+    Unreachable {
+        udp: Box<PathError>,
+        tcp: Box<PathError>,
+    },
 }
 
 impl PathError {
@@ -240,6 +253,9 @@ pub struct Connected {
     pub transport: Transport,
     /// Cancelled when the TLS/TCP link under the connection ends (never, for UDP).
     pub link_lost: CancellationToken,
+    /// Cancelled when a probe found QUIC over UDP working again while this connection runs
+    /// over TLS/TCP in `auto` mode: the caller should reconnect (UDP is tried first).
+    pub udp_works: CancellationToken,
 }
 
 impl RelayPath {
@@ -293,13 +309,72 @@ impl RelayPath {
                     // The relay answered over UDP (refused, closed, wrong certificate...): UDP
                     // works, so TCP would not help. Only silence means UDP is blocked.
                     Err(e) if !e.is_silence() => Err(e),
-                    Err(e) => {
-                        tracing::warn!(relay = %self.relay.addr, tcp = %self.tcp_addr, error = %e, "no QUIC over UDP to the relay; falling back to TLS/TCP");
-                        self.over_tcp(endpoint, client).await
+                    Err(udp) => {
+                        tracing::debug!(relay = %self.relay.addr, tcp = %self.tcp_addr, error = %udp, "no answer over UDP; trying TLS/TCP");
+                        match self.over_tcp(endpoint, client.clone()).await {
+                            Ok(c) => {
+                                let every = self.probe_interval();
+                                tracing::warn!(relay = %self.relay.addr, tcp = %self.tcp_addr, udp_error = %udp, probe_every = ?every, "no QUIC over UDP to the relay but TLS/TCP works: using TLS/TCP, and moving back to UDP when a probe gets through");
+                                self.probe_udp(client, &c);
+                                Ok(c)
+                            }
+                            Err(tcp) => Err(PathError::Unreachable {
+                                udp: Box::new(udp),
+                                tcp: Box::new(tcp),
+                            }),
+                        }
                     }
                 }
             }
         }
+    }
+
+    fn probe_interval(&self) -> Duration {
+        self.settings
+            .udp_probe_interval
+            .unwrap_or(UDP_PROBE_INTERVAL)
+    }
+
+    /// While `over_tcp` lives, tries a QUIC handshake over UDP every probe interval from a
+    /// throwaway socket (the node's own socket sends to this relay through the TLS/TCP link
+    /// now, so it cannot tell). The first handshake that completes is closed at once and
+    /// `udp_works` is cancelled, so the control connection reconnects, UDP first.
+    fn probe_udp(&self, client: quinn::ClientConfig, over_tcp: &Connected) {
+        let (relay, every) = (self.relay.clone(), self.probe_interval());
+        let wait = self.settings.udp_timeout.unwrap_or(UDP_HANDSHAKE_TIMEOUT);
+        let (lost, works) = (over_tcp.link_lost.clone(), over_tcp.udp_works.clone());
+        tokio::spawn(async move {
+            let local: SocketAddr = match relay.addr {
+                SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            loop {
+                tokio::select! {
+                    _ = lost.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let probe = async {
+                    let endpoint = quinn::Endpoint::client(local).ok()?;
+                    let connecting = endpoint
+                        .connect_with(client.clone(), relay.addr, &relay.name)
+                        .ok()?;
+                    let conn = tokio::time::timeout(wait, connecting).await.ok()?.ok()?;
+                    conn.close(postern_proto::msg::code::OK.into(), b"UDP probe");
+                    endpoint.wait_idle().await;
+                    Some(())
+                };
+                let answered = tokio::select! {
+                    _ = lost.cancelled() => return,
+                    r = probe => r.is_some(),
+                };
+                if answered {
+                    tracing::info!(relay = %relay.addr, "QUIC over UDP reaches the relay again: moving the control connection back from TLS/TCP to UDP");
+                    works.cancel();
+                    return;
+                }
+                tracing::debug!(relay = %relay.addr, "UDP probe got no answer; staying on TLS/TCP");
+            }
+        });
     }
 
     /// The status this path reports to.
@@ -332,6 +407,7 @@ impl RelayPath {
             conn,
             transport,
             link_lost,
+            udp_works: CancellationToken::new(),
         }
     }
 
