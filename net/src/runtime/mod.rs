@@ -9,6 +9,7 @@ pub mod files;
 pub mod limit;
 pub mod logging;
 pub mod ops;
+pub mod port_owner;
 pub mod ratelog;
 pub mod signal;
 pub mod state_lock;

@@ -1,6 +1,7 @@
 //! The UDP socket every postern process binds for quinn: large buffers, GSO/GRO probed, and a
 //! writability poller per connection.
 
+use crate::runtime::port_owner::{explain_bind_error, Proto};
 use quinn::udp::UdpSocketState;
 use quinn::UdpPoller;
 use std::fmt;
@@ -28,7 +29,8 @@ pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Binds a UDP socket prepared for quinn (non-blocking, large buffers, GSO/GRO probed).
 pub fn bind_udp(addr: SocketAddr) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
-    let std = std::net::UdpSocket::bind(addr)?;
+    let std =
+        std::net::UdpSocket::bind(addr).map_err(|e| explain_bind_error(Proto::Udp, addr, e))?;
     let state = UdpSocketState::new((&std).into())?;
     // Larger buffers absorb bursts at high rates; failure only costs throughput.
     let _ = state.set_recv_buffer_size((&std).into(), SOCKET_BUFFER);
