@@ -93,6 +93,102 @@ impl fmt::Display for RefuseReason {
     }
 }
 
+/// Why a control request was refused, typed so that the other side can act on it (a permanent
+/// refusal is retried every few minutes, a transient one at once) and metrics can count each
+/// reason. The `Display` text is what logs and `/readyz` show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The relay has no record of the asking connection's node (it raced a disconnect).
+    UnknownNode,
+    /// The relay's operator drained this node (`postern-relay drain`).
+    Drained,
+    /// The relay's policy does not allow this node to do `action` (`register`,
+    /// `register_public`) for `service`; `rule` is the deciding rule (or the default deny).
+    NotAllowed {
+        action: String,
+        service: ServiceName,
+        rule: String,
+    },
+    /// The answering side is shutting down; another relay or outlet may serve.
+    ShuttingDown,
+    /// This relay does not hold the authority's key, so it cannot renew certificates.
+    NoAuthority,
+    /// The authority refused to renew this identity's certificate (e.g. it was revoked).
+    RenewalRefused { why: String },
+    /// The outlet was asked to open a route for a service it does not serve.
+    NotServed { service: ServiceName },
+    /// The request could not be read (malformed, or it did not arrive in time).
+    BadMessage { detail: String },
+    /// A message that is not a request this side answers.
+    Unexpected,
+    /// The answering side failed internally; trying again may work.
+    Internal,
+}
+
+impl Refusal {
+    /// Whether retrying soon cannot help until an operator acts (policy, drain, revocation,
+    /// a relay without the authority).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Drained
+                | Refusal::NotAllowed { .. }
+                | Refusal::NoAuthority
+                | Refusal::RenewalRefused { .. }
+        )
+    }
+
+    /// A short stable name for metrics labels and structured logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::UnknownNode => "unknown_node",
+            Refusal::Drained => "drained",
+            Refusal::NotAllowed { .. } => "not_allowed",
+            Refusal::ShuttingDown => "shutting_down",
+            Refusal::NoAuthority => "no_authority",
+            Refusal::RenewalRefused { .. } => "renewal_refused",
+            Refusal::NotServed { .. } => "not_served",
+            Refusal::BadMessage { .. } => "bad_message",
+            Refusal::Unexpected => "unexpected",
+            Refusal::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnknownNode => f.write_str("the relay does not know this node (reconnect)"),
+            Refusal::Drained => f.write_str("this node is drained by the relay operator"),
+            Refusal::NotAllowed {
+                action,
+                service,
+                rule,
+            } => {
+                let verb = match action.as_str() {
+                    "register_public" => "offer publicly",
+                    "register" => "register",
+                    other => other,
+                };
+                write!(
+                    f,
+                    "the relay's policy does not allow this node to {verb} {service} ({rule})"
+                )
+            }
+            Refusal::ShuttingDown => f.write_str("shutting down"),
+            Refusal::NoAuthority => {
+                f.write_str("this relay does not run the authority; renew at the authority")
+            }
+            Refusal::RenewalRefused { why } => write!(f, "renewal refused: {why}"),
+            Refusal::NotServed { service } => write!(f, "this outlet does not serve {service}"),
+            Refusal::BadMessage { detail } => write!(f, "bad control message: {detail}"),
+            Refusal::Unexpected => f.write_str("unexpected message"),
+            Refusal::Internal => f.write_str("internal error; try again"),
+        }
+    }
+}
+
 /// First frame of every stream inside an end-to-end connection: what the stream is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamOpen {
