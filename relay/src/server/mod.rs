@@ -2,7 +2,7 @@
 //! (through [`RelaySocket`]) forwards end-to-end packets.
 //!
 //! This file binds and runs; the work is in its children, each with one job:
-//! [`shared`](self::shared) the state they all work on, `session` one node's connection,
+//! `shared` the state they all work on, `session` one node's connection,
 //! `dispatch` its control messages, `route` granting routes, `enroll` enrollment connections,
 //! `revoke` revocations, `admin_ops` what the admin API reads and does.
 
@@ -275,7 +275,7 @@ impl Relay {
     }
 
     /// Keeps forwarding the routes in place until they are gone or the drain deadline passes;
-    /// new connections are refused meanwhile (and new routes, see `handle`).
+    /// new connections are refused meanwhile (and new routes, see `dispatch`).
     async fn drain(&self) {
         self.endpoint.set_server_config(None);
         let routes = self.shared.routes.len();
