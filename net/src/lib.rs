@@ -13,12 +13,9 @@
 //! - [`runtime`]: the ground every process stands on: the ops endpoint, logging, drain,
 //!   durations, files and state locks, backoff, listener limits, signals.
 //! - [`node_config`]: the flags and files both nodes (inlet and outlet) share.
-//! - [`relay_socket`], [`relay_tcp`]: the relay's forwarding socket and TLS/TCP listener.
 
 pub mod control;
 pub mod node_config;
-pub mod relay_socket;
-pub mod relay_tcp;
 pub mod runtime;
 pub mod stream;
 pub mod transport;

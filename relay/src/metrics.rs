@@ -197,7 +197,7 @@ impl Observe for RelayHandle {
             "Nodes drained through the admin API.",
             admin.drains.load(Relaxed),
         );
-        crate::tcp::render(self, out);
+        render_tcp(self, out);
         out.gauge(
             "postern_relay_ready",
             "1 while the relay is listening and not shutting down.",
@@ -208,4 +208,45 @@ impl Observe for RelayHandle {
     fn ready(&self) -> Result<(), String> {
         self.readiness()
     }
+}
+
+/// Writes the fallback's metrics: links open, accepted and refused, datagrams each way and
+/// those dropped (full write queue) or ending a link (bad length prefix).
+fn render_tcp(handle: &RelayHandle, out: &mut Exposition) {
+    let (tcp, links) = (handle.tcp_stats(), handle.tcp_links().stats());
+    out.gauge(
+        "postern_relay_tcp_links_open",
+        "Nodes connected over the TLS/TCP fallback now.",
+        tcp.open.load(Relaxed) as f64,
+    );
+    out.counter(
+        "postern_relay_tcp_links_accepted_total",
+        "TLS/TCP fallback connections accepted (TLS handshake done).",
+        tcp.accepted.load(Relaxed),
+    );
+    out.counter(
+        "postern_relay_tcp_links_refused_total",
+        "TLS/TCP fallback connections refused (failed or slow TLS handshake, over the limit).",
+        tcp.refused.load(Relaxed),
+    );
+    out.counter(
+        "postern_relay_tcp_datagrams_in_total",
+        "Datagrams read from TLS/TCP links.",
+        links.datagrams_in.load(Relaxed),
+    );
+    out.counter(
+        "postern_relay_tcp_datagrams_out_total",
+        "Datagrams queued to TLS/TCP links.",
+        links.datagrams_out.load(Relaxed),
+    );
+    out.counter(
+        "postern_relay_tcp_datagrams_dropped_total",
+        "Datagrams dropped because a TLS/TCP link's write queue was full.",
+        links.dropped_full.load(Relaxed),
+    );
+    out.counter(
+        "postern_relay_tcp_framing_errors_total",
+        "TLS/TCP links closed for a bad length prefix.",
+        links.framing_errors.load(Relaxed),
+    );
 }

@@ -12,7 +12,6 @@
 //! Limits: the ClientHello must arrive within [`PublicOptions::peek_timeout`] and fit in
 //! [`PublicOptions::max_hello`] bytes; at most [`MAX_CONNECTIONS`] connections at once.
 
-use crate::registry::NodeId;
 use crate::server::RelayHandle;
 use postern_net::control::exchange;
 use postern_proto::msg::Ctl;
@@ -22,7 +21,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -101,63 +100,6 @@ pub enum Refusal {
     UnknownName,
     /// The outlet could not be reached.
     OutletUnavailable,
-}
-
-/// Counters of the public ingress.
-#[derive(Debug, Default)]
-pub struct PublicStats {
-    /// Connections forwarded to an outlet.
-    pub forwarded: AtomicU64,
-    /// Connections refused, all reasons.
-    pub refused: AtomicU64,
-    /// Refused because the name routes nowhere (or no name was sent).
-    pub refused_unknown_name: AtomicU64,
-    /// Closed at once because [`MAX_CONNECTIONS`] were open (and none was silent).
-    pub refused_cap: AtomicU64,
-    /// Silent connections (no byte of ClientHello yet) closed to make room for a new one.
-    pub evicted_silent: AtomicU64,
-}
-
-/// Which outlets offer which services publicly (sans-IO; the server applies it).
-#[derive(Debug, Default)]
-pub struct PublicRegistry {
-    services: HashMap<ServiceName, Vec<NodeId>>,
-    cursor: usize,
-}
-
-impl PublicRegistry {
-    /// Makes `node` a public outlet of each of `services`, replacing its earlier list.
-    pub fn register(&mut self, node: NodeId, services: &[ServiceName]) {
-        self.remove_node(node);
-        for s in services {
-            let outlets = self.services.entry(s.clone()).or_default();
-            if !outlets.contains(&node) {
-                outlets.push(node);
-            }
-        }
-    }
-
-    /// Forgets a node (it disconnected).
-    pub fn remove_node(&mut self, node: NodeId) {
-        for outlets in self.services.values_mut() {
-            outlets.retain(|n| *n != node);
-        }
-        self.services.retain(|_, o| !o.is_empty());
-    }
-
-    /// The public outlets of `service`, starting at a different one each call.
-    pub fn candidates(&mut self, service: &ServiceName) -> Vec<NodeId> {
-        let Some(outlets) = self.services.get(service) else {
-            return Vec::new();
-        };
-        let start = self.cursor % outlets.len();
-        self.cursor = self.cursor.wrapping_add(1);
-        outlets[start..]
-            .iter()
-            .chain(&outlets[..start])
-            .copied()
-            .collect()
-    }
 }
 
 /// A bound public ingress, ready to [`run`](PublicIngress::run).
@@ -261,7 +203,7 @@ async fn serve(
                 "public_no_name",
                 "refusing public connections without a server name"
             );
-            return Err(refuse(tcp, Refusal::NoName).await);
+            return Err(alert_unrecognized_name(tcp, Refusal::NoName).await);
         }
         Err(r) => {
             postern_net::refusal!(info, "public_refused", "refusing public connections", refusal = ?r);
@@ -273,12 +215,12 @@ async fn serve(
         .and_then(|label| ServiceName::new(&label.to_ascii_lowercase()).ok());
     let Some(service) = service else {
         postern_net::refusal!(info, "public_foreign_name", "refusing public connections for names outside the public domain", %name);
-        return Err(refuse(tcp, Refusal::UnknownName).await);
+        return Err(alert_unrecognized_name(tcp, Refusal::UnknownName).await);
     };
     let candidates = relay.public_candidates(&service);
     if candidates.is_empty() {
         postern_net::refusal!(info, "public_no_outlet", "refusing public connections for services no live outlet offers publicly", %service);
-        return Err(refuse(tcp, Refusal::UnknownName).await);
+        return Err(alert_unrecognized_name(tcp, Refusal::UnknownName).await);
     }
     for conn in candidates {
         let Some(_slot) = per_outlet.acquire(&conn) else {
@@ -318,7 +260,7 @@ async fn serve(
         tracing::debug!(%service, up = out.up, down = out.down, "public connection done");
         return Ok(());
     }
-    Err(refuse(tcp, Refusal::OutletUnavailable).await)
+    Err(alert_unrecognized_name(tcp, Refusal::OutletUnavailable).await)
 }
 
 /// Public connections open per outlet control connection.
@@ -374,8 +316,8 @@ async fn peek(
     }
 }
 
-/// Sends the TLS `unrecognized_name` alert and closes.
-async fn refuse(mut tcp: TcpStream, why: Refusal) -> Refusal {
+/// Sends the TLS `unrecognized_name` alert and closes; returns `why` for the caller to count.
+async fn alert_unrecognized_name(mut tcp: TcpStream, why: Refusal) -> Refusal {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = tcp.write_all(&sni::ALERT_UNRECOGNIZED_NAME).await;
         let _ = tcp.shutdown().await;
@@ -438,32 +380,5 @@ impl AsyncWrite for Tapped {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn svc(s: &str) -> ServiceName {
-        ServiceName::new(s).expect("name")
-    }
-
-    #[test]
-    fn registry_spreads_and_forgets() {
-        let mut r = PublicRegistry::default();
-        assert!(r.candidates(&svc("db")).is_empty());
-        r.register(1, &[svc("db"), svc("ui")]);
-        r.register(2, &[svc("db")]);
-        let firsts: std::collections::BTreeSet<NodeId> =
-            (0..4).map(|_| r.candidates(&svc("db"))[0]).collect();
-        assert_eq!(firsts, [1, 2].into());
-        assert_eq!(r.candidates(&svc("ui")), vec![1]);
-        r.register(1, &[svc("db")]);
-        assert!(r.candidates(&svc("ui")).is_empty());
-        r.remove_node(1);
-        assert_eq!(r.candidates(&svc("db")), vec![2]);
-        r.remove_node(2);
-        assert!(r.candidates(&svc("db")).is_empty());
     }
 }

@@ -1,5 +1,6 @@
 //! The relay's control-plane state (sans-IO): which node serves what, and the routes between
-//! them. The server layer holds the connections and applies what this decides.
+//! them; [`PublicRegistry`] does the same for services offered at the public hostname ingress.
+//! The server layer holds the connections and applies what this decides.
 
 use postern_proto::fwd::RouteId;
 use postern_proto::msg::RefuseReason;
@@ -191,6 +192,48 @@ impl Registry {
     }
 }
 
+/// Which outlets offer which services publicly (sans-IO; the server applies it).
+#[derive(Debug, Default)]
+pub struct PublicRegistry {
+    services: HashMap<ServiceName, Vec<NodeId>>,
+    cursor: usize,
+}
+
+impl PublicRegistry {
+    /// Makes `node` a public outlet of each of `services`, replacing its earlier list.
+    pub fn register(&mut self, node: NodeId, services: &[ServiceName]) {
+        self.remove_node(node);
+        for s in services {
+            let outlets = self.services.entry(s.clone()).or_default();
+            if !outlets.contains(&node) {
+                outlets.push(node);
+            }
+        }
+    }
+
+    /// Forgets a node (it disconnected).
+    pub fn remove_node(&mut self, node: NodeId) {
+        for outlets in self.services.values_mut() {
+            outlets.retain(|n| *n != node);
+        }
+        self.services.retain(|_, o| !o.is_empty());
+    }
+
+    /// The public outlets of `service`, starting at a different one each call.
+    pub fn candidates(&mut self, service: &ServiceName) -> Vec<NodeId> {
+        let Some(outlets) = self.services.get(service) else {
+            return Vec::new();
+        };
+        let start = self.cursor % outlets.len();
+        self.cursor = self.cursor.wrapping_add(1);
+        outlets[start..]
+            .iter()
+            .chain(&outlets[..start])
+            .copied()
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +309,22 @@ mod tests {
         assert_eq!(r.services_of(1), vec![svc("b")]);
         assert_eq!(r.pick_outlet(&svc("a")), Err(RefuseReason::NoLiveOutlet));
         assert_eq!(r.pick_outlet(&svc("b")), Ok(1));
+    }
+
+    #[test]
+    fn public_registry_spreads_and_forgets() {
+        let mut r = PublicRegistry::default();
+        assert!(r.candidates(&svc("db")).is_empty());
+        r.register(1, &[svc("db"), svc("ui")]);
+        r.register(2, &[svc("db")]);
+        let firsts: BTreeSet<NodeId> = (0..4).map(|_| r.candidates(&svc("db"))[0]).collect();
+        assert_eq!(firsts, [1, 2].into());
+        assert_eq!(r.candidates(&svc("ui")), vec![1]);
+        r.register(1, &[svc("db")]);
+        assert!(r.candidates(&svc("ui")).is_empty());
+        r.remove_node(1);
+        assert_eq!(r.candidates(&svc("db")), vec![2]);
+        r.remove_node(2);
+        assert!(r.candidates(&svc("db")).is_empty());
     }
 }

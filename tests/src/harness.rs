@@ -1,7 +1,6 @@
 //! In-process postern clusters on 127.0.0.1 with port 0, for end-to-end tests.
 
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
-use postern_net::relay_socket::Tap;
 use postern_net::transport::relay_path::RelayTarget;
 use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
@@ -9,6 +8,7 @@ use postern_outlet::{Outlet, OutletHandle, OutletOptions};
 use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::pki::Ca;
 use postern_proto::tls::{self, Identity};
+use postern_relay::forward::udp::Tap;
 use postern_relay::{Relay, RelayHandle, RelayOptions};
 use rustls::RootCertStore;
 use std::collections::HashMap;

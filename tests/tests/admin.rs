@@ -14,11 +14,11 @@ use postern_proto::pki::Ca;
 use postern_proto::policy::Attributes;
 use postern_proto::tls::{self, Identity};
 use postern_relay::admin::client::{AdminClient, ClientError};
-use postern_relay::admin::views::{
+use postern_relay::admin::{self, AdminApi, AdminToken, TOKEN_FILE};
+use postern_relay::views::{
     Draining, ErrorBody, Identities, Nodes, Revoked, Routes, Services as ServiceList, Tickets,
     Undrained,
 };
-use postern_relay::admin::{self, AdminApi, AdminToken, TOKEN_FILE};
 use postern_relay::RelayHandle;
 use postern_tests::harness::*;
 use std::collections::{BTreeSet, HashMap};

@@ -12,7 +12,7 @@ const MIB: usize = 1024 * 1024;
 
 async fn cluster_with_echo(
     pki: &Pki,
-    tap: Option<postern_net::relay_socket::Tap>,
+    tap: Option<postern_relay::forward::udp::Tap>,
 ) -> (RelayNode, OutletNode, InletNode) {
     let (echo, _task) = echo_server().await;
     let relay = start_relay(pki, "127.0.0.1:0".parse().expect("addr"), [7; 32], tap);
@@ -146,7 +146,7 @@ async fn relay_never_sees_plaintext_and_cannot_alter_data() {
     let record = Arc::new(Mutex::new(Vec::<u8>::new()));
     let flipped = Arc::new(AtomicU64::new(0));
     let seen = Arc::new(AtomicU64::new(0));
-    let tap: postern_net::relay_socket::Tap = {
+    let tap: postern_relay::forward::udp::Tap = {
         let record = record.clone();
         let flipped = flipped.clone();
         let seen = seen.clone();

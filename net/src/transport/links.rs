@@ -3,7 +3,7 @@
 //! Where UDP is blocked, a node reaches its relay over one TLS/TCP connection that carries, as
 //! length-prefixed datagrams ([`postern_proto::dgram`]), exactly what the UDP socket would have
 //! carried: the control connection's QUIC packets and forwarding frames. Each side's socket
-//! ([`crate::transport::node_socket::NodeSocket`], [`crate::relay_socket::RelaySocket`]) keeps a
+//! ([`crate::transport::node_socket::NodeSocket`], the relay crate's `RelaySocket`) keeps a
 //! [`StreamLinks`]: a send to an address that has a link goes to that link's bounded write
 //! queue instead of the UDP socket, and datagrams read from a link are handed to the socket's
 //! receive path as if they came from that address. quinn does not know the difference; QUIC's
@@ -76,9 +76,9 @@ pub struct Attached {
 }
 
 /// One received datagram and the address it stands for.
-pub(crate) struct Inbound {
-    pub(crate) from: SocketAddr,
-    pub(crate) data: Vec<u8>,
+pub struct Inbound {
+    pub from: SocketAddr,
+    pub data: Vec<u8>,
 }
 
 /// The links of one socket; see the module docs.
@@ -166,13 +166,13 @@ impl StreamLinks {
     }
 
     /// The next datagram read from any link, registering `cx` for wake-up when none is there.
-    pub(crate) fn poll_inbound(&self, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
+    pub fn poll_inbound(&self, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
         let mut rx = self.inbound_rx.lock().unwrap_or_else(|p| p.into_inner());
         rx.poll_recv(cx)
     }
 
     /// Counts a datagram the socket had to drop because it did not fit quinn's buffer.
-    pub(crate) fn oversize(&self) {
+    pub fn oversize(&self) {
         self.stats.dropped_oversize.fetch_add(1, Relaxed);
     }
 

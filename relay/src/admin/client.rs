@@ -2,7 +2,7 @@
 //! renders a summary for people.
 
 use super::token::AdminToken;
-use super::views::{Identities, Nodes, Routes, Services, Tickets};
+use crate::views::{Identities, Nodes, Routes, Services, Tickets};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
@@ -109,7 +109,7 @@ impl AdminClient {
             .await
             .map_err(|_| ClientError::Timeout { addr })??;
         if !status.is_success() {
-            let message = serde_json::from_slice::<super::views::ErrorBody>(&body)
+            let message = serde_json::from_slice::<crate::views::ErrorBody>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             return Err(ClientError::Api {

@@ -19,9 +19,9 @@
 
 pub mod client;
 pub mod token;
-pub mod views;
 
 use crate::server::{AdminOpError, RelayHandle};
+use crate::views;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
@@ -30,7 +30,7 @@ use postern_proto::name::NodeName;
 use serde::Serialize;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -48,21 +48,6 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
-
-/// The admin API's counters (see the relay's `/metrics`).
-#[derive(Debug, Default)]
-pub struct AdminStats {
-    /// Requests answered with a 2xx.
-    pub requests_ok: AtomicU64,
-    /// Requests without the right token.
-    pub requests_unauthorized: AtomicU64,
-    /// Other refused or failed requests (404, 405, 400, 500).
-    pub requests_failed: AtomicU64,
-    /// Identities revoked through the API.
-    pub revocations: AtomicU64,
-    /// Nodes drained through the API.
-    pub drains: AtomicU64,
-}
 
 /// Parses `--admin-addr`: an address, or `off` to disable the API.
 pub fn parse_admin_addr(s: &str) -> Result<Option<SocketAddr>, String> {

@@ -1,17 +1,18 @@
 //! What the admin API reads from and does to a running relay: views of its nodes, services,
 //! routes, tickets and identities, revoking an identity and draining a node. A child of the
-//! server module so it can reach the relay's shared state without widening its visibility.
+//! server module so it can reach the relay's shared state ([`super::shared`]) without widening
+//! its visibility.
 
-use super::{apply_revocation, forget_node, RelayHandle, Shared};
-use crate::admin::views::{
+use super::revoke::apply_revocation;
+use super::shared::{forget_node, AdminStats, Drain, RelayHandle, Shared};
+use crate::registry::NodeId;
+use crate::views::{
     Draining, IdentityView, NodeView, Revoked, RouteView, ServiceView, TicketView, Undrained,
 };
-use crate::admin::AdminStats;
-use crate::registry::NodeId;
-use postern_proto::name::{NodeName, ServiceName};
-use std::collections::{BTreeMap, HashMap};
+use postern_proto::name::NodeName;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why an admin action could not be done.
@@ -23,55 +24,6 @@ pub enum AdminOpError {
     UnknownIdentity(NodeName),
     #[error("cannot record the revocation of {name}: {message}")]
     Persist { name: NodeName, message: String },
-}
-
-/// A drained node: which connection, and what it served (restored by undrain while it is
-/// still connected).
-#[derive(Debug, Clone)]
-struct Drain {
-    id: NodeId,
-    services: Vec<ServiceName>,
-}
-
-/// The relay state only the admin API needs.
-#[derive(Debug, Default)]
-pub(super) struct AdminState {
-    connected_at: Mutex<HashMap<NodeId, SystemTime>>,
-    /// Drained node names: refused at connection and for routes until undrained (in memory; a
-    /// restart forgets them).
-    drained: Mutex<BTreeMap<NodeName, Drain>>,
-    stats: AdminStats,
-}
-
-impl AdminState {
-    fn connected_at_map(&self) -> MutexGuard<'_, HashMap<NodeId, SystemTime>> {
-        self.connected_at.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn drained(&self) -> MutexGuard<'_, BTreeMap<NodeName, Drain>> {
-        self.drained.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records when a node's control connection came up.
-    pub(super) fn connected(&self, id: NodeId) {
-        self.connected_at_map().insert(id, SystemTime::now());
-    }
-
-    /// Forgets a node's connection time.
-    pub(super) fn disconnected(&self, id: NodeId) {
-        self.connected_at_map().remove(&id);
-    }
-
-    /// Whether the operator drained `name`.
-    pub(super) fn is_drained(&self, name: &NodeName) -> bool {
-        self.drained().contains_key(name)
-    }
-}
-
-/// Whether the node behind connection `id` is drained.
-pub(super) fn node_drained(shared: &Shared, id: NodeId) -> bool {
-    let name = shared.registry().name(id).cloned();
-    name.is_some_and(|n| shared.admin.is_drained(&n))
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

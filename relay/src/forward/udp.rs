@@ -7,8 +7,8 @@
 //! stream. Consecutive frames of one GRO batch going to the same endpoint are sent on as one GSO
 //! batch.
 
-use crate::transport::links::StreamLinks;
-use crate::transport::udp::{bind_udp, canonical, Poller};
+use postern_net::transport::links::StreamLinks;
+use postern_net::transport::udp::{bind_udp, canonical, Poller};
 use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -133,7 +133,7 @@ pub struct RelaySocket {
     routes: Arc<RouteTable>,
     stats: Arc<ForwardStats>,
     tap: Option<Tap>,
-    /// Nodes that reach the relay over TLS/TCP (see [`crate::transport::links`]).
+    /// Nodes that reach the relay over TLS/TCP (see [`postern_net::transport::links`]).
     links: Arc<StreamLinks>,
 }
 
@@ -262,13 +262,13 @@ impl RelaySocket {
             Ok((id, _)) => id,
             Err(e) => {
                 self.stats.dropped_malformed.fetch_add(1, Relaxed);
-                crate::refusal!(info, "malformed_frame", "dropped malformed forwarding frames", %src, error = %e);
+                postern_net::refusal!(info, "malformed_frame", "dropped malformed forwarding frames", %src, error = %e);
                 return None;
             }
         };
         let Some(route) = self.routes.get(route_id) else {
             self.stats.dropped_unknown_route.fetch_add(1, Relaxed);
-            crate::refusal!(info, "unknown_route", "dropped frames for unknown routes", %src);
+            postern_net::refusal!(info, "unknown_route", "dropped frames for unknown routes", %src);
             return None;
         };
         let dst = if src == route.a {
@@ -278,7 +278,7 @@ impl RelaySocket {
             route.a
         } else {
             self.stats.dropped_spoofed.fetch_add(1, Relaxed);
-            crate::refusal!(info, "spoofed_frame", "dropped frames from an address that is not an endpoint of their route", %src, route = %route_id.short());
+            postern_net::refusal!(info, "spoofed_frame", "dropped frames from an address that is not an endpoint of their route", %src, route = %route_id.short());
             return None;
         };
         if let Some(tap) = &self.tap {
@@ -383,7 +383,7 @@ impl AsyncUdpSocket for RelaySocket {
                     Kind::Quic if postern_quic(data) => for_quinn += 1,
                     Kind::Quic => {
                         self.stats.dropped_not_postern.fetch_add(1, Relaxed);
-                        crate::refusal!(info, "quic_version", "dropped QUIC packets of a version no postern node speaks", src = %m.addr);
+                        postern_net::refusal!(info, "quic_version", "dropped QUIC packets of a version no postern node speaks", src = %m.addr);
                         m.len = 0;
                     }
                     Kind::Forward => {
@@ -392,7 +392,7 @@ impl AsyncUdpSocket for RelaySocket {
                     }
                     Kind::Unknown => {
                         self.stats.dropped_malformed.fetch_add(1, Relaxed);
-                        crate::refusal!(info, "junk_datagram", "dropped datagrams that are neither QUIC nor a forwarding frame", src = %m.addr, len = m.len);
+                        postern_net::refusal!(info, "junk_datagram", "dropped datagrams that are neither QUIC nor a forwarding frame", src = %m.addr, len = m.len);
                         m.len = 0;
                     }
                 }

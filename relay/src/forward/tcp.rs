@@ -1,16 +1,20 @@
-//! The relay's TLS/TCP listener for nodes that cannot use UDP.
+//! The relay's TLS/TCP listener for nodes that cannot use UDP, bound on request and served
+//! beside the UDP socket ([`super::udp`]).
 //!
 //! Each accepted connection (TLS 1.3 with the relay's certificate, ALPN
-//! [`postern_proto::dgram::ALPN_TCP`]) becomes a [`crate::transport::links`] link with its own *virtual*
-//! address in 240.0.0.0/8 (reserved, never routed). The node's QUIC control connection, carried
-//! inside, appears to quinn as coming from that address, so the route table names it as the
-//! node's endpoint and forwarding frames to it go back down the same TLS connection. Nothing
-//! else in the relay knows a node is on TCP.
+//! [`postern_proto::dgram::ALPN_TCP`]) becomes a [`postern_net::transport::links`] link with its
+//! own *virtual* address in 240.0.0.0/8 (reserved, never routed). The node's QUIC control
+//! connection, carried inside, appears to quinn as coming from that address, so the route table
+//! names it as the node's endpoint and forwarding frames to it go back down the same TLS
+//! connection. Nothing else in the relay knows a node is on TCP.
 //!
 //! The TLS layer authenticates the relay only; the node proves who it is inside, on the
 //! control connection's mutual TLS, exactly as over UDP.
+//!
+//! [`TcpFallback`] holds the listener between the relay's `bind` and `run`; [`serve`] accepts
+//! links; the datagrams they carry are [`postern_net::transport::links`]' work.
 
-use crate::transport::links::StreamLinks;
+use postern_net::transport::links::StreamLinks;
 use postern_proto::dgram::ALPN_TCP;
 use postern_proto::tls::{self, Identity, TlsError};
 use rustls::RootCertStore;
@@ -19,6 +23,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -27,6 +32,83 @@ use tracing::Instrument;
 pub const MAX_LINKS: usize = 4096;
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the TLS/TCP fallback could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    /// The relay's certificate or key does not make a TLS server configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind TCP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The fallback listener of one relay.
+pub struct TcpFallback {
+    tls: Arc<rustls::ServerConfig>,
+    links: Arc<StreamLinks>,
+    listener: Option<std::net::TcpListener>,
+    stats: Arc<TcpStats>,
+}
+
+impl TcpFallback {
+    /// A fallback that will attach its links to `links` (the UDP socket's, so forwarding
+    /// reaches TCP nodes too).
+    pub(crate) fn new(
+        identity: &Identity,
+        roots: Arc<RootCertStore>,
+        links: Arc<StreamLinks>,
+    ) -> Result<Self, TcpError> {
+        Ok(Self {
+            tls: server_config(identity, roots)?,
+            links,
+            listener: None,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Binds the TCP listener (served once the relay runs).
+    pub(crate) fn bind(&mut self, addr: SocketAddr) -> Result<SocketAddr, TcpError> {
+        let bind_err = |source| TcpError::Bind { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        self.listener = Some(listener);
+        Ok(local)
+    }
+
+    /// The listener's counters.
+    pub(crate) fn stats(&self) -> Arc<TcpStats> {
+        self.stats.clone()
+    }
+
+    /// The links TCP nodes are served on.
+    pub(crate) fn links(&self) -> Arc<StreamLinks> {
+        self.links.clone()
+    }
+
+    /// Starts serving links, if a listener was bound.
+    pub(crate) fn spawn(&mut self, stop: CancellationToken) -> Option<JoinHandle<()>> {
+        let listener = self.listener.take()?;
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve the TLS/TCP listener");
+                return None;
+            }
+        };
+        Some(tokio::spawn(serve(
+            listener,
+            self.tls.clone(),
+            self.links.clone(),
+            self.stats.clone(),
+            stop,
+        )))
+    }
+}
 
 /// Counters of the TCP listener.
 #[derive(Debug, Default)]
@@ -68,11 +150,11 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let next = AtomicU32::new(1);
     let tasks = TaskTracker::new();
-    let limit = crate::runtime::limit::ConnLimit::new(
+    let limit = postern_net::runtime::limit::ConnLimit::new(
         "relay TLS/TCP",
-        crate::runtime::limit::default_cap(Some(MAX_LINKS)),
+        postern_net::runtime::limit::default_cap(Some(MAX_LINKS)),
     );
-    let mut backoff = crate::runtime::limit::AcceptBackoff::new("relay TLS/TCP");
+    let mut backoff = postern_net::runtime::limit::AcceptBackoff::new("relay TLS/TCP");
     tracing::info!(addr = ?listener.local_addr().ok(), "relay listening on TLS/TCP for nodes without UDP");
     loop {
         let accepted = tokio::select! {
@@ -120,7 +202,7 @@ pub async fn serve(
                     }
                     Err(_) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        crate::refusal!(info, "tcp_silent", "TLS/TCP connections sent nothing in time");
+                        postern_net::refusal!(info, "tcp_silent", "TLS/TCP connections sent nothing in time");
                         return;
                     }
                 }
@@ -128,12 +210,12 @@ pub async fn serve(
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        crate::refusal!(info, "tcp_tls_failed", "TLS/TCP handshakes failed", error = %e);
+                        postern_net::refusal!(info, "tcp_tls_failed", "TLS/TCP handshakes failed", error = %e);
                         return;
                     }
                     Err(_) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        crate::refusal!(info, "tcp_tls_timeout", "TLS/TCP handshakes timed out");
+                        postern_net::refusal!(info, "tcp_tls_timeout", "TLS/TCP handshakes timed out");
                         return;
                     }
                 };

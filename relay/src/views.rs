@@ -1,4 +1,5 @@
-//! The admin API's JSON documents, shared by the server (`/v1/...`) and `postern-relay status`.
+//! The relay's state as JSON documents: filled by the server, carried by the admin API
+//! (`/v1/...`) and read back by its client (`postern-relay status`).
 //! Ticket views carry no secret and no secret hash; nothing here carries key material.
 
 use postern_proto::name::{NodeName, ServiceName};

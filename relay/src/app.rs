@@ -1,0 +1,126 @@
+//! Starting a relay from its resolved config, as `postern-relay run` does: certificates and
+//! keys read from files, the QUIC relay bound with its TLS/TCP fallback, the public ingress,
+//! admin API and metrics endpoint started where configured, and everything served until
+//! `shutdown` (then drained and stopped).
+
+use crate::admin;
+use crate::authority::Authority;
+use crate::config::RelayConfig;
+use crate::public::{PublicIngress, PublicOptions};
+use crate::server::{Relay, RelayHandle, RelayOptions};
+use crate::state::StateDir;
+use anyhow::Context;
+use postern_proto::tls;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the relay `cfg` describes until `shutdown` is cancelled, then drains (up to its drain
+/// timeout) and stops everything it started.
+pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = StateDir::new(&cfg.state_dir);
+    // Keys, tickets and identities live here: made 0700, or tightened if an older install or a
+    // hand-made directory left it open to other users.
+    postern_net::runtime::files::private_dir(state.root())?;
+    let cert = postern_net::runtime::files::read(&cfg.cert)?;
+    let key = postern_net::runtime::files::read(&cfg.key)?;
+    let ca_pem = postern_net::runtime::files::read(&cfg.ca)?;
+    // Send the CA with our certificate: enrolling nodes pin it by fingerprint.
+    let chain = format!("{}\n{}", cert.trim_end(), ca_pem);
+    let identity = tls::Identity::from_pem(&chain, &key)
+        .with_context(|| format!("relay certificate {}", cfg.cert.display()))?;
+    let roots = tls::roots_from_pem(&ca_pem)
+        .with_context(|| format!("CA certificate {}", cfg.ca.display()))?;
+    let authority = if state.ca_key().exists() {
+        Some(Arc::new(Authority::new(state.clone())))
+    } else {
+        tracing::info!("no CA key in the state directory: this relay does not enroll nodes");
+        None
+    };
+    let mut relay = Relay::bind(RelayOptions {
+        listen: cfg.listen,
+        identity,
+        roots,
+        reset_key: Some(state.reset_key()?),
+        tap: None,
+        policy: cfg.policy,
+        authority,
+    })?;
+    relay.set_drain_timeout(cfg.drain_timeout);
+    if let Some(addr) = cfg.tcp_listen {
+        match relay.listen_tcp(addr) {
+            Ok(bound) => tracing::info!(%bound, "TLS/TCP fallback enabled"),
+            Err(e) if !cfg.tcp_listen_explicit => tracing::warn!(
+                error = %e,
+                "no TLS/TCP fallback: its default address is taken (set `tcp-listen` to \
+                 another address, or `off`); nodes that cannot use UDP will not reach this relay"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let public_stop = CancellationToken::new();
+    if let Some((addr, domain)) = cfg.public.clone() {
+        let opts = PublicOptions::new(addr, domain);
+        let ingress = PublicIngress::bind(opts)
+            .await
+            .with_context(|| format!("public ingress: cannot bind TCP {addr}"))?;
+        tokio::spawn(ingress.run(relay.handle(), public_stop.clone()));
+    }
+    let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.admin_addr {
+        let explicit = cfg.admin_addr_explicit;
+        let (handle, drain) = (relay.handle(), cfg.drain_timeout);
+        start_admin(
+            &cfg.state_dir,
+            addr,
+            explicit,
+            handle,
+            drain,
+            ops_stop.clone(),
+        )
+        .await?;
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = postern_net::runtime::ops::bind(addr).await?;
+        let recorder = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
+        tokio::spawn(postern_net::runtime::ops::serve(
+            listener,
+            Arc::new(relay.handle()),
+            Some(recorder),
+            ops_stop.clone(),
+        ));
+    }
+    relay.run(shutdown).await;
+    public_stop.cancel();
+    ops_stop.cancel();
+    Ok(())
+}
+
+/// Starts the admin API. The default address being taken (say, a second relay on this host)
+/// only turns the API off with a warning; an address asked for must work.
+async fn start_admin(
+    state_dir: &Path,
+    addr: SocketAddr,
+    explicit: bool,
+    handle: RelayHandle,
+    drain_timeout: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = match admin::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if !explicit => {
+            tracing::warn!(error = %e, "admin API off: its default address is taken; pass --admin-addr");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the admin API listens beyond loopback over plain HTTP (--admin-allow-remote)");
+    }
+    let token = admin::AdminToken::load_or_create(&state_dir.join(admin::TOKEN_FILE))?;
+    let api = admin::AdminApi::new(handle, token, drain_timeout);
+    tokio::spawn(admin::serve(listener, Arc::new(api), stop));
+    Ok(())
+}

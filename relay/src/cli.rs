@@ -1,0 +1,395 @@
+//! The `postern-relay` command line: its clap types, and the code of every subcommand but
+//! `run`, which starts the relay through [`crate::app::run`]. `main.rs` only parses and calls
+//! [`Cli::run`].
+
+use crate::authority::{Authority, TicketSpec};
+use crate::config::{RunArgs, DEFAULT_STATE_DIR};
+use crate::state::StateDir;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use postern_net::runtime::duration::parse_duration;
+use postern_proto::name::NodeName;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// The postern relay: nodes dial out to it, it pairs inlets with outlets and forwards their
+/// end-to-end encrypted QUIC packets without being able to read them.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `postern=debug`.
+    #[arg(long, global = true, env = "POSTERN_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay.
+    Run(RunArgs),
+    /// Enrollment tickets (single-use, time-limited invitations for new nodes).
+    #[command(subcommand)]
+    Ticket(TicketCommand),
+    /// Enrolled identities: list them, revoke one.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Manage the project certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Show a running relay's nodes, services, routes, tickets and identities (through its
+    /// admin API).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The relay's admin API address (its `--admin-addr`) [default: the config file's
+    /// admin-addr, else 127.0.0.1:4434].
+    #[arg(long)]
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// The relay's config file, to take `admin-addr` and `state-dir` from.
+    #[arg(long, env = "POSTERN_RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The relay's state directory, holding `admin.token` [default: the config file's
+    /// state-dir, else ./postern-relay-state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Read the admin token from this file instead of `<state-dir>/admin.token`.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Print the full state as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the project CA and the relay's own certificate in the state directory.
+    Init {
+        /// State directory to create them in.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Name written into the relay's certificate; nodes check it (`relay-name`).
+        #[arg(long, default_value = "relay")]
+        name: NodeName,
+        /// Project name shown in the CA certificate.
+        #[arg(long, default_value = "postern")]
+        project: String,
+        /// Replace an existing CA (every issued certificate stops working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate for a node (outlet or inlet) named NAME.
+    Issue {
+        /// The node's name (lowercase letters, digits, '-', '.').
+        name: NodeName,
+        /// State directory holding the CA.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Where to write NAME.pem, NAME.key and ca.pem.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+    /// Print the CA certificate's SHA-256 fingerprint.
+    Fingerprint {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TicketCommand {
+    /// Create a ticket and print it; hand it to the node (`postern-outlet enroll TICKET`).
+    Create {
+        /// Attribute to grant, `KEY=VALUE` (repeatable), e.g. `role=influxdb-client`.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+        /// How long the ticket can be used, e.g. `10m`, `1h`, `2d`.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        /// How many nodes may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Fix the node's name (otherwise the node picks it).
+        #[arg(long)]
+        name: Option<NodeName>,
+        /// Relay address the node will use, `host:port` (repeatable).
+        #[arg(long = "relay", required = true)]
+        relays: Vec<String>,
+        /// Where the node enrolls, `host:port` [default: the first --relay].
+        #[arg(long)]
+        authority: Option<String>,
+        /// Name in the relay's certificate.
+        #[arg(long, default_value = "relay")]
+        relay_name: String,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List tickets (never their secrets).
+    List {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// List enrolled nodes, their attributes and status.
+    List {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Revoke a node. When the relay of this state directory runs (its admin API answers with
+    /// the directory's admin token), the revocation goes to it: it cuts the node off at once,
+    /// records it and says so. Otherwise it is written to the state directory, and a relay
+    /// started from it refuses the node. A directory without the project CA is an error.
+    Revoke {
+        name: NodeName,
+        /// The relay's state directory (made by `postern-relay ca init`).
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The running relay's admin API address (its `--admin-addr`) [default: 127.0.0.1:4434].
+        #[arg(long)]
+        admin_addr: Option<std::net::SocketAddr>,
+    },
+}
+
+impl Cli {
+    /// Sets up logging and does what the command asks; `run` serves until SIGINT or SIGTERM.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let command = match self.command {
+            Command::Run(args) => {
+                // The config names the audit log, so it is read before logging starts.
+                let cfg = args.resolve()?;
+                postern_net::runtime::logging::init(&self.log, cfg.audit_log.as_deref())?;
+                return crate::app::run(cfg, shutdown_on_signal()).await;
+            }
+            other => other,
+        };
+        postern_net::runtime::logging::init(&self.log, None)?;
+        execute(command).await
+    }
+}
+
+/// A token cancelled when the process is asked to stop (SIGINT, SIGTERM).
+fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        postern_net::runtime::signal::shutdown_signal().await;
+        tracing::info!("shutdown asked for: draining");
+        signal.cancel();
+    });
+    shutdown
+}
+
+/// Does what an offline or admin subcommand asks.
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        // `Cli::run` runs the relay itself, with logging set up from its config.
+        Command::Run(_) => Ok(()),
+        Command::Ca(CaCommand::Init {
+            state_dir,
+            name,
+            project,
+            force,
+        }) => {
+            let dir = StateDir::new(state_dir);
+            let ca = dir.init_ca(&project, &name, force)?;
+            println!("created project CA in {}", dir.root().display());
+            println!("CA fingerprint: {}", ca.fingerprint());
+            println!("relay certificate: {}", dir.relay_cert().display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Issue {
+            name,
+            state_dir,
+            out_dir,
+        }) => {
+            let (cert, key) = StateDir::new(state_dir).issue(&name, &out_dir)?;
+            println!("certificate: {}", cert.display());
+            println!("private key: {}", key.display());
+            Ok(())
+        }
+        Command::Ticket(TicketCommand::Create {
+            attrs,
+            ttl,
+            uses,
+            name,
+            relays,
+            authority,
+            relay_name,
+            state_dir,
+        }) => {
+            let attrs = attrs
+                .iter()
+                .map(|a| postern_proto::policy::parse_attr(a).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?;
+            let ticket = Authority::new(StateDir::new(state_dir)).create_ticket(TicketSpec {
+                attrs,
+                ttl: parse_duration(&ttl).map_err(anyhow::Error::msg)?,
+                uses,
+                name,
+                relays,
+                authority,
+                relay_name,
+            })?;
+            println!("{}", ticket.encode());
+            Ok(())
+        }
+        Command::Ticket(TicketCommand::List { state_dir }) => {
+            let now = crate::authority::now_ms();
+            for t in Authority::new(StateDir::new(state_dir)).tickets() {
+                let status = if t.uses_left == 0 {
+                    "used".to_string()
+                } else if now >= t.expires_at_ms {
+                    "expired".to_string()
+                } else {
+                    format!(
+                        "valid {}s, {} use(s) left",
+                        (t.expires_at_ms - now) / 1000,
+                        t.uses_left
+                    )
+                };
+                println!("{}  {:?}  {}", t.id, t.attrs, status);
+            }
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::List { state_dir }) => {
+            for i in Authority::new(StateDir::new(state_dir)).identities() {
+                let status = if i.revoked { "REVOKED" } else { "active" };
+                println!("{}  {:?}  {}", i.name, i.attrs, status);
+            }
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::Revoke {
+            name,
+            state_dir,
+            admin_addr,
+        }) => revoke(name, state_dir, admin_addr).await,
+        Command::Ca(CaCommand::Fingerprint { state_dir }) => {
+            println!("{}", StateDir::new(state_dir).load_ca()?.fingerprint());
+            Ok(())
+        }
+        Command::Status(args) => status(args).await,
+    }
+}
+
+/// `identity revoke`: at the running relay when there is one, else in the state directory,
+/// and never in a directory that is not a relay's (which would report a revocation no relay
+/// ever applies).
+async fn revoke(
+    name: NodeName,
+    state_dir: PathBuf,
+    admin_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use crate::admin::{self, client::AdminClient, client::ClientError, AdminToken};
+    let state = StateDir::new(&state_dir);
+    if !state.ca_key().exists() {
+        anyhow::bail!(
+            "{} holds no project CA ({} is missing): it is not the state directory of the relay \
+             that enrolls nodes. Pass the --state-dir the relay runs with (the one \
+             `postern-relay ca init` made); nothing was revoked",
+            state_dir.display(),
+            state.ca_key().display()
+        );
+    }
+    let addr = match admin_addr {
+        Some(a) => a,
+        None => admin::parse_admin_addr(admin::DEFAULT_ADMIN_ADDR)
+            .map_err(anyhow::Error::msg)?
+            .context("no default admin address")?,
+    };
+    let token_file = state_dir.join(admin::TOKEN_FILE);
+    if token_file.exists() {
+        let token = AdminToken::load(&token_file)
+            .with_context(|| format!("cannot read the admin token {}", token_file.display()))?;
+        let path = format!("/v1/identities/{name}/revoke");
+        match AdminClient::new(addr, token)
+            .post::<crate::views::Revoked>(&path)
+            .await
+        {
+            Ok(done) => {
+                println!(
+                    "revoked {name} at the running relay (admin API {addr}, state directory {}){}{}",
+                    state_dir.display(),
+                    if done.was_connected {
+                        "; it was connected and has been cut off"
+                    } else {
+                        "; it was not connected"
+                    },
+                    if done.persisted {
+                        ""
+                    } else {
+                        "; that relay has no authority, so this lasts until it restarts"
+                    }
+                );
+                return Ok(());
+            }
+            Err(ClientError::NotRunning { .. }) => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the relay at admin API {addr} did not apply the revocation (is it the relay \
+                     of {}? pass its --admin-addr); nothing was revoked",
+                    state_dir.display()
+                )))
+            }
+        }
+    }
+    let existed = Authority::new(state).revoke(&name)?;
+    let what = if existed {
+        ""
+    } else {
+        " (no such enrolled identity; the name is refused from now on)"
+    };
+    println!(
+        "revoked {name} in {}{what}: no relay answers at admin API {addr}, so no running relay \
+         applied it; a relay running from this directory drops the node within a second, one \
+         started from it refuses it",
+        state_dir.display()
+    );
+    Ok(())
+}
+
+/// `status`: asks a running relay's admin API for its state and prints it.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use crate::admin::{self, client::AdminClient, AdminToken};
+    let file: crate::config::RelayFile = match &args.config {
+        Some(p) => postern_net::runtime::files::load_toml(p)?,
+        None => Default::default(),
+    };
+    let addr = match args.admin_addr {
+        Some(a) => a,
+        None => {
+            let text = file
+                .admin_addr
+                .as_deref()
+                .unwrap_or(admin::DEFAULT_ADMIN_ADDR);
+            admin::parse_admin_addr(text)
+                .map_err(anyhow::Error::msg)?
+                .context("the relay's config turns the admin API off (admin-addr = \"off\")")?
+        }
+    };
+    let token_file = args.admin_token_file.unwrap_or_else(|| {
+        args.state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+            .join(admin::TOKEN_FILE)
+    });
+    let token = AdminToken::load(&token_file).with_context(|| {
+        format!(
+            "cannot read the admin token (made by the relay at its first start; pass --state-dir or --admin-token-file): {}",
+            token_file.display()
+        )
+    })?;
+    let state = AdminClient::new(addr, token).status().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else {
+        print!("{}", state.render());
+    }
+    Ok(())
+}

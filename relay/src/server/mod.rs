@@ -1,0 +1,295 @@
+//! The relay: accepts nodes' control connections, keeps the registry, grants routes, and
+//! (through [`RelaySocket`]) forwards end-to-end packets.
+//!
+//! This file binds and runs; the work is in its children, each with one job:
+//! `shared` the state they all work on, `session` one node's connection,
+//! `dispatch` its control messages, `route` granting routes, `enroll` enrollment connections,
+//! `revoke` revocations, `admin_ops` what the admin API reads and does.
+
+use crate::admission::{Admission, AdmissionStats, Decision, HandshakeLimits, Pending};
+use crate::authority::Authority;
+use crate::forward::tcp::{TcpError, TcpFallback};
+use crate::forward::udp::{ForwardStats, RelaySocket, RouteTable, Tap};
+use crate::policy::PolicySet;
+use postern_net::transport::endpoint::{self, EndpointError};
+use postern_proto::tls::Identity;
+use rustls::RootCertStore;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+mod admin_ops;
+mod dispatch;
+mod enroll;
+mod revoke;
+mod route;
+mod session;
+mod shared;
+
+pub use admin_ops::AdminOpError;
+use shared::{AdminState, Shared};
+pub use shared::{AdminStats, ControlStats, PublicStats, RelayHandle};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The TLS/TCP fallback could not be set up or bound.
+    #[error(transparent)]
+    Tcp(#[from] TcpError),
+}
+
+/// What a relay needs to run.
+pub struct RelayOptions {
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub roots: Arc<RootCertStore>,
+    /// Key for stateless resets; keep it across restarts so peers learn of a restart at once.
+    pub reset_key: Option<[u8; 32]>,
+    /// Test hook that sees every forwarded packet.
+    pub tap: Option<Tap>,
+    /// Who may register and reach which service.
+    pub policy: PolicySet,
+    /// The enrollment authority, when this relay runs it (it needs the CA key).
+    pub authority: Option<Arc<Authority>>,
+}
+
+/// A bound relay, ready to [`run`](Relay::run).
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    /// The UDP socket, which quinn's endpoint driver owns; gone once the port is free again.
+    socket_alive: std::sync::Weak<RelaySocket>,
+    shared: Arc<Shared>,
+    drain_timeout: Duration,
+    /// The TLS/TCP fallback for nodes without UDP (see [`crate::forward::tcp`]).
+    tcp: TcpFallback,
+    /// Who may start a handshake (see [`crate::admission`]).
+    admission: Admission,
+}
+
+impl Relay {
+    /// Binds the relay's UDP socket and QUIC endpoint.
+    pub fn bind(opts: RelayOptions) -> Result<Self, RelayError> {
+        let routes = Arc::new(RouteTable::default());
+        let fwd = Arc::new(ForwardStats::default());
+        let socket = RelaySocket::bind(opts.listen, routes.clone(), fwd.clone(), opts.tap)
+            .map_err(|source| RelayError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let tcp = TcpFallback::new(&opts.identity, opts.roots.clone(), socket.links())?;
+        let server = endpoint::relay_server(&opts.identity, opts.roots)?;
+        let socket = Arc::new(socket);
+        let socket_alive = Arc::downgrade(&socket);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint::endpoint_config(opts.reset_key.as_ref()),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| RelayError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let admission_stats = Arc::new(AdmissionStats::default());
+        Ok(Self {
+            endpoint,
+            socket_alive,
+            shared: Arc::new(Shared {
+                revoked: Mutex::new(
+                    opts.authority
+                        .as_ref()
+                        .map(|a| a.revoked())
+                        .unwrap_or_default(),
+                ),
+                policy: opts.policy,
+                authority: opts.authority,
+                registry: Mutex::default(),
+                conns: Mutex::default(),
+                routes,
+                fwd,
+                ctl: ControlStats::default(),
+                next_id: AtomicU64::new(1),
+                listening: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                admin: AdminState::default(),
+                public: Mutex::default(),
+                public_stats: Arc::default(),
+                admission: admission_stats.clone(),
+            }),
+            drain_timeout: Duration::ZERO,
+            tcp,
+            admission: Admission::new(HandshakeLimits::default(), admission_stats),
+        })
+    }
+
+    /// Also accepts nodes over TLS/TCP on `addr` (for networks that block UDP); returns the
+    /// bound address. Call before [`run`](Self::run).
+    pub fn listen_tcp(&mut self, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
+        Ok(self.tcp.bind(addr)?)
+    }
+
+    /// After shutdown is asked for, keep forwarding existing routes for up to `timeout` (or
+    /// until none is left) before closing, while refusing new nodes and routes. Default: zero,
+    /// close at once.
+    pub fn set_drain_timeout(&mut self, timeout: Duration) {
+        self.drain_timeout = timeout;
+    }
+
+    /// Replaces the default bounds on QUIC handshakes. Call before [`run`](Self::run).
+    pub fn set_handshake_limits(&mut self, limits: HandshakeLimits) {
+        self.admission = Admission::new(limits, self.shared.admission.clone());
+    }
+
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// A handle for inspecting the running relay.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shared: self.shared.clone(),
+            tcp: (self.tcp.stats(), self.tcp.links()),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(addr = ?self.endpoint.local_addr().ok(), "relay listening");
+        if self.shared.policy.is_empty() {
+            tracing::warn!(
+                "no [[policy]] configured: every registration and route will be refused"
+            );
+        }
+        if let Some(authority) = self.shared.authority.clone() {
+            tokio::spawn(revoke::watch_revocations(
+                self.shared.clone(),
+                authority,
+                shutdown.clone(),
+            ));
+        }
+        let links_stop = CancellationToken::new();
+        let tcp_task = self.tcp.spawn(links_stop.clone());
+        postern_net::runtime::ratelog::spawn_flusher(links_stop.clone());
+        self.shared.listening.store(true, Relaxed);
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = self.endpoint.accept() => i,
+            };
+            let Some(incoming) = incoming else { break };
+            let Some((incoming, pending)) = self.admit(incoming) else {
+                continue;
+            };
+            let shared = self.shared.clone();
+            let remote = incoming.remote_address();
+            let timeout = self.admission.limits().timeout;
+            tokio::spawn(
+                session::serve_node(shared, incoming, pending, timeout)
+                    .instrument(tracing::info_span!("node", %remote)),
+            );
+        }
+        self.shared.draining.store(true, Relaxed);
+        if !self.drain_timeout.is_zero() {
+            self.drain().await;
+        }
+        self.shared.listening.store(false, Relaxed);
+        self.endpoint.close(
+            postern_proto::msg::code::SHUTDOWN.into(),
+            b"relay shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // TLS/TCP nodes got the close above through their links; now the links go.
+        links_stop.cancel();
+        if let Some(t) = tcp_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        // Return only once the UDP port is released, so a relay started right after (a restart
+        // in place) can bind it: quinn's driver task drops the socket once the last endpoint
+        // and connection handles are gone.
+        self.shared.conns().clear();
+        let Relay {
+            endpoint,
+            socket_alive,
+            ..
+        } = self;
+        drop(endpoint);
+        let released = async {
+            while socket_alive.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), released)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the relay's UDP socket is still open after shutdown");
+        }
+        tracing::info!("relay stopped");
+    }
+}
+
+impl Relay {
+    /// Applies handshake admission to one attempt; a pending slot when it may go on. Nothing
+    /// here allocates per attempt: a Retry and a drop leave no state behind.
+    fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Pending)> {
+        let remote = postern_net::transport::udp::canonical(incoming.remote_address());
+        let d = self.admission.decide(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+            std::time::Instant::now(),
+        );
+        self.admission.count(d);
+        match d {
+            Decision::Accept => Some((incoming, self.admission.admit())),
+            Decision::Retry => {
+                // `decide` only asks for a Retry where one is allowed; if quinn disagrees,
+                // drop the attempt rather than keep state for it.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                None
+            }
+            Decision::Ignore(reason) => {
+                incoming.ignore();
+                postern_net::refusal!(
+                    warn,
+                    reason,
+                    "QUIC handshakes refused before any state was kept",
+                    src = %remote
+                );
+                None
+            }
+        }
+    }
+
+    /// Keeps forwarding the routes in place until they are gone or the drain deadline passes;
+    /// new connections are refused meanwhile (and new routes, see `dispatch`).
+    async fn drain(&self) {
+        self.endpoint.set_server_config(None);
+        let routes = self.shared.routes.len();
+        if routes == 0 {
+            return;
+        }
+        tracing::info!(routes, deadline = ?self.drain_timeout, "draining: forwarding existing routes, refusing new nodes and routes");
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        while !self.shared.routes.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match self.shared.routes.len() {
+            0 => tracing::info!("drained: no route left"),
+            left => tracing::warn!(left, "drain deadline passed; closing the routes still open"),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Granting a route: policy first, then up to [`ROUTE_ATTEMPTS`] live outlets of the service
+//! asked to accept it; the first that acks gets the route in the forwarding table and the
+//! registry. A refusal names why (not allowed, unknown service, no live outlet, every outlet
+//! refused).
+
+use super::shared::Shared;
+use crate::policy::Action;
+use crate::registry::{NodeId, RouteInfo};
+use postern_net::control::exchange;
+use postern_proto::fwd::RouteId;
+use postern_proto::msg::{Ctl, RefuseReason};
+use postern_proto::name::ServiceName;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the relay waits for an outlet to accept a route.
+const ROUTE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many outlets are tried for one route request.
+const ROUTE_ATTEMPTS: usize = 3;
+
+/// Finds an outlet of `service` for `inlet` and opens a route between them; the answer is a
+/// `RouteGranted` or a `RouteRefused`.
+pub(super) async fn grant_route(
+    shared: &Arc<Shared>,
+    inlet: NodeId,
+    inlet_conn: &quinn::Connection,
+    service: ServiceName,
+) -> Ctl {
+    let refuse = |reason: RefuseReason| {
+        tracing::info!(%service, %reason, "route refused");
+        Ctl::RouteRefused {
+            service: service.clone(),
+            reason,
+        }
+    };
+    let (first, inlet_name) = {
+        let mut reg = shared.registry();
+        let Some(inlet_name) = reg.name(inlet).cloned() else {
+            return refuse(RefuseReason::NotAllowed);
+        };
+        let d = shared
+            .policy
+            .decide(Action::Route, &service, &inlet_name, &reg.attrs(inlet));
+        tracing::info!(target: "postern::audit", event = "policy", action = "route", node = %inlet_name, service = %service, allowed = d.allowed, rule = %d.rule);
+        if !d.allowed {
+            drop(reg);
+            return refuse(RefuseReason::NotAllowed);
+        }
+        match reg.pick_outlet(&service) {
+            Ok(o) => (o, inlet_name),
+            Err(reason) => {
+                drop(reg);
+                return refuse(reason);
+            }
+        }
+    };
+    let mut candidates = vec![first];
+    candidates.extend(
+        shared
+            .registry()
+            .outlets_of(&service)
+            .into_iter()
+            .filter(|o| *o != first),
+    );
+    let mut last_error = String::from("no outlet answered");
+    for outlet in candidates.into_iter().take(ROUTE_ATTEMPTS) {
+        let (Some(outlet_conn), Some(outlet_name)) =
+            (shared.conn(outlet), shared.registry().name(outlet).cloned())
+        else {
+            continue;
+        };
+        let route = RouteId(rand::random());
+        let open = Ctl::RouteOpen {
+            route,
+            service: service.clone(),
+            inlet: inlet_name.clone(),
+        };
+        match exchange::request(&outlet_conn, &open, ROUTE_OPEN_TIMEOUT).await {
+            Ok(Ctl::Ack) => {
+                shared.routes.insert(
+                    route,
+                    inlet_conn.remote_address(),
+                    outlet_conn.remote_address(),
+                );
+                shared.registry().add_route(
+                    route,
+                    RouteInfo {
+                        inlet,
+                        outlet,
+                        service: service.clone(),
+                    },
+                );
+                tracing::info!(%service, inlet = %inlet_name, outlet = %outlet_name, "route granted");
+                tracing::debug!(route = %route.short(), %service, "granted route");
+                return Ctl::RouteGranted {
+                    route,
+                    service,
+                    outlet: outlet_name,
+                };
+            }
+            Ok(Ctl::Error { message }) => last_error = message,
+            Ok(other) => last_error = format!("unexpected answer {other:?}"),
+            Err(e) => last_error = e.to_string(),
+        }
+        tracing::warn!(%service, outlet = %outlet_name, error = %last_error, "outlet did not accept route");
+    }
+    refuse(RefuseReason::OutletRefused(last_error))
+}

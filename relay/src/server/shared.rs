@@ -1,0 +1,270 @@
+//! The state every server file works on: [`Shared`] (registry, control connections, route
+//! table, counters, what the admin API adds), the [`RelayHandle`] that lets tests, metrics, the
+//! admin API and the public ingress look at it, and [`forget_node`], which every way a node
+//! leaves (disconnection, replacement, revocation, drain) ends in.
+//!
+//! It imports nothing else from the server, so every other server file can import it.
+
+use crate::admission::AdmissionStats;
+use crate::authority::Authority;
+use crate::forward::tcp::TcpStats;
+use crate::forward::udp::{ForwardStats, RouteTable};
+use crate::policy::PolicySet;
+use crate::registry::{NodeId, PublicRegistry, Registry};
+use postern_net::control::exchange::{self, CTL_TIMEOUT};
+use postern_net::transport::links::StreamLinks;
+use postern_proto::msg::Ctl;
+use postern_proto::name::{NodeName, ServiceName};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+/// Control-plane counters.
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    pub handshake_failures: AtomicU64,
+    pub bad_messages: AtomicU64,
+    pub routes_granted: AtomicU64,
+    pub routes_refused: AtomicU64,
+    pub nodes_connected: AtomicU64,
+    /// Nodes enrolled by this relay's authority.
+    pub enrollments: AtomicU64,
+    /// Enrollment requests the authority refused.
+    pub enrollments_refused: AtomicU64,
+}
+
+/// The admin API's counters (see the relay's `/metrics`).
+#[derive(Debug, Default)]
+pub struct AdminStats {
+    /// Requests answered with a 2xx.
+    pub requests_ok: AtomicU64,
+    /// Requests without the right token.
+    pub requests_unauthorized: AtomicU64,
+    /// Other refused or failed requests (404, 405, 400, 500).
+    pub requests_failed: AtomicU64,
+    /// Identities revoked through the API.
+    pub revocations: AtomicU64,
+    /// Nodes drained through the API.
+    pub drains: AtomicU64,
+}
+
+/// Counters of the public ingress.
+#[derive(Debug, Default)]
+pub struct PublicStats {
+    /// Connections forwarded to an outlet.
+    pub forwarded: AtomicU64,
+    /// Connections refused, all reasons.
+    pub refused: AtomicU64,
+    /// Refused because the name routes nowhere (or no name was sent).
+    pub refused_unknown_name: AtomicU64,
+    /// Closed at once because [`MAX_CONNECTIONS`](crate::public::MAX_CONNECTIONS) were open
+    /// (and none was silent).
+    pub refused_cap: AtomicU64,
+    /// Silent connections (no byte of ClientHello yet) closed to make room for a new one.
+    pub evicted_silent: AtomicU64,
+}
+
+/// What every task of one relay works on: who is connected, what they registered, the routes
+/// the socket forwards, and the counters.
+pub(super) struct Shared {
+    pub(super) policy: PolicySet,
+    pub(super) authority: Option<Arc<Authority>>,
+    pub(super) revoked: Mutex<std::collections::BTreeSet<NodeName>>,
+    pub(super) registry: Mutex<Registry>,
+    pub(super) conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    pub(super) routes: Arc<RouteTable>,
+    pub(super) fwd: Arc<ForwardStats>,
+    pub(super) ctl: ControlStats,
+    pub(super) next_id: AtomicU64,
+    /// The relay is serving (set by `run`).
+    pub(super) listening: AtomicBool,
+    /// Shutdown has begun: no new nodes or routes, existing routes keep forwarding.
+    pub(super) draining: AtomicBool,
+    /// What the admin API adds: connection times, drained nodes, its counters.
+    pub(super) admin: AdminState,
+    /// Services outlets offer at the public hostname ingress.
+    pub(super) public: Mutex<PublicRegistry>,
+    /// The public ingress' counters (zero without one).
+    pub(super) public_stats: Arc<PublicStats>,
+    /// Handshake admission counters.
+    pub(super) admission: Arc<AdmissionStats>,
+}
+
+impl Shared {
+    pub(super) fn revoked(&self) -> MutexGuard<'_, std::collections::BTreeSet<NodeName>> {
+        self.revoked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn conns(&self) -> MutexGuard<'_, HashMap<NodeId, quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn conn(&self, id: NodeId) -> Option<quinn::Connection> {
+        self.conns().get(&id).cloned()
+    }
+
+    pub(super) fn public(&self) -> MutexGuard<'_, PublicRegistry> {
+        self.public.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A read-only view of a running relay, for tests, the bench, the admin API and metrics.
+#[derive(Clone)]
+pub struct RelayHandle {
+    pub(super) shared: Arc<Shared>,
+    /// The TLS/TCP fallback's counters and links.
+    pub(super) tcp: (Arc<TcpStats>, Arc<StreamLinks>),
+}
+
+impl RelayHandle {
+    /// Counters of the TLS/TCP listener.
+    pub fn tcp_stats(&self) -> &TcpStats {
+        &self.tcp.0
+    }
+
+    /// The TLS/TCP links (their datagram counters).
+    pub fn tcp_links(&self) -> &StreamLinks {
+        &self.tcp.1
+    }
+
+    /// Forwarding counters.
+    pub fn forward_stats(&self) -> &ForwardStats {
+        &self.shared.fwd
+    }
+
+    /// Control-plane counters.
+    pub fn control_stats(&self) -> &ControlStats {
+        &self.shared.ctl
+    }
+
+    /// Handshake admission counters (Retries, refusals, pending handshakes).
+    pub fn admission_stats(&self) -> &AdmissionStats {
+        &self.shared.admission
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &RouteTable {
+        &self.shared.routes
+    }
+
+    /// Registered services and their connected outlets.
+    pub fn services(&self) -> Vec<(ServiceName, Vec<NodeName>)> {
+        self.shared.registry().services()
+    }
+
+    /// Whether the relay is serving and not shutting down (the `/readyz` answer).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shared.draining.load(Relaxed) {
+            Err("shutting down".into())
+        } else if !self.shared.listening.load(Relaxed) {
+            Err("not listening yet".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Which outlets offer which services at the public ingress.
+    pub(crate) fn public_registry(&self) -> MutexGuard<'_, PublicRegistry> {
+        self.shared.public()
+    }
+
+    /// The public ingress' counters.
+    pub fn public_stats(&self) -> &PublicStats {
+        &self.shared.public_stats
+    }
+
+    pub(crate) fn public_stats_arc(&self) -> Arc<PublicStats> {
+        self.shared.public_stats.clone()
+    }
+
+    /// A connected node's control connection.
+    pub(crate) fn node_conn(&self, id: NodeId) -> Option<quinn::Connection> {
+        self.shared.conn(id)
+    }
+
+    /// Names of connected nodes.
+    pub fn nodes(&self) -> Vec<NodeName> {
+        let reg = self.shared.registry();
+        let conns = self.shared.conns();
+        let mut names: Vec<NodeName> = conns
+            .keys()
+            .filter_map(|id| reg.name(*id).cloned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A drained node: which connection, and what it served (restored by undrain while it is
+/// still connected).
+#[derive(Debug, Clone)]
+pub(super) struct Drain {
+    pub(super) id: NodeId,
+    pub(super) services: Vec<ServiceName>,
+}
+
+/// The relay state only the admin API needs.
+#[derive(Debug, Default)]
+pub(super) struct AdminState {
+    connected_at: Mutex<HashMap<NodeId, SystemTime>>,
+    /// Drained node names: refused at connection and for routes until undrained (in memory; a
+    /// restart forgets them).
+    drained: Mutex<BTreeMap<NodeName, Drain>>,
+    pub(super) stats: AdminStats,
+}
+
+impl AdminState {
+    pub(super) fn connected_at_map(&self) -> MutexGuard<'_, HashMap<NodeId, SystemTime>> {
+        self.connected_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn drained(&self) -> MutexGuard<'_, BTreeMap<NodeName, Drain>> {
+        self.drained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records when a node's control connection came up.
+    pub(super) fn connected(&self, id: NodeId) {
+        self.connected_at_map().insert(id, SystemTime::now());
+    }
+
+    /// Forgets a node's connection time.
+    pub(super) fn disconnected(&self, id: NodeId) {
+        self.connected_at_map().remove(&id);
+    }
+
+    /// Whether the operator drained `name`.
+    pub(super) fn is_drained(&self, name: &NodeName) -> bool {
+        self.drained().contains_key(name)
+    }
+}
+
+/// Whether the node behind connection `id` is drained.
+pub(super) fn node_drained(shared: &Shared, id: NodeId) -> bool {
+    let name = shared.registry().name(id).cloned();
+    name.is_some_and(|n| shared.admin.is_drained(&n))
+}
+
+/// Drops a node's registrations and routes, and tells the other end of each route.
+pub(super) fn forget_node(shared: &Arc<Shared>, id: NodeId) {
+    shared.public().remove_node(id);
+    let gone = shared.registry().disconnect(id);
+    for (route, other) in gone {
+        shared.routes.remove(route);
+        if let Some(c) = shared.conn(other) {
+            tokio::spawn(async move {
+                let msg = Ctl::RouteClosed {
+                    route,
+                    reason: "the other end disconnected".into(),
+                };
+                if let Err(e) = exchange::request(&c, &msg, CTL_TIMEOUT).await {
+                    tracing::debug!(route = %route.short(), error = %e, "could not tell node that its route closed");
+                }
+            });
+        }
+    }
+}
