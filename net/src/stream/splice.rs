@@ -155,7 +155,32 @@ pub async fn splice_counted(
     if out.peer_reset.is_some() {
         set_reset_on_close(&tcp);
     }
+    release_when_acked(send, &out);
     out
+}
+
+/// Hands a cleanly finished send stream to a small task that holds it until the peer has
+/// acknowledged everything, or stops it. quinn keeps retransmitting a finished stream's
+/// unacknowledged data after the `SendStream` is dropped, and a STOP_SENDING that arrives after
+/// the drop is never acted on: on a slow or lossy path, a download whose client died kept
+/// crossing the link for a minute after both ends had closed the stream. Held here, a
+/// STOP_SENDING resets the stream and quinn drops its buffered data at once.
+fn release_when_acked(send: SendStream, out: &SpliceOutcome) {
+    if out.peer_reset.is_some() || out.tcp_error.is_some() {
+        return; // already reset by the splice
+    }
+    hold_until_acked(send);
+}
+
+/// Keeps a finished send stream until the peer acknowledged it all or stopped it (then resets
+/// it, so quinn stops retransmitting); see [`release_when_acked`]. For streams written by
+/// something other than a splice (e.g. the HTTP proxy) once they are done.
+pub fn hold_until_acked(mut send: SendStream) {
+    tokio::spawn(async move {
+        if let Ok(Some(code)) = send.stopped().await {
+            let _ = send.reset(code);
+        }
+    });
 }
 
 /// Splices any byte stream (e.g. a TLS connection to a target) and the QUIC stream.
@@ -175,7 +200,9 @@ pub async fn splice_io_counted<S: AsyncRead + AsyncWrite + Unpin>(
     counters: &ByteCounters,
 ) -> SpliceOutcome {
     let (r, w) = tokio::io::split(io);
-    splice_halves(r, w, &mut send, &mut recv, counters).await
+    let out = splice_halves(r, w, &mut send, &mut recv, counters).await;
+    release_when_acked(send, &out);
+    out
 }
 
 async fn splice_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
