@@ -122,7 +122,7 @@ impl PublicIngress {
 
     /// Serves until `shutdown`; connections already forwarded go on until they end.
     pub async fn run(self, relay: RelayHandle, shutdown: CancellationToken) {
-        tracing::info!(addr = ?self.listener.local_addr().ok(), domain = %self.opts.domain, "public ingress listening");
+        tracing::info!(addr = %postern_net::runtime::logging::local_addr(self.listener.local_addr()), domain = %self.opts.domain, "public ingress listening");
         let limit = postern_net::runtime::limit::ConnLimit::new(
             "relay public ingress",
             postern_net::runtime::limit::default_cap(Some(self.opts.max_connections)),

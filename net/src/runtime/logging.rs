@@ -108,3 +108,10 @@ mod tests {
         assert!(!text.contains("hunter2"));
     }
 }
+
+/// A bound socket's address for a log line: `127.0.0.1:4434`, or `unknown` when the socket
+/// cannot tell (never `Some(…)` / `Ok(…)`).
+pub fn local_addr(addr: std::io::Result<std::net::SocketAddr>) -> String {
+    addr.map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

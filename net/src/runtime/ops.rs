@@ -181,7 +181,7 @@ pub async fn serve(
     recorder: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) {
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz and /readyz");
+    tracing::info!(addr = %crate::runtime::logging::local_addr(listener.local_addr()), "serving /metrics, /healthz and /readyz");
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, _, permit)) =
         accept_bounded(&listener, &limit, &shutdown, "metrics endpoint").await

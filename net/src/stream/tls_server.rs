@@ -91,3 +91,95 @@ pub async fn accept_io<S: AsyncRead + AsyncWrite + Unpin>(
         )),
     }
 }
+
+/// What a failed server-side handshake says about the client, for a log line that helps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The first bytes were not a TLS record: plain HTTP (or another protocol) sent to a TLS
+    /// port, typically `http://` where `https://` was meant.
+    NotTls,
+    /// The client did not finish within the handshake limit.
+    TimedOut,
+    /// Anything else (bad certificate, no common version, closed early).
+    Other,
+}
+
+/// Classifies an error from [`accept_io`].
+pub fn classify_handshake_error(e: &io::Error) -> HandshakeFailure {
+    if e.kind() == io::ErrorKind::TimedOut {
+        return HandshakeFailure::TimedOut;
+    }
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+            | rustls::InvalidMessage::UnknownProtocolVersion,
+        )) => HandshakeFailure::NotTls,
+        _ => HandshakeFailure::Other,
+    }
+}
+
+/// Logs a failed handshake on a local TLS listener without letting clients flood the log:
+/// plain HTTP to a TLS port and timeouts at DEBUG with a hint, once per interval; other
+/// failures at INFO, once per interval (see [`crate::runtime::ratelog`]).
+pub fn log_handshake_failure(e: &io::Error, listener: &str) {
+    match classify_handshake_error(e) {
+        HandshakeFailure::NotTls => crate::refusal!(
+            debug,
+            "tls_not_tls",
+            "a client sent plain HTTP (or another protocol) to a TLS port: it should use https://",
+            listener
+        ),
+        HandshakeFailure::TimedOut => crate::refusal!(
+            debug,
+            "tls_handshake_timeout",
+            "a client did not finish its TLS handshake in time",
+            listener
+        ),
+        HandshakeFailure::Other => crate::refusal!(
+            info,
+            "tls_handshake_failed",
+            "TLS handshake failed",
+            listener,
+            error = %e
+        ),
+    }
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+
+    /// A real handshake against plain HTTP bytes, so the classification follows rustls's
+    /// actual error rather than a hand-built one.
+    #[tokio::test]
+    async fn plain_http_to_a_tls_port_is_recognised() {
+        let ca = postern_proto::pki::Ca::generate("test").expect("ca");
+        let name = postern_proto::name::NodeName::new("localhost").expect("name");
+        let issued = ca.issue(&name, Duration::from_secs(3600)).expect("issue");
+        let id = Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity");
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(&id).expect("config")));
+        let (mut client, server) = tokio::io::duplex(4096);
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let e = accept_io(&acceptor, server, Duration::from_secs(5))
+            .await
+            .expect_err("not TLS");
+        assert_eq!(
+            classify_handshake_error(&e),
+            HandshakeFailure::NotTls,
+            "{e}"
+        );
+
+        let (_idle, server) = tokio::io::duplex(4096);
+        let e = accept_io(&acceptor, server, Duration::from_millis(50))
+            .await
+            .expect_err("idle");
+        assert_eq!(classify_handshake_error(&e), HandshakeFailure::TimedOut);
+    }
+}

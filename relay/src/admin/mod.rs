@@ -317,7 +317,7 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, api: Arc<AdminApi>, shutdown: CancellationToken) {
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving the admin API");
+    tracing::info!(addr = %postern_net::runtime::logging::local_addr(listener.local_addr()), "serving the admin API");
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, peer, permit)) =
         postern_net::runtime::ops::accept_bounded(&listener, &limit, &shutdown, "admin API").await

@@ -155,7 +155,7 @@ pub async fn serve(
         postern_net::runtime::limit::default_cap(Some(MAX_LINKS)),
     );
     let mut backoff = postern_net::runtime::limit::AcceptBackoff::new("relay TLS/TCP");
-    tracing::info!(addr = ?listener.local_addr().ok(), "relay listening on TLS/TCP for nodes without UDP");
+    tracing::info!(addr = %postern_net::runtime::logging::local_addr(listener.local_addr()), "relay listening on TLS/TCP for nodes without UDP");
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -165,7 +165,7 @@ impl Relay {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        tracing::info!(addr = ?self.endpoint.local_addr().ok(), "relay listening");
+        tracing::info!(addr = %postern_net::runtime::logging::local_addr(self.endpoint.local_addr()), "relay listening");
         if self.shared.policy.is_empty() {
             tracing::warn!(
                 "no [[policy]] configured: every registration and route will be refused"
