@@ -16,6 +16,7 @@ use std::time::Duration;
 
 /// Why a certificate operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),

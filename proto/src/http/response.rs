@@ -46,6 +46,7 @@ pub enum UpgradeAnswer {
 
 /// Why the response stream could not be followed. Never carries response bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ResponseError {
     #[error("response head exceeds {0} bytes")]
     HeadTooLarge(usize),
