@@ -3,7 +3,8 @@
 
 use super::limits::MAX_CHUNK_LINE_LEN;
 
-/// Why a request was refused. The caller answers 400 and closes the connection.
+/// Why a request was refused. The caller answers with [`HttpError::status`] (400, or 501 for
+/// what is never offered) and closes the connection.
 ///
 /// No variant carries bytes of the request: header values may hold secrets (the client's own
 /// `Authorization`), so errors say which rule was broken and where, never what was sent.
@@ -123,7 +124,7 @@ impl HttpError {
     }
 }
 
-/// A complete response for requests the inlet answers itself (400, 502, 503): small
+/// A complete response for requests the proxy answers itself (400, 403, 502, 503): small
 /// `text/plain` body, `Connection: close`. Control bytes in `reason` are replaced so the status
 /// line cannot be broken.
 pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {

@@ -1,4 +1,5 @@
-//! HTTP/1.1 request filter (sans-IO) for the inlet.
+//! HTTP/1.1 request filter (sans-IO), run by the inlet and again by the outlet (on leased
+//! services and on its public hostname) in front of InfluxDB.
 //!
 //! The inlet sits between an unmodified InfluxDB client and the server. Whatever credentials the
 //! client sends must never reach the server; instead every request carries the short-lived leased
@@ -76,12 +77,14 @@ pub enum Step {
     Opaque,
 }
 
+/// What comes once the current request's body has passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum After {
     NextHead,
     AwaitUpgrade,
 }
 
+/// Where the filter is in the client's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Waiting for a request head.
