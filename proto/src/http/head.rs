@@ -127,7 +127,7 @@ impl RequestHead {
     }
 
     /// Whether this is a WebSocket upgrade request: after its body the filter waits for the
-    /// server's answer ([`Step::AwaitUpgrade`]).
+    /// server's answer ([`super::Step::AwaitUpgrade`]).
     pub fn is_upgrade(&self) -> bool {
         self.upgrade
     }
