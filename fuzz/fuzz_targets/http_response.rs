@@ -1,11 +1,11 @@
-//! The response follower (`postern_proto::http_response::ResponseTracker`), fed what a server
+//! The response follower (`postern_proto::http::response::ResponseTracker`), fed what a server
 //! sends back: never panics, and its answers and end state do not depend on how the bytes are
 //! split into reads. The first bytes choose the requests announced (normal, HEAD, upgrade) and
 //! the cut points; the rest is the server's stream.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern_proto::http_response::{Expect, ResponseTracker, UpgradeAnswer};
+use postern_proto::http::response::{Expect, ResponseTracker, UpgradeAnswer};
 
 struct Outcome {
     answers: Vec<UpgradeAnswer>,

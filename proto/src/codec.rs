@@ -18,6 +18,7 @@ pub const LEN_PREFIX: usize = 4;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CodecError {
     /// The announced or produced frame is larger than the limit.
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]

@@ -24,6 +24,7 @@ pub const MAX_DATAGRAM: usize = 4096;
 /// Why a stream of datagrams is unusable (the connection is closed: resynchronising a byte
 /// stream after a bad length is not possible).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DgramError {
     #[error("datagram of {len} bytes exceeds the limit of {MAX_DATAGRAM} bytes")]
     Oversize { len: usize },

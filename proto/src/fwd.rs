@@ -77,6 +77,7 @@ pub fn classify(datagram: &[u8]) -> Kind {
 
 /// Why a datagram is not a usable forwarding frame.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FwdError {
     #[error("empty datagram")]
     Empty,

@@ -8,7 +8,6 @@ pub mod codec;
 pub mod dgram;
 pub mod fwd;
 pub mod http;
-pub mod http_response;
 pub mod lease;
 pub mod msg;
 pub mod name;

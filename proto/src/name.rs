@@ -12,6 +12,7 @@ pub const MAX_NAME_LEN: usize = 63;
 
 /// Why a name was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NameError {
     #[error("name is empty")]
     Empty,

@@ -2,7 +2,7 @@
 //!
 //! Every node holds a certificate signed by the project CA whose first DNS SAN is its
 //! [`NodeName`]. Both ends of every connection check the other's certificate against the CA, and
-//! the name in it is the identity used for routing and (later) policy.
+//! the name in it is the identity used for routing and by policies (the `name` attribute).
 
 use crate::name::NodeName;
 use crate::policy::Attributes;
@@ -16,6 +16,7 @@ use std::time::Duration;
 
 /// Why a certificate operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),

@@ -28,6 +28,7 @@ const MAX_FRAGMENT: usize = 1 << 14;
 
 /// Why the first bytes of a connection are not a usable ClientHello.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SniError {
     /// The first record is not a TLS handshake record (e.g. plain HTTP on the TLS port).
     #[error("not a TLS handshake record")]

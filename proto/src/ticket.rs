@@ -57,6 +57,7 @@ impl std::fmt::Debug for Ticket {
 
 /// Why a ticket string could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TicketError {
     #[error("not a postern ticket (it must start with {PREFIX:?})")]
     Prefix,

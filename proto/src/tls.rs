@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     #[error(transparent)]
     Pki(#[from] PkiError),

@@ -6,7 +6,7 @@
 //! request could be smuggled past the filter.
 //!
 //! The corpus: the filter's own table of malformed and ambiguous requests and valid samples
-//! (`fuzz/corpus/http_request`, written from proto/src/http.rs's test tables), and the inputs
+//! (`fuzz/corpus/http_request`, written from proto/src/http/tests.rs's tables), and the inputs
 //! below: chunk extensions, whitespace, header grammar, absolute-form targets and other edges
 //! of Go's net/http. Each input is followed by a sentinel request carrying
 //! `Connection: close`, so the filter and influxd both have to find where the input ends.

@@ -13,7 +13,7 @@
 //!   pass unchanged. A WebSocket upgrade pauses this direction until the server has answered it;
 //!   only a `101` turns the rest of the connection into an opaque tunnel.
 //! * upstream -> client: bytes are copied unchanged; a
-//!   [`postern_proto::http_response::ResponseTracker`] follows their framing to find the
+//!   [`postern_proto::http::response::ResponseTracker`] follows their framing to find the
 //!   server's answer to an upgrade.
 //!
 //! Everything written to the client goes through the second direction, which also writes the
@@ -33,10 +33,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use postern_proto::http::response::{Expect, ResponseTracker, UpgradeAnswer};
 use postern_proto::http::{
     error_response, json_error_response, FilterConfig, HttpError, RequestFilter, RequestHead, Step,
 };
-use postern_proto::http_response::{Expect, ResponseTracker, UpgradeAnswer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;

@@ -15,14 +15,15 @@
 //! the stream (a malformed response) it stays failed and says so; the caller then refuses any
 //! upgrade, since it can no longer tell which answer belongs to which request.
 
+use super::grammar::trim_ows;
 use std::collections::VecDeque;
 
 /// Default limit on one response head.
 pub const DEFAULT_MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most header fields parsed in one response head.
 const MAX_RESPONSE_HEADERS: usize = 128;
-/// Longest chunk-size line accepted in a response.
-const MAX_CHUNK_LINE: usize = 4096;
+/// Longest chunk-size line accepted in a response, without its CRLF.
+const MAX_RESPONSE_CHUNK_LINE: usize = 4096;
 
 /// What kind of request a response answers, as far as framing is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,7 @@ pub enum UpgradeAnswer {
 
 /// Why the response stream could not be followed. Never carries response bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ResponseError {
     #[error("response head exceeds {0} bytes")]
     HeadTooLarge(usize),
@@ -61,22 +63,25 @@ pub enum ResponseError {
     AfterCloseDelimited,
 }
 
+/// Where the tracker is in the response stream: in a head, in a body (framed one of three
+/// ways), or past a protocol switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Body {
+enum Phase {
     /// Reading a response head (the bytes so far are in `head`).
     Head,
     /// `n` body bytes left.
     Length(u64),
     /// Chunked body.
-    Chunked(Chunk),
+    Chunked(ChunkPhase),
     /// The body runs to the end of the connection.
     UntilClose,
     /// The connection switched protocols.
     Opaque,
 }
 
+/// Where the tracker is inside a chunked response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+enum ChunkPhase {
     /// Reading a chunk-size line (its bytes so far in `line`).
     Size,
     /// `n` chunk data bytes left.
@@ -91,7 +96,7 @@ enum Chunk {
 #[derive(Debug)]
 pub struct ResponseTracker {
     max_head: usize,
-    state: Result<Body, ResponseError>,
+    state: Result<Phase, ResponseError>,
     /// Requests forwarded and not yet answered, oldest first.
     pending: VecDeque<Expect>,
     /// The response head in progress.
@@ -113,7 +118,7 @@ impl ResponseTracker {
     pub fn new(max_head: usize) -> Self {
         ResponseTracker {
             max_head,
-            state: Ok(Body::Head),
+            state: Ok(Phase::Head),
             pending: VecDeque::new(),
             head: Vec::new(),
             line: Vec::new(),
@@ -134,7 +139,7 @@ impl ResponseTracker {
 
     /// Whether the stream switched protocols (everything after the `101` is opaque).
     pub fn is_opaque(&self) -> bool {
-        self.state == Ok(Body::Opaque)
+        self.state == Ok(Phase::Opaque)
     }
 
     /// The error the tracker stopped at, if it could not follow the stream.
@@ -150,25 +155,25 @@ impl ResponseTracker {
         while !bytes.is_empty() {
             let state = self.state.clone()?;
             let used = match state {
-                Body::Opaque | Body::UntilClose => bytes.len(),
-                Body::Head => match self.feed_head(bytes) {
+                Phase::Opaque | Phase::UntilClose => bytes.len(),
+                Phase::Head => match self.feed_head(bytes) {
                     Ok((used, a)) => {
                         answer = answer.or(a);
                         used
                     }
                     Err(e) => return Err(self.fail(e)),
                 },
-                Body::Length(left) => {
+                Phase::Length(left) => {
                     let take = usize::try_from(left).map_or(bytes.len(), |l| l.min(bytes.len()));
                     let left = left - take as u64;
                     self.state = Ok(if left == 0 {
                         self.response_done()
                     } else {
-                        Body::Length(left)
+                        Phase::Length(left)
                     });
                     take
                 }
-                Body::Chunked(chunk) => match self.feed_chunked(bytes, chunk) {
+                Phase::Chunked(chunk) => match self.feed_chunked(bytes, chunk) {
                     Ok(used) => used,
                     Err(e) => return Err(self.fail(e)),
                 },
@@ -191,9 +196,9 @@ impl ResponseTracker {
     }
 
     /// A whole response (head and body) has been seen.
-    fn response_done(&mut self) -> Body {
+    fn response_done(&mut self) -> Phase {
         self.pending.pop_front();
-        Body::Head
+        Phase::Head
     }
 
     /// Takes head bytes up to the blank line. Returns how many bytes were used.
@@ -236,12 +241,12 @@ impl ResponseTracker {
                 return Err(ResponseError::UnexpectedSwitch);
             }
             self.pending.pop_front();
-            self.state = Ok(Body::Opaque);
+            self.state = Ok(Phase::Opaque);
             return Ok(Some(UpgradeAnswer::Switched));
         }
         if (100..200).contains(&status) {
             // Interim response (100 Continue, 103 Early Hints): the final one follows.
-            self.state = Ok(Body::Head);
+            self.state = Ok(Phase::Head);
             return Ok(None);
         }
         let answer = (request == Expect::Upgrade).then_some(UpgradeAnswer::Refused);
@@ -262,74 +267,75 @@ impl ResponseTracker {
                     .value
                     .rsplit(|&b| b == b',')
                     .next()
-                    .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+                    .is_some_and(|last| trim_ows(last).eq_ignore_ascii_case(b"chunked"));
             }
         }
         let body = if request == Expect::Head || status == 204 || status == 304 {
             None
         } else if transfer_encoding {
             Some(if chunked {
-                Body::Chunked(Chunk::Size)
+                Phase::Chunked(ChunkPhase::Size)
             } else {
-                Body::UntilClose
+                Phase::UntilClose
             })
         } else {
             match content_length {
                 Some(0) => None,
-                Some(n) => Some(Body::Length(n)),
-                None => Some(Body::UntilClose),
+                Some(n) => Some(Phase::Length(n)),
+                None => Some(Phase::UntilClose),
             }
         };
         self.state = Ok(match body {
             None => self.response_done(),
-            Some(Body::UntilClose) => {
+            Some(Phase::UntilClose) => {
                 // Nothing can follow this response; requests still pending stay unanswered.
                 self.pending.clear();
-                Body::UntilClose
+                Phase::UntilClose
             }
             Some(b) => b,
         });
         Ok(answer)
     }
 
-    fn feed_chunked(&mut self, bytes: &[u8], chunk: Chunk) -> Result<usize, ResponseError> {
+    fn feed_chunked(&mut self, bytes: &[u8], chunk: ChunkPhase) -> Result<usize, ResponseError> {
         match chunk {
-            Chunk::Data(left) => {
+            ChunkPhase::Data(left) => {
                 let take = usize::try_from(left).map_or(bytes.len(), |l| l.min(bytes.len()));
                 let left = left - take as u64;
-                self.state = Ok(Body::Chunked(if left == 0 {
-                    Chunk::DataEnd(0)
+                self.state = Ok(Phase::Chunked(if left == 0 {
+                    ChunkPhase::DataEnd(0)
                 } else {
-                    Chunk::Data(left)
+                    ChunkPhase::Data(left)
                 }));
                 Ok(take)
             }
-            Chunk::DataEnd(seen) => {
+            ChunkPhase::DataEnd(seen) => {
                 let want: &[u8] = if seen == 0 { b"\r\n" } else { b"\n" };
                 let n = want.len().min(bytes.len());
                 if bytes[..n] != want[..n] {
                     return Err(ResponseError::BadChunk);
                 }
                 let seen = seen + n as u8;
-                self.state = Ok(Body::Chunked(if seen == 2 {
-                    Chunk::Size
+                self.state = Ok(Phase::Chunked(if seen == 2 {
+                    ChunkPhase::Size
                 } else {
-                    Chunk::DataEnd(seen)
+                    ChunkPhase::DataEnd(seen)
                 }));
                 Ok(n)
             }
-            Chunk::Size | Chunk::Trailer => {
-                let (used, line) = match take_line(&mut self.line, bytes, MAX_CHUNK_LINE)? {
+            ChunkPhase::Size | ChunkPhase::Trailer => {
+                let (used, line) = match take_line(&mut self.line, bytes, MAX_RESPONSE_CHUNK_LINE)?
+                {
                     (used, None) => return Ok(used),
                     (used, Some(line)) => (used, line),
                 };
-                if chunk == Chunk::Size {
+                if chunk == ChunkPhase::Size {
                     let size = parse_chunk_size(&line).ok_or(ResponseError::BadChunk)?;
-                    self.state = Ok(Body::Chunked(if size == 0 {
+                    self.state = Ok(Phase::Chunked(if size == 0 {
                         self.trailer_len = 0;
-                        Chunk::Trailer
+                        ChunkPhase::Trailer
                     } else {
-                        Chunk::Data(size)
+                        ChunkPhase::Data(size)
                     }));
                 } else if line.is_empty() {
                     self.state = Ok(self.response_done());
@@ -393,21 +399,11 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
-    let v = trim(v);
+    let v = trim_ows(v);
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-fn trim(mut v: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = v {
-        v = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = v {
-        v = rest;
-    }
-    v
 }
 
 #[cfg(test)]
