@@ -3,12 +3,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern_proto::fwd::{self, Kind};
+use postern_proto::fwd::{self, DatagramKind};
 
 fuzz_target!(|data: &[u8]| {
     let kind = fwd::classify(data);
     if let Ok((route, payload)) = fwd::parse(data) {
-        assert_eq!(kind, Kind::Forward);
+        assert_eq!(kind, DatagramKind::Forward);
         assert!(!payload.is_empty());
         let mut again = fwd::header(route).to_vec();
         again.extend_from_slice(payload);

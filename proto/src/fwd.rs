@@ -55,7 +55,7 @@ impl fmt::Display for RouteId {
 
 /// What a datagram's first byte says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum DatagramKind {
     /// A QUIC packet (fixed bit set).
     Quic,
     /// A forwarding frame we understand.
@@ -66,12 +66,12 @@ pub enum Kind {
 }
 
 /// Classifies a datagram by its first byte.
-pub fn classify(datagram: &[u8]) -> Kind {
+pub fn classify(datagram: &[u8]) -> DatagramKind {
     match datagram.first() {
-        None => Kind::Unknown,
-        Some(&b) if b & 0x40 != 0 => Kind::Quic,
-        Some(&TAG) => Kind::Forward,
-        Some(_) => Kind::Unknown,
+        None => DatagramKind::Unknown,
+        Some(&b) if b & 0x40 != 0 => DatagramKind::Quic,
+        Some(&TAG) => DatagramKind::Forward,
+        Some(_) => DatagramKind::Unknown,
     }
 }
 
@@ -107,14 +107,14 @@ pub fn header(route: RouteId) -> [u8; HEADER_LEN] {
 /// Splits a forwarding frame into its route id and the packet it carries.
 pub fn parse(datagram: &[u8]) -> Result<(RouteId, &[u8]), FwdError> {
     match classify(datagram) {
-        Kind::Quic => return Err(FwdError::NotAFrame),
-        Kind::Unknown => {
+        DatagramKind::Quic => return Err(FwdError::NotAFrame),
+        DatagramKind::Unknown => {
             return Err(match datagram.first() {
                 None => FwdError::Empty,
                 Some(&b) => FwdError::UnknownTag(b),
             })
         }
-        Kind::Forward => {}
+        DatagramKind::Forward => {}
     }
     if datagram.len() < HEADER_LEN {
         return Err(FwdError::Truncated(datagram.len()));
@@ -150,8 +150,8 @@ mod tests {
     #[test]
     fn quic_packets_are_not_frames() {
         // Long header (Initial) and short header first bytes both carry 0x40.
-        assert_eq!(classify(&[0xc3, 0, 0]), Kind::Quic);
-        assert_eq!(classify(&[0x41, 0, 0]), Kind::Quic);
+        assert_eq!(classify(&[0xc3, 0, 0]), DatagramKind::Quic);
+        assert_eq!(classify(&[0x41, 0, 0]), DatagramKind::Quic);
         assert_eq!(parse(&[0xc3; 40]), Err(FwdError::NotAFrame));
     }
 

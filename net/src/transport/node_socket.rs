@@ -11,7 +11,7 @@
 use crate::transport::links::StreamLinks;
 use crate::transport::udp::canonical;
 use crate::transport::udp::{bind_udp, Poller};
-use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
+use postern_proto::fwd::{self, DatagramKind, RouteId, HEADER_LEN};
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::cell::RefCell;
@@ -140,8 +140,8 @@ impl NodeSocket {
                 break;
             };
             let (addr, payload) = match fwd::classify(&d.data) {
-                Kind::Quic => (self.present(d.from), &d.data[..]),
-                Kind::Forward => match fwd::parse(&d.data) {
+                DatagramKind::Quic => (self.present(d.from), &d.data[..]),
+                DatagramKind::Forward => match fwd::parse(&d.data) {
                     Ok((route, payload)) => match self.lookup(route, canonical(d.from)) {
                         Some(virt) => (virt, payload),
                         None => continue,
@@ -151,7 +151,7 @@ impl NodeSocket {
                         continue;
                     }
                 },
-                Kind::Unknown => {
+                DatagramKind::Unknown => {
                     self.stats.dropped_malformed.fetch_add(1, Relaxed);
                     continue;
                 }
@@ -477,9 +477,9 @@ impl AsyncUdpSocket for NodeSocket {
             };
             for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
                 match fwd::classify(&buf[..m.len]) {
-                    Kind::Quic => {}
-                    Kind::Forward => self.unwrap_batch(&mut buf[..], m),
-                    Kind::Unknown => {
+                    DatagramKind::Quic => {}
+                    DatagramKind::Forward => self.unwrap_batch(&mut buf[..], m),
+                    DatagramKind::Unknown => {
                         self.stats.dropped_malformed.fetch_add(1, Relaxed);
                         m.len = 0;
                     }

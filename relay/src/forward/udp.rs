@@ -9,7 +9,7 @@
 
 use postern_net::transport::links::StreamLinks;
 use postern_net::transport::udp::{bind_udp, canonical, Poller};
-use postern_proto::fwd::{self, Kind, RouteId, HEADER_LEN};
+use postern_proto::fwd::{self, DatagramKind, RouteId, HEADER_LEN};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::collections::HashMap;
@@ -191,14 +191,14 @@ impl RelaySocket {
                 break;
             };
             match fwd::classify(&d.data) {
-                Kind::Forward => {
+                DatagramKind::Forward => {
                     let len = d.data.len();
                     self.forward(&mut d.data, len, d.from);
                 }
-                Kind::Quic if !postern_quic(&d.data) => {
+                DatagramKind::Quic if !postern_quic(&d.data) => {
                     self.stats.dropped_not_postern.fetch_add(1, Relaxed);
                 }
-                Kind::Quic => {
+                DatagramKind::Quic => {
                     let slot = &mut bufs[filled];
                     if d.data.len() > slot.len() {
                         self.links.oversize();
@@ -213,7 +213,7 @@ impl RelaySocket {
                     m.dst_ip = None;
                     filled += 1;
                 }
-                Kind::Unknown => {
+                DatagramKind::Unknown => {
                     self.stats.dropped_malformed.fetch_add(1, Relaxed);
                 }
             }
@@ -380,17 +380,17 @@ impl AsyncUdpSocket for RelaySocket {
             for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
                 let data = &mut buf[..m.len];
                 match fwd::classify(data) {
-                    Kind::Quic if postern_quic(data) => for_quinn += 1,
-                    Kind::Quic => {
+                    DatagramKind::Quic if postern_quic(data) => for_quinn += 1,
+                    DatagramKind::Quic => {
                         self.stats.dropped_not_postern.fetch_add(1, Relaxed);
                         postern_net::refusal!(info, "quic_version", "dropped QUIC packets of a version no postern node speaks", src = %m.addr);
                         m.len = 0;
                     }
-                    Kind::Forward => {
+                    DatagramKind::Forward => {
                         self.forward(data, m.stride, m.addr);
                         m.len = 0;
                     }
-                    Kind::Unknown => {
+                    DatagramKind::Unknown => {
                         self.stats.dropped_malformed.fetch_add(1, Relaxed);
                         postern_net::refusal!(info, "junk_datagram", "dropped datagrams that are neither QUIC nor a forwarding frame", src = %m.addr, len = m.len);
                         m.len = 0;
