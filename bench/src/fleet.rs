@@ -6,7 +6,7 @@
 use crate::cluster::{
     proc_usage, start_inlet, start_outlet, BenchRelay, Pki, RelayMode, RelayStats, Running,
 };
-use crate::report::progress;
+use crate::progress::progress;
 use crate::target::echo_server;
 use anyhow::{bail, Result};
 use postern_inlet::ServiceKind;
@@ -136,7 +136,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &FleetOptions) -> Result<Fle
     let rss0 = rss(&relay);
     let mut errors = Vec::new();
     // One step per outlet and inlet started, then the routes, then the idle streams.
-    crate::report::add_steps(opts.outlets + opts.inlets + 2);
+    crate::progress::add_steps(opts.outlets + opts.inlets + 2);
 
     let t = Instant::now();
     let services: Vec<String> = (0..opts.outlets).map(|j| format!("fleet-{j}")).collect();

@@ -5,7 +5,7 @@
 //! token. Also times `RequestFilter` alone.
 
 use crate::cluster::{start_inlet, start_outlet_services, BenchRelay, Pki, RelayMode};
-use crate::report::progress;
+use crate::progress::progress;
 use crate::stats::{nanos, Latency};
 use crate::systems::System;
 use anyhow::{anyhow, bail, Context, Result};
@@ -400,7 +400,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
             }
         }
     }
-    crate::report::add_steps(systems.len());
+    crate::progress::add_steps(systems.len());
     let mut rows = Vec::new();
     for (s, req) in &systems {
         rows.push(run_one(s, req.clone(), opts).await);

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod fleet;
 pub mod http;
 pub mod open;
+pub mod progress;
 pub mod report;
 pub mod rr;
 pub mod stats;

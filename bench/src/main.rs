@@ -317,7 +317,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let report = postern_bench::run(&plan(&cli), &mode, cli.quick, &command).await?;
-    postern_bench::report::finish_progress();
+    postern_bench::progress::finish_progress();
     println!("{}", report.tables());
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
