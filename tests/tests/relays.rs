@@ -9,7 +9,9 @@
 use postern_inlet::ServiceKind;
 use postern_net::transport::relay_path::{TransportMode, TransportSettings};
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::free_udp_addr;
+use postern_tests::traffic::echo_server;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;

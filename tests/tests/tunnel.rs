@@ -1,7 +1,9 @@
 //! End-to-end tests of the tunnel core: relay, outlet and inlet in-process on 127.0.0.1.
 
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::free_udp_addr;
+use postern_tests::traffic::{echo_round, echo_server, request_response_server};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
