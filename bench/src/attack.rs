@@ -7,10 +7,12 @@
 //! and the relay's CPU, RSS (before, peak, a few seconds after) and log bytes written; for the
 //! Initial flood also how many bytes the relay sent back per byte of attack.
 
-use crate::cluster::{self, BenchRelay, Pki, RelayMode};
+use crate::cluster::{self, BenchRelay, RelayMode};
 use crate::target;
 use anyhow::{anyhow, Context, Result};
 use postern_inlet::ServiceKind;
+use postern_outlet::target::Target;
+use postern_tests::kit::{InletSpec, OutletSpec, Pki};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -142,17 +144,17 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
     let pid = relay
         .pid()
         .ok_or_else(|| anyhow!("the attack scenario needs --relay process"))?;
-    let service = "bench".to_string();
-    let outlet =
-        cluster::start_outlet(pki, "outlet-1", relay.addr, &[(service.clone(), sink)]).await?;
-    let (inlet, addrs) = cluster::start_inlet(
-        pki,
-        "inlet-1",
-        relay.addr,
-        &[(service.clone(), ServiceKind::Tcp)],
-    )
-    .await?;
-    let tunnel = addrs[&service];
+    let service = "bench";
+    let outlet = OutletSpec::new("outlet-1", relay.addr)
+        .targets([(service, Target::tcp(sink.to_string()))])?
+        .start(pki)
+        .await?
+        .running;
+    let inlet = InletSpec::new("inlet-1", relay.addr, &[(service, ServiceKind::Tcp)])
+        .start(pki)
+        .await?;
+    let tunnel = inlet.addr(service);
+    let inlet = inlet.running;
     // Warm up the end-to-end connection.
     legit_stream(tunnel, Duration::from_millis(500)).await?;
 
@@ -170,8 +172,8 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
         let initials = if attack == Attack::InitialFlood {
             let n = (o.initial_rate * o.secs) as usize;
             let cfg = postern_net::transport::endpoint::control_client(
-                &pki.identity("flooder")?,
-                pki.roots()?,
+                &pki.try_identity("flooder")?,
+                pki.try_roots()?,
             )
             .context("flood client config")?;
             let to = relay.addr;
@@ -276,13 +278,11 @@ async fn legit_stream(tunnel: SocketAddr, d: Duration) -> Result<(u64, Duration)
 /// Starts a fresh inlet (as a restarted node) and times its connection to the relay over UDP.
 async fn new_inlet_connect_time(pki: &Pki, relay: SocketAddr, i: usize) -> Result<Duration> {
     let t = Instant::now();
-    let (inlet, _) = cluster::start_inlet(
-        pki,
-        &format!("inlet-new-{i}"),
-        relay,
-        &[("bench".to_string(), ServiceKind::Tcp)],
-    )
-    .await?;
+    let name = format!("inlet-new-{i}");
+    let inlet = InletSpec::new(&name, relay, &[("bench", ServiceKind::Tcp)])
+        .start(pki)
+        .await?
+        .running;
     let took = t.elapsed();
     inlet.stop().await;
     Ok(took)

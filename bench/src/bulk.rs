@@ -1,12 +1,13 @@
 //! `bulk`: throughput of N concurrent streams, each carrying S bytes to a sink that verifies
 //! their count and checksum.
 
-use crate::cluster::{proc_usage, Pki, RelayMode, RelayStats, Tunnel};
+use crate::cluster::{proc_usage, RelayMode, RelayStats, Tunnel};
 use crate::progress::progress;
 use crate::stats::median;
 use crate::systems::{self, System};
 use crate::target::{payload, sink_server, Checksum, SINK_REPLY};
 use anyhow::{anyhow, bail, Result};
+use postern_tests::kit::Pki;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -18,7 +18,7 @@ pub mod systems;
 pub mod target;
 
 use anyhow::Result;
-use cluster::{Pki, RelayMode};
+use cluster::RelayMode;
 use report::{Machine, Report};
 
 /// Which scenarios to run, with their options.
@@ -75,7 +75,7 @@ impl Plan {
 
 /// Runs the plan's scenarios one after another (each with its own relay and nodes).
 pub async fn run(plan: &Plan, mode: &RelayMode, quick: bool, command: &str) -> Result<Report> {
-    let pki = Pki::new()?;
+    let pki = cluster::bench_pki()?;
     let mut report = Report {
         machine: Machine::probe(),
         command: command.to_string(),

@@ -300,7 +300,7 @@ async fn main() -> Result<()> {
         if let Some(v) = a.sockets {
             o.sockets = v.max(1);
         }
-        let pki = postern_bench::cluster::Pki::new()?;
+        let pki = postern_bench::cluster::bench_pki()?;
         let report = postern_bench::attack::run(&pki, &mode, &o).await?;
         let m = postern_bench::report::Machine::probe();
         println!(

@@ -1,12 +1,13 @@
 //! `open`: new connections per second through a warm tunnel, and how long each open takes
 //! (connect, one byte to the echo target and back).
 
-use crate::cluster::{Pki, RelayMode, Tunnel};
+use crate::cluster::{RelayMode, Tunnel};
 use crate::progress::progress;
 use crate::stats::{nanos, Latency};
 use crate::systems::{self, System};
 use crate::target::echo_server;
 use anyhow::{bail, Result};
+use postern_tests::kit::Pki;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

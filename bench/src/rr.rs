@@ -2,12 +2,13 @@
 //! schedule whatever the replies do (open loop), so a slow reply cannot hide the ones queued
 //! behind it.
 
-use crate::cluster::{Pki, RelayMode, Tunnel};
+use crate::cluster::{RelayMode, Tunnel};
 use crate::progress::progress;
 use crate::stats::{nanos, Latency};
 use crate::systems::{self, System};
 use crate::target::echo_server;
 use anyhow::{anyhow, bail, Result};
+use postern_tests::kit::Pki;
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
