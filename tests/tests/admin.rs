@@ -572,7 +572,8 @@ async fn draining_moves_new_routes_away_then_closes_the_node() {
     assert!(routes()
         .await
         .contains(&("drain-i1".to_string(), "drain-o2".to_string())));
-    // It stays out while drained, although it keeps reconnecting (backoff at most 2 s).
+    // It stays out while drained, although it keeps reconnecting (backoff at most 2 s): the
+    // time watched is the test, longer than one backoff.
     let watch_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < watch_until {
         assert!(

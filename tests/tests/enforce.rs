@@ -411,6 +411,7 @@ async fn slowloris_is_cut_off() {
                 if w.write_all(&[*b]).await.is_err() {
                     return;
                 }
+                // The slowness is the attack tested: one byte every half second.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         };

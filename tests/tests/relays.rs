@@ -88,6 +88,7 @@ async fn under_load<F: Future<Output = ()>>(
             h.update(&buf);
             w.write_all(&buf).await.map_err(|e| e.to_string())?;
             sent += buf.len() as u64;
+            // Pacing: a steady stream that outlives the relay's death, not a step order.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         w.shutdown().await.map_err(|e| e.to_string())?;
@@ -125,6 +126,7 @@ async fn under_load<F: Future<Output = ()>>(
                     };
                     outcomes.lock().unwrap_or_else(|p| p.into_inner()).push(o);
                 });
+                // Pacing: a new connection every 20 ms, before, during and after the death.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             while running.join_next().await.is_some() {}
