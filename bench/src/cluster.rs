@@ -333,6 +333,11 @@ pub struct Tunnel {
 impl Tunnel {
     pub async fn start(pki: &Pki, mode: &RelayMode, target: SocketAddr) -> Result<Self> {
         let relay = BenchRelay::start(pki, mode).await?;
+        Self::on(pki, relay, target).await
+    }
+
+    /// The outlet and inlet of a tunnel to `target` through a relay already running.
+    pub async fn on(pki: &Pki, relay: BenchRelay, target: SocketAddr) -> Result<Self> {
         let service = "bench";
         let outlet = OutletSpec::new("outlet-1", relay.addr)
             .targets([(service, Target::tcp(target.to_string()))])?

@@ -10,25 +10,10 @@
 use postern_tests::clients::python;
 use postern_tests::kit::*;
 use postern_tests::ports::free_port;
-use postern_tests::procs::Proc;
-use std::path::{Path, PathBuf};
+use postern_tests::procs::{bin, Proc};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in <target>/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
 
 /// A network namespace, deleted on drop.
 struct Netns {
