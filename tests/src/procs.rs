@@ -205,3 +205,39 @@ pub fn write_identity(pki: &Pki, name: &str, dir: &Path) -> IdentityFiles {
     std::fs::write(&files.ca, pki.ca_pem()).expect("write ca");
     files
 }
+
+/// A relay's state directory set up by the real `postern-relay ca init`, from which tickets
+/// are created as an operator creates them.
+pub struct RelayCa {
+    /// The state directory (`--state-dir`).
+    pub state: String,
+    /// The relay address the tickets name (`--relay`).
+    pub relay_addr: String,
+}
+
+impl RelayCa {
+    /// Runs `postern-relay ca init --state-dir STATE`; its tickets will name `relay_addr`.
+    pub async fn init(state: &str, relay_addr: &str) -> Self {
+        cli("postern-relay", &["ca", "init", "--state-dir", state]).await;
+        Self {
+            state: state.to_string(),
+            relay_addr: relay_addr.to_string(),
+        }
+    }
+
+    /// `postern-relay ticket create --attr role=ROLE`: the ticket it prints.
+    pub async fn ticket(&self, role: &str) -> String {
+        let attr = format!("role={role}");
+        let args = [
+            "ticket",
+            "create",
+            "--attr",
+            &attr,
+            "--relay",
+            &self.relay_addr,
+            "--state-dir",
+            &self.state,
+        ];
+        cli("postern-relay", &args).await.trim().to_owned()
+    }
+}

@@ -8,7 +8,7 @@
 use postern_outlet::target::Target;
 use postern_tests::kit::*;
 use postern_tests::ports::{free_port, free_udp_addr};
-use postern_tests::procs::{bin, cli, cli_fails, write_identity, Proc};
+use postern_tests::procs::{bin, cli, cli_fails, write_identity, Proc, RelayCa};
 use postern_tests::traffic::echo_server;
 use postern_tests::wait::eventually;
 use rand::{RngCore, SeedableRng};
@@ -534,27 +534,10 @@ async fn audit_logs_record_decisions_and_no_secret() {
     let path = |p: &str| dir.path().join(p).display().to_string();
     let state = path("relay-state");
     let relay_addr = free_udp_addr().to_string();
-    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
-    let ticket = |role: &'static str| {
-        let (state, relay_addr) = (state.clone(), relay_addr.clone());
-        async move {
-            let attr = format!("role={role}");
-            let args = [
-                "ticket",
-                "create",
-                "--attr",
-                &attr,
-                "--relay",
-                &relay_addr,
-                "--state-dir",
-                &state,
-            ];
-            cli("postern-relay", &args).await.trim().to_owned()
-        }
-    };
-    let outlet_ticket = ticket("echo-outlet").await;
-    let client_ticket = ticket("echo-client").await;
-    let intruder_ticket = ticket("intruder").await;
+    let relay_ca = RelayCa::init(&state, &relay_addr).await;
+    let outlet_ticket = relay_ca.ticket("echo-outlet").await;
+    let client_ticket = relay_ca.ticket("echo-client").await;
+    let intruder_ticket = relay_ca.ticket("intruder").await;
 
     let relay_audit = dir.path().join("relay-audit.jsonl");
     let relay_ops = format!("127.0.0.1:{}", free_port());
@@ -1045,25 +1028,9 @@ async fn operator_mistakes_are_explained() {
     let path = |p: &str| dir.path().join(p).display().to_string();
     let state = path("relay-state");
     let relay_addr = free_udp_addr().to_string();
-    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
-    let ticket = || {
-        let (state, relay_addr) = (state.clone(), relay_addr.clone());
-        async move {
-            let args = [
-                "ticket",
-                "create",
-                "--attr",
-                "role=client",
-                "--relay",
-                &relay_addr,
-                "--state-dir",
-                &state,
-            ];
-            cli("postern-relay", &args).await.trim().to_owned()
-        }
-    };
-    let first_ticket = ticket().await;
-    let second_ticket = ticket().await;
+    let relay_ca = RelayCa::init(&state, &relay_addr).await;
+    let first_ticket = relay_ca.ticket("client").await;
+    let second_ticket = relay_ca.ticket("client").await;
 
     // Revoking in a directory without the CA is an error, and makes no directory.
     let elsewhere = path("relay-state-typo");

@@ -8,7 +8,7 @@
 
 use postern_tests::kit::*;
 use postern_tests::ports::{free_port, free_udp_addr};
-use postern_tests::procs::{cli, Proc};
+use postern_tests::procs::{cli, Proc, RelayCa};
 use postern_tests::traffic::{echo_round, echo_server};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -71,30 +71,9 @@ async fn relay_outlet_and_inlet_keep_their_state_private() {
     let path = |p: &str| dir.path().join(p).display().to_string();
     let relay_state = path("relay-state");
     let relay_addr = free_udp_addr().to_string();
-    cli(
-        "postern-relay",
-        &["ca", "init", "--state-dir", &relay_state],
-    )
-    .await;
-    let ticket = |role: &'static str| {
-        let (state, relay_addr) = (relay_state.clone(), relay_addr.clone());
-        async move {
-            let attr = format!("role={role}");
-            let args = [
-                "ticket",
-                "create",
-                "--attr",
-                &attr,
-                "--relay",
-                &relay_addr,
-                "--state-dir",
-                &state,
-            ];
-            cli("postern-relay", &args).await.trim().to_owned()
-        }
-    };
-    let outlet_ticket = ticket("echo-outlet").await;
-    let inlet_ticket = ticket("echo-client").await;
+    let relay_ca = RelayCa::init(&relay_state, &relay_addr).await;
+    let outlet_ticket = relay_ca.ticket("echo-outlet").await;
+    let inlet_ticket = relay_ca.ticket("echo-client").await;
     // A hand-issued certificate for sharing: the certificates may be read by others, the key
     // may not.
     let certs = dir.path().join("certs");
