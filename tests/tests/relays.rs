@@ -445,7 +445,7 @@ async fn a_relay_that_cannot_route_is_skipped_for_the_next_one() {
         TransportSettings::default(),
     )
     .await;
-    // The inlet is connected to every relay (the harness waited for the first only).
+    // The inlet is connected to every relay (the kit waited for the first only).
     let deadline = Instant::now() + Duration::from_secs(10);
     while relays[1..].iter().any(|r| r.handle.nodes().len() < 2)
         || relays[0].handle.nodes().is_empty()
