@@ -7,10 +7,11 @@
 //! and the relay's CPU, RSS (before, peak, a few seconds after) and log bytes written; for the
 //! Initial flood also how many bytes the relay sent back per byte of attack.
 
-use crate::cluster::{self, BenchRelay, Pki, RelayMode};
+use crate::cluster::{self, BenchRelay, RelayMode, Tunnel};
 use crate::target;
 use anyhow::{anyhow, Context, Result};
 use postern_inlet::ServiceKind;
+use postern_tests::kit::{InletSpec, Pki};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -142,17 +143,9 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
     let pid = relay
         .pid()
         .ok_or_else(|| anyhow!("the attack scenario needs --relay process"))?;
-    let service = "bench".to_string();
-    let outlet =
-        cluster::start_outlet(pki, "outlet-1", relay.addr, &[(service.clone(), sink)]).await?;
-    let (inlet, addrs) = cluster::start_inlet(
-        pki,
-        "inlet-1",
-        relay.addr,
-        &[(service.clone(), ServiceKind::Tcp)],
-    )
-    .await?;
-    let tunnel = addrs[&service];
+    let nodes = Tunnel::on(pki, relay, sink).await?;
+    let tunnel = nodes.addr;
+    let relay_addr = nodes.relay.addr;
     // Warm up the end-to-end connection.
     legit_stream(tunnel, Duration::from_millis(500)).await?;
 
@@ -170,11 +163,11 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
         let initials = if attack == Attack::InitialFlood {
             let n = (o.initial_rate * o.secs) as usize;
             let cfg = postern_net::transport::endpoint::control_client(
-                &pki.identity("flooder")?,
-                pki.roots()?,
+                &pki.try_identity("flooder")?,
+                pki.try_roots()?,
             )
             .context("flood client config")?;
-            let to = relay.addr;
+            let to = relay_addr;
             tokio::task::spawn_blocking(move || make_initials(cfg, to, n)).await??
         } else {
             Vec::new()
@@ -190,7 +183,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
         let replies = Arc::new(AtomicU64::new(0));
         let attacker = tokio::spawn(send_attack(
             attack,
-            relay.addr,
+            relay_addr,
             rate,
             secs,
             o.sockets,
@@ -211,7 +204,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
         };
         // Let the attack get going, then measure the legit while it lasts.
         tokio::time::sleep(secs / 8).await;
-        let reconnect = new_inlet_connect_time(pki, relay.addr, i).await?;
+        let reconnect = new_inlet_connect_time(pki, relay_addr, i).await?;
         let left = secs.saturating_sub(t0.elapsed() + secs / 8);
         let bytes = legit_stream(tunnel, left.max(Duration::from_millis(300))).await?;
         let legit_gbps = bytes.0 as f64 * 8.0 / bytes.1.as_secs_f64() / 1e9;
@@ -243,9 +236,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, o: &AttackOptions) -> Result<Attac
                 .then(|| reply as f64 / sent_bytes as f64),
         });
     }
-    inlet.stop().await;
-    outlet.stop().await;
-    relay.stop().await;
+    nodes.stop().await;
     Ok(AttackReport { secs: o.secs, rows })
 }
 
@@ -276,13 +267,11 @@ async fn legit_stream(tunnel: SocketAddr, d: Duration) -> Result<(u64, Duration)
 /// Starts a fresh inlet (as a restarted node) and times its connection to the relay over UDP.
 async fn new_inlet_connect_time(pki: &Pki, relay: SocketAddr, i: usize) -> Result<Duration> {
     let t = Instant::now();
-    let (inlet, _) = cluster::start_inlet(
-        pki,
-        &format!("inlet-new-{i}"),
-        relay,
-        &[("bench".to_string(), ServiceKind::Tcp)],
-    )
-    .await?;
+    let name = format!("inlet-new-{i}");
+    let inlet = InletSpec::new(&name, relay, &[("bench", ServiceKind::Tcp)])
+        .start(pki)
+        .await?
+        .running;
     let took = t.elapsed();
     inlet.stop().await;
     Ok(took)

@@ -1,12 +1,13 @@
 //! `bulk`: throughput of N concurrent streams, each carrying S bytes to a sink that verifies
 //! their count and checksum.
 
-use crate::cluster::{proc_usage, Pki, RelayMode, RelayStats, Tunnel};
-use crate::report::progress;
+use crate::cluster::{proc_usage, RelayMode, RelayStats, Tunnel};
+use crate::progress::progress;
 use crate::stats::median;
 use crate::systems::{self, System};
 use crate::target::{payload, sink_server, Checksum, SINK_REPLY};
 use anyhow::{anyhow, bail, Result};
+use postern_tests::kit::Pki;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -220,7 +221,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<Bulk
         }
     }
     let systems = warm;
-    crate::report::add_steps(opts.streams.len() * systems.len() * opts.repeat);
+    crate::progress::add_steps(opts.streams.len() * systems.len() * opts.repeat);
     let mut rows = Vec::new();
     for &n in &opts.streams {
         let per_stream = (opts.total_bytes / n.max(1) as u64).max(opts.min_stream_bytes);

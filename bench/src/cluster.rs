@@ -1,84 +1,29 @@
-//! In-process postern nodes on 127.0.0.1 (port 0) and a relay that runs either in this process
-//! or as a child process of the bench binary (so its memory and CPU can be measured alone).
+//! What the bench adds to the test kit (`postern_tests::kit`, which starts the nodes): a relay
+//! that runs either in this process or as a child process of the bench binary (so its memory
+//! and CPU can be measured alone), its counters and process usage, and the one-service tunnel
+//! most scenarios measure through.
 
 use anyhow::{anyhow, bail, Context, Result};
-use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_net::transport::relay_path::RelayTarget;
+use postern_inlet::ServiceKind;
 use postern_net::transport::relay_path::{TransportMode, TransportSettings};
-use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
-use postern_outlet::{Outlet, OutletOptions};
-use postern_proto::name::{NodeName, ServiceName};
-use postern_proto::pki::Ca;
 use postern_proto::tls::{self, Identity};
-use postern_relay::policy::PolicySet;
-use postern_relay::{Relay, RelayHandle, RelayOptions};
-use rustls::RootCertStore;
+use postern_relay::{Relay, RelayHandle};
+use postern_tests::kit::{
+    bind_relay, relay_options, run_relay, InletSpec, OutletSpec, Pki, RelayNode, Running,
+    READY_TIMEOUT,
+};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-/// How long a node may take to register or connect.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A throwaway project CA.
-pub struct Pki {
-    ca: Ca,
-}
-
-impl Pki {
-    pub fn new() -> Result<Self> {
-        Ok(Self {
-            ca: Ca::generate("bench").context("generate CA")?,
-        })
-    }
-
-    /// A certificate and key (PEM) for `name`.
-    pub fn issue_pem(&self, name: &str) -> Result<(String, String)> {
-        let issued = self
-            .ca
-            .issue(&node(name)?, Duration::from_secs(24 * 3600))
-            .context("issue certificate")?;
-        Ok((issued.cert_pem, issued.key_pem))
-    }
-
-    /// A fresh identity for `name`.
-    pub fn identity(&self, name: &str) -> Result<Identity> {
-        let (cert, key) = self.issue_pem(name)?;
-        Identity::from_pem(&cert, &key).context("load identity")
-    }
-
-    /// The CA as a root store.
-    pub fn roots(&self) -> Result<Arc<RootCertStore>> {
-        tls::roots_from_pem(self.ca.cert_pem()).context("CA roots")
-    }
-
-    pub fn ca_pem(&self) -> &str {
-        self.ca.cert_pem()
-    }
-}
-
-pub fn node(name: &str) -> Result<NodeName> {
-    NodeName::new(name).map_err(|e| anyhow!("node name {name:?}: {e}"))
-}
-
-pub fn svc(name: &str) -> Result<ServiceName> {
-    ServiceName::new(name).map_err(|e| anyhow!("service name {name:?}: {e}"))
-}
-
-fn relay_target(addr: SocketAddr) -> RelayTarget {
-    RelayTarget {
-        addr,
-        name: "relay".into(),
-    }
+/// The bench's CA: its node certificates last a day, longer than any run.
+pub fn bench_pki() -> Result<Pki> {
+    Pki::generate("bench", Duration::from_secs(24 * 3600))
 }
 
 /// Where the relay runs.
@@ -173,11 +118,7 @@ pub fn proc_usage(pid: &str) -> Result<ProcUsage> {
 // One per relay: the size difference between the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum RelayInner {
-    InProcess {
-        handle: RelayHandle,
-        shutdown: CancellationToken,
-        task: JoinHandle<()>,
-    },
+    InProcess(RelayNode),
     Child {
         child: Child,
         stdin: ChildStdin,
@@ -205,29 +146,14 @@ impl BenchRelay {
     pub async fn start_logged(pki: &Pki, mode: &RelayMode, log: Option<&Path>) -> Result<Self> {
         match mode {
             RelayMode::InProcess => {
-                let mut relay = Relay::bind(RelayOptions {
-                    listen: "127.0.0.1:0".parse()?,
-                    identity: pki.identity("relay")?,
-                    roots: pki.roots()?,
-                    reset_key: Some(rand::random()),
-                    tap: None,
-                    policy: PolicySet::allow_all(),
-                    authority: None,
-                })
-                .context("bind relay")?;
-                let addr = relay.local_addr()?;
+                let any = SocketAddr::from(([127, 0, 0, 1], 0));
+                let mut relay = bind_relay(pki, any, rand::random(), None)?;
                 let tcp_port = listen_tcp(&mut relay);
-                let handle = relay.handle();
-                let shutdown = CancellationToken::new();
-                let task = tokio::spawn(relay.run(shutdown.clone()));
+                let node = run_relay(relay)?;
                 Ok(Self {
-                    addr,
+                    addr: node.addr,
                     tcp_port,
-                    inner: RelayInner::InProcess {
-                        handle,
-                        shutdown,
-                        task,
-                    },
+                    inner: RelayInner::InProcess(node),
                 })
             }
             RelayMode::Child(exe) => {
@@ -298,7 +224,7 @@ impl BenchRelay {
     /// The relay's process id when it runs in a process of its own.
     pub fn pid(&self) -> Option<u32> {
         match &self.inner {
-            RelayInner::InProcess { .. } => None,
+            RelayInner::InProcess(_) => None,
             RelayInner::Child { pid, .. } => Some(*pid),
         }
     }
@@ -306,7 +232,7 @@ impl BenchRelay {
     /// The relay's counters.
     pub async fn stats(&mut self) -> Result<RelayStats> {
         match &mut self.inner {
-            RelayInner::InProcess { handle, .. } => Ok(RelayStats::from_handle(handle)),
+            RelayInner::InProcess(node) => Ok(RelayStats::from_handle(&node.handle)),
             RelayInner::Child { stdin, stdout, .. } => {
                 stdin.write_all(b"stats\n").await?;
                 stdin.flush().await?;
@@ -322,17 +248,14 @@ impl BenchRelay {
     /// RSS and CPU time of the relay's process (this process when in-process).
     pub fn usage(&self) -> Result<ProcUsage> {
         match &self.inner {
-            RelayInner::InProcess { .. } => proc_usage("self"),
+            RelayInner::InProcess(_) => proc_usage("self"),
             RelayInner::Child { pid, .. } => proc_usage(&pid.to_string()),
         }
     }
 
     pub async fn stop(self) {
         match self.inner {
-            RelayInner::InProcess { shutdown, task, .. } => {
-                shutdown.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-            }
+            RelayInner::InProcess(node) => node.running.stop().await,
             RelayInner::Child {
                 mut child, stdin, ..
             } => {
@@ -367,21 +290,17 @@ pub async fn relay_child(dir: &Path) -> Result<()> {
     let cert = std::fs::read_to_string(dir.join("relay.crt"))?;
     let key = std::fs::read_to_string(dir.join("relay.key"))?;
     let ca = std::fs::read_to_string(dir.join("ca.crt"))?;
-    let mut relay = Relay::bind(RelayOptions {
-        listen: "127.0.0.1:0".parse()?,
-        identity: Identity::from_pem(&cert, &key)?,
-        roots: tls::roots_from_pem(&ca)?,
-        reset_key: Some(rand::random()),
-        tap: None,
-        policy: PolicySet::allow_all(),
-        authority: None,
-    })
-    .context("bind relay")?;
-    let addr = relay.local_addr()?;
+    let options = relay_options(
+        Identity::from_pem(&cert, &key)?,
+        tls::roots_from_pem(&ca)?,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        rand::random(),
+        None,
+    );
+    let mut relay = Relay::bind(options).context("bind relay")?;
     let tcp_port = listen_tcp(&mut relay);
-    let handle = relay.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
+    let node = run_relay(relay)?;
+    let (addr, handle) = (node.addr, &node.handle);
     let mut out = tokio::io::stdout();
     let tcp = tcp_port.map_or("none".to_string(), |p| p.to_string());
     out.write_all(format!("ADDR {addr} TCP {tcp}\n").as_bytes())
@@ -390,154 +309,13 @@ pub async fn relay_child(dir: &Path) -> Result<()> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         if line.trim() == "stats" {
-            let s = serde_json::to_string(&RelayStats::from_handle(&handle))?;
+            let s = serde_json::to_string(&RelayStats::from_handle(handle))?;
             out.write_all(format!("{s}\n").as_bytes()).await?;
             out.flush().await?;
         }
     }
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    node.running.stop().await;
     Ok(())
-}
-
-/// A node task, cancelled on drop.
-pub struct Running {
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Running {
-    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(
-        f: impl FnOnce(CancellationToken) -> F,
-    ) -> Self {
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(f(shutdown.clone()));
-        Self {
-            shutdown,
-            task: Some(task),
-        }
-    }
-
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// Starts an outlet serving `services` (name, target address) and waits until it registered.
-pub async fn start_outlet(
-    pki: &Pki,
-    name: &str,
-    relay: SocketAddr,
-    services: &[(String, SocketAddr)],
-) -> Result<Running> {
-    let mut targets = HashMap::new();
-    for (n, addr) in services {
-        targets.insert(svc(n)?, Target::tcp(addr.to_string()));
-    }
-    start_outlet_services(
-        pki,
-        name,
-        relay,
-        Services {
-            targets,
-            ..Services::default()
-        },
-    )
-    .await
-}
-
-/// Starts an outlet with full control over its services (e.g. with lease managers).
-pub async fn start_outlet_services(
-    pki: &Pki,
-    name: &str,
-    relay: SocketAddr,
-    services: Services,
-) -> Result<Running> {
-    start_outlet_via(pki, name, relay, services, TransportSettings::default()).await
-}
-
-/// [`start_outlet_services`], reaching the relay as `transport` says.
-pub async fn start_outlet_via(
-    pki: &Pki,
-    name: &str,
-    relay: SocketAddr,
-    services: Services,
-    transport: TransportSettings,
-) -> Result<Running> {
-    let mut outlet = Outlet::bind(OutletOptions {
-        relay: relay_target(relay),
-        identity: pki.identity(name)?,
-        roots: pki.roots()?,
-        services,
-    })
-    .with_context(|| format!("bind outlet {name}"))?;
-    outlet.set_transport(transport);
-    let mut handle = outlet.handle();
-    let running = Running::spawn(|s| outlet.run(s));
-    if !handle.wait_registered(READY_TIMEOUT).await {
-        bail!("outlet {name} did not register");
-    }
-    Ok(running)
-}
-
-/// Starts an inlet with a TCP listener on 127.0.0.1:0 per service and waits for its control
-/// connection; returns the listeners' addresses by service name.
-pub async fn start_inlet(
-    pki: &Pki,
-    name: &str,
-    relay: SocketAddr,
-    services: &[(String, ServiceKind)],
-) -> Result<(Running, HashMap<String, SocketAddr>)> {
-    start_inlet_via(pki, name, relay, services, TransportSettings::default()).await
-}
-
-/// [`start_inlet`], reaching the relay as `transport` says.
-pub async fn start_inlet_via(
-    pki: &Pki,
-    name: &str,
-    relay: SocketAddr,
-    services: &[(String, ServiceKind)],
-    transport: TransportSettings,
-) -> Result<(Running, HashMap<String, SocketAddr>)> {
-    let mut list = Vec::new();
-    for (s, kind) in services {
-        list.push(InletService {
-            name: svc(s)?,
-            listen: "127.0.0.1:0".parse()?,
-            kind: *kind,
-        });
-    }
-    let mut inlet = Inlet::bind(InletOptions {
-        relay: relay_target(relay),
-        identity: pki.identity(name)?,
-        roots: pki.roots()?,
-        services: list,
-    })
-    .await
-    .with_context(|| format!("bind inlet {name}"))?;
-    inlet.set_transport(transport);
-    let mut addrs = HashMap::new();
-    for (s, _) in services {
-        let a = inlet
-            .listen_addr(&svc(s)?)
-            .ok_or_else(|| anyhow!("inlet {name} has no listener for {s}"))?;
-        addrs.insert(s.clone(), a);
-    }
-    let mut handle = inlet.handle();
-    let running = Running::spawn(|s| inlet.run(s));
-    if !handle.wait_connected(READY_TIMEOUT).await {
-        bail!("inlet {name} did not connect to the relay");
-    }
-    Ok((running, addrs))
 }
 
 /// One relay, one outlet and one inlet for a single service whose target is `target`.
@@ -555,17 +333,22 @@ pub struct Tunnel {
 impl Tunnel {
     pub async fn start(pki: &Pki, mode: &RelayMode, target: SocketAddr) -> Result<Self> {
         let relay = BenchRelay::start(pki, mode).await?;
-        let service = "bench".to_string();
-        let outlet =
-            start_outlet(pki, "outlet-1", relay.addr, &[(service.clone(), target)]).await?;
-        let (inlet, addrs) = start_inlet(
-            pki,
-            "inlet-1",
-            relay.addr,
-            &[(service.clone(), ServiceKind::Tcp)],
-        )
-        .await?;
-        let addr = addrs[&service];
+        Self::on(pki, relay, target).await
+    }
+
+    /// The outlet and inlet of a tunnel to `target` through a relay already running.
+    pub async fn on(pki: &Pki, relay: BenchRelay, target: SocketAddr) -> Result<Self> {
+        let service = "bench";
+        let outlet = OutletSpec::new("outlet-1", relay.addr)
+            .targets([(service, Target::tcp(target.to_string()))])?
+            .start(pki)
+            .await?
+            .running;
+        let inlet = InletSpec::new("inlet-1", relay.addr, &[(service, ServiceKind::Tcp)])
+            .start(pki)
+            .await?;
+        let addr = inlet.addr(service);
+        let inlet = inlet.running;
         Ok(Self {
             relay,
             outlet,
@@ -587,23 +370,23 @@ impl Tunnel {
             tcp_port: Some(tcp_port),
             ..TransportSettings::default()
         };
-        let service = "bench-tcp".to_string();
-        let mut targets = HashMap::new();
-        targets.insert(svc(&service)?, Target::tcp(target.to_string()));
-        let services = Services {
-            targets,
-            ..Services::default()
-        };
-        let outlet = start_outlet_via(pki, "outlet-tcp", self.relay.addr, services, tcp()).await?;
-        let (inlet, addrs) = start_inlet_via(
-            pki,
-            "inlet-tcp",
-            self.relay.addr,
-            &[(service.clone(), ServiceKind::Tcp)],
-            tcp(),
-        )
+        let service = "bench-tcp";
+        let outlet = OutletSpec {
+            transport: tcp(),
+            ..OutletSpec::new("outlet-tcp", self.relay.addr)
+        }
+        .targets([(service, Target::tcp(target.to_string()))])?
+        .start(pki)
+        .await?
+        .running;
+        let inlet = InletSpec {
+            transport: tcp(),
+            ..InletSpec::new("inlet-tcp", self.relay.addr, &[(service, ServiceKind::Tcp)])
+        }
+        .start(pki)
         .await?;
-        let addr = addrs[&service];
+        let addr = inlet.addr(service);
+        let inlet = inlet.running;
         self.tcp = Some((outlet, inlet, addr));
         Ok(addr)
     }

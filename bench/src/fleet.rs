@@ -3,13 +3,13 @@
 //! connection per route). Reports the relay's memory per node, per route and per idle stream,
 //! its CPU time, and errors.
 
-use crate::cluster::{
-    proc_usage, start_inlet, start_outlet, BenchRelay, Pki, RelayMode, RelayStats, Running,
-};
-use crate::report::progress;
+use crate::cluster::{proc_usage, BenchRelay, RelayMode, RelayStats};
+use crate::progress::progress;
 use crate::target::echo_server;
 use anyhow::{bail, Result};
 use postern_inlet::ServiceKind;
+use postern_outlet::target::Target;
+use postern_tests::kit::{InletSpec, OutletSpec, Pki, Running};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -136,33 +136,31 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &FleetOptions) -> Result<Fle
     let rss0 = rss(&relay);
     let mut errors = Vec::new();
     // One step per outlet and inlet started, then the routes, then the idle streams.
-    crate::report::add_steps(opts.outlets + opts.inlets + 2);
+    crate::progress::add_steps(opts.outlets + opts.inlets + 2);
 
     let t = Instant::now();
     let services: Vec<String> = (0..opts.outlets).map(|j| format!("fleet-{j}")).collect();
     let mut nodes: Vec<Running> = Vec::new();
     for (j, s) in services.iter().enumerate() {
         progress(&format!("fleet: outlet {}/{}", j + 1, opts.outlets));
-        nodes.push(
-            start_outlet(
-                pki,
-                &format!("outlet-{j}"),
-                relay.addr,
-                &[(s.clone(), echo)],
-            )
-            .await?,
-        );
+        let outlet = OutletSpec::new(&format!("outlet-{j}"), relay.addr)
+            .targets([(s.as_str(), Target::tcp(echo.to_string()))])?
+            .start(pki)
+            .await?;
+        nodes.push(outlet.running);
     }
-    let kinds: Vec<(String, ServiceKind)> = services
+    let kinds: Vec<(&str, ServiceKind)> = services
         .iter()
-        .map(|s| (s.clone(), ServiceKind::Tcp))
+        .map(|s| (s.as_str(), ServiceKind::Tcp))
         .collect();
     let mut inlet_addrs: Vec<HashMap<String, SocketAddr>> = Vec::new();
     for i in 0..opts.inlets {
         progress(&format!("fleet: inlet {}/{}", i + 1, opts.inlets));
-        let (n, addrs) = start_inlet(pki, &format!("inlet-{i}"), relay.addr, &kinds).await?;
-        nodes.push(n);
-        inlet_addrs.push(addrs);
+        let inlet = InletSpec::new(&format!("inlet-{i}"), relay.addr, &kinds)
+            .start(pki)
+            .await?;
+        nodes.push(inlet.running);
+        inlet_addrs.push(inlet.addrs);
     }
     let setup_nodes_s = t.elapsed().as_secs_f64();
     settle().await;

@@ -4,8 +4,8 @@
 //! backend that mints tokens in memory; the target checks that every request carries a leased
 //! token. Also times `RequestFilter` alone.
 
-use crate::cluster::{start_inlet, start_outlet_services, BenchRelay, Pki, RelayMode};
-use crate::report::progress;
+use crate::cluster::{BenchRelay, RelayMode};
+use crate::progress::progress;
 use crate::stats::{nanos, Latency};
 use crate::systems::System;
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,6 +17,7 @@ use postern_outlet::lease::{Api, Backend, BackendError, LeaseConfig, LeaseManage
 use postern_outlet::target::Target;
 use postern_proto::http::{FilterConfig, RequestFilter, Step};
 use postern_proto::lease::Credential;
+use postern_tests::kit::{try_svc, InletSpec, OutletSpec, Pki};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -333,40 +334,41 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         "influxdb-at-outlet".to_string(),
     );
     let mut services = Services::default();
-    services.targets.insert(
-        crate::cluster::svc(&filtered)?,
-        Target::tcp(target.to_string()),
-    );
-    services.targets.insert(
-        crate::cluster::svc(&plain)?,
-        Target::tcp(target.to_string()),
-    );
-    services.targets.insert(
-        crate::cluster::svc(&at_outlet)?,
-        Target::tcp(target.to_string()),
-    );
     services
-        .leases
-        .insert(crate::cluster::svc(&filtered)?, manager.clone());
+        .targets
+        .insert(try_svc(&filtered)?, Target::tcp(target.to_string()));
     services
-        .leases
-        .insert(crate::cluster::svc(&at_outlet)?, manager);
+        .targets
+        .insert(try_svc(&plain)?, Target::tcp(target.to_string()));
+    services
+        .targets
+        .insert(try_svc(&at_outlet)?, Target::tcp(target.to_string()));
+    services.leases.insert(try_svc(&filtered)?, manager.clone());
+    services.leases.insert(try_svc(&at_outlet)?, manager);
     services.inject_at.insert(
-        crate::cluster::svc(&at_outlet)?,
+        try_svc(&at_outlet)?,
         postern_outlet::lease::InjectAt::Outlet,
     );
-    let outlet = start_outlet_services(pki, "outlet-1", relay.addr, services).await?;
-    let (inlet, addrs) = start_inlet(
-        pki,
+    let outlet = OutletSpec {
+        services,
+        ..OutletSpec::new("outlet-1", relay.addr)
+    }
+    .start(pki)
+    .await?
+    .running;
+    let inlet = InletSpec::new(
         "inlet-1",
         relay.addr,
         &[
-            (filtered.clone(), ServiceKind::Influxdb),
-            (plain.clone(), ServiceKind::Tcp),
-            (at_outlet.clone(), ServiceKind::Influxdb),
+            (filtered.as_str(), ServiceKind::Influxdb),
+            (plain.as_str(), ServiceKind::Tcp),
+            (at_outlet.as_str(), ServiceKind::Influxdb),
         ],
     )
+    .start(pki)
     .await?;
+    let addrs = inlet.addrs.clone();
+    let inlet = inlet.running;
     let body = body(opts.lines);
     // The inlet replaces the client's credential; direct and plain-tunnel clients send a
     // leased-looking one themselves.
@@ -400,7 +402,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
             }
         }
     }
-    crate::report::add_steps(systems.len());
+    crate::progress::add_steps(systems.len());
     let mut rows = Vec::new();
     for (s, req) in &systems {
         rows.push(run_one(s, req.clone(), opts).await);

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod fleet;
 pub mod http;
 pub mod open;
+pub mod progress;
 pub mod report;
 pub mod rr;
 pub mod stats;
@@ -17,7 +18,7 @@ pub mod systems;
 pub mod target;
 
 use anyhow::Result;
-use cluster::{Pki, RelayMode};
+use cluster::RelayMode;
 use report::{Machine, Report};
 
 /// Which scenarios to run, with their options.
@@ -74,7 +75,7 @@ impl Plan {
 
 /// Runs the plan's scenarios one after another (each with its own relay and nodes).
 pub async fn run(plan: &Plan, mode: &RelayMode, quick: bool, command: &str) -> Result<Report> {
-    let pki = Pki::new()?;
+    let pki = cluster::bench_pki()?;
     let mut report = Report {
         machine: Machine::probe(),
         command: command.to_string(),

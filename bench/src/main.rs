@@ -300,7 +300,7 @@ async fn main() -> Result<()> {
         if let Some(v) = a.sockets {
             o.sockets = v.max(1);
         }
-        let pki = postern_bench::cluster::Pki::new()?;
+        let pki = postern_bench::cluster::bench_pki()?;
         let report = postern_bench::attack::run(&pki, &mode, &o).await?;
         let m = postern_bench::report::Machine::probe();
         println!(
@@ -317,7 +317,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let report = postern_bench::run(&plan(&cli), &mode, cli.quick, &command).await?;
-    postern_bench::report::finish_progress();
+    postern_bench::progress::finish_progress();
     println!("{}", report.tables());
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

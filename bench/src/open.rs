@@ -1,12 +1,13 @@
 //! `open`: new connections per second through a warm tunnel, and how long each open takes
 //! (connect, one byte to the echo target and back).
 
-use crate::cluster::{Pki, RelayMode, Tunnel};
-use crate::report::progress;
+use crate::cluster::{RelayMode, Tunnel};
+use crate::progress::progress;
 use crate::stats::{nanos, Latency};
 use crate::systems::{self, System};
 use crate::target::echo_server;
 use anyhow::{bail, Result};
+use postern_tests::kit::Pki;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -140,7 +141,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &OpenOptions) -> Result<Open
             open_once(s.addr).await?;
         }
     }
-    crate::report::add_steps(opts.concurrency.len() * systems.len());
+    crate::progress::add_steps(opts.concurrency.len() * systems.len());
     let mut rows = Vec::new();
     for &c in &opts.concurrency {
         for s in &systems {

@@ -2,12 +2,13 @@
 //! schedule whatever the replies do (open loop), so a slow reply cannot hide the ones queued
 //! behind it.
 
-use crate::cluster::{Pki, RelayMode, Tunnel};
-use crate::report::progress;
+use crate::cluster::{RelayMode, Tunnel};
+use crate::progress::progress;
 use crate::stats::{nanos, Latency};
 use crate::systems::{self, System};
 use crate::target::echo_server;
 use anyhow::{anyhow, bail, Result};
+use postern_tests::kit::Pki;
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -187,7 +188,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &RrOptions) -> Result<RrRepo
     ];
     let mut extra = systems::start_baselines(opts.baselines, echo, &mut notes).await;
     systems.extend(extra.iter_mut().map(|b| b.system()));
-    crate::report::add_steps(systems.len());
+    crate::progress::add_steps(systems.len());
     let mut rows = Vec::new();
     for s in &systems {
         rows.push(run_one(s, opts).await?);

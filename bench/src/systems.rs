@@ -1,7 +1,7 @@
 //! The systems a scenario compares: direct TCP, postern, and optional third-party tunnels
 //! (rathole, bore) started as child processes when their binaries are on PATH.
 
-use crate::report::progress;
+use crate::progress::progress;
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;

@@ -2,12 +2,12 @@
 //! and no errors. No timing is asserted.
 
 use postern_bench::cluster::RelayMode;
-use postern_bench::{bulk, report, Plan};
+use postern_bench::{bulk, progress, Plan};
 use std::path::PathBuf;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_scenarios_complete_without_errors() {
-    report::set_quiet(true);
+    progress::set_quiet(true);
     let mode = RelayMode::Child(PathBuf::from(env!("CARGO_BIN_EXE_postern-bench")));
     let plan = Plan::all(true, false);
     let r = postern_bench::run(&plan, &mode, true, "smoke")
@@ -61,7 +61,7 @@ async fn quick_scenarios_complete_without_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_with_the_relay_in_process() {
-    report::set_quiet(true);
+    progress::set_quiet(true);
     let plan = Plan {
         bulk: Some(bulk::BulkOptions {
             streams: vec![4],

@@ -38,12 +38,13 @@
 use crate::openapi::{self, Contract};
 use anyhow::{bail, Context};
 use base64::Engine;
+use postern_net::runtime::clock::now_ms;
 use postern_outlet::lease::backend::format_rfc3339;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -265,13 +266,6 @@ fn new_id() -> String {
 fn new_token() -> String {
     let bytes: [u8; 64] = rand::random();
     base64::engine::general_purpose::URL_SAFE.encode(bytes)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn is_id(s: &str) -> bool {

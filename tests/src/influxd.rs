@@ -64,9 +64,9 @@ pub struct Influxd {
     client: reqwest::Client,
 }
 
-/// Two distinct free ports outside the ephemeral range (see [`crate::harness::free_port`]).
+/// Two distinct free ports outside the ephemeral range (see [`crate::ports::free_port`]).
 fn free_ports() -> anyhow::Result<(u16, u16)> {
-    Ok((crate::harness::free_port(), crate::harness::free_port()))
+    Ok((crate::ports::free_port(), crate::ports::free_port()))
 }
 
 fn binary() -> PathBuf {

@@ -1,6 +1,14 @@
-//! Shared helpers for end-to-end tests.
+//! The test kit: everything the end-to-end tests in `tests/` and the bench start and drive,
+//! written once. `kit` builds in-process clusters; the other modules hold what tests around
+//! them share.
+pub mod clients;
 pub mod flood;
-pub mod harness;
 pub mod influx2;
 pub mod influxd;
+pub mod kit;
+pub mod leases;
 pub mod openapi;
+pub mod ports;
+pub mod procs;
+pub mod traffic;
+pub mod wait;

@@ -7,6 +7,7 @@
 //! first with `cargo build --bins` (scripts/test.sh does).
 
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
+use postern_net::runtime::clock::now_ms;
 use postern_outlet::forward::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
@@ -20,13 +21,17 @@ use postern_relay::views::{
     Undrained,
 };
 use postern_relay::RelayHandle;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::{free_port, free_udp_addr};
+use postern_tests::procs::{bin, cli_output};
+use postern_tests::traffic::{echo_once, echo_server};
+use postern_tests::wait::eventually;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
@@ -45,17 +50,6 @@ fn identity(ca: &Ca, name: &str, role: &str) -> (Identity, String) {
     let id = Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity");
     let fp = postern_proto::pki::fingerprint(id.certs[0].as_ref());
     (id, fp)
-}
-
-fn running<F: std::future::Future<Output = ()> + Send + 'static>(
-    f: impl FnOnce(CancellationToken) -> F,
-) -> Running {
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(f(shutdown.clone()));
-    Running {
-        shutdown,
-        task: Some(task),
-    }
 }
 
 struct Node {
@@ -80,7 +74,7 @@ async fn outlet(ca: &Ca, name: &str, relay: SocketAddr, service: &str, target: S
     })
     .expect("bind outlet");
     let mut handle: OutletHandle = outlet.handle();
-    let running = running(|s| outlet.run(s));
+    let running = Running::spawn(|s| outlet.run(s));
     assert!(
         handle.wait_registered(Duration::from_secs(10)).await,
         "outlet {name} did not register"
@@ -109,7 +103,7 @@ async fn inlet(ca: &Ca, name: &str, relay: SocketAddr, service: &str) -> (Node, 
     .expect("bind inlet");
     let addr = inlet.listen_addr(&svc(service)).expect("listener");
     let mut handle: InletHandle = inlet.handle();
-    let running = running(|s| inlet.run(s));
+    let running = Running::spawn(|s| inlet.run(s));
     assert!(
         handle.wait_connected(Duration::from_secs(10)).await,
         "inlet {name} did not connect"
@@ -137,22 +131,6 @@ async fn live_stream(addr: SocketAddr, len: usize) -> TcpStream {
     s
 }
 
-/// One echo exchange; None if the connection was refused or closed without the echo.
-async fn echo_once(addr: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
-    let attempt = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(msg).await.ok()?;
-        s.shutdown().await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        Some(out)
-    };
-    tokio::time::timeout(Duration::from_secs(5), attempt)
-        .await
-        .ok()
-        .flatten()
-}
-
 /// Waits until a stream ends (EOF, reset or error), at most `within`.
 async fn assert_ends(mut s: TcpStream, within: Duration, what: &str) {
     let mut buf = [0u8; 1024];
@@ -169,19 +147,6 @@ async fn assert_ends(mut s: TcpStream, within: Duration, what: &str) {
         ended.is_ok(),
         "{what}: the stream is still open after {within:?}"
     );
-}
-
-/// Waits until `check` holds, polling for at most `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} (waited {within:?})");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -247,13 +212,6 @@ fn api_status(r: Result<impl std::fmt::Debug, ClientError>) -> u16 {
         Err(ClientError::Api { status, .. }) => status,
         other => panic!("expected an API error, got {other:?}"),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,7 +572,8 @@ async fn draining_moves_new_routes_away_then_closes_the_node() {
     assert!(routes()
         .await
         .contains(&("drain-i1".to_string(), "drain-o2".to_string())));
-    // It stays out while drained, although it keeps reconnecting (backoff at most 2 s).
+    // It stays out while drained, although it keeps reconnecting (backoff at most 2 s): the
+    // time watched is the test, longer than one backoff.
     let watch_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < watch_until {
         assert!(
@@ -655,40 +614,28 @@ async fn draining_moves_new_routes_away_then_closes_the_node() {
 // ---------------------------------------------------------------------------------------------
 // The real binary
 
-/// Runs `postern-relay ARGS`; returns (success, stdout, stderr).
-async fn relay_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("postern-relay"))
-        .args(args)
-        .env("POSTERN_LOG", "warn")
-        .output()
-        .await
-        .expect("run postern-relay");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_prints_the_real_state_of_a_running_relay() {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("relay-state");
     let state_s = state.display().to_string();
-    let (ok, _, err) = relay_cli(&["ca", "init", "--state-dir", &state_s]).await;
+    let (ok, _, err) = cli_output("postern-relay", &["ca", "init", "--state-dir", &state_s]).await;
     assert!(ok, "ca init: {err}");
     let relay_addr = free_udp_addr();
-    let (ok, _, err) = relay_cli(&[
-        "ticket",
-        "create",
-        "--attr",
-        "role=echo-client",
-        "--relay",
-        &relay_addr.to_string(),
-        "--state-dir",
-        &state_s,
-    ])
+    let (ok, _, err) = cli_output(
+        "postern-relay",
+        &[
+            "ticket",
+            "create",
+            "--attr",
+            "role=echo-client",
+            "--relay",
+            &relay_addr.to_string(),
+            "--state-dir",
+            &state_s,
+        ],
+    )
     .await;
     assert!(ok, "ticket create: {err}");
     let ca = postern_relay::state::StateDir::new(&state)
@@ -735,7 +682,7 @@ async fn status_prints_the_real_state_of_a_running_relay() {
         if let Ok(Some(exit)) = relay.try_wait() {
             panic!("relay exited ({exit}): {}", log());
         }
-        if relay_cli(&status_args).await.0 {
+        if cli_output("postern-relay", &status_args).await.0 {
             break;
         }
         assert!(Instant::now() < deadline, "status never worked: {}", log());
@@ -757,7 +704,7 @@ async fn status_prints_the_real_state_of_a_running_relay() {
     let (_i, listen) = inlet(&ca, "st-inlet", relay_addr, "st-echo").await;
     let _open = live_stream(listen, 4096).await;
 
-    let (ok, out, err) = relay_cli(&status_args).await;
+    let (ok, out, err) = cli_output("postern-relay", &status_args).await;
     assert!(ok, "status: {err}");
     for want in [
         "nodes: 2",
@@ -774,7 +721,8 @@ async fn status_prints_the_real_state_of_a_running_relay() {
         assert!(out.contains(want), "status lacks {want:?}:\n{out}");
     }
     assert!(!out.contains(token.expose()) && !err.contains(token.expose()));
-    let (ok, json, err) = relay_cli(&[&status_args[..], &["--json"]].concat()).await;
+    let (ok, json, err) =
+        cli_output("postern-relay", &[&status_args[..], &["--json"]].concat()).await;
     assert!(ok, "status --json: {err}");
     let v: serde_json::Value = serde_json::from_str(&json).expect("status --json is JSON");
     assert_eq!(v["nodes"]["nodes"].as_array().map(Vec::len), Some(2), "{v}");
@@ -787,13 +735,16 @@ async fn status_prints_the_real_state_of_a_running_relay() {
     // A wrong token file is refused, and the message says why without echoing it.
     let bad = dir.path().join("bad.token");
     std::fs::write(&bad, "0123456789abcdef0123456789abcdef").expect("write");
-    let (ok, _, err) = relay_cli(&[
-        "status",
-        "--admin-addr",
-        &admin_addr,
-        "--admin-token-file",
-        &bad.display().to_string(),
-    ])
+    let (ok, _, err) = cli_output(
+        "postern-relay",
+        &[
+            "status",
+            "--admin-addr",
+            &admin_addr,
+            "--admin-token-file",
+            &bad.display().to_string(),
+        ],
+    )
     .await;
     assert!(!ok, "status with a wrong token succeeded");
     assert!(err.contains("401"), "{err}");
@@ -806,7 +757,11 @@ async fn status_prints_the_real_state_of_a_running_relay() {
         .await
         .expect("revoke");
     assert!(done.persisted && done.was_connected, "{done:?}");
-    let (ok, list, err) = relay_cli(&["identity", "list", "--state-dir", &state_s]).await;
+    let (ok, list, err) = cli_output(
+        "postern-relay",
+        &["identity", "list", "--state-dir", &state_s],
+    )
+    .await;
     assert!(ok, "identity list: {err}");
     assert!(
         list.lines()
@@ -815,7 +770,7 @@ async fn status_prints_the_real_state_of_a_running_relay() {
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     let out = loop {
-        let (ok, out, err) = relay_cli(&status_args).await;
+        let (ok, out, err) = cli_output("postern-relay", &status_args).await;
         assert!(ok, "status: {err}");
         if out.contains("nodes: 1") && out.contains("identities: 1 (1 revoked: st-inlet)") {
             break out;
@@ -840,7 +795,7 @@ async fn status_prints_the_real_state_of_a_running_relay() {
         .expect("relay exits")
         .expect("wait");
     assert!(exit.success(), "relay: {exit}\n{}", log());
-    let (ok, _, err) = relay_cli(&status_args).await;
+    let (ok, _, err) = cli_output("postern-relay", &status_args).await;
     assert!(!ok, "status succeeded without a relay");
     assert!(err.contains("is the relay running"), "{err}");
     assert!(

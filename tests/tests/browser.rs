@@ -22,11 +22,10 @@
 //! them when absent).
 
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_outlet::forward::Services;
-use postern_outlet::lease::{InfluxdbOutletConfig, LeaseManager};
-use postern_outlet::target::Target;
-use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
+use postern_tests::kit::*;
+use postern_tests::leases::{leased_outlet, leased_services};
+use postern_tests::ports::free_port;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -227,60 +226,6 @@ http {{
     }
 }
 
-/// An outlet serving `influxdb` at `target` (the web front), with a v1 lease manager for the
-/// influxd behind it granting read+write on the `leased` database.
-async fn leased_outlet(
-    pki: &Pki,
-    relay: SocketAddr,
-    influxd: &Influxd,
-    target: SocketAddr,
-    state: &Path,
-    shutdown: CancellationToken,
-) -> (OutletNode, std::sync::Arc<LeaseManager>) {
-    let (services, manager) = leased_services(influxd, target, state, shutdown).await;
-    (
-        start_outlet_with(pki, "outlet-1", relay, services).await,
-        manager,
-    )
-}
-
-/// The services of [`leased_outlet`], for an outlet started some other way.
-async fn leased_services(
-    influxd: &Influxd,
-    target: SocketAddr,
-    state: &Path,
-    shutdown: CancellationToken,
-) -> (Services, std::sync::Arc<LeaseManager>) {
-    let admin = state.join("admin-credential");
-    std::fs::write(
-        &admin,
-        format!("{}:{}", influxd.admin_user(), influxd.admin_password()),
-    )
-    .expect("write admin credential");
-    let toml = format!(
-        r#"
-to = "{url}"
-api = "v1"
-all-access-token = "file:{admin}"
-leased-token-expires-in = 3600
-leased-token-permissions = '[{{"action":"read","resource":{{"type":"buckets","name":"leased"}}}},{{"action":"write","resource":{{"type":"buckets","name":"leased"}}}}]'
-"#,
-        url = influxd.url(),
-        admin = admin.display(),
-    );
-    let cfg: InfluxdbOutletConfig = toml::from_str(&toml).expect("lease config");
-    let cfg = cfg.validate().expect("valid lease config");
-    let manager = LeaseManager::start(cfg, state, shutdown)
-        .await
-        .expect("start lease manager");
-    let mut services = Services::default();
-    services
-        .targets
-        .insert(svc("influxdb"), Target::tcp(target.to_string()));
-    services.leases.insert(svc("influxdb"), manager.clone());
-    (services, manager)
-}
-
 /// An inlet whose `influxdb` listener (HTTP filter on) serves TLS with `cert`/`key`.
 async fn tls_inlet(pki: &Pki, relay: SocketAddr, cert: &Path, key: &Path) -> (SocketAddr, Running) {
     let mut inlet = Inlet::bind(InletOptions {
@@ -299,19 +244,12 @@ async fn tls_inlet(pki: &Pki, relay: SocketAddr, cert: &Path, key: &Path) -> (So
     assert!(inlet.set_tls(&svc("influxdb"), acceptor));
     let addr = inlet.listen_addr(&svc("influxdb")).expect("listener");
     let mut handle = inlet.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(inlet.run(shutdown.clone()));
+    let running = Running::spawn(|s| inlet.run(s));
     assert!(
         handle.wait_connected(Duration::from_secs(10)).await,
         "inlet did not connect"
     );
-    (
-        addr,
-        Running {
-            shutdown,
-            task: Some(task),
-        },
-    )
+    (addr, running)
 }
 
 /// A `$HOME` whose NSS database (the one Chromium reads on Linux) trusts `ca_pem` for TLS
@@ -502,6 +440,7 @@ async fn browser_opens_the_influxdb_ui_by_hostname_through_the_tls_inlet() {
         &influxd,
         nginx.addr,
         lease_state.path(),
+        3600,
         lease_shutdown.clone(),
     )
     .await;
@@ -624,8 +563,14 @@ async fn browser_opens_the_influxdb_ui_by_public_hostname_with_an_access_link() 
     let (ingress, _ingress) = start_public_ingress(&relay, PUBLIC_DOMAIN, None).await;
     let state = tempfile::tempdir().expect("tempdir");
     let lease_shutdown = CancellationToken::new();
-    let (services, manager) =
-        leased_services(&influxd, nginx.addr, state.path(), lease_shutdown.clone()).await;
+    let (services, manager) = leased_services(
+        &influxd,
+        nginx.addr,
+        state.path(),
+        3600,
+        lease_shutdown.clone(),
+    )
+    .await;
     // The outlet holds the certificate for the public hostname (`postern-relay ca issue
     // influxdb.relay.localhost`); the relay holds none.
     let public = std::sync::Arc::new(postern_outlet::public::Public {

@@ -11,8 +11,8 @@ use postern_outlet::forward::Services;
 use postern_outlet::lease::{Api, InfluxdbOutletConfig, InjectAt, LeaseManager, SecretRef};
 use postern_outlet::target::Target;
 use postern_proto::lease::Credential;
-use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
+use postern_tests::kit::*;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -411,6 +411,7 @@ async fn slowloris_is_cut_off() {
                 if w.write_all(&[*b]).await.is_err() {
                     return;
                 }
+                // The slowness is the attack tested: one byte every half second.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         };

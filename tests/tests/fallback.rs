@@ -4,8 +4,10 @@
 use postern_inlet::ServiceKind;
 use postern_net::transport::relay_path::{Transport, TransportMode, TransportSettings};
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
+use postern_tests::kit::*;
+use postern_tests::traffic::{echo_round, echo_server};
+use postern_tests::wait::wait_for;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -321,7 +323,7 @@ async fn auto_returns_to_udp_when_udp_works_again() {
     assert_eq!(sent, received);
 
     open.store(true, Relaxed);
-    wait_for("both nodes back on UDP", || {
+    wait_for(Duration::from_secs(10), "both nodes back on UDP", || {
         inlet.handle.transports().transport(gate) == Some(Transport::Udp)
             && outlet.handle.transports().transport(gate) == Some(Transport::Udp)
     })
@@ -412,13 +414,8 @@ async fn closed_by_relay<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
         .is_ok()
 }
 
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+/// How long a counter may take to show what the relay saw.
+const WAIT_COUNTED: Duration = Duration::from_secs(5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_tcp_listener_is_refused_and_disturbs_no_route() {
@@ -456,12 +453,15 @@ async fn bad_input_on_the_tcp_listener_is_refused_and_disturbs_no_route() {
         .await
         .expect("write");
     assert!(closed_by_relay(&mut raw).await, "plain HTTP is closed");
-    wait_for("refusal counted", || stats.refused.load(Relaxed) > refused0).await;
+    wait_for(WAIT_COUNTED, "refusal counted", || {
+        stats.refused.load(Relaxed) > refused0
+    })
+    .await;
 
     // TLS for another protocol.
     let wrong = tls_to_relay(&pki, relay.addr, b"h2").await;
     assert!(wrong.is_err(), "an unknown ALPN is refused");
-    wait_for("refusal counted", || {
+    wait_for(WAIT_COUNTED, "refusal counted", || {
         stats.refused.load(Relaxed) > refused0 + 1
     })
     .await;
@@ -476,7 +476,7 @@ async fn bad_input_on_the_tcp_listener_is_refused_and_disturbs_no_route() {
         closed_by_relay(&mut tls).await,
         "oversize frame closes the link"
     );
-    wait_for("framing error counted", || {
+    wait_for(WAIT_COUNTED, "framing error counted", || {
         links.framing_errors.load(Relaxed) == 1
     })
     .await;
@@ -499,7 +499,7 @@ async fn bad_input_on_the_tcp_listener_is_refused_and_disturbs_no_route() {
     );
     tls.write_all(&wire).await.expect("write");
     tls.flush().await.expect("flush");
-    wait_for("junk counted", || {
+    wait_for(WAIT_COUNTED, "junk counted", || {
         fwd.dropped_malformed.load(Relaxed) > malformed0
             && fwd.dropped_spoofed.load(Relaxed) > spoofed0
     })

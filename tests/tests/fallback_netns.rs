@@ -7,26 +7,13 @@
 //! Needs root and `ip netns` (skipped, saying why, where they are missing); the binaries are
 //! those next to this test executable (`cargo build --bins`, as scripts/test.sh does).
 
-use postern_tests::harness::*;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use postern_tests::clients::python;
+use postern_tests::kit::*;
+use postern_tests::ports::free_port;
+use postern_tests::procs::{bin, Proc};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in <target>/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
+use tokio::process::Command;
 
 /// A network namespace, deleted on drop.
 struct Netns {
@@ -101,36 +88,9 @@ fn run_ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// A child process in the namespace with its stderr in a log file.
-struct Proc {
-    name: &'static str,
-    _child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(ns: &Netns, dir: &Path, name: &'static str, program: &Path, args: &[&str]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = ns
-            .command(program, args)
-            .env("POSTERN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Self {
-            name,
-            _child: child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// A postern binary started inside the namespace, its stderr in a log file.
+fn spawn_in(ns: &Netns, dir: &Path, name: &str, program: &Path, args: &[&str]) -> Proc {
+    Proc::start(ns.command(program, args), dir, name)
 }
 
 /// Runs a Python snippet inside the namespace; returns (success, stdout + stderr).
@@ -290,7 +250,7 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
         .kill_on_drop(true)
         .spawn()
         .expect("echo server");
-    let relay = Proc::spawn(
+    let relay = spawn_in(
         &ns,
         dir.path(),
         "relay",
@@ -344,7 +304,7 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     );
     outlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{echo_port}")]);
     let outlet_args: Vec<&str> = outlet_args.iter().map(String::as_str).collect();
-    let outlet = Proc::spawn(
+    let outlet = spawn_in(
         &ns,
         dir.path(),
         "outlet",
@@ -354,7 +314,7 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     let mut inlet_args = node_args(&inlet_cert, &inlet_key, &state("inlet-state"), inlet_ops);
     inlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{listen_port}")]);
     let inlet_args: Vec<&str> = inlet_args.iter().map(String::as_str).collect();
-    let inlet = Proc::spawn(&ns, dir.path(), "inlet", &bin("postern-inlet"), &inlet_args);
+    let inlet = spawn_in(&ns, dir.path(), "inlet", &bin("postern-inlet"), &inlet_args);
 
     // Both nodes try UDP, get silence, and come up over TLS/TCP; /readyz says so.
     let outlet_ready = wait_ready(&ns, outlet_ops, &outlet).await;

@@ -3,48 +3,23 @@
 
 use postern_outlet::target::Target;
 use postern_relay::admission::{HandshakeLimits, RetryPolicy};
-use postern_relay::{Relay, RelayOptions};
 use postern_tests::flood;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::{free_port, free_udp_addr};
+use postern_tests::procs::{bin, cli};
+use postern_tests::traffic::{echo_round, echo_server};
+use postern_tests::wait::wait_for;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
-use tokio_util::sync::CancellationToken;
 
 fn start_relay_limited(pki: &Pki, limits: HandshakeLimits) -> RelayNode {
-    let mut relay = Relay::bind(RelayOptions {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        identity: pki.identity("relay"),
-        roots: pki.roots(),
-        reset_key: Some([3; 32]),
-        tap: None,
-        policy: postern_relay::policy::PolicySet::allow_all(),
-        authority: None,
-    })
-    .expect("bind relay");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let mut relay = bind_relay(pki, any, [3; 32], None).expect("bind relay");
     relay.set_handshake_limits(limits);
-    let addr = relay.local_addr().expect("relay addr");
-    let handle = relay.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
-    RelayNode {
-        addr,
-        handle,
-        running: Running {
-            shutdown,
-            task: Some(task),
-        },
-    }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run_relay(relay).expect("run relay")
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -79,7 +54,7 @@ async fn initial_flood_gets_stateless_retries_while_nodes_still_connect() {
     let adm = relay.handle.admission_stats();
     // The flood's first few attempts fill the handshake slots (they never answer), then it
     // is under load: everything unproven gets a Retry.
-    wait_for("Retries", Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(10), "Retries", || {
         adm.retried.load(Relaxed) > 200
     })
     .await;
@@ -129,8 +104,8 @@ async fn initial_flood_gets_stateless_retries_while_nodes_still_connect() {
     );
     // Abandoned handshakes time out and give their slots back.
     wait_for(
-        "pending handshakes to drain",
         Duration::from_secs(10),
+        "pending handshakes to drain",
         || adm.pending.load(Relaxed) == 0,
     )
     .await;
@@ -193,7 +168,7 @@ async fn quic_versions_no_node_speaks_get_no_answer() {
     probe.resize(1200, 0);
     sock.send_to(&probe, relay.addr).await.expect("send");
     let fwd = relay.handle.forward_stats();
-    wait_for("the probe to be counted", Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(5), "the probe to be counted", || {
         fwd.dropped_not_postern.load(Relaxed) == 1
     })
     .await;
@@ -238,20 +213,6 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-async fn relay_cli(args: &[&str]) {
-    let out = Command::new(bin("postern-relay"))
-        .args(args)
-        .env("POSTERN_LOG", "warn")
-        .output()
-        .await
-        .expect("run postern-relay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The real binary under a junk flood and an Initial flood: a bounded number of log lines, with
 /// counts; memory bounded while it lasts and given back after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +221,7 @@ async fn flooded_relay_binary_keeps_logs_and_memory_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("relay-state");
     let state_s = state.display().to_string();
-    relay_cli(&["ca", "init", "--state-dir", &state_s]).await;
+    cli("postern-relay", &["ca", "init", "--state-dir", &state_s]).await;
     let relay_addr = free_udp_addr();
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let log_path = dir.path().join("relay.log");

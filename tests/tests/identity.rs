@@ -14,7 +14,8 @@ use postern_relay::authority::{Authority, TicketSpec};
 use postern_relay::policy::{PolicyFile, PolicySet};
 use postern_relay::state::StateDir;
 use postern_relay::{Relay, RelayHandle, RelayOptions};
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::traffic::{echo_once, echo_server};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -68,16 +69,8 @@ fn start_project_relay(p: &Project, policy: PolicySet) -> (SocketAddr, RelayHand
     .expect("bind relay");
     let addr = relay.local_addr().expect("addr");
     let handle = relay.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(relay.run(shutdown.clone()));
-    (
-        addr,
-        handle,
-        Running {
-            shutdown,
-            task: Some(task),
-        },
-    )
+    let running = Running::spawn(|s| relay.run(s));
+    (addr, handle, running)
 }
 
 fn ticket(p: &Project, relay: SocketAddr, attrs: &[(&str, &str)], ttl: Duration) -> Ticket {
@@ -133,19 +126,12 @@ async fn outlet_from(
     })
     .expect("bind outlet");
     let mut handle = outlet.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(outlet.run(shutdown.clone()));
+    let running = Running::spawn(|s| outlet.run(s));
     assert!(
         handle.wait_registered(Duration::from_secs(10)).await,
         "outlet registered"
     );
-    (
-        handle,
-        Running {
-            shutdown,
-            task: Some(task),
-        },
-    )
+    (handle, running)
 }
 
 async fn inlet_from(
@@ -170,32 +156,8 @@ async fn inlet_from(
     .expect("bind inlet");
     let addr = inlet.listen_addr(&svc("echo")).expect("listener");
     let handle = inlet.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(inlet.run(shutdown.clone()));
-    (
-        addr,
-        handle,
-        Running {
-            shutdown,
-            task: Some(task),
-        },
-    )
-}
-
-/// One echo exchange; None if the connection was refused or closed without the echo.
-async fn echo_once(addr: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
-    let attempt = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(msg).await.ok()?;
-        s.shutdown().await.ok()?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.ok()?;
-        Some(out)
-    };
-    tokio::time::timeout(Duration::from_secs(5), attempt)
-        .await
-        .ok()
-        .flatten()
+    let running = Running::spawn(|s| inlet.run(s));
+    (addr, handle, running)
 }
 
 async fn echo_eventually(addr: SocketAddr) {

@@ -2,11 +2,11 @@
 //! Python `influxdb` library) pointed at the inlet.
 
 use postern_inlet::ServiceKind;
-use postern_outlet::forward::Services;
-use postern_outlet::lease::{InfluxdbOutletConfig, LeaseManager};
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::clients::{influx_cli, run_python};
 use postern_tests::influxd::{Influxd, InfluxdOptions};
+use postern_tests::kit::*;
+use postern_tests::leases::leased_outlet;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -95,49 +95,6 @@ async fn influx_cli_and_python_client_through_the_tunnel() {
     );
 }
 
-/// An outlet with a v1 lease manager for `influxd` granting read+write on `db`.
-async fn leased_outlet(
-    pki: &Pki,
-    relay: std::net::SocketAddr,
-    influxd: &Influxd,
-    state: &std::path::Path,
-    ttl_s: u64,
-    shutdown: CancellationToken,
-) -> (OutletNode, std::sync::Arc<LeaseManager>) {
-    let admin = state.join("admin-credential");
-    std::fs::write(
-        &admin,
-        format!("{}:{}", influxd.admin_user(), influxd.admin_password()),
-    )
-    .expect("write admin credential");
-    let toml = format!(
-        r#"
-to = "{url}"
-api = "v1"
-all-access-token = "file:{admin}"
-leased-token-expires-in = {ttl_s}
-leased-token-permissions = '[{{"action":"read","resource":{{"type":"buckets","name":"leased"}}}},{{"action":"write","resource":{{"type":"buckets","name":"leased"}}}}]'
-"#,
-        url = influxd.url(),
-        admin = admin.display(),
-    );
-    let cfg: InfluxdbOutletConfig = toml::from_str(&toml).expect("lease config");
-    let cfg = cfg.validate().expect("valid lease config");
-    let manager = LeaseManager::start(cfg, state, shutdown)
-        .await
-        .expect("start lease manager");
-    let mut services = Services::default();
-    services.targets.insert(
-        svc("influxdb"),
-        Target::tcp(influxd.http_addr().to_string()),
-    );
-    services.leases.insert(svc("influxdb"), manager.clone());
-    (
-        start_outlet_with(pki, "outlet-1", relay, services).await,
-        manager,
-    )
-}
-
 const PY_NO_CREDENTIALS: &str = r#"
 import sys
 from influxdb import InfluxDBClient
@@ -171,6 +128,7 @@ async fn clients_without_credentials_use_a_leased_v1_user() {
         &pki,
         relay.addr,
         &influxd,
+        influxd.http_addr(),
         state.path(),
         3600,
         lease_shutdown.clone(),

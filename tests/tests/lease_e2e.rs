@@ -5,6 +5,7 @@
 //! says why when no lease can be had, and no secret in the logs at TRACE level.
 
 use postern_inlet::ServiceKind;
+use postern_net::runtime::clock::now_ms;
 use postern_outlet::forward::Services;
 use postern_outlet::lease::backend::parse_v1_user_name;
 use postern_outlet::lease::{
@@ -13,16 +14,17 @@ use postern_outlet::lease::{
 use postern_outlet::target::Target;
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
-use postern_tests::harness::*;
+use postern_tests::clients::run_python;
 use postern_tests::influx2::{Influx2, Influx2Options};
 use postern_tests::influxd::{Influxd, InfluxdOptions};
+use postern_tests::kit::*;
 use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Once, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -286,13 +288,6 @@ async fn wait_for_lease(addr: SocketAddr, probe: &[u8]) -> Resp {
         assert!(Instant::now() < deadline, "no lease in time: {r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! is gone and its password refused; crashes at every step leave nothing behind after a
 //! restart.
 
+use postern_net::runtime::clock::now_ms;
 use postern_outlet::lease::{
     Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
     StartOptions, Step,
@@ -10,10 +11,10 @@ use postern_outlet::lease::{
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
 use postern_tests::influxd::{Influxd, InfluxdOptions, Reply};
-use std::future::Future;
+use postern_tests::wait::eventually;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -28,26 +29,6 @@ const READ_TELEGRAF: &str =
 
 fn client(name: &str) -> NodeName {
     NodeName::new(name).expect("node name")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Re-checks `cond` until it holds (influxd has no change notification to wait on).
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 struct Setup {
@@ -282,7 +263,7 @@ async fn expired_lease_user_is_dropped_and_password_refused() {
     let mgr = s.start(s.config(2, READ_WRITE_TELEGRAF), "st", None).await;
     let g = mgr.create(&client("inlet-c")).await.expect("create");
     let (user, pass) = basic(&g);
-    eventually("the expired user to be dropped", || async {
+    eventually(WAIT, "the expired user to be dropped", || async {
         !s.leased_users().await.contains(&user)
     })
     .await;
@@ -321,7 +302,7 @@ async fn subscribed_client_is_rotated_and_old_user_dropped() {
     let (u1, p1) = basic(&g1);
     let (u2, p2) = basic(&g2);
     assert_ne!(u1, u2);
-    eventually("the old user to be dropped", || async {
+    eventually(WAIT, "the old user to be dropped", || async {
         !s.leased_users().await.contains(&u1)
     })
     .await;
@@ -446,9 +427,11 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
     assert_eq!(s.leased_users().await.len(), 2, "old and new users exist");
     let mgr = s.start(cfg, "renewal", None).await;
     s.assert_no_credential_without_live_lease(&mgr).await;
-    eventually("the surviving lease to expire and be dropped", || async {
-        s.leased_users().await.is_empty()
-    })
+    eventually(
+        WAIT,
+        "the surviving lease to expire and be dropped",
+        || async { s.leased_users().await.is_empty() },
+    )
     .await;
     mgr.shutdown().await.expect("shutdown");
 }

@@ -2,6 +2,7 @@
 //! create, use, rotate, revoke; error bodies surfaced; crash safety; the admin socket; and no
 //! secret in the logs.
 
+use postern_net::runtime::clock::now_ms;
 use postern_outlet::lease::admin::{self, Request, Response};
 use postern_outlet::lease::{
     Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
@@ -160,13 +161,6 @@ impl Setup {
             );
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 async fn next_grant(rx: &mut watch::Receiver<Option<LeaseGrant>>, not: Option<&str>) -> LeaseGrant {

@@ -6,18 +6,21 @@
 //! them first with `cargo build --bins` (scripts/test.sh does).
 
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::{free_port, free_udp_addr};
+use postern_tests::procs::{bin, cli, cli_fails, write_identity, Proc, RelayCa};
+use postern_tests::traffic::echo_server;
+use postern_tests::wait::eventually;
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 const KIB: usize = 1024;
@@ -263,114 +266,6 @@ async fn metrics_move_with_a_transfer() {
 // ---------------------------------------------------------------------------------------------
 // Real processes
 
-/// A port that was free on 127.0.0.1 a moment ago.
-fn free_tcp_port() -> u16 {
-    free_port()
-}
-
-/// A child process whose stderr goes to a log file (printed when a check fails).
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin(program))
-            .args(args)
-            .env("POSTERN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {program}: {e}"));
-        Self {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("process still running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}");
-    }
-
-    /// Waits for the process to exit; returns its status.
-    async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(s) => s.expect("wait"),
-            Err(_) => panic!(
-                "{} did not exit within {timeout:?}; its log:\n{}",
-                self.name,
-                self.log()
-            ),
-        }
-    }
-
-    /// Waits until `/readyz` on `ops` answers 200.
-    async fn wait_ready(&mut self, ops: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
-            }
-            if let Ok(Ok(mut s)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ops)).await
-            {
-                let _ = s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await;
-                let mut out = String::new();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
-                if out.starts_with("HTTP/1.1 200") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never became ready; its log:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Writes an issued certificate, key and the CA for `name` into `dir`; returns the flags.
-fn cert_flags(pki: &Pki, dir: &Path, name: &str) -> Vec<String> {
-    let issued = pki
-        .ca()
-        .issue(&node(name), Duration::from_secs(3600))
-        .expect("issue");
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    let ca = dir.join("ca.pem");
-    std::fs::write(&cert, issued.cert_pem).expect("write cert");
-    std::fs::write(&key, issued.key_pem).expect("write key");
-    std::fs::write(&ca, pki.ca_pem()).expect("write ca");
-    vec![
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-        "--ca".into(),
-        ca.display().to_string(),
-    ]
-}
-
 /// One client connection's data: deterministic, different per connection.
 fn payload(i: usize, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -432,19 +327,6 @@ async fn finish_streams(streams: Vec<(TcpStream, Vec<u8>)>) {
     }
 }
 
-/// Waits until `check` holds, polling for at most `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} (waited {within:?})");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const STREAMS: usize = 100;
 const STREAM_LEN: usize = 64 * KIB;
 const DRAIN: Duration = Duration::from_secs(6);
@@ -481,12 +363,8 @@ async fn sigterm_drains_the_inlet_and_exits_zero() {
         vec![("echo", Target::tcp(echo.to_string()))],
     )
     .await;
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
-        .parse()
-        .expect("addr");
-    let ops: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
-        .parse()
-        .expect("addr");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let mut args: Vec<String> = vec![
         "run".into(),
         "--relay".into(),
@@ -500,7 +378,7 @@ async fn sigterm_drains_the_inlet_and_exits_zero() {
         "--drain-timeout".into(),
         format!("{}s", DRAIN.as_secs()),
     ];
-    args.extend(cert_flags(&pki, dir.path(), "inlet-1"));
+    args.extend(write_identity(&pki, "inlet-1", dir.path()).flags());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut inlet = Proc::spawn(dir.path(), "inlet", "postern-inlet", &args);
     inlet.wait_ready(ops).await;
@@ -558,9 +436,7 @@ async fn sigterm_drains_the_outlet_and_exits_zero() {
     let pki = Pki::new();
     let (echo, _e) = echo_server().await;
     let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
-    let ops: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
-        .parse()
-        .expect("addr");
+    let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let mut args: Vec<String> = vec![
         "run".into(),
         "--relay".into(),
@@ -574,7 +450,7 @@ async fn sigterm_drains_the_outlet_and_exits_zero() {
         "--drain-timeout".into(),
         format!("{}s", DRAIN.as_secs()),
     ];
-    args.extend(cert_flags(&pki, dir.path(), "outlet-1"));
+    args.extend(write_identity(&pki, "outlet-1", dir.path()).flags());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut outlet = Proc::spawn(dir.path(), "outlet", "postern-outlet", &args);
     outlet.wait_ready(ops).await;
@@ -636,22 +512,6 @@ async fn sigterm_drains_the_outlet_and_exits_zero() {
     );
 }
 
-/// Runs a short-lived command of a postern binary; returns its stdout, failing on error.
-async fn cli(program: &str, args: &[&str]) -> String {
-    let out = Command::new(bin(program))
-        .args(args)
-        .output()
-        .await
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -674,30 +534,13 @@ async fn audit_logs_record_decisions_and_no_secret() {
     let path = |p: &str| dir.path().join(p).display().to_string();
     let state = path("relay-state");
     let relay_addr = free_udp_addr().to_string();
-    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
-    let ticket = |role: &'static str| {
-        let (state, relay_addr) = (state.clone(), relay_addr.clone());
-        async move {
-            let attr = format!("role={role}");
-            let args = [
-                "ticket",
-                "create",
-                "--attr",
-                &attr,
-                "--relay",
-                &relay_addr,
-                "--state-dir",
-                &state,
-            ];
-            cli("postern-relay", &args).await.trim().to_owned()
-        }
-    };
-    let outlet_ticket = ticket("echo-outlet").await;
-    let client_ticket = ticket("echo-client").await;
-    let intruder_ticket = ticket("intruder").await;
+    let relay_ca = RelayCa::init(&state, &relay_addr).await;
+    let outlet_ticket = relay_ca.ticket("echo-outlet").await;
+    let client_ticket = relay_ca.ticket("echo-client").await;
+    let intruder_ticket = relay_ca.ticket("intruder").await;
 
     let relay_audit = dir.path().join("relay-audit.jsonl");
-    let relay_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let relay_ops = format!("127.0.0.1:{}", free_port());
     let mut relay = Proc::spawn(
         dir.path(),
         "relay",
@@ -724,7 +567,7 @@ async fn audit_logs_record_decisions_and_no_secret() {
 
     let (echo, _e) = echo_server().await;
     let outlet_audit = dir.path().join("outlet-audit.jsonl");
-    let outlet_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let outlet_ops = format!("127.0.0.1:{}", free_port());
     let mut outlet = Proc::spawn(
         dir.path(),
         "outlet",
@@ -754,8 +597,8 @@ async fn audit_logs_record_decisions_and_no_secret() {
         ("inlet-good", &client_ticket),
         ("inlet-intruder", &intruder_ticket),
     ] {
-        let listen = format!("127.0.0.1:{}", free_tcp_port());
-        let ops = format!("127.0.0.1:{}", free_tcp_port());
+        let listen = format!("127.0.0.1:{}", free_port());
+        let ops = format!("127.0.0.1:{}", free_port());
         let mut p = Proc::spawn(
             dir.path(),
             name,
@@ -982,9 +825,9 @@ async fn public_hostname_with_access_links_from_the_command_line() {
         cli("postern-relay", &args).await;
     }
     let relay_addr = free_udp_addr().to_string();
-    let public_port = free_tcp_port();
+    let public_port = free_port();
     let public = format!("127.0.0.1:{public_port}");
-    let relay_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let relay_ops = format!("127.0.0.1:{}", free_port());
     let mut relay = Proc::spawn(
         dir.path(),
         "relay",
@@ -1030,7 +873,7 @@ public-key = "{certs}/web.pub.localhost.key"
         ),
     )
     .expect("write outlet.toml");
-    let outlet_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let outlet_ops = format!("127.0.0.1:{}", free_port());
     let mut outlet = Proc::spawn(
         dir.path(),
         "outlet",
@@ -1175,22 +1018,6 @@ public-key = "{certs}/web.pub.localhost.key"
     relay.wait(Duration::from_secs(20)).await;
 }
 
-/// Runs a postern binary that is to fail; returns its stderr.
-async fn cli_fails(program: &str, args: &[&str]) -> String {
-    let out = Command::new(bin(program))
-        .args(args)
-        .output()
-        .await
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "{program} {args:?} succeeded: {}\n{stderr}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    stderr
-}
-
 /// The usual mistakes of a new operator, each answered with its cause and the next step:
 /// revoking in a directory that is not the relay's, enrolling an enrolled directory again,
 /// starting a second inlet on one identity; and a revocation that goes to the running relay.
@@ -1201,25 +1028,9 @@ async fn operator_mistakes_are_explained() {
     let path = |p: &str| dir.path().join(p).display().to_string();
     let state = path("relay-state");
     let relay_addr = free_udp_addr().to_string();
-    cli("postern-relay", &["ca", "init", "--state-dir", &state]).await;
-    let ticket = || {
-        let (state, relay_addr) = (state.clone(), relay_addr.clone());
-        async move {
-            let args = [
-                "ticket",
-                "create",
-                "--attr",
-                "role=client",
-                "--relay",
-                &relay_addr,
-                "--state-dir",
-                &state,
-            ];
-            cli("postern-relay", &args).await.trim().to_owned()
-        }
-    };
-    let first_ticket = ticket().await;
-    let second_ticket = ticket().await;
+    let relay_ca = RelayCa::init(&state, &relay_addr).await;
+    let first_ticket = relay_ca.ticket("client").await;
+    let second_ticket = relay_ca.ticket("client").await;
 
     // Revoking in a directory without the CA is an error, and makes no directory.
     let elsewhere = path("relay-state-typo");
@@ -1234,8 +1045,8 @@ async fn operator_mistakes_are_explained() {
     );
     assert!(!Path::new(&elsewhere).exists(), "revoke made {elsewhere}");
 
-    let admin_addr = format!("127.0.0.1:{}", free_tcp_port());
-    let relay_ops = format!("127.0.0.1:{}", free_tcp_port());
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let relay_ops = format!("127.0.0.1:{}", free_port());
     let mut relay = Proc::spawn(
         dir.path(),
         "relay",
@@ -1276,8 +1087,8 @@ async fn operator_mistakes_are_explained() {
         .map(str::to_owned)
         .to_vec()
     };
-    let ops = format!("127.0.0.1:{}", free_tcp_port());
-    let args = inlet_args(&ops, &format!("127.0.0.1:{}", free_tcp_port()));
+    let ops = format!("127.0.0.1:{}", free_port());
+    let args = inlet_args(&ops, &format!("127.0.0.1:{}", free_port()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut inlet = Proc::spawn(dir.path(), "inlet", "postern-inlet", &args);
     inlet.wait_ready(ops.parse().expect("addr")).await;
@@ -1294,8 +1105,8 @@ async fn operator_mistakes_are_explained() {
     );
 
     // A second inlet on the same identity is refused, naming the first one's pid.
-    let ops2 = format!("127.0.0.1:{}", free_tcp_port());
-    let args = inlet_args(&ops2, &format!("127.0.0.1:{}", free_tcp_port()));
+    let ops2 = format!("127.0.0.1:{}", free_port());
+    let args = inlet_args(&ops2, &format!("127.0.0.1:{}", free_port()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut second = Proc::spawn(dir.path(), "inlet-second", "postern-inlet", &args);
     let status = second.wait(Duration::from_secs(20)).await;

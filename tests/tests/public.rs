@@ -6,7 +6,7 @@ use postern_outlet::forward::Services;
 use postern_outlet::public::access::AccessStore;
 use postern_outlet::public::{Public, PublicService};
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,7 +9,9 @@
 use postern_inlet::ServiceKind;
 use postern_net::transport::relay_path::{TransportMode, TransportSettings};
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::free_udp_addr;
+use postern_tests::traffic::echo_server;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -86,6 +88,7 @@ async fn under_load<F: Future<Output = ()>>(
             h.update(&buf);
             w.write_all(&buf).await.map_err(|e| e.to_string())?;
             sent += buf.len() as u64;
+            // Pacing: a steady stream that outlives the relay's death, not a step order.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         w.shutdown().await.map_err(|e| e.to_string())?;
@@ -123,6 +126,7 @@ async fn under_load<F: Future<Output = ()>>(
                     };
                     outcomes.lock().unwrap_or_else(|p| p.into_inner()).push(o);
                 });
+                // Pacing: a new connection every 20 ms, before, during and after the death.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             while running.join_next().await.is_some() {}
@@ -441,7 +445,7 @@ async fn a_relay_that_cannot_route_is_skipped_for_the_next_one() {
         TransportSettings::default(),
     )
     .await;
-    // The inlet is connected to every relay (the harness waited for the first only).
+    // The inlet is connected to every relay (the kit waited for the first only).
     let deadline = Instant::now() + Duration::from_secs(10);
     while relays[1..].iter().any(|r| r.handle.nodes().len() < 2)
         || relays[0].handle.nodes().is_empty()

@@ -6,87 +6,12 @@
 //! The tests run the binaries next to this test executable; build them first with
 //! `cargo build --bins` (scripts/test.sh does).
 
-use postern_tests::harness::*;
-use std::net::SocketAddr;
+use postern_tests::kit::*;
+use postern_tests::ports::{free_port, free_udp_addr};
+use postern_tests::procs::{cli, Proc, RelayCa};
+use postern_tests::traffic::{echo_round, echo_server};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-
-/// Runs a short-lived command of a postern binary; returns its stdout, failing on error.
-async fn cli(program: &str, args: &[&str]) -> String {
-    let out = Command::new(bin(program))
-        .args(args)
-        .output()
-        .await
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A running binary whose stderr goes to a log file.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(dir: &Path, name: &'static str, program: &str, args: &[&str]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin(program))
-            .args(args)
-            .env("POSTERN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {program}: {e}"));
-        Self { name, child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `/readyz` on `ops` answers 200.
-    async fn wait_ready(&mut self, ops: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}); its log:\n{}", self.name, self.log());
-            }
-            if let Ok(Ok(mut s)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(ops)).await
-            {
-                let _ = s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await;
-                let mut out = String::new();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
-                if out.starts_with("HTTP/1.1 200") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never became ready; its log:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
@@ -146,30 +71,9 @@ async fn relay_outlet_and_inlet_keep_their_state_private() {
     let path = |p: &str| dir.path().join(p).display().to_string();
     let relay_state = path("relay-state");
     let relay_addr = free_udp_addr().to_string();
-    cli(
-        "postern-relay",
-        &["ca", "init", "--state-dir", &relay_state],
-    )
-    .await;
-    let ticket = |role: &'static str| {
-        let (state, relay_addr) = (relay_state.clone(), relay_addr.clone());
-        async move {
-            let attr = format!("role={role}");
-            let args = [
-                "ticket",
-                "create",
-                "--attr",
-                &attr,
-                "--relay",
-                &relay_addr,
-                "--state-dir",
-                &state,
-            ];
-            cli("postern-relay", &args).await.trim().to_owned()
-        }
-    };
-    let outlet_ticket = ticket("echo-outlet").await;
-    let inlet_ticket = ticket("echo-client").await;
+    let relay_ca = RelayCa::init(&relay_state, &relay_addr).await;
+    let outlet_ticket = relay_ca.ticket("echo-outlet").await;
+    let inlet_ticket = relay_ca.ticket("echo-client").await;
     // A hand-issued certificate for sharing: the certificates may be read by others, the key
     // may not.
     let certs = dir.path().join("certs");

@@ -1,7 +1,10 @@
 //! End-to-end tests of the tunnel core: relay, outlet and inlet in-process on 127.0.0.1.
 
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
+use postern_tests::kit::*;
+use postern_tests::ports::free_udp_addr;
+use postern_tests::traffic::{echo_round, echo_server, request_response_server};
+use postern_tests::wait::wait_for;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -328,13 +331,29 @@ async fn a_relay_restarted_under_load_loses_no_connection_started_after_it_is_ba
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let done = |since: Option<Instant>| {
+        let results = results.lock().expect("results");
+        results
+            .iter()
+            .filter(|(started, ok)| *ok && since.is_none_or(|s| *started >= s))
+            .count()
+    };
+    wait_for(Duration::from_secs(10), "the load to get going", || {
+        done(None) >= 8
+    })
+    .await;
     relay.running.stop().await;
+    // The outage itself: the relay stays away a while, as a restarting one does.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let relay = start_relay(&pki, addr, [4; 32], None);
     let back = Instant::now();
-    // Let the load run on well past the nodes' reconnection.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Let the load run on past the nodes' reconnection.
+    wait_for(
+        Duration::from_secs(30),
+        "both nodes back and the load running on",
+        || relay.handle.nodes().len() == 2 && done(Some(back)) > 20,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.expect("load task");
@@ -351,7 +370,7 @@ async fn a_relay_restarted_under_load_loses_no_connection_started_after_it_is_ba
         results.len(),
         after.len()
     );
-    assert!(after.len() > 20, "the load kept going after the restart");
+    // That the load kept going after the restart, the wait above has checked.
     assert_eq!(
         failed, 0,
         "connections started after the relay came back failed"
@@ -369,7 +388,20 @@ async fn a_client_arriving_before_the_outlet_registers_waits_for_it_briefly() {
     let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [5; 32], None);
     let inlet = start_inlet(&pki, "inlet-1", relay.addr, &["echo"]).await;
     let client = tokio::spawn(ping(inlet.addr("echo"), 1, Duration::from_secs(10)));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The client has come before the outlet: its route request was refused (unknown service).
+    let refused = || {
+        relay
+            .handle
+            .control_stats()
+            .routes_refused
+            .load(Ordering::Relaxed)
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the client's route refused",
+        || refused() >= 1,
+    )
+    .await;
     let _o = start_outlet(
         &pki,
         "outlet-1",

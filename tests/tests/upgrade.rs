@@ -17,8 +17,8 @@ use postern_outlet::lease::{Api, InfluxdbOutletConfig, LeaseManager, SecretRef};
 use postern_outlet::public::access::AccessStore;
 use postern_outlet::public::{Public, PublicService};
 use postern_outlet::target::Target;
-use postern_tests::harness::*;
 use postern_tests::influx2::{Influx2, Influx2Options};
+use postern_tests::kit::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -390,11 +390,7 @@ async fn websocket_and_streaming_through_the_inlet_plain_and_tls() {
     let plain = inlet.listen_addr(&svc("ws")).expect("ws listener");
     let tls = inlet.listen_addr(&svc("wss")).expect("wss listener");
     let mut handle = inlet.handle();
-    let shutdown = CancellationToken::new();
-    let _inlet = Running {
-        shutdown: shutdown.clone(),
-        task: Some(tokio::spawn(inlet.run(shutdown))),
-    };
+    let _inlet = Running::spawn(|s| inlet.run(s));
     assert!(handle.wait_connected(Duration::from_secs(10)).await);
 
     // Plain TCP listener.
