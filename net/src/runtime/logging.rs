@@ -80,6 +80,13 @@ pub fn init(filter: &str, audit_log: Option<&Path>) -> Result<(), LoggingError> 
         .map_err(|e| LoggingError::Init(e.to_string()))
 }
 
+/// A bound socket's address for a log line: `127.0.0.1:4434`, or `unknown` when the socket
+/// cannot tell (never `Some(…)` / `Ok(…)`).
+pub fn local_addr(addr: std::io::Result<std::net::SocketAddr>) -> String {
+    addr.map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,11 +114,4 @@ mod tests {
         assert!(v.get("span").is_none(), "{v}");
         assert!(!text.contains("hunter2"));
     }
-}
-
-/// A bound socket's address for a log line: `127.0.0.1:4434`, or `unknown` when the socket
-/// cannot tell (never `Some(…)` / `Ok(…)`).
-pub fn local_addr(addr: std::io::Result<std::net::SocketAddr>) -> String {
-    addr.map(|a| a.to_string())
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
