@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
 use postern_net::transport::relay_path::RelayTarget;
 use postern_net::transport::relay_path::{TransportMode, TransportSettings};
-use postern_outlet::forward::Services;
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};
 use postern_proto::name::{NodeName, ServiceName};

@@ -3,11 +3,11 @@
 
 pub mod config;
 pub mod enforce;
-pub mod forward;
 pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod public;
+pub mod serve;
 pub mod target;
 #[cfg(all(test, unix))]
 mod test_fs;

@@ -4,8 +4,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use postern_outlet::config::{allows, influxdb_rule, targets, OutletConfig, RunArgs};
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{admin, LeaseManager};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};
 use postern_proto::name::NodeName;

@@ -3,7 +3,7 @@
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
 use postern_net::relay_socket::Tap;
 use postern_net::transport::relay_path::RelayTarget;
-use postern_outlet::forward::Services;
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
 use postern_proto::name::{NodeName, ServiceName};

@@ -7,7 +7,7 @@
 //! first with `cargo build --bins` (scripts/test.sh does).
 
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
-use postern_outlet::forward::Services;
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
 use postern_proto::pki::Ca;

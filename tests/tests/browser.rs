@@ -22,8 +22,8 @@
 //! them when absent).
 
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{InfluxdbOutletConfig, LeaseManager};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};

@@ -2,8 +2,8 @@
 //! Python `influxdb` library) pointed at the inlet.
 
 use postern_inlet::ServiceKind;
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{InfluxdbOutletConfig, LeaseManager};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_tests::harness::*;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
