@@ -2,6 +2,7 @@
 //! create, use, rotate, revoke; error bodies surfaced; crash safety; the admin socket; and no
 //! secret in the logs.
 
+use postern_outlet::admin_socket;
 use postern_outlet::lease::admin::{self, Request, Response};
 use postern_outlet::lease::{
     Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
@@ -488,7 +489,7 @@ async fn admin_socket_create_list_show_revoke() {
     let mgr = s.start(s.config(60), None).await;
     let path = admin::socket_path(&s.state_dir());
     let stop = CancellationToken::new();
-    let listener = admin::bind(&path).expect("bind admin socket");
+    let listener = admin_socket::bind(&path).expect("bind admin socket");
     let server = tokio::spawn({
         let mgr = mgr.clone();
         let path = path.clone();
