@@ -104,7 +104,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
 }
 
 /// Serves an already bound admin socket (see [`bind`]) until `shutdown` is cancelled, then
-/// removes the socket file at `path`. At most [`MAX_CONNECTIONS`] connections are served at
+/// removes the socket file at `path`. At most `MAX_CONNECTIONS` connections are served at
 /// once; more are refused rather than queued, so a stuck client cannot pile up work.
 pub async fn serve<C: Channel>(
     channel: Arc<C>,

@@ -5,8 +5,8 @@
 use postern_outlet::admin_socket;
 use postern_outlet::lease::admin::{self, Request, Response};
 use postern_outlet::lease::{
-    Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
-    StartOptions, Step,
+    Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
+    SecretRef, StartOptions,
 };
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
@@ -354,13 +354,13 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
 #[tokio::test]
 async fn crash_at_each_step_then_restart_leaks_nothing() {
     let steps = [
-        (Step::CreateBeforeStore, false),
-        (Step::CreateAfterStore, false),
-        (Step::CreateAfterBackend, false),
-        (Step::CreateAfterActivate, false),
-        (Step::RevokeBeforeStore, true),
-        (Step::RevokeAfterStore, true),
-        (Step::RevokeAfterBackend, true),
+        (CrashPoint::CreateBeforeStore, false),
+        (CrashPoint::CreateAfterStore, false),
+        (CrashPoint::CreateAfterBackend, false),
+        (CrashPoint::CreateAfterActivate, false),
+        (CrashPoint::RevokeBeforeStore, true),
+        (CrashPoint::RevokeAfterStore, true),
+        (CrashPoint::RevokeAfterBackend, true),
     ];
     for (step, during_revoke) in steps {
         let s = Setup::new().await;
@@ -368,7 +368,7 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
             .start(
                 s.config(60),
                 Some(CrashAt {
-                    step,
+                    point: step,
                     occurrence: 1,
                 }),
             )
@@ -393,7 +393,7 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
         let leases = mgr.list().await.expect("list");
         match step {
             // A live lease whose record says active is kept until expiry.
-            Step::CreateAfterActivate | Step::RevokeBeforeStore => {
+            CrashPoint::CreateAfterActivate | CrashPoint::RevokeBeforeStore => {
                 assert_eq!(leases.len(), 1, "{step:?}: {leases:?}");
                 assert_eq!(s.server.authorizations().len(), 1, "{step:?}");
             }
@@ -420,7 +420,7 @@ async fn crash_during_renewal_then_restart_leaks_nothing() {
         .start(
             s.config(3),
             Some(CrashAt {
-                step: Step::CreateAfterBackend,
+                point: CrashPoint::CreateAfterBackend,
                 occurrence: 2,
             }),
         )

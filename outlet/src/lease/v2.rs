@@ -26,6 +26,7 @@ use super::backend::{
 };
 use super::config::{Action, LeaseConfig, Secret, V2Scope};
 use postern_proto::lease::Credential;
+use postern_proto::name::NodeName;
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -528,6 +529,14 @@ impl Backend for V2Backend {
             }
         })
     }
+}
+
+/// The `client=` field of a v2 marker.
+pub(super) fn marker_client(marker: &str) -> Option<&str> {
+    marker
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("client="))
+        .filter(|c| NodeName::new(c).is_ok())
 }
 
 #[cfg(test)]
