@@ -20,7 +20,8 @@
 //! `create` is the one answer that carries a secret, on purpose: it is how an operator gets a
 //! credential by hand.
 
-use super::{LeaseError, LeaseInfo, LeaseManager};
+use super::error::LeaseError;
+use super::manager::{LeaseInfo, LeaseManager};
 use crate::admin_socket::{self, AdminError, Channel};
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;

@@ -6,7 +6,7 @@ use super::backend::CreateRequest;
 use super::error::LeaseError;
 use super::fault::CrashPoint;
 use super::shared::{lock, new_lease_id, Inner};
-use super::store::{LeaseRecord, LeaseState, LeaseStore, StoreError};
+use super::store::{LeaseRecord, LeaseStore, RecordState, StoreError};
 use postern_net::runtime::clock::now_ms;
 use postern_proto::lease::Credential;
 use postern_proto::name::NodeName;
@@ -97,7 +97,7 @@ impl Inner {
         let rec = LeaseRecord {
             lease_id: new_lease_id(),
             client: client.to_string(),
-            state: LeaseState::Creating,
+            state: RecordState::Creating,
             created_at_ms: now,
             expires_at_ms: now + self.policy.ttl_ms,
         };
@@ -122,7 +122,7 @@ impl Inner {
         };
         self.checkpoint(CrashPoint::CreateAfterBackend).await?;
         let active = LeaseRecord {
-            state: LeaseState::Active {
+            state: RecordState::Active {
                 backend_id: created.backend_id.clone(),
             },
             ..rec.clone()
@@ -214,7 +214,7 @@ impl Inner {
     ) -> Result<(), LeaseError> {
         let lease_id = rec.lease_id.as_str();
         let backend_id = match &rec.state {
-            LeaseState::Creating => {
+            RecordState::Creating => {
                 let found = self.backend.list_ours().await?;
                 for f in found.iter().filter(|f| f.lease_id == rec.lease_id) {
                     self.backend.revoke(&f.backend_id).await?;
@@ -223,10 +223,10 @@ impl Inner {
                 self.store_op(move |s| s.remove(&id)).await?;
                 return Ok(());
             }
-            LeaseState::Active { backend_id } => {
+            RecordState::Active { backend_id } => {
                 self.checkpoint(CrashPoint::RevokeBeforeStore).await?;
                 self.put(LeaseRecord {
-                    state: LeaseState::Revoking {
+                    state: RecordState::Revoking {
                         backend_id: backend_id.clone(),
                     },
                     ..rec.clone()
@@ -235,7 +235,7 @@ impl Inner {
                 self.checkpoint(CrashPoint::RevokeAfterStore).await?;
                 backend_id.clone()
             }
-            LeaseState::Revoking { backend_id } => backend_id.clone(),
+            RecordState::Revoking { backend_id } => backend_id.clone(),
         };
         self.backend.revoke(&backend_id).await?;
         self.checkpoint(CrashPoint::RevokeAfterBackend).await?;

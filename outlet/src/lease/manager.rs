@@ -9,7 +9,7 @@ use super::fault::{CrashAt, Faults};
 use super::live::LiveCredentials;
 use super::schedule::{Policy, Schedule};
 use super::shared::{lock, Inner, State};
-use super::store::{LeaseRecord, LeaseState, LeaseStore};
+use super::store::{LeaseRecord, LeaseStore, RecordState};
 use super::v1::V1Backend;
 use super::v2::V2Backend;
 use postern_net::runtime::clock::now_ms;
@@ -212,7 +212,7 @@ impl LeaseManager {
             let tracked = st.schedule.lease(lease_id);
             // A `creating` record the schedule does not track is a creation in flight: let it
             // finish (or fail and clean up) rather than race it.
-            if rec.state == LeaseState::Creating && tracked.is_none() {
+            if rec.state == RecordState::Creating && tracked.is_none() {
                 return Err(LeaseError::Busy(lease_id.to_owned()));
             }
             if !st.schedule.begin_revoke(lease_id) {

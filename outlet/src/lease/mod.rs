@@ -75,4 +75,4 @@ pub use error::LeaseError;
 pub use fault::{CrashAt, CrashPoint};
 pub use lifecycle::CREATE_TIMEOUT;
 pub use manager::{LeaseInfo, LeaseManager, StartOptions};
-pub use store::{LeaseRecord, LeaseState, StoreError};
+pub use store::{LeaseRecord, RecordState, StoreError};

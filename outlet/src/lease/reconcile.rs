@@ -6,7 +6,7 @@ use super::backend::Found;
 use super::error::LeaseError;
 use super::schedule;
 use super::shared::{lock, Inner};
-use super::store::{LeaseRecord, LeaseState};
+use super::store::{LeaseRecord, RecordState};
 use super::v2::marker_client;
 use postern_net::runtime::clock::now_ms;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ impl Inner {
             let mut st = lock(&self.state);
             for r in &records {
                 match &r.state {
-                    LeaseState::Active { .. } if r.expires_at_ms > now => {
+                    RecordState::Active { .. } if r.expires_at_ms > now => {
                         st.schedule
                             .track(&r.lease_id, &r.client, r.expires_at_ms, r.expires_at_ms);
                     }
@@ -51,7 +51,7 @@ impl Inner {
         }
         let kept = records
             .iter()
-            .filter(|r| matches!(r.state, LeaseState::Active { .. }) && r.expires_at_ms > now)
+            .filter(|r| matches!(r.state, RecordState::Active { .. }) && r.expires_at_ms > now)
             .count();
         for (lease_id, client) in &to_revoke {
             match self.revoke_lease(lease_id).await {
@@ -92,7 +92,7 @@ impl Inner {
                 // A `creating` record is revoked by marker; one with this backend id is
                 // handled by its own state.
                 Some(r)
-                    if r.state == LeaseState::Creating
+                    if r.state == RecordState::Creating
                         || r.state.backend_id() == Some(f.backend_id.as_str()) => {}
                 Some(_) => {
                     tracing::warn!(
@@ -109,7 +109,7 @@ impl Inner {
                     self.put(LeaseRecord {
                         lease_id: f.lease_id.clone(),
                         client: client.clone(),
-                        state: LeaseState::Revoking {
+                        state: RecordState::Revoking {
                             backend_id: f.backend_id.clone(),
                         },
                         created_at_ms: now,

@@ -24,7 +24,7 @@ use super::backend::{
     detect_server, http_client, parse_error_body, parse_v2_description, send_honouring_429,
     v2_description, Backend, BackendError, BoxFuture, CreateRequest, Created, Found, ServerKind,
 };
-use super::config::{Action, LeaseConfig, Secret, V2Scope};
+use super::config::{Access, LeaseConfig, Secret, V2Scope};
 use postern_proto::lease::Credential;
 use postern_proto::name::NodeName;
 use reqwest::header::HeaderValue;
@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 /// One configured permission, as sent once its scope is known.
 #[derive(Debug, Clone)]
 struct Template {
-    action: Action,
+    action: Access,
     rtype: String,
     org_id: Option<String>,
     scope: V2Scope,
