@@ -2,6 +2,8 @@
 //! and forwards their streams to targets; runs the lease manager for InfluxDB credentials.
 
 pub mod admin_socket;
+pub mod app;
+pub mod cli;
 pub mod config;
 pub mod enforce;
 pub mod lease;
