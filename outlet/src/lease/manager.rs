@@ -288,7 +288,7 @@ impl LeaseManager {
         }
     }
 
-    /// Stops the manager: revokes every lease (see the module docs) and closes the store.
+    /// Stops the manager: revokes every lease (see the module docs of [`crate::lease`]) and closes the store.
     /// Returns [`LeaseError::Unrevoked`] if some could not be revoked in time.
     pub async fn shutdown(&self) -> Result<(), LeaseError> {
         self.inner.shutdown.cancel();
@@ -329,7 +329,10 @@ pub(super) fn info(schedule: &Schedule, r: LeaseRecord) -> LeaseInfo {
 }
 
 /// Builds the backend selected by `cfg.api`.
-pub fn from_config(cfg: &LeaseConfig, instance: &str) -> Result<Arc<dyn Backend>, BackendError> {
+pub(super) fn from_config(
+    cfg: &LeaseConfig,
+    instance: &str,
+) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(match cfg.api {
         Api::V2 => Arc::new(V2Backend::new(cfg, instance)?),
         Api::V1 => Arc::new(V1Backend::new(cfg, instance)?),

@@ -12,7 +12,7 @@ use postern_net::runtime::clock::now_ms;
 use std::sync::Arc;
 
 impl Inner {
-    /// Start-up reconciliation (see the module docs). Fails only if the store fails or an
+    /// Start-up reconciliation (the table in [`crate::lease`]). Fails only if the store fails or an
     /// injected crash hits; backend failures are logged and retried in the background.
     pub(super) async fn reconcile_at_start(self: &Arc<Self>) -> Result<(), LeaseError> {
         // List the backend before reading the store: every credential is made after its record
