@@ -1,6 +1,6 @@
 //! The outlet node: one socket, one control connection to the relay, end-to-end listener.
 
-use crate::forward::{self, Drain, ExpectedRoute, Routes, Services};
+use crate::serve::{self as forward, Drain, ExpectedRoute, Routes, Services};
 use postern_net::control::connection::{self, ControlHandler, SharedClientConfig};
 use postern_net::control::exchange::{self, CtlError, CTL_TIMEOUT};
 use postern_net::transport::endpoint::{self, EndpointError};

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
 use postern_net::transport::rekey::KeyBudget;
 use postern_net::transport::relay_path::{RelayTarget, TransportSettings};
-use postern_outlet::forward::Services;
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
 use postern_proto::name::{NodeName, ServiceName};

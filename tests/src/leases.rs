@@ -3,8 +3,8 @@
 
 use crate::influxd::Influxd;
 use crate::kit::{start_outlet_with, svc, OutletNode, Pki};
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{InfluxdbOutletConfig, LeaseManager};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -8,7 +8,7 @@
 
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
 use postern_net::runtime::clock::now_ms;
-use postern_outlet::forward::Services;
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletHandle, OutletOptions};
 use postern_proto::pki::Ca;

@@ -7,8 +7,8 @@
 //! outlet as sent. It knows the InfluxDB admin's password and has stolen alice's lease.
 
 use postern_inlet::ServiceKind;
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{Api, InfluxdbOutletConfig, InjectAt, LeaseManager, SecretRef};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_proto::lease::Credential;
 use postern_tests::influxd::{Influxd, InfluxdOptions};

@@ -4,7 +4,7 @@
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
 use postern_net::control::enroll::{enroll, EnrollError, NodeState};
 use postern_net::transport::relay_path::RelayTarget;
-use postern_outlet::forward::Services;
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_outlet::{Outlet, OutletOptions};
 use postern_proto::policy::Expr;

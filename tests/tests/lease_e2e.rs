@@ -6,11 +6,11 @@
 
 use postern_inlet::ServiceKind;
 use postern_net::runtime::clock::now_ms;
-use postern_outlet::forward::Services;
 use postern_outlet::lease::backend::parse_v1_user_name;
 use postern_outlet::lease::{
     Api, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
 };
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;

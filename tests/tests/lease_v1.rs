@@ -5,8 +5,8 @@
 
 use postern_net::runtime::clock::now_ms;
 use postern_outlet::lease::{
-    Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
-    StartOptions, Step,
+    Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
+    SecretRef, StartOptions,
 };
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
@@ -363,19 +363,26 @@ async fn influxdb_errors_are_surfaced_and_nothing_is_left() {
 async fn crash_at_each_step_then_restart_leaks_nothing() {
     let s = Setup::new().await;
     let cases = [
-        (Step::CreateBeforeStore, 1, false),
-        (Step::CreateAfterStore, 1, false),
-        (Step::CreateAfterBackend, 1, false),
-        (Step::CreateAfterActivate, 1, false),
-        (Step::RevokeBeforeStore, 1, true),
-        (Step::RevokeAfterStore, 1, true),
-        (Step::RevokeAfterBackend, 1, true),
+        (CrashPoint::CreateBeforeStore, 1, false),
+        (CrashPoint::CreateAfterStore, 1, false),
+        (CrashPoint::CreateAfterBackend, 1, false),
+        (CrashPoint::CreateAfterActivate, 1, false),
+        (CrashPoint::RevokeBeforeStore, 1, true),
+        (CrashPoint::RevokeAfterStore, 1, true),
+        (CrashPoint::RevokeAfterBackend, 1, true),
     ];
     for (i, (step, occurrence, during_revoke)) in cases.into_iter().enumerate() {
         let state = format!("st-{i}");
         let cfg = s.config(60, READ_WRITE_TELEGRAF);
         let mgr = s
-            .start(cfg.clone(), &state, Some(CrashAt { step, occurrence }))
+            .start(
+                cfg.clone(),
+                &state,
+                Some(CrashAt {
+                    point: step,
+                    occurrence,
+                }),
+            )
             .await;
         let err = if during_revoke {
             let g = mgr.create(&client("inlet-f")).await.expect("create");
@@ -396,7 +403,7 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
         s.assert_no_credential_without_live_lease(&mgr).await;
         let users = s.leased_users().await;
         match step {
-            Step::CreateAfterActivate | Step::RevokeBeforeStore => {
+            CrashPoint::CreateAfterActivate | CrashPoint::RevokeBeforeStore => {
                 assert_eq!(users.len(), 1, "{step:?}: live lease kept")
             }
             _ => assert!(
@@ -415,7 +422,7 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
             cfg.clone(),
             "renewal",
             Some(CrashAt {
-                step: Step::CreateAfterBackend,
+                point: CrashPoint::CreateAfterBackend,
                 occurrence: 2,
             }),
         )

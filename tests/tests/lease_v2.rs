@@ -3,10 +3,11 @@
 //! secret in the logs.
 
 use postern_net::runtime::clock::now_ms;
+use postern_outlet::admin_socket;
 use postern_outlet::lease::admin::{self, Request, Response};
 use postern_outlet::lease::{
-    Api, CrashAt, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager, SecretRef,
-    StartOptions, Step,
+    Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
+    SecretRef, StartOptions,
 };
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
@@ -347,13 +348,13 @@ async fn influxdb_errors_are_surfaced_without_secrets() {
 #[tokio::test]
 async fn crash_at_each_step_then_restart_leaks_nothing() {
     let steps = [
-        (Step::CreateBeforeStore, false),
-        (Step::CreateAfterStore, false),
-        (Step::CreateAfterBackend, false),
-        (Step::CreateAfterActivate, false),
-        (Step::RevokeBeforeStore, true),
-        (Step::RevokeAfterStore, true),
-        (Step::RevokeAfterBackend, true),
+        (CrashPoint::CreateBeforeStore, false),
+        (CrashPoint::CreateAfterStore, false),
+        (CrashPoint::CreateAfterBackend, false),
+        (CrashPoint::CreateAfterActivate, false),
+        (CrashPoint::RevokeBeforeStore, true),
+        (CrashPoint::RevokeAfterStore, true),
+        (CrashPoint::RevokeAfterBackend, true),
     ];
     for (step, during_revoke) in steps {
         let s = Setup::new().await;
@@ -361,7 +362,7 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
             .start(
                 s.config(60),
                 Some(CrashAt {
-                    step,
+                    point: step,
                     occurrence: 1,
                 }),
             )
@@ -386,7 +387,7 @@ async fn crash_at_each_step_then_restart_leaks_nothing() {
         let leases = mgr.list().await.expect("list");
         match step {
             // A live lease whose record says active is kept until expiry.
-            Step::CreateAfterActivate | Step::RevokeBeforeStore => {
+            CrashPoint::CreateAfterActivate | CrashPoint::RevokeBeforeStore => {
                 assert_eq!(leases.len(), 1, "{step:?}: {leases:?}");
                 assert_eq!(s.server.authorizations().len(), 1, "{step:?}");
             }
@@ -413,7 +414,7 @@ async fn crash_during_renewal_then_restart_leaks_nothing() {
         .start(
             s.config(3),
             Some(CrashAt {
-                step: Step::CreateAfterBackend,
+                point: CrashPoint::CreateAfterBackend,
                 occurrence: 2,
             }),
         )
@@ -482,7 +483,7 @@ async fn admin_socket_create_list_show_revoke() {
     let mgr = s.start(s.config(60), None).await;
     let path = admin::socket_path(&s.state_dir());
     let stop = CancellationToken::new();
-    let listener = admin::bind(&path).expect("bind admin socket");
+    let listener = admin_socket::bind(&path).expect("bind admin socket");
     let server = tokio::spawn({
         let mgr = mgr.clone();
         let path = path.clone();

@@ -9,8 +9,8 @@
 //! - a revoked inlet stops retrying in a tight loop and `/readyz` says why.
 
 use postern_inlet::node::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{Api, InfluxdbOutletConfig, LeaseConfig, LeaseManager, SecretRef};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_tests::influxd::{Influxd, InfluxdOptions};
 use postern_tests::kit::*;

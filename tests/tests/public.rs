@@ -2,9 +2,9 @@
 //! name alone to the outlet offering that service publicly, which terminates TLS; the relay
 //! forwards only ciphertext.
 
-use postern_outlet::forward::Services;
 use postern_outlet::public::access::AccessStore;
 use postern_outlet::public::{Public, PublicService};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_tests::kit::*;
 use std::collections::HashMap;

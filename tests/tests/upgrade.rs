@@ -12,10 +12,10 @@
 
 use base64::Engine;
 use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
-use postern_outlet::forward::Services;
 use postern_outlet::lease::{Api, InfluxdbOutletConfig, LeaseManager, SecretRef};
 use postern_outlet::public::access::AccessStore;
 use postern_outlet::public::{Public, PublicService};
+use postern_outlet::serve::Services;
 use postern_outlet::target::Target;
 use postern_tests::influx2::{Influx2, Influx2Options};
 use postern_tests::kit::*;

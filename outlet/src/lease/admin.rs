@@ -1,11 +1,9 @@
 //! The lease admin channel: how `postern-outlet lease create|list|show|revoke` reaches the
 //! running outlet (which holds the lease store's lock).
 //!
-//! A Unix socket, by default `<state_dir>/lease.sock`, mode 0600 (only the outlet's own user
-//! can connect; it is made under a temporary name, restricted, then renamed into place, so it is
-//! never reachable with wider permissions). The protocol is JSON lines: each request is one
-//! line, each answer one line. Requests and answers are [`Request`] and [`Response`], tagged by
-//! `"op"` and `"result"`:
+//! A Unix socket, by default `<state_dir>/lease.sock`, served by [`crate::admin_socket`]
+//! (mode 0600, JSON lines, size and time limits). Requests and answers are [`Request`] and
+//! [`Response`], tagged by `"op"` and `"result"`:
 //!
 //! ```text
 //! > {"op":"create","client":"inlet-1"}
@@ -20,28 +18,21 @@
 //! ```
 //!
 //! `create` is the one answer that carries a secret, on purpose: it is how an operator gets a
-//! credential by hand. Lines are limited to [`MAX_LINE`] bytes and each request must arrive
-//! within [`REQUEST_TIMEOUT`].
+//! credential by hand.
 
-use super::{LeaseError, LeaseInfo, LeaseManager};
+use super::error::LeaseError;
+use super::manager::{LeaseInfo, LeaseManager};
+use crate::admin_socket::{self, AdminError, Channel};
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 /// The socket's file name inside the state directory.
 pub const SOCKET_FILE: &str = "lease.sock";
-/// Longest request or answer line.
-pub const MAX_LINE: usize = 64 * 1024;
-/// How long the server waits for a request line, and the client for an answer.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most connections served at once.
-const MAX_CONNECTIONS: usize = 16;
 
 /// The socket path for a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -142,27 +133,21 @@ impl Response {
     }
 }
 
-/// Why the admin channel failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("lease admin socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot reach the outlet at {path} (is it running with this state directory?): {source}"
-    )]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("lease admin: the outlet did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("lease admin: bad message: {0}")]
-    Protocol(String),
+/// The lease channel of the admin socket: answers with the lease manager.
+struct LeaseChannel(Arc<LeaseManager>);
+
+impl Channel for LeaseChannel {
+    type Request = Request;
+    type Response = Response;
+    const NAME: &'static str = "lease admin";
+
+    fn bad_request(message: String) -> Response {
+        Response::Error { message }
+    }
+
+    async fn answer(&self, req: Request) -> Response {
+        dispatch(&self.0, req).await
+    }
 }
 
 /// Binds the admin socket at `path` and serves it until `shutdown` is cancelled, then removes
@@ -172,119 +157,21 @@ pub async fn serve(
     path: &Path,
     shutdown: CancellationToken,
 ) -> Result<(), AdminError> {
-    let listener = bind(path)?;
+    let listener = admin_socket::bind(path)?;
     serve_listener(manager, listener, path, shutdown).await;
     Ok(())
 }
 
-/// Serves an already bound admin socket (see [`bind`]) until `shutdown` is cancelled, then
-/// removes the socket file at `path`. Binding first lets a caller know the socket is ready
-/// before anything connects.
+/// Serves an already bound admin socket (see [`admin_socket::bind`]) until `shutdown` is
+/// cancelled, then removes the socket file at `path`. Binding first lets a caller know the
+/// socket is ready before anything connects.
 pub async fn serve_listener(
     manager: Arc<LeaseManager>,
     listener: UnixListener,
     path: &Path,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "lease admin: accept failed");
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!("lease admin: too many connections; refusing one");
-                    continue;
-                };
-                let m = manager.clone();
-                let stop = shutdown.clone();
-                conns.spawn(async move {
-                    let _permit = permit;
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        r = handle(m, stream) => if let Err(e) = r {
-                            tracing::debug!(error = %e, "lease admin connection ended");
-                        }
-                    }
-                });
-            }
-        }
-    }
-    conns.abort_all();
-    let _ = std::fs::remove_file(path);
-}
-
-/// Binds the admin socket at `path`: under a temporary name, restricted to mode 0600, then
-/// renamed into place. A stale socket left at `path` by a previous run is replaced.
-pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let io = |source| AdminError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    // A socket left by a previous run: the store lock guarantees no other outlet uses this
-    // state directory, so it is stale. Anything else at that path is not ours to remove.
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
-        Ok(_) => {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )))
-        }
-        Err(_) => {}
-    }
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or(SOCKET_FILE),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(io)?;
-    let renamed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(listener)
-}
-
-async fn handle(manager: Arc<LeaseManager>, stream: UnixStream) -> Result<(), AdminError> {
-    let (r, mut w) = stream.into_split();
-    let mut reader = BufReader::new(r);
-    loop {
-        let line = match tokio::time::timeout(REQUEST_TIMEOUT, read_line(&mut reader)).await {
-            Err(_) => return Err(AdminError::Timeout(REQUEST_TIMEOUT)),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(line))) => line,
-        };
-        let response = match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => dispatch(&manager, req).await,
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
-        };
-        let mut out =
-            serde_json::to_vec(&response).map_err(|e| AdminError::Protocol(e.to_string()))?;
-        out.push(b'\n');
-        w.write_all(&out).await.map_err(|source| AdminError::Io {
-            path: PathBuf::from(SOCKET_FILE),
-            source,
-        })?;
-        zeroize::Zeroize::zeroize(&mut out);
-    }
+    admin_socket::serve(Arc::new(LeaseChannel(manager)), listener, path, shutdown).await;
 }
 
 async fn dispatch(manager: &LeaseManager, req: Request) -> Response {
@@ -311,66 +198,9 @@ async fn dispatch(manager: &LeaseManager, req: Request) -> Response {
     })
 }
 
-/// Reads one line (without the newline); `None` at a clean end of stream. Shared with the
-/// access admin socket ([`crate::public::admin`]).
-pub(crate) async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-) -> Result<Option<Vec<u8>>, AdminError> {
-    let mut buf = Vec::new();
-    let mut limited = r.take(MAX_LINE as u64 + 1);
-    let n = limited
-        .read_until(b'\n', &mut buf)
-        .await
-        .map_err(|e| AdminError::Protocol(e.to_string()))?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() != Some(&b'\n') {
-        return Err(AdminError::Protocol(if buf.len() > MAX_LINE {
-            format!("line longer than {MAX_LINE} bytes")
-        } else {
-            "line not terminated".into()
-        }));
-    }
-    buf.pop();
-    Ok(Some(buf))
-}
-
 /// Sends one request to the outlet listening at `path` and returns its answer.
 pub async fn client_request(path: &Path, request: &Request) -> Result<Response, AdminError> {
-    json_request(path, request).await
-}
-
-/// Sends one JSON-lines request to the admin socket at `path` and reads the answer (shared with
-/// the access admin socket).
-pub async fn json_request<Req: Serialize, Resp: serde::de::DeserializeOwned>(
-    path: &Path,
-    request: &Req,
-) -> Result<Resp, AdminError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| AdminError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(request).map_err(|e| AdminError::Protocol(e.to_string()))?;
-    line.push(b'\n');
-    let io = |source| AdminError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    w.write_all(&line).await.map_err(io)?;
-    w.shutdown().await.map_err(io)?;
-    let mut reader = BufReader::new(r);
-    let answer = tokio::time::timeout(REQUEST_TIMEOUT, read_line(&mut reader))
-        .await
-        .map_err(|_| AdminError::Timeout(REQUEST_TIMEOUT))??
-        .ok_or_else(|| AdminError::Protocol("the outlet closed the connection".into()))?;
-    let response = serde_json::from_slice(&answer).map_err(|e| AdminError::Protocol(e.to_string()));
-    let mut answer = answer;
-    zeroize::Zeroize::zeroize(&mut answer);
-    response
+    admin_socket::json_request(path, request).await
 }
 
 #[cfg(test)]
@@ -412,21 +242,5 @@ mod tests {
             "{text}"
         );
         assert!(!format!("{resp:?}").contains("tok-123"));
-    }
-
-    #[tokio::test]
-    async fn oversized_and_unterminated_lines_are_refused() {
-        let big = vec![b'a'; MAX_LINE + 10];
-        let mut r = BufReader::new(big.as_slice());
-        assert!(read_line(&mut r).await.is_err());
-        let mut r = BufReader::new(&b"{\"op\":\"list\"}"[..]);
-        assert!(read_line(&mut r).await.is_err());
-        let mut r = BufReader::new(&b"{\"op\":\"list\"}\n"[..]);
-        assert_eq!(
-            read_line(&mut r).await.expect("line"),
-            Some(b"{\"op\":\"list\"}".to_vec())
-        );
-        let mut r = BufReader::new(&b""[..]);
-        assert_eq!(read_line(&mut r).await.expect("eof"), None);
     }
 }

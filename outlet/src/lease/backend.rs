@@ -8,12 +8,11 @@
 //! value only once). The instance id keeps two outlets that share an InfluxDB from deleting
 //! each other's credentials.
 
-use super::config::{Api, LeaseConfig};
+use super::config::LeaseConfig;
 use postern_proto::lease::Credential;
 use postern_proto::name::NodeName;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// A boxed future, so that [`Backend`] can be used as a trait object.
@@ -122,14 +121,6 @@ impl BackendError {
             _ => false,
         }
     }
-}
-
-/// Builds the backend selected by `cfg.api`.
-pub fn from_config(cfg: &LeaseConfig, instance: &str) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(match cfg.api {
-        Api::V2 => Arc::new(super::v2::V2Backend::new(cfg, instance)?),
-        Api::V1 => Arc::new(super::v1::V1Backend::new(cfg, instance)?),
-    })
 }
 
 /// The HTTP client both backends use: timeouts on every request, no proxies (the outlet talks

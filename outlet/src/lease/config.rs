@@ -164,10 +164,10 @@ pub struct LeaseConfig {
     pub api: Api,
 }
 
-/// What a permission allows.
+/// The access a permission grants: InfluxDB's `action`, read or write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub enum Access {
     Read,
     Write,
 }
@@ -178,7 +178,7 @@ pub enum Action {
 /// InfluxDB unchanged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Permission {
-    pub action: Action,
+    pub action: Access,
     /// The `resource` object; it has at least a string `type`.
     pub resource: serde_json::Map<String, Value>,
 }
@@ -305,8 +305,8 @@ fn scope_v2(i: usize, p: &mut Permission, org_id: &str) -> Result<(), ConfigErro
             "the {ty:?} resource has no \"id\": InfluxDB 2 would grant {} on every resource of \
              type {ty:?} in the org (or in every org); {hint}",
             match p.action {
-                Action::Read => "read",
-                Action::Write => "write",
+                Access::Read => "read",
+                Access::Write => "write",
             }
         )));
     }
@@ -372,8 +372,8 @@ pub fn v1_grants(perms: &[Permission]) -> Result<Vec<V1Grant>, ConfigError> {
             }
         };
         match p.action {
-            Action::Read => entry.1 = true,
-            Action::Write => entry.2 = true,
+            Access::Read => entry.1 = true,
+            Access::Write => entry.2 = true,
         }
     }
     Ok(by_db
@@ -577,8 +577,8 @@ fn parse_permissions(
             ));
         };
         let action = match obj.remove("action") {
-            Some(Value::String(a)) if a == "read" => Action::Read,
-            Some(Value::String(a)) if a == "write" => Action::Write,
+            Some(Value::String(a)) if a == "read" => Access::Read,
+            Some(Value::String(a)) if a == "write" => Access::Write,
             Some(other) => {
                 return Err(ConfigError::invalid(
                     KEY,

@@ -19,10 +19,10 @@ const INSTANCE_KEY: &str = "instance";
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "leases.redb";
 
-/// Where a lease is in its life.
+/// Where a lease is in its life, as its record says: what a restart must do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
-pub enum LeaseState {
+pub enum RecordState {
     /// Written before the backend is asked; the backend may or may not hold a credential.
     Creating,
     /// The backend made the credential with this id.
@@ -31,21 +31,21 @@ pub enum LeaseState {
     Revoking { backend_id: String },
 }
 
-impl LeaseState {
+impl RecordState {
     /// A short name for listings.
     pub fn name(&self) -> &'static str {
         match self {
-            LeaseState::Creating => "creating",
-            LeaseState::Active { .. } => "active",
-            LeaseState::Revoking { .. } => "revoking",
+            RecordState::Creating => "creating",
+            RecordState::Active { .. } => "active",
+            RecordState::Revoking { .. } => "revoking",
         }
     }
 
     /// The backend id, once known.
     pub fn backend_id(&self) -> Option<&str> {
         match self {
-            LeaseState::Creating => None,
-            LeaseState::Active { backend_id } | LeaseState::Revoking { backend_id } => {
+            RecordState::Creating => None,
+            RecordState::Active { backend_id } | RecordState::Revoking { backend_id } => {
                 Some(backend_id)
             }
         }
@@ -59,7 +59,7 @@ pub struct LeaseRecord {
     /// The client identity, as a string (validated as a node name when it was made).
     pub client: String,
     #[serde(flatten)]
-    pub state: LeaseState,
+    pub state: RecordState,
     /// Milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     /// Milliseconds since the Unix epoch.
@@ -201,7 +201,7 @@ fn decode(key: &str, bytes: &[u8]) -> Result<LeaseRecord, StoreError> {
 mod tests {
     use super::*;
 
-    fn rec(id: &str, state: LeaseState) -> LeaseRecord {
+    fn rec(id: &str, state: RecordState) -> LeaseRecord {
         LeaseRecord {
             lease_id: id.into(),
             client: "inlet-1".into(),
@@ -216,17 +216,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let instance = {
             let s = LeaseStore::open(dir.path()).expect("open");
-            s.put(&rec("a", LeaseState::Creating)).expect("put");
+            s.put(&rec("a", RecordState::Creating)).expect("put");
             s.put(&rec(
                 "b",
-                LeaseState::Active {
+                RecordState::Active {
                     backend_id: "x".into(),
                 },
             ))
             .expect("put");
             s.put(&rec(
                 "a",
-                LeaseState::Revoking {
+                RecordState::Revoking {
                     backend_id: "y".into(),
                 },
             ))
@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(
             all[0].state,
-            LeaseState::Revoking {
+            RecordState::Revoking {
                 backend_id: "y".into()
             }
         );

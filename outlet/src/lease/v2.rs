@@ -24,8 +24,9 @@ use super::backend::{
     detect_server, http_client, parse_error_body, parse_v2_description, send_honouring_429,
     v2_description, Backend, BackendError, BoxFuture, CreateRequest, Created, Found, ServerKind,
 };
-use super::config::{Action, LeaseConfig, Secret, V2Scope};
+use super::config::{Access, LeaseConfig, Secret, V2Scope};
 use postern_proto::lease::Credential;
+use postern_proto::name::NodeName;
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -35,7 +36,7 @@ use zeroize::Zeroizing;
 /// One configured permission, as sent once its scope is known.
 #[derive(Debug, Clone)]
 struct Template {
-    action: Action,
+    action: Access,
     rtype: String,
     org_id: Option<String>,
     scope: V2Scope,
@@ -528,6 +529,14 @@ impl Backend for V2Backend {
             }
         })
     }
+}
+
+/// The `client=` field of a v2 marker.
+pub(super) fn marker_client(marker: &str) -> Option<&str> {
+    marker
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("client="))
+        .filter(|c| NodeName::new(c).is_ok())
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! The access admin channel: how `postern-outlet access create|list|revoke` reaches the running
 //! outlet, which holds the access store's lock.
 //!
-//! Same shape as the lease admin socket ([`crate::lease::admin`], whose helpers it uses): a Unix
-//! socket `<state_dir>/access.sock`, mode 0600, one JSON line per request and per answer:
+//! Same shape as the lease admin socket ([`crate::lease::admin`]), served by
+//! [`crate::admin_socket`]: a Unix socket `<state_dir>/access.sock`, mode 0600, one JSON line
+//! per request and per answer:
 //!
 //! ```text
 //! > {"op":"create","service":"influxdb","ttl_ms":3600000,"attrs":{"team":"ops"}}
@@ -18,21 +19,17 @@
 
 use super::access::{now_ms, GrantInfo};
 use super::Public;
-use crate::lease::admin::{self as lease_admin, AdminError, REQUEST_TIMEOUT};
+use crate::admin_socket::{self, AdminError, Channel};
 use postern_proto::name::ServiceName;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
 /// The socket's file name inside the state directory.
 pub const SOCKET_FILE: &str = "access.sock";
-/// Most connections served at once.
-const MAX_CONNECTIONS: usize = 16;
 
 /// The socket path for a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -131,68 +128,32 @@ impl Response {
     }
 }
 
+/// The access channel of the admin socket: answers with the public services' grant store.
+struct AccessChannel(Arc<Public>);
+
+impl Channel for AccessChannel {
+    type Request = Request;
+    type Response = Response;
+    const NAME: &'static str = "access admin";
+
+    fn bad_request(message: String) -> Response {
+        Response::Error { message }
+    }
+
+    async fn answer(&self, req: Request) -> Response {
+        dispatch(&self.0, req)
+    }
+}
+
 /// Binds the access admin socket and serves it until `shutdown`, then removes it.
 pub async fn serve(
     public: Arc<Public>,
     path: &Path,
     shutdown: CancellationToken,
 ) -> Result<(), AdminError> {
-    let listener = lease_admin::bind(path)?;
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!("access admin: too many connections; refusing one");
-                    continue;
-                };
-                let public = public.clone();
-                conns.spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = handle(&public, stream).await {
-                        tracing::debug!(error = %e, "access admin connection ended");
-                    }
-                });
-            }
-        }
-    }
-    conns.abort_all();
-    let _ = std::fs::remove_file(path);
+    let listener = admin_socket::bind(path)?;
+    admin_socket::serve(Arc::new(AccessChannel(public)), listener, path, shutdown).await;
     Ok(())
-}
-
-async fn handle(public: &Public, stream: UnixStream) -> Result<(), AdminError> {
-    let (r, mut w) = stream.into_split();
-    let mut reader = BufReader::new(r);
-    loop {
-        let line = match tokio::time::timeout(REQUEST_TIMEOUT, lease_admin::read_line(&mut reader))
-            .await
-        {
-            Err(_) => return Err(AdminError::Timeout(REQUEST_TIMEOUT)),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(line))) => line,
-        };
-        let response = match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => dispatch(public, req),
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
-        };
-        let mut out =
-            serde_json::to_vec(&response).map_err(|e| AdminError::Protocol(e.to_string()))?;
-        out.push(b'\n');
-        let written = w.write_all(&out).await;
-        zeroize::Zeroize::zeroize(&mut out);
-        written.map_err(|source| AdminError::Io {
-            path: PathBuf::from(SOCKET_FILE),
-            source,
-        })?;
-    }
 }
 
 fn dispatch(public: &Public, req: Request) -> Response {
@@ -233,5 +194,5 @@ fn dispatch(public: &Public, req: Request) -> Response {
 
 /// Sends one request to the outlet listening at `path`.
 pub async fn client_request(path: &Path, request: &Request) -> Result<Response, AdminError> {
-    lease_admin::json_request(path, request).await
+    admin_socket::json_request(path, request).await
 }

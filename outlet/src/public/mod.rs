@@ -11,7 +11,7 @@ pub mod access;
 pub mod admin;
 pub mod gate;
 
-use crate::forward::{Drain, Services};
+use crate::serve::{Drain, Services};
 use access::AccessStore;
 use postern_net::stream::http_proxy::ProxyOptions;
 use postern_net::stream::tls_server::{self, TlsAcceptor};

@@ -1,0 +1,165 @@
+//! Starting an outlet from its merged configuration: the one entry the binary (and anything
+//! else that runs an outlet as the binary would) calls.
+
+use crate::config::{allows, influxdb_rule, targets, OutletConfig};
+use crate::lease::{admin, LeaseConfig, LeaseManager};
+use crate::node::{Outlet, OutletOptions};
+use crate::serve::Services;
+use crate::target::Target;
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+/// Runs an outlet as configured until `shutdown`, then drains its streams and stops: takes the
+/// state directory's lock, loads (or first prepares) the identity, starts the lease manager and
+/// its admin socket for an `[influxdb-outlet]`, the public services and their access admin
+/// socket, `/metrics` when asked, and certificate renewal when it was enrolled. Leases are
+/// revoked once the streams have drained.
+pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let recorder = match cfg.metrics_addr {
+        Some(_) => {
+            let r = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
+            crate::metrics::describe();
+            Some(r)
+        }
+        None => None,
+    };
+    // Held until the process ends: a second outlet on this identity is refused here.
+    let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "outlet")?;
+    let settings =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
+    let (relay, identity, roots) = settings.load()?;
+    // Cancelled once the outlet has drained: leases are revoked, the admin socket closes.
+    let leases_stop = CancellationToken::new();
+    let mut services = Services {
+        targets: targets(&cfg.services)?,
+        leases: Default::default(),
+        allow: allows(&cfg.services)?,
+        inject_at: Default::default(),
+    };
+    let mut managers = Vec::new();
+    if let Some((name, influx)) = cfg.influxdb {
+        let lease_cfg = influx.validate().context("[influxdb-outlet]")?;
+        let target = influx_target(&lease_cfg)?;
+        let manager = LeaseManager::start(lease_cfg, &cfg.state_dir, leases_stop.clone())
+            .await
+            .context("starting the lease manager")?;
+        let socket = admin::socket_path(&cfg.state_dir);
+        let (m, s) = (manager.clone(), leases_stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(m, &socket, s).await {
+                tracing::error!(error = %e, "lease admin socket failed");
+            }
+        });
+        if let Some(e) = influxdb_rule(&influx)? {
+            services.allow.insert(name.clone(), e);
+        }
+        services.targets.insert(name.clone(), target);
+        services.inject_at.insert(name.clone(), influx.inject_at);
+        services.leases.insert(name, manager.clone());
+        managers.push(manager);
+    }
+    let mut outlet = Outlet::bind(OutletOptions {
+        relay,
+        identity,
+        roots,
+        services,
+    })?;
+    outlet.set_drain_timeout(cfg.drain_timeout);
+    outlet.set_transport(cfg.transport.clone());
+    // Relays given in the config, else the other relays the enrollment ticket named.
+    let more_relays = if cfg.more_relays.is_empty() {
+        &settings.more_relays
+    } else {
+        &cfg.more_relays
+    };
+    for relay in
+        postern_net::transport::relay_path::resolve_relays(more_relays, &settings.relay_name)
+            .map_err(anyhow::Error::msg)?
+    {
+        outlet.add_relay(relay);
+    }
+    if let Some(p) = &cfg.public {
+        let access = crate::public::access::AccessStore::open(&cfg.state_dir)
+            .context("opening the access grant store")?;
+        let mut offered = std::collections::HashMap::new();
+        for (name, cert, key) in &p.services {
+            let acceptor = postern_net::stream::tls_server::acceptor(cert, key)
+                .with_context(|| format!("public service {name}"))?;
+            let host = format!("{name}.{}", p.domain);
+            offered.insert(
+                name.clone(),
+                crate::public::PublicService { host, acceptor },
+            );
+        }
+        let public = std::sync::Arc::new(crate::public::Public {
+            services: offered,
+            access: std::sync::Arc::new(access),
+            link_port: p.port,
+        });
+        let socket = crate::public::admin::socket_path(&cfg.state_dir);
+        let (pub2, stop) = (public.clone(), leases_stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::public::admin::serve(pub2, &socket, stop).await {
+                tracing::error!(error = %e, "access admin socket failed");
+            }
+        });
+        outlet.set_public(public);
+    }
+    let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = postern_net::runtime::ops::bind(addr).await?;
+        tokio::spawn(postern_net::runtime::ops::serve(
+            listener,
+            std::sync::Arc::new(outlet.handle()),
+            recorder,
+            ops_stop.clone(),
+        ));
+    }
+    let handle = outlet.handle();
+    postern_net::control::renew::spawn_if_enrolled(
+        &cfg.state_dir,
+        &settings.cert,
+        handle.control(),
+        move |identity| {
+            if let Err(e) = handle.set_identity(&identity) {
+                tracing::error!(error = %e, "cannot use the renewed certificate");
+            }
+        },
+        shutdown.clone(),
+    );
+    outlet.run(shutdown).await;
+    leases_stop.cancel();
+    for m in managers {
+        // Revokes what must not outlive the outlet.
+        m.closed().await;
+    }
+    ops_stop.cancel();
+    tracing::info!("outlet stopped");
+    Ok(())
+}
+
+/// The tunnel target of the lease-managed InfluxDB: the host and port of its URL.
+pub fn influx_target(cfg: &LeaseConfig) -> anyhow::Result<Target> {
+    let host = cfg
+        .url
+        .host_str()
+        .context("[influxdb-outlet] to: URL has no host")?;
+    let port = cfg
+        .url
+        .port_or_known_default()
+        .context("[influxdb-outlet] to: URL has no port")?;
+    let to = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    if cfg.url.scheme() == "https" {
+        let ca_path = cfg.tls_ca.as_ref().context(
+            "[influxdb-outlet]: `tls = true` needs `tls-ca` for the tunnel's TLS to InfluxDB",
+        )?;
+        let ca = postern_net::runtime::files::read(ca_path)?;
+        Ok(Target::tls(to, &ca, host)?)
+    } else {
+        Ok(Target::tcp(to))
+    }
+}

@@ -1,0 +1,36 @@
+//! Why a lease operation failed: one error type for the manager's public calls, wrapping the
+//! config's, the store's and the backend's.
+
+use super::backend::BackendError;
+use super::config::ConfigError;
+use super::fault::CrashPoint;
+use super::store::StoreError;
+use postern_proto::name::NodeName;
+use std::time::Duration;
+
+/// Why a lease operation failed. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("InfluxDB did not finish making a credential within {0:?}")]
+    Timeout(Duration),
+    #[error("lease {0} not found")]
+    NotFound(String),
+    #[error("lease {0} is being created or revoked right now; try again")]
+    Busy(String),
+    #[error("the lease manager is shut down")]
+    Closed,
+    #[error("the lease manager crashed at the injected fault {0:?}")]
+    Crashed(CrashPoint),
+    #[error("{0} lease(s) could not be revoked at shutdown; they stay in the store and are revoked at the next start")]
+    Unrevoked(usize),
+    #[error("identity {0} is revoked: it gets no lease")]
+    ClientRevoked(NodeName),
+    #[error("{0} lease(s) of a revoked identity could not be revoked now; they are retried")]
+    RevokeClient(usize),
+}

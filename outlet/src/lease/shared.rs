@@ -1,0 +1,58 @@
+//! The state one lease manager's files share: [`Inner`], worked on by the public calls
+//! (`manager.rs`), the background task (`driver.rs`), the steps of making and revoking a lease
+//! (`lifecycle.rs`) and the start-up reconciliation (`reconcile.rs`), each adding its methods.
+
+use super::backend::Backend;
+use super::fault::Faults;
+use super::live::LiveCredentials;
+use super::schedule::{Policy, Schedule};
+use super::store::LeaseStore;
+use postern_proto::lease::LeaseGrant;
+use postern_proto::name::NodeName;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// What the manager's tasks and calls share behind one lock: the schedule, the subscribers and
+/// the live credentials.
+pub(super) struct State {
+    pub(super) schedule: Schedule,
+    pub(super) watchers: BTreeMap<NodeName, watch::Sender<Option<LeaseGrant>>>,
+    /// Every live credential, for the outlet's enforcement ([`LeaseManager::accepts`](super::LeaseManager::accepts)).
+    pub(super) live: LiveCredentials,
+    /// When to look for orphaned credentials again (the scan at start failed).
+    pub(super) orphan_scan_at: Option<u64>,
+    pub(super) orphan_scan_failures: u32,
+    pub(super) orphan_scan_running: bool,
+    pub(super) unrevoked_at_shutdown: usize,
+}
+
+/// Everything one manager's public calls ([`LeaseManager`](super::LeaseManager)) and background
+/// tasks work on.
+pub(super) struct Inner {
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) store: Mutex<Option<LeaseStore>>,
+    pub(super) instance: String,
+    pub(super) policy: Policy,
+    pub(super) state: Mutex<State>,
+    pub(super) wake: Notify,
+    pub(super) shutdown: CancellationToken,
+    pub(super) stopped: CancellationToken,
+    /// Fault injection for crash-safety tests.
+    pub(super) faults: Faults,
+    /// Identities revoked while this manager runs: they get no lease (see `revoke_client`).
+    pub(super) revoked_clients: Mutex<BTreeSet<NodeName>>,
+}
+
+/// A fresh lease id: 16 lowercase hex digits.
+pub(super) fn new_lease_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Locks one of the manager's mutexes.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every update is a
+    // single assignment or map operation), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
