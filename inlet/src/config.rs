@@ -1,6 +1,6 @@
 //! Inlet configuration: a TOML file, every key also a flag (flags win).
 
-use crate::node::ServiceKind;
+use crate::listen::ServiceKind;
 use anyhow::{bail, Context};
 use clap::Args;
 use postern_net::node_config::NodeArgs;
