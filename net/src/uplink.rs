@@ -408,6 +408,72 @@ fn readiness(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postern_proto::name::NodeName;
+    use postern_proto::pki::Ca;
+
+    /// A fresh identity for `name` from `ca`.
+    fn issue(ca: &Ca, name: &str) -> Identity {
+        let issued = ca
+            .issue(
+                &NodeName::new(name).expect("name"),
+                Duration::from_secs(3600),
+            )
+            .expect("issue");
+        Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity")
+    }
+
+    fn target(port: u16) -> RelayTarget {
+        RelayTarget {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            name: "relay".to_owned(),
+        }
+    }
+
+    /// A bound uplink whose relays are not running: it keeps their order, is not ready for the
+    /// right reason, takes a renewed identity in either role, and says "shutting down" once
+    /// draining. (Nothing listens on the relays' ports; `start` is never called.)
+    #[tokio::test]
+    async fn a_bound_uplink_without_relays_up_keeps_order_and_explains_readiness() {
+        let ca = Ca::generate("test").expect("CA");
+        let roots = postern_proto::tls::roots_from_pem(ca.cert_pem()).expect("roots");
+        let identity = issue(&ca, "node-1");
+        for role in [Role::Client, Role::Server] {
+            let uplink = Uplink::bind(target(9), &identity, roots.clone(), role).expect("bind");
+            assert_eq!(uplink.e2e_client().is_some(), role == Role::Client);
+            assert!(!uplink.several_relays());
+            uplink.add_relay(target(10));
+            assert!(uplink.several_relays());
+            let order: Vec<u16> = uplink.relays().iter().map(|(a, _)| a.port()).collect();
+            assert_eq!(order, [9, 10]);
+            assert!(!uplink.relay_connected());
+            assert!(uplink.healthy_now(None).is_empty());
+            assert!(uplink
+                .healthy_relay(None, Duration::from_millis(50))
+                .await
+                .is_none());
+            assert!(!uplink.wait_all_connected(Duration::from_millis(50)).await);
+            assert_eq!(
+                uplink.readiness(),
+                Err("no control connection to the relay".to_owned())
+            );
+            uplink
+                .transports()
+                .set_refused(target(10).addr, Some("identity revoked".into()));
+            let why = uplink.readiness().expect_err("not ready");
+            assert!(
+                why.contains("127.0.0.1:10") && why.contains("revoked"),
+                "{why}"
+            );
+
+            // A renewed identity (same name, new key) is taken for the next connections.
+            uplink
+                .set_identity(&issue(&ca, "node-1"))
+                .expect("renewed identity");
+
+            uplink.drain().draining.cancel();
+            assert_eq!(uplink.readiness(), Err("shutting down".to_owned()));
+        }
+    }
 
     #[test]
     fn readiness_says_shutting_down_first_then_why_no_relay() {
