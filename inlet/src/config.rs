@@ -1,6 +1,6 @@
 //! Inlet configuration: a TOML file, every key also a flag (flags win).
 
-use crate::node::ServiceKind;
+use crate::listen::ServiceKind;
 use anyhow::{bail, Context};
 use clap::Args;
 use postern_net::node_config::NodeArgs;
@@ -175,13 +175,12 @@ impl RunArgs {
             }
             s.tls_files()?;
         }
-        let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
-            (Some(d), _) => d,
-            (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
-                .map_err(anyhow::Error::msg)
-                .context("drain-timeout")?,
-            (None, None) => postern_net::runtime::drain::DEFAULT_DRAIN_TIMEOUT,
-        };
+        let drain_timeout = postern_net::runtime::drain::drain_timeout(
+            self.drain_timeout,
+            file.drain_timeout.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
+        .context("drain-timeout")?;
         let from_file = postern_net::node_config::NodeFlags {
             relay: file
                 .relay

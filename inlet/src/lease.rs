@@ -1,7 +1,7 @@
 //! The inlet's lease client: keeps the current leased credential of a service, as streamed by
 //! the outlet, in a watch channel the HTTP filter reads once per request.
 
-use crate::node::Shared;
+use crate::pool::Pool;
 use postern_net::control::exchange;
 use postern_net::runtime::backoff::Backoff;
 use postern_net::stream::http_proxy::{Gate, Verdict};
@@ -83,7 +83,7 @@ fn until(expires_at_ms: u64) -> Duration {
 
 /// Keeps `state` up to date for `service` until `shutdown`.
 pub(crate) async fn run(
-    shared: Arc<Shared>,
+    pool: Arc<Pool>,
     service: ServiceName,
     state: watch::Sender<LeaseState>,
     shutdown: CancellationToken,
@@ -92,7 +92,7 @@ pub(crate) async fn run(
     // Expiry of the credential currently held, if any.
     let mut held_until: Option<tokio::time::Instant> = None;
     loop {
-        let session = follow(&shared, &service, &state, &mut held_until, &mut backoff);
+        let session = follow(&pool, &service, &state, &mut held_until, &mut backoff);
         let reason = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = session => r,
@@ -131,16 +131,16 @@ fn expire(state: &watch::Sender<LeaseState>, held_until: &mut Option<tokio::time
 
 /// One lease stream: ask, then apply every grant until the stream ends. Returns why it ended.
 async fn follow(
-    shared: &Shared,
+    pool: &Pool,
     service: &ServiceName,
     state: &watch::Sender<LeaseState>,
     held_until: &mut Option<tokio::time::Instant>,
     backoff: &mut Backoff,
 ) -> String {
-    let conn = match shared.connection(service).await {
+    let conn = match pool.connection(service).await {
         Ok(c) => c,
         Err(e) => {
-            let reason = shared.explain(service, &e);
+            let reason = e.explain(service, pool.uplink().transports());
             // A held credential stays usable until it expires; without one, clients are told
             // why there is none instead of "not received yet".
             if held_until.is_none() {

@@ -30,7 +30,7 @@ pub fn describe() {
         "Client connections that could not be served, by service and reason."
     );
     metrics::describe_counter!(
-        crate::node::CONNECTIONS_REFUSED,
+        crate::listen::CONNECTIONS_REFUSED,
         "Client connections closed by the listener's connection cap, by service and reason (cap, evicted_silent)."
     );
     metrics::describe_counter!(

@@ -12,6 +12,8 @@
 //!   its credential gate, the TLS server for public hostnames.
 //! - [`runtime`]: the ground every process stands on: the ops endpoint, logging, drain,
 //!   durations, files and state locks, backoff, listener limits, signals.
+//! - [`uplink`]: a node's socket, endpoint and control connections to its relays, identity,
+//!   readiness and drain, shared by the inlet and the outlet.
 //! - [`node_config`]: the flags and files both nodes (inlet and outlet) share.
 
 pub mod control;
@@ -19,3 +21,4 @@ pub mod node_config;
 pub mod runtime;
 pub mod stream;
 pub mod transport;
+pub mod uplink;

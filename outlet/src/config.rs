@@ -226,13 +226,12 @@ impl RunArgs {
         if services.is_empty() && influxdb.is_none() {
             bail!("no services: add a [[service]] table, an [influxdb-outlet] table or pass --service NAME=HOST:PORT");
         }
-        let drain_timeout = match (self.drain_timeout, &file.drain_timeout) {
-            (Some(d), _) => d,
-            (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
-                .map_err(anyhow::Error::msg)
-                .context("drain-timeout")?,
-            (None, None) => postern_net::runtime::drain::DEFAULT_DRAIN_TIMEOUT,
-        };
+        let drain_timeout = postern_net::runtime::drain::drain_timeout(
+            self.drain_timeout,
+            file.drain_timeout.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
+        .context("drain-timeout")?;
         let from_file = postern_net::node_config::NodeFlags {
             relay: file
                 .relay

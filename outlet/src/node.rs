@@ -1,12 +1,15 @@
-//! The outlet node: one socket, one control connection to the relay, end-to-end listener.
+//! The outlet node: its uplink (socket, endpoint, one control connection per relay, see
+//! [`postern_net::uplink`]), what it says on those connections (register services, take
+//! routes), and the end-to-end listener that serves inlets' streams.
 
-use crate::serve::{self as forward, Drain, ExpectedRoute, Routes, Services};
-use postern_net::control::connection::{self, ControlHandler, SharedClientConfig};
+use crate::serve::{self, ExpectedRoute, Routes, Services};
+use postern_net::control::connection::ControlHandler;
 use postern_net::control::exchange::{self, CtlError, CTL_TIMEOUT};
-use postern_net::transport::endpoint::{self, EndpointError};
+use postern_net::runtime::drain::Drain;
+use postern_net::transport::endpoint::EndpointError;
 use postern_net::transport::node_socket::NodeSocket;
-use postern_net::transport::relay_path::RelayTarget;
-use postern_net::transport::relay_path::{RelayPath, TransportSettings, TransportStatus};
+use postern_net::transport::relay_path::{RelayTarget, TransportSettings, TransportStatus};
+use postern_net::uplink::{ControlWatch, Role, Uplink, UplinkError};
 use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
@@ -14,16 +17,14 @@ use rustls::RootCertStore;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Why an outlet could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OutletError {
     #[error(transparent)]
-    Endpoint(#[from] EndpointError),
-    #[error("cannot bind UDP socket: {0}")]
-    Bind(std::io::Error),
+    Uplink(#[from] UplinkError),
 }
 
 /// What an outlet needs to run.
@@ -37,67 +38,39 @@ pub struct OutletOptions {
 
 /// A bound outlet, ready to [`run`](Outlet::run).
 pub struct Outlet {
-    endpoint: quinn::Endpoint,
-    socket: Arc<NodeSocket>,
-    client: SharedClientConfig,
-    roots: Arc<RootCertStore>,
-    relay: RelayTarget,
+    uplink: Arc<Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
-    control: watch::Sender<Option<quinn::Connection>>,
-    /// Relays beyond the first, each with its own control connection (see `add_relay`).
-    more_relays: Vec<(RelayTarget, watch::Sender<Option<quinn::Connection>>)>,
-    transport: TransportSettings,
-    transport_status: Arc<TransportStatus>,
-    drain: Drain,
-    drain_timeout: Duration,
     public: Option<Arc<crate::public::Public>>,
 }
 
 /// Inspect a running outlet (tests, bench, the metrics endpoint).
 #[derive(Clone)]
 pub struct OutletHandle {
+    uplink: Arc<Uplink>,
     routes: Arc<Routes>,
-    control: watch::Receiver<Option<quinn::Connection>>,
-    more_controls: Vec<watch::Receiver<Option<quinn::Connection>>>,
-    transport_status: Arc<TransportStatus>,
-    drain: Drain,
-    endpoint: quinn::Endpoint,
-    client: SharedClientConfig,
-    roots: Arc<RootCertStore>,
 }
 
 impl OutletHandle {
     /// The control connection, as it comes and goes.
-    pub fn control(&self) -> watch::Receiver<Option<quinn::Connection>> {
-        self.control.clone()
+    pub fn control(&self) -> ControlWatch {
+        self.uplink.control()
     }
 
     /// Uses a renewed identity for every connection made or accepted from now on.
     pub fn set_identity(&self, identity: &Identity) -> Result<(), EndpointError> {
-        let control = endpoint::control_client(identity, self.roots.clone())?;
-        let server = endpoint::e2e_server(identity, self.roots.clone())?;
-        *self.client.write().unwrap_or_else(|p| p.into_inner()) = control;
-        self.endpoint.set_server_config(Some(server));
-        Ok(())
+        self.uplink.set_identity(identity)
     }
 
     /// Waits until the outlet's control connection to every relay is up (and its services
     /// registered there).
     pub async fn wait_registered(&mut self, timeout: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        for rx in std::iter::once(&mut self.control).chain(self.more_controls.iter_mut()) {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if connection::wait_connected(rx, left).await.is_none() {
-                return false;
-            }
-        }
-        true
+        self.uplink.wait_all_connected(timeout).await
     }
 
     /// Which transport (UDP or TLS/TCP) reaches each connected relay.
     pub fn transports(&self) -> &TransportStatus {
-        &self.transport_status
+        self.uplink.transports()
     }
 
     /// Live end-to-end connections.
@@ -107,64 +80,28 @@ impl OutletHandle {
 
     /// Open data streams (client connections being forwarded to a target).
     pub fn open_streams(&self) -> usize {
-        self.drain.streams.len()
+        self.uplink.drain().streams.len()
     }
 
     /// True while a control connection to a relay is up.
     pub fn relay_connected(&self) -> bool {
-        std::iter::once(&self.control)
-            .chain(self.more_controls.iter())
-            .any(|rx| {
-                rx.borrow()
-                    .as_ref()
-                    .is_some_and(|c| c.close_reason().is_none())
-            })
+        self.uplink.relay_connected()
     }
 
     /// Whether the outlet can take streams (the `/readyz` answer).
     pub fn readiness(&self) -> Result<(), String> {
-        if self.drain.draining.is_cancelled() {
-            Err("shutting down".into())
-        } else if !self.relay_connected() {
-            Err(self
-                .transport_status
-                .not_ready_reason("no control connection to the relay"))
-        } else {
-            Ok(())
-        }
+        self.uplink.readiness()
     }
 }
 
 impl Outlet {
     /// Binds the outlet's socket and endpoint.
     pub fn bind(opts: OutletOptions) -> Result<Self, OutletError> {
-        let socket = Arc::new(NodeSocket::bind_for(opts.relay.addr).map_err(OutletError::Bind)?);
-        let server = endpoint::e2e_server(&opts.identity, opts.roots.clone())?;
-        let client = Arc::new(std::sync::RwLock::new(endpoint::control_client(
-            &opts.identity,
-            opts.roots.clone(),
-        )?));
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            endpoint::endpoint_config(None),
-            Some(server),
-            socket.clone(),
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(OutletError::Bind)?;
+        let uplink = Uplink::bind(opts.relay, &opts.identity, opts.roots, Role::Server)?;
         Ok(Self {
-            endpoint,
-            socket,
-            client,
-            roots: opts.roots,
-            relay: opts.relay,
+            uplink: Arc::new(uplink),
             routes: Arc::new(Routes::default()),
             services: Arc::new(opts.services),
-            control: watch::channel(None).0,
-            more_relays: Vec::new(),
-            transport: TransportSettings::default(),
-            transport_status: Arc::default(),
-            drain: Drain::default(),
-            drain_timeout: Duration::ZERO,
             public: None,
         })
     }
@@ -172,21 +109,20 @@ impl Outlet {
     /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
     /// default). Call before [`run`](Self::run).
     pub fn set_transport(&mut self, transport: TransportSettings) {
-        self.transport = transport;
+        self.uplink.set_transport(transport);
     }
 
     /// Registers with `relay` too (as with the first: its own control connection, no state
-    /// shared between relays), so inlets can use any of them. Call before
-    /// [`handle`](Self::handle) and [`run`](Self::run).
+    /// shared between relays), so inlets can use any of them. Call before [`run`](Self::run).
     pub fn add_relay(&mut self, relay: RelayTarget) {
-        self.more_relays.push((relay, watch::channel(None).0));
+        self.uplink.add_relay(relay);
     }
 
     /// After shutdown is asked for, let open streams finish for up to `timeout` (refusing new
     /// connections, routes and streams, and keeping the control connection up so the routes
     /// stay) before closing. Default: zero, close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
-        self.drain_timeout = timeout;
+        self.uplink.set_drain_timeout(timeout);
     }
 
     /// Also offers these services at the relay's public hostname ingress (each must be one of
@@ -198,18 +134,8 @@ impl Outlet {
     /// A handle for inspection.
     pub fn handle(&self) -> OutletHandle {
         OutletHandle {
+            uplink: self.uplink.clone(),
             routes: self.routes.clone(),
-            control: self.control.subscribe(),
-            more_controls: self
-                .more_relays
-                .iter()
-                .map(|(_, c)| c.subscribe())
-                .collect(),
-            transport_status: self.transport_status.clone(),
-            drain: self.drain.clone(),
-            endpoint: self.endpoint.clone(),
-            client: self.client.clone(),
-            roots: self.roots.clone(),
         }
     }
 
@@ -217,69 +143,36 @@ impl Outlet {
     pub async fn run(self, shutdown: CancellationToken) {
         // Cancelled once draining is over: closes the control connection.
         let close = CancellationToken::new();
-        let several = !self.more_relays.is_empty();
-        let mut controls = tokio::task::JoinSet::new();
-        for (relay, current) in std::iter::once((self.relay, self.control)).chain(self.more_relays)
-        {
-            let handler = Arc::new(OutletControl {
-                socket: self.socket.clone(),
+        let several = self.uplink.several_relays();
+        let drain = self.uplink.drain().clone();
+        let handler_for = |relay| {
+            Arc::new(OutletControl {
+                socket: self.uplink.socket().clone(),
                 routes: self.routes.clone(),
                 services: self.services.names(),
-                relay: relay.addr,
-                draining: self.drain.draining.clone(),
+                relay,
+                draining: drain.draining.clone(),
                 keep_on_relay_loss: several,
                 public: self.public.clone(),
                 all: self.services.clone(),
-                drain: self.drain.clone(),
-            });
-            let path = match RelayPath::new(
-                self.socket.clone(),
-                relay,
-                self.roots.clone(),
-                self.transport.clone(),
-                self.transport_status.clone(),
-            ) {
-                Ok(p) => Arc::new(p),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot set up the path to the relay");
-                    return;
-                }
-            };
-            controls.spawn(connection::run(
-                self.endpoint.clone(),
-                self.client.clone(),
-                path,
-                handler,
-                current,
-                close.clone(),
-            ));
-        }
-        let ctl = async move { while controls.join_next().await.is_some() {} };
-        let accept = forward::accept_loop(
-            self.endpoint.clone(),
+                drain: drain.clone(),
+            })
+        };
+        let Some(uplink) = self
+            .uplink
+            .start(handler_for, shutdown.clone(), close, "streams")
+        else {
+            return;
+        };
+        let accept = serve::accept_loop(
+            self.uplink.endpoint().clone(),
             self.routes.clone(),
             self.services.clone(),
             shutdown.clone(),
-            self.drain.clone(),
+            drain.clone(),
         );
-        let (endpoint, state, timeout) = (&self.endpoint, &self.drain, self.drain_timeout);
-        let drain = async {
-            shutdown.cancelled().await;
-            state.draining.cancel();
-            // New end-to-end connections are refused from now on.
-            endpoint.set_server_config(None);
-            if !timeout.is_zero() {
-                postern_net::runtime::drain::drain(&state.streams, timeout, "streams").await;
-            }
-            close.cancel();
-        };
-        tokio::join!(accept, ctl, drain);
-        self.endpoint.close(
-            postern_proto::msg::code::SHUTDOWN.into(),
-            b"outlet shutting down",
-        );
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
-            .await;
+        tokio::join!(accept, uplink);
+        self.uplink.close(b"outlet shutting down").await;
     }
 }
 

@@ -5,6 +5,7 @@ use crate::enforce::LeaseGate;
 use crate::lease::{InjectAt, LeaseManager};
 use crate::target::{Target, TargetError};
 use postern_net::control::exchange;
+use postern_net::runtime::drain::Drain;
 use postern_net::stream::http_proxy::{self, ProxyOptions};
 use postern_net::stream::splice;
 use postern_proto::fwd::RouteId;
@@ -18,7 +19,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// What the outlet offers: where each service's streams go, and which services hand out
@@ -124,16 +124,6 @@ impl Routes {
     pub fn connection_count(&self) -> usize {
         self.conns().values().map(Vec::len).sum()
     }
-}
-
-/// What the data plane needs to know for a graceful shutdown: whether it has begun, and the
-/// open data streams (lease streams are not counted: they last as long as their connection).
-#[derive(Clone, Default)]
-pub struct Drain {
-    /// Cancelled when shutdown begins: new streams are refused from then on.
-    pub draining: CancellationToken,
-    /// One token per data stream, from its header until it ends.
-    pub streams: TaskTracker,
 }
 
 /// Accepts end-to-end connections until `shutdown`.

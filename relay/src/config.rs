@@ -184,19 +184,17 @@ impl RunArgs {
                 .unwrap_or_else(|| PathBuf::from("flags")),
             message,
         })?;
-        let drain_timeout =
-            match (self.drain_timeout, &file.drain_timeout) {
-                (Some(d), _) => d,
-                (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
-                    .map_err(|message| FileError::Config {
-                        path: self
-                            .config
-                            .clone()
-                            .unwrap_or_else(|| PathBuf::from("flags")),
-                        message: format!("drain-timeout: {message}"),
-                    })?,
-                (None, None) => postern_net::runtime::drain::DEFAULT_DRAIN_TIMEOUT,
-            };
+        let drain_timeout = postern_net::runtime::drain::drain_timeout(
+            self.drain_timeout,
+            file.drain_timeout.as_deref(),
+        )
+        .map_err(|message| FileError::Config {
+            path: self
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("flags")),
+            message: format!("drain-timeout: {message}"),
+        })?;
         let config_error = |message: String| FileError::Config {
             path: self
                 .config

@@ -8,7 +8,7 @@
 //! - a revoked identity's InfluxDB user is gone within a second;
 //! - a revoked inlet stops retrying in a tight loop and `/readyz` says why.
 
-use postern_inlet::node::{Inlet, InletOptions, InletService, ServiceKind};
+use postern_inlet::{Inlet, InletOptions, InletService, ServiceKind};
 use postern_outlet::lease::{Api, InfluxdbOutletConfig, LeaseConfig, LeaseManager, SecretRef};
 use postern_outlet::serve::Services;
 use postern_outlet::target::Target;

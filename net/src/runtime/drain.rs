@@ -3,11 +3,38 @@
 //! closes its connections.
 
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long open streams may take to finish after SIGTERM/SIGINT, unless `--drain-timeout`
 /// says otherwise.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The drain timeout a process runs with: the `--drain-timeout` flag's, else the config file's
+/// `drain-timeout` key (parsed here), else [`DEFAULT_DRAIN_TIMEOUT`]. The relay, the outlet and
+/// the inlet merge it the same way. The error is the file value's parse error (the caller says
+/// which file).
+pub fn drain_timeout(flag: Option<Duration>, file: Option<&str>) -> Result<Duration, String> {
+    match (flag, file) {
+        (Some(d), _) => Ok(d),
+        (None, Some(text)) => crate::runtime::duration::parse_duration(text),
+        (None, None) => Ok(DEFAULT_DRAIN_TIMEOUT),
+    }
+}
+
+/// A node's graceful-shutdown state: whether it has begun, and the work it took that may still
+/// finish. Cloned into every task that takes work, so each can refuse new work once draining
+/// and hold a token while its work lasts.
+#[derive(Clone, Default)]
+pub struct Drain {
+    /// Cancelled when shutdown begins: new work (client connections, routes, streams) is
+    /// refused from then on.
+    pub draining: CancellationToken,
+    /// One token per open stream (the outlet's data streams, the inlet's client connections;
+    /// not lease streams, which last as long as their connection), from its start until it
+    /// ends.
+    pub streams: TaskTracker,
+}
 
 /// Waits until every task in `tracker` is done, at most `timeout`; returns how many were still
 /// running at the deadline (they are cut off when the node closes its endpoint). `what` names
@@ -35,6 +62,26 @@ pub async fn drain(tracker: &TaskTracker, timeout: Duration, what: &str) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drain_timeout_takes_the_flag_then_the_file_then_the_default() {
+        let flag = Some(Duration::from_secs(3));
+        assert_eq!(drain_timeout(flag, Some("1m")), Ok(Duration::from_secs(3)));
+        assert_eq!(drain_timeout(None, Some("1m")), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            drain_timeout(None, Some("250ms")),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(drain_timeout(None, None), Ok(DEFAULT_DRAIN_TIMEOUT));
+        // A bad file value is refused even though the default would do, and named.
+        let err = drain_timeout(None, Some("soon")).expect_err("bad duration");
+        assert!(err.contains("\"soon\""), "{err}");
+        // The flag wins: a bad file value it overrides is not looked at.
+        assert_eq!(
+            drain_timeout(flag, Some("soon")),
+            Ok(Duration::from_secs(3))
+        );
+    }
 
     #[tokio::test]
     async fn drain_waits_for_tasks_then_gives_up_at_the_deadline() {

@@ -11,8 +11,9 @@ pub mod access;
 pub mod admin;
 pub mod gate;
 
-use crate::serve::{Drain, Services};
+use crate::serve::Services;
 use access::AccessStore;
+use postern_net::runtime::drain::Drain;
 use postern_net::stream::http_proxy::ProxyOptions;
 use postern_net::stream::tls_server::{self, TlsAcceptor};
 use postern_proto::http::FilterConfig;

@@ -1,0 +1,89 @@
+//! Starting an inlet from its merged configuration: the one entry the binary (and anything
+//! else that runs an inlet as the binary would) calls.
+
+use crate::config::InletConfig;
+use crate::listen::InletService;
+use crate::node::{Inlet, InletOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Runs an inlet as configured until `shutdown`, then drains and stops: takes the state
+/// directory's lock, loads (or first prepares) the identity, binds the listeners, serves
+/// `/metrics` when asked, and renews the certificate when it was enrolled.
+pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let recorder = match cfg.metrics_addr {
+        Some(_) => {
+            let r = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
+            crate::metrics::describe();
+            Some(r)
+        }
+        None => None,
+    };
+    // Held until the process ends: a second inlet on this identity is refused here.
+    let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "inlet")?;
+    let settings =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
+    let (relay, identity, roots) = settings.load()?;
+    let mut inlet = Inlet::bind(InletOptions {
+        relay,
+        identity,
+        roots,
+        services: cfg
+            .services
+            .iter()
+            .map(|s| InletService {
+                name: s.name.clone(),
+                listen: s.listen,
+                kind: s.kind,
+            })
+            .collect(),
+    })
+    .await?;
+    for s in &cfg.services {
+        if let Some((cert, key)) = s.tls_files()? {
+            inlet.set_tls(&s.name, crate::tls::acceptor(cert, key)?);
+        }
+    }
+    inlet.set_drain_timeout(cfg.drain_timeout);
+    if let Some(max) = cfg.max_connections {
+        inlet.set_max_connections(max);
+    }
+    inlet.set_transport(cfg.transport.clone());
+    // Relays given in the config, else the other relays the enrollment ticket named.
+    let more_relays = if cfg.more_relays.is_empty() {
+        &settings.more_relays
+    } else {
+        &cfg.more_relays
+    };
+    for relay in
+        postern_net::transport::relay_path::resolve_relays(more_relays, &settings.relay_name)
+            .map_err(anyhow::Error::msg)?
+    {
+        inlet.add_relay(relay);
+    }
+    let ops_stop = CancellationToken::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = postern_net::runtime::ops::bind(addr).await?;
+        tokio::spawn(postern_net::runtime::ops::serve(
+            listener,
+            std::sync::Arc::new(inlet.handle()),
+            recorder,
+            ops_stop.clone(),
+        ));
+    }
+    let handle = inlet.handle();
+    postern_net::control::renew::spawn_if_enrolled(
+        &cfg.state_dir,
+        &settings.cert,
+        handle.control(),
+        move |identity| {
+            if let Err(e) = handle.set_identity(&identity) {
+                tracing::error!(error = %e, "cannot use the renewed certificate");
+            }
+        },
+        shutdown.clone(),
+    );
+    inlet.run(shutdown).await;
+    ops_stop.cancel();
+    tracing::info!("inlet stopped");
+    Ok(())
+}
