@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs postern's test suite. Installs what the tests need first (InfluxDB 1.x and its CLI from
 # Debian, a Python venv with the real InfluxDB client libraries, headless Chromium, certutil and
-# nginx for the browser test, iproute2 for the network namespace of the TLS/TCP fallback test),
+# nginx for the browser test, iproute2 for the network namespace of the TLS/TCP fallback test,
+# etcd and protoc for the relay fleet),
 # then fmt, clippy and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,10 @@ command -v certutil >/dev/null || need+=(libnss3-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # `ip netns` and `ip rule ... ipproto` for the UDP-blocked namespace of tests/fallback_netns.rs.
 command -v ip >/dev/null || need+=(iproute2)
+# A three-member etcd cluster on loopback for tests/fleet.rs (the relay fleet's shared state),
+# and protoc, which the etcd client's build needs for etcd's gRPC definitions.
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq

@@ -6,6 +6,9 @@
 use crate::admin;
 use crate::authority::Authority;
 use crate::config::RelayConfig;
+use crate::fleet::embedded::Embedded;
+use crate::fleet::etcd::Etcd;
+use crate::fleet::{FleetState, Member};
 use crate::public::{PublicIngress, PublicOptions};
 use crate::server::{Relay, RelayHandle, RelayOptions};
 use crate::state::StateDir;
@@ -45,10 +48,26 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Resul
         roots,
         reset_key: Some(state.reset_key()?),
         tap: None,
-        policy: cfg.policy,
-        authority,
+        policy: cfg.policy.clone(),
+        authority: authority.clone(),
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
+    let fleet: Arc<dyn FleetState> = match &cfg.cluster {
+        Some(cluster) => {
+            let etcd = Etcd::connect(cluster, Some(state.clone()))
+                .await
+                .context("cluster")?;
+            Arc::new(etcd)
+        }
+        None => Arc::new(Embedded::new(authority, Some(state.clone()))),
+    };
+    let snapshot = fleet
+        .snapshot()
+        .await
+        .with_context(|| format!("reading the shared state from {}", fleet.describe()))?;
+    tracing::info!(state = %fleet.describe(), authority = fleet.runs_authority(), "shared state");
+    let member = member(&cfg, relay.local_addr()?);
+    relay.set_fleet(fleet, snapshot, member);
     if let Some(addr) = cfg.tcp_listen {
         match relay.listen_tcp(addr) {
             Ok(bound) => tracing::info!(%bound, "TLS/TCP fallback enabled"),
@@ -96,6 +115,30 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Resul
     public_stop.cancel();
     ops_stop.cancel();
     Ok(())
+}
+
+/// How this relay registers in the fleet: its `cluster` name (else host name and port) and
+/// advertised addresses (else the address it listens on).
+fn member(cfg: &RelayConfig, bound: SocketAddr) -> Member {
+    let cluster = cfg.cluster.as_ref();
+    let name = cluster.and_then(|c| c.name.clone()).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "relay".into());
+        format!("{host}:{}", bound.port())
+    });
+    let addresses = match cluster.map(|c| c.advertise.clone()) {
+        Some(a) if !a.is_empty() => a,
+        _ => vec![bound.to_string()],
+    };
+    Member {
+        name,
+        addresses,
+        load: Default::default(),
+        updated_at_ms: 0,
+    }
 }
 
 /// Starts the admin API. The default address being taken (say, a second relay on this host)

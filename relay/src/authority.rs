@@ -79,7 +79,7 @@ impl Authority {
 
     fn ticket_path(&self, id: &str) -> Option<PathBuf> {
         // Ticket ids are our own hex strings; anything else cannot name a file of ours.
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !valid_ticket_id(id) {
             return None;
         }
         Some(self.tickets_dir().join(format!("{id}.json")))
@@ -88,36 +88,9 @@ impl Authority {
     /// Creates and stores a ticket; returns it (its string form is what a node needs).
     pub fn create_ticket(&self, spec: TicketSpec) -> Result<Ticket, StateError> {
         let ca = self.state.load_ca()?;
-        let id = hex::encode(rand::random::<[u8; 8]>());
-        let secret = hex::encode(rand::random::<[u8; 24]>());
-        let now = now_ms();
-        let expires_at_ms = now + spec.ttl.as_millis() as u64;
-        let record = TicketRecord {
-            id: id.clone(),
-            secret_sha256: ticket::secret_hash(&secret),
-            created_at_ms: now,
-            expires_at_ms,
-            uses_left: spec.uses.max(1),
-            attrs: spec.attrs.clone(),
-            name: spec.name.clone(),
-            used_by: Vec::new(),
-        };
+        let (ticket, record) = new_ticket(&ca, spec);
         self.write_ticket(&record)?;
-        let authority = spec
-            .authority
-            .or_else(|| spec.relays.first().cloned())
-            .unwrap_or_default();
-        Ok(Ticket {
-            id,
-            secret,
-            relays: spec.relays,
-            authority,
-            relay_name: spec.relay_name,
-            ca_fingerprint: ca.fingerprint(),
-            expires_at_ms,
-            attrs: spec.attrs,
-            name: spec.name,
-        })
+        Ok(ticket)
     }
 
     fn write_ticket(&self, record: &TicketRecord) -> Result<(), StateError> {
@@ -200,19 +173,12 @@ impl Authority {
 
     /// Handles one enrollment request.
     pub fn enroll(&self, req: &EnrollRequest) -> EnrollResponse {
-        match self.try_enroll(req) {
-            Ok(r) => {
-                if let EnrollResponse::Enrolled { name, attrs, .. } = &r {
-                    tracing::info!(target: "postern::audit", event = "enrollment", allowed = true, node = %name, attrs = ?attrs, ticket = %req.ticket_id, "node enrolled");
-                }
-                r
-            }
-            Err(reason) => {
-                tracing::warn!(ticket = %req.ticket_id, %reason, "enrollment refused");
-                tracing::info!(target: "postern::audit", event = "enrollment", allowed = false, node = %req.name, ticket = %req.ticket_id, %reason, "enrollment refused");
-                EnrollResponse::Refused { reason }
-            }
-        }
+        audit_enrollment(req, self.try_enroll(req))
+    }
+
+    /// The state directory holding the CA.
+    pub fn state(&self) -> &StateDir {
+        &self.state
     }
 
     fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, String> {
@@ -223,26 +189,9 @@ impl Authority {
         let mut record: TicketRecord = files::read(&path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or("unknown ticket: this authority never issued it (was it altered, or is it for another project?)")?;
-        if !ticket::constant_time_eq(&ticket::secret_hash(&req.secret), &record.secret_sha256) {
-            return Err("ticket secret does not match: the ticket was altered".into());
-        }
+            .ok_or(UNKNOWN_TICKET)?;
         let now = now_ms();
-        if now >= record.expires_at_ms {
-            return Err(format!(
-                "ticket expired {} s ago; ask for a new one",
-                (now - record.expires_at_ms) / 1000
-            ));
-        }
-        if record.uses_left == 0 {
-            return Err(
-                "ticket already used; tickets are single-use unless created with --uses".into(),
-            );
-        }
-        if req.attrs != record.attrs {
-            return Err("ticket attributes were altered".into());
-        }
-        let name = record.name.clone().unwrap_or_else(|| req.name.clone());
+        let name = check_ticket(&record, req, now)?;
         if self.revoked().contains(&name) {
             return Err(format!("identity {name} has been revoked"));
         }
@@ -278,6 +227,97 @@ impl Authority {
             ca_pem: ca.cert_pem().to_owned(),
         })
     }
+}
+
+/// Logs an enrollment's outcome (and its audit event) and turns a refusal into the answer.
+pub(crate) fn audit_enrollment(
+    req: &EnrollRequest,
+    result: Result<EnrollResponse, String>,
+) -> EnrollResponse {
+    match result {
+        Ok(r) => {
+            if let EnrollResponse::Enrolled { name, attrs, .. } = &r {
+                tracing::info!(target: "postern::audit", event = "enrollment", allowed = true, node = %name, attrs = ?attrs, ticket = %req.ticket_id, "node enrolled");
+            }
+            r
+        }
+        Err(reason) => {
+            tracing::warn!(ticket = %req.ticket_id, %reason, "enrollment refused");
+            tracing::info!(target: "postern::audit", event = "enrollment", allowed = false, node = %req.name, ticket = %req.ticket_id, %reason, "enrollment refused");
+            EnrollResponse::Refused { reason }
+        }
+    }
+}
+
+/// What a node is told when its ticket is not on record.
+pub(crate) const UNKNOWN_TICKET: &str =
+    "unknown ticket: this authority never issued it (was it altered, or is it for another project?)";
+
+/// A new ticket for `spec`, signed off by `ca`'s fingerprint, and the record the authority
+/// keeps of it (a hash of the secret, never the secret).
+pub(crate) fn new_ticket(ca: &postern_proto::pki::Ca, spec: TicketSpec) -> (Ticket, TicketRecord) {
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    let secret = hex::encode(rand::random::<[u8; 24]>());
+    let now = now_ms();
+    let expires_at_ms = now + spec.ttl.as_millis() as u64;
+    let record = TicketRecord {
+        id: id.clone(),
+        secret_sha256: ticket::secret_hash(&secret),
+        created_at_ms: now,
+        expires_at_ms,
+        uses_left: spec.uses.max(1),
+        attrs: spec.attrs.clone(),
+        name: spec.name.clone(),
+        used_by: Vec::new(),
+    };
+    let authority = spec
+        .authority
+        .or_else(|| spec.relays.first().cloned())
+        .unwrap_or_default();
+    let ticket = Ticket {
+        id,
+        secret,
+        relays: spec.relays,
+        authority,
+        relay_name: spec.relay_name,
+        ca_fingerprint: ca.fingerprint(),
+        expires_at_ms,
+        attrs: spec.attrs,
+        name: spec.name,
+    };
+    (ticket, record)
+}
+
+/// Checks an enrollment request against the ticket's record (secret, expiry, uses left,
+/// attributes); returns the name the node gets. Both state backends enroll through it.
+pub(crate) fn check_ticket(
+    record: &TicketRecord,
+    req: &EnrollRequest,
+    now: u64,
+) -> Result<NodeName, String> {
+    if !ticket::constant_time_eq(&ticket::secret_hash(&req.secret), &record.secret_sha256) {
+        return Err("ticket secret does not match: the ticket was altered".into());
+    }
+    if now >= record.expires_at_ms {
+        return Err(format!(
+            "ticket expired {} s ago; ask for a new one",
+            (now - record.expires_at_ms) / 1000
+        ));
+    }
+    if record.uses_left == 0 {
+        return Err(
+            "ticket already used; tickets are single-use unless created with --uses".into(),
+        );
+    }
+    if req.attrs != record.attrs {
+        return Err("ticket attributes were altered".into());
+    }
+    Ok(record.name.clone().unwrap_or_else(|| req.name.clone()))
+}
+
+/// Whether `id` has the form of one of our ticket ids (hex), so it can name a file or key.
+pub(crate) fn valid_ticket_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn read_all<T: for<'de> Deserialize<'de>>(dir: &std::path::Path) -> Vec<T> {

@@ -4,6 +4,7 @@
 
 use crate::authority::{Authority, TicketSpec};
 use crate::config::{RunArgs, DEFAULT_STATE_DIR};
+use crate::fleet::{ClusterArgs, FleetState};
 use crate::state::StateDir;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -127,11 +128,15 @@ pub enum TicketCommand {
         relay_name: String,
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// List tickets (never their secrets).
     List {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
 }
 
@@ -141,6 +146,8 @@ pub enum IdentityCommand {
     List {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Revoke a node. When the relay of this state directory runs (its admin API answers with
     /// the directory's admin token), the revocation goes to it: it cuts the node off at once,
@@ -154,6 +161,10 @@ pub enum IdentityCommand {
         /// The running relay's admin API address (its `--admin-addr`) [default: 127.0.0.1:4434].
         #[arg(long)]
         admin_addr: Option<std::net::SocketAddr>,
+        /// With `--etcd`, the revocation is recorded in the fleet's shared state, and every
+        /// relay of the fleet cuts the node off within a second.
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
 }
 
@@ -223,12 +234,13 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             authority,
             relay_name,
             state_dir,
+            cluster,
         }) => {
             let attrs = attrs
                 .iter()
                 .map(|a| postern_proto::policy::parse_attr(a).map_err(anyhow::Error::msg))
                 .collect::<anyhow::Result<_>>()?;
-            let ticket = Authority::new(StateDir::new(state_dir)).create_ticket(TicketSpec {
+            let spec = TicketSpec {
                 attrs,
                 ttl: parse_duration(&ttl).map_err(anyhow::Error::msg)?,
                 uses,
@@ -236,13 +248,21 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 relays,
                 authority,
                 relay_name,
-            })?;
+            };
+            let ticket = match etcd(cluster, &state_dir).await? {
+                Some(fleet) => fleet.create_ticket(spec).await?,
+                None => Authority::new(StateDir::new(state_dir)).create_ticket(spec)?,
+            };
             println!("{}", ticket.encode());
             Ok(())
         }
-        Command::Ticket(TicketCommand::List { state_dir }) => {
+        Command::Ticket(TicketCommand::List { state_dir, cluster }) => {
             let now = crate::authority::now_ms();
-            for t in Authority::new(StateDir::new(state_dir)).tickets() {
+            let tickets = match etcd(cluster, &state_dir).await? {
+                Some(fleet) => fleet.tickets().await?,
+                None => Authority::new(StateDir::new(state_dir)).tickets(),
+            };
+            for t in tickets {
                 let status = if t.uses_left == 0 {
                     "used".to_string()
                 } else if now >= t.expires_at_ms {
@@ -258,8 +278,12 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Identity(IdentityCommand::List { state_dir }) => {
-            for i in Authority::new(StateDir::new(state_dir)).identities() {
+        Command::Identity(IdentityCommand::List { state_dir, cluster }) => {
+            let identities = match etcd(cluster, &state_dir).await? {
+                Some(fleet) => fleet.identities().await?,
+                None => Authority::new(StateDir::new(state_dir)).identities(),
+            };
+            for i in identities {
                 let status = if i.revoked { "REVOKED" } else { "active" };
                 println!("{}  {:?}  {}", i.name, i.attrs, status);
             }
@@ -269,13 +293,44 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             name,
             state_dir,
             admin_addr,
-        }) => revoke(name, state_dir, admin_addr).await,
+            cluster,
+        }) => match etcd(cluster, &state_dir).await? {
+            Some(fleet) => {
+                let existed = fleet.revoke(name.clone()).await?;
+                println!(
+                    "revoked {name} in {}{}: every relay of the fleet cuts it off within a second",
+                    fleet.describe(),
+                    if existed {
+                        ""
+                    } else {
+                        " (no such enrolled identity; the name is refused from now on)"
+                    }
+                );
+                Ok(())
+            }
+            None => revoke(name, state_dir, admin_addr).await,
+        },
         Command::Ca(CaCommand::Fingerprint { state_dir }) => {
             println!("{}", StateDir::new(state_dir).load_ca()?.fingerprint());
             Ok(())
         }
         Command::Status(args) => status(args).await,
     }
+}
+
+/// The fleet's shared state in etcd, when `--etcd` is given (`state_dir` holds the CA for
+/// creating tickets).
+async fn etcd(
+    cluster: ClusterArgs,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Option<crate::fleet::etcd::Etcd>> {
+    let Some(cfg) = cluster.resolve(None).map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let state = StateDir::new(state_dir);
+    Ok(Some(
+        crate::fleet::etcd::Etcd::connect(&cfg, Some(state)).await?,
+    ))
 }
 
 /// `identity revoke`: at the running relay when there is one, else in the state directory,

@@ -1,5 +1,6 @@
 //! Relay configuration: a TOML file, every key also a flag (flags win).
 
+use crate::fleet::{ClusterArgs, ClusterConfig, ClusterFile};
 use crate::policy::{PolicyFile, PolicySet};
 use clap::Args;
 use postern_net::runtime::files::FileError;
@@ -35,6 +36,8 @@ pub struct RelayFile {
     pub policy: Vec<PolicyFile>,
     pub public_addr: Option<SocketAddr>,
     pub public_domain: Option<String>,
+    /// `{ etcd = [...], prefix = "/postern" }`: keep the fleet's shared state in etcd.
+    pub cluster: Option<ClusterFile>,
 }
 
 /// `postern-relay run` flags.
@@ -105,6 +108,8 @@ pub struct RunArgs {
     /// for `https://influxdb.relay.example.com/` (point `*.relay.example.com` at this relay).
     #[arg(long)]
     pub public_domain: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// The merged configuration.
@@ -131,6 +136,8 @@ pub struct RelayConfig {
     pub admin_addr_explicit: bool,
     /// Public hostname ingress: TCP address and domain.
     pub public: Option<(SocketAddr, String)>,
+    /// The etcd cluster holding the fleet's shared state (`None`: the state directory).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// A DNS domain: dot-separated labels of letters, digits and `-`.
@@ -254,7 +261,18 @@ impl RunArgs {
                 })
             }
         };
+        let cluster = self
+            .cluster
+            .resolve(file.cluster)
+            .map_err(|message| FileError::Config {
+                path: self
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("flags")),
+                message,
+            })?;
         Ok(RelayConfig {
+            cluster,
             public,
             admin_addr,
             admin_addr_explicit,

@@ -8,6 +8,8 @@
 //! - [`admin`]: the admin HTTP API and its client; [`views`] the documents they exchange.
 //! - [`registry`], [`policy`], [`admission`]: sans-IO decisions the server applies.
 //! - [`authority`], [`state`]: enrollment tickets, identities and the CA on disk.
+//! - [`fleet`]: the state relays share (tickets, identities, drains, membership), in the
+//!   state directory or in etcd.
 //! - [`config`], [`metrics`]: flags and files; `/metrics`.
 
 pub mod admin;
@@ -16,6 +18,7 @@ pub mod app;
 pub mod authority;
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod forward;
 pub mod metrics;
 pub mod policy;

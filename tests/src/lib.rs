@@ -2,6 +2,7 @@
 //! written once. `kit` builds in-process clusters; the other modules hold what tests around
 //! them share.
 pub mod clients;
+pub mod etcd;
 pub mod flood;
 pub mod influx2;
 pub mod influxd;

@@ -178,8 +178,7 @@ impl AdminApi {
             ["v1", "tickets"] => match only(Method::GET) {
                 Some(r) => r,
                 None => {
-                    let relay = self.relay.clone();
-                    match tokio::task::spawn_blocking(move || relay.ticket_views()).await {
+                    match self.relay.ticket_views().await {
                         Ok(tickets) => json(
                             StatusCode::OK,
                             &views::Tickets {
@@ -187,15 +186,14 @@ impl AdminApi {
                                 tickets: tickets.unwrap_or_default(),
                             },
                         ),
-                        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read tickets"),
+                        Err(e) => op_error(e),
                     }
                 }
             },
             ["v1", "identities"] => match only(Method::GET) {
                 Some(r) => r,
                 None => {
-                    let relay = self.relay.clone();
-                    match tokio::task::spawn_blocking(move || relay.identity_views()).await {
+                    match self.relay.identity_views().await {
                         Ok((authority, identities)) => json(
                             StatusCode::OK,
                             &views::Identities {
@@ -203,9 +201,7 @@ impl AdminApi {
                                 identities,
                             },
                         ),
-                        Err(_) => {
-                            error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read identities")
-                        }
+                        Err(e) => op_error(e),
                     }
                 }
             },
@@ -234,7 +230,10 @@ impl AdminApi {
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e),
                 };
                 if *action == "undrain" {
-                    return json(StatusCode::OK, &self.relay.undrain_node(&name));
+                    return match self.relay.undrain_node(&name).await {
+                        Ok(u) => json(StatusCode::OK, &u),
+                        Err(e) => op_error(e),
+                    };
                 }
                 let timeout = match query_param(req.uri().query(), "timeout") {
                     None => self.drain_timeout,
@@ -243,7 +242,7 @@ impl AdminApi {
                         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("timeout: {e}")),
                     },
                 };
-                match self.relay.drain_node(&name, timeout) {
+                match self.relay.drain_node(&name, timeout).await {
                     Ok(d) => json(StatusCode::ACCEPTED, &d),
                     Err(e) => op_error(e),
                 }
@@ -273,6 +272,10 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
 fn op_error(e: AdminOpError) -> Response<Full<Bytes>> {
     let status = match e {
         AdminOpError::NotConnected(_) | AdminOpError::UnknownIdentity(_) => StatusCode::NOT_FOUND,
+        AdminOpError::Fleet(_) => {
+            tracing::warn!(error = %e, "admin action failed");
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         AdminOpError::Persist { .. } => {
             tracing::error!(error = %e, "admin action failed");
             StatusCode::INTERNAL_SERVER_ERROR

@@ -9,7 +9,7 @@ use crate::registry::NodeId;
 use crate::views::{
     Draining, IdentityView, NodeView, Revoked, RouteView, ServiceView, TicketView, Undrained,
 };
-use postern_proto::name::NodeName;
+use postern_proto::name::{NodeName, ServiceName};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -24,6 +24,9 @@ pub enum AdminOpError {
     UnknownIdentity(NodeName),
     #[error("cannot record the revocation of {name}: {message}")]
     Persist { name: NodeName, message: String },
+    /// The shared state could not be read or changed (etcd down, say); nothing was done.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -124,12 +127,16 @@ impl RelayHandle {
     }
 
     /// Enrollment tickets without their secrets; `None` when this relay does not run the
-    /// authority. Reads the state directory: call it off the async threads.
-    pub fn ticket_views(&self) -> Option<Vec<TicketView>> {
-        let authority = self.shared.authority.as_ref()?;
+    /// authority.
+    pub async fn ticket_views(&self) -> Result<Option<Vec<TicketView>>, AdminOpError> {
+        let fleet = self.shared.fleet();
+        if !fleet.runs_authority() {
+            return Ok(None);
+        }
         let now = crate::authority::now_ms();
-        let mut out: Vec<TicketView> = authority
+        let mut out: Vec<TicketView> = fleet
             .tickets()
+            .await?
             .into_iter()
             .map(|t| TicketView {
                 status: if t.uses_left == 0 {
@@ -150,17 +157,17 @@ impl RelayHandle {
             })
             .collect();
         out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-        Some(out)
+        Ok(Some(out))
     }
 
-    /// Enrolled identities (with the authority) and every revoked name, and whether each is
-    /// connected; the flag says whether this relay runs the authority. Reads the state
-    /// directory: call it off the async threads.
-    pub fn identity_views(&self) -> (bool, Vec<IdentityView>) {
+    /// Enrolled identities (where they are recorded) and every revoked name, and whether each
+    /// is connected; the flag says whether this relay runs the authority.
+    pub async fn identity_views(&self) -> Result<(bool, Vec<IdentityView>), AdminOpError> {
         let shared = &self.shared;
+        let fleet = shared.fleet();
         let mut by_name: BTreeMap<NodeName, IdentityView> = BTreeMap::new();
-        if let Some(authority) = &shared.authority {
-            for i in authority.identities() {
+        {
+            for i in fleet.identities().await? {
                 by_name.insert(
                     i.name.clone(),
                     IdentityView {
@@ -189,7 +196,8 @@ impl RelayHandle {
         for (name, view) in by_name.iter_mut() {
             view.connected = reg.by_name(name).is_some();
         }
-        (shared.authority.is_some(), by_name.into_values().collect())
+        drop(reg);
+        Ok((fleet.runs_authority(), by_name.into_values().collect()))
     }
 
     /// Revokes `name`: recorded by the authority when this relay runs it, and applied at once
@@ -200,34 +208,24 @@ impl RelayHandle {
         let shared = self.shared.clone();
         let connected = shared.registry().by_name(name).is_some();
         let already = shared.revoked().contains(name);
-        let persisted = match shared.authority.clone() {
-            Some(authority) => {
-                let n = name.clone();
-                let recorded = tokio::task::spawn_blocking(move || {
-                    let enrolled = authority.identities().iter().any(|i| i.name == n);
-                    if !(enrolled || connected || already) {
-                        return Ok(None);
-                    }
-                    authority.revoke(&n).map(Some).map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| AdminOpError::Persist {
+        let fleet = shared.fleet();
+        let persisted = if fleet.keeps_identities() {
+            let enrolled = fleet.identities().await?.iter().any(|i| &i.name == name);
+            if !(enrolled || connected || already) {
+                return Err(AdminOpError::UnknownIdentity(name.clone()));
+            }
+            fleet.revoke(name.clone()).await.map_err(|e| match e {
+                e @ crate::fleet::FleetError::Etcd(_) => AdminOpError::Fleet(e),
+                e => AdminOpError::Persist {
                     name: name.clone(),
                     message: e.to_string(),
-                })?;
-                match recorded {
-                    Ok(Some(_)) => true,
-                    Ok(None) => return Err(AdminOpError::UnknownIdentity(name.clone())),
-                    Err(message) => {
-                        return Err(AdminOpError::Persist {
-                            name: name.clone(),
-                            message,
-                        })
-                    }
-                }
-            }
-            None if connected || already => false,
-            None => return Err(AdminOpError::UnknownIdentity(name.clone())),
+                },
+            })?;
+            true
+        } else if connected || already {
+            false
+        } else {
+            return Err(AdminOpError::UnknownIdentity(name.clone()));
         };
         // The revocation watcher may have applied it already from the authority's files.
         if shared.revoked().insert(name.clone()) {
@@ -247,48 +245,33 @@ impl RelayHandle {
     /// Drains the connected node `name`: it gets no new routes (as an outlet it leaves its
     /// services' rotation, as an inlet its route requests are refused), its routes keep
     /// forwarding until they are gone or `timeout` passes, then its control connection is
-    /// closed with code `DRAINED`; reconnections are refused until [`undrain_node`].
+    /// closed with code `DRAINED`; reconnections are refused until [`undrain_node`]. The drain
+    /// is recorded in the fleet's state first (so it outlives a restart, and in a fleet every
+    /// relay applies it); when that fails nothing is drained.
     ///
     /// [`undrain_node`]: RelayHandle::undrain_node
-    pub fn drain_node(&self, name: &NodeName, timeout: Duration) -> Result<Draining, AdminOpError> {
+    pub async fn drain_node(
+        &self,
+        name: &NodeName,
+        timeout: Duration,
+    ) -> Result<Draining, AdminOpError> {
         let shared = &self.shared;
         let Some(id) = shared.registry().by_name(name) else {
             return Err(AdminOpError::NotConnected(name.clone()));
         };
-        let services = shared.registry().services_of(id);
-        let newly = {
-            let mut drained = shared.admin.drained();
-            let newly = drained.get(name).is_none_or(|d| d.id != id);
-            if newly {
-                drained.insert(
-                    name.clone(),
-                    Drain {
-                        id,
-                        services: services.clone(),
-                    },
-                );
-            }
-            newly
-        };
-        let open_routes = {
-            let mut reg = shared.registry();
-            reg.register(id, &[]);
-            reg.routes_of(id)
-        };
         let services = match shared.admin.drained().get(name) {
             Some(d) => d.services.clone(),
-            None => services,
+            None => shared.registry().services_of(id),
         };
-        if newly {
-            shared.admin.stats.drains.fetch_add(1, Relaxed);
-            tracing::info!(target: "postern::audit", event = "drain", node = %name, routes = open_routes, ?services, "node drained");
-            tokio::spawn(close_when_drained(
-                shared.clone(),
-                id,
-                name.clone(),
-                timeout,
-            ));
-        }
+        let record = crate::fleet::DrainRecord {
+            services,
+            drained_at_ms: crate::authority::now_ms(),
+        };
+        shared
+            .fleet()
+            .set_drain(name.clone(), Some(record.clone()))
+            .await?;
+        let (open_routes, services) = apply_drain(shared, name, record.services, timeout);
         Ok(Draining {
             draining: name.clone(),
             services,
@@ -298,31 +281,84 @@ impl RelayHandle {
     }
 
     /// Lets a drained node back in: it may reconnect, and if it is still connected it serves
-    /// its services again.
-    pub fn undrain_node(&self, name: &NodeName) -> Undrained {
-        let shared = &self.shared;
-        let Some(drain) = shared.admin.drained().remove(name) else {
-            return Undrained {
-                undrained: name.clone(),
-                was_drained: false,
-            };
-        };
-        {
-            let mut reg = shared.registry();
-            if reg.by_name(name) == Some(drain.id) {
-                let mut services = reg.services_of(drain.id);
-                services.extend(drain.services);
-                services.sort();
-                services.dedup();
-                reg.register(drain.id, &services);
-            }
-        }
-        tracing::info!(target: "postern::audit", event = "undrain", node = %name, "node let back in");
-        Undrained {
+    /// its services again. The end of the drain is recorded in the fleet's state first.
+    pub async fn undrain_node(&self, name: &NodeName) -> Result<Undrained, AdminOpError> {
+        self.shared.fleet().set_drain(name.clone(), None).await?;
+        Ok(Undrained {
             undrained: name.clone(),
-            was_drained: true,
+            was_drained: undrain_local(&self.shared, name),
+        })
+    }
+}
+
+/// Drains `name` on this relay (see [`RelayHandle::drain_node`]), whether the drain was made
+/// here or read from the fleet's state; returns its open routes and the services it served.
+pub(super) fn apply_drain(
+    shared: &Arc<Shared>,
+    name: &NodeName,
+    services: Vec<ServiceName>,
+    timeout: Duration,
+) -> (usize, Vec<ServiceName>) {
+    let id = shared.registry().by_name(name);
+    let (newly, services) = {
+        let mut drained = shared.admin.drained();
+        let newly = drained.get(name).is_none_or(|d| d.id != id);
+        let services = match drained.get(name) {
+            Some(d) if !newly => d.services.clone(),
+            _ => services,
+        };
+        if newly {
+            drained.insert(
+                name.clone(),
+                Drain {
+                    id,
+                    services: services.clone(),
+                },
+            );
+        }
+        (newly, services)
+    };
+    let Some(id) = id else {
+        if newly {
+            tracing::info!(target: "postern::audit", event = "drain", node = %name, routes = 0, ?services, "node drained");
+        }
+        return (0, services);
+    };
+    let open_routes = {
+        let mut reg = shared.registry();
+        reg.register(id, &[]);
+        reg.routes_of(id)
+    };
+    if newly {
+        shared.admin.stats.drains.fetch_add(1, Relaxed);
+        tracing::info!(target: "postern::audit", event = "drain", node = %name, routes = open_routes, ?services, "node drained");
+        tokio::spawn(close_when_drained(
+            shared.clone(),
+            id,
+            name.clone(),
+            timeout,
+        ));
+    }
+    (open_routes, services)
+}
+
+/// Ends `name`'s drain on this relay; whether it was drained.
+pub(super) fn undrain_local(shared: &Arc<Shared>, name: &NodeName) -> bool {
+    let Some(drain) = shared.admin.drained().remove(name) else {
+        return false;
+    };
+    {
+        let mut reg = shared.registry();
+        if let Some(id) = drain.id.filter(|id| reg.by_name(name) == Some(*id)) {
+            let mut services = reg.services_of(id);
+            services.extend(drain.services);
+            services.sort();
+            services.dedup();
+            reg.register(id, &services);
         }
     }
+    tracing::info!(target: "postern::audit", event = "undrain", node = %name, "node let back in");
+    true
 }
 
 /// Closes a drained node's control connection once its routes are gone or `timeout` passed
@@ -334,7 +370,7 @@ async fn close_when_drained(shared: Arc<Shared>, id: NodeId, name: NodeName, tim
             .admin
             .drained()
             .get(&name)
-            .is_some_and(|d| d.id == id);
+            .is_some_and(|d| d.id == Some(id));
         if !still_drained || shared.conn(id).is_none() {
             return;
         }

@@ -70,11 +70,12 @@ pub(super) async fn handle(
         }
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
         Ctl::Renew { csr_pem } => {
-            let Some(authority) = shared.authority.clone() else {
+            let fleet = shared.fleet();
+            if !fleet.runs_authority() {
                 return Ctl::Error {
                     message: "this relay does not run the authority; renew there".into(),
                 };
-            };
+            }
             let (name, attrs) = {
                 let reg = shared.registry();
                 (reg.name(id).cloned(), reg.attrs(id))
@@ -84,14 +85,9 @@ pub(super) async fn handle(
                     message: "unknown node".into(),
                 };
             };
-            let signed =
-                tokio::task::spawn_blocking(move || authority.renew(&name, &attrs, &csr_pem)).await;
-            match signed {
-                Ok(Ok(cert_pem)) => Ctl::Renewed { cert_pem },
-                Ok(Err(message)) => Ctl::Error { message },
-                Err(_) => Ctl::Error {
-                    message: "renewal failed".into(),
-                },
+            match fleet.renew(name, attrs, csr_pem).await {
+                Ok(cert_pem) => Ctl::Renewed { cert_pem },
+                Err(message) => Ctl::Error { message },
             }
         }
         other => {

@@ -14,7 +14,8 @@ pub(super) async fn serve_enrollment(
     conn: quinn::Connection,
     timeout: Duration,
 ) {
-    let Some(authority) = shared.authority.clone() else {
+    let fleet = shared.fleet();
+    if !fleet.runs_authority() {
         postern_net::refusal!(
             warn,
             "enroll_no_authority",
@@ -25,15 +26,13 @@ pub(super) async fn serve_enrollment(
             b"no authority here",
         );
         return;
-    };
+    }
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let req: postern_proto::ticket::EnrollRequest = exchange::read_message(&mut recv)
             .await
             .map_err(|e| e.to_string())?;
-        let answer = tokio::task::spawn_blocking(move || authority.enroll(&req))
-            .await
-            .map_err(|e| e.to_string())?;
+        let answer = fleet.enroll(req).await;
         match &answer {
             postern_proto::ticket::EnrollResponse::Enrolled { .. } => {
                 shared.ctl.enrollments.fetch_add(1, Relaxed)

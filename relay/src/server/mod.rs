@@ -8,6 +8,8 @@
 
 use crate::admission::{Admission, AdmissionStats, Decision, HandshakeLimits, Pending};
 use crate::authority::Authority;
+use crate::fleet::embedded::Embedded;
+use crate::fleet::{FleetState, Load, Member, Snapshot};
 use crate::forward::tcp::{TcpError, TcpFallback};
 use crate::forward::udp::{ForwardStats, RelaySocket, RouteTable, Tap};
 use crate::policy::PolicySet;
@@ -74,6 +76,10 @@ pub struct Relay {
     tcp: TcpFallback,
     /// Who may start a handshake (see [`crate::admission`]).
     admission: Admission,
+    /// The shared state as read at start (see [`set_fleet`](Self::set_fleet)).
+    snapshot: Snapshot,
+    /// How this relay registers in the fleet.
+    member: Option<Member>,
 }
 
 impl Relay {
@@ -105,6 +111,7 @@ impl Relay {
             endpoint,
             socket_alive,
             shared: Arc::new(Shared {
+                fleet: Mutex::new(Arc::new(Embedded::new(opts.authority.clone(), None))),
                 revoked: Mutex::new(
                     opts.authority
                         .as_ref()
@@ -112,7 +119,6 @@ impl Relay {
                         .unwrap_or_default(),
                 ),
                 policy: opts.policy,
-                authority: opts.authority,
                 registry: Mutex::default(),
                 conns: Mutex::default(),
                 routes,
@@ -129,7 +135,39 @@ impl Relay {
             drain_timeout: Duration::ZERO,
             tcp,
             admission: Admission::new(HandshakeLimits::default(), admission_stats),
+            snapshot: Snapshot::default(),
+            member: None,
         })
+    }
+
+    /// Keeps the shared state in `fleet` instead of the default (the authority's state
+    /// directory, or memory): `snapshot` is its state read at start, `member` how this relay
+    /// registers in the fleet. Call before [`run`](Self::run).
+    pub fn set_fleet(&mut self, fleet: Arc<dyn FleetState>, snapshot: Snapshot, member: Member) {
+        *self.shared.fleet.lock().unwrap_or_else(|p| p.into_inner()) = fleet;
+        self.shared
+            .revoked()
+            .extend(snapshot.revoked.iter().cloned());
+        {
+            let mut drained = self.shared.admin.drained();
+            for (name, d) in &snapshot.drained {
+                drained.insert(
+                    name.clone(),
+                    shared::Drain {
+                        id: None,
+                        services: d.services.clone(),
+                    },
+                );
+            }
+        }
+        if !snapshot.drained.is_empty() {
+            tracing::info!(
+                drained = snapshot.drained.len(),
+                "drained nodes stay drained"
+            );
+        }
+        self.snapshot = snapshot;
+        self.member = Some(member);
     }
 
     /// Also accepts nodes over TLS/TCP on `addr` (for networks that block UDP); returns the
@@ -171,13 +209,29 @@ impl Relay {
                 "no [[policy]] configured: every registration and route will be refused"
             );
         }
-        if let Some(authority) = self.shared.authority.clone() {
-            tokio::spawn(revoke::watch_revocations(
-                self.shared.clone(),
-                authority,
-                shutdown.clone(),
-            ));
-        }
+        let fleet = self.shared.fleet();
+        let (tx, rx) = tokio::sync::watch::channel(self.snapshot.clone());
+        tokio::spawn(fleet.clone().follow(tx, shutdown.clone()));
+        tokio::spawn(revoke::follow_fleet(
+            self.shared.clone(),
+            rx,
+            shutdown.clone(),
+            self.drain_timeout,
+        ));
+        // Membership lasts until the relay has drained, so it is stopped after the loop.
+        let membership_stop = CancellationToken::new();
+        let membership = self.member.take().map(|me| {
+            let shared = self.shared.clone();
+            let load = Arc::new(move || Load {
+                nodes: shared.conns().len() as u64,
+                routes: shared.routes.len() as u64,
+            });
+            tokio::spawn(
+                fleet
+                    .clone()
+                    .serve_membership(me, load, membership_stop.clone()),
+            )
+        });
         let links_stop = CancellationToken::new();
         let tcp_task = self.tcp.spawn(links_stop.clone());
         postern_net::runtime::ratelog::spawn_flusher(links_stop.clone());
@@ -204,6 +258,10 @@ impl Relay {
             self.drain().await;
         }
         self.shared.listening.store(false, Relaxed);
+        membership_stop.cancel();
+        if let Some(m) = membership {
+            let _ = tokio::time::timeout(Duration::from_secs(3), m).await;
+        }
         self.endpoint.close(
             postern_proto::msg::code::SHUTDOWN.into(),
             b"relay shutting down",

@@ -1,44 +1,61 @@
 //! Revocations take effect at once: the revoked node's control connection and routes are
 //! dropped, and the other nodes are told so they close its end-to-end connections. They come
-//! from the authority's files (`postern-relay identity revoke` on a stopped or other process,
-//! watched here) or from the admin API.
+//! from the fleet's shared state (the authority's files or etcd, followed here: a revocation
+//! made by another relay or by `postern-relay identity revoke`) or from the admin API.
 
+use super::admin_ops::{apply_drain, undrain_local};
 use super::shared::{forget_node, Shared};
-use crate::authority::Authority;
+use crate::fleet::Snapshot;
 use crate::registry::NodeId;
 use postern_net::control::exchange::{self, CTL_TIMEOUT};
 use postern_proto::msg::Ctl;
 use postern_proto::name::NodeName;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Applies revocations made with `postern-relay identity revoke` within a fraction of a second:
-/// the node's control connection and routes are dropped, and outlets are told so they close
-/// the node's end-to-end connections.
-pub(super) async fn watch_revocations(
+/// Applies what the fleet's state says, as soon as it says it: a revocation made anywhere
+/// (this relay, another one, `postern-relay identity revoke`) cuts the node off here; a drain
+/// made on another relay drains the node here too (closing it after `drain_timeout`), and its
+/// end lets it back in.
+pub(super) async fn follow_fleet(
     shared: Arc<Shared>,
-    authority: Arc<Authority>,
+    mut rx: watch::Receiver<Snapshot>,
     shutdown: CancellationToken,
+    drain_timeout: Duration,
 ) {
+    let mut last = rx.borrow().clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            changed = rx.changed() => if changed.is_err() { return },
         }
-        let a = authority.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || a.revoked()).await else {
-            continue;
-        };
+        let now = rx.borrow_and_update().clone();
+        // Revocations are never undone: the known set only grows (it also holds revocations
+        // this relay applied in memory only).
         let newly: Vec<NodeName> = {
             let mut known = shared.revoked();
-            let newly = now.difference(&known).cloned().collect();
-            *known = now;
-            newly
+            now.revoked
+                .iter()
+                .filter(|n| known.insert((*n).clone()))
+                .cloned()
+                .collect()
         };
         for name in newly {
             apply_revocation(&shared, &name);
         }
+        for (name, d) in &now.drained {
+            if !shared.admin.is_drained(name) {
+                apply_drain(&shared, name, d.services.clone(), drain_timeout);
+            }
+        }
+        for name in last.drained.keys() {
+            if !now.drained.contains_key(name) {
+                undrain_local(&shared, name);
+            }
+        }
+        last = now;
     }
 }
 

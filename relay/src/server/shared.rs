@@ -6,7 +6,7 @@
 //! It imports nothing else from the server, so every other server file can import it.
 
 use crate::admission::AdmissionStats;
-use crate::authority::Authority;
+use crate::fleet::FleetState;
 use crate::forward::tcp::TcpStats;
 use crate::forward::udp::{ForwardStats, RouteTable};
 use crate::policy::PolicySet;
@@ -69,7 +69,8 @@ pub struct PublicStats {
 /// the socket forwards, and the counters.
 pub(super) struct Shared {
     pub(super) policy: PolicySet,
-    pub(super) authority: Option<Arc<Authority>>,
+    /// The state relays share (tickets, identities, drains), wherever it is kept.
+    pub(super) fleet: Mutex<Arc<dyn FleetState>>,
     pub(super) revoked: Mutex<std::collections::BTreeSet<NodeName>>,
     pub(super) registry: Mutex<Registry>,
     pub(super) conns: Mutex<HashMap<NodeId, quinn::Connection>>,
@@ -92,6 +93,10 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    pub(super) fn fleet(&self) -> Arc<dyn FleetState> {
+        self.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub(super) fn revoked(&self) -> MutexGuard<'_, std::collections::BTreeSet<NodeName>> {
         self.revoked.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -200,11 +205,12 @@ impl RelayHandle {
     }
 }
 
-/// A drained node: which connection, and what it served (restored by undrain while it is
-/// still connected).
+/// A drained node: which connection (none when it was not connected here when the drain
+/// was made or read at start), and what it served (restored by undrain while it is still
+/// connected).
 #[derive(Debug, Clone)]
 pub(super) struct Drain {
-    pub(super) id: NodeId,
+    pub(super) id: Option<NodeId>,
     pub(super) services: Vec<ServiceName>,
 }
 
@@ -212,8 +218,8 @@ pub(super) struct Drain {
 #[derive(Debug, Default)]
 pub(super) struct AdminState {
     connected_at: Mutex<HashMap<NodeId, SystemTime>>,
-    /// Drained node names: refused at connection and for routes until undrained (in memory; a
-    /// restart forgets them).
+    /// Drained node names: refused at connection and for routes until undrained. Recorded in
+    /// the fleet's state too, so a restart keeps them.
     drained: Mutex<BTreeMap<NodeName, Drain>>,
     pub(super) stats: AdminStats,
 }
