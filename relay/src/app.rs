@@ -42,6 +42,16 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Resul
         tracing::info!("no CA key in the state directory: this relay does not enroll nodes");
         None
     };
+    // In a fleet the identities and revocations are etcd's; the state directory keeps the
+    // CA key (and this relay's own files) only.
+    let fleet: Arc<dyn FleetState> = match &cfg.cluster {
+        Some(cluster) => Arc::new(
+            Etcd::connect(cluster, Some(state.clone()))
+                .await
+                .context("cluster")?,
+        ),
+        None => Arc::new(Embedded::new(authority.clone(), Some(state.clone()))),
+    };
     let mut relay = Relay::bind(RelayOptions {
         listen: cfg.listen,
         identity,
@@ -49,18 +59,9 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Resul
         reset_key: Some(state.reset_key()?),
         tap: None,
         policy: cfg.policy.clone(),
-        authority: authority.clone(),
+        authority: authority.filter(|_| cfg.cluster.is_none()),
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
-    let fleet: Arc<dyn FleetState> = match &cfg.cluster {
-        Some(cluster) => {
-            let etcd = Etcd::connect(cluster, Some(state.clone()))
-                .await
-                .context("cluster")?;
-            Arc::new(etcd)
-        }
-        None => Arc::new(Embedded::new(authority, Some(state.clone()))),
-    };
     let snapshot = fleet
         .snapshot()
         .await

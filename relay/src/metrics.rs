@@ -198,6 +198,13 @@ impl Observe for RelayHandle {
             admin.drains.load(Relaxed),
         );
         render_tcp(self, out);
+        if let Some(up) = self.fleet_connected() {
+            out.gauge(
+                "postern_relay_fleet_connected",
+                "1 while the fleet's shared state in etcd answers (routes go on without it).",
+                if up { 1.0 } else { 0.0 },
+            );
+        }
         out.gauge(
             "postern_relay_ready",
             "1 while the relay is listening and not shutting down.",

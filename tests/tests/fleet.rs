@@ -155,6 +155,15 @@ impl FleetRelay {
         AdminClient::new(self.admin, token)
     }
 
+    /// Its `/metrics` page.
+    async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.ops);
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     async fn nodes(&self) -> Vec<String> {
         match self.admin().get::<Nodes>("/v1/nodes").await {
             Ok(n) => n.nodes.into_iter().map(|n| n.name.to_string()).collect(),
@@ -445,6 +454,10 @@ async fn with_etcd_gone_routes_keep_forwarding_and_what_needs_etcd_says_so() {
     let mut open = open.expect("open stream");
     let t = ticket(&fleet, &a, "outlet").await;
 
+    assert!(a
+        .metrics()
+        .await
+        .contains("postern_relay_fleet_connected 1"));
     fleet.etcd.stop_all();
     // The open route keeps carrying data.
     for i in 0..5 {
@@ -476,6 +489,16 @@ async fn with_etcd_gone_routes_keep_forwarding_and_what_needs_etcd_says_so() {
         }
         other => panic!("a revocation without etcd must fail clearly: {other:?}"),
     }
+    eventually(
+        Duration::from_secs(10),
+        "metrics say etcd is gone",
+        || async {
+            a.metrics()
+                .await
+                .contains("postern_relay_fleet_connected 0")
+        },
+    )
+    .await;
     let dir = fleet.dir.path().join("late-node");
     match enroll(&t, &node("late"), &NodeState::new(&dir)).await {
         Err(EnrollError::Refused(reason)) => assert!(reason.contains("etcd"), "{reason}"),
@@ -488,6 +511,16 @@ async fn with_etcd_gone_routes_keep_forwarding_and_what_needs_etcd_says_so() {
 
     // etcd back: enrollment works again, with the same ticket.
     fleet.etcd.start_all().await.expect("etcd back");
+    eventually(
+        Duration::from_secs(20),
+        "metrics say etcd is back",
+        || async {
+            a.metrics()
+                .await
+                .contains("postern_relay_fleet_connected 1")
+        },
+    )
+    .await;
     eventually(
         Duration::from_secs(20),
         "enrollment after etcd is back",

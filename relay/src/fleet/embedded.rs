@@ -136,6 +136,10 @@ impl FleetState for Embedded {
         }
     }
 
+    fn connected(&self) -> Option<bool> {
+        None
+    }
+
     fn runs_authority(&self) -> bool {
         self.authority.is_some()
     }
@@ -263,5 +267,64 @@ impl FleetState for Embedded {
 
     fn members(&self) -> Fut<'_, Result<Vec<Member>, FleetError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drains_in_the_state_directory_outlive_the_relay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::new(dir.path());
+        let name: NodeName = "outlet-a".parse().expect("name");
+        let drain = DrainRecord {
+            services: vec!["echo".parse().expect("service")],
+            drained_at_ms: 1,
+            timeout_ms: 500,
+        };
+        let first = Embedded::new(None, Some(state.clone()));
+        first
+            .set_drain(name.clone(), Some(drain.clone()))
+            .await
+            .expect("drain");
+        // A relay started later from the same directory.
+        let again = Embedded::new(None, Some(state.clone()));
+        let snap = again.snapshot().await.expect("snapshot");
+        assert_eq!(snap.drained.get(&name), Some(&drain));
+        again.set_drain(name.clone(), None).await.expect("undrain");
+        let snap = Embedded::new(None, Some(state))
+            .snapshot()
+            .await
+            .expect("snapshot");
+        assert!(snap.drained.is_empty(), "{snap:?}");
+    }
+
+    #[tokio::test]
+    async fn without_a_state_directory_drains_live_in_memory_and_nothing_is_followed() {
+        let e = Arc::new(Embedded::new(None, None));
+        let name: NodeName = "n".parse().expect("name");
+        let drain = DrainRecord {
+            services: vec![],
+            drained_at_ms: 1,
+            timeout_ms: 0,
+        };
+        e.set_drain(name.clone(), Some(drain)).await.expect("drain");
+        assert!(e
+            .snapshot()
+            .await
+            .expect("snap")
+            .drained
+            .contains_key(&name));
+        assert!(!e.keeps_identities() && !e.runs_authority());
+        let (tx, _rx) = watch::channel(Snapshot::default());
+        // Returns at once: there is nothing to follow.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            e.clone().follow(tx, CancellationToken::new()),
+        )
+        .await
+        .expect("follow returns");
     }
 }

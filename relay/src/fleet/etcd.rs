@@ -33,6 +33,7 @@ use etcd_client::{
 use postern_proto::name::NodeName;
 use postern_proto::policy::Attributes;
 use postern_proto::ticket::{EnrollRequest, EnrollResponse, Ticket};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -61,6 +62,8 @@ pub struct Etcd {
     lease_ttl: Duration,
     /// The state directory holding the CA key, when this relay runs the authority.
     ca: Option<StateDir>,
+    /// Whether the follower's last read or watch of etcd worked.
+    connected: AtomicBool,
 }
 
 impl Etcd {
@@ -104,6 +107,7 @@ impl Etcd {
             endpoints: cfg.endpoints.clone(),
             lease_ttl: cfg.lease_ttl,
             ca: ca.filter(|s| s.ca_key().exists()),
+            connected: AtomicBool::new(true),
         };
         Ok(me)
     }
@@ -343,6 +347,10 @@ impl FleetState for Etcd {
         format!("etcd {:?} under {}", self.endpoints, self.prefix)
     }
 
+    fn connected(&self) -> Option<bool> {
+        Some(self.connected.load(Relaxed))
+    }
+
     fn runs_authority(&self) -> bool {
         self.ca.is_some()
     }
@@ -522,6 +530,7 @@ impl FleetState for Etcd {
                     if failing {
                         tracing::info!("etcd answers again: following the fleet's state");
                     }
+                    self.connected.store(true, Relaxed);
                     tx.send_if_modified(|s| {
                         let changed = *s != snap;
                         *s = snap;
@@ -563,6 +572,7 @@ impl FleetState for Etcd {
                     r = step => r,
                 };
                 if let Err(e) = result {
+                    self.connected.store(false, Relaxed);
                     if !failing {
                         tracing::warn!(error = %e, "lost the fleet's state in etcd: serving from the last state seen");
                     }

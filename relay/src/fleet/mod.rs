@@ -58,6 +58,10 @@ pub struct DrainRecord {
     /// What the node served when it was drained (given back by undrain while it is connected).
     pub services: Vec<ServiceName>,
     pub drained_at_ms: u64,
+    /// How long its routes may keep forwarding before its connection is closed (every relay
+    /// applies the same).
+    #[serde(default)]
+    pub timeout_ms: u64,
 }
 
 /// What every relay follows: the revoked identities and the drained nodes.
@@ -94,6 +98,10 @@ pub type LoadFn = Arc<dyn Fn() -> Load + Send + Sync>;
 pub trait FleetState: Send + Sync + 'static {
     /// Where the state lives, for logs and errors (never a secret).
     fn describe(&self) -> String;
+
+    /// Whether the shared state answers: `None` when there is no cluster (the state
+    /// directory), else whether the follower's last read of etcd worked.
+    fn connected(&self) -> Option<bool>;
 
     /// Whether this relay can enroll and renew nodes (it holds the CA key).
     fn runs_authority(&self) -> bool;

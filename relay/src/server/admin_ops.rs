@@ -227,9 +227,11 @@ impl RelayHandle {
         } else {
             return Err(AdminOpError::UnknownIdentity(name.clone()));
         };
-        // The revocation watcher may have applied it already from the authority's files.
-        if shared.revoked().insert(name.clone()) {
+        if !already {
             shared.admin.stats.revocations.fetch_add(1, Relaxed);
+        }
+        // The fleet follower may have applied it already, from the record just made.
+        if shared.revoked().insert(name.clone()) {
             apply_revocation(&shared, name);
         }
         if !persisted {
@@ -266,6 +268,7 @@ impl RelayHandle {
         let record = crate::fleet::DrainRecord {
             services,
             drained_at_ms: crate::authority::now_ms(),
+            timeout_ms: timeout.as_millis() as u64,
         };
         shared
             .fleet()

@@ -216,7 +216,6 @@ impl Relay {
             self.shared.clone(),
             rx,
             shutdown.clone(),
-            self.drain_timeout,
         ));
         // Membership lasts until the relay has drained, so it is stopped after the loop.
         let membership_stop = CancellationToken::new();

@@ -17,13 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Applies what the fleet's state says, as soon as it says it: a revocation made anywhere
 /// (this relay, another one, `postern-relay identity revoke`) cuts the node off here; a drain
-/// made on another relay drains the node here too (closing it after `drain_timeout`), and its
-/// end lets it back in.
+/// made on another relay drains the node here too (closing it after the drain's timeout), and
+/// its end lets it back in.
 pub(super) async fn follow_fleet(
     shared: Arc<Shared>,
     mut rx: watch::Receiver<Snapshot>,
     shutdown: CancellationToken,
-    drain_timeout: Duration,
 ) {
     let mut last = rx.borrow().clone();
     loop {
@@ -47,7 +46,8 @@ pub(super) async fn follow_fleet(
         }
         for (name, d) in &now.drained {
             if !shared.admin.is_drained(name) {
-                apply_drain(&shared, name, d.services.clone(), drain_timeout);
+                let timeout = Duration::from_millis(d.timeout_ms);
+                apply_drain(&shared, name, d.services.clone(), timeout);
             }
         }
         for name in last.drained.keys() {

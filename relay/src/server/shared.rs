@@ -173,6 +173,13 @@ impl RelayHandle {
         }
     }
 
+    /// Whether the fleet's shared state (etcd) answers; `None` without a cluster. Not part of
+    /// readiness: routes and connections go on without etcd, so a load balancer must not pull
+    /// a relay because etcd is down.
+    pub fn fleet_connected(&self) -> Option<bool> {
+        self.shared.fleet().connected()
+    }
+
     /// Which outlets offer which services at the public ingress.
     pub(crate) fn public_registry(&self) -> MutexGuard<'_, PublicRegistry> {
         self.shared.public()
