@@ -318,6 +318,24 @@ mod tests {
             .is_some());
     }
 
+    #[test]
+    fn deploy_example_cluster_is_valid() {
+        let line = include_str!("../../deploy/config/relay.toml")
+            .lines()
+            .find_map(|l| l.strip_prefix("# cluster = "))
+            .expect("the example's commented cluster line");
+        let file: RelayFile = toml::from_str(&format!("cluster = {line}")).expect("cluster");
+        let cluster = ClusterArgs::default()
+            .resolve(file.cluster)
+            .expect("resolves")
+            .expect("etcd configured");
+        assert_eq!(
+            (cluster.endpoints.len(), cluster.prefix.as_str()),
+            (3, "/postern")
+        );
+        assert!(cluster.user.is_some() && cluster.password.is_some());
+    }
+
     fn args(extra: &[&str]) -> RunArgs {
         use clap::Parser;
         #[derive(Parser)]

@@ -166,19 +166,17 @@ impl RelayHandle {
         let shared = &self.shared;
         let fleet = shared.fleet();
         let mut by_name: BTreeMap<NodeName, IdentityView> = BTreeMap::new();
-        {
-            for i in fleet.identities().await? {
-                by_name.insert(
-                    i.name.clone(),
-                    IdentityView {
-                        name: i.name,
-                        attributes: i.attrs,
-                        enrolled_at_ms: (i.enrolled_at_ms > 0).then_some(i.enrolled_at_ms),
-                        revoked: i.revoked,
-                        connected: false,
-                    },
-                );
-            }
+        for i in fleet.identities().await? {
+            by_name.insert(
+                i.name.clone(),
+                IdentityView {
+                    name: i.name,
+                    attributes: i.attrs,
+                    enrolled_at_ms: (i.enrolled_at_ms > 0).then_some(i.enrolled_at_ms),
+                    revoked: i.revoked,
+                    connected: false,
+                },
+            );
         }
         for name in shared.revoked().iter() {
             by_name
@@ -192,11 +190,12 @@ impl RelayHandle {
                 })
                 .revoked = true;
         }
-        let reg = shared.registry();
-        for (name, view) in by_name.iter_mut() {
-            view.connected = reg.by_name(name).is_some();
+        {
+            let reg = shared.registry();
+            for (name, view) in by_name.iter_mut() {
+                view.connected = reg.by_name(name).is_some();
+            }
         }
-        drop(reg);
         Ok((fleet.runs_authority(), by_name.into_values().collect()))
     }
 
