@@ -330,12 +330,14 @@ async fn a_drain_outlives_a_relay_restart() {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start().await;
     let mut a = fleet.relay("relay-a").await;
+    let b = fleet.relay("relay-b").await;
     let (echo, _e) = echo_server().await;
-    let _outlet = start_outlet(
+    let _outlet = start_outlet_via(
         &fleet.pki,
         "drained",
-        a.addr,
+        &[a.addr, b.addr],
         vec![("echo", Target::tcp(echo.to_string()))],
+        Default::default(),
     )
     .await;
     let _drain: serde_json::Value = a
@@ -343,9 +345,15 @@ async fn a_drain_outlives_a_relay_restart() {
         .post("/v1/nodes/drained/drain?timeout=0s")
         .await
         .expect("drain");
-    eventually(Duration::from_secs(5), "drained node closed", || async {
-        !a.nodes().await.contains(&"drained".to_string())
-    })
+    // Drained on A, and on B too: the drain is the fleet's.
+    eventually(
+        Duration::from_secs(5),
+        "drained node closed on both",
+        || async {
+            let drained = "drained".to_string();
+            !a.nodes().await.contains(&drained) && !b.nodes().await.contains(&drained)
+        },
+    )
     .await;
 
     a.stop().await;
@@ -355,17 +363,23 @@ async fn a_drain_outlives_a_relay_restart() {
         "the restarted relay did not read the drain:\n{}",
         a.log()
     );
-    // The outlet keeps trying; the restarted relay keeps refusing it until it is undrained.
+    // The outlet keeps trying; the relays keep refusing it until it is undrained.
     assert!(!a.nodes().await.contains(&"drained".to_string()));
+    assert!(!b.nodes().await.contains(&"drained".to_string()));
     let undrained: Undrained = a
         .admin()
         .post("/v1/nodes/drained/undrain")
         .await
         .expect("undrain");
     assert!(undrained.was_drained, "{undrained:?}");
-    eventually(Duration::from_secs(20), "undrained node back", || async {
-        a.nodes().await.contains(&"drained".to_string())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "undrained node back on both",
+        || async {
+            let drained = "drained".to_string();
+            a.nodes().await.contains(&drained) && b.nodes().await.contains(&drained)
+        },
+    )
     .await;
     a.stop().await;
 }
