@@ -163,7 +163,7 @@ pub(crate) async fn accept_loop(
             let client = match ClientStream::accept(tcp, tls.as_ref()).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::info!(error = %e, "TLS handshake failed");
+                    postern_net::stream::tls_server::log_handshake_failure(&e, service.as_str());
                     return;
                 }
             };

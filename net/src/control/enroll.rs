@@ -20,6 +20,7 @@ use std::time::Duration;
 
 /// Why enrollment failed. Messages say what to do; none contains the ticket secret.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnrollError {
     #[error(transparent)]
     Ticket(#[from] TicketError),

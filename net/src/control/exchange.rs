@@ -10,6 +10,7 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a control exchange failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CtlError {
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Why a renewal failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RenewError {
     #[error(transparent)]
     Pki(#[from] PkiError),

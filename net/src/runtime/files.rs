@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// A file operation that failed, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FileError {
     #[error("cannot read {path}: {source}")]
     Read {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// Why an endpoint could not be configured.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EndpointError {
     #[error(transparent)]
     Tls(#[from] TlsError),

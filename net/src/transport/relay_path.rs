@@ -191,6 +191,7 @@ impl TransportStatus {
 
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PathError {
     #[error("cannot start connection: {0}")]
     Start(#[from] quinn::ConnectError),

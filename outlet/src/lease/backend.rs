@@ -73,6 +73,7 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Why a backend call failed. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// InfluxDB answered with an error.
     #[error("InfluxDB refused to {op}: HTTP {status}{}: {message}{hint}", code_suffix(.code))]

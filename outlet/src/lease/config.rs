@@ -392,6 +392,7 @@ pub fn v1_grants(perms: &[Permission]) -> Result<Vec<V1Grant>, ConfigError> {
 
 /// Why the config was refused. Messages name the key; they never contain a secret.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("influxdb-outlet: `{key}`: {message}")]
     Invalid { key: &'static str, message: String },

@@ -13,8 +13,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
+const META: TableDefinition<'_, &str, &str> = TableDefinition::new("meta");
 const INSTANCE_KEY: &str = "instance";
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "leases.redb";
@@ -68,6 +68,7 @@ pub struct LeaseRecord {
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     #[error("lease store {path} is in use by another process (is an outlet already running with this state directory?)")]
     Locked { path: PathBuf },

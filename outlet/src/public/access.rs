@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+const GRANTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("grants");
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "access.redb";
 /// Longest grant lifetime accepted.
@@ -25,6 +25,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Why the access store failed. Never holds a secret.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AccessError {
     #[error("access store {path} is in use by another process (is an outlet already running with this state directory?)")]
     Locked { path: PathBuf },

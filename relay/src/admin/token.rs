@@ -12,6 +12,7 @@ pub const TOKEN_FILE: &str = "admin.token";
 
 /// Why the token could not be read or made.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenError {
     #[error(transparent)]
     File(#[from] FileError),

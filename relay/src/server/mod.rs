@@ -35,6 +35,7 @@ pub use shared::{AdminStats, ControlStats, PublicStats, RelayHandle};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RelayError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
