@@ -55,6 +55,17 @@ impl InletHandle {
         self.uplink.control()
     }
 
+    /// Renews the certificate automatically when it was enrolled into `state_dir`; see
+    /// [`Uplink::renew_automatically`].
+    pub fn renew_automatically(
+        &self,
+        state_dir: &std::path::Path,
+        cert: &std::path::Path,
+        shutdown: CancellationToken,
+    ) {
+        self.uplink.renew_automatically(state_dir, cert, shutdown);
+    }
+
     /// Uses a renewed identity for every connection made from now on.
     pub fn set_identity(&self, identity: &Identity) -> Result<(), EndpointError> {
         self.uplink.set_identity(identity)

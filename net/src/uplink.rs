@@ -218,6 +218,29 @@ impl Uplink {
         self.relays.read().unwrap_or_else(|p| p.into_inner()).len() > 1
     }
 
+    /// Renews this node's certificate before it expires, when it was enrolled into `state_dir`
+    /// (a certificate given by file is left alone), and uses each renewed identity for new
+    /// connections.
+    pub fn renew_automatically(
+        self: &Arc<Self>,
+        state_dir: &std::path::Path,
+        cert: &std::path::Path,
+        shutdown: CancellationToken,
+    ) {
+        let me = self.clone();
+        crate::control::renew::spawn_if_enrolled(
+            state_dir,
+            cert,
+            self.control(),
+            move |identity| {
+                if let Err(e) = me.set_identity(&identity) {
+                    tracing::error!(error = %e, "cannot use the renewed certificate");
+                }
+            },
+            shutdown,
+        );
+    }
+
     /// The first relay's control connection, as it comes and goes.
     pub fn control(&self) -> ControlWatch {
         // The list starts with the first relay and only grows.
