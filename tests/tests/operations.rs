@@ -1149,4 +1149,32 @@ async fn operator_mistakes_are_explained() {
             .any(|l| l.starts_with("inlet-a") && l.contains("REVOKED")),
         "{listed}"
     );
+
+    // A second relay on the running one's port is refused, naming the process that holds it.
+    let state2 = path("relay-state-2");
+    let _ca2 = RelayCa::init(&state2, &relay_addr).await;
+    let admin2 = format!("127.0.0.1:{}", free_port());
+    let mut second_relay = Proc::spawn(
+        dir.path(),
+        "relay-second",
+        "postern-relay",
+        &[
+            "run",
+            "--state-dir",
+            &state2,
+            "--listen",
+            &relay_addr,
+            "--admin-addr",
+            &admin2,
+        ],
+    );
+    let status = second_relay.wait(Duration::from_secs(20)).await;
+    assert!(!status.success(), "the second relay ran");
+    let relay_pid = relay.child.id().expect("first relay runs");
+    let log = second_relay.log();
+    assert!(
+        log.contains("address already in use")
+            && log.contains(&format!("postern-relay (pid {relay_pid})")),
+        "{log}"
+    );
 }
