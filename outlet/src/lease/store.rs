@@ -16,8 +16,8 @@
 //! the disk has room. So an operation that fails that way closes the database at once
 //! ([`StoreError::cannot_write`] says which errors do), calls fail fast with
 //! [`StoreError::Unwritable`] meanwhile, and [`LeaseStore::reopen`] (retried with backoff by the
-//! manager) opens it again and proves with a committed write that it can write before it is
-//! used again.
+//! manager) opens it again and proves, by committing some room's worth of data and freeing it,
+//! that it can write before it is used again.
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -26,9 +26,15 @@ use std::path::{Path, PathBuf};
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const INSTANCE_KEY: &str = "instance";
-/// Written by [`LeaseStore::reopen`]: a committed write is the only proof that the file can be
-/// written again.
-const PROBE_KEY: &str = "reopened-at-ms";
+/// Written and removed again by [`LeaseStore::reopen`]: committed writes are the only proof
+/// that the file can be written again.
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+const PROBE_KEY: &str = "room";
+/// How much [`LeaseStore::reopen`] writes to prove there is room. A small write proves little:
+/// redb reuses pages the file already has, so it succeeds on a full disk and the next lease
+/// fails again (the store would flap between broken and fine). 64 KiB, freed again at once,
+/// is room for some hundreds of lease records.
+const PROBE_SIZE: usize = 64 * 1024;
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "leases.redb";
 
@@ -224,9 +230,7 @@ impl LeaseStore {
     pub fn reopen(&mut self) -> Result<(), StoreError> {
         self.db = None;
         let result = open_db(&self.path).and_then(|db| {
-            let txn = db.begin_write().map_err(db_err)?;
-            write_probe(&txn)?;
-            txn.commit().map_err(db_err)?;
+            probe(&db)?;
             Ok(db)
         });
         match result {
@@ -306,10 +310,21 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
     }
 }
 
-fn write_probe(txn: &WriteTransaction) -> Result<(), StoreError> {
-    let mut meta = txn.open_table(META).map_err(db_err)?;
-    let now = postern_net::runtime::clock::now_ms().to_string();
-    meta.insert(PROBE_KEY, now.as_str()).map_err(db_err)?;
+/// Commits [`PROBE_SIZE`] bytes, then commits their removal.
+fn probe(db: &Database) -> Result<(), StoreError> {
+    let room = vec![0u8; PROBE_SIZE];
+    let txn = db.begin_write().map_err(db_err)?;
+    txn.open_table(PROBE)
+        .map_err(db_err)?
+        .insert(PROBE_KEY, room.as_slice())
+        .map_err(db_err)?;
+    txn.commit().map_err(db_err)?;
+    let txn = db.begin_write().map_err(db_err)?;
+    txn.open_table(PROBE)
+        .map_err(db_err)?
+        .remove(PROBE_KEY)
+        .map_err(db_err)?;
+    txn.commit().map_err(db_err)?;
     Ok(())
 }
 
