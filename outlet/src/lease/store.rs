@@ -19,7 +19,7 @@
 //! manager) opens it again and proves, by committing some room's worth of data and freeing it,
 //! that it can write before it is used again.
 
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
