@@ -49,6 +49,7 @@ pub struct Outlet {
 pub struct OutletHandle {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
+    services: Arc<Services>,
 }
 
 impl OutletHandle {
@@ -99,9 +100,19 @@ impl OutletHandle {
         self.uplink.relay_connected()
     }
 
-    /// Whether the outlet can take streams (the `/readyz` answer).
+    /// Whether the outlet can take streams (the `/readyz` answer): its relays, and the lease
+    /// store of each leased service (a store that cannot write makes no lease, so that service's
+    /// inlets can only get 503s).
     pub fn readiness(&self) -> Result<(), String> {
-        self.uplink.readiness()
+        self.uplink.readiness()?;
+        let mut leased: Vec<_> = self.services.leases.iter().collect();
+        leased.sort_by(|a, b| a.0.cmp(b.0));
+        for (service, manager) in leased {
+            manager
+                .store_ready()
+                .map_err(|why| format!("service {service}: {why}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -147,6 +158,7 @@ impl Outlet {
         OutletHandle {
             uplink: self.uplink.clone(),
             routes: self.routes.clone(),
+            services: self.services.clone(),
         }
     }
 
