@@ -28,7 +28,7 @@ const META: TableDefinition<'_, &str, &str> = TableDefinition::new("meta");
 const INSTANCE_KEY: &str = "instance";
 /// Written and removed again by [`LeaseStore::reopen`]: committed writes are the only proof
 /// that the file can be written again.
-const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+const PROBE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("probe");
 const PROBE_KEY: &str = "room";
 /// How much [`LeaseStore::reopen`] writes to prove there is room. A small write proves little:
 /// redb reuses pages the file already has, so it succeeds on a full disk and the next lease
