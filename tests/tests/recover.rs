@@ -128,8 +128,11 @@ async fn an_outlet_dying_mid_handshake_fails_the_client_when_the_relay_closes_th
     panic!("no attempt killed the outlet mid-handshake");
 }
 
+/// Each write's status and answer.
+type Answers = Arc<Mutex<Vec<(u16, String)>>>;
+
 /// Writes through the inlet every 50 ms until stopped; collects (status, answer).
-fn writer(n: Arc<Nodes>) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<(u16, String)>>>) {
+fn writer(n: Arc<Nodes>) -> (tokio::task::JoinHandle<()>, Answers) {
     let results = Arc::new(Mutex::new(Vec::new()));
     let out = results.clone();
     let task = tokio::spawn(async move {
