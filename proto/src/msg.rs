@@ -67,6 +67,10 @@ pub enum Ctl {
         service: ServiceName,
         client: String,
     },
+    /// Relay -> inlet: an outlet of `service` has (re)registered. Sent to the inlets that were
+    /// refused a route to it for want of a live outlet, so that they ask again now instead of
+    /// after their back-off. Answered by `Ack`.
+    OutletBack { service: ServiceName },
 }
 
 /// Why the relay refused a route.

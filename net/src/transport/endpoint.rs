@@ -31,10 +31,21 @@ pub const E2E_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Endpoint-wide settings. The QUIC bit is never greased (RFC 9287): the relay and nodes tell
 /// QUIC packets from forwarding frames by that bit. `reset_key` makes stateless resets survive a
-/// restart, so peers of a restarted relay learn at once that their connection is gone.
+/// restart, so peers of a restarted relay learn at once that their connection is gone: the reset
+/// token of a connection ID is derived from it, and so is the key that connection IDs are
+/// checked with (quinn drops, unanswered, a packet whose connection ID its generator did not
+/// make; with a fresh random key after a restart that is every old connection's packet).
 pub fn endpoint_config(reset_key: Option<&[u8; 32]>) -> EndpointConfig {
     let mut cfg = match reset_key {
-        Some(k) => EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k))),
+        Some(k) => {
+            let mut cfg =
+                EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k)));
+            let cid_key = cid_key(k);
+            cfg.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            cfg
+        }
         None => EndpointConfig::default(),
     };
     cfg.grease_quic_bit(false);
@@ -43,6 +54,16 @@ pub fn endpoint_config(reset_key: Option<&[u8; 32]>) -> EndpointConfig {
     // fail; if it ever did, quinn's default (1472) only limits the path MTU.
     let _ = cfg.max_udp_payload_size(E2E_MAX_MTU + postern_proto::fwd::HEADER_LEN as u16);
     cfg
+}
+
+/// The connection-ID check key that follows from `reset_key`: derived (not the reset key
+/// itself, which must stay secret: connection IDs are sent in clear).
+fn cid_key(reset_key: &[u8; 32]) -> u64 {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let tag = ring::hmac::sign(&key, b"postern connection-id key");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&tag.as_ref()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Upper bound of end-to-end path MTU discovery. quinn probes up from 1200 bytes and settles on

@@ -3,10 +3,10 @@
 //! heartbeats and certificate renewals.
 
 use super::route::grant_route;
-use super::shared::{node_drained, Shared};
+use super::shared::{node_drained, outlet_back, Shared};
 use crate::policy::Action;
 use crate::registry::NodeId;
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, RefuseReason};
 use postern_proto::name::ServiceName;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ pub(super) async fn handle(
             }
             shared.registry().register(id, &services);
             tracing::info!(?services, "services registered");
+            outlet_back(shared, &services);
             Ctl::Registered { services }
         }
         Ctl::RegisterPublic { services } => register_public(shared, id, services),
@@ -61,11 +62,17 @@ pub(super) async fn handle(
             }
         }
         Ctl::RouteRequest { service } => {
-            let answer = grant_route(shared, id, conn, service).await;
+            let answer = grant_route(shared, id, conn, service.clone()).await;
             match &answer {
                 Ctl::RouteGranted { .. } => shared.ctl.routes_granted.fetch_add(1, Relaxed),
                 _ => shared.ctl.routes_refused.fetch_add(1, Relaxed),
             };
+            // Refused for want of a live outlet: told when one registers the service.
+            if let Ctl::RouteRefused { reason, .. } = &answer {
+                if *reason != RefuseReason::NotAllowed {
+                    shared.waits_for_outlet(&service, id);
+                }
+            }
             answer
         }
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },

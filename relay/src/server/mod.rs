@@ -126,6 +126,7 @@ impl Relay {
                 public: Mutex::default(),
                 public_stats: Arc::default(),
                 admission: admission_stats.clone(),
+                waiting: Mutex::default(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,
