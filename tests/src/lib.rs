@@ -4,6 +4,7 @@
 pub mod clients;
 pub mod flood;
 pub mod influx2;
+pub mod impair;
 pub mod influxd;
 pub mod kit;
 pub mod leases;
