@@ -93,6 +93,8 @@ pub struct DirCounters {
     pub duplicated: u64,
     /// Sent ahead of datagrams that arrived before them.
     pub reordered: u64,
+    /// The largest payload sent on since the start or [`ImpairProxy::reset_largest`].
+    pub largest: u64,
 }
 
 impl DirCounters {
@@ -132,6 +134,7 @@ struct AtomicDir {
     queue_dropped: AtomicU64,
     duplicated: AtomicU64,
     reordered: AtomicU64,
+    largest: AtomicU64,
 }
 
 impl AtomicDir {
@@ -147,6 +150,7 @@ impl AtomicDir {
             queue_dropped: g(&self.queue_dropped),
             duplicated: g(&self.duplicated),
             reordered: g(&self.reordered),
+            largest: g(&self.largest),
         }
     }
 }
@@ -178,7 +182,7 @@ struct Shared {
     up: AtomicDir,
     down: AtomicDir,
     /// When each oversize datagram was dropped, and its size.
-    oversize_log: Mutex<Vec<(Instant, usize)>>,
+    oversize_log: Mutex<Vec<(Instant, Direction, usize)>>,
 }
 
 impl Shared {
@@ -206,7 +210,7 @@ impl Shared {
             bump(&c.oversize, 1);
             let mut log = self.oversize_log.lock().unwrap_or_else(|p| p.into_inner());
             if log.len() < OVERSIZE_LOG_MAX {
-                log.push((now, len));
+                log.push((now, d, len));
             }
             return Vec::new();
         }
@@ -384,8 +388,15 @@ impl ImpairProxy {
         }
     }
 
-    /// When each datagram over the MTU was dropped, with its size (the first 100,000).
-    pub fn oversize_log(&self) -> Vec<(Instant, usize)> {
+    /// Starts a new window for [`DirCounters::largest`].
+    pub fn reset_largest(&self) {
+        self.shared.up.largest.store(0, Ordering::Relaxed);
+        self.shared.down.largest.store(0, Ordering::Relaxed);
+    }
+
+    /// When each datagram over the MTU was dropped, which way it went and its size (the first
+    /// 100,000).
+    pub fn oversize_log(&self) -> Vec<(Instant, Direction, usize)> {
         self.shared
             .oversize_log
             .lock()
@@ -546,6 +557,7 @@ async fn deliver(
                         let c = shared.dir(p.dir);
                         bump(&c.delivered, 1);
                         bump(&c.delivered_bytes, p.data.len() as u64);
+                        c.largest.fetch_max(p.data.len() as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -609,8 +621,14 @@ mod tests {
         let got = exchange(&c, 50, 100, Duration::from_millis(300)).await;
         assert_eq!(got, (0..50).collect::<Vec<_>>());
         let n = proxy.counters();
-        assert_eq!((n.up.received, n.up.delivered, n.down.delivered), (50, 50, 50));
+        assert_eq!(
+            (n.up.received, n.up.delivered, n.down.delivered),
+            (50, 50, 50)
+        );
         assert_eq!(n.delivered_bytes(), 2 * 50 * 100);
+        assert_eq!((n.up.largest, n.down.largest), (100, 100));
+        proxy.reset_largest();
+        assert_eq!(proxy.counters().up.largest, 0);
         assert_eq!(n.up.dropped() + n.down.dropped(), 0);
     }
 
@@ -628,7 +646,12 @@ mod tests {
             // One at a time, so both runs present the same datagrams in the same order.
             let mut got = Vec::new();
             for i in 0..200u32 {
-                got.extend(exchange(&c, 1, 8, Duration::from_millis(20)).await.iter().map(|_| i));
+                got.extend(
+                    exchange(&c, 1, 8, Duration::from_millis(20))
+                        .await
+                        .iter()
+                        .map(|_| i),
+                );
             }
             let n = proxy.counters();
             assert_eq!(n.up.received, 200);
@@ -658,7 +681,9 @@ mod tests {
         assert_eq!(proxy.counters().up.oversize, 3);
         let log = proxy.oversize_log();
         assert_eq!(log.len(), 3);
-        assert!(log.iter().all(|(_, n)| *n == INTERNET_MTU + 1));
+        assert!(log
+            .iter()
+            .all(|(_, d, n)| *d == Direction::Up && *n == INTERNET_MTU + 1));
     }
 
     #[tokio::test]
@@ -679,7 +704,11 @@ mod tests {
         let t2 = Instant::now();
         c.send(&[0u8; 8]).await.expect("send");
         c.recv(&mut buf).await.expect("recv");
-        assert!(t2.elapsed() >= Duration::from_millis(80), "{:?}", t2.elapsed());
+        assert!(
+            t2.elapsed() >= Duration::from_millis(80),
+            "{:?}",
+            t2.elapsed()
+        );
         assert!(t.elapsed() >= Duration::from_millis(80));
     }
 
@@ -728,10 +757,15 @@ mod tests {
         let proxy = ImpairProxy::start(up, 1).await.expect("start");
         let c = client(&proxy).await;
         proxy.blackhole(true);
-        assert!(exchange(&c, 5, 10, Duration::from_millis(200)).await.is_empty());
+        assert!(exchange(&c, 5, 10, Duration::from_millis(200))
+            .await
+            .is_empty());
         assert_eq!(proxy.counters().up.blackholed, 5);
         proxy.blackhole(false);
-        assert_eq!(exchange(&c, 5, 10, Duration::from_millis(200)).await.len(), 5);
+        assert_eq!(
+            exchange(&c, 5, 10, Duration::from_millis(200)).await.len(),
+            5
+        );
     }
 
     #[tokio::test]
@@ -749,7 +783,11 @@ mod tests {
         let got = exchange(&c, 10, 1000, Duration::from_millis(300)).await;
         assert_eq!(got.len(), 10);
         // The last answer left after the ten had been paced out (the quiet wait is added).
-        assert!(t.elapsed() >= Duration::from_millis(390), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(390),
+            "{:?}",
+            t.elapsed()
+        );
         let burst = exchange(&c, 100, 1000, Duration::from_millis(400)).await;
         assert!(burst.len() < 100);
         assert!(proxy.counters().up.queue_dropped > 0);
@@ -760,8 +798,14 @@ mod tests {
         let (up, mut seen) = echo().await;
         let proxy = ImpairProxy::start(up, 1).await.expect("start");
         let (a, b) = (client(&proxy).await, client(&proxy).await);
-        assert_eq!(exchange(&a, 1, 10, Duration::from_millis(200)).await, vec![0]);
-        assert_eq!(exchange(&b, 1, 10, Duration::from_millis(200)).await, vec![0]);
+        assert_eq!(
+            exchange(&a, 1, 10, Duration::from_millis(200)).await,
+            vec![0]
+        );
+        assert_eq!(
+            exchange(&b, 1, 10, Duration::from_millis(200)).await,
+            vec![0]
+        );
         let (sa, sb) = (
             seen.recv().await.expect("first"),
             seen.recv().await.expect("second"),
@@ -782,10 +826,15 @@ mod tests {
             loss: 1.0,
             ..Impairment::default()
         });
-        assert!(exchange(&c, 5, 10, Duration::from_millis(150)).await.is_empty());
+        assert!(exchange(&c, 5, 10, Duration::from_millis(150))
+            .await
+            .is_empty());
         proxy.update(|i| i.loss = 0.0);
         assert_eq!(proxy.impairment(), Impairment::default());
-        assert_eq!(exchange(&c, 5, 10, Duration::from_millis(150)).await.len(), 5);
+        assert_eq!(
+            exchange(&c, 5, 10, Duration::from_millis(150)).await.len(),
+            5
+        );
         assert_eq!(proxy.counters().up.lost, 5);
     }
 }

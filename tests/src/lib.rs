@@ -3,11 +3,12 @@
 //! them share.
 pub mod clients;
 pub mod flood;
-pub mod influx2;
 pub mod impair;
+pub mod influx2;
 pub mod influxd;
 pub mod kit;
 pub mod leases;
+pub mod lossy;
 pub mod openapi;
 pub mod ports;
 pub mod procs;
