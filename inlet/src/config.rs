@@ -330,7 +330,12 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("inlet.toml");
-        std::fs::write(&path, "relay = \"r:1\"\ncongestion = \"cubic\"\n").expect("write");
+        const SERVICE: &str = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n";
+        std::fs::write(
+            &path,
+            format!("relay = \"r:1\"\ncongestion = \"cubic\"\n{SERVICE}"),
+        )
+        .expect("write");
         let config = path.display().to_string();
         let resolve = |args: &[&str]| {
             Cli::parse_from(["inlet", "--config", &config].iter().chain(args))
@@ -344,7 +349,7 @@ mod tests {
         assert_eq!(resolve(&["--congestion", "newreno"]), Congestion::NewReno);
         assert_eq!(resolve(&["--congestion", "bbr"]), Congestion::Bbr);
         assert!(Cli::try_parse_from(["inlet", "--congestion", "vegas"]).is_err());
-        std::fs::write(&path, "relay = \"r:1\"\n").expect("write");
+        std::fs::write(&path, format!("relay = \"r:1\"\n{SERVICE}")).expect("write");
         assert_eq!(resolve(&[]), Congestion::default());
     }
 
