@@ -237,8 +237,9 @@ async fn serve_http_client(
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Holding {
+            // Held once the proxy drops it: see `splice::HeldSend`.
             io: splice::Counted::new(
-                tokio::io::join(recv, send),
+                tokio::io::join(recv, splice::HeldSend::new(send)),
                 byte_counter(&service, "down"),
                 byte_counter(&service, "up"),
             ),

@@ -24,6 +24,11 @@ pub struct NodeFlags {
     /// one [default: auto].
     #[arg(long, value_name = "auto|udp|tcp")]
     pub transport: Option<crate::transport::relay_path::TransportMode>,
+    /// Congestion controller of end-to-end connections: `bbr` keeps its rate through random
+    /// loss, where `cubic` and `newreno` back off on every lost packet (bench/RESULTS.md,
+    /// "Lossy paths") [default: bbr].
+    #[arg(long, value_enum)]
+    pub congestion: Option<crate::transport::endpoint::Congestion>,
     /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
     #[arg(long)]
     pub relay_tcp_port: Option<u16>,
@@ -58,6 +63,7 @@ impl NodeFlags {
                 self.relay
             },
             transport: self.transport.or(file.transport),
+            congestion: self.congestion.or(file.congestion),
             relay_tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
             relay_name: self.relay_name.or(file.relay_name),
             ticket: self.ticket.or(file.ticket),
@@ -83,6 +89,7 @@ impl NodeFlags {
             tcp_port: self.relay_tcp_port,
             udp_timeout: None,
             udp_probe_interval: None,
+            congestion: self.congestion.unwrap_or_default(),
         };
         let node = NodeArgs {
             relay: first,

@@ -311,8 +311,9 @@ async fn serve_stream(
             service.clone(),
             services.inject_at(&service),
         );
+        // Held once the proxy drops it: see `splice::HeldSend`.
         let client = splice::Counted::new(
-            tokio::io::join(recv, send),
+            tokio::io::join(recv, splice::HeldSend::new(send)),
             counters.stream_to_tcp.clone(),
             counters.tcp_to_stream.clone(),
         );

@@ -4,10 +4,12 @@
 pub mod bins;
 pub mod clients;
 pub mod flood;
+pub mod impair;
 pub mod influx2;
 pub mod influxd;
 pub mod kit;
 pub mod leases;
+pub mod lossy;
 pub mod openapi;
 pub mod ops;
 pub mod ports;
