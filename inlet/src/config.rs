@@ -76,7 +76,8 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
-    /// Directory for the inlet's enrolled identity [default: ./postern-inlet-state]. Locked
+    /// Directory for the inlet's enrolled identity [default: /var/lib/postern-inlet as root, else
+    /// ~/.local/state/postern-inlet; ./postern-inlet-state if it exists there]. Locked
     /// while the inlet runs: a second process on it is refused, naming the first one's pid.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -213,7 +214,7 @@ impl RunArgs {
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from("postern-inlet-state")),
+                .unwrap_or_else(|| postern_net::runtime::files::default_state_dir("inlet")),
             node,
             services,
         })

@@ -93,7 +93,8 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
-    /// Directory for the outlet's state (lease store) [default: ./postern-outlet-state].
+    /// Directory for the outlet's state (lease store) [default: /var/lib/postern-outlet as root,
+    /// else ~/.local/state/postern-outlet; ./postern-outlet-state if it exists there].
     /// Locked while the outlet runs: a second process on it is refused, naming the first one's
     /// pid.
     #[arg(long)]
@@ -292,7 +293,7 @@ impl RunArgs {
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from("postern-outlet-state")),
+                .unwrap_or_else(|| postern_net::runtime::files::default_state_dir("outlet")),
             services,
             influxdb,
         })
