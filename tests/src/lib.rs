@@ -8,6 +8,7 @@ pub mod influxd;
 pub mod kit;
 pub mod leases;
 pub mod openapi;
+pub mod ops;
 pub mod ports;
 pub mod procs;
 pub mod traffic;
