@@ -30,7 +30,9 @@ pub struct NodeFlags {
     /// Name the relay's certificate must carry [default: relay].
     #[arg(long)]
     pub relay_name: Option<String>,
-    /// Enrollment ticket, used once if this node has not enrolled yet (see `enroll`).
+    /// Enrollment ticket, used once if this node has not enrolled yet (see `enroll`). While
+    /// the relay (authority) cannot be reached, `run` keeps trying; a ticket it refuses for good
+    /// (used, expired, unknown) stops `run` with the reason.
     #[arg(long, env = "POSTERN_TICKET", hide_env_values = true)]
     pub ticket: Option<String>,
     /// Name to ask for when enrolling [default: inlet-<hostname> or outlet-<hostname>].
