@@ -15,8 +15,13 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
             .map_err(anyhow::Error::msg)?;
     // Held until the process ends: a second inlet on this identity is refused here.
     let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "inlet")?;
-    let settings =
-        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
+    let Some(settings) =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet", &shutdown)
+            .await?
+    else {
+        tracing::info!("stopped before enrolling");
+        return Ok(());
+    };
     let (relay, identity, roots) = settings.load()?;
     let mut inlet = Inlet::bind(InletOptions {
         relay,

@@ -93,9 +93,12 @@ impl ControlHandler for InletControl {
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
-            other => Ctl::Error {
-                message: format!("unexpected push {other:?}"),
-            },
+            other => {
+                tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
+                Ctl::Refused {
+                    reason: postern_proto::msg::Refusal::Unexpected,
+                }
+            }
         }
     }
 

@@ -20,8 +20,13 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
             .map_err(anyhow::Error::msg)?;
     // Held until the process ends: a second outlet on this identity is refused here.
     let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "outlet")?;
-    let settings =
-        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
+    let Some(settings) =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet", &shutdown)
+            .await?
+    else {
+        tracing::info!("stopped before enrolling");
+        return Ok(());
+    };
     let (relay, identity, roots) = settings.load()?;
     // Cancelled once the outlet has drained: leases are revoked, the admin socket closes.
     let leases_stop = CancellationToken::new();

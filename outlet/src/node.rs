@@ -10,7 +10,7 @@ use postern_net::transport::endpoint::EndpointError;
 use postern_net::transport::node_socket::NodeSocket;
 use postern_net::transport::relay_path::{RelayTarget, TransportSettings, TransportStatus};
 use postern_net::uplink::{ControlWatch, Role, Uplink, UplinkError};
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
@@ -228,9 +228,11 @@ impl ControlHandler for OutletControl {
                 }
                 Ok(())
             }
+            Ctl::Refused { reason } => Err(CtlError::Refused(reason)),
             other => Err(CtlError::Codec(
                 postern_proto::codec::CodecError::Malformed(format!(
-                    "unexpected answer to Register: {other:?}"
+                    "unexpected answer to Register: {:?}",
+                    std::mem::discriminant(&other)
                 )),
             )),
         }
@@ -244,14 +246,14 @@ impl ControlHandler for OutletControl {
                 inlet,
             } => {
                 if !self.services.contains(&service) {
-                    return Ctl::Error {
-                        message: format!("this outlet does not serve {service}"),
+                    return Ctl::Refused {
+                        reason: Refusal::NotServed { service },
                     };
                 }
                 if self.draining.is_cancelled() {
                     // The relay tries another outlet of the service.
-                    return Ctl::Error {
-                        message: "this outlet is shutting down".into(),
+                    return Ctl::Refused {
+                        reason: Refusal::ShuttingDown,
                     };
                 }
                 let virt = self.socket.add_route(route, self.relay);
@@ -281,9 +283,12 @@ impl ControlHandler for OutletControl {
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
-            other => Ctl::Error {
-                message: format!("unexpected push {other:?}"),
-            },
+            other => {
+                tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
+                Ctl::Refused {
+                    reason: Refusal::Unexpected,
+                }
+            }
         }
     }
 
@@ -349,8 +354,11 @@ async fn register_public(
         Ctl::Registered { services } => {
             tracing::info!(?services, "public services registered with relay");
         }
-        Ctl::Error { message } => {
-            tracing::error!(%message, "the relay refused our public services");
+        Ctl::Refused { reason } => {
+            tracing::error!(
+                reason = reason.label(),
+                "the relay refused our public services: {reason}"
+            );
         }
         other => {
             tracing::error!(answer = ?std::mem::discriminant(&other), "unexpected answer to RegisterPublic");

@@ -65,3 +65,16 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_matching_samples() {
+        let scrape = "# TYPE x counter\nx{reason=\"a\",k=\"1\"} 2\nx{reason=\"a\",k=\"2\"} 3\nx{reason=\"b\"} 7\ny 1\n";
+        assert_eq!(metric(scrape, "x", &[("reason", "a")]), Some(5.0));
+        assert_eq!(metric(scrape, "x", &[("reason", "c")]), None);
+        assert_eq!(metric(scrape, "y", &[]), Some(1.0));
+    }
+}

@@ -6,7 +6,7 @@ use super::route::grant_route;
 use super::shared::{node_drained, outlet_back, Shared};
 use crate::policy::Action;
 use crate::registry::NodeId;
-use postern_proto::msg::{Ctl, RefuseReason};
+use postern_proto::msg::{Ctl, Refusal, RefuseReason};
 use postern_proto::name::ServiceName;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -25,22 +25,21 @@ pub(super) async fn handle(
                 (reg.name(id).cloned(), reg.attrs(id))
             };
             let Some(name) = name else {
-                return Ctl::Error {
-                    message: "unknown node".into(),
-                };
+                return refused(Refusal::UnknownNode);
             };
             if shared.admin.is_drained(&name) {
-                return Ctl::Error {
-                    message: "this node is drained by the relay operator".into(),
-                };
+                return refused(Refusal::Drained);
             }
             for svc in &services {
                 let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
                 tracing::info!(target: "postern::audit", event = "policy", action = "register", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
                 if !d.allowed {
-                    return Ctl::Error {
-                        message: format!("not allowed to register {svc}: {}", d.rule),
-                    };
+                    return refused(Refusal::NotAllowed {
+                        action: "register".into(),
+                        service: svc.clone(),
+                        attrs,
+                        rule: d.rule,
+                    });
                 }
             }
             shared.registry().register(id, &services);
@@ -51,15 +50,11 @@ pub(super) async fn handle(
         Ctl::RegisterPublic { services } => register_public(shared, id, services),
         Ctl::RouteRequest { .. } if shared.draining.load(Relaxed) => {
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
-            Ctl::Error {
-                message: "the relay is shutting down".into(),
-            }
+            refused(Refusal::ShuttingDown)
         }
         Ctl::RouteRequest { .. } if node_drained(shared, id) => {
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
-            Ctl::Error {
-                message: "this node is drained by the relay operator".into(),
-            }
+            refused(Refusal::Drained)
         }
         Ctl::RouteRequest { service } => {
             let answer = grant_route(shared, id, conn, service.clone()).await;
@@ -78,35 +73,27 @@ pub(super) async fn handle(
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
         Ctl::Renew { csr_pem } => {
             let Some(authority) = shared.authority.clone() else {
-                return Ctl::Error {
-                    message: "this relay does not run the authority; renew there".into(),
-                };
+                return refused(Refusal::NoAuthority);
             };
             let (name, attrs) = {
                 let reg = shared.registry();
                 (reg.name(id).cloned(), reg.attrs(id))
             };
             let Some(name) = name else {
-                return Ctl::Error {
-                    message: "unknown node".into(),
-                };
+                return refused(Refusal::UnknownNode);
             };
             let signed =
                 tokio::task::spawn_blocking(move || authority.renew(&name, &attrs, &csr_pem)).await;
             match signed {
                 Ok(Ok(cert_pem)) => Ctl::Renewed { cert_pem },
-                Ok(Err(message)) => Ctl::Error { message },
-                Err(_) => Ctl::Error {
-                    message: "renewal failed".into(),
-                },
+                Ok(Err(reason)) => refused(reason),
+                Err(_) => refused(Refusal::Internal),
             }
         }
         other => {
             shared.ctl.bad_messages.fetch_add(1, Relaxed);
             tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected control message from node");
-            Ctl::Error {
-                message: "unexpected message".into(),
-            }
+            refused(Refusal::Unexpected)
         }
     }
 }
@@ -118,20 +105,26 @@ fn register_public(shared: &Arc<Shared>, id: NodeId, services: Vec<ServiceName>)
         (reg.name(id).cloned(), reg.attrs(id))
     };
     let Some(name) = name else {
-        return Ctl::Error {
-            message: "unknown node".into(),
-        };
+        return refused(Refusal::UnknownNode);
     };
     for svc in &services {
         let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
         tracing::info!(target: "postern::audit", event = "policy", action = "register_public", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
         if !d.allowed {
-            return Ctl::Error {
-                message: format!("not allowed to register {svc}: {}", d.rule),
-            };
+            return refused(Refusal::NotAllowed {
+                action: "register_public".into(),
+                service: svc.clone(),
+                attrs,
+                rule: d.rule,
+            });
         }
     }
     shared.public().register(id, &services);
     tracing::info!(?services, "public services registered");
     Ctl::Registered { services }
+}
+
+/// The answer refusing a request for `reason` (counted by reason where the answer is sent).
+pub(super) fn refused(reason: Refusal) -> Ctl {
+    Ctl::Refused { reason }
 }

@@ -13,7 +13,7 @@ use crate::policy::PolicySet;
 use crate::registry::{NodeId, PublicRegistry, Registry};
 use postern_net::control::exchange::{self, CTL_TIMEOUT};
 use postern_net::transport::links::StreamLinks;
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use postern_proto::name::{NodeName, ServiceName};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -32,6 +32,22 @@ pub struct ControlStats {
     pub enrollments: AtomicU64,
     /// Enrollment requests the authority refused.
     pub enrollments_refused: AtomicU64,
+    /// Control requests answered with a refusal, by [`Refusal::label`].
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl ControlStats {
+    /// Counts one control request refused for `reason`.
+    pub fn refused(&self, reason: &Refusal) {
+        let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(reason.label()).or_default() += 1;
+    }
+
+    /// Refused control requests so far, by reason label (only reasons seen at least once).
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 /// The admin API's counters (see the relay's `/metrics`).
