@@ -147,7 +147,7 @@ async fn outlet_refused_by_policy_says_why_once_and_backs_off() {
         !log.contains("bad frame") && !log.contains("cannot reach relay"),
         "a refusal is not a broken connection:\n{log}"
     );
-    let (status, body) = get(outlet_ops, "/readyz").await.ok().expect("readyz");
+    let (status, body) = get(outlet_ops, "/readyz").await.expect("readyz");
     assert_eq!(status, 503);
     assert!(body.contains(why), "{body}");
 }
