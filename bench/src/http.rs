@@ -312,7 +312,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         tls_ca: None,
         allow: None,
         org_id: Some("0123456789abcdef".into()),
-        admin: Secret::new("unused".into()),
+        admin: Secret::new("unused"),
         ttl: Duration::from_secs(3600),
         permissions: Vec::new(),
         api: Api::V2,

@@ -9,6 +9,7 @@ pub mod charts;
 pub mod cluster;
 pub mod fleet;
 pub mod http;
+pub mod lossy;
 pub mod open;
 pub mod progress;
 pub mod report;
@@ -30,6 +31,7 @@ pub struct Plan {
     /// One fleet run per entry (e.g. a sweep over the number of outlets).
     pub fleet: Vec<fleet::FleetOptions>,
     pub http: Option<http::HttpOptions>,
+    pub lossy: Option<lossy::LossyOptions>,
 }
 
 impl Plan {
@@ -51,6 +53,7 @@ impl Plan {
                 }),
                 fleet: vec![fleet::FleetOptions::quick()],
                 http: Some(http::HttpOptions::quick()),
+                lossy: Some(lossy::LossyOptions::quick()),
             }
         } else {
             Self {
@@ -68,6 +71,7 @@ impl Plan {
                 }),
                 fleet: vec![fleet::FleetOptions::standard()],
                 http: Some(http::HttpOptions::standard()),
+                lossy: Some(lossy::LossyOptions::standard()),
             }
         }
     }
@@ -104,6 +108,10 @@ pub async fn run(plan: &Plan, mode: &RelayMode, quick: bool, command: &str) -> R
     }
     for o in &plan.fleet {
         report.fleet.push(fleet::run(&pki, mode, o).await?);
+    }
+    if let Some(o) = &plan.lossy {
+        // Always in-process: the impairment proxy is what shapes the figures, not the relay.
+        report.lossy = Some(lossy::run(&pki, o).await?);
     }
     Ok(report)
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use postern_bench::cluster::RelayMode;
-use postern_bench::{bulk, fleet, http, open, rr, Plan};
+use postern_bench::{bulk, fleet, http, lossy, open, rr, Plan};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -52,6 +52,9 @@ enum Cmd {
     /// Hostile traffic at the relay (garbage, random route ids, Initial flood) while a legit
     /// stream runs: throughput, reconnect time, relay CPU, RSS and log bytes.
     Attack(AttackArgs),
+    /// Throughput and request latency through a lossy, delayed path with an Internet MTU,
+    /// for each congestion controller.
+    Lossy(LossyArgs),
     /// Every scenario with its default sizes.
     All,
     /// (internal) a relay in its own process, driven over stdin.
@@ -98,6 +101,25 @@ struct BulkArgs {
     /// Seconds a run may take before its unfinished streams count as errors.
     #[arg(long)]
     run_timeout: Option<u64>,
+}
+
+#[derive(Args)]
+struct LossyArgs {
+    /// Loss rates in percent (each direction), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    loss: Option<Vec<f64>>,
+    /// One-way delay in milliseconds.
+    #[arg(long)]
+    delay_ms: Option<u64>,
+    /// Congestion controllers to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    congestion: Option<Vec<postern_net::transport::endpoint::Congestion>>,
+    /// Seconds counted per cell.
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Seconds of warm-up per cell.
+    #[arg(long)]
+    warmup: Option<f64>,
 }
 
 #[derive(Args)]
@@ -255,6 +277,28 @@ fn plan(cli: &Cli) -> Plan {
                         ..o.clone()
                     })
                     .collect(),
+                ..Plan::default()
+            }
+        }
+        Cmd::Lossy(a) => {
+            let mut o = pick(q, lossy::LossyOptions::quick, lossy::LossyOptions::standard);
+            if let Some(v) = &a.loss {
+                o.loss_pct = v.clone();
+            }
+            if let Some(v) = a.delay_ms {
+                o.delay_ms = v;
+            }
+            if let Some(v) = &a.congestion {
+                o.congestion = v.clone();
+            }
+            if let Some(v) = a.secs {
+                o.secs = v.max(0.1);
+            }
+            if let Some(v) = a.warmup {
+                o.warmup_s = v.max(0.0);
+            }
+            Plan {
+                lossy: Some(o),
                 ..Plan::default()
             }
         }

@@ -3,6 +3,7 @@
 use crate::bulk::BulkReport;
 use crate::fleet::FleetReport;
 use crate::http::HttpReport;
+use crate::lossy::LossyReport;
 use crate::open::OpenReport;
 use crate::rr::RrReport;
 use serde::Serialize;
@@ -58,6 +59,7 @@ pub struct Report {
     pub open: Option<OpenReport>,
     pub fleet: Vec<FleetReport>,
     pub http: Option<HttpReport>,
+    pub lossy: Option<LossyReport>,
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
@@ -98,6 +100,9 @@ impl Report {
         n += self.fleet.iter().map(|f| f.errors).sum::<u64>();
         if let Some(h) = &self.http {
             n += h.rows.iter().map(|r| r.errors).sum::<u64>();
+        }
+        if let Some(l) = &self.lossy {
+            n += l.rows.iter().map(|r| r.errors).sum::<u64>();
         }
         n
     }
@@ -302,6 +307,41 @@ impl Report {
                 );
             }
             for n in &h.notes {
+                let _ = writeln!(o, "\n- {n}");
+            }
+            let _ = writeln!(o);
+        }
+        if let Some(l) = &self.lossy {
+            let _ = writeln!(
+                o,
+                "### lossy ({} ms each way, {}-byte MTU)\n",
+                l.options.delay_ms, l.options.mtu
+            );
+            let _ = writeln!(o, "| congestion | loss % | MB/s | echo p50 ms | echo p99 ms | echo max ms | oversize drops (warm-up / after) | errors |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|");
+            for x in &l.rows {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} / {} | {} |",
+                    x.congestion,
+                    x.loss_pct,
+                    x.mbyte_s,
+                    x.latency.p50_us / 1000.0,
+                    x.latency.p99_us / 1000.0,
+                    x.latency.max_us / 1000.0,
+                    x.oversize_in_warmup,
+                    x.oversize_after_warmup,
+                    x.errors
+                );
+            }
+            for x in l.rows.iter().filter(|x| !x.error_samples.is_empty()) {
+                let _ = writeln!(
+                    o,
+                    "\nerrors ({} {}%): {:?}",
+                    x.congestion, x.loss_pct, x.error_samples
+                );
+            }
+            for n in &l.notes {
                 let _ = writeln!(o, "\n- {n}");
             }
             let _ = writeln!(o);

@@ -10,18 +10,18 @@ use tokio_util::sync::CancellationToken;
 /// directory's lock, loads (or first prepares) the identity, binds the listeners, serves
 /// `/metrics` when asked, and renews the certificate when it was enrolled.
 pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let recorder = match cfg.metrics_addr {
-        Some(_) => {
-            let r = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
-            crate::metrics::describe();
-            Some(r)
-        }
-        None => None,
-    };
+    let recorder =
+        postern_net::runtime::ops::recorder_if_asked(cfg.metrics_addr, crate::metrics::describe)
+            .map_err(anyhow::Error::msg)?;
     // Held until the process ends: a second inlet on this identity is refused here.
     let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "inlet")?;
-    let settings =
-        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet").await?;
+    let Some(settings) =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "inlet", &shutdown)
+            .await?
+    else {
+        tracing::info!("stopped before enrolling");
+        return Ok(());
+    };
     let (relay, identity, roots) = settings.load()?;
     let mut inlet = Inlet::bind(InletOptions {
         relay,
@@ -61,27 +61,16 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
         inlet.add_relay(relay);
     }
     let ops_stop = CancellationToken::new();
-    if let Some(addr) = cfg.metrics_addr {
-        let listener = postern_net::runtime::ops::bind(addr).await?;
-        tokio::spawn(postern_net::runtime::ops::serve(
-            listener,
-            std::sync::Arc::new(inlet.handle()),
-            recorder,
-            ops_stop.clone(),
-        ));
-    }
-    let handle = inlet.handle();
-    postern_net::control::renew::spawn_if_enrolled(
-        &cfg.state_dir,
-        &settings.cert,
-        handle.control(),
-        move |identity| {
-            if let Err(e) = handle.set_identity(&identity) {
-                tracing::error!(error = %e, "cannot use the renewed certificate");
-            }
-        },
-        shutdown.clone(),
-    );
+    postern_net::runtime::ops::serve_if_asked(
+        cfg.metrics_addr,
+        std::sync::Arc::new(inlet.handle()),
+        recorder,
+        ops_stop.clone(),
+    )
+    .await?;
+    inlet
+        .handle()
+        .renew_automatically(&cfg.state_dir, &settings.cert, shutdown.clone());
     inlet.run(shutdown).await;
     ops_stop.cancel();
     tracing::info!("inlet stopped");

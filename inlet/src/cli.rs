@@ -33,7 +33,7 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
         /// State directory to keep the identity in.
-        #[arg(long, default_value = "postern-inlet-state")]
+        #[arg(long, default_value_os_t = postern_net::runtime::files::default_state_dir("inlet"))]
         state_dir: std::path::PathBuf,
     },
     /// The project CA.
@@ -49,7 +49,7 @@ pub enum CaCommand {
     /// `certutil -d sql:$HOME/.pki/nssdb -A -t "C,," -n postern-ca -i ca.pem`.
     Export {
         /// The inlet's state directory.
-        #[arg(long, default_value = "postern-inlet-state")]
+        #[arg(long, default_value_os_t = postern_net::runtime::files::default_state_dir("inlet"))]
         state_dir: std::path::PathBuf,
     },
 }

@@ -49,6 +49,8 @@ pub struct InletFile {
     pub relay_name: Option<String>,
     /// `auto`, `udp` or `tcp`.
     pub transport: Option<postern_net::transport::relay_path::TransportMode>,
+    /// `bbr`, `cubic` or `newreno`: the end-to-end congestion controller.
+    pub congestion: Option<postern_net::transport::endpoint::Congestion>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -74,7 +76,8 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
-    /// Directory for the inlet's enrolled identity [default: ./postern-inlet-state]. Locked
+    /// Directory for the inlet's enrolled identity [default: /var/lib/postern-inlet as root, else
+    /// ~/.local/state/postern-inlet; ./postern-inlet-state if it exists there]. Locked
     /// while the inlet runs: a second process on it is refused, naming the first one's pid.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -187,6 +190,7 @@ impl RunArgs {
                 .map(postern_net::transport::relay_path::RelayList::into_vec)
                 .unwrap_or_default(),
             transport: file.transport,
+            congestion: file.congestion,
             relay_tcp_port: file.relay_tcp_port,
             relay_name: file.relay_name,
             ticket: file.ticket,
@@ -210,7 +214,7 @@ impl RunArgs {
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from("postern-inlet-state")),
+                .unwrap_or_else(|| postern_net::runtime::files::default_state_dir("inlet")),
             node,
             services,
         })
@@ -314,6 +318,40 @@ mod tests {
         assert_eq!(cfg.more_relays, vec!["y:2".to_owned(), "z:3".to_owned()]);
         assert_eq!(cfg.transport.mode, TransportMode::Udp);
         assert!(Cli::try_parse_from(["inlet", "--transport", "quic"]).is_err());
+    }
+
+    #[test]
+    fn congestion_comes_from_file_or_flag() {
+        use clap::Parser;
+        use postern_net::transport::endpoint::Congestion;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inlet.toml");
+        const SERVICE: &str = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n";
+        std::fs::write(
+            &path,
+            format!("relay = \"r:1\"\ncongestion = \"cubic\"\n{SERVICE}"),
+        )
+        .expect("write");
+        let config = path.display().to_string();
+        let resolve = |args: &[&str]| {
+            Cli::parse_from(["inlet", "--config", &config].iter().chain(args))
+                .run
+                .resolve()
+                .expect("resolve")
+                .transport
+                .congestion
+        };
+        assert_eq!(resolve(&[]), Congestion::Cubic);
+        assert_eq!(resolve(&["--congestion", "newreno"]), Congestion::NewReno);
+        assert_eq!(resolve(&["--congestion", "bbr"]), Congestion::Bbr);
+        assert!(Cli::try_parse_from(["inlet", "--congestion", "vegas"]).is_err());
+        std::fs::write(&path, format!("relay = \"r:1\"\n{SERVICE}")).expect("write");
+        assert_eq!(resolve(&[]), Congestion::default());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub enum ServeError {
     Refused(postern_proto::msg::RefuseReason),
     #[error("control request failed: {0}")]
     Control(#[from] CtlError),
+    /// The relay refused the request itself (it is shutting down, or drained this node): another
+    /// relay may serve it.
+    #[error("the relay refused the route request: {0}")]
+    RelayRefused(postern_proto::msg::Refusal),
     #[error("unexpected answer from the relay")]
     Unexpected,
     #[error("end-to-end connection to outlet {outlet} failed: {reason}")]
@@ -95,6 +99,13 @@ mod tests {
         assert_eq!(
             why,
             "service influx cannot be reached: cannot open a stream: closed"
+        );
+        let why = ServeError::RelayRefused(postern_proto::msg::Refusal::Drained)
+            .explain(&service, &status);
+        assert_eq!(
+            why,
+            "service influx cannot be reached: the relay refused the route request: this node \
+             is drained by the relay operator"
         );
     }
 }

@@ -81,6 +81,12 @@ fn until(expires_at_ms: u64) -> Duration {
     left.saturating_sub(EXPIRY_MARGIN.min(left / 6))
 }
 
+/// When a held lease is re-asked for if no renewal has come: this share of its usable life.
+/// The outlet renews at two thirds of a lease's life, so a renewal is late by then; asking
+/// again (a new lease stream, which the outlet answers with its current lease) recovers one
+/// that was lost, e.g. sent while the path through a restarting relay was gone.
+const ASK_AGAIN_AT: (u32, u32) = (9, 10);
+
 /// Keeps `state` up to date for `service` until `shutdown`.
 pub(crate) async fn run(
     pool: Arc<Pool>,
@@ -91,12 +97,29 @@ pub(crate) async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     // Expiry of the credential currently held, if any.
     let mut held_until: Option<tokio::time::Instant> = None;
+    // The lease already asked for again (once per lease: the answer may be the same lease).
+    let mut asked_again: Option<String> = None;
+    // Set when a relay says an outlet is back or a connection to one comes up: the wait
+    // before asking again ends then.
+    let mut retry = pool.retry_signal();
     loop {
-        let session = follow(&pool, &service, &state, &mut held_until, &mut backoff);
-        let reason = tokio::select! {
+        retry.borrow_and_update();
+        let session = follow(
+            &pool,
+            &service,
+            &state,
+            &mut held_until,
+            &mut asked_again,
+            &mut backoff,
+        );
+        let (reason, at_once) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = session => r,
         };
+        if at_once {
+            tracing::info!(%service, %reason, "asking for the lease again");
+            continue;
+        }
         tracing::warn!(%service, %reason, "lease stream ended; will ask again");
         let delay = backoff.next_delay();
         let wait = tokio::time::sleep(delay);
@@ -107,6 +130,12 @@ pub(crate) async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = &mut wait => break,
+                changed = retry.changed() => {
+                    if changed.is_ok() {
+                        tracing::info!(%service, "an outlet is back; asking for the lease now");
+                        break;
+                    }
+                }
                 _ = expiry => {
                     expire(&state, &mut held_until);
                 }
@@ -129,14 +158,16 @@ fn expire(state: &watch::Sender<LeaseState>, held_until: &mut Option<tokio::time
     });
 }
 
-/// One lease stream: ask, then apply every grant until the stream ends. Returns why it ended.
+/// One lease stream: ask, then apply every grant until the stream ends. Returns why it ended,
+/// and whether to ask again at once (a renewal is late) rather than after the back-off.
 async fn follow(
     pool: &Pool,
     service: &ServiceName,
     state: &watch::Sender<LeaseState>,
     held_until: &mut Option<tokio::time::Instant>,
+    asked_again: &mut Option<String>,
     backoff: &mut Backoff,
-) -> String {
+) -> (String, bool) {
     let conn = match pool.connection(service).await {
         Ok(c) => c,
         Err(e) => {
@@ -153,19 +184,21 @@ async fn follow(
                     changed
                 });
             }
-            return reason;
+            return (reason, false);
         }
     };
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
-        Err(e) => return e.to_string(),
+        Err(e) => return (e.to_string(), false),
     };
     let open = StreamOpen::Lease {
         service: service.clone(),
     };
     if let Err(e) = exchange::write_message(&mut send, &open).await {
-        return e.to_string();
+        return (e.to_string(), false);
     }
+    // When to ask again for the lease held, if no renewal has come by then.
+    let mut ask_again: Option<(tokio::time::Instant, String)> = None;
     loop {
         let next = exchange::read_frame::<LeaseMsg>(&mut recv);
         let msg = tokio::select! {
@@ -174,15 +207,26 @@ async fn follow(
                 expire(state, held_until);
                 continue;
             }
+            _ = expiry_timer(ask_again.as_ref().map(|(at, _)| *at)) => {
+                *asked_again = ask_again.take().map(|(_, id)| id);
+                return ("no renewal of the lease has arrived near its expiry".into(), true);
+            }
         };
         match msg {
             Ok(LeaseMsg::Grant(grant)) => {
                 backoff.reset();
-                apply(state, held_until, grant);
+                let lease_id = grant.lease_id.clone();
+                ask_again = apply(state, held_until, grant)
+                    .filter(|_| asked_again.as_deref() != Some(lease_id.as_str()))
+                    .map(|left| {
+                        let (num, den) = ASK_AGAIN_AT;
+                        (tokio::time::Instant::now() + left * num / den, lease_id)
+                    });
             }
             Ok(LeaseMsg::AtOutlet) => {
                 backoff.reset();
                 *held_until = None;
+                ask_again = None;
                 if *state.borrow() != LeaseState::AtOutlet {
                     tracing::info!(%service, "the outlet injects the leased credential itself");
                 }
@@ -196,26 +240,28 @@ async fn follow(
                     });
                 }
             }
-            Err(e) => return e.to_string(),
+            Err(e) => return (e.to_string(), false),
         }
     }
 }
 
+/// Puts `grant` in use; returns how long it may be used (`None`: it has expired already).
 fn apply(
     state: &watch::Sender<LeaseState>,
     held_until: &mut Option<tokio::time::Instant>,
     grant: LeaseGrant,
-) {
+) -> Option<Duration> {
     let left = until(grant.expires_at_ms);
     if left.is_zero() {
         tracing::warn!(lease = %grant.lease_id, "received a lease that has already expired");
-        return;
+        return None;
     }
     tracing::info!(lease = %grant.lease_id, valid_for = ?left, "new lease in use");
     *held_until = Some(tokio::time::Instant::now() + left);
     // Swapped atomically: requests already forwarded keep the old (still valid) credential,
     // the next request head gets the new one.
     state.send_replace(LeaseState::Held(grant.credential.clone()));
+    Some(left)
 }
 
 #[cfg(test)]

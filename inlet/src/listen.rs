@@ -163,7 +163,7 @@ pub(crate) async fn accept_loop(
             let client = match ClientStream::accept(tcp, tls.as_ref()).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::info!(error = %e, "TLS handshake failed");
+                    postern_net::stream::tls_server::log_handshake_failure(&e, service.as_str());
                     return;
                 }
             };
@@ -237,8 +237,9 @@ async fn serve_http_client(
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Holding {
+            // Held once the proxy drops it: see `splice::HeldSend`.
             io: splice::Counted::new(
-                tokio::io::join(recv, send),
+                tokio::io::join(recv, splice::HeldSend::new(send)),
                 byte_counter(&service, "down"),
                 byte_counter(&service, "up"),
             ),

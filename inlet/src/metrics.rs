@@ -9,7 +9,8 @@
 //! - `postern_inlet_connections_refused_total{service,reason}`: client connections closed by
 //!   the listener's cap (`cap`: closed at once; `evicted_silent`: closed before sending a byte
 //!   to make room for a newer one);
-//! - `postern_node_relay_refusals_total`: times a relay refused this node for good (revoked).
+//! - `postern_node_relay_refusals_total{reason}`: times a relay refused this node for good
+//!   (`closed_not_allowed`: e.g. revoked; or the refusal's label: `not_allowed`, `drained`, ...).
 
 use crate::node::InletHandle;
 use postern_net::runtime::ops::{Exposition, Observe};
@@ -35,7 +36,7 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         "postern_node_relay_refusals_total",
-        "Times a relay refused this node for good (e.g. its identity is revoked)."
+        "Times a relay refused this node for good, by reason (closed_not_allowed, e.g. a revoked identity; not_allowed; drained; ...)."
     );
 }
 

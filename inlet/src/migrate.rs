@@ -74,6 +74,8 @@ impl ControlHandler for InletControl {
             Ctl::RouteClosed { route, reason } => {
                 tracing::info!(%reason, "route closed by relay");
                 tracing::debug!(route = %route.short(), "closed route");
+                // A handshake over the route cannot finish: end it now, not at its timeout.
+                self.pool.abort_handshakes(route);
                 let uplink = self.pool.uplink();
                 let relay = uplink.socket().relay_of(route);
                 match relay {
@@ -85,16 +87,25 @@ impl ControlHandler for InletControl {
                 }
                 Ctl::Ack
             }
+            Ctl::OutletBack { service } => {
+                tracing::info!(%service, "the relay says an outlet of the service is back");
+                self.pool.retry_now();
+                Ctl::Ack
+            }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
-            other => Ctl::Error {
-                message: format!("unexpected push {other:?}"),
-            },
+            other => {
+                tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
+                Ctl::Refused {
+                    reason: postern_proto::msg::Refusal::Unexpected,
+                }
+            }
         }
     }
 
     fn on_disconnect(&self, relay: SocketAddr) {
         let uplink = self.pool.uplink();
         for route in uplink.socket().remove_routes_via(relay) {
+            self.pool.abort_handshakes(route);
             if uplink.several_relays() {
                 tokio::spawn(self.pool.clone().migrate(route, relay));
             } else {

@@ -47,12 +47,25 @@ pub struct Inlet {
 pub struct InletHandle {
     uplink: Arc<Uplink>,
     pool: Arc<Pool>,
+    /// Each leased service's lease, as its clients' requests see it.
+    leases: Vec<(ServiceName, watch::Receiver<LeaseState>)>,
 }
 
 impl InletHandle {
     /// The control connection, as it comes and goes.
     pub fn control(&self) -> ControlWatch {
         self.uplink.control()
+    }
+
+    /// Renews the certificate automatically when it was enrolled into `state_dir`; see
+    /// [`Uplink::renew_automatically`].
+    pub fn renew_automatically(
+        &self,
+        state_dir: &std::path::Path,
+        cert: &std::path::Path,
+        shutdown: CancellationToken,
+    ) {
+        self.uplink.renew_automatically(state_dir, cert, shutdown);
     }
 
     /// Uses a renewed identity for every connection made from now on.
@@ -96,9 +109,19 @@ impl InletHandle {
         self.pool.migrations()
     }
 
-    /// Whether the inlet can serve clients (the `/readyz` answer).
+    /// Whether the inlet can serve clients (the `/readyz` answer): not while the uplink is not
+    /// ready, nor while a leased service holds no lease (every request to it gets a 503 then;
+    /// the reason says which service and why).
     pub fn readiness(&self) -> Result<(), String> {
-        self.uplink.readiness()
+        self.uplink.readiness()?;
+        for (service, lease) in &self.leases {
+            if let LeaseState::Missing { reason } = &*lease.borrow() {
+                return Err(format!(
+                    "service {service} can only answer 503 (no lease): {reason}"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -195,6 +218,11 @@ impl Inlet {
         InletHandle {
             uplink: self.uplink.clone(),
             pool: self.pool.clone(),
+            leases: self
+                .leases
+                .iter()
+                .map(|(s, tx)| (s.clone(), tx.subscribe()))
+                .collect(),
         }
     }
 

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// How long a client connection waits for the relay to be reachable before it is closed.
 pub const RELAY_WAIT: Duration = Duration::from_secs(5);
@@ -137,6 +139,12 @@ pub(crate) struct Pool {
     migrations: AtomicU64,
     /// Per service: the current route and its connections.
     slots: Mutex<HashMap<ServiceName, Slot>>,
+    /// End-to-end handshakes in progress, by the route they go over: cancelled when the relay
+    /// closes that route, so that they end at once instead of at [`E2E_CONNECT_TIMEOUT`].
+    handshakes: Mutex<HashMap<RouteId, CancellationToken>>,
+    /// Bumped when waiting for an outlet is worth ending early: an end-to-end connection came
+    /// up, or a relay said a service's outlet is back (see [`Pool::retry_now`]).
+    retry: watch::Sender<u64>,
 }
 
 impl Pool {
@@ -149,6 +157,32 @@ impl Pool {
             key_updates: Arc::default(),
             migrations: AtomicU64::default(),
             slots: Mutex::default(),
+            handshakes: Mutex::default(),
+            retry: watch::channel(0).0,
+        }
+    }
+
+    /// Tells whoever waits to try again (a lease client in its backoff) that now is a good
+    /// time: an outlet came back, or a connection to one is up.
+    pub(crate) fn retry_now(&self) {
+        self.retry.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes when [`retry_now`](Self::retry_now) is called.
+    pub(crate) fn retry_signal(&self) -> watch::Receiver<u64> {
+        self.retry.subscribe()
+    }
+
+    /// Ends at once every end-to-end handshake in progress over `route` (its relay closed it:
+    /// the outlet behind it is gone).
+    pub(crate) fn abort_handshakes(&self, route: RouteId) {
+        if let Some(t) = self
+            .handshakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&route)
+        {
+            t.cancel();
         }
     }
 
@@ -226,7 +260,7 @@ impl Pool {
         if let Some(e) = guard.as_mut() {
             if should_grow(&e.loads(), self.size.load(Ordering::Relaxed)) {
                 // Every connection carries a stream: add one over the same route.
-                match self.connect_e2e(e.virt, e.outlet.as_str()).await {
+                match self.connect_e2e(e.route, e.virt, e.outlet.as_str()).await {
                     Ok(conn) => {
                         tracing::debug!(%service, route = %e.route.short(), pool = e.conns.len() + 1, "extra end-to-end connection up");
                         e.conns.push(Pooled::new(conn));
@@ -246,7 +280,7 @@ impl Pool {
             .route_via_any(service, None, RELAY_WAIT, None)
             .await?;
         let virt = self.uplink.socket().add_route(route, relay);
-        let conn = match self.connect_e2e(virt, outlet.as_str()).await {
+        let conn = match self.connect_e2e(route, virt, outlet.as_str()).await {
             Ok(c) => c,
             Err(reason) => {
                 self.uplink.socket().remove_route(route);
@@ -257,6 +291,7 @@ impl Pool {
             }
         };
         tracing::info!(%service, %outlet, "end-to-end connection up");
+        self.retry_now();
         tracing::debug!(%service, route = %route.short(), "end-to-end connection route");
         let pooled = Pooled::new(conn.clone());
         let active = ActiveStream::on(&pooled);
@@ -270,9 +305,11 @@ impl Pool {
         Ok((conn, active))
     }
 
-    /// One end-to-end QUIC connection to the outlet behind `virt`, with its key-update task.
+    /// One end-to-end QUIC connection to the outlet behind `virt` (over `route`), with its
+    /// key-update task. Ends early if the relay closes the route meanwhile.
     async fn connect_e2e(
         &self,
+        route: RouteId,
         virt: SocketAddr,
         outlet: &str,
     ) -> Result<quinn::Connection, String> {
@@ -285,7 +322,29 @@ impl Pool {
             .endpoint()
             .connect_with(config, virt, outlet)
             .map_err(|e| e.to_string())?;
-        let conn = match tokio::time::timeout(E2E_CONNECT_TIMEOUT, connecting).await {
+        let closed = self
+            .handshakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route)
+            .or_default()
+            .clone();
+        // Closed between its grant and now (checked after registering, so a close from here on
+        // cancels the handshake).
+        if self.uplink.socket().relay_of(route).is_none() {
+            self.abort_handshakes(route);
+        }
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(E2E_CONNECT_TIMEOUT, connecting) => r,
+            _ = closed.cancelled() => {
+                return Err("the relay closed the route: the outlet went away".into());
+            }
+        };
+        self.handshakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&route);
+        let conn = match outcome {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("timed out".into()),
@@ -301,6 +360,7 @@ impl Pool {
 
     /// Drops the end-to-end connections using `route` (its relay route is gone).
     pub(crate) fn route_closed(&self, route: RouteId) {
+        self.abort_handshakes(route);
         self.uplink.socket().remove_route(route);
         let slots: Vec<_> = self.slot_map().values().cloned().collect();
         for slot in slots {

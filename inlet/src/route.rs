@@ -132,6 +132,7 @@ async fn request_route(
     match answer {
         Ctl::RouteGranted { route, outlet, .. } => Ok((route, outlet)),
         Ctl::RouteRefused { reason, .. } => Err(ServeError::Refused(reason)),
+        Ctl::Refused { reason } => Err(ServeError::RelayRefused(reason)),
         _ => Err(ServeError::Unexpected),
     }
 }

@@ -68,7 +68,9 @@ pub(crate) fn byte_counter(service: &ServiceName, direction: &'static str) -> me
 fn failed(service: &ServiceName, e: &ServeError) {
     let reason = match e {
         ServeError::NoRelay => "no_relay",
-        ServeError::Refused(_) | ServeError::OtherOutlet { .. } => "route_refused",
+        ServeError::Refused(_) | ServeError::RelayRefused(_) | ServeError::OtherOutlet { .. } => {
+            "route_refused"
+        }
         ServeError::Control(_) | ServeError::Unexpected => "control",
         ServeError::E2e { .. } => "e2e_connect",
         ServeError::Stream(_) => "stream",

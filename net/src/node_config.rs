@@ -24,13 +24,20 @@ pub struct NodeFlags {
     /// one [default: auto].
     #[arg(long, value_name = "auto|udp|tcp")]
     pub transport: Option<crate::transport::relay_path::TransportMode>,
+    /// Congestion controller of end-to-end connections: `bbr` keeps its rate through random
+    /// loss, where `cubic` and `newreno` back off on every lost packet (bench/RESULTS.md,
+    /// "Lossy paths") [default: bbr].
+    #[arg(long, value_enum)]
+    pub congestion: Option<crate::transport::endpoint::Congestion>,
     /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
     #[arg(long)]
     pub relay_tcp_port: Option<u16>,
     /// Name the relay's certificate must carry [default: relay].
     #[arg(long)]
     pub relay_name: Option<String>,
-    /// Enrollment ticket, used once if this node has not enrolled yet (see `enroll`).
+    /// Enrollment ticket, used once if this node has not enrolled yet (see `enroll`). While
+    /// the relay (authority) cannot be reached, `run` keeps trying; a ticket it refuses for good
+    /// (used, expired, unknown) stops `run` with the reason.
     #[arg(long, env = "POSTERN_TICKET", hide_env_values = true)]
     pub ticket: Option<String>,
     /// Name to ask for when enrolling [default: inlet-<hostname> or outlet-<hostname>].
@@ -58,6 +65,7 @@ impl NodeFlags {
                 self.relay
             },
             transport: self.transport.or(file.transport),
+            congestion: self.congestion.or(file.congestion),
             relay_tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
             relay_name: self.relay_name.or(file.relay_name),
             ticket: self.ticket.or(file.ticket),
@@ -83,6 +91,7 @@ impl NodeFlags {
             tcp_port: self.relay_tcp_port,
             udp_timeout: None,
             udp_probe_interval: None,
+            congestion: self.congestion.unwrap_or_default(),
         };
         let node = NodeArgs {
             relay: first,
@@ -184,13 +193,15 @@ pub fn default_name(role: &str) -> postern_proto::name::NodeName {
 }
 
 /// Resolves the node's settings: explicit files win; otherwise the enrolled identity in
-/// `state_dir`; otherwise enrolls now with the ticket (if one was given).
+/// `state_dir`; otherwise enrolls now with the ticket (if one was given), retrying while the
+/// relay (authority) cannot be reached. `None` when `shutdown` came before enrollment did.
 pub async fn prepare(
     args: NodeArgs,
     state_dir: &std::path::Path,
     role: &str,
-) -> anyhow::Result<NodeSettings> {
-    use crate::control::enroll::{enroll, NodeState};
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<NodeSettings>> {
+    use crate::control::enroll::{enroll_retrying, NodeState};
     let state = NodeState::new(state_dir);
     // The identity, leases and grants live here: tighten a directory an older install or a
     // hand-made one left open to other users (a missing one is made private by its first write).
@@ -210,25 +221,30 @@ pub async fn prepare(
             Some(n) => n.parse().context("name")?,
             None => default_name(role),
         };
-        let info = enroll(&ticket, &name, &state).await.context("enrollment")?;
+        let Some(info) = enroll_retrying(&ticket, &name, &state, shutdown)
+            .await
+            .context("enrollment")?
+        else {
+            return Ok(None);
+        };
         tracing::info!(name = %info.name, attrs = ?info.attrs, "enrolled");
     }
     if explicit {
-        return Ok(NodeSettings {
+        return Ok(Some(NodeSettings {
             relay: required(args.relay, None, "relay")?,
             more_relays: Vec::new(),
             relay_name: args.relay_name.unwrap_or_else(|| DEFAULT_RELAY_NAME.into()),
             cert: required(args.cert, None, "cert")?,
             key: required(args.key, None, "key")?,
             ca: required(args.ca, None, "ca")?,
-        });
+        }));
     }
     let info = state.info().context("enrolled state")?;
     let more_relays = match args.relay {
         Some(_) => Vec::new(),
         None => info.relays.iter().skip(1).cloned().collect(),
     };
-    Ok(NodeSettings {
+    Ok(Some(NodeSettings {
         more_relays,
         relay: match args.relay {
             Some(r) => r,
@@ -242,7 +258,7 @@ pub async fn prepare(
         cert: state.cert(),
         key: state.key(),
         ca: state.ca(),
-    })
+    }))
 }
 
 /// `postern-<role> enroll TICKET [--name NAME] --state-dir DIR`: enrolls and says what it got.

@@ -76,6 +76,9 @@ pub struct Uplink {
     /// tasks end.
     pending: Mutex<Vec<(RelayTarget, watch::Sender<Option<quinn::Connection>>)>>,
     transport: Mutex<TransportSettings>,
+    /// The end-to-end server configuration in the endpoint (a [`Role::Server`] node), kept to
+    /// change its congestion controller.
+    e2e_server: Mutex<Option<quinn::ServerConfig>>,
     /// Which transport reaches each relay, and relays' permanent refusals of this node.
     transport_status: Arc<TransportStatus>,
     drain: Drain,
@@ -98,7 +101,7 @@ impl Uplink {
         };
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint::endpoint_config(None),
-            server,
+            server.clone(),
             socket.clone(),
             Arc::new(quinn::TokioRuntime),
         )
@@ -124,6 +127,7 @@ impl Uplink {
             relays: RwLock::new(vec![(relay.addr, rx)]),
             pending: Mutex::new(vec![(relay, tx)]),
             transport: Mutex::default(),
+            e2e_server: Mutex::new(server),
             transport_status: Arc::default(),
             drain: Drain::default(),
             drain_timeout: Mutex::new(Duration::ZERO),
@@ -171,7 +175,31 @@ impl Uplink {
     /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
     /// default). Call before [`start`](Self::start).
     pub fn set_transport(&self, transport: TransportSettings) {
+        let congestion = transport.congestion;
         *self.transport.lock().unwrap_or_else(|p| p.into_inner()) = transport;
+        let e2e = Arc::new(endpoint::e2e_transport(congestion));
+        match &self.e2e {
+            E2e::Client(c) => {
+                c.write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .transport_config(e2e);
+            }
+            E2e::Server => {
+                let mut server = self.e2e_server.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(cfg) = server.as_mut() {
+                    cfg.transport_config(e2e);
+                    self.endpoint.set_server_config(Some(cfg.clone()));
+                }
+            }
+        }
+    }
+
+    /// The congestion controller end-to-end connections use.
+    pub fn congestion(&self) -> endpoint::Congestion {
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .congestion
     }
 
     /// After shutdown is asked for, wait up to `timeout` for open streams before closing the
@@ -184,9 +212,10 @@ impl Uplink {
     /// accepted) from now on. Nothing changes unless every new configuration can be built.
     pub fn set_identity(&self, identity: &Identity) -> Result<(), EndpointError> {
         let control = endpoint::control_client(identity, self.roots.clone())?;
+        let congestion = self.congestion();
         match &self.e2e {
             E2e::Client(e2e_client) => {
-                let e2e = endpoint::e2e_client(identity, self.roots.clone())?;
+                let e2e = endpoint::e2e_client_with(identity, self.roots.clone(), congestion)?;
                 *self
                     .control_client
                     .write()
@@ -194,12 +223,13 @@ impl Uplink {
                 *e2e_client.write().unwrap_or_else(|p| p.into_inner()) = e2e;
             }
             E2e::Server => {
-                let server = endpoint::e2e_server(identity, self.roots.clone())?;
+                let server = endpoint::e2e_server_with(identity, self.roots.clone(), congestion)?;
                 *self
                     .control_client
                     .write()
                     .unwrap_or_else(|p| p.into_inner()) = control;
-                self.endpoint.set_server_config(Some(server));
+                self.endpoint.set_server_config(Some(server.clone()));
+                *self.e2e_server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
             }
         }
         Ok(())
@@ -216,6 +246,29 @@ impl Uplink {
     /// More than one relay is configured (connections can move between them).
     pub fn several_relays(&self) -> bool {
         self.relays.read().unwrap_or_else(|p| p.into_inner()).len() > 1
+    }
+
+    /// Renews this node's certificate before it expires, when it was enrolled into `state_dir`
+    /// (a certificate given by file is left alone), and uses each renewed identity for new
+    /// connections.
+    pub fn renew_automatically(
+        self: &Arc<Self>,
+        state_dir: &std::path::Path,
+        cert: &std::path::Path,
+        shutdown: CancellationToken,
+    ) {
+        let me = self.clone();
+        crate::control::renew::spawn_if_enrolled(
+            state_dir,
+            cert,
+            self.control(),
+            move |identity| {
+                if let Err(e) = me.set_identity(&identity) {
+                    tracing::error!(error = %e, "cannot use the renewed certificate");
+                }
+            },
+            shutdown,
+        );
     }
 
     /// The first relay's control connection, as it comes and goes.

@@ -15,18 +15,18 @@ use tokio_util::sync::CancellationToken;
 /// socket, `/metrics` when asked, and certificate renewal when it was enrolled. Leases are
 /// revoked once the streams have drained.
 pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let recorder = match cfg.metrics_addr {
-        Some(_) => {
-            let r = postern_net::runtime::ops::recorder().map_err(anyhow::Error::msg)?;
-            crate::metrics::describe();
-            Some(r)
-        }
-        None => None,
-    };
+    let recorder =
+        postern_net::runtime::ops::recorder_if_asked(cfg.metrics_addr, crate::metrics::describe)
+            .map_err(anyhow::Error::msg)?;
     // Held until the process ends: a second outlet on this identity is refused here.
     let _lock = postern_net::runtime::state_lock::lock(&cfg.state_dir, "outlet")?;
-    let settings =
-        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet").await?;
+    let Some(settings) =
+        postern_net::node_config::prepare(cfg.node.clone(), &cfg.state_dir, "outlet", &shutdown)
+            .await?
+    else {
+        tracing::info!("stopped before enrolling");
+        return Ok(());
+    };
     let (relay, identity, roots) = settings.load()?;
     // Cancelled once the outlet has drained: leases are revoked, the admin socket closes.
     let leases_stop = CancellationToken::new();
@@ -106,27 +106,16 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
         outlet.set_public(public);
     }
     let ops_stop = CancellationToken::new();
-    if let Some(addr) = cfg.metrics_addr {
-        let listener = postern_net::runtime::ops::bind(addr).await?;
-        tokio::spawn(postern_net::runtime::ops::serve(
-            listener,
-            std::sync::Arc::new(outlet.handle()),
-            recorder,
-            ops_stop.clone(),
-        ));
-    }
-    let handle = outlet.handle();
-    postern_net::control::renew::spawn_if_enrolled(
-        &cfg.state_dir,
-        &settings.cert,
-        handle.control(),
-        move |identity| {
-            if let Err(e) = handle.set_identity(&identity) {
-                tracing::error!(error = %e, "cannot use the renewed certificate");
-            }
-        },
-        shutdown.clone(),
-    );
+    postern_net::runtime::ops::serve_if_asked(
+        cfg.metrics_addr,
+        std::sync::Arc::new(outlet.handle()),
+        recorder,
+        ops_stop.clone(),
+    )
+    .await?;
+    outlet
+        .handle()
+        .renew_automatically(&cfg.state_dir, &settings.cert, shutdown.clone());
     outlet.run(shutdown).await;
     leases_stop.cancel();
     for m in managers {

@@ -40,13 +40,13 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
         /// State directory to keep the identity in.
-        #[arg(long, default_value = "postern-outlet-state")]
+        #[arg(long, default_value_os_t = postern_net::runtime::files::default_state_dir("outlet"))]
         state_dir: std::path::PathBuf,
     },
     /// Manage leased InfluxDB credentials of the running outlet (through its admin socket).
     Lease {
         /// The running outlet's state directory.
-        #[arg(long, default_value = "postern-outlet-state", global = true)]
+        #[arg(long, default_value_os_t = postern_net::runtime::files::default_state_dir("outlet"), global = true)]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: LeaseCommand,
@@ -55,7 +55,7 @@ pub enum Command {
     /// running outlet's admin socket).
     Access {
         /// The running outlet's state directory.
-        #[arg(long, default_value = "postern-outlet-state", global = true)]
+        #[arg(long, default_value_os_t = postern_net::runtime::files::default_state_dir("outlet"), global = true)]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: AccessCommand,

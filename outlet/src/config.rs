@@ -48,6 +48,8 @@ pub struct OutletFile {
     pub relay_name: Option<String>,
     /// `auto`, `udp` or `tcp`.
     pub transport: Option<postern_net::transport::relay_path::TransportMode>,
+    /// `bbr`, `cubic` or `newreno`: the end-to-end congestion controller.
+    pub congestion: Option<postern_net::transport::endpoint::Congestion>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -91,7 +93,8 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub node: postern_net::node_config::NodeFlags,
-    /// Directory for the outlet's state (lease store) [default: ./postern-outlet-state].
+    /// Directory for the outlet's state (lease store) [default: /var/lib/postern-outlet as root,
+    /// else ~/.local/state/postern-outlet; ./postern-outlet-state if it exists there].
     /// Locked while the outlet runs: a second process on it is refused, naming the first one's
     /// pid.
     #[arg(long)]
@@ -238,6 +241,7 @@ impl RunArgs {
                 .map(postern_net::transport::relay_path::RelayList::into_vec)
                 .unwrap_or_default(),
             transport: file.transport,
+            congestion: file.congestion,
             relay_tcp_port: file.relay_tcp_port,
             relay_name: file.relay_name,
             ticket: file.ticket,
@@ -289,7 +293,7 @@ impl RunArgs {
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from("postern-outlet-state")),
+                .unwrap_or_else(|| postern_net::runtime::files::default_state_dir("outlet")),
             services,
             influxdb,
         })
@@ -415,6 +419,33 @@ mod tests {
             public_domain: public_domain.map(str::to_owned),
             public_port: None,
         }
+    }
+
+    #[test]
+    fn congestion_comes_from_file_or_flag() {
+        use postern_net::transport::endpoint::Congestion;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        let service = "[[service]]\nname = \"a\"\nto = \"127.0.0.1:1\"\n";
+        std::fs::write(&file, service).expect("write");
+        let cfg = args_with(&file, None).resolve().expect("default");
+        assert_eq!(cfg.transport.congestion, Congestion::default());
+        std::fs::write(&file, format!("congestion = \"newreno\"\n{service}")).expect("write");
+        let cfg = args_with(&file, None).resolve().expect("file");
+        assert_eq!(cfg.transport.congestion, Congestion::NewReno);
+        let mut args = args_with(&file, None);
+        args.node.congestion = Some(Congestion::Cubic);
+        assert_eq!(
+            args.resolve().expect("flag").transport.congestion,
+            Congestion::Cubic,
+            "the flag wins over the file"
+        );
+        std::fs::write(&file, format!("congestion = \"reno\"\n{service}")).expect("write");
+        let e = format!(
+            "{:#}",
+            args_with(&file, None).resolve().expect_err("bad value")
+        );
+        assert!(e.contains("congestion") || e.contains("reno"), "{e}");
     }
 
     #[test]

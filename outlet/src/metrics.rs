@@ -10,7 +10,9 @@
 //!   service refused by the outlet's enforcement (`no_credential`, `several_credentials`,
 //!   `not_own_lease`), see [`crate::enforce`];
 //! - `postern_outlet_leases_issued_total`, `..._renewed_total`, `..._revoked_total`,
-//!   `postern_outlet_leases_failed_total{operation}` (`create`, `revoke`);
+//!   `postern_outlet_leases_failed_total{operation}` (`create`, `revoke`), whoever asked;
+//! - `postern_outlet_lease_store_failures_total{operation}`: failed operations on the lease
+//!   store (`put`, `remove`, `get`, `list`, `reopen`), see [`crate::lease::store`];
 //! - `postern_outlet_public_connections_total{service}`: connections from the relay's public
 //!   hostname whose TLS handshake completed;
 //! - `postern_outlet_public_requests_total{service,outcome}`: requests at the public hostname,
@@ -53,6 +55,10 @@ pub fn describe() {
     metrics::describe_counter!(
         "postern_outlet_leases_failed_total",
         "Lease operations that failed (they are retried), by operation."
+    );
+    metrics::describe_counter!(
+        crate::lease::STORE_FAILURES,
+        "Failed operations on the lease store (a full disk), by operation; readiness says 503 while it cannot write."
     );
     metrics::describe_counter!(
         "postern_outlet_public_connections_total",

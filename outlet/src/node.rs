@@ -10,7 +10,7 @@ use postern_net::transport::endpoint::EndpointError;
 use postern_net::transport::node_socket::NodeSocket;
 use postern_net::transport::relay_path::{RelayTarget, TransportSettings, TransportStatus};
 use postern_net::uplink::{ControlWatch, Role, Uplink, UplinkError};
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
@@ -49,12 +49,24 @@ pub struct Outlet {
 pub struct OutletHandle {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
+    services: Arc<Services>,
 }
 
 impl OutletHandle {
     /// The control connection, as it comes and goes.
     pub fn control(&self) -> ControlWatch {
         self.uplink.control()
+    }
+
+    /// Renews the certificate automatically when it was enrolled into `state_dir`; see
+    /// [`Uplink::renew_automatically`].
+    pub fn renew_automatically(
+        &self,
+        state_dir: &std::path::Path,
+        cert: &std::path::Path,
+        shutdown: CancellationToken,
+    ) {
+        self.uplink.renew_automatically(state_dir, cert, shutdown);
     }
 
     /// Uses a renewed identity for every connection made or accepted from now on.
@@ -88,9 +100,19 @@ impl OutletHandle {
         self.uplink.relay_connected()
     }
 
-    /// Whether the outlet can take streams (the `/readyz` answer).
+    /// Whether the outlet can take streams (the `/readyz` answer): its relays, and the lease
+    /// store of each leased service (a store that cannot write makes no lease, so that service's
+    /// inlets can only get 503s).
     pub fn readiness(&self) -> Result<(), String> {
-        self.uplink.readiness()
+        self.uplink.readiness()?;
+        let mut leased: Vec<_> = self.services.leases.iter().collect();
+        leased.sort_by(|a, b| a.0.cmp(b.0));
+        for (service, manager) in leased {
+            manager
+                .store_ready()
+                .map_err(|why| format!("service {service}: {why}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -136,6 +158,7 @@ impl Outlet {
         OutletHandle {
             uplink: self.uplink.clone(),
             routes: self.routes.clone(),
+            services: self.services.clone(),
         }
     }
 
@@ -205,9 +228,11 @@ impl ControlHandler for OutletControl {
                 }
                 Ok(())
             }
+            Ctl::Refused { reason } => Err(CtlError::Refused(reason)),
             other => Err(CtlError::Codec(
                 postern_proto::codec::CodecError::Malformed(format!(
-                    "unexpected answer to Register: {other:?}"
+                    "unexpected answer to Register: {:?}",
+                    std::mem::discriminant(&other)
                 )),
             )),
         }
@@ -221,14 +246,14 @@ impl ControlHandler for OutletControl {
                 inlet,
             } => {
                 if !self.services.contains(&service) {
-                    return Ctl::Error {
-                        message: format!("this outlet does not serve {service}"),
+                    return Ctl::Refused {
+                        reason: Refusal::NotServed { service },
                     };
                 }
                 if self.draining.is_cancelled() {
                     // The relay tries another outlet of the service.
-                    return Ctl::Error {
-                        message: "this outlet is shutting down".into(),
+                    return Ctl::Refused {
+                        reason: Refusal::ShuttingDown,
                     };
                 }
                 let virt = self.socket.add_route(route, self.relay);
@@ -258,9 +283,12 @@ impl ControlHandler for OutletControl {
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
-            other => Ctl::Error {
-                message: format!("unexpected push {other:?}"),
-            },
+            other => {
+                tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
+                Ctl::Refused {
+                    reason: Refusal::Unexpected,
+                }
+            }
         }
     }
 
@@ -326,8 +354,11 @@ async fn register_public(
         Ctl::Registered { services } => {
             tracing::info!(?services, "public services registered with relay");
         }
-        Ctl::Error { message } => {
-            tracing::error!(%message, "the relay refused our public services");
+        Ctl::Refused { reason } => {
+            tracing::error!(
+                reason = reason.label(),
+                "the relay refused our public services: {reason}"
+            );
         }
         other => {
             tracing::error!(answer = ?std::mem::discriminant(&other), "unexpected answer to RegisterPublic");

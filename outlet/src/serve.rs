@@ -311,8 +311,9 @@ async fn serve_stream(
             service.clone(),
             services.inject_at(&service),
         );
+        // Held once the proxy drops it: see `splice::HeldSend`.
         let client = splice::Counted::new(
-            tokio::io::join(recv, send),
+            tokio::io::join(recv, splice::HeldSend::new(send)),
             counters.stream_to_tcp.clone(),
             counters.tcp_to_stream.clone(),
         );
@@ -447,12 +448,7 @@ async fn serve_lease(
                     "no lease could be made for the inlet; telling it (the lease manager's errors say why)"
                 );
                 let msg = LeaseMsg::Unavailable {
-                    reason: format!(
-                        "no lease was made for this inlet within {} s: InfluxDB is unreachable, \
-                         slow or refusing the outlet's admin credential (the outlet's log says \
-                         which); the outlet keeps trying",
-                        LEASE_NOTICE.as_secs()
-                    ),
+                    reason: no_lease_reason(manager),
                 };
                 if let Err(e) = exchange::write_frame(&mut send, &msg).await {
                     tracing::debug!(error = %e, "lease stream closed");
@@ -461,6 +457,22 @@ async fn serve_lease(
             }
             _ = send.stopped() => return,
         }
+    }
+}
+
+/// What an inlet that has waited [`LEASE_NOTICE`] for a lease is told: the lease store when
+/// it cannot write (a full disk), else InfluxDB, the only other thing a lease needs.
+fn no_lease_reason(manager: &LeaseManager) -> String {
+    let secs = LEASE_NOTICE.as_secs();
+    match manager.store_ready() {
+        Err(why) => format!(
+            "no lease was made for this inlet within {secs} s: {why}; the outlet keeps trying"
+        ),
+        Ok(()) => format!(
+            "no lease was made for this inlet within {secs} s: InfluxDB is unreachable, slow or \
+             refusing the outlet's admin credential (the outlet's log says which); the outlet \
+             keeps trying"
+        ),
     }
 }
 

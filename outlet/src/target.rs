@@ -13,6 +13,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a target could not be reached.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TargetError {
     #[error("connect to {to} failed: {source}")]
     Connect { to: String, source: std::io::Error },

@@ -180,8 +180,13 @@ mod tests {
             },
             Ctl::Heartbeat { seq: 42 },
             Ctl::Ack,
-            Ctl::Error {
-                message: "no".into(),
+            Ctl::Refused {
+                reason: crate::msg::Refusal::NotAllowed {
+                    action: "register".into(),
+                    service: svc("influxdb"),
+                    attrs: [("role".to_owned(), "guest".to_owned())].into(),
+                    rule: "default deny (no policy allows it)".into(),
+                },
             },
             Ctl::PublicStream {
                 service: svc("web"),

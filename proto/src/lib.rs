@@ -13,6 +13,7 @@ pub mod msg;
 pub mod name;
 pub mod pki;
 pub mod policy;
+pub mod secret;
 pub mod sni;
 pub mod ticket;
 pub mod tls;

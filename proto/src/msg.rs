@@ -4,7 +4,7 @@
 //! [`Ctl`] frame, finishes its side, and reads one [`Ctl`] frame back. Node to relay:
 //! `Register`, `RouteRequest`, `Heartbeat`; relay to node: `RouteOpen` (to the outlet, before the
 //! inlet is told) and `RouteClosed`. Answers are `Registered`, `RouteGranted`, `RouteRefused`,
-//! `HeartbeatAck`, `Ack` and `Error`.
+//! `HeartbeatAck`, `Ack` and `Refused` (with a typed [`Refusal`]).
 
 use crate::fwd::RouteId;
 use crate::name::{NodeName, ServiceName};
@@ -53,11 +53,12 @@ pub enum Ctl {
     HeartbeatAck { seq: u64 },
     /// Generic positive answer (to `RouteOpen`, `RouteClosed`).
     Ack,
-    /// Generic negative answer: the request was not understood or not allowed.
-    Error { message: String },
+    /// Negative answer: the request was not understood or not allowed, and why (typed, so the
+    /// asking side can tell a permanent refusal from a transient one).
+    Refused { reason: Refusal },
     /// Outlet -> relay: also take connections for these services (registered with `Register`
     /// first) at the relay's public hostname ingress, `https://<service>.<relay-domain>`.
-    /// Answered by `Registered` with the services accepted, or `Error`.
+    /// Answered by `Registered` with the services accepted, or `Refused`.
     RegisterPublic { services: Vec<ServiceName> },
     /// Relay -> outlet, first frame of a stream the relay opens: a client reached the public
     /// ingress asking for `service` (`client` is its address, for logs). After this frame the
@@ -67,6 +68,10 @@ pub enum Ctl {
         service: ServiceName,
         client: String,
     },
+    /// Relay -> inlet: an outlet of `service` has (re)registered. Sent to the inlets that were
+    /// refused a route to it for want of a live outlet, so that they ask again now instead of
+    /// after their back-off. Answered by `Ack`.
+    OutletBack { service: ServiceName },
 }
 
 /// Why the relay refused a route.
@@ -103,11 +108,13 @@ pub enum Refusal {
     UnknownNode,
     /// The relay's operator drained this node (`postern-relay drain`).
     Drained,
-    /// The relay's policy does not allow this node to do `action` (`register`,
-    /// `register_public`) for `service`; `rule` is the deciding rule (or the default deny).
+    /// The relay's policy does not allow this node (with `attrs`, from its certificate) to do
+    /// `action` (`register`, `register_public`) for `service`; `rule` is the deciding rule (or
+    /// the default deny).
     NotAllowed {
         action: String,
         service: ServiceName,
+        attrs: crate::policy::Attributes,
         rule: String,
     },
     /// The answering side is shutting down; another relay or outlet may serve.
@@ -164,6 +171,7 @@ impl fmt::Display for Refusal {
             Refusal::NotAllowed {
                 action,
                 service,
+                attrs,
                 rule,
             } => {
                 let verb = match action.as_str() {
@@ -171,15 +179,23 @@ impl fmt::Display for Refusal {
                     "register" => "register",
                     other => other,
                 };
+                let attrs = if attrs.is_empty() {
+                    "no attributes".to_owned()
+                } else {
+                    let list: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("attributes {}", list.join(", "))
+                };
                 write!(
                     f,
-                    "the relay's policy does not allow this node to {verb} {service} ({rule})"
+                    "the relay's policy does not allow this node ({attrs}) to {verb} {service} \
+                     (rule: {rule})"
                 )
             }
             Refusal::ShuttingDown => f.write_str("shutting down"),
-            Refusal::NoAuthority => {
-                f.write_str("this relay does not run the authority; renew at the authority")
-            }
+            Refusal::NoAuthority => f.write_str(
+                "this relay is not the authority: certificates are renewed by the relay \
+                 (authority) the node enrolled with",
+            ),
             Refusal::RenewalRefused { why } => write!(f, "renewal refused: {why}"),
             Refusal::NotServed { service } => write!(f, "this outlet does not serve {service}"),
             Refusal::BadMessage { detail } => write!(f, "bad control message: {detail}"),
@@ -249,5 +265,71 @@ pub mod code {
             8 => "drained by the relay's operator",
             _ => "unknown error code",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn not_allowed() -> Refusal {
+        Refusal::NotAllowed {
+            action: "register".into(),
+            service: ServiceName::new("influxdb").expect("name"),
+            attrs: [("role".to_owned(), "guest".to_owned())].into(),
+            rule: "default deny (no policy allows it)".into(),
+        }
+    }
+
+    /// What an operator reads names the attributes, the service and the rule.
+    #[test]
+    fn a_policy_refusal_says_who_what_and_which_rule() {
+        assert_eq!(
+            not_allowed().to_string(),
+            "the relay's policy does not allow this node (attributes role=guest) to register \
+             influxdb (rule: default deny (no policy allows it))"
+        );
+    }
+
+    /// Only what an operator must fix is permanent; the rest is worth asking again at once.
+    #[test]
+    fn permanent_and_transient_refusals() {
+        let permanent = [
+            not_allowed(),
+            Refusal::Drained,
+            Refusal::NoAuthority,
+            Refusal::RenewalRefused {
+                why: "revoked".into(),
+            },
+        ];
+        let transient = [
+            Refusal::UnknownNode,
+            Refusal::ShuttingDown,
+            Refusal::Internal,
+            Refusal::BadMessage { detail: "x".into() },
+        ];
+        for r in &permanent {
+            assert!(r.is_permanent(), "{r:?}");
+        }
+        for r in &transient {
+            assert!(!r.is_permanent(), "{r:?}");
+        }
+        let labels: std::collections::BTreeSet<_> = permanent
+            .iter()
+            .chain(&transient)
+            .map(Refusal::label)
+            .collect();
+        assert_eq!(labels.len(), 8, "each reason has its own label: {labels:?}");
+    }
+
+    /// A refusal survives the wire with its reason intact.
+    #[test]
+    fn refusals_round_trip() {
+        let msg = Ctl::Refused {
+            reason: not_allowed(),
+        };
+        let frame = crate::codec::to_frame(&msg).expect("encode");
+        let back: Ctl = crate::codec::decode_exact(&frame).expect("decode");
+        assert_eq!(back, msg);
     }
 }

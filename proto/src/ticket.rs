@@ -20,6 +20,10 @@ pub const PREFIX: &str = "postern-ticket-1.";
 /// ALPN of enrollment connections (server-authenticated only: the node has no certificate yet).
 pub const ALPN_ENROLL: &[u8] = b"postern-enroll/1";
 
+/// Why a relay without the authority closes an enrollment connection at once (so the node can
+/// say so rather than report a broken exchange).
+pub const CLOSE_NO_AUTHORITY: &[u8] = b"no authority here";
+
 /// A decoded ticket.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
@@ -144,8 +148,72 @@ pub enum EnrollResponse {
         ca_pem: String,
     },
     Refused {
-        reason: String,
+        reason: EnrollRefusal,
     },
+}
+
+/// Why the authority refused an enrollment, typed so that a node enrolling at start-up can tell
+/// a ticket that will never work (exit with the reason) from a moment's trouble (try again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EnrollRefusal {
+    /// The authority never issued this ticket (or its id was altered).
+    UnknownTicket,
+    /// The ticket's text was changed after it was issued (`what`: secret, attributes).
+    Altered { what: String },
+    /// The ticket expired `secs_ago` seconds ago.
+    Expired { secs_ago: u64 },
+    /// Every use of the ticket is spent.
+    Used,
+    /// The identity the ticket would give was revoked.
+    Revoked { name: NodeName },
+    /// The certificate request was unusable (`detail` says why).
+    BadRequest { detail: String },
+    /// The authority cannot sign or record right now (its CA or state is unreadable).
+    Unavailable,
+    /// The relay asked does not run the authority (it closed the enrollment connection).
+    NotAuthority,
+}
+
+impl EnrollRefusal {
+    /// Whether enrolling again with the same ticket cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, EnrollRefusal::Unavailable)
+    }
+}
+
+impl std::fmt::Display for EnrollRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnrollRefusal::UnknownTicket => f.write_str(
+                "unknown ticket: this authority never issued it (was it altered, or is it for \
+                 another project?)",
+            ),
+            EnrollRefusal::Altered { what } => {
+                write!(
+                    f,
+                    "the ticket was altered: its {what} is not what was issued"
+                )
+            }
+            EnrollRefusal::Expired { secs_ago } => {
+                write!(f, "ticket expired {secs_ago} s ago; ask for a new one")
+            }
+            EnrollRefusal::Used => f.write_str(
+                "ticket already used; tickets are single-use unless created with --uses",
+            ),
+            EnrollRefusal::Revoked { name } => write!(f, "identity {name} has been revoked"),
+            EnrollRefusal::BadRequest { detail } => {
+                write!(f, "certificate request refused: {detail}")
+            }
+            EnrollRefusal::Unavailable => {
+                f.write_str("it cannot sign certificates right now; try again later")
+            }
+            EnrollRefusal::NotAuthority => f.write_str(
+                "that relay does not run the authority; the ticket must name the relay that \
+                 issued it (`--authority` at `ticket create`)",
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 use crate::state::{StateDir, StateError};
 pub use postern_net::runtime::clock::now_ms;
 use postern_net::runtime::files;
+use postern_proto::msg::Refusal;
 use postern_proto::name::NodeName;
 use postern_proto::policy::Attributes;
-use postern_proto::ticket::{self, EnrollRequest, EnrollResponse, Ticket};
+use postern_proto::ticket::{self, EnrollRefusal, EnrollRequest, EnrollResponse, Ticket};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -156,17 +157,21 @@ impl Authority {
         name: &NodeName,
         attrs: &Attributes,
         csr_pem: &str,
-    ) -> Result<String, String> {
+    ) -> Result<String, Refusal> {
         if self.revoked().contains(name) {
-            return Err(format!("identity {name} has been revoked"));
+            return Err(Refusal::RenewalRefused {
+                why: format!("identity {name} has been revoked"),
+            });
         }
-        let ca = self
-            .state
-            .load_ca()
-            .map_err(|_| "the authority cannot sign certificates right now".to_string())?;
+        let ca = self.state.load_ca().map_err(|e| {
+            tracing::error!(error = %e, "cannot load the CA for renewal");
+            Refusal::Internal
+        })?;
         let cert = ca
             .sign_csr(csr_pem, name, attrs, ENROLLED_VALIDITY)
-            .map_err(|e| format!("certificate request refused: {e}"))?;
+            .map_err(|e| Refusal::RenewalRefused {
+                why: format!("certificate request refused: {e}"),
+            })?;
         tracing::info!(target: "postern::audit", event = "renewal", node = %name, "certificate renewed");
         Ok(cert)
     }
@@ -181,30 +186,37 @@ impl Authority {
         &self.state
     }
 
-    fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, String> {
+    fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, EnrollRefusal> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let path = self
             .ticket_path(&req.ticket_id)
-            .ok_or("unknown ticket (was it altered?)")?;
+            .ok_or(EnrollRefusal::UnknownTicket)?;
         let mut record: TicketRecord = files::read(&path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or(UNKNOWN_TICKET)?;
+            .ok_or(EnrollRefusal::UnknownTicket)?;
         let now = now_ms();
         let name = check_ticket(&record, req, now)?;
         if self.revoked().contains(&name) {
-            return Err(format!("identity {name} has been revoked"));
+            return Err(EnrollRefusal::Revoked { name });
         }
-        let ca = self.state.load_ca().map_err(|e| {
-            tracing::error!(error = %e, "cannot load the CA for enrollment");
-            "the authority cannot sign certificates right now".to_string()
-        })?;
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "cannot {what} for enrollment");
+            EnrollRefusal::Unavailable
+        };
+        let ca = self
+            .state
+            .load_ca()
+            .map_err(|e| unavailable("load the CA", &e))?;
         let cert_pem = ca
             .sign_csr(&req.csr_pem, &name, &record.attrs, ENROLLED_VALIDITY)
-            .map_err(|e| format!("certificate request refused: {e}"))?;
+            .map_err(|e| EnrollRefusal::BadRequest {
+                detail: e.to_string(),
+            })?;
         record.uses_left -= 1;
         record.used_by.push(name.clone());
-        self.write_ticket(&record).map_err(|e| e.to_string())?;
+        self.write_ticket(&record)
+            .map_err(|e| unavailable("record the ticket's use", &e))?;
         let identity = IdentityRecord {
             name: name.clone(),
             attrs: record.attrs.clone(),
@@ -212,13 +224,14 @@ impl Authority {
             ticket_id: record.id.clone(),
             revoked: false,
         };
-        let json = serde_json::to_vec_pretty(&identity).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec_pretty(&identity)
+            .map_err(|e| unavailable("encode the identity record", &e))?;
         files::write(
             &self.identities_dir().join(format!("{name}.json")),
             &json,
             true,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unavailable("record the identity", &e))?;
         tracing::info!(node = %name, attrs = ?record.attrs, ticket = %record.id, "node enrolled");
         Ok(EnrollResponse::Enrolled {
             name,
@@ -232,7 +245,7 @@ impl Authority {
 /// Logs an enrollment's outcome (and its audit event) and turns a refusal into the answer.
 pub(crate) fn audit_enrollment(
     req: &EnrollRequest,
-    result: Result<EnrollResponse, String>,
+    result: Result<EnrollResponse, EnrollRefusal>,
 ) -> EnrollResponse {
     match result {
         Ok(r) => {
@@ -248,10 +261,6 @@ pub(crate) fn audit_enrollment(
         }
     }
 }
-
-/// What a node is told when its ticket is not on record.
-pub(crate) const UNKNOWN_TICKET: &str =
-    "unknown ticket: this authority never issued it (was it altered, or is it for another project?)";
 
 /// A new ticket for `spec`, signed off by `ca`'s fingerprint, and the record the authority
 /// keeps of it (a hash of the secret, never the secret).
@@ -294,23 +303,24 @@ pub(crate) fn check_ticket(
     record: &TicketRecord,
     req: &EnrollRequest,
     now: u64,
-) -> Result<NodeName, String> {
+) -> Result<NodeName, EnrollRefusal> {
     if !ticket::constant_time_eq(&ticket::secret_hash(&req.secret), &record.secret_sha256) {
-        return Err("ticket secret does not match: the ticket was altered".into());
+        return Err(EnrollRefusal::Altered {
+            what: "secret".into(),
+        });
     }
     if now >= record.expires_at_ms {
-        return Err(format!(
-            "ticket expired {} s ago; ask for a new one",
-            (now - record.expires_at_ms) / 1000
-        ));
+        return Err(EnrollRefusal::Expired {
+            secs_ago: (now - record.expires_at_ms) / 1000,
+        });
     }
     if record.uses_left == 0 {
-        return Err(
-            "ticket already used; tickets are single-use unless created with --uses".into(),
-        );
+        return Err(EnrollRefusal::Used);
     }
     if req.attrs != record.attrs {
-        return Err("ticket attributes were altered".into());
+        return Err(EnrollRefusal::Altered {
+            what: "attributes".into(),
+        });
     }
     Ok(record.name.clone().unwrap_or_else(|| req.name.clone()))
 }

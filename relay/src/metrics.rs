@@ -145,6 +145,16 @@ impl Observe for RelayHandle {
             "Malformed, late or unexpected control messages.",
             ctl.bad_messages.load(Relaxed),
         );
+        let name = "postern_relay_control_refusals_total";
+        out.family(
+            name,
+            "Control requests refused, by reason (not_allowed, drained, unknown_node, \
+             shutting_down, no_authority, renewal_refused, bad_message, unexpected, internal).",
+            Kind::Counter,
+        );
+        for (reason, n) in ctl.refusals() {
+            out.sample(name, &[("reason", reason)], n as f64);
+        }
         let name = "postern_relay_route_requests_total";
         out.family(name, "Route requests, by outcome.", Kind::Counter)
             .sample(

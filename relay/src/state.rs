@@ -11,6 +11,7 @@ pub const ISSUED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StateError {
     #[error(transparent)]
     File(#[from] FileError),

@@ -617,7 +617,9 @@ async fn browser_opens_the_influxdb_ui_by_public_hostname_with_an_access_link() 
         )
         .expect("grant");
     let granted_at = Instant::now();
-    let link = public.link(&svc("influxdb"), &grant.secret).expect("link");
+    let link = public
+        .link(&svc("influxdb"), grant.secret.expose())
+        .expect("link");
     let shot = artifacts_dir().join("ui-through-public-hostname.png");
     let _ = std::fs::remove_file(&shot);
     let (dom, stderr) = chromium(home.path(), &link, Some(&shot)).await;
@@ -668,7 +670,7 @@ async fn browser_opens_the_influxdb_ui_by_public_hostname_with_an_access_link() 
 
     // Once the grant expires the outlet refuses it (polled with the cookie itself), and the
     // browser gets the 403 page again.
-    let cookie = format!("postern_access={}", &*grant.secret);
+    let cookie = format!("postern_access={}", grant.secret.expose());
     let deadline = Instant::now() + ttl + Duration::from_secs(20);
     loop {
         let (status, body) = public_get(ingress, pki.ca_pem(), &cookie).await;

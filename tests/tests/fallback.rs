@@ -180,6 +180,7 @@ async fn auto_falls_back_to_tcp_when_udp_gets_no_answer() {
         tcp_port: Some(relay.addr.port()),
         udp_timeout: None,
         udp_probe_interval: None,
+        ..TransportSettings::default()
     };
     let started = Instant::now();
     let outlet = start_outlet_via(
@@ -294,6 +295,7 @@ async fn auto_returns_to_udp_when_udp_works_again() {
         tcp_port: Some(relay.addr.port()),
         udp_timeout: Some(Duration::from_millis(500)),
         udp_probe_interval: Some(Duration::from_millis(300)),
+        ..TransportSettings::default()
     };
     let outlet = start_outlet_via(
         &pki,

@@ -327,7 +327,7 @@ async fn nodes_behind_a_udp_blocking_network_fall_back_to_tls_over_tcp() {
     assert!(inlet_ready.contains(&via), "inlet /readyz: {inlet_ready}");
     for p in [&outlet, &inlet] {
         assert!(
-            p.log().contains("falling back to TLS/TCP"),
+            p.log().contains("using TLS/TCP"),
             "{} tried UDP first and said it fell back; log:\n{}",
             p.name,
             p.log()

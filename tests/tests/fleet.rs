@@ -6,6 +6,7 @@
 
 use postern_net::control::enroll::{enroll, EnrollError, NodeState};
 use postern_outlet::target::Target;
+use postern_proto::ticket::EnrollRefusal;
 use postern_proto::ticket::Ticket;
 use postern_relay::admin::client::{AdminClient, ClientError};
 use postern_relay::admin::AdminToken;
@@ -226,8 +227,8 @@ async fn a_ticket_raced_at_three_relays_is_used_exactly_once() {
         for r in &results {
             match r {
                 Ok(_) => {}
-                Err(EnrollError::Refused(reason)) => {
-                    assert!(reason.contains("already used"), "{reason}")
+                Err(EnrollError::Refused { reason, .. }) => {
+                    assert_eq!(*reason, EnrollRefusal::Used, "{reason}")
                 }
                 Err(other) => panic!("round {round}: unexpected failure {other:?}"),
             }
@@ -515,7 +516,12 @@ async fn with_etcd_gone_routes_keep_forwarding_and_what_needs_etcd_says_so() {
     .await;
     let dir = fleet.dir.path().join("late-node");
     match enroll(&t, &node("late"), &NodeState::new(&dir)).await {
-        Err(EnrollError::Refused(reason)) => assert!(reason.contains("etcd"), "{reason}"),
+        // The relay logs that etcd is unreachable; the node is told the authority cannot
+        // enroll right now, a passing refusal that it retries.
+        Err(EnrollError::Refused { reason, .. }) => {
+            assert_eq!(reason, EnrollRefusal::Unavailable, "{reason}");
+            assert!(!reason.is_permanent());
+        }
         other => panic!("enrolling without etcd must fail clearly: {other:?}"),
     }
     assert_eq!(

@@ -222,7 +222,10 @@ async fn enrolled_nodes_carry_traffic_and_survive_restarts() {
     )
     .await;
     match again {
-        Err(EnrollError::Refused(r)) => assert!(r.contains("already used"), "{r}"),
+        Err(e @ EnrollError::Refused { .. }) => {
+            assert!(e.to_string().contains("already used"), "{e}");
+            assert!(e.is_permanent(), "a spent ticket is not tried again");
+        }
         other => panic!("a used ticket must be refused: {other:?}"),
     }
 }

@@ -133,7 +133,7 @@ fn grant_cookie(public: &Public, service: &str, ttl: Duration) -> (String, Strin
         .create(&svc(service), ttl, Default::default())
         .expect("grant");
     (
-        format!("Cookie: postern_access={}\r\n", &*g.secret),
+        format!("Cookie: postern_access={}\r\n", g.secret.expose()),
         g.info.id,
     )
 }
@@ -368,10 +368,10 @@ async fn access_links_open_the_door_and_revocation_or_expiry_closes_it() {
         .access
         .create(&svc("alpha"), Duration::from_secs(600), Default::default())
         .expect("grant");
-    let link = public.link(&svc("alpha"), &g.secret).expect("link");
+    let link = public.link(&svc("alpha"), g.secret.expose()).expect("link");
     assert_eq!(
         link,
-        format!("https://{host}/_postern/access?grant={}", &*g.secret)
+        format!("https://{host}/_postern/access?grant={}", g.secret.expose())
     );
     let path = link
         .trim_start_matches(&format!("https://{host}"))
@@ -390,7 +390,7 @@ async fn access_links_open_the_door_and_revocation_or_expiry_closes_it() {
         .split(';')
         .next()
         .expect("cookie");
-    assert_eq!(cookie, format!("postern_access={}", &*g.secret));
+    assert_eq!(cookie, format!("postern_access={}", g.secret.expose()));
     let with_cookie = format!("Cookie: theme=dark; {cookie}\r\n");
     let ok = get_with(&pki, ingress, host, "/", &with_cookie)
         .await
@@ -401,7 +401,7 @@ async fn access_links_open_the_door_and_revocation_or_expiry_closes_it() {
     let seen = heads.lock().expect("heads").join("");
     assert!(seen.contains("Cookie: theme=dark\r\n"), "{seen}");
     assert!(
-        !seen.contains(&*g.secret) && !seen.contains("postern_access"),
+        !seen.contains(g.secret.expose()) && !seen.contains("postern_access"),
         "{seen}"
     );
 

@@ -637,11 +637,22 @@ async fn bad_input_to_the_relay_is_counted_and_disturbs_no_route() {
         let msg: postern_proto::msg::Ctl =
             postern_proto::codec::decode_exact(&answer).expect("frame");
         assert!(
-            matches!(msg, postern_proto::msg::Ctl::Error { .. }),
+            matches!(
+                msg,
+                postern_proto::msg::Ctl::Refused {
+                    reason: postern_proto::msg::Refusal::BadMessage { .. }
+                }
+            ),
             "{msg:?}"
         );
     }
     assert_eq!(ctl.bad_messages.load(Relaxed), bad_before + 2);
+    // ...counted by reason for /metrics.
+    assert!(
+        ctl.refusals().contains(&("bad_message", 2)),
+        "{:?}",
+        ctl.refusals()
+    );
     // The relay still answers a good request on the same connection...
     let pong = postern_net::control::exchange::request(
         &conn,

@@ -453,7 +453,7 @@ async fn websocket_and_streaming_through_the_public_hostname() {
         .access
         .create(&svc("ws"), Duration::from_secs(600), Default::default())
         .expect("grant");
-    let cookie = format!("Cookie: postern_access={}\r\n", &*grant.secret);
+    let cookie = format!("Cookie: postern_access={}\r\n", grant.secret.expose());
 
     // Without the grant, the upgrade is refused like any request.
     let mut s = tls_connect(&pki, ingress, host).await;

@@ -3,7 +3,7 @@
 use crate::control::exchange::{self, CtlError, CTL_TIMEOUT};
 use crate::runtime::backoff::Backoff;
 use crate::transport::relay_path::RelayPath;
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +46,8 @@ pub fn current_config(shared: &SharedClientConfig) -> quinn::ClientConfig {
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Back-off after the relay refused this node for good (its identity is revoked): retrying
+/// Back-off after the relay refused this node for good (its identity is revoked, its policy
+/// does not let it register, it is drained, ...; see [`Refusal::is_permanent`]): retrying
 /// cannot help until an operator acts, so attempts slow down to one every few minutes instead
 /// of hammering the relay (and its log) several times a second.
 pub const REFUSED_BACKOFF_BASE: Duration = Duration::from_secs(2);
@@ -55,6 +56,34 @@ pub const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// and a refusal recorded earlier is cleared. (A relay refuses a revoked node right after the
 /// handshake, so a connection coming up proves nothing by itself.)
 pub const SETTLED_AFTER: Duration = Duration::from_secs(2);
+
+/// A refusal of this node by a relay that retrying soon cannot change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermanentRefusal {
+    /// Short stable name for the metric's `reason` label.
+    pub label: &'static str,
+    /// What logs and `/readyz` say.
+    pub why: String,
+}
+
+impl PermanentRefusal {
+    /// The permanent refusal in a relay's answer, if it is one (a transient one is not).
+    pub fn from_answer(reason: &Refusal) -> Option<Self> {
+        reason.is_permanent().then(|| Self {
+            label: reason.label(),
+            why: reason.to_string(),
+        })
+    }
+
+    /// Why the relay closed `conn`, when that is a refusal of this node that retrying soon
+    /// cannot change (see [`permanent_refusal`]).
+    pub fn from_close(conn: &quinn::Connection) -> Option<Self> {
+        permanent_refusal(conn).map(|why| Self {
+            label: "closed_not_allowed",
+            why,
+        })
+    }
+}
 
 /// Why the relay closed `conn`, when that is a refusal of this node that retrying soon cannot
 /// change (the relay closes with [`code::NOT_ALLOWED`](postern_proto::msg::code::NOT_ALLOWED),
@@ -85,9 +114,11 @@ const MOVING_TO_UDP: &str = "moving back to QUIC over UDP";
 
 /// Keeps a control connection to the relay of `path` up until `shutdown`, publishing the
 /// current one in `current` (None while disconnected). The path decides between UDP and
-/// TLS/TCP on each attempt (see [`crate::transport::relay_path`]). A relay that refuses this node for
-/// good (see [`permanent_refusal`]) is retried only every few minutes, said once in the log
-/// and reported in the path's status (for `/readyz`).
+/// TLS/TCP on each attempt (see [`crate::transport::relay_path`]). A relay that refuses this
+/// node for good (a permanent [`Refusal`] of its session set-up, or a close as in
+/// [`permanent_refusal`]) is retried only every few minutes, said once in the log and reported
+/// in the path's status (for `/readyz`); a transient refusal is retried at once, on the usual
+/// back-off.
 pub async fn run<H: ControlHandler>(
     endpoint: quinn::Endpoint,
     client: SharedClientConfig,
@@ -104,16 +135,26 @@ pub async fn run<H: ControlHandler>(
             let up = path
                 .connect(&endpoint, current_config(&client))
                 .await
-                .map_err(|e| (e.to_string(), None))?;
+                .map_err(|e| (format!("cannot reach relay: {e}"), None))?;
             if let Err(e) = handler.on_connect(&up.conn).await {
+                // Read before closing: the relay may have closed it with its reason first.
+                let closed = PermanentRefusal::from_close(&up.conn);
                 up.conn.close(
                     postern_proto::msg::code::OK.into(),
                     b"session set-up failed",
                 );
-                let why = permanent_refusal(&up.conn);
-                return Err((format!("relay refused our session set-up: {e}"), why));
+                let permanent = match &e {
+                    CtlError::Refused(reason) => PermanentRefusal::from_answer(reason),
+                    _ => None,
+                }
+                .or(closed);
+                let what = match &e {
+                    CtlError::Refused(_) => "the relay refused our session set-up",
+                    _ => "session set-up with the relay failed",
+                };
+                return Err((format!("{what}: {e}"), permanent));
             }
-            Ok::<_, (String, Option<String>)>(up)
+            Ok::<_, (String, Option<PermanentRefusal>)>(up)
         };
         let up = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -130,7 +171,7 @@ pub async fn run<H: ControlHandler>(
                     Some(why) => refused.delay(why),
                     None => {
                         let delay = backoff.next_delay();
-                        tracing::warn!(relay = %relay.addr, error = %e, retry_in = ?delay, "cannot reach relay");
+                        tracing::warn!(relay = %relay.addr, retry_in = ?delay, "{e}");
                         delay
                     }
                 };
@@ -175,7 +216,7 @@ pub async fn run<H: ControlHandler>(
         current.send_replace(None);
         path.disconnected();
         handler.on_disconnect(relay.addr);
-        let delay = match permanent_refusal(&conn) {
+        let delay = match PermanentRefusal::from_close(&conn) {
             Some(why) => refused.delay(why),
             // Not a failure: reconnect at once, UDP first.
             None if reason == MOVING_TO_UDP => Duration::ZERO,
@@ -211,15 +252,17 @@ impl<'a> Refused<'a> {
 
     /// The relay refused this node again: the delay before the next attempt. Logged at error
     /// level the first time (and when the reason changes), at debug level after that.
-    fn delay(&mut self, why: String) -> Duration {
+    fn delay(&mut self, refusal: PermanentRefusal) -> Duration {
+        let PermanentRefusal { label, why } = refusal;
         let delay = self.backoff.next_delay();
         let relay = self.path.relay().addr;
-        metrics::counter!("postern_node_relay_refusals_total").increment(1);
+        metrics::counter!("postern_node_relay_refusals_total", "reason" => label).increment(1);
         if self.why.as_deref() != Some(why.as_str()) {
             tracing::error!(
-                %relay, reason = %why, retry_in = ?delay, max_retry_in = ?REFUSED_BACKOFF_MAX,
-                "the relay refuses this node ({why}); retrying only every few minutes from now \
-                 on (re-enroll the node or ask the relay's operator)"
+                %relay, reason = label, retry_in = ?delay, max_retry_in = ?REFUSED_BACKOFF_MAX,
+                "{why}; the relay at {relay} refuses this node, so it is retried only every few \
+                 minutes from now on (change the relay's policy, re-enroll the node or ask the \
+                 relay's operator)"
             );
             self.path.status().set_refused(relay, Some(why.clone()));
             self.why = Some(why);
@@ -257,13 +300,12 @@ async fn serve_pushes<H: ControlHandler>(conn: &quinn::Connection, handler: &H) 
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "bad message from relay");
-                    let _ = exchange::write_message(
-                        &mut send,
-                        &Ctl::Error {
-                            message: e.to_string(),
+                    let answer = Ctl::Refused {
+                        reason: Refusal::BadMessage {
+                            detail: e.to_string(),
                         },
-                    )
-                    .await;
+                    };
+                    let _ = exchange::write_message(&mut send, &answer).await;
                     continue;
                 }
                 Err(_) => {
@@ -287,5 +329,21 @@ pub async fn wait_connected(
     match tokio::time::timeout(timeout, wait).await {
         Ok(Ok(c)) => c.clone(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A permanent refusal in an answer takes the slow back-off, labelled by its reason; a
+    /// transient one is no such refusal and is retried on the usual back-off.
+    #[test]
+    fn only_permanent_answers_slow_down() {
+        let drained = PermanentRefusal::from_answer(&Refusal::Drained).expect("permanent");
+        assert_eq!(drained.label, "drained");
+        assert_eq!(drained.why, Refusal::Drained.to_string());
+        assert_eq!(PermanentRefusal::from_answer(&Refusal::ShuttingDown), None);
+        assert_eq!(PermanentRefusal::from_answer(&Refusal::UnknownNode), None);
     }
 }

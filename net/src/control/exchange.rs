@@ -1,7 +1,7 @@
 //! Control exchanges: one frame each way on a fresh bidirectional stream.
 
 use postern_proto::codec::{self, CodecError, LEN_PREFIX, MAX_FRAME_LEN};
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a control exchange failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CtlError {
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
@@ -25,6 +26,10 @@ pub enum CtlError {
     Codec(#[from] CodecError),
     #[error("peer did not answer within {0:?}")]
     Timeout(Duration),
+    /// The peer answered, with a refusal: [`Refusal::is_permanent`] says whether asking again
+    /// soon can help.
+    #[error("{0}")]
+    Refused(Refusal),
 }
 
 impl From<quinn::ReadToEndError> for CtlError {

@@ -9,7 +9,7 @@
 use crate::control::enroll::NodeState;
 use crate::control::exchange::{self, CtlError, CTL_TIMEOUT};
 use crate::runtime::files::{self, FileError};
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use postern_proto::pki::{self, PkiError};
 use postern_proto::tls::Identity;
 use std::time::{Duration, SystemTime};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Why a renewal failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RenewError {
     #[error(transparent)]
     Pki(#[from] PkiError),
@@ -26,8 +27,20 @@ pub enum RenewError {
     #[error("renewal request failed: {0}")]
     Control(#[from] CtlError),
     #[error("the relay refused to renew: {0}")]
-    Refused(String),
+    Refused(Refusal),
+    #[error("the relay gave an unexpected answer to a renewal")]
+    Unexpected,
 }
+
+impl RenewError {
+    /// Whether asking again soon cannot help (revoked, or this relay is not the authority).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, RenewError::Refused(r) if r.is_permanent())
+    }
+}
+
+/// The longest wait between renewal attempts (and the wait after a permanent refusal).
+const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// When a certificate valid from `from` to `until` should be renewed.
 pub fn renew_at(from: SystemTime, until: SystemTime) -> SystemTime {
@@ -45,8 +58,8 @@ pub async fn renew_once(
     let (csr_pem, key) = pki::make_csr(&name)?;
     let cert_pem = match exchange::request(conn, &Ctl::Renew { csr_pem }, CTL_TIMEOUT).await? {
         Ctl::Renewed { cert_pem } => cert_pem,
-        Ctl::Error { message } => return Err(RenewError::Refused(message)),
-        other => return Err(RenewError::Refused(format!("unexpected answer {other:?}"))),
+        Ctl::Refused { reason } => return Err(RenewError::Refused(reason)),
+        _ => return Err(RenewError::Unexpected),
     };
     // The pair must match before anything on disk changes.
     let identity = Identity::from_pem(&cert_pem, &key.0)?;
@@ -85,7 +98,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff =
-        crate::runtime::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+        crate::runtime::backoff::Backoff::new(Duration::from_secs(5), RENEW_BACKOFF_MAX);
     loop {
         let due = files::read(&state.cert())
             .ok()
@@ -113,7 +126,13 @@ pub async fn run(
                 on_renewed(identity);
             }
             Err(e) => {
-                let delay = backoff.next_delay();
+                // A permanent refusal waits the longest back-off at once: asking again soon
+                // cannot help until an operator acts.
+                let delay = if e.is_permanent() {
+                    RENEW_BACKOFF_MAX
+                } else {
+                    backoff.next_delay()
+                };
                 tracing::warn!(error = %e, retry_in = ?delay, "certificate renewal failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

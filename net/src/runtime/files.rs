@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// A file operation that failed, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FileError {
     #[error("cannot read {path}: {source}")]
     Read {
@@ -245,4 +246,53 @@ mod tests {
             "contents are kept"
         );
     }
+}
+/// Where a node keeps its state (identity, leases) unless `--state-dir` says otherwise, so that
+/// `enroll` and `run` agree without being told, whatever directory they run from:
+///
+/// 1. `./postern-<component>-state` when it already exists in the working directory (where
+///    earlier versions put it, so an existing install keeps its identity);
+/// 2. `/var/lib/postern-<component>` when running as root;
+/// 3. `$XDG_STATE_HOME/postern-<component>`, or `~/.local/state/postern-<component>`;
+/// 4. `./postern-<component>-state` when there is no home directory.
+pub fn default_state_dir(component: &str) -> PathBuf {
+    let legacy = PathBuf::from(format!("postern-{component}-state"));
+    if legacy.is_dir() {
+        return legacy;
+    }
+    state_dir_for(
+        component,
+        is_root(),
+        std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+    .unwrap_or(legacy)
+}
+
+/// [`default_state_dir`] without the legacy check, from the facts it depends on.
+fn state_dir_for(
+    component: &str,
+    root: bool,
+    xdg_state_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Option<PathBuf> {
+    let leaf = format!("postern-{component}");
+    if root {
+        return Some(PathBuf::from("/var/lib").join(leaf));
+    }
+    if let Some(x) = xdg_state_home.filter(|p| p.is_absolute()) {
+        return Some(x.join(leaf));
+    }
+    home.filter(|p| p.is_absolute())
+        .map(|h| h.join(".local/state").join(leaf))
+}
+
+#[cfg(unix)]
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+#[cfg(not(unix))]
+fn is_root() -> bool {
+    false
 }

@@ -19,6 +19,7 @@ pub const AUDIT_TARGET: &str = "postern::audit";
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoggingError {
     #[error("--log {filter:?}: {source}")]
     Filter {

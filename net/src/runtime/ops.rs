@@ -174,6 +174,35 @@ pub async fn accept_bounded(
     }
 }
 
+/// Serves the endpoint on `addr` when one is given, until `stop`. Binds before returning, so
+/// a port that is taken fails start-up instead of a background task.
+pub async fn serve_if_asked(
+    addr: Option<std::net::SocketAddr>,
+    node: Arc<dyn Observe>,
+    recorder: Option<PrometheusHandle>,
+    stop: CancellationToken,
+) -> Result<(), OpsBindError> {
+    if let Some(addr) = addr {
+        let listener = bind(addr).await?;
+        tokio::spawn(serve(listener, node, recorder, stop));
+    }
+    Ok(())
+}
+
+/// The metrics recorder when the endpoint is asked for (`addr` given), with the component's
+/// metrics described by `describe`; `None` otherwise, so nothing is recorded for no reader.
+pub fn recorder_if_asked(
+    addr: Option<std::net::SocketAddr>,
+    describe: fn(),
+) -> Result<Option<PrometheusHandle>, String> {
+    if addr.is_none() {
+        return Ok(None);
+    }
+    let r = recorder()?;
+    describe();
+    Ok(Some(r))
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,

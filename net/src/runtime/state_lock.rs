@@ -11,6 +11,7 @@ pub const LOCK_FILE: &str = "lock";
 
 /// Why the state directory could not be locked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LockError {
     #[error(
         "{dir} is in use by another postern-{role} ({holder}): two processes on one identity \

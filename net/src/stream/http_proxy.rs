@@ -123,6 +123,7 @@ pub struct ProxyStats {
 /// Why a proxied connection ended abnormally. Where the client could still be answered it was
 /// sent a response saying so (unless it went away first).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProxyError {
     /// The client sent a malformed, ambiguous or unsupported request; it got a 400 or 501.
     #[error("refused a request: {0}")]

@@ -183,6 +183,71 @@ pub fn hold_until_acked(mut send: SendStream) {
     });
 }
 
+/// A send stream for writers that take the stream and drop it when done (the HTTP proxy,
+/// through `tokio::io::join`): dropped, it is finished and handed to [`hold_until_acked`], so a
+/// STOP_SENDING that arrives afterwards still resets it, as it does for a splice.
+pub struct HeldSend(Option<SendStream>);
+
+impl HeldSend {
+    pub fn new(send: SendStream) -> Self {
+        Self(Some(send))
+    }
+
+    fn inner(&mut self) -> io::Result<&mut SendStream> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "send stream released"))
+    }
+}
+
+impl AsyncWrite for HeldSend {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.inner() {
+            Ok(s) => AsyncWrite::poll_write(std::pin::Pin::new(s), cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.inner() {
+            Ok(s) => AsyncWrite::poll_flush(std::pin::Pin::new(s), cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.inner() {
+            Ok(s) => AsyncWrite::poll_shutdown(std::pin::Pin::new(s), cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl Drop for HeldSend {
+    fn drop(&mut self) {
+        let Some(mut send) = self.0.take() else {
+            return;
+        };
+        // What quinn does when a stream is dropped unfinished; an error means it was finished
+        // or reset already.
+        let _ = send.finish();
+        // Outside a runtime (only at process exit) there is nothing left to hold it for.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            hold_until_acked(send);
+        }
+    }
+}
+
 /// Splices any byte stream (e.g. a TLS connection to a target) and the QUIC stream.
 pub async fn splice_io<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,

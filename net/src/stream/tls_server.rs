@@ -20,6 +20,7 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// Why a listener's TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsSetupError {
     #[error("cannot read {what} {path}: {source}")]
     Read {

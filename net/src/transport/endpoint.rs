@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// Why an endpoint could not be configured.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EndpointError {
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -30,10 +31,21 @@ pub const E2E_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Endpoint-wide settings. The QUIC bit is never greased (RFC 9287): the relay and nodes tell
 /// QUIC packets from forwarding frames by that bit. `reset_key` makes stateless resets survive a
-/// restart, so peers of a restarted relay learn at once that their connection is gone.
+/// restart, so peers of a restarted relay learn at once that their connection is gone: the reset
+/// token of a connection ID is derived from it, and so is the key that connection IDs are
+/// checked with (quinn drops, unanswered, a packet whose connection ID its generator did not
+/// make; with a fresh random key after a restart that is every old connection's packet).
 pub fn endpoint_config(reset_key: Option<&[u8; 32]>) -> EndpointConfig {
     let mut cfg = match reset_key {
-        Some(k) => EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k))),
+        Some(k) => {
+            let mut cfg =
+                EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k)));
+            let cid_key = cid_key(k);
+            cfg.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            cfg
+        }
         None => EndpointConfig::default(),
     };
     cfg.grease_quic_bit(false);
@@ -42,6 +54,16 @@ pub fn endpoint_config(reset_key: Option<&[u8; 32]>) -> EndpointConfig {
     // fail; if it ever did, quinn's default (1472) only limits the path MTU.
     let _ = cfg.max_udp_payload_size(E2E_MAX_MTU + postern_proto::fwd::HEADER_LEN as u16);
     cfg
+}
+
+/// The connection-ID check key that follows from `reset_key`: derived (not the reset key
+/// itself, which must stay secret: connection IDs are sent in clear).
+fn cid_key(reset_key: &[u8; 32]) -> u64 {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let tag = ring::hmac::sign(&key, b"postern connection-id key");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&tag.as_ref()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Upper bound of end-to-end path MTU discovery. quinn probes up from 1200 bytes and settles on
@@ -63,8 +85,86 @@ fn control_transport() -> TransportConfig {
     t
 }
 
-fn e2e_transport() -> TransportConfig {
+/// The congestion controller of end-to-end connections (control connections carry a few small
+/// frames and keep quinn's default).
+///
+/// BBR is the default because of the figures: through 1-5 % loss and 20 ms each way behind a
+/// 1,472-byte MTU (bench `lossy`, bench/RESULTS.md "Lossy paths") it carried 18-24 MB/s where
+/// CUBIC and NewReno carried 0.16-0.43 MB/s (they halve or cut by 30 % on every loss, so
+/// random loss, not capacity, sets their rate), and it matched them on a clean path. Its cost:
+/// echo p99 of 210-290 ms under load against CUBIC's 165-175 ms (one sample per 100 in a 5 s
+/// cell), and quinn calls its BBR experimental, which is why the other two stay selectable.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438): backs off by 30 % on each loss, so random loss caps its rate.
+    Cubic,
+    /// BBR: paces at the bottleneck bandwidth it measures and does not treat loss as
+    /// congestion. quinn marks its implementation experimental.
+    #[default]
+    Bbr,
+    /// NewReno (RFC 9002's example): halves on each loss.
+    #[value(name = "newreno")]
+    #[serde(rename = "newreno")]
+    NewReno,
+}
+
+impl Congestion {
+    /// Every controller, in the order the bench reports them.
+    pub const ALL: [Congestion; 3] = [Congestion::Bbr, Congestion::Cubic, Congestion::NewReno];
+
+    /// The setting's value (`cubic`, `bbr`, `newreno`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::NewReno => "newreno",
+        }
+    }
+
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static> {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        match self {
+            Congestion::Cubic => Arc::new(CubicConfig::default()),
+            Congestion::Bbr => Arc::new(BbrConfig::default()),
+            Congestion::NewReno => Arc::new(NewRenoConfig::default()),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Congestion::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown congestion controller {s:?} (expected cubic, bbr or newreno)")
+            })
+    }
+}
+
+/// The transport settings of end-to-end connections with `congestion` as their controller.
+pub fn e2e_transport(congestion: Congestion) -> TransportConfig {
     let mut t = TransportConfig::default();
+    t.congestion_controller_factory(congestion.factory());
     t.keep_alive_interval(Some(E2E_KEEP_ALIVE));
     t.max_idle_timeout(Some(
         VarInt::from_u32(E2E_IDLE_TIMEOUT.as_millis() as u32).into(),
@@ -78,6 +178,10 @@ fn e2e_transport() -> TransportConfig {
     t.send_window(32 * 1024 * 1024);
     // Every end-to-end packet carries a forwarding header: E2E_MAX_MTU leaves room for it.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
+    // quinn's search and black-hole settings otherwise: behind a 1,472-byte path it settles
+    // within 30 bytes of the limit in about 3 s (some 45 lost probes, both ends of each
+    // connection) and then probes no more, also through 5 % loss and after a 3 s outage
+    // (tests/tests/lossy.rs, bench/RESULTS.md "Lossy paths").
     mtu.upper_bound(E2E_MAX_MTU);
     t.mtu_discovery_config(Some(mtu));
     t
@@ -167,7 +271,16 @@ pub fn e2e_client(
     identity: &Identity,
     roots: Arc<RootCertStore>,
 ) -> Result<quinn::ClientConfig, EndpointError> {
-    quic_client(identity, roots, ALPN_E2E, e2e_transport())
+    e2e_client_with(identity, roots, Congestion::default())
+}
+
+/// [`e2e_client`] with `congestion` as the controller.
+pub fn e2e_client_with(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+    congestion: Congestion,
+) -> Result<quinn::ClientConfig, EndpointError> {
+    quic_client(identity, roots, ALPN_E2E, e2e_transport(congestion))
 }
 
 /// Server config for an outlet's end-to-end listener.
@@ -175,7 +288,16 @@ pub fn e2e_server(
     identity: &Identity,
     roots: Arc<RootCertStore>,
 ) -> Result<quinn::ServerConfig, EndpointError> {
-    quic_server(identity, roots, ALPN_E2E, e2e_transport())
+    e2e_server_with(identity, roots, Congestion::default())
+}
+
+/// [`e2e_server`] with `congestion` as the controller.
+pub fn e2e_server_with(
+    identity: &Identity,
+    roots: Arc<RootCertStore>,
+    congestion: Congestion,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    quic_server(identity, roots, ALPN_E2E, e2e_transport(congestion))
 }
 
 /// Reads the peer's node name from an established connection's certificate chain.

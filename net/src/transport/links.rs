@@ -39,6 +39,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 
 /// Why a link ended.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LinkError {
     #[error("link I/O: {0}")]
     Io(#[from] std::io::Error),

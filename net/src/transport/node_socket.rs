@@ -130,7 +130,7 @@ impl NodeSocket {
     /// frames, as for UDP). Returns how many slots were filled.
     fn poll_links(
         &self,
-        cx: &mut Context,
+        cx: &mut Context<'_>,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> usize {
@@ -386,7 +386,7 @@ impl AsyncUdpSocket for NodeSocket {
         Box::pin(Poller::new(self.io.clone()))
     }
 
-    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let dest = canonical(transmit.destination);
         if !Self::is_virtual(dest) {
             let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
@@ -443,7 +443,7 @@ impl AsyncUdpSocket for NodeSocket {
 
     fn poll_recv(
         &self,
-        cx: &mut Context,
+        cx: &mut Context<'_>,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {

@@ -101,6 +101,8 @@ pub struct TransportSettings {
     pub udp_timeout: Option<Duration>,
     /// How often `auto` on TLS/TCP probes UDP [default: [`UDP_PROBE_INTERVAL`]].
     pub udp_probe_interval: Option<Duration>,
+    /// The congestion controller of end-to-end connections (over either path).
+    pub congestion: crate::transport::endpoint::Congestion,
 }
 
 /// Which transport each relay's control connection uses now, for metrics and `/readyz`.
@@ -191,6 +193,7 @@ impl TransportStatus {
 
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PathError {
     #[error("cannot start connection: {0}")]
     Start(#[from] quinn::ConnectError),

@@ -63,7 +63,7 @@ impl fmt::Debug for Poller {
 }
 
 impl UdpPoller for Poller {
-    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let fut = this.fut.get_or_insert_with(|| {
             let io = this.io.clone();

@@ -73,6 +73,7 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Why a backend call failed. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// InfluxDB answered with an error.
     #[error("InfluxDB refused to {op}: HTTP {status}{}: {message}{hint}", code_suffix(.code))]
@@ -86,7 +87,7 @@ pub enum BackendError {
         hint: &'static str,
     },
     /// InfluxDB could not be reached or the request failed on the way.
-    #[error("cannot {op}: InfluxDB unreachable: {source}")]
+    #[error("cannot {op}: InfluxDB unreachable: {}", transport_cause(source))]
     Transport {
         op: &'static str,
         #[source]
@@ -396,9 +397,61 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// The underlying cause of a failed request, for the operator: whether it timed out or could
+/// not connect, then the chain of causes (e.g. `cannot connect: tcp connect error: Connection
+/// refused (os error 111)`, a DNS failure, a TLS error). reqwest's own message is left out: it
+/// quotes the URL, which says nothing new and must not reach logs if it ever carried a query.
+pub(crate) fn transport_cause(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "the request failed"
+    };
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if parts.last() != Some(&text) && !text.is_empty() {
+            parts.push(text);
+        }
+        cur = c.source();
+    }
+    if parts.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {}", parts.join(": "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real refused connection (a port nobody listens on): the message names the cause and
+    /// not the URL.
+    #[tokio::test]
+    async fn an_unreachable_influxdb_names_the_cause() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let url = format!("http://127.0.0.1:{port}/query?u=admin&p=hunter2");
+        let err = reqwest::Client::new()
+            .get(&url)
+            .send()
+            .await
+            .expect_err("nothing listens");
+        let msg = BackendError::Transport {
+            op: "create the lease",
+            source: err,
+        }
+        .to_string();
+        assert!(msg.contains("cannot connect"), "{msg}");
+        assert!(msg.to_lowercase().contains("refused"), "{msg}");
+        assert!(!msg.contains("hunter2") && !msg.contains("/query"), "{msg}");
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {

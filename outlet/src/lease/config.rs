@@ -56,12 +56,13 @@
 //! The admin credential for 1.x is the user and password of an admin user, written
 //! `<user>:<password>` in the referenced environment variable or file.
 
+pub use postern_proto::secret::Secret;
 use serde::Deserialize;
 use serde_json::Value;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 /// Default lifetime of a leased credential, in seconds.
 pub const DEFAULT_EXPIRES_IN_S: u64 = 3600;
@@ -391,6 +392,7 @@ pub fn v1_grants(perms: &[Permission]) -> Result<Vec<V1Grant>, ConfigError> {
 
 /// Why the config was refused. Messages name the key; they never contain a secret.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("influxdb-outlet: `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
@@ -736,35 +738,6 @@ impl Drop for SecretRef {
     }
 }
 
-/// A secret value (the admin credential). `Debug` and `Display` are redacted; the memory is
-/// wiped on drop. [`expose`](Self::expose) is the only way to read it.
-#[derive(Clone)]
-pub struct Secret(Zeroizing<String>);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: String) -> Self {
-        Secret(Zeroizing::new(value))
-    }
-
-    /// The secret itself: use it only to build a request, never to log or format an error.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -912,7 +885,7 @@ mod tests {
 
     #[test]
     fn secret_debug_and_display_are_redacted() {
-        let s = Secret::new("hunter2".into());
+        let s = Secret::new("hunter2");
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!format!("{s}").contains("hunter2"));
     }

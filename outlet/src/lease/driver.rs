@@ -26,7 +26,7 @@ impl Inner {
         let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
             let now = now_ms();
-            let (actions, next, scan) = {
+            let (actions, next, scan, reopen) = {
                 let mut guard = lock(&self.state);
                 let st = &mut *guard;
                 for (client, tx) in &st.watchers {
@@ -46,7 +46,11 @@ impl Inner {
                 if let Some(at) = st.orphan_scan_at.filter(|_| !st.orphan_scan_running) {
                     next = Some(next.map_or(at, |n| n.min(at)));
                 }
-                (actions, next, scan)
+                let reopen = st.store_health.take_due(now);
+                if let Some(at) = st.store_health.next_attempt() {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+                (actions, next, scan, reopen)
             };
             for a in actions {
                 match a {
@@ -66,6 +70,9 @@ impl Inner {
             }
             if scan {
                 tasks.spawn(self.clone().orphan_scan());
+            }
+            if reopen {
+                tasks.spawn(self.clone().reopen_store());
             }
             let wait = next
                 .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
@@ -90,6 +97,10 @@ impl Inner {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        if self.store_problem().is_some() {
+            // One last try, so that the leases can be revoked now rather than at the next start.
+            self.clone().reopen_store().await;
+        }
         let unrevoked = self.revoke_all().await;
         {
             let mut st = lock(&self.state);
@@ -109,7 +120,7 @@ impl Inner {
 
     /// Revokes every lease in the store (shutdown). Returns how many could not be revoked.
     pub(super) async fn revoke_all(self: &Arc<Self>) -> usize {
-        let records = match self.store_op(|s| s.all()).await {
+        let records = match self.store_op("list", |s| s.all()).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the lease store at shutdown; leases are revoked at the next start");
@@ -197,8 +208,7 @@ impl Inner {
             }
             Err(LeaseError::Crashed(_)) => return,
             Err(e) => {
-                metrics::counter!("postern_outlet_leases_failed_total", "operation" => "create")
-                    .increment(1);
+                // Counted by `create_lease`.
                 tracing::info!(target: "postern::audit", event = "lease", action = "create", outcome = "failed", %client);
                 let n = st.schedule.create_failed(&client, now);
                 tracing::error!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// Why a lease operation failed. Never contains a secret.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LeaseError {
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -16,6 +16,10 @@ use std::time::Duration;
 /// Longest a whole backend creation (several requests for v1) may take.
 pub const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Failed operations on the lease store, by operation (`put`, `remove`, `get`, `list`,
+/// `reopen`).
+pub const STORE_FAILURES: &str = "postern_outlet_lease_store_failures_total";
+
 impl Inner {
     pub(super) fn check_not_revoked(&self, client: &NodeName) -> Result<(), LeaseError> {
         if lock(&self.revoked_clients).contains(client) {
@@ -35,26 +39,114 @@ impl Inner {
     }
 
     /// Runs a store operation on the blocking pool, holding the store's lock for its duration
-    /// so that closing the store waits for it.
-    pub(super) async fn store_op<T, F>(self: &Arc<Self>, f: F) -> Result<T, LeaseError>
+    /// so that closing the store waits for it. A failure is counted by `op`; one that leaves
+    /// the store unable to write closes its database, marks the store broken (readiness fails,
+    /// the manager's task reopens it with backoff) and is answered as
+    /// [`StoreError::Unwritable`].
+    pub(super) async fn store_op<T, F>(
+        self: &Arc<Self>,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, LeaseError>
     where
         T: Send + 'static,
         F: FnOnce(&LeaseStore) -> Result<T, StoreError> + Send + 'static,
     {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let guard = lock(&me.store);
-            match guard.as_ref() {
-                Some(s) => f(s).map_err(LeaseError::Store),
-                None => Err(LeaseError::Closed),
+            let mut guard = lock(&me.store);
+            let Some(s) = guard.as_mut() else {
+                return Err(LeaseError::Closed);
+            };
+            let e = match f(s) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            metrics::counter!(STORE_FAILURES, "operation" => op).increment(1);
+            if !s.close_after(&e) {
+                return Err(LeaseError::Store(e));
             }
+            let reason = e.write_reason();
+            // Marked while the store's lock is held, so that a reopening (which holds it too)
+            // cannot be overtaken by the news of a failure from before it.
+            if lock(&me.state)
+                .store_health
+                .failed(reason.clone(), now_ms())
+            {
+                tracing::error!(
+                    operation = op, error = %e,
+                    "the lease store cannot write; leases are neither made nor revoked until it \
+                     is reopened (retried with backoff)"
+                );
+                me.wake.notify_one();
+            }
+            Err(LeaseError::Store(StoreError::Unwritable { reason }))
         })
         .await
         .map_err(|_| LeaseError::Closed)?
     }
 
+    /// Why the store cannot write now, if it cannot.
+    pub(super) fn store_problem(&self) -> Option<String> {
+        lock(&self.state).store_health.problem(now_ms())
+    }
+
+    /// Closes and reopens a store that failed to write (the manager's task calls this when
+    /// [`StoreHealth`](super::health::StoreHealth) says it is time). Once it writes again,
+    /// everything that failed meanwhile (revocations above all: their credentials are past
+    /// expiry) is retried at once.
+    pub(super) async fn reopen_store(self: Arc<Self>) {
+        let me = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&me.store);
+            let s = guard.as_mut()?;
+            let result = s.reopen();
+            let now = now_ms();
+            let mut st = lock(&me.state);
+            Some(match result {
+                Ok(()) => {
+                    st.schedule.retry_failed_now(now);
+                    Ok(st
+                        .store_health
+                        .reopened()
+                        .map(|since| now.saturating_sub(since)))
+                }
+                Err(e) => {
+                    let n = st.store_health.reopen_failed(e.write_reason(), now);
+                    Err((e, n))
+                }
+            })
+        })
+        .await
+        .ok()
+        .flatten();
+        match outcome {
+            Some(Ok(down_ms)) => {
+                tracing::info!(
+                    unwritable_for_ms = down_ms,
+                    "the lease store was reopened and writes again; retrying what failed meanwhile"
+                );
+            }
+            Some(Err((e, attempts))) => {
+                metrics::counter!(STORE_FAILURES, "operation" => "reopen").increment(1);
+                let log = attempts == 1 || attempts % 30 == 0;
+                if log {
+                    tracing::error!(
+                        error = %e, attempts,
+                        "cannot reopen the lease store; retrying"
+                    );
+                } else {
+                    tracing::debug!(error = %e, attempts, "cannot reopen the lease store; retrying");
+                }
+            }
+            // The store is closed (shutdown) or the task was cut off.
+            None => {}
+        }
+        self.wake.notify_one();
+    }
+
     pub(super) async fn put(self: &Arc<Self>, rec: LeaseRecord) -> Result<(), LeaseError> {
-        self.store_op(move |s| s.put(&rec)).await
+        self.store_op("put", move |s| s.put(&rec)).await
     }
 
     pub(super) async fn close_store(self: &Arc<Self>) {
@@ -88,7 +180,24 @@ impl Inner {
     }
 
     /// Makes one lease: record, backend, record. Returns the active record and the credential.
+    /// A failure (other than an injected crash) is counted, whoever asked (the schedule or the
+    /// command line).
     pub(super) async fn create_lease(
+        self: &Arc<Self>,
+        client: &NodeName,
+    ) -> Result<(LeaseRecord, Credential), LeaseError> {
+        let result = self.create_steps(client).await;
+        if let Err(e) = &result {
+            if !matches!(e, LeaseError::Crashed(_)) {
+                metrics::counter!("postern_outlet_leases_failed_total", "operation" => "create")
+                    .increment(1);
+            }
+        }
+        result
+    }
+
+    /// The steps of [`create_lease`](Self::create_lease).
+    async fn create_steps(
         self: &Arc<Self>,
         client: &NodeName,
     ) -> Result<(LeaseRecord, Credential), LeaseError> {
@@ -101,7 +210,16 @@ impl Inner {
             created_at_ms: now,
             expires_at_ms: now + self.policy.ttl_ms,
         };
-        self.put(rec.clone()).await?;
+        if let Err(e) = self.put(rec.clone()).await {
+            if matches!(&e, LeaseError::Store(se) if se.cannot_write()) {
+                // A write that failed may still turn up once the store is reopened: look again
+                // then (a record that is not there is simply forgotten).
+                lock(&self.state)
+                    .schedule
+                    .revoke_failed(&rec.lease_id, &rec.client, now_ms());
+            }
+            return Err(e);
+        }
         self.checkpoint(CrashPoint::CreateAfterStore).await?;
         let req = CreateRequest {
             lease_id: rec.lease_id.clone(),
@@ -128,14 +246,23 @@ impl Inner {
             ..rec.clone()
         };
         if let Err(e) = self.put(active.clone()).await {
-            // The record still says `creating`: revoke now, and if that fails too the next
-            // start finds the credential by its marker.
+            // The record still says `creating`: revoke now (the store may not be able to
+            // write, but the backend can), and leave the record to the retried clean-up, which
+            // revokes by marker whatever this missed and then drops it.
             if let Err(re) = self.backend.revoke(&created.backend_id).await {
                 tracing::error!(
                     lease_id = %rec.lease_id, error = %re,
-                    "could not revoke a credential whose lease could not be recorded; the next start revokes it"
+                    "could not revoke a credential whose lease could not be recorded; retrying"
                 );
             }
+            let n = lock(&self.state)
+                .schedule
+                .revoke_failed(&rec.lease_id, &rec.client, now_ms());
+            tracing::error!(
+                lease_id = %rec.lease_id, client = %rec.client, failures = n, error = %e,
+                "could not record a lease as made; its record is cleaned up when the store writes again"
+            );
+            self.wake.notify_one();
             return Err(e);
         }
         self.checkpoint(CrashPoint::CreateAfterActivate).await?;
@@ -159,7 +286,7 @@ impl Inner {
     ) -> Result<(), LeaseError> {
         let id = rec.lease_id.clone();
         let result = if nothing_made {
-            self.store_op(move |s| s.remove(&id)).await
+            self.store_op("remove", move |s| s.remove(&id)).await
         } else {
             self.revoke_lease(&id).await
         };
@@ -187,11 +314,11 @@ impl Inner {
         // No longer accepted from this moment, whatever the backend says.
         lock(&self.state).live.remove(lease_id);
         let id = lease_id.to_owned();
-        let Some(rec) = self.store_op(move |s| s.get(&id)).await? else {
-            return Ok(());
+        let (client, result) = match self.store_op("get", move |s| s.get(&id)).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(rec)) => (rec.client.clone(), self.revoke_record(rec).await),
+            Err(e) => ("(unknown: the store cannot be read)".to_owned(), Err(e)),
         };
-        let client = rec.client.clone();
-        let result = self.revoke_record(rec).await;
         match &result {
             Ok(()) => {
                 metrics::counter!("postern_outlet_leases_revoked_total").increment(1);
@@ -220,7 +347,7 @@ impl Inner {
                     self.backend.revoke(&f.backend_id).await?;
                 }
                 let id = lease_id.to_owned();
-                self.store_op(move |s| s.remove(&id)).await?;
+                self.store_op("remove", move |s| s.remove(&id)).await?;
                 return Ok(());
             }
             RecordState::Active { backend_id } => {
@@ -240,6 +367,6 @@ impl Inner {
         self.backend.revoke(&backend_id).await?;
         self.checkpoint(CrashPoint::RevokeAfterBackend).await?;
         let id = lease_id.to_owned();
-        self.store_op(move |s| s.remove(&id)).await
+        self.store_op("remove", move |s| s.remove(&id)).await
     }
 }

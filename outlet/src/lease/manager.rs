@@ -96,6 +96,7 @@ impl LeaseManager {
                 orphan_scan_failures: 0,
                 orphan_scan_running: false,
                 unrevoked_at_shutdown: 0,
+                store_health: Default::default(),
             }),
             wake: Notify::new(),
             shutdown: shutdown.child_token(),
@@ -183,7 +184,7 @@ impl LeaseManager {
     /// Every lease in the store.
     pub async fn list(&self) -> Result<Vec<LeaseInfo>, LeaseError> {
         self.inner.check_open()?;
-        let records = self.inner.store_op(|s| s.all()).await?;
+        let records = self.inner.store_op("list", |s| s.all()).await?;
         let st = lock(&self.inner.state);
         Ok(records.into_iter().map(|r| info(&st.schedule, r)).collect())
     }
@@ -192,7 +193,7 @@ impl LeaseManager {
     pub async fn show(&self, lease_id: &str) -> Result<LeaseInfo, LeaseError> {
         self.inner.check_open()?;
         let id = lease_id.to_owned();
-        let rec = self.inner.store_op(move |s| s.get(&id)).await?;
+        let rec = self.inner.store_op("get", move |s| s.get(&id)).await?;
         let rec = rec.ok_or_else(|| LeaseError::NotFound(lease_id.to_owned()))?;
         let st = lock(&self.inner.state);
         Ok(info(&st.schedule, rec))
@@ -203,7 +204,7 @@ impl LeaseManager {
     pub async fn revoke(&self, lease_id: &str) -> Result<(), LeaseError> {
         self.inner.check_open()?;
         let id = lease_id.to_owned();
-        let rec = self.inner.store_op(move |s| s.get(&id)).await?;
+        let rec = self.inner.store_op("get", move |s| s.get(&id)).await?;
         let Some(rec) = rec else {
             return Err(LeaseError::NotFound(lease_id.to_owned()));
         };
@@ -267,7 +268,7 @@ impl LeaseManager {
         }
         tracing::info!(target: "postern::audit", event = "lease", action = "revoke_client", %client);
         let name = client.to_string();
-        let records = self.inner.store_op(|s| s.all()).await?;
+        let records = self.inner.store_op("list", |s| s.all()).await?;
         let (mut revoked, mut failed) = (0usize, 0usize);
         for rec in records.into_iter().filter(|r| r.client == name) {
             match self.revoke(&rec.lease_id).await {
@@ -305,6 +306,16 @@ impl LeaseManager {
     /// Resolves once the manager has stopped (shut down or crashed) and its store is closed.
     pub async fn closed(&self) {
         self.inner.stopped.cancelled().await;
+    }
+
+    /// Whether the lease store can write. `Err` says why not: no lease can be made or revoked
+    /// then (the store is being reopened with backoff), so the outlet's `/readyz` answers 503
+    /// with it and inlets waiting for a lease are told it.
+    pub fn store_ready(&self) -> Result<(), String> {
+        match self.inner.store_problem() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     /// True once the manager crashed at an injected fault.

@@ -54,6 +54,7 @@ pub mod config;
 mod driver;
 mod error;
 mod fault;
+mod health;
 mod lifecycle;
 mod live;
 mod manager;
@@ -73,6 +74,6 @@ pub use config::{
 pub use driver::{SHUTDOWN_DRAIN, SHUTDOWN_REVOKE};
 pub use error::LeaseError;
 pub use fault::{CrashAt, CrashPoint};
-pub use lifecycle::CREATE_TIMEOUT;
+pub use lifecycle::{CREATE_TIMEOUT, STORE_FAILURES};
 pub use manager::{LeaseInfo, LeaseManager, StartOptions};
 pub use store::{LeaseRecord, RecordState, StoreError};

@@ -18,7 +18,7 @@ impl Inner {
         // List the backend before reading the store: every credential is made after its record
         // is written, so one found in the backend without a record is truly orphaned.
         let found = self.backend.list_ours().await;
-        let records = self.store_op(|s| s.all()).await?;
+        let records = self.store_op("list", |s| s.all()).await?;
         let now = now_ms();
         let mut to_revoke: Vec<(String, String)> = Vec::new();
         {
@@ -131,7 +131,7 @@ impl Inner {
     pub(super) async fn orphan_scan(self: Arc<Self>) {
         let result = async {
             let found = self.backend.list_ours().await?;
-            let records = self.store_op(|s| s.all()).await?;
+            let records = self.store_op("list", |s| s.all()).await?;
             self.record_orphans(&records, found).await
         }
         .await;

@@ -376,6 +376,23 @@ impl Schedule {
         l.revoke_at_ms = now_ms + backoff(l.failures).as_millis() as u64;
         l.failures
     }
+
+    /// Whatever waits out a backoff after a failure (a revocation, a client's lease) is due at
+    /// `now_ms` instead: the cause of the failures is gone (the lease store writes again), and
+    /// a credential must not outlive its expiry by a backoff that no longer means anything.
+    /// Failure counts are kept, so a new failure backs off as before.
+    pub fn retry_failed_now(&mut self, now_ms: u64) {
+        for l in self.leases.values_mut() {
+            if l.failures > 0 && !l.in_flight {
+                l.revoke_at_ms = l.revoke_at_ms.min(now_ms);
+            }
+        }
+        for c in self.clients.values_mut() {
+            if c.failures > 0 && !c.creating {
+                c.retry_at_ms = c.retry_at_ms.min(now_ms);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -629,6 +646,42 @@ mod tests {
         w.fail_revokes = false;
         w.run_until(t0 + 60 * S);
         assert_eq!(w.sched.lease("m1"), None);
+    }
+
+    #[test]
+    fn retry_failed_now_cuts_every_backoff_short_and_keeps_the_counts() {
+        let mut w = World::new(3);
+        let t0 = w.now;
+        let c = name("inlet-a");
+        w.sched.track("m1", "cli", t0 + 3 * S, t0 + 3 * S);
+        w.sched.set_wanted(&c, true);
+        w.fail_revokes = true;
+        w.fail_creates = true;
+        // Revocation tried at 3, 4, 6, 10 s; next at 18 s. Creation at 0, 1, 3, 7 s; next at 15 s.
+        w.run_until(t0 + 11 * S);
+        assert_eq!(
+            w.sched.lease("m1").map(|l| l.revoke_at_ms),
+            Some(t0 + 18 * S)
+        );
+        w.fail_revokes = false;
+        w.fail_creates = false;
+        w.now = t0 + 12 * S;
+        w.sched.retry_failed_now(w.now);
+        assert_eq!(w.sched.next_deadline(), Some(w.now));
+        w.step();
+        let revoked = Action::Revoke {
+            lease_id: "m1".into(),
+        };
+        assert_eq!(w.at(t0, &revoked).last(), Some(&(12 * S)));
+        assert_eq!(w.sched.lease("m1"), None);
+        assert_eq!(
+            w.at(t0, &Action::Create { client: c.clone() }).last(),
+            Some(&(12 * S))
+        );
+        assert_eq!(w.sched.current(&c), Some("l1"));
+        // Nothing that did not fail is moved: the new lease renews at two thirds as usual.
+        w.sched.retry_failed_now(w.now);
+        assert_eq!(w.sched.next_deadline(), Some(t0 + 14 * S));
     }
 
     #[test]

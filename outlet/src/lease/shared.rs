@@ -4,6 +4,7 @@
 
 use super::backend::Backend;
 use super::fault::Faults;
+use super::health::StoreHealth;
 use super::live::LiveCredentials;
 use super::schedule::{Policy, Schedule};
 use super::store::LeaseStore;
@@ -26,6 +27,8 @@ pub(super) struct State {
     pub(super) orphan_scan_failures: u32,
     pub(super) orphan_scan_running: bool,
     pub(super) unrevoked_at_shutdown: usize,
+    /// Whether the store can write; when to reopen it if not.
+    pub(super) store_health: StoreHealth,
 }
 
 /// Everything one manager's public calls ([`LeaseManager`](super::LeaseManager)) and background

@@ -8,14 +8,33 @@
 //! Besides the leases it keeps this outlet's instance id, a random 8-hex-digit name made when
 //! the store is created, that goes into the marker on every credential (see
 //! [`super::backend`]).
+//!
+//! ## A failed write
+//!
+//! After one I/O error (a full disk: "No space left on device") redb refuses every later call
+//! with "Previous I/O error occurred" until the database is closed and opened again, even once
+//! the disk has room. So an operation that fails that way closes the database at once
+//! ([`StoreError::cannot_write`] says which errors do), calls fail fast with
+//! [`StoreError::Unwritable`] meanwhile, and [`LeaseStore::reopen`] (retried with backoff by the
+//! manager) opens it again and proves, by committing some room's worth of data and freeing it,
+//! that it can write before it is used again.
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
+const META: TableDefinition<'_, &str, &str> = TableDefinition::new("meta");
 const INSTANCE_KEY: &str = "instance";
+/// Written and removed again by [`LeaseStore::reopen`]: committed writes are the only proof
+/// that the file can be written again.
+const PROBE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("probe");
+const PROBE_KEY: &str = "room";
+/// How much [`LeaseStore::reopen`] writes to prove there is room. A small write proves little:
+/// redb reuses pages the file already has, so it succeeds on a full disk and the next lease
+/// fails again (the store would flap between broken and fine). 64 KiB, freed again at once,
+/// is room for some hundreds of lease records.
+const PROBE_SIZE: usize = 64 * 1024;
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "leases.redb";
 
@@ -68,6 +87,7 @@ pub struct LeaseRecord {
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     #[error("lease store {path} is in use by another process (is an outlet already running with this state directory?)")]
     Locked { path: PathBuf },
@@ -84,16 +104,53 @@ pub enum StoreError {
     /// The state directory or the store file could not be made private.
     #[error("lease store: {0}")]
     Private(#[source] postern_net::runtime::files::FileError),
+    /// An earlier write failed (see the module docs): the database is closed until
+    /// [`LeaseStore::reopen`] succeeds. `reason` is that write's error, e.g. "No space left on
+    /// device (os error 28)".
+    #[error("the outlet's lease store cannot write ({reason}); it is reopened and retried")]
+    Unwritable { reason: String },
+}
+
+impl StoreError {
+    /// True for the errors after which redb must be closed and reopened: I/O errors (a full
+    /// disk, a failing device) and redb's refusal to go on after one. Also true for
+    /// [`StoreError::Unwritable`], which the store answers until that is done.
+    pub fn cannot_write(&self) -> bool {
+        match self {
+            StoreError::Db(e) | StoreError::Open { source: e, .. } => {
+                matches!(**e, redb::Error::Io(_) | redb::Error::PreviousIo)
+            }
+            StoreError::Unwritable { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// What went wrong with the disk, as short as it can be said (for [`StoreError::Unwritable`],
+    /// readiness and the inlets): the I/O error itself, without redb's wording.
+    pub fn write_reason(&self) -> String {
+        match self {
+            StoreError::Db(e) | StoreError::Open { source: e, .. } => match &**e {
+                redb::Error::Io(io) => io.to_string(),
+                other => other.to_string(),
+            },
+            StoreError::Unwritable { reason } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
 
-/// The open store.
+/// The store. Its database is closed (`db` is `None`) from a failed write until a successful
+/// [`reopen`](LeaseStore::reopen).
 pub struct LeaseStore {
-    db: Database,
+    path: PathBuf,
+    db: Option<Database>,
     instance: String,
+    /// Why the database was closed, while it is.
+    closed_by: Option<String>,
 }
 
 impl LeaseStore {
@@ -104,18 +161,7 @@ impl LeaseStore {
         let path = state_dir.join(STORE_FILE);
         // Made (or tightened to) 0600 before redb opens it: leases and grants are secrets.
         postern_net::runtime::files::private_file(&path).map_err(StoreError::Private)?;
-        let db = match Database::create(&path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::Locked { path })
-            }
-            Err(e) => {
-                return Err(StoreError::Open {
-                    path,
-                    source: Box::new(e.into()),
-                })
-            }
-        };
+        let db = open_db(&path)?;
         let txn = db.begin_write().map_err(db_err)?;
         let instance = {
             let _ = txn.open_table(LEASES).map_err(db_err)?;
@@ -134,12 +180,73 @@ impl LeaseStore {
             }
         };
         txn.commit().map_err(db_err)?;
-        Ok(LeaseStore { db, instance })
+        Ok(LeaseStore {
+            path,
+            db: Some(db),
+            instance,
+            closed_by: None,
+        })
     }
 
     /// This outlet's instance id (8 hex digits), stable for the life of the store.
     pub fn instance_id(&self) -> &str {
         &self.instance
+    }
+
+    /// The open database, or why there is none.
+    fn db(&self) -> Result<&Database, StoreError> {
+        match &self.db {
+            Some(db) => Ok(db),
+            None => Err(StoreError::Unwritable {
+                reason: self
+                    .closed_by
+                    .clone()
+                    .unwrap_or_else(|| "closed".to_owned()),
+            }),
+        }
+    }
+
+    /// After an operation failed with `e`: closes the database if `e` says it must be
+    /// reopened (see the module docs). True if it did (or it was already closed).
+    pub fn close_after(&mut self, e: &StoreError) -> bool {
+        if !e.cannot_write() {
+            return false;
+        }
+        if self.db.is_some() {
+            self.closed_by = Some(e.write_reason());
+            // Dropping it releases the file and its lock; redb skips its own clean-up after an
+            // I/O error and repairs the file when it is opened again.
+            self.db = None;
+        }
+        true
+    }
+
+    /// True while the database is closed after a failed write.
+    pub fn is_closed(&self) -> bool {
+        self.db.is_none()
+    }
+
+    /// Closes the database (if open) and opens it again, then commits a small write to prove
+    /// that it can write. On failure the database stays closed.
+    pub fn reopen(&mut self) -> Result<(), StoreError> {
+        self.db = None;
+        let result = open_db(&self.path).and_then(|db| {
+            probe(&db)?;
+            Ok(db)
+        });
+        match result {
+            Ok(db) => {
+                self.db = Some(db);
+                self.closed_by = None;
+                Ok(())
+            }
+            Err(e) => {
+                if e.cannot_write() {
+                    self.closed_by = Some(e.write_reason());
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Inserts or replaces a record; durable when this returns.
@@ -148,7 +255,7 @@ impl LeaseStore {
             key: rec.lease_id.clone(),
             detail: e.to_string(),
         })?;
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.db()?.begin_write().map_err(db_err)?;
         {
             let mut t = txn.open_table(LEASES).map_err(db_err)?;
             t.insert(rec.lease_id.as_str(), bytes.as_slice())
@@ -160,7 +267,7 @@ impl LeaseStore {
 
     /// Removes a record (no error if it is not there); durable when this returns.
     pub fn remove(&self, lease_id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.db()?.begin_write().map_err(db_err)?;
         {
             let mut t = txn.open_table(LEASES).map_err(db_err)?;
             t.remove(lease_id).map_err(db_err)?;
@@ -171,7 +278,7 @@ impl LeaseStore {
 
     /// One record.
     pub fn get(&self, lease_id: &str) -> Result<Option<LeaseRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(LEASES).map_err(db_err)?;
         let v = t.get(lease_id).map_err(db_err)?;
         v.map(|v| decode(lease_id, v.value())).transpose()
@@ -179,7 +286,7 @@ impl LeaseStore {
 
     /// Every record, ordered by lease id.
     pub fn all(&self) -> Result<Vec<LeaseRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(LEASES).map_err(db_err)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(db_err)? {
@@ -188,6 +295,38 @@ impl LeaseStore {
         }
         Ok(out)
     }
+}
+
+/// Opens (or creates) the database file, telling a lock held by another process apart.
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    match Database::create(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Locked {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(StoreError::Open {
+            path: path.to_owned(),
+            source: Box::new(e.into()),
+        }),
+    }
+}
+
+/// Commits [`PROBE_SIZE`] bytes, then commits their removal.
+fn probe(db: &Database) -> Result<(), StoreError> {
+    let room = vec![0u8; PROBE_SIZE];
+    let txn = db.begin_write().map_err(db_err)?;
+    txn.open_table(PROBE)
+        .map_err(db_err)?
+        .insert(PROBE_KEY, room.as_slice())
+        .map_err(db_err)?;
+    txn.commit().map_err(db_err)?;
+    let txn = db.begin_write().map_err(db_err)?;
+    txn.open_table(PROBE)
+        .map_err(db_err)?
+        .remove(PROBE_KEY)
+        .map_err(db_err)?;
+    txn.commit().map_err(db_err)?;
+    Ok(())
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<LeaseRecord, StoreError> {

@@ -73,7 +73,7 @@ fn config(ttl_s: u64) -> LeaseConfig {
         tls_ca: None,
         allow: None,
         org_id: Some("0123456789abcdef".into()),
-        admin: Secret::new("unused".into()),
+        admin: Secret::new("unused"),
         ttl: Duration::from_secs(ttl_s),
         permissions: Vec::new(),
         api: Api::V2,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+const GRANTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("grants");
 /// File name of the store inside the state directory.
 pub const STORE_FILE: &str = "access.redb";
 /// Longest grant lifetime accepted.
@@ -25,6 +25,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Why the access store failed. Never holds a secret.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AccessError {
     #[error("access store {path} is in use by another process (is an outlet already running with this state directory?)")]
     Locked { path: PathBuf },
@@ -90,7 +91,7 @@ impl From<&Record> for GrantInfo {
 /// A new grant: its details and the secret, which exists nowhere else once this is dropped.
 pub struct NewGrant {
     pub info: GrantInfo,
-    pub secret: zeroize::Zeroizing<String>,
+    pub secret: postern_proto::secret::Secret,
 }
 
 impl std::fmt::Debug for NewGrant {
@@ -214,7 +215,10 @@ impl AccessStore {
         txn.commit().map_err(db_err)?;
         let info = GrantInfo::from(&rec);
         self.cache().insert(rec.secret_sha256.clone(), rec);
-        Ok(NewGrant { info, secret })
+        Ok(NewGrant {
+            info,
+            secret: postern_proto::secret::Secret::new(secret.as_str()),
+        })
     }
 
     /// Revokes grant `id`: it stops working at the next request. Durable when this returns.
@@ -282,11 +286,11 @@ mod tests {
             .expect("create");
         let now = now_ms();
         let ok = store
-            .check(&g.secret, &svc("influxdb"), now)
+            .check(g.secret.expose(), &svc("influxdb"), now)
             .expect("valid");
         assert_eq!(ok.attrs, attrs);
         assert_eq!(
-            store.check(&g.secret, &svc("other"), now),
+            store.check(g.secret.expose(), &svc("other"), now),
             Err(Denied::OtherService)
         );
         assert_eq!(
@@ -294,22 +298,22 @@ mod tests {
             Err(Denied::Unknown)
         );
         assert_eq!(
-            store.check(&short.secret, &svc("influxdb"), now + 1000),
+            store.check(short.secret.expose(), &svc("influxdb"), now + 1000),
             Err(Denied::Expired)
         );
         // Only the hash is on disk.
         drop(store);
         let bytes = std::fs::read(dir.path().join(STORE_FILE)).expect("read store");
         assert!(!bytes
-            .windows(g.secret.len())
-            .any(|w| w == g.secret.as_bytes()));
+            .windows(g.secret.expose().len())
+            .any(|w| w == g.secret.expose().as_bytes()));
         let store = AccessStore::open(dir.path()).expect("reopen");
         store
-            .check(&g.secret, &svc("influxdb"), now)
+            .check(g.secret.expose(), &svc("influxdb"), now)
             .expect("still valid");
         store.revoke(&g.info.id).expect("revoke");
         assert_eq!(
-            store.check(&g.secret, &svc("influxdb"), now),
+            store.check(g.secret.expose(), &svc("influxdb"), now),
             Err(Denied::Unknown)
         );
         assert!(matches!(
@@ -319,7 +323,7 @@ mod tests {
         drop(store);
         let store = AccessStore::open(dir.path()).expect("reopen");
         assert_eq!(
-            store.check(&g.secret, &svc("influxdb"), now),
+            store.check(g.secret.expose(), &svc("influxdb"), now),
             Err(Denied::Unknown),
             "revocation is durable"
         );

@@ -171,7 +171,7 @@ fn dispatch(public: &Public, req: Request) -> Response {
                     .create(&service, Duration::from_millis(ttl_ms), attrs)
                     .map(|g| {
                         tracing::info!(target: "postern::audit", event = "access_grant", grant = %g.info.id, service = %g.info.service, attrs = ?g.info.attrs, expires_at_ms = g.info.expires_at_ms, "access grant created");
-                        let link = public.link(&service, &g.secret).unwrap_or_default();
+                        let link = public.link(&service, g.secret.expose()).unwrap_or_default();
                         Response::Created {
                             grant: g.info,
                             link: Link(link),

@@ -133,7 +133,7 @@ pub fn spawn_stream(
             {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::info!(error = %e, "public client's TLS handshake failed");
+                    tls_server::log_handshake_failure(&e, "public hostname");
                     return;
                 }
             };

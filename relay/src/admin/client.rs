@@ -20,6 +20,7 @@ const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
 /// Why a call to the admin API failed. Never carries the token.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     #[error("no relay admin API at {addr} ({source}); is the relay running, and does its --admin-addr match?")]
     NotRunning {

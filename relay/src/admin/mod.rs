@@ -61,6 +61,7 @@ pub fn parse_admin_addr(s: &str) -> Result<Option<SocketAddr>, String> {
 
 /// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AdminError {
     #[error("cannot listen on {addr} for the admin API: {source}")]
     Bind {

@@ -2,6 +2,7 @@
 //! directory with mode 0600 so only the relay's user (and root) can use the API.
 
 use postern_net::runtime::files::{self, FileError};
+use postern_proto::secret::Secret;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -11,6 +12,7 @@ pub const TOKEN_FILE: &str = "admin.token";
 
 /// Why the token could not be read or made.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenError {
     #[error(transparent)]
     File(#[from] FileError),
@@ -23,7 +25,7 @@ pub enum TokenError {
 /// A bearer token. Its `Debug` hides the value, so it cannot reach logs by accident.
 #[derive(Clone)]
 pub struct AdminToken {
-    value: Zeroizing<String>,
+    value: Secret,
 }
 
 impl fmt::Debug for AdminToken {
@@ -35,14 +37,14 @@ impl fmt::Debug for AdminToken {
 impl AdminToken {
     /// The token as sent in `Authorization: Bearer ...`.
     pub fn expose(&self) -> &str {
-        &self.value
+        self.value.expose()
     }
 
     /// Whether `presented` is this token. Compares SHA-256 digests in constant time, so neither
     /// the position of the first difference nor the token's length shows in the timing.
     pub fn matches(&self, presented: &str) -> bool {
         use postern_proto::ticket::{constant_time_eq, secret_hash};
-        constant_time_eq(&secret_hash(presented), &secret_hash(&self.value))
+        constant_time_eq(&secret_hash(presented), &secret_hash(self.value.expose()))
     }
 
     /// Reads a token file.
@@ -53,7 +55,7 @@ impl AdminToken {
             return Err(TokenError::Malformed(path.to_owned()));
         }
         Ok(Self {
-            value: Zeroizing::new(value.to_owned()),
+            value: Secret::new(value),
         })
     }
 
@@ -63,8 +65,8 @@ impl AdminToken {
             warn_if_readable_by_others(path);
             return Self::load(path);
         }
-        let value = Zeroizing::new(hex::encode(rand::random::<[u8; 32]>()));
-        files::write(path, value.as_bytes(), true)?;
+        let value = Secret::new(hex::encode(rand::random::<[u8; 32]>()));
+        files::write(path, value.expose().as_bytes(), true)?;
         tracing::info!(path = %path.display(), "made the admin API token");
         Ok(Self { value })
     }

@@ -8,8 +8,10 @@ use super::{DrainRecord, FleetError, FleetState, Fut, LoadFn, Member, Snapshot};
 use crate::authority::{Authority, IdentityRecord, TicketRecord, TicketSpec};
 use crate::state::StateDir;
 use postern_net::runtime::files;
+use postern_proto::msg::Refusal;
 use postern_proto::name::NodeName;
 use postern_proto::policy::Attributes;
+use postern_proto::ticket::EnrollRefusal;
 use postern_proto::ticket::{EnrollRequest, EnrollResponse, Ticket};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -161,13 +163,13 @@ impl FleetState for Embedded {
         Box::pin(async move {
             let Some(a) = authority else {
                 return EnrollResponse::Refused {
-                    reason: "this relay does not run the authority".into(),
+                    reason: EnrollRefusal::NotAuthority,
                 };
             };
             tokio::task::spawn_blocking(move || a.enroll(&req))
                 .await
-                .unwrap_or_else(|_| EnrollResponse::Refused {
-                    reason: "enrollment failed".into(),
+                .unwrap_or(EnrollResponse::Refused {
+                    reason: EnrollRefusal::Unavailable,
                 })
         })
     }
@@ -177,13 +179,13 @@ impl FleetState for Embedded {
         name: NodeName,
         attrs: Attributes,
         csr_pem: String,
-    ) -> Fut<'_, Result<String, String>> {
+    ) -> Fut<'_, Result<String, Refusal>> {
         let authority = self.authority.clone();
         Box::pin(async move {
-            let a = authority.ok_or("this relay does not run the authority; renew there")?;
+            let a = authority.ok_or(Refusal::NoAuthority)?;
             tokio::task::spawn_blocking(move || a.renew(&name, &attrs, &csr_pem))
                 .await
-                .map_err(|_| "renewal failed".to_string())?
+                .map_err(|_| Refusal::Internal)?
         })
     }
 

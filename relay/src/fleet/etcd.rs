@@ -23,16 +23,17 @@ use super::config::ClusterConfig;
 use super::{DrainRecord, FleetError, FleetState, Fut, LoadFn, Member, Snapshot};
 use crate::authority::{
     self, audit_enrollment, check_ticket, new_ticket, now_ms, IdentityRecord, TicketRecord,
-    TicketSpec, ENROLLED_VALIDITY, UNKNOWN_TICKET,
+    TicketSpec, ENROLLED_VALIDITY,
 };
 use crate::state::StateDir;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
 };
+use postern_proto::msg::Refusal;
 use postern_proto::name::NodeName;
 use postern_proto::policy::Attributes;
-use postern_proto::ticket::{EnrollRequest, EnrollResponse, Ticket};
+use postern_proto::ticket::{EnrollRefusal, EnrollRequest, EnrollResponse, Ticket};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,26 +165,27 @@ impl Etcd {
         Ok((snap, revision))
     }
 
-    async fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, String> {
-        let state = self
-            .ca
-            .clone()
-            .ok_or("this relay does not run the authority")?;
+    async fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, EnrollRefusal> {
+        let state = self.ca.clone().ok_or(EnrollRefusal::NotAuthority)?;
         if !authority::valid_ticket_id(&req.ticket_id) {
-            return Err(UNKNOWN_TICKET.into());
+            return Err(EnrollRefusal::UnknownTicket);
         }
-        let etcd = |e: etcd_client::Error| FleetError::from(e).to_string();
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "cannot {what} for enrollment");
+            EnrollRefusal::Unavailable
+        };
+        let etcd = |e: etcd_client::Error| unavailable("reach etcd", &FleetError::from(e));
         let tkey = self.key("tickets", &req.ticket_id);
         let mut kv = self.client.kv_client();
         // A lost race means someone else took a use: read again (and usually find it spent).
         for _ in 0..8 {
             let got = kv.get(tkey.clone(), None).await.map_err(etcd)?;
             let Some(t) = got.kvs().first() else {
-                return Err(UNKNOWN_TICKET.into());
+                return Err(EnrollRefusal::UnknownTicket);
             };
             let ticket_rev = t.mod_revision();
             let mut record: TicketRecord = serde_json::from_slice(t.value())
-                .map_err(|_| "the ticket's record in etcd is damaged".to_string())?;
+                .map_err(|e| unavailable("read the ticket's record in etcd", &e))?;
             let now = now_ms();
             let name = check_ticket(&record, req, now)?;
             let ikey = self.key("identities", name.as_str());
@@ -195,7 +197,7 @@ impl Etcd {
                 .and_then(|kv| serde_json::from_slice::<IdentityRecord>(kv.value()).ok())
                 .is_some_and(|i| i.revoked);
             if revoked {
-                return Err(format!("identity {name} has been revoked"));
+                return Err(EnrollRefusal::Revoked { name });
             }
             let (csr, signed_name, attrs) =
                 (req.csr_pem.clone(), name.clone(), record.attrs.clone());
@@ -203,15 +205,17 @@ impl Etcd {
             let signed = tokio::task::spawn_blocking(move || {
                 let ca = st.load_ca().map_err(|e| {
                     tracing::error!(error = %e, "cannot load the CA for enrollment");
-                    "the authority cannot sign certificates right now".to_string()
+                    EnrollRefusal::Unavailable
                 })?;
                 let cert = ca
                     .sign_csr(&csr, &signed_name, &attrs, ENROLLED_VALIDITY)
-                    .map_err(|e| format!("certificate request refused: {e}"))?;
-                Ok::<_, String>((cert, ca.cert_pem().to_owned()))
+                    .map_err(|e| EnrollRefusal::BadRequest {
+                        detail: e.to_string(),
+                    })?;
+                Ok::<_, EnrollRefusal>((cert, ca.cert_pem().to_owned()))
             })
             .await
-            .map_err(|_| "enrollment failed".to_string())??;
+            .map_err(|_| EnrollRefusal::Unavailable)??;
             record.uses_left -= 1;
             record.used_by.push(name.clone());
             let identity = IdentityRecord {
@@ -227,8 +231,16 @@ impl Etcd {
                     Compare::mod_revision(ikey.clone(), CompareOp::Equal, identity_rev),
                 ])
                 .and_then([
-                    TxnOp::put(tkey.clone(), to_json(&record)?, None),
-                    TxnOp::put(ikey, to_json(&identity)?, None),
+                    TxnOp::put(
+                        tkey.clone(),
+                        to_json(&record).map_err(|e| unavailable("encode the ticket", &e))?,
+                        None,
+                    ),
+                    TxnOp::put(
+                        ikey,
+                        to_json(&identity).map_err(|e| unavailable("encode the identity", &e))?,
+                        None,
+                    ),
                 ]);
             if kv.txn(txn).await.map_err(etcd)?.succeeded() {
                 tracing::info!(node = %name, attrs = ?record.attrs, ticket = %record.id, "node enrolled");
@@ -240,7 +252,8 @@ impl Etcd {
                 });
             }
         }
-        Err("the ticket is being used by other enrollments right now; try again".into())
+        tracing::warn!(ticket = %req.ticket_id, "the ticket kept losing enrollment races; refusing this one for now");
+        Err(EnrollRefusal::Unavailable)
     }
 
     /// For outlet presence (not used yet): records that `outlet` is attached to this relay,
@@ -394,38 +407,43 @@ impl FleetState for Etcd {
         name: NodeName,
         attrs: Attributes,
         csr_pem: String,
-    ) -> Fut<'_, Result<String, String>> {
+    ) -> Fut<'_, Result<String, Refusal>> {
         Box::pin(async move {
-            let state = self
-                .ca
-                .clone()
-                .ok_or("this relay does not run the authority; renew there")?;
+            let state = self.ca.clone().ok_or(Refusal::NoAuthority)?;
             let got = self
                 .client
                 .kv_client()
                 .get(self.key("identities", name.as_str()), None)
                 .await
-                .map_err(|e| FleetError::from(e).to_string())?;
+                .map_err(|e| {
+                    tracing::error!(error = %FleetError::from(e), "cannot read the identity from etcd for renewal");
+                    Refusal::Internal
+                })?;
             let revoked = got
                 .kvs()
                 .first()
                 .and_then(|kv| serde_json::from_slice::<IdentityRecord>(kv.value()).ok())
                 .is_some_and(|i| i.revoked);
             if revoked {
-                return Err(format!("identity {name} has been revoked"));
+                return Err(Refusal::RenewalRefused {
+                    why: format!("identity {name} has been revoked"),
+                });
             }
             tokio::task::spawn_blocking(move || {
-                let ca = state
-                    .load_ca()
-                    .map_err(|_| "the authority cannot sign certificates right now".to_string())?;
+                let ca = state.load_ca().map_err(|e| {
+                    tracing::error!(error = %e, "cannot load the CA for renewal");
+                    Refusal::Internal
+                })?;
                 let cert = ca
                     .sign_csr(&csr_pem, &name, &attrs, ENROLLED_VALIDITY)
-                    .map_err(|e| format!("certificate request refused: {e}"))?;
+                    .map_err(|e| Refusal::RenewalRefused {
+                        why: format!("certificate request refused: {e}"),
+                    })?;
                 tracing::info!(target: "postern::audit", event = "renewal", node = %name, "certificate renewed");
                 Ok(cert)
             })
             .await
-            .map_err(|_| "renewal failed".to_string())?
+            .map_err(|_| Refusal::Internal)?
         })
     }
 

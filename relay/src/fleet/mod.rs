@@ -9,6 +9,7 @@
 //! drain) and nothing else.
 
 use crate::authority::{IdentityRecord, TicketRecord, TicketSpec};
+use postern_proto::msg::Refusal;
 use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::policy::Attributes;
 use postern_proto::ticket::{EnrollRequest, EnrollResponse, Ticket};
@@ -122,7 +123,7 @@ pub trait FleetState: Send + Sync + 'static {
         name: NodeName,
         attrs: Attributes,
         csr_pem: String,
-    ) -> Fut<'_, Result<String, String>>;
+    ) -> Fut<'_, Result<String, Refusal>>;
 
     /// Every ticket on record.
     fn tickets(&self) -> Fut<'_, Result<Vec<TicketRecord>, FleetError>>;

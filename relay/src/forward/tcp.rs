@@ -35,6 +35,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the TLS/TCP fallback could not be set up.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TcpError {
     /// The relay's certificate or key does not make a TLS server configuration.
     #[error(transparent)]

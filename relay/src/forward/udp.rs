@@ -174,7 +174,7 @@ impl RelaySocket {
     /// packets fill `bufs` for quinn. Returns how many slots were filled.
     fn poll_links(
         &self,
-        cx: &mut Context,
+        cx: &mut Context<'_>,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> usize {
@@ -342,7 +342,7 @@ impl AsyncUdpSocket for RelaySocket {
         Box::pin(Poller::new(self.io.clone()))
     }
 
-    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
         if self
             .links
@@ -357,7 +357,7 @@ impl AsyncUdpSocket for RelaySocket {
 
     fn poll_recv(
         &self,
-        cx: &mut Context,
+        cx: &mut Context<'_>,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why an admin action could not be done.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AdminOpError {
     #[error("no node named {0} is connected")]
     NotConnected(NodeName),

@@ -3,10 +3,10 @@
 //! heartbeats and certificate renewals.
 
 use super::route::grant_route;
-use super::shared::{node_drained, Shared};
+use super::shared::{node_drained, outlet_back, Shared};
 use crate::policy::Action;
 use crate::registry::NodeId;
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal, RefuseReason};
 use postern_proto::name::ServiceName;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -25,77 +25,73 @@ pub(super) async fn handle(
                 (reg.name(id).cloned(), reg.attrs(id))
             };
             let Some(name) = name else {
-                return Ctl::Error {
-                    message: "unknown node".into(),
-                };
+                return refused(Refusal::UnknownNode);
             };
             if shared.admin.is_drained(&name) {
-                return Ctl::Error {
-                    message: "this node is drained by the relay operator".into(),
-                };
+                return refused(Refusal::Drained);
             }
             for svc in &services {
                 let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
                 tracing::info!(target: "postern::audit", event = "policy", action = "register", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
                 if !d.allowed {
-                    return Ctl::Error {
-                        message: format!("not allowed to register {svc}: {}", d.rule),
-                    };
+                    return refused(Refusal::NotAllowed {
+                        action: "register".into(),
+                        service: svc.clone(),
+                        attrs,
+                        rule: d.rule,
+                    });
                 }
             }
             shared.registry().register(id, &services);
             tracing::info!(?services, "services registered");
+            outlet_back(shared, &services);
             Ctl::Registered { services }
         }
         Ctl::RegisterPublic { services } => register_public(shared, id, services),
         Ctl::RouteRequest { .. } if shared.draining.load(Relaxed) => {
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
-            Ctl::Error {
-                message: "the relay is shutting down".into(),
-            }
+            refused(Refusal::ShuttingDown)
         }
         Ctl::RouteRequest { .. } if node_drained(shared, id) => {
             shared.ctl.routes_refused.fetch_add(1, Relaxed);
-            Ctl::Error {
-                message: "this node is drained by the relay operator".into(),
-            }
+            refused(Refusal::Drained)
         }
         Ctl::RouteRequest { service } => {
-            let answer = grant_route(shared, id, conn, service).await;
+            let answer = grant_route(shared, id, conn, service.clone()).await;
             match &answer {
                 Ctl::RouteGranted { .. } => shared.ctl.routes_granted.fetch_add(1, Relaxed),
                 _ => shared.ctl.routes_refused.fetch_add(1, Relaxed),
             };
+            // Refused for want of a live outlet: told when one registers the service.
+            if let Ctl::RouteRefused { reason, .. } = &answer {
+                if *reason != RefuseReason::NotAllowed {
+                    shared.waits_for_outlet(&service, id);
+                }
+            }
             answer
         }
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
         Ctl::Renew { csr_pem } => {
             let fleet = shared.fleet();
             if !fleet.runs_authority() {
-                return Ctl::Error {
-                    message: "this relay does not run the authority; renew there".into(),
-                };
+                return refused(Refusal::NoAuthority);
             }
             let (name, attrs) = {
                 let reg = shared.registry();
                 (reg.name(id).cloned(), reg.attrs(id))
             };
             let Some(name) = name else {
-                return Ctl::Error {
-                    message: "unknown node".into(),
-                };
+                return refused(Refusal::UnknownNode);
             };
             match fleet.renew(name, attrs, csr_pem).await {
                 Ok(cert_pem) => Ctl::Renewed { cert_pem },
-                Err(message) => Ctl::Error { message },
+                Err(reason) => refused(reason),
             }
         }
         other => {
             shared.ctl.bad_messages.fetch_add(1, Relaxed);
             tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected control message from node");
-            Ctl::Error {
-                message: "unexpected message".into(),
-            }
+            refused(Refusal::Unexpected)
         }
     }
 }
@@ -107,20 +103,26 @@ fn register_public(shared: &Arc<Shared>, id: NodeId, services: Vec<ServiceName>)
         (reg.name(id).cloned(), reg.attrs(id))
     };
     let Some(name) = name else {
-        return Ctl::Error {
-            message: "unknown node".into(),
-        };
+        return refused(Refusal::UnknownNode);
     };
     for svc in &services {
         let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
         tracing::info!(target: "postern::audit", event = "policy", action = "register_public", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
         if !d.allowed {
-            return Ctl::Error {
-                message: format!("not allowed to register {svc}: {}", d.rule),
-            };
+            return refused(Refusal::NotAllowed {
+                action: "register_public".into(),
+                service: svc.clone(),
+                attrs,
+                rule: d.rule,
+            });
         }
     }
     shared.public().register(id, &services);
     tracing::info!(?services, "public services registered");
     Ctl::Registered { services }
+}
+
+/// The answer refusing a request for `reason` (counted by reason where the answer is sent).
+pub(super) fn refused(reason: Refusal) -> Ctl {
+    Ctl::Refused { reason }
 }

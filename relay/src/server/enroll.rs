@@ -23,7 +23,7 @@ pub(super) async fn serve_enrollment(
         );
         conn.close(
             postern_proto::msg::code::NOT_ALLOWED.into(),
-            b"no authority here",
+            postern_proto::ticket::CLOSE_NO_AUTHORITY,
         );
         return;
     }

@@ -37,6 +37,7 @@ pub use shared::{AdminStats, ControlStats, PublicStats, RelayHandle};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RelayError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
@@ -131,6 +132,7 @@ impl Relay {
                 public: Mutex::default(),
                 public_stats: Arc::default(),
                 admission: admission_stats.clone(),
+                waiting: Mutex::default(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,

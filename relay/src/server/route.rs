@@ -98,7 +98,7 @@ pub(super) async fn grant_route(
                     outlet: outlet_name,
                 };
             }
-            Ok(Ctl::Error { message }) => last_error = message,
+            Ok(Ctl::Refused { reason }) => last_error = reason.to_string(),
             Ok(other) => last_error = format!("unexpected answer {other:?}"),
             Err(e) => last_error = e.to_string(),
         }

@@ -3,12 +3,12 @@
 //! turned away, the node entered in the registry (replacing an older connection of the same
 //! name), then every control stream it opens answered by [`super::dispatch`] until it leaves.
 
-use super::dispatch::handle;
+use super::dispatch::{handle, refused};
 use super::enroll::serve_enrollment;
 use super::shared::{forget_node, Shared};
 use crate::admission::Pending;
 use postern_net::control::exchange::{self, CTL_TIMEOUT};
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,18 +117,21 @@ pub(super) async fn serve_node(
                         Ok(Err(e)) => {
                             shared.ctl.bad_messages.fetch_add(1, Relaxed);
                             postern_net::refusal!(warn, "bad_control_message", "bad control messages", error = %e);
-                            Ctl::Error {
-                                message: e.to_string(),
-                            }
+                            refused(Refusal::BadMessage {
+                                detail: e.to_string(),
+                            })
                         }
                         Err(_) => {
                             shared.ctl.bad_messages.fetch_add(1, Relaxed);
                             postern_net::refusal!(warn, "control_message_timeout", "control streams opened but no message arrived in time");
-                            Ctl::Error {
-                                message: "timed out waiting for a message".into(),
-                            }
+                            refused(Refusal::BadMessage {
+                                detail: "timed out waiting for a message".into(),
+                            })
                         }
                     };
+                if let Ctl::Refused { reason } = &answer {
+                    shared.ctl.refused(reason);
+                }
                 if let Err(e) = exchange::write_message(&mut send, &answer).await {
                     tracing::debug!(error = %e, "could not answer control message");
                 }

@@ -13,7 +13,7 @@ use crate::policy::PolicySet;
 use crate::registry::{NodeId, PublicRegistry, Registry};
 use postern_net::control::exchange::{self, CTL_TIMEOUT};
 use postern_net::transport::links::StreamLinks;
-use postern_proto::msg::Ctl;
+use postern_proto::msg::{Ctl, Refusal};
 use postern_proto::name::{NodeName, ServiceName};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -32,6 +32,22 @@ pub struct ControlStats {
     pub enrollments: AtomicU64,
     /// Enrollment requests the authority refused.
     pub enrollments_refused: AtomicU64,
+    /// Control requests answered with a refusal, by [`Refusal::label`].
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl ControlStats {
+    /// Counts one control request refused for `reason`.
+    pub fn refused(&self, reason: &Refusal) {
+        let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(reason.label()).or_default() += 1;
+    }
+
+    /// Refused control requests so far, by reason label (only reasons seen at least once).
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        let map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 /// The admin API's counters (see the relay's `/metrics`).
@@ -90,6 +106,9 @@ pub(super) struct Shared {
     pub(super) public_stats: Arc<PublicStats>,
     /// Handshake admission counters.
     pub(super) admission: Arc<AdmissionStats>,
+    /// Per service, the nodes refused a route to it for want of a live outlet: told
+    /// (`OutletBack`) as soon as an outlet registers it, then forgotten.
+    pub(super) waiting: Mutex<HashMap<ServiceName, std::collections::BTreeSet<NodeId>>>,
 }
 
 impl Shared {
@@ -115,6 +134,40 @@ impl Shared {
 
     pub(super) fn public(&self) -> MutexGuard<'_, PublicRegistry> {
         self.public.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, HashMap<ServiceName, std::collections::BTreeSet<NodeId>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that node `id` was refused a route to `service` for want of a live outlet.
+    pub(super) fn waits_for_outlet(&self, service: &ServiceName, id: NodeId) {
+        self.waiting()
+            .entry(service.clone())
+            .or_default()
+            .insert(id);
+    }
+}
+
+/// An outlet (re)registered `services`: tells each node waiting for one of them, so that it asks
+/// for its route again now rather than after its back-off.
+pub(super) fn outlet_back(shared: &Arc<Shared>, services: &[ServiceName]) {
+    let told: Vec<(ServiceName, NodeId)> = {
+        let mut waiting = shared.waiting();
+        services
+            .iter()
+            .filter_map(|s| waiting.remove(s).map(|ids| (s, ids)))
+            .flat_map(|(s, ids)| ids.into_iter().map(move |id| (s.clone(), id)))
+            .collect()
+    };
+    for (service, id) in told {
+        let Some(c) = shared.conn(id) else { continue };
+        tokio::spawn(async move {
+            let msg = Ctl::OutletBack { service };
+            if let Err(e) = exchange::request(&c, &msg, CTL_TIMEOUT).await {
+                tracing::debug!(error = %e, "could not tell a node that an outlet is back");
+            }
+        });
     }
 }
 
@@ -265,6 +318,10 @@ pub(super) fn node_drained(shared: &Shared, id: NodeId) -> bool {
 /// Drops a node's registrations and routes, and tells the other end of each route.
 pub(super) fn forget_node(shared: &Arc<Shared>, id: NodeId) {
     shared.public().remove_node(id);
+    shared.waiting().retain(|_, ids| {
+        ids.remove(&id);
+        !ids.is_empty()
+    });
     let gone = shared.registry().disconnect(id);
     for (route, other) in gone {
         shared.routes.remove(route);
