@@ -21,6 +21,13 @@ if ! command -v influxd >/dev/null || ! command -v influx >/dev/null; then
   $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq influxdb influxdb-client >/dev/null
 fi
+if ! command -v protoc >/dev/null; then
+  # The relay's etcd client (the relay fleet) compiles etcd's gRPC definitions with protoc.
+  say "installing protoc from Debian's packages"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq protobuf-compiler >/dev/null
+fi
 if ! command -v cargo >/dev/null; then
   echo "cargo is needed (https://rustup.rs)" >&2
   exit 1
