@@ -69,6 +69,12 @@ impl ServeError {
             ServeError::Refused(RefuseReason::NoLiveOutlet) => {
                 format!("no outlet for service {service} is connected to the relay")
             }
+            ServeError::Refused(RefuseReason::OutletRefused(why)) => {
+                format!("the outlet of service {service} refused the connection: {why}")
+            }
+            ServeError::Refused(RefuseReason::OutletUnresponsive) => format!(
+                "the outlet of service {service} did not answer the relay in time (overloaded                  or stopped?)"
+            ),
             other => format!("service {service} cannot be reached: {other}"),
         }
     }

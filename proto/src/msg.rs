@@ -83,8 +83,10 @@ pub enum RefuseReason {
     NoLiveOutlet,
     /// Policy does not allow this node to reach the service.
     NotAllowed,
-    /// The chosen outlet did not accept the route.
-    OutletRefused(String),
+    /// The outlets tried refused the route; the last one's reason (e.g. it is shutting down).
+    OutletRefused(Refusal),
+    /// No outlet tried answered the route opening in time (or it answered something else).
+    OutletUnresponsive,
 }
 
 impl fmt::Display for RefuseReason {
@@ -94,6 +96,9 @@ impl fmt::Display for RefuseReason {
             RefuseReason::NoLiveOutlet => f.write_str("no outlet for this service is connected"),
             RefuseReason::NotAllowed => f.write_str("not allowed by the relay's policy"),
             RefuseReason::OutletRefused(why) => write!(f, "the outlet refused the route: {why}"),
+            RefuseReason::OutletUnresponsive => {
+                f.write_str("no outlet for this service answered the relay in time")
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::policy::Action;
 use crate::registry::{NodeId, RouteInfo};
 use postern_net::control::exchange;
 use postern_proto::fwd::RouteId;
-use postern_proto::msg::{Ctl, RefuseReason};
+use postern_proto::msg::{Ctl, RefuseReason, Refusal};
 use postern_proto::name::ServiceName;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +62,7 @@ pub(super) async fn grant_route(
             .into_iter()
             .filter(|o| *o != first),
     );
-    let mut last_error = String::from("no outlet answered");
+    let mut last_refusal: Option<Refusal> = None;
     for outlet in candidates.into_iter().take(ROUTE_ATTEMPTS) {
         let (Some(outlet_conn), Some(outlet_name)) =
             (shared.conn(outlet), shared.registry().name(outlet).cloned())
@@ -98,11 +98,20 @@ pub(super) async fn grant_route(
                     outlet: outlet_name,
                 };
             }
-            Ok(Ctl::Refused { reason }) => last_error = reason.to_string(),
-            Ok(other) => last_error = format!("unexpected answer {other:?}"),
-            Err(e) => last_error = e.to_string(),
+            Ok(Ctl::Refused { reason }) => {
+                tracing::warn!(%service, outlet = %outlet_name, %reason, "outlet refused the route");
+                last_refusal = Some(reason);
+            }
+            Ok(other) => {
+                tracing::warn!(%service, outlet = %outlet_name, answer = ?std::mem::discriminant(&other), "outlet answered the route opening with something else");
+            }
+            Err(e) => {
+                tracing::warn!(%service, outlet = %outlet_name, error = %e, "outlet did not answer the route opening");
+            }
         }
-        tracing::warn!(%service, outlet = %outlet_name, error = %last_error, "outlet did not accept route");
     }
-    refuse(RefuseReason::OutletRefused(last_error))
+    refuse(match last_refusal {
+        Some(reason) => RefuseReason::OutletRefused(reason),
+        None => RefuseReason::OutletUnresponsive,
+    })
 }
