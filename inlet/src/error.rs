@@ -113,5 +113,15 @@ mod tests {
             "service influx cannot be reached: the relay refused the route request: this node \
              is drained by the relay operator"
         );
+        let why = ServeError::Refused(RefuseReason::OutletRefused(
+            postern_proto::msg::Refusal::ShuttingDown,
+        ))
+        .explain(&service, &status);
+        assert_eq!(
+            why,
+            "the outlet of service influx refused the connection: shutting down"
+        );
+        let why = ServeError::Refused(RefuseReason::OutletUnresponsive).explain(&service, &status);
+        assert!(why.contains("did not answer the relay in time"), "{why}");
     }
 }

@@ -8,7 +8,7 @@ use crate::policy::Action;
 use crate::registry::{NodeId, RouteInfo};
 use postern_net::control::exchange;
 use postern_proto::fwd::RouteId;
-use postern_proto::msg::{Ctl, RefuseReason, Refusal};
+use postern_proto::msg::{Ctl, Refusal, RefuseReason};
 use postern_proto::name::ServiceName;
 use std::sync::Arc;
 use std::time::Duration;
