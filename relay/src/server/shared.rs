@@ -142,11 +142,26 @@ impl Shared {
 
     /// Notes that node `id` was refused a route to `service` for want of a live outlet.
     pub(super) fn waits_for_outlet(&self, service: &ServiceName, id: NodeId) {
-        self.waiting()
-            .entry(service.clone())
-            .or_default()
-            .insert(id);
+        note_waiting(&mut self.waiting(), service, id);
     }
+}
+
+/// Most service names the relay remembers nodes waiting for. A node may ask for any name the
+/// policy lets through (a wildcard rule lets through all of them), so without a bound one
+/// enrolled client could grow this map for as long as it stays connected. Past the bound a
+/// waiting node is simply not told early: it retries on its own back-off, as before
+/// `OutletBack` existed.
+const MAX_WAITING_SERVICES: usize = 4096;
+
+fn note_waiting(
+    waiting: &mut HashMap<ServiceName, std::collections::BTreeSet<NodeId>>,
+    service: &ServiceName,
+    id: NodeId,
+) {
+    if !waiting.contains_key(service) && waiting.len() >= MAX_WAITING_SERVICES {
+        return;
+    }
+    waiting.entry(service.clone()).or_default().insert(id);
 }
 
 /// An outlet (re)registered `services`: tells each node waiting for one of them, so that it asks
@@ -336,5 +351,26 @@ pub(super) fn forget_node(shared: &Arc<Shared>, id: NodeId) {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_nodes_are_remembered_up_to_a_bound_on_service_names() {
+        let mut waiting = HashMap::new();
+        for i in 0..MAX_WAITING_SERVICES + 100 {
+            let svc = ServiceName::new(&format!("svc{i}")).expect("name");
+            note_waiting(&mut waiting, &svc, 1);
+        }
+        assert_eq!(waiting.len(), MAX_WAITING_SERVICES);
+        // A service already remembered still takes more waiting nodes past the bound.
+        let first = ServiceName::new("svc0").expect("name");
+        note_waiting(&mut waiting, &first, 2);
+        assert_eq!(waiting.get(&first).map(|ids| ids.len()), Some(2));
+        let late = ServiceName::new(&format!("svc{}", MAX_WAITING_SERVICES + 1)).expect("name");
+        assert!(!waiting.contains_key(&late));
     }
 }
