@@ -2,7 +2,7 @@
 //! renders a summary for people.
 
 use super::token::AdminToken;
-use crate::views::{Identities, Nodes, Routes, Services, Tickets};
+use crate::views::{FleetView, Identities, Nodes, Routes, Services, Tickets};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
@@ -133,6 +133,12 @@ impl AdminClient {
             routes: self.get("/v1/routes").await?,
             tickets: self.get("/v1/tickets").await?,
             identities: self.get("/v1/identities").await?,
+            fleet: match self.get("/v1/fleet").await {
+                Ok(f) => Some(f),
+                // A relay from before the fleet view: everything else still shows.
+                Err(ClientError::Api { status: 404, .. }) => None,
+                Err(e) => return Err(e),
+            },
         })
     }
 }
@@ -145,6 +151,9 @@ pub struct Status {
     pub routes: Routes,
     pub tickets: Tickets,
     pub identities: Identities,
+    /// The fleet (`None` from a relay older than `GET /v1/fleet`).
+    #[serde(default)]
+    pub fleet: Option<FleetView>,
 }
 
 /// `1.5 KiB`, `3.2 MiB`.
@@ -258,8 +267,74 @@ impl Status {
             let _ = write!(out, ": {}", revoked.join(", "));
         }
         out.push_str(")\n");
+        if let Some(fleet) = &self.fleet {
+            out.push_str(&render_fleet(fleet));
+        }
         out
     }
+}
+
+/// The fleet part of `status`: where the state lives and whether etcd answers, then each
+/// relay with its load and the age of its last report, then where outlets are attached.
+pub fn render_fleet(f: &FleetView) -> String {
+    let mut out = String::new();
+    let conn = match f.connected {
+        None => "",
+        Some(true) => ", connected",
+        Some(false) => ", NOT CONNECTED (routes keep forwarding; enrollment, revocations and drains wait for etcd)",
+    };
+    let _ = writeln!(out, "fleet: {}{conn}", f.state);
+    if let Some(e) = &f.relays_error {
+        let _ = writeln!(out, "relays: unknown ({e})");
+    } else {
+        let _ = writeln!(out, "relays: {}", f.relays.len());
+    }
+    for r in &f.relays {
+        let _ = writeln!(
+            out,
+            "  {}{}  {}  nodes {}  routes {}  updated {} ago",
+            r.name,
+            if r.this { " (this relay)" } else { "" },
+            if r.addresses.is_empty() {
+                "-".to_string()
+            } else {
+                r.addresses.join(",")
+            },
+            r.nodes,
+            r.routes,
+            age(r.updated_age_ms / 1000)
+        );
+    }
+    let scope = match f.attachments_scope.as_str() {
+        "this-relay" => " (outlets connected to this relay)",
+        "none" => " (not known here)",
+        _ => "",
+    };
+    let _ = writeln!(out, "outlets attached: {}{scope}", f.attachments.len());
+    for a in &f.attachments {
+        let services: Vec<&str> = a.services.iter().map(|s| s.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  {}  relays {}  serves {}",
+            a.outlet,
+            a.relays.join(","),
+            services.join(",")
+        );
+    }
+    let failures: Vec<String> = f
+        .etcd_failures
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !failures.is_empty() {
+        let _ = write!(out, "etcd failures: {}", failures.join(", "));
+        if let (Some(e), Some(a)) = (&f.last_etcd_error, f.last_etcd_error_age_s) {
+            let _ = write!(out, "; last {} ago: {e}", age(a));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
