@@ -177,8 +177,13 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         let command = match self.command {
             Command::Run(args) => {
+                let check = args.check;
                 // The config names the audit log, so it is read before logging starts.
                 let cfg = args.resolve()?;
+                if check {
+                    println!("{}", check_summary(&cfg));
+                    return Ok(());
+                }
                 postern_net::runtime::logging::init(&self.log, cfg.audit_log.as_deref())?;
                 return crate::app::run(cfg, shutdown_on_signal()).await;
             }
@@ -187,6 +192,29 @@ impl Cli {
         postern_net::runtime::logging::init(&self.log, None)?;
         execute(command).await
     }
+}
+
+/// What `run --check` prints for a configuration that resolves: enough to see that the
+/// file meant is the file read (never a credential: the cluster's are references anyway).
+fn check_summary(cfg: &crate::config::RelayConfig) -> String {
+    let mut out = format!(
+        "configuration OK: listen {}, state directory {}",
+        cfg.listen,
+        cfg.state_dir.display()
+    );
+    match &cfg.cluster {
+        Some(c) => out.push_str(&format!(
+            ", fleet state in etcd {:?} under {}{}",
+            c.endpoints,
+            c.prefix,
+            c.name
+                .as_deref()
+                .map(|n| format!(" as relay {n}"))
+                .unwrap_or_default()
+        )),
+        None => out.push_str(", state kept in the state directory (no cluster)"),
+    }
+    out
 }
 
 /// A token cancelled when the process is asked to stop (SIGINT, SIGTERM).

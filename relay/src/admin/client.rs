@@ -351,4 +351,38 @@ mod tests {
         assert_eq!(age(3 * 3600), "3h");
         assert_eq!(age(3 * 86400), "3d");
     }
+
+    #[test]
+    fn the_fleet_shows_relays_load_and_a_lost_etcd() {
+        let mut f = FleetView {
+            state: "etcd [\"http://10.0.0.1:2379\"] under /postern".into(),
+            cluster: true,
+            connected: Some(false),
+            relays: vec![crate::views::RelayView {
+                name: "relay-b".into(),
+                addresses: vec!["10.0.0.2:4433".into()],
+                nodes: 7,
+                routes: 3,
+                updated_age_ms: 4_000,
+                this: true,
+            }],
+            attachments_scope: "this-relay".into(),
+            ..Default::default()
+        };
+        f.etcd_failures.insert("follow".into(), 2);
+        f.etcd_failures.insert("enroll".into(), 0);
+        f.last_etcd_error = Some("etcd: no leader".into());
+        f.last_etcd_error_age_s = Some(3);
+        let text = render_fleet(&f);
+        assert!(text.contains("NOT CONNECTED"), "{text}");
+        assert!(
+            text.contains("relay-b (this relay)  10.0.0.2:4433  nodes 7  routes 3  updated 4s ago"),
+            "{text}"
+        );
+        assert!(
+            text.contains("etcd failures: follow 2; last 3s ago: etcd: no leader"),
+            "{text}"
+        );
+        assert!(!text.contains("enroll 0"), "{text}");
+    }
 }
