@@ -125,14 +125,20 @@ impl AdminClient {
         })
     }
 
-    /// Everything `status` shows.
+    /// Everything `status` shows. Tickets and identities live in etcd in a fleet: when etcd
+    /// does not answer (503) they are left out, with the reason, and the rest still shows,
+    /// since that is when an operator looks.
     pub async fn status(&self) -> Result<Status, ClientError> {
+        let mut unavailable = Vec::new();
+        let tickets = optional(self.get("/v1/tickets").await, &mut unavailable)?;
+        let identities = optional(self.get("/v1/identities").await, &mut unavailable)?;
         Ok(Status {
             nodes: self.get("/v1/nodes").await?,
             services: self.get("/v1/services").await?,
             routes: self.get("/v1/routes").await?,
-            tickets: self.get("/v1/tickets").await?,
-            identities: self.get("/v1/identities").await?,
+            tickets,
+            identities,
+            unavailable,
             fleet: match self.get("/v1/fleet").await {
                 Ok(f) => Some(f),
                 // A relay from before the fleet view: everything else still shows.
@@ -143,14 +149,38 @@ impl AdminClient {
     }
 }
 
+/// An answer `status` can do without: a 503 (etcd unavailable) becomes `None`, its message
+/// kept in `unavailable`.
+fn optional<T>(
+    r: Result<T, ClientError>,
+    unavailable: &mut Vec<String>,
+) -> Result<Option<T>, ClientError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(ClientError::Api {
+            status: 503,
+            message,
+            ..
+        }) => {
+            unavailable.push(message);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The relay's state as `postern-relay status` shows it (`--json` prints this object).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub nodes: Nodes,
     pub services: Services,
     pub routes: Routes,
-    pub tickets: Tickets,
-    pub identities: Identities,
+    /// `None` when the relay could not read them (etcd unavailable; see `unavailable`).
+    pub tickets: Option<Tickets>,
+    pub identities: Option<Identities>,
+    /// Why parts are missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<String>,
     /// The fleet (`None` from a relay older than `GET /v1/fleet`).
     #[serde(default)]
     pub fleet: Option<FleetView>,
@@ -237,41 +267,54 @@ impl Status {
                 age(r.age_s)
             );
         }
-        if self.tickets.authority {
-            let count = |s: &str| {
-                self.tickets
-                    .tickets
-                    .iter()
-                    .filter(|t| t.status == s)
-                    .count()
-            };
-            let _ = writeln!(
-                out,
-                "tickets: {} ({} valid, {} used, {} expired)",
-                self.tickets.tickets.len(),
-                count("valid"),
-                count("used"),
-                count("expired")
-            );
-        } else {
-            out.push_str("tickets: - (this relay does not run the authority)\n");
+        match &self.tickets {
+            Some(tickets) => render_tickets(tickets, &mut out),
+            None => out.push_str("tickets: unknown (the relay cannot read them now)\n"),
         }
-        let ids = &self.identities.identities;
-        let revoked: Vec<&str> = ids
-            .iter()
-            .filter(|i| i.revoked)
-            .map(|i| i.name.as_str())
-            .collect();
-        let _ = write!(out, "identities: {} ({} revoked", ids.len(), revoked.len());
-        if !revoked.is_empty() {
-            let _ = write!(out, ": {}", revoked.join(", "));
+        match &self.identities {
+            Some(ids) => render_identities(ids, &mut out),
+            None => out.push_str("identities: unknown (the relay cannot read them now)\n"),
         }
-        out.push_str(")\n");
+        for why in &self.unavailable {
+            let _ = writeln!(out, "  ({why})");
+        }
         if let Some(fleet) = &self.fleet {
             out.push_str(&render_fleet(fleet));
         }
         out
     }
+}
+
+/// The tickets line of `status`: counts by state.
+fn render_tickets(tickets: &Tickets, out: &mut String) {
+    if tickets.authority {
+        let count = |s: &str| tickets.tickets.iter().filter(|t| t.status == s).count();
+        let _ = writeln!(
+            out,
+            "tickets: {} ({} valid, {} used, {} expired)",
+            tickets.tickets.len(),
+            count("valid"),
+            count("used"),
+            count("expired")
+        );
+    } else {
+        out.push_str("tickets: - (this relay does not run the authority)\n");
+    }
+}
+
+/// The identities line of `status`: how many, and which are revoked.
+fn render_identities(ids: &Identities, out: &mut String) {
+    let ids = &ids.identities;
+    let revoked: Vec<&str> = ids
+        .iter()
+        .filter(|i| i.revoked)
+        .map(|i| i.name.as_str())
+        .collect();
+    let _ = write!(out, "identities: {} ({} revoked", ids.len(), revoked.len());
+    if !revoked.is_empty() {
+        let _ = write!(out, ": {}", revoked.join(", "));
+    }
+    out.push_str(")\n");
 }
 
 /// The fleet part of `status`: where the state lives and whether etcd answers, then each
