@@ -66,6 +66,8 @@ impl Lab {
             ),
             api: Api::V1,
             inject_at,
+            hand_out: false,
+            profile: Vec::new(),
         }
         .validate()
         .expect("valid lease config");

@@ -311,6 +311,8 @@ fn v2_config(to: &str, org_id: &str, admin: SecretRef, ttl_s: u64) -> LeaseConfi
         leased_token_permissions: V2_PERMS.into(),
         api: Api::V2,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v2 lease config")
@@ -333,6 +335,8 @@ fn v1_config(influxd: &Influxd, dir: &Path, ttl_s: u64) -> LeaseConfig {
         leased_token_permissions: V1_PERMS.into(),
         api: Api::V1,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v1 lease config")

@@ -79,6 +79,8 @@ impl Setup {
             leased_token_permissions: perms.into(),
             api: Api::V1,
             inject_at: Default::default(),
+            hand_out: false,
+            profile: Vec::new(),
         }
         .validate()
         .expect("valid config")
@@ -462,6 +464,8 @@ async fn v2_against_the_real_1x_is_refused() {
             r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
         api: Api::V2,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v2 config");

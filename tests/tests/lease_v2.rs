@@ -83,6 +83,8 @@ impl Setup {
             leased_token_permissions: perms.into(),
             api: Api::V2,
             inject_at: Default::default(),
+            hand_out: false,
+            profile: Vec::new(),
         }
         .validate()
         .expect("valid config")
@@ -494,6 +496,7 @@ async fn admin_socket_create_list_show_revoke() {
         &path,
         &Request::Create {
             client: client("inlet-g"),
+            attrs: Default::default(),
         },
     )
     .await
@@ -1013,6 +1016,8 @@ async fn v1_against_a_2x_server_is_refused() {
             r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
         api: Api::V1,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v1 config");

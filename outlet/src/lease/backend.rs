@@ -32,6 +32,8 @@ pub struct CreateRequest {
     pub client: NodeName,
     /// When the lease ends (ms since the Unix epoch); informational for the backend.
     pub expires_at_ms: u64,
+    /// The client's profile: the permissions the credential gets.
+    pub profile: std::sync::Arc<super::profile::Profile>,
 }
 
 /// A credential the backend made.
@@ -467,6 +469,11 @@ mod tests {
             lease_id: "0123456789abcdef".into(),
             client: NodeName::new("inlet-1.example").expect("name"),
             expires_at_ms: 1_700_000_000_000,
+            profile: std::sync::Arc::new(crate::lease::profile::Profile::implicit(
+                Duration::from_secs(60),
+                Vec::new(),
+                false,
+            )),
         };
         let d = v2_description("a1b2c3d4", &req);
         assert_eq!(

@@ -109,7 +109,8 @@ impl AccessGate {
                         }
                     }
                 };
-                match manager.subscribe(&client) {
+                // The grant's labels choose its lease profile, as a client's attributes do.
+                match manager.subscribe_as(&client, &info.attrs) {
                     Ok(rx) => self.subs.entry(info.id.clone()).or_insert(rx),
                     Err(e) => {
                         return Verdict::NoLease {
