@@ -75,7 +75,7 @@ impl Response {
                 let mut out = format!(
                     "service:    {service}\nprofile:    {profile}\nlease:      {}\nexpires:    {}\n",
                     grant.lease_id,
-                    rfc3339(grant.expires_at_ms)
+                    postern_net::runtime::clock::format_rfc3339(grant.expires_at_ms)
                 );
                 match &grant.credential {
                     Credential::Token(t) => out.push_str(&format!("token:      {t}\n")),
@@ -92,28 +92,6 @@ impl Response {
             Response::Error { message } => format!("error: {message}\n"),
         }
     }
-}
-
-/// `ms` since the Unix epoch as RFC 3339 (UTC, seconds).
-fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 struct InletChannel(InletHandle);
