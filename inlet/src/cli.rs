@@ -58,13 +58,15 @@ pub enum LeaseCommand {
     /// it lasts the profile's `leased-token-expires-in`, and `postern-outlet lease revoke`
     /// ends it sooner.
     Create {
-        /// The service [default: the inlet's only `kind = "influxdb"` service].
+        /// The service [default: the inlet's only `kind = "influxdb"` service, or its only
+        /// service].
         #[arg(long)]
         service: Option<postern_proto::name::ServiceName>,
     },
     /// Print the lease last handed out to this identity again, while it is live.
     Show {
-        /// The service [default: the inlet's only `kind = "influxdb"` service].
+        /// The service [default: the inlet's only `kind = "influxdb"` service, or its only
+        /// service].
         #[arg(long)]
         service: Option<postern_proto::name::ServiceName>,
     },

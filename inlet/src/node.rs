@@ -117,7 +117,8 @@ impl InletHandle {
         self.pool.migrations()
     }
 
-    /// Asks `service`'s outlet (default: this inlet's only `kind = "influxdb"` service) for this
+    /// Asks `service`'s outlet (default: this inlet's only `kind = "influxdb"` service, or its
+    /// only service) for this
     /// identity's own credential over the end-to-end connection (see [`crate::admin`]): with
     /// `fresh` a new lease, without the one last handed out. Returns the service, the lease
     /// profile and the grant, or why not (never a secret).
@@ -176,14 +177,14 @@ impl InletHandle {
                 "this inlet has no service {s} (it has: {})",
                 names(&mut self.services.iter())
             )),
-            None => match self.leases.as_slice() {
-                [(one, _)] => Ok(one.clone()),
-                [] => Err(
-                    "this inlet has no `kind = \"influxdb\"` service; name the service with \
-                     --service"
-                        .into(),
-                ),
-                many => Err(format!(
+            None => match (self.leases.as_slice(), self.services.as_slice()) {
+                ([(one, _)], _) | ([], [one]) => Ok(one.clone()),
+                ([], _) => Err(format!(
+                    "this inlet has no `kind = \"influxdb\"` service; name one of its services \
+                     ({}) with --service",
+                    names(&mut self.services.iter())
+                )),
+                (many, _) => Err(format!(
                     "this inlet has several `kind = \"influxdb\"` services ({}); name one with \
                      --service",
                     names(&mut many.iter().map(|(s, _)| s))
