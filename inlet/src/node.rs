@@ -9,10 +9,10 @@ use crate::listen::{accept_loop, FailureLog, InletService, Mode, ServiceKind};
 use crate::migrate::InletControl;
 use crate::pool::Pool;
 use crate::tls::TlsAcceptor;
+use postern_net::control::exchange;
 use postern_net::transport::endpoint::EndpointError;
 use postern_net::transport::relay_path::{RelayTarget, TransportSettings, TransportStatus};
 use postern_net::uplink::{ControlWatch, Role, Uplink};
-use postern_net::control::exchange;
 use postern_proto::lease::LeaseGrant;
 use postern_proto::msg::{HandOutMsg, StreamOpen};
 use postern_proto::name::ServiceName;
@@ -169,7 +169,9 @@ impl InletHandle {
 
     fn hand_out_service(&self, service: Option<&ServiceName>) -> Result<ServiceName, String> {
         let names = |list: &mut dyn Iterator<Item = &ServiceName>| {
-            list.map(ServiceName::to_string).collect::<Vec<_>>().join(", ")
+            list.map(ServiceName::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         match service {
             Some(s) if self.services.contains(s) => Ok(s.clone()),

@@ -133,9 +133,7 @@ impl LeaseGate {
     async fn inject(&mut self, presented: Option<String>) -> Verdict {
         // A credential handed out to this very identity (`postern-inlet lease create`) is its
         // own lease too: it goes on as presented rather than being swapped for the streamed one.
-        if let Some(own) = presented
-            .filter(|p| self.manager.accepts(&self.client, p.as_bytes()))
-        {
+        if let Some(own) = presented.filter(|p| self.manager.accepts(&self.client, p.as_bytes())) {
             return Verdict::Forward {
                 authorization: Some(own),
             };
@@ -147,7 +145,10 @@ impl LeaseGate {
                 Err(e) if e.is_refusal() => {
                     return self.refuse(
                         "no_profile",
-                        &format!("postern outlet: {} gets no lease for {}: {e}", self.client, self.service),
+                        &format!(
+                            "postern outlet: {} gets no lease for {}: {e}",
+                            self.client, self.service
+                        ),
                     )
                 }
                 Err(e) => {

@@ -427,8 +427,11 @@ async fn handed_out_lease_is_accepted_as_presented_inject_at_outlet() {
         .expect("hand-out through mallory's inlet");
     assert_eq!((service, profile.as_str()), (svc("influxdb"), "default"));
     let presented = format!("Authorization: {}\r\n", grant.credential.authorization());
-    let (statuses, text) =
-        exchange(mallory, write_point(&presented, "m,who=handed v=1").as_bytes()).await;
+    let (statuses, text) = exchange(
+        mallory,
+        write_point(&presented, "m,who=handed v=1").as_bytes(),
+    )
+    .await;
     assert_eq!(statuses, vec![204], "{text}");
     // Drop the handed-out user in InfluxDB only: the outlet still holds its lease as live.
     let Credential::Basic { username, .. } = &grant.credential else {
@@ -438,9 +441,16 @@ async fn handed_out_lease_is_accepted_as_presented_inject_at_outlet() {
         .query(&format!("DROP USER \"{username}\""))
         .await
         .expect("drop user");
-    let (statuses, text) =
-        exchange(mallory, write_point(&presented, "m,who=handed v=2").as_bytes()).await;
-    assert_eq!(statuses, vec![401], "the handed-out credential was swapped: {text}");
+    let (statuses, text) = exchange(
+        mallory,
+        write_point(&presented, "m,who=handed v=2").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        statuses,
+        vec![401],
+        "the handed-out credential was swapped: {text}"
+    );
     // Without a credential of its own, mallory's streamed lease is put in as before.
     let (statuses, text) = exchange(mallory, write_point("", "m,who=mallory v=3").as_bytes()).await;
     assert_eq!(statuses, vec![204], "{text}");

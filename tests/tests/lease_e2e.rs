@@ -1644,11 +1644,33 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
     };
     let (sensor_at, analyst_at, visitor_at) = (listen(), listen(), listen());
     let p = dir.path();
-    let sensor = start_inlet(&pki, p, relay.addr, "sensor-1", &[("role", "sensor")], sensor_at).await;
-    let analyst =
-        start_inlet(&pki, p, relay.addr, "analyst-1", &[("role", "analyst")], analyst_at).await;
-    let visitor =
-        start_inlet(&pki, p, relay.addr, "visitor-1", &[("role", "visitor")], visitor_at).await;
+    let sensor = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "sensor-1",
+        &[("role", "sensor")],
+        sensor_at,
+    )
+    .await;
+    let analyst = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "analyst-1",
+        &[("role", "analyst")],
+        analyst_at,
+    )
+    .await;
+    let visitor = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "visitor-1",
+        &[("role", "visitor")],
+        visitor_at,
+    )
+    .await;
     let logs = || {
         format!(
             "outlet:\n{}\nsensor:\n{}\nanalyst:\n{}\nvisitor:\n{}",
@@ -1660,12 +1682,24 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
     };
 
     // The sensor writes through its inlet (no credential of its own) and may not read.
-    let w = wait_for_lease(sensor_at, &post("/write?db=telemetry", "", "t,dev=s1 v=1i 1")).await;
+    let w = wait_for_lease(
+        sensor_at,
+        &post("/write?db=telemetry", "", "t,dev=s1 v=1i 1"),
+    )
+    .await;
     assert_eq!(w.status, 204, "{w:?}\n{}", logs());
-    let q = wait_for_lease(sensor_at, &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", "")).await;
+    let q = wait_for_lease(
+        sensor_at,
+        &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", ""),
+    )
+    .await;
     assert_eq!(q.status, 403, "sensor reads: {q:?}");
     // The analyst reads it and may not write.
-    let q = wait_for_lease(analyst_at, &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", "")).await;
+    let q = wait_for_lease(
+        analyst_at,
+        &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", ""),
+    )
+    .await;
     assert_eq!(q.status, 200, "{q:?}");
     assert!(q.text().contains("\"t\""), "{}", q.text());
     let w = wait_for_lease(analyst_at, &post("/write?db=telemetry", "", "t v=2i 2")).await;
@@ -1679,23 +1713,34 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
             break r;
         }
         assert_eq!(r.status, 503, "{r:?}");
-        assert!(Instant::now() < deadline, "no 403 for the visitor: {r:?}\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "no 403 for the visitor: {r:?}\n{}",
+            logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        r.text().contains("no lease profile matches identity visitor-1"),
+        r.text()
+            .contains("no lease profile matches identity visitor-1"),
         "{}",
         r.text()
     );
     assert!(
-        outlet.proc.log().contains("no lease profile matched this identity"),
+        outlet
+            .proc
+            .log()
+            .contains("no lease profile matched this identity"),
         "{}",
         logs()
     );
     let (ok, list, err) = outlet_lease(&outlet.state, &["list"]).await;
     assert!(ok, "{err}");
     assert!(!list.contains("visitor-1"), "{list}");
-    assert!(list.contains("sensors") && list.contains("analysts"), "{list}");
+    assert!(
+        list.contains("sensors") && list.contains("analysts"),
+        "{list}"
+    );
     let users: Vec<String> = influxd
         .users()
         .await
@@ -1703,14 +1748,21 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
         .into_iter()
         .filter(|u| u.starts_with("postern_"))
         .collect();
-    assert_eq!(users.len(), 2, "one user per lease, none for the visitor: {users:?}");
+    assert_eq!(
+        users.len(),
+        2,
+        "one user per lease, none for the visitor: {users:?}"
+    );
 
     // Hand-out: refused for the sensors' profile, and nothing is printed to stdout.
     let (ok, out, err) = inlet_lease(&sensor.state, &["create"]).await;
     assert!(!ok && out.is_empty(), "{out}{err}");
     assert!(err.contains("does not hand credentials out"), "{err}");
     // For an analyst: its own user and password, which work against influxd directly.
-    assert!(!inlet_lease(&analyst.state, &["show"]).await.0, "nothing handed out yet");
+    assert!(
+        !inlet_lease(&analyst.state, &["show"]).await.0,
+        "nothing handed out yet"
+    );
     let (ok, out, err) = inlet_lease(&analyst.state, &["create", "--service", "influxdb"]).await;
     assert!(ok, "{err}\n{}", logs());
     assert_eq!(field(&out, "profile:"), "analysts");
@@ -1732,7 +1784,9 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
     // The hand-out is audited by the outlet, without the secret anywhere in a log.
     let outlet_log = outlet.proc.log();
     assert!(
-        outlet_log.lines().any(|l| l.contains("hand_out") && l.contains(&lease_id)),
+        outlet_log
+            .lines()
+            .any(|l| l.contains("hand_out") && l.contains(&lease_id)),
         "{outlet_log}"
     );
     for log in [outlet_log, analyst.proc.log()] {
@@ -1749,6 +1803,10 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
     assert_eq!(dead.status, 401, "{}", dead.body);
     assert!(!inlet_lease(&analyst.state, &["show"]).await.0);
     // The analyst's streamed lease is untouched.
-    let q = wait_for_lease(analyst_at, &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", "")).await;
+    let q = wait_for_lease(
+        analyst_at,
+        &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", ""),
+    )
+    .await;
     assert_eq!(q.status, 200, "{q:?}");
 }

@@ -8,9 +8,9 @@ use postern_outlet::lease::{
     Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
     ProfileConfig, SecretRef, StartOptions,
 };
-use postern_proto::policy::Attributes;
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
 use postern_tests::influxd::{Influxd, InfluxdOptions, Reply};
 use postern_tests::wait::eventually;
 use std::path::PathBuf;

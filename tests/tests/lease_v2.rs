@@ -9,9 +9,9 @@ use postern_outlet::lease::{
     Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
     ProfileConfig, SecretRef, StartOptions,
 };
-use postern_proto::policy::Attributes;
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
 use postern_tests::influx2::{Authorization, Flavor, Influx2, Influx2Options, Injection};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1043,15 +1043,16 @@ async fn profiles_choose_permissions_and_lifetime_and_hand_out() {
     let s = Setup::new().await;
     let secret = s.dir.path().join("admin-token");
     std::fs::write(&secret, s.server.admin_token()).expect("write secret");
-    let profile = |name: &str, when: &str, action: &str, ttl_s: u64, hand_out: bool| ProfileConfig {
-        name: name.into(),
-        when: when.into(),
-        leased_token_permissions: format!(
-            r#"[{{"action":"{action}","resource":{{"type":"buckets","name":"telegraf"}}}}]"#
-        ),
-        leased_token_expires_in: Some(ttl_s),
-        hand_out,
-    };
+    let profile =
+        |name: &str, when: &str, action: &str, ttl_s: u64, hand_out: bool| ProfileConfig {
+            name: name.into(),
+            when: when.into(),
+            leased_token_permissions: format!(
+                r#"[{{"action":"{action}","resource":{{"type":"buckets","name":"telegraf"}}}}]"#
+            ),
+            leased_token_expires_in: Some(ttl_s),
+            hand_out,
+        };
     let cfg = InfluxdbOutletConfig {
         to: s.server.url(),
         tls: false,
@@ -1103,12 +1104,18 @@ async fn profiles_choose_permissions_and_lifetime_and_hand_out() {
             a.description
         );
     }
-    assert_eq!(s.write(&sensor.credential, "telegraf", "t v=1i 1").await, 204);
+    assert_eq!(
+        s.write(&sensor.credential, "telegraf", "t v=1i 1").await,
+        204
+    );
     assert_eq!(s.query(&sensor.credential, "telegraf").await.0, 403);
     let (status, csv) = s.query(&analyst.credential, "telegraf").await;
     assert_eq!(status, 200);
     assert!(csv.contains("t v=1i 1"), "{csv}");
-    assert_eq!(s.write(&analyst.credential, "telegraf", "t v=2i 2").await, 403);
+    assert_eq!(
+        s.write(&analyst.credential, "telegraf", "t v=2i 2").await,
+        403
+    );
 
     // No profile: no authorization.
     let count = s.server.authorizations().len();
@@ -1117,11 +1124,15 @@ async fn profiles_choose_permissions_and_lifetime_and_hand_out() {
         Err(LeaseError::NoProfile(_))
     ));
     assert!(matches!(
-        mgr.hand_out(&client("intruder"), &attrs("admin"), true).await,
+        mgr.hand_out(&client("intruder"), &attrs("admin"), true)
+            .await,
         Err(LeaseError::NoProfile(_))
     ));
     // A sensor's profile does not hand out.
-    match mgr.hand_out(&client("sensor-1"), &attrs("sensor"), true).await {
+    match mgr
+        .hand_out(&client("sensor-1"), &attrs("sensor"), true)
+        .await
+    {
         Err(LeaseError::HandOutOff { profile, .. }) => assert_eq!(profile, "sensors"),
         other => panic!("the sensor profile handed out: {other:?}"),
     }
@@ -1141,7 +1152,8 @@ async fn profiles_choose_permissions_and_lifetime_and_hand_out() {
     assert_ne!(handed.grant.lease_id, analyst.lease_id);
     assert_eq!(s.query(&handed.grant.credential, "telegraf").await.0, 200);
     assert_eq!(
-        s.write(&handed.grant.credential, "telegraf", "t v=3i 3").await,
+        s.write(&handed.grant.credential, "telegraf", "t v=3i 3")
+            .await,
         403
     );
     let again = mgr

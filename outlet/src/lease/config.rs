@@ -485,9 +485,8 @@ impl InfluxdbOutletConfig {
             }
             None => None,
         };
-        check_ttl(self.leased_token_expires_in).map_err(|m| {
-            ConfigError::invalid("leased-token-expires-in", m)
-        })?;
+        check_ttl(self.leased_token_expires_in)
+            .map_err(|m| ConfigError::invalid("leased-token-expires-in", m))?;
         let (permissions, profiles) = if self.profile.is_empty() {
             if self.leased_token_permissions.trim().is_empty() {
                 return Err(ConfigError::invalid(
@@ -496,7 +495,8 @@ impl InfluxdbOutletConfig {
                      own permissions)",
                 ));
             }
-            let p = checked_permissions(&self.leased_token_permissions, org_id.as_deref(), self.api)?;
+            let p =
+                checked_permissions(&self.leased_token_permissions, org_id.as_deref(), self.api)?;
             (p, Vec::new())
         } else {
             (Vec::new(), self.validate_profiles(org_id.as_deref())?)
@@ -558,7 +558,9 @@ impl InfluxdbOutletConfig {
             }
             let when = postern_proto::policy::Expr::parse(&p.when)
                 .map_err(|e| err(format!("`when`: {e}")))?;
-            let ttl_s = p.leased_token_expires_in.unwrap_or(self.leased_token_expires_in);
+            let ttl_s = p
+                .leased_token_expires_in
+                .unwrap_or(self.leased_token_expires_in);
             check_ttl(ttl_s).map_err(|m| err(format!("`leased-token-expires-in`: {m}")))?;
             let permissions = checked_permissions(&p.leased_token_permissions, org_id, self.api)
                 .map_err(|e| match e {
@@ -1200,8 +1202,18 @@ mod tests {
         };
         let ok = one("sensors", r#"role = "sensor""#, SENSOR_PERMS, "");
         let cases: Vec<(String, String, &str, &str)> = vec![
-            (String::new(), one("a b", "true", SENSOR_PERMS, ""), "profile", "name"),
-            (String::new(), format!("{ok}{ok}"), "profile", "earlier profile"),
+            (
+                String::new(),
+                one("a b", "true", SENSOR_PERMS, ""),
+                "profile",
+                "name",
+            ),
+            (
+                String::new(),
+                format!("{ok}{ok}"),
+                "profile",
+                "earlier profile",
+            ),
             (
                 String::new(),
                 one("s", "role = ", SENSOR_PERMS, ""),
@@ -1226,8 +1238,18 @@ mod tests {
                 "leased-token-permissions",
                 "move it into the profiles",
             ),
-            ("hand-out = true\n".into(), ok.clone(), "hand-out", "in the profiles"),
-            (String::new(), String::new(), "leased-token-permissions", "is required"),
+            (
+                "hand-out = true\n".into(),
+                ok.clone(),
+                "hand-out",
+                "in the profiles",
+            ),
+            (
+                String::new(),
+                String::new(),
+                "leased-token-permissions",
+                "is required",
+            ),
         ];
         for (extra, profiles, key, says) in cases {
             let err = parse(&v1_with_profiles(&s, &extra, &profiles))
