@@ -45,8 +45,9 @@
 //!
 //! [`LeaseManager`] and its options in `manager.rs`; a lease created and revoked in
 //! `lifecycle.rs`, renewed (and everything else the schedule asks) in `driver.rs`, recovered at
-//! start in `reconcile.rs`; the state they share in `shared.rs`; the live credentials checked
-//! for enforcement in `live.rs`; crash points in `fault.rs`.
+//! start in `reconcile.rs`; the profile a client's attributes choose in `profile.rs`; the state
+//! they share in `shared.rs`; the live credentials checked for enforcement in `live.rs`; crash
+//! points in `fault.rs`.
 
 pub mod admin;
 pub mod backend;
