@@ -679,7 +679,11 @@ async fn send_attack(
                 Some(d) => d.clone(),
                 None => break,
             },
-            Attack::None => break,
+            Attack::None
+            | Attack::TcpIdle
+            | Attack::TcpTrickle
+            | Attack::PublicIdle
+            | Attack::PublicTrickle => break,
         };
         let sock = &socks[i % socks.len()];
         if sock.send_to(&datagram, to).await.is_ok() {
