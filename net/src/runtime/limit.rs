@@ -19,8 +19,8 @@
 //! ClientHello read, a node authenticated. Pending connections are evicted oldest first when
 //! the cap is full, and each source address (an IPv4 address, an IPv6 /64) may hold at most a
 //! few pending ones: its newcomer evicts its own oldest. A legit client's pending phase lasts a
-//! round trip or two, so it gets in unless a cap's worth of junk arrives within that time; the
-//! junk's only ever evicts junk, and one source cannot hold more than its share.
+//! round trip or two, so it gets in unless a cap's worth of junk arrives within that time;
+//! junk only ever evicts junk, and one source cannot hold more than its share.
 //!
 //! When `accept` itself fails (`EMFILE`, `ENFILE`, `ENOBUFS`), the listener waits with a
 //! growing delay ([`AcceptBackoff`]) and logs at most once per [`LOG_EVERY`], instead of
