@@ -133,6 +133,8 @@ pub struct BenchRelay {
     pub addr: SocketAddr,
     /// Port of its TLS/TCP fallback listener (a free one, not necessarily the UDP port).
     pub tcp_port: Option<u16>,
+    /// Port of its public hostname ingress for [`PUBLIC_DOMAIN`] (a child relay only).
+    pub public_port: Option<u16>,
     inner: RelayInner,
 }
 
@@ -153,6 +155,7 @@ impl BenchRelay {
                 Ok(Self {
                     addr: node.addr,
                     tcp_port,
+                    public_port: None,
                     inner: RelayInner::InProcess(node),
                 })
             }
@@ -201,9 +204,14 @@ impl BenchRelay {
                 };
                 let addr = addr.parse()?;
                 let tcp_port = tcp.parse().ok();
+                let public_port = match (words.next(), words.next()) {
+                    (Some("PUBLIC"), Some(p)) => p.parse().ok(),
+                    _ => None,
+                };
                 Ok(Self {
                     addr,
                     tcp_port,
+                    public_port,
                     inner: RelayInner::Child {
                         child,
                         stdin,
@@ -301,9 +309,19 @@ pub async fn relay_child(dir: &Path) -> Result<()> {
     let tcp_port = listen_tcp(&mut relay);
     let node = run_relay(relay)?;
     let (addr, handle) = (node.addr, &node.handle);
+    let ingress =
+        postern_relay::public::PublicIngress::bind(postern_relay::public::PublicOptions::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            PUBLIC_DOMAIN,
+        ))
+        .await
+        .context("bind the public ingress")?;
+    let public_port = ingress.local_addr()?.port();
+    let ingress_stop = tokio_util::sync::CancellationToken::new();
+    let ingress_task = tokio::spawn(ingress.run(handle.clone(), ingress_stop.clone()));
     let mut out = tokio::io::stdout();
     let tcp = tcp_port.map_or("none".to_string(), |p| p.to_string());
-    out.write_all(format!("ADDR {addr} TCP {tcp}\n").as_bytes())
+    out.write_all(format!("ADDR {addr} TCP {tcp} PUBLIC {public_port}\n").as_bytes())
         .await?;
     out.flush().await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -314,9 +332,14 @@ pub async fn relay_child(dir: &Path) -> Result<()> {
             out.flush().await?;
         }
     }
+    ingress_stop.cancel();
+    let _ = ingress_task.await;
     node.running.stop().await;
     Ok(())
 }
+
+/// The public domain of a child relay's ingress: `<service>.relay.test`.
+pub const PUBLIC_DOMAIN: &str = "relay.test";
 
 /// One relay, one outlet and one inlet for a single service whose target is `target`.
 pub struct Tunnel {

@@ -150,7 +150,8 @@ pub async fn accept_loop(
         };
         let routes = routes.clone();
         let services = services.clone();
-        let span = tracing::info_span!("e2e", route = %expected.route, inlet = %expected.inlet);
+        let span =
+            tracing::info_span!("e2e", route = %expected.route.short(), inlet = %expected.inlet);
         tokio::spawn(
             serve_connection(incoming, expected, routes, services, drain.clone()).instrument(span),
         );

@@ -46,8 +46,11 @@ impl Observe for RelayHandle {
         );
         out.family(
             "postern_relay_connections_refused_total",
-            "Connections closed at once because a listener's cap was reached (reason=cap), or \
-             closed before sending a byte to make room for a new one (reason=evicted_silent).",
+            "Connections closed at once because a listener's cap was reached (reason=cap); \
+             closed before being established (public: whole ClientHello read; tcp: node \
+             authenticated) to make room for a new one (reason=evicted_pending), because their \
+             source opened too many (reason=evicted_source), or for taking too long \
+             (reason=preauth_timeout).",
             Kind::Counter,
         );
         let tcp = self.tcp_stats();
@@ -55,11 +58,23 @@ impl Observe for RelayHandle {
             ("public", "cap", public.refused_cap.load(Relaxed)),
             (
                 "public",
-                "evicted_silent",
-                public.evicted_silent.load(Relaxed),
+                "evicted_pending",
+                public.evicted_pending.load(Relaxed),
+            ),
+            (
+                "public",
+                "evicted_source",
+                public.evicted_source.load(Relaxed),
+            ),
+            (
+                "public",
+                "preauth_timeout",
+                public.preauth_timeout.load(Relaxed),
             ),
             ("tcp", "cap", tcp.refused_cap.load(Relaxed)),
-            ("tcp", "evicted_silent", tcp.evicted_silent.load(Relaxed)),
+            ("tcp", "evicted_pending", tcp.evicted_pending.load(Relaxed)),
+            ("tcp", "evicted_source", tcp.evicted_source.load(Relaxed)),
+            ("tcp", "preauth_timeout", tcp.preauth_timeout.load(Relaxed)),
         ] {
             out.sample(
                 "postern_relay_connections_refused_total",

@@ -9,8 +9,12 @@
 //! sees only ciphertext. A name that routes nowhere (no SNI, another domain, a service nobody
 //! offers publicly) gets a TLS `unrecognized_name` alert and a close, never another service.
 //!
-//! Limits: the ClientHello must arrive within [`PublicOptions::peek_timeout`] and fit in
-//! [`PublicOptions::max_hello`] bytes; at most [`MAX_CONNECTIONS`] connections at once.
+//! Limits: the whole ClientHello must arrive within [`PublicOptions::peek_timeout`] of the
+//! accept and fit in [`PublicOptions::max_hello`] bytes; at most [`MAX_CONNECTIONS`]
+//! connections at once. Until its ClientHello is complete a connection is *pending*: one source
+//! address holds at most [`MAX_PENDING_PER_SOURCE`] pending connections, and when the cap is
+//! full a newcomer evicts the oldest pending one (see [`postern_net::runtime::limit`]), so idle
+//! or trickling junk only ever displaces junk and a browser's connection gets in.
 
 use crate::server::RelayHandle;
 use postern_net::control::exchange;
@@ -30,8 +34,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Default for how long a client may take to send its whole ClientHello.
-pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for how long a client may take to send its whole ClientHello (a browser sends it
+/// at once).
+pub const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections one source address may hold before their ClientHello is complete.
+pub const MAX_PENDING_PER_SOURCE: usize =
+    postern_net::runtime::limit::DEFAULT_MAX_PENDING_PER_SOURCE;
 /// How long opening the stream to the outlet may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most public connections served at once (lowered to fit the open-file limit); more are
@@ -123,9 +131,10 @@ impl PublicIngress {
     /// Serves until `shutdown`; connections already forwarded go on until they end.
     pub async fn run(self, relay: RelayHandle, shutdown: CancellationToken) {
         tracing::info!(addr = %postern_net::runtime::logging::local_addr(self.listener.local_addr()), domain = %self.opts.domain, "public ingress listening");
-        let limit = postern_net::runtime::limit::ConnLimit::new(
+        let limit = postern_net::runtime::limit::ConnLimit::with_source_cap(
             "relay public ingress",
             postern_net::runtime::limit::default_cap(Some(self.opts.max_connections)),
+            MAX_PENDING_PER_SOURCE,
         );
         let mut backoff = postern_net::runtime::limit::AcceptBackoff::new("relay public ingress");
         let opts = Arc::new(self.opts);
@@ -142,27 +151,42 @@ impl PublicIngress {
                 },
             };
             backoff.succeeded();
-            let evicted_before = limit.evicted();
-            let Ok(permit) = limit.admit(true).await else {
+            let (evicted, evicted_source) = (limit.evicted(), limit.evicted_source());
+            // Pending until its ClientHello is whole: junk makes room for a browser.
+            let Ok(permit) = limit.admit_pending(peer.ip()).await else {
                 relay.public_stats().refused.fetch_add(1, Relaxed);
                 relay.public_stats().refused_cap.fetch_add(1, Relaxed);
                 continue;
             };
-            if limit.evicted() > evicted_before {
-                relay.public_stats().evicted_silent.fetch_add(1, Relaxed);
+            let stats = relay.public_stats();
+            let (evicted, evicted_source) = (
+                limit.evicted() - evicted,
+                limit.evicted_source() - evicted_source,
+            );
+            if evicted > 0 {
+                stats.refused.fetch_add(evicted, Relaxed);
+                stats.evicted_pending.fetch_add(evicted, Relaxed);
+                postern_net::refusal!(info, "public_evicted_pending", "public connections without a whole ClientHello closed to make room (connection cap full)");
+            }
+            if evicted_source > 0 {
+                stats.refused.fetch_add(evicted_source, Relaxed);
+                stats.evicted_source.fetch_add(evicted_source, Relaxed);
+                postern_net::refusal!(info, "public_evicted_source", "public connections without a whole ClientHello closed: their source opened too many");
             }
             let (relay, opts, stats) = (relay.clone(), opts.clone(), relay.public_stats_arc());
             let per_outlet = per_outlet.clone();
             tokio::spawn(
                 async move {
-                    let first =
-                        tokio::time::timeout(opts.peek_timeout, permit.wait_first_bytes(&tcp));
-                    if !matches!(first.await, Ok(true)) {
-                        // Evicted to make room, or silent past the ClientHello's time limit.
-                        stats.refused.fetch_add(1, Relaxed);
-                        return;
-                    }
-                    if let Err(refusal) = serve(tcp, peer, &relay, &opts, &per_outlet).await {
+                    let deadline = tokio::time::Instant::now() + opts.peek_timeout;
+                    let served = tokio::select! {
+                        // Evicted to make room (counted at the accept).
+                        _ = permit.evicted() => return,
+                        r = serve(tcp, peer, &relay, &opts, &per_outlet, &permit, deadline) => r,
+                    };
+                    if let Err(refusal) = served {
+                        if refusal == Refusal::Timeout {
+                            stats.preauth_timeout.fetch_add(1, Relaxed);
+                        }
                         stats.refused.fetch_add(1, Relaxed);
                         if matches!(refusal, Refusal::NoName | Refusal::UnknownName) {
                             stats.refused_unknown_name.fetch_add(1, Relaxed);
@@ -180,21 +204,24 @@ impl PublicIngress {
 }
 
 /// Serves one public connection; `Err` when it was refused. Returns once the connection ends.
+/// `slot` is established once the ClientHello is whole, which must be by `deadline`.
 async fn serve(
     mut tcp: TcpStream,
     peer: SocketAddr,
     relay: &RelayHandle,
     opts: &PublicOptions,
     per_outlet: &PerOutlet,
+    slot: &postern_net::runtime::limit::Slot,
+    deadline: tokio::time::Instant,
 ) -> Result<(), Refusal> {
     let _ = tcp.set_nodelay(true);
-    let mut hello = Vec::with_capacity(2048);
-    let peeked = tokio::time::timeout(
-        opts.peek_timeout,
-        peek(&mut tcp, &mut hello, opts.max_hello),
-    )
-    .await
-    .unwrap_or(Err(Refusal::Timeout));
+    let mut hello = Vec::new();
+    let peeked = tokio::time::timeout_at(deadline, peek(&mut tcp, &mut hello, opts.max_hello))
+        .await
+        .unwrap_or(Err(Refusal::Timeout));
+    if peeked.is_ok() {
+        slot.establish();
+    }
     let name = match peeked {
         Ok(Some(name)) => name,
         Ok(None) => {

@@ -8,6 +8,7 @@ pub mod flood;
 pub mod impair;
 pub mod influx2;
 pub mod influxd;
+pub mod junk_tcp;
 pub mod kit;
 pub mod leases;
 pub mod lossy;

@@ -482,6 +482,107 @@ async fn websocket_and_streaming_through_the_public_hostname() {
     streamed_response(&mut s, host, &cookie, &release).await;
 }
 
+/// Revoking the access grant closes a WebSocket opened under it, which sends no more requests
+/// for the gate to check, within a second; a WebSocket under another grant stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_grant_closes_its_open_websockets() {
+    init_logging();
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = target_server(Arc::new(Notify::new())).await;
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [23; 32], None);
+    let (ingress, _ingress) = start_public_ingress(&relay, "relay.test", None).await;
+    let host = "ws.relay.test";
+    let mut services = Services::default();
+    services
+        .targets
+        .insert(svc("ws"), Target::tcp(target.to_string()));
+    let public = Arc::new(Public {
+        services: HashMap::from([(
+            svc("ws"),
+            PublicService {
+                acceptor: host_acceptor(&pki, host),
+                host: host.to_owned(),
+            },
+        )]),
+        access: Arc::new(AccessStore::open(&dir.path().join("access")).expect("access store")),
+        link_port: ingress.port(),
+    });
+    let _outlet = start_outlet_public(&pki, "outlet-1", relay.addr, services, public.clone()).await;
+    let grant = |ttl| {
+        public
+            .access
+            .create(&svc("ws"), ttl, Default::default())
+            .expect("grant")
+    };
+    let (doomed, kept) = (
+        grant(Duration::from_secs(600)),
+        grant(Duration::from_secs(600)),
+    );
+    let cookie = |g: &postern_outlet::public::access::NewGrant| {
+        format!("Cookie: postern_access={}\r\n", g.secret.expose())
+    };
+    let mut doomed_ws = open_websocket(&pki, ingress, host, &cookie(&doomed)).await;
+    let mut kept_ws = open_websocket(&pki, ingress, host, &cookie(&kept)).await;
+    ws_echo(&mut doomed_ws, "before").await;
+    ws_echo(&mut kept_ws, "before").await;
+
+    public.access.revoke(&doomed.info.id).expect("revoke");
+    let revoked_at = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match doomed_ws.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the WebSocket of the revoked grant is still open 1 s later"
+    );
+    println!("closed {:?} after the revocation", revoked_at.elapsed());
+    ws_echo(&mut kept_ws, "after").await;
+}
+
+/// A WebSocket at `/echo` through the public hostname, past its first (hello) frame.
+async fn open_websocket(
+    pki: &Pki,
+    ingress: SocketAddr,
+    host: &str,
+    cookie: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut s = tls_connect(pki, ingress, host).await;
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{cookie}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("send upgrade");
+    let head = tokio::time::timeout(TIMEOUT, read_head(&mut s))
+        .await
+        .expect("101 in time")
+        .expect("read 101");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let (op, _hello) = read_frame(&mut s).await.expect("hello frame");
+    assert_eq!(op, OP_TEXT);
+    s
+}
+
+/// One text message echoed.
+async fn ws_echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &str) {
+    write_frame(s, OP_TEXT, msg.as_bytes(), true)
+        .await
+        .expect("send");
+    let (op, back) = tokio::time::timeout(TIMEOUT, read_frame(s))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!((op, back), (OP_TEXT, msg.as_bytes().to_vec()));
+}
+
 /// With `inject-at = "outlet"` the inlet sends no credential, the outlet puts the lease into the
 /// upgrade request, and the WebSocket works once the server answered `101`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,11 +13,21 @@
 //! instead of being refused. A flood of connections that never speak then only ever evicts
 //! itself, while a client that connects and sends its request is served.
 //!
+//! On the relay's public listeners a byte proves nothing (a connection can trickle a
+//! ClientHello one byte at a time), so there a connection stays *pending* until the listener
+//! says it is established ([`ConnLimit::admit_pending`], [`Slot::establish`]): a whole
+//! ClientHello read, a node authenticated. Pending connections are evicted oldest first when
+//! the cap is full, and each source address (an IPv4 address, an IPv6 /64) may hold at most a
+//! few pending ones: its newcomer evicts its own oldest. A legit client's pending phase lasts a
+//! round trip or two, so it gets in unless a cap's worth of junk arrives within that time;
+//! junk only ever evicts junk, and one source cannot hold more than its share.
+//!
 //! When `accept` itself fails (`EMFILE`, `ENFILE`, `ENOBUFS`), the listener waits with a
 //! growing delay ([`AcceptBackoff`]) and logs at most once per [`LOG_EVERY`], instead of
 //! spinning or flooding the log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Default cap on one listener's connections (lowered to fit the descriptor limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on the pending connections of one source address (see
+/// [`ConnLimit::admit_pending`]).
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 32;
 /// Smallest cap [`default_cap`] returns, whatever the descriptor limit.
 const MIN_CAP: usize = 16;
 /// Least number of descriptors left for everything but one listener's clients.
@@ -126,8 +139,58 @@ pub struct OverCap {
 struct LimitState {
     open: usize,
     next: u64,
-    /// Connections that have not sent a byte yet, oldest first, with their eviction signal.
-    silent: BTreeMap<u64, CancellationToken>,
+    /// Connections that may be evicted (silent, or pending until established), oldest first.
+    evictable: BTreeMap<u64, Evictable>,
+    /// Per source, its pending connections (sequence numbers, oldest first).
+    sources: HashMap<IpAddr, BTreeSet<u64>>,
+}
+
+#[derive(Debug)]
+struct Evictable {
+    source: Option<IpAddr>,
+    evict: CancellationToken,
+}
+
+impl LimitState {
+    /// Takes `seq` out of the evictable set (and its source's), returning its eviction signal.
+    fn take(&mut self, seq: u64) -> Option<CancellationToken> {
+        let e = self.evictable.remove(&seq)?;
+        if let Some(src) = e.source {
+            if let Some(set) = self.sources.get_mut(&src) {
+                set.remove(&seq);
+                if set.is_empty() {
+                    self.sources.remove(&src);
+                }
+            }
+        }
+        Some(e.evict)
+    }
+}
+
+/// The key a source address is counted under: an IPv4 address (IPv4-mapped IPv6 included) or
+/// an IPv6 /64, the block one subscriber usually gets.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+/// How a connection may be evicted.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Never (the client may not speak first).
+    Fixed,
+    /// Until its first byte.
+    UntilSpoke,
+    /// Until [`Slot::establish`]; counted against its source's pending cap.
+    Pending(IpAddr),
 }
 
 /// One listener's connection cap (see the module docs).
@@ -135,9 +198,12 @@ struct LimitState {
 pub struct ConnLimit {
     listener: String,
     max: usize,
+    /// Most pending connections of one source.
+    per_source: usize,
     state: Mutex<LimitState>,
     refused: AtomicU64,
     evicted: AtomicU64,
+    evicted_source: AtomicU64,
     log: RateLimited,
     /// Woken when a slot is given back.
     freed: tokio::sync::Notify,
@@ -146,12 +212,24 @@ pub struct ConnLimit {
 impl ConnLimit {
     /// A cap of `max` connections for the listener named `listener` (in log lines).
     pub fn new(listener: impl Into<String>, max: usize) -> Arc<Self> {
+        Self::with_source_cap(listener, max, DEFAULT_MAX_PENDING_PER_SOURCE)
+    }
+
+    /// [`new`](Self::new) with at most `per_source` pending connections per source address
+    /// (see [`admit_pending`](Self::admit_pending)).
+    pub fn with_source_cap(
+        listener: impl Into<String>,
+        max: usize,
+        per_source: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             listener: listener.into(),
             max: max.max(1),
+            per_source: per_source.max(1),
             state: Mutex::default(),
             refused: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            evicted_source: AtomicU64::new(0),
             log: RateLimited::new(LOG_EVERY),
             freed: tokio::sync::Notify::new(),
         })
@@ -176,9 +254,28 @@ impl ConnLimit {
         self.refused.load(Relaxed)
     }
 
-    /// Silent connections closed to make room for a newcomer.
+    /// Silent or pending connections closed to make room for a newcomer (the cap was full).
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Relaxed)
+    }
+
+    /// Pending connections closed because their source had its fill of pending connections
+    /// and opened another.
+    pub fn evicted_source(&self) -> u64 {
+        self.evicted_source.load(Relaxed)
+    }
+
+    /// Connections not yet established now (silent or pending).
+    pub fn pending(&self) -> usize {
+        self.state().evictable.len()
+    }
+
+    /// Pending connections of `source` now.
+    pub fn pending_from(&self, source: IpAddr) -> usize {
+        self.state()
+            .sources
+            .get(&source_key(source))
+            .map_or(0, BTreeSet::len)
     }
 
     /// Admits one more connection, or refuses it when the cap is reached. With
@@ -187,9 +284,37 @@ impl ConnLimit {
     /// An evicted connection holds its descriptor until its task sees the eviction, so while an
     /// eighth of the cap is still closing this waits (briefly) for them to go.
     pub async fn admit(self: &Arc<Self>, client_speaks_first: bool) -> Result<Slot, OverCap> {
+        self.admit_mode(Self::mode(client_speaks_first)).await
+    }
+
+    /// Admits a connection from `source` that stays *pending* until [`Slot::establish`]: a full
+    /// cap evicts the oldest pending (or silent) connection to admit it, and when `source`
+    /// already holds its share of pending connections, its own oldest is evicted instead (see
+    /// the module docs). Bytes do not end the pending phase.
+    pub async fn admit_pending(self: &Arc<Self>, source: IpAddr) -> Result<Slot, OverCap> {
+        self.admit_mode(Mode::Pending(source_key(source))).await
+    }
+
+    /// [`admit_pending`](Self::admit_pending) without waiting.
+    pub fn try_admit_pending(self: &Arc<Self>, source: IpAddr) -> Result<Slot, OverCap> {
+        match self.attempt(Mode::Pending(source_key(source))) {
+            Attempt::Admitted(slot) => Ok(slot),
+            Attempt::Full | Attempt::Evicting => Err(self.over_cap()),
+        }
+    }
+
+    fn mode(client_speaks_first: bool) -> Mode {
+        if client_speaks_first {
+            Mode::UntilSpoke
+        } else {
+            Mode::Fixed
+        }
+    }
+
+    async fn admit_mode(self: &Arc<Self>, mode: Mode) -> Result<Slot, OverCap> {
         loop {
             let freed = self.freed.notified();
-            match self.attempt(client_speaks_first) {
+            match self.attempt(mode) {
                 Attempt::Admitted(slot) => return Ok(slot),
                 Attempt::Full => return Err(self.over_cap()),
                 Attempt::Evicting => {
@@ -201,7 +326,7 @@ impl ConnLimit {
 
     /// [`admit`](Self::admit) without waiting: refuses while evicted connections are closing.
     pub fn try_admit(self: &Arc<Self>, client_speaks_first: bool) -> Result<Slot, OverCap> {
-        match self.attempt(client_speaks_first) {
+        match self.attempt(Self::mode(client_speaks_first)) {
             Attempt::Admitted(slot) => Ok(slot),
             Attempt::Full | Attempt::Evicting => Err(self.over_cap()),
         }
@@ -220,31 +345,80 @@ impl ConnLimit {
         OverCap { max: self.max }
     }
 
-    fn attempt(self: &Arc<Self>, client_speaks_first: bool) -> Attempt {
+    fn attempt(self: &Arc<Self>, mode: Mode) -> Attempt {
         let mut st = self.state();
-        if st.open >= self.max {
-            if !client_speaks_first || st.silent.is_empty() {
+        // Evicted connections keep their descriptor until their task sees the eviction.
+        let closing_too_many = st.open >= self.max + (self.max / 8).max(1);
+        let mut made_room = false;
+        if let Mode::Pending(src) = mode {
+            let oldest = st
+                .sources
+                .get(&src)
+                .filter(|set| set.len() >= self.per_source)
+                .and_then(|set| set.first().copied());
+            if let Some(seq) = oldest {
+                if closing_too_many {
+                    return Attempt::Evicting;
+                }
+                if let Some(victim) = st.take(seq) {
+                    victim.cancel();
+                    self.evicted_source.fetch_add(1, Relaxed);
+                    made_room = true;
+                }
+            }
+        }
+        if st.open >= self.max && !made_room {
+            if matches!(mode, Mode::Fixed) || st.evictable.is_empty() {
                 return Attempt::Full;
             }
-            if st.open >= self.max + (self.max / 8).max(1) {
+            if closing_too_many {
                 return Attempt::Evicting;
             }
-            if let Some((_, victim)) = st.silent.pop_first() {
-                victim.cancel();
-                self.evicted.fetch_add(1, Relaxed);
+            if let Some(seq) = st.evictable.first_key_value().map(|(k, _)| *k) {
+                if let Some(victim) = st.take(seq) {
+                    victim.cancel();
+                    self.evicted.fetch_add(1, Relaxed);
+                }
             }
         }
         let evict = CancellationToken::new();
         st.open += 1;
         st.next += 1;
         let seq = st.next;
-        if client_speaks_first {
-            st.silent.insert(seq, evict.clone());
+        let source = match mode {
+            Mode::Fixed => None,
+            Mode::UntilSpoke => {
+                st.evictable.insert(
+                    seq,
+                    Evictable {
+                        source: None,
+                        evict: evict.clone(),
+                    },
+                );
+                None
+            }
+            Mode::Pending(src) => {
+                st.evictable.insert(
+                    seq,
+                    Evictable {
+                        source: Some(src),
+                        evict: evict.clone(),
+                    },
+                );
+                st.sources.entry(src).or_default().insert(seq);
+                Some(src)
+            }
+        };
+        let established = CancellationToken::new();
+        if matches!(mode, Mode::Fixed) {
+            established.cancel();
         }
         Attempt::Admitted(Slot {
             limit: self.clone(),
             seq,
             evict,
+            established,
+            pending_until_established: source.is_some(),
         })
     }
 }
@@ -263,15 +437,48 @@ pub struct Slot {
     limit: Arc<ConnLimit>,
     seq: u64,
     evict: CancellationToken,
+    /// Cancelled once the connection can no longer be evicted.
+    established: CancellationToken,
+    /// Admitted by [`ConnLimit::admit_pending`]: its first bytes do not establish it.
+    pending_until_established: bool,
 }
 
 impl Slot {
-    /// The connection has sent its first bytes: it can no longer be evicted.
+    /// The connection has sent its first bytes: unless it was admitted pending, it can no
+    /// longer be evicted.
     pub fn spoke(&self) {
-        self.limit.state().silent.remove(&self.seq);
+        if !self.pending_until_established {
+            self.establish();
+        }
     }
 
-    /// Resolves when a newcomer evicted this (silent) connection.
+    /// The connection is established (a whole ClientHello read, its node authenticated): it
+    /// can no longer be evicted and no longer counts against its source's pending cap.
+    pub fn establish(&self) {
+        self.mark().establish();
+    }
+
+    /// A handle that establishes this slot from elsewhere (e.g. where the node behind the
+    /// connection is authenticated).
+    pub fn mark(&self) -> SlotMark {
+        SlotMark {
+            limit: self.limit.clone(),
+            seq: self.seq,
+            established: self.established.clone(),
+        }
+    }
+
+    /// Whether the connection is established.
+    pub fn is_established(&self) -> bool {
+        self.established.is_cancelled()
+    }
+
+    /// Resolves once the connection is established.
+    pub async fn established(&self) {
+        self.established.cancelled().await;
+    }
+
+    /// Resolves when a newcomer evicted this (silent or pending) connection.
     pub async fn evicted(&self) {
         self.evict.cancelled().await;
     }
@@ -296,9 +503,30 @@ impl Drop for Slot {
         {
             let mut st = self.limit.state();
             st.open = st.open.saturating_sub(1);
-            st.silent.remove(&self.seq);
+            st.take(self.seq);
         }
         self.limit.freed.notify_waiters();
+    }
+}
+
+/// Establishes a [`Slot`] from elsewhere (see [`Slot::mark`]).
+#[derive(Debug, Clone)]
+pub struct SlotMark {
+    limit: Arc<ConnLimit>,
+    seq: u64,
+    established: CancellationToken,
+}
+
+impl SlotMark {
+    /// See [`Slot::establish`]; nothing once the slot is gone or evicted.
+    pub fn establish(&self) {
+        if self.established.is_cancelled() {
+            return;
+        }
+        let taken = self.limit.state().take(self.seq).is_some();
+        if taken {
+            self.established.cancel();
+        }
     }
 }
 
@@ -415,6 +643,89 @@ mod tests {
         let _ = limit
             .try_admit(false)
             .expect_err("a listener whose clients may not speak first refuses");
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_its_share_of_pending_connections() {
+        let limit = ConnLimit::with_source_cap("test", 100, 3);
+        let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+        let a1 = limit.try_admit_pending(a).expect("a1");
+        let _a2 = limit.try_admit_pending(a).expect("a2");
+        let _a3 = limit.try_admit_pending(a).expect("a3");
+        let _b1 = limit.try_admit_pending(b).expect("b1");
+        assert_eq!(limit.pending_from(a), 3);
+        // A fourth from `a` evicts a's oldest, never b's.
+        let _a4 = limit.try_admit_pending(a).expect("a4");
+        tokio::time::timeout(Duration::from_secs(1), a1.evicted())
+            .await
+            .expect("a's oldest is told to go");
+        assert_eq!(limit.evicted_source(), 1);
+        assert_eq!(limit.evicted(), 0);
+        assert_eq!(limit.pending_from(a), 3);
+        assert_eq!(limit.pending_from(b), 1);
+        drop(a1);
+        assert_eq!(limit.open(), 4);
+    }
+
+    #[tokio::test]
+    async fn pending_connections_are_evicted_oldest_first_until_established() {
+        let limit = ConnLimit::with_source_cap("test", 3, 10);
+        let legit = limit.try_admit_pending(ip("192.0.2.1")).expect("legit");
+        let junk1 = limit.try_admit_pending(ip("192.0.2.2")).expect("junk1");
+        let _junk2 = limit.try_admit_pending(ip("192.0.2.3")).expect("junk2");
+        // Bytes alone (a trickled ClientHello) do not make a pending connection safe.
+        junk1.spoke();
+        assert!(!junk1.is_established());
+        // The legit one is established from elsewhere (its node authenticated).
+        let mark = legit.mark();
+        mark.establish();
+        assert!(legit.is_established());
+        assert_eq!(limit.pending_from(ip("192.0.2.1")), 0);
+        let _junk3 = limit
+            .try_admit_pending(ip("192.0.2.4"))
+            .expect("evicts junk1");
+        tokio::time::timeout(Duration::from_secs(1), junk1.evicted())
+            .await
+            .expect("the oldest pending connection is told to go");
+        assert_eq!(limit.evicted(), 1);
+        // Establishing an evicted connection does not bring it back.
+        junk1.establish();
+        assert!(!junk1.is_established());
+        drop(junk1);
+        let _junk4 = limit
+            .try_admit_pending(ip("192.0.2.5"))
+            .expect("evicts junk2");
+        assert_eq!(limit.evicted(), 2);
+        assert!(
+            !legit.evict.is_cancelled(),
+            "an established connection stays"
+        );
+        let _ = limit
+            .try_admit(false)
+            .expect_err("fixed connections are refused when full");
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:aaaa::1")),
+            source_key(ip("2001:db8:1:2:bbbb::2"))
+        );
+        assert_ne!(
+            source_key(ip("2001:db8:1:2::1")),
+            source_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        let limit = ConnLimit::with_source_cap("test", 100, 2);
+        let first = limit.try_admit_pending(ip("2001:db8::1")).expect("1");
+        let _second = limit.try_admit_pending(ip("2001:db8::2")).expect("2");
+        let _third = limit.try_admit_pending(ip("2001:db8::3")).expect("3");
+        assert!(first.evict.is_cancelled(), "one /64 is one source");
+        assert_eq!(limit.pending_from(ip("2001:db8::ffff")), 2);
     }
 
     #[test]

@@ -105,6 +105,13 @@ pub trait Gate: Send {
     /// it presented still readable with [`RequestHead::presented_authorization`]); may edit it
     /// before it is forwarded (e.g. take out a cookie meant for the gate).
     fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send;
+
+    /// Cancelled when what let this connection's requests through is withdrawn (an access
+    /// grant revoked): the proxy then closes the connection at once, an upgraded one (a
+    /// WebSocket, which sends no more requests to check) included. `None`: never.
+    fn withdrawn(&self) -> Option<tokio_util::sync::CancellationToken> {
+        None
+    }
 }
 
 /// Counters of one proxied connection.
@@ -150,6 +157,10 @@ pub enum ProxyError {
     /// Reading from or writing to the upstream failed.
     #[error("upstream connection: {0}")]
     Upstream(#[source] io::Error),
+    /// The gate withdrew what let the connection in (e.g. its access grant was revoked); the
+    /// connection, tunnel included, was closed.
+    #[error("closed: its access was withdrawn")]
+    Withdrawn,
 }
 
 /// Serves one client connection: requests go through the filter and the `gate` to a lazily
@@ -173,6 +184,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
     G: Gate,
 {
+    let withdrawn = gate.withdrawn();
     let (client_r, client_w) = tokio::io::split(client);
     // At most two events: the upstream opened, then a refusal.
     let (events_tx, events_rx) = mpsc::channel(2);
@@ -198,7 +210,16 @@ where
         tracker,
         answers: answers_tx,
     };
-    let (up, down) = tokio::try_join!(up.run(client_r), down.run(client_w, events_rx, closed_tx))?;
+    let both =
+        async { tokio::try_join!(up.run(client_r), down.run(client_w, events_rx, closed_tx)) };
+    let (up, down) = match withdrawn {
+        None => both.await?,
+        Some(w) => tokio::select! {
+            r = both => r?,
+            // Dropping both directions closes the client and the upstream.
+            _ = w.cancelled() => return Err(ProxyError::Withdrawn),
+        },
+    };
     let (outcome, mut stats) = up;
     stats.bytes_down = down;
     match outcome {

@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 const GRANTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("grants");
 /// File name of the store inside the state directory.
@@ -124,6 +125,8 @@ pub struct AccessStore {
     db: Database,
     /// Hash of the secret -> record.
     cache: Mutex<HashMap<String, Record>>,
+    /// Grant id -> the connections let in under it (see [`watch`](Self::watch)).
+    watchers: Mutex<HashMap<String, Vec<Weak<CancellationToken>>>>,
 }
 
 impl AccessStore {
@@ -172,6 +175,7 @@ impl AccessStore {
         Ok(Self {
             db,
             cache: Mutex::new(cache),
+            watchers: Mutex::default(),
         })
     }
 
@@ -221,7 +225,28 @@ impl AccessStore {
         })
     }
 
-    /// Revokes grant `id`: it stops working at the next request. Durable when this returns.
+    fn watchers(&self) -> MutexGuard<'_, HashMap<String, Vec<Weak<CancellationToken>>>> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancels `closer` when grant `id` is revoked: how a connection let in under the grant
+    /// (an upgraded one above all, which sends no more requests to check) is closed. Held
+    /// weakly: a connection that ended is forgotten.
+    pub fn watch(&self, id: &str, closer: &Arc<CancellationToken>) {
+        let mut w = self.watchers();
+        let list = w.entry(id.to_owned()).or_default();
+        list.retain(|t| t.strong_count() > 0);
+        list.push(Arc::downgrade(closer));
+        if w.len() > 1024 {
+            w.retain(|_, l| {
+                l.retain(|t| t.strong_count() > 0);
+                !l.is_empty()
+            });
+        }
+    }
+
+    /// Revokes grant `id`: it stops working at the next request, and the connections let in
+    /// under it are closed. Durable when this returns.
     pub fn revoke(&self, id: &str) -> Result<GrantInfo, AccessError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
@@ -229,6 +254,10 @@ impl AccessStore {
             t.remove(id).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
+        let closers = self.watchers().remove(id).unwrap_or_default();
+        for closer in closers.iter().filter_map(Weak::upgrade) {
+            closer.cancel();
+        }
         let mut cache = self.cache();
         let key = cache
             .iter()
@@ -271,6 +300,31 @@ mod tests {
 
     fn svc(s: &str) -> ServiceName {
         ServiceName::new(s).expect("name")
+    }
+
+    #[test]
+    fn revoking_a_grant_cancels_the_connections_watching_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = AccessStore::open(dir.path()).expect("open");
+        let ttl = Duration::from_secs(60);
+        let a = store.create(&svc("web"), ttl, BTreeMap::new()).expect("a");
+        let b = store.create(&svc("web"), ttl, BTreeMap::new()).expect("b");
+        let (on_a, on_b) = (
+            Arc::new(CancellationToken::new()),
+            Arc::new(CancellationToken::new()),
+        );
+        store.watch(&a.info.id, &on_a);
+        store.watch(&b.info.id, &on_b);
+        // A connection that ended is forgotten at the next watch of its grant.
+        let ended = Arc::new(CancellationToken::new());
+        store.watch(&a.info.id, &ended);
+        drop(ended);
+        store.watch(&a.info.id, &on_a);
+        assert_eq!(store.watchers().get(&a.info.id).map(Vec::len), Some(2));
+        store.revoke(&a.info.id).expect("revoke");
+        assert!(on_a.is_cancelled(), "a's connection is told to close");
+        assert!(!on_b.is_cancelled(), "b's connection stays");
+        assert!(store.watchers().get(&a.info.id).is_none());
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub struct AccessGate {
     lease: Option<Arc<LeaseManager>>,
     /// Lease subscriptions by grant id, kept while the connection lasts.
     subs: HashMap<String, watch::Receiver<Option<LeaseGrant>>>,
+    /// Cancelled when a grant this connection was let in under is revoked.
+    closer: Arc<tokio_util::sync::CancellationToken>,
+    /// The grants watched for revocation.
+    watched: std::collections::HashSet<String>,
 }
 
 impl AccessGate {
@@ -50,6 +54,8 @@ impl AccessGate {
             service,
             lease,
             subs: HashMap::new(),
+            closer: Arc::default(),
+            watched: Default::default(),
         }
     }
 
@@ -85,6 +91,9 @@ impl AccessGate {
         let Some(info) = granted else {
             return self.forbidden(denied);
         };
+        if self.watched.insert(info.id.clone()) {
+            self.store.watch(&info.id, &self.closer);
+        }
         // The grant's secret is for the gate only: the service never sees it.
         head.remove_cookie(COOKIE);
         self.count("allowed");
@@ -150,6 +159,10 @@ impl AccessGate {
 impl Gate for AccessGate {
     fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
         self.decide(head)
+    }
+
+    fn withdrawn(&self) -> Option<tokio_util::sync::CancellationToken> {
+        Some(self.closer.as_ref().clone())
     }
 }
 

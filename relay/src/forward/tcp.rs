@@ -13,14 +13,23 @@
 //!
 //! [`TcpFallback`] holds the listener between the relay's `bind` and `run`; [`serve`] accepts
 //! links; the datagrams they carry are [`postern_net::transport::links`]' work.
+//!
+//! Until the node inside is authenticated a link is *pending* ([`PendingLinks`]): it must
+//! finish TLS within [`HANDSHAKE_TIMEOUT`] and authenticate within [`PREAUTH_TIMEOUT`], one
+//! source address holds at most [`MAX_PENDING_PER_SOURCE`] pending links, and when the cap is
+//! full a newcomer evicts the oldest pending link (see [`postern_net::runtime::limit`]). Idle
+//! or trickling junk therefore only ever displaces junk, and a node reconnecting gets in.
 
+use postern_net::runtime::limit::{ConnLimit, SlotMark};
 use postern_net::transport::links::StreamLinks;
 use postern_proto::dgram::ALPN_TCP;
 use postern_proto::tls::{self, Identity, TlsError};
 use rustls::RootCertStore;
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -30,8 +39,43 @@ use tracing::Instrument;
 
 /// Most TLS/TCP nodes served at once; more are refused until some leave.
 pub const MAX_LINKS: usize = 4096;
-/// How long a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a link may take from its accept to a finished TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a link may take from its accept to its node's authenticated control connection.
+pub const PREAUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most links one source address may hold before its node is authenticated.
+pub const MAX_PENDING_PER_SOURCE: usize =
+    postern_net::runtime::limit::DEFAULT_MAX_PENDING_PER_SOURCE;
+
+/// The links whose node is not authenticated yet, by virtual address: the relay's session
+/// code marks one established when a node authenticates from that address.
+#[derive(Debug, Default)]
+pub struct PendingLinks {
+    marks: Mutex<HashMap<SocketAddr, SlotMark>>,
+}
+
+impl PendingLinks {
+    fn marks(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SlotMark>> {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A node authenticated from `addr`: if that is a pending link, it is now established.
+    pub(crate) fn authenticated(&self, addr: SocketAddr) {
+        if let Some(mark) = self.marks().remove(&addr) {
+            mark.establish();
+        }
+    }
+
+    /// Links waiting for their node to authenticate.
+    pub fn len(&self) -> usize {
+        self.marks().len()
+    }
+
+    /// No link is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Why the TLS/TCP fallback could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +97,7 @@ pub struct TcpFallback {
     links: Arc<StreamLinks>,
     listener: Option<std::net::TcpListener>,
     stats: Arc<TcpStats>,
+    pending: Arc<PendingLinks>,
 }
 
 impl TcpFallback {
@@ -68,6 +113,7 @@ impl TcpFallback {
             links,
             listener: None,
             stats: Arc::default(),
+            pending: Arc::default(),
         })
     }
 
@@ -84,6 +130,11 @@ impl TcpFallback {
     /// The listener's counters.
     pub(crate) fn stats(&self) -> Arc<TcpStats> {
         self.stats.clone()
+    }
+
+    /// The links whose node has not authenticated yet.
+    pub(crate) fn pending(&self) -> Arc<PendingLinks> {
+        self.pending.clone()
     }
 
     /// The links TCP nodes are served on.
@@ -106,6 +157,7 @@ impl TcpFallback {
             self.tls.clone(),
             self.links.clone(),
             self.stats.clone(),
+            self.pending.clone(),
             stop,
         )))
     }
@@ -122,8 +174,13 @@ pub struct TcpStats {
     pub refused: AtomicU64,
     /// Of `refused`: connections over the cap ([`MAX_LINKS`]), closed at once.
     pub refused_cap: AtomicU64,
-    /// Of `refused`: connections that sent nothing and were closed to make room for a new one.
-    pub evicted_silent: AtomicU64,
+    /// Of `refused`: pending links (node not authenticated) closed to make room for a new one.
+    pub evicted_pending: AtomicU64,
+    /// Of `refused`: pending links closed because their source opened more than
+    /// [`MAX_PENDING_PER_SOURCE`].
+    pub evicted_source: AtomicU64,
+    /// Of `refused`: links whose node did not authenticate within [`PREAUTH_TIMEOUT`].
+    pub preauth_timeout: AtomicU64,
 }
 
 /// The relay's TLS server configuration for links.
@@ -146,14 +203,16 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     links: Arc<StreamLinks>,
     stats: Arc<TcpStats>,
+    pending: Arc<PendingLinks>,
     shutdown: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let next = AtomicU32::new(1);
     let tasks = TaskTracker::new();
-    let limit = postern_net::runtime::limit::ConnLimit::new(
+    let limit = ConnLimit::with_source_cap(
         "relay TLS/TCP",
         postern_net::runtime::limit::default_cap(Some(MAX_LINKS)),
+        MAX_PENDING_PER_SOURCE,
     );
     let mut backoff = postern_net::runtime::limit::AcceptBackoff::new("relay TLS/TCP");
     tracing::info!(addr = %postern_net::runtime::logging::local_addr(listener.local_addr()), "relay listening on TLS/TCP for nodes without UDP");
@@ -171,43 +230,56 @@ pub async fn serve(
             }
         };
         backoff.succeeded();
-        // The client speaks first (ClientHello): a silent connection makes room for a new one.
-        let Ok(permit) = limit.admit(true).await else {
+        let (evicted, evicted_source) = (limit.evicted(), limit.evicted_source());
+        // Pending until its node authenticates: junk makes room for a node reconnecting.
+        let Ok(slot) = limit.admit_pending(peer.ip()).await else {
             stats.refused.fetch_add(1, Relaxed);
             stats.refused_cap.fetch_add(1, Relaxed);
             tracing::debug!(%peer, "refusing TLS/TCP node: too many links");
             continue;
         };
+        let (evicted, evicted_source) = (
+            limit.evicted() - evicted,
+            limit.evicted_source() - evicted_source,
+        );
+        if evicted > 0 {
+            stats.refused.fetch_add(evicted, Relaxed);
+            stats.evicted_pending.fetch_add(evicted, Relaxed);
+            postern_net::refusal!(
+                info,
+                "tcp_evicted_pending",
+                "TLS/TCP links not authenticated closed to make room (link cap full)"
+            );
+        }
+        if evicted_source > 0 {
+            stats.refused.fetch_add(evicted_source, Relaxed);
+            stats.evicted_source.fetch_add(evicted_source, Relaxed);
+            postern_net::refusal!(
+                info,
+                "tcp_evicted_source",
+                "TLS/TCP links not authenticated closed: their source opened too many"
+            );
+        }
         let _ = tcp.set_nodelay(true);
         let n = next.fetch_add(1, Relaxed) & 0x00ff_ffff;
         let [_, b, c, d] = n.to_be_bytes();
         let virt = SocketAddr::new(Ipv4Addr::new(240, b, c, d).into(), 443);
-        let (acceptor, links, stats, stop) = (
+        let (acceptor, links, stats, pending, stop) = (
             acceptor.clone(),
             links.clone(),
             stats.clone(),
+            pending.clone(),
             shutdown.clone(),
         );
         tasks.spawn(
             async move {
-                let slot = permit;
-                // One time limit for the first bytes and the whole handshake.
-                let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-                match tokio::time::timeout_at(deadline, slot.wait_first_bytes(&tcp)).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        stats.refused.fetch_add(1, Relaxed);
-                        stats.evicted_silent.fetch_add(1, Relaxed);
-                        tracing::debug!("silent TLS/TCP connection closed to make room");
-                        return;
-                    }
-                    Err(_) => {
-                        stats.refused.fetch_add(1, Relaxed);
-                        postern_net::refusal!(info, "tcp_silent", "TLS/TCP connections sent nothing in time");
-                        return;
-                    }
-                }
-                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                let accepted_at = tokio::time::Instant::now();
+                // Evicted to make room: nothing more to do (counted at the accept).
+                let tls = tokio::select! {
+                    _ = slot.evicted() => return,
+                    t = tokio::time::timeout_at(accepted_at + HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => t,
+                };
+                let tls = match tls {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         stats.refused.fetch_add(1, Relaxed);
@@ -216,14 +288,48 @@ pub async fn serve(
                     }
                     Err(_) => {
                         stats.refused.fetch_add(1, Relaxed);
-                        postern_net::refusal!(info, "tcp_tls_timeout", "TLS/TCP handshakes timed out");
+                        postern_net::refusal!(info, "tcp_tls_timeout", "TLS/TCP handshakes timed out (or sent nothing)");
                         return;
                     }
                 };
                 stats.accepted.fetch_add(1, Relaxed);
                 stats.open.fetch_add(1, Relaxed);
-                tracing::info!(%virt, "node link up over TLS/TCP");
-                let result = links.serve(virt, tls, stop).await;
+                pending.marks().insert(virt, slot.mark());
+                tracing::debug!(%virt, "node link up over TLS/TCP");
+                let serve = links.serve(virt, tls, stop);
+                tokio::pin!(serve);
+                enum Early {
+                    Ended,
+                    Authenticated,
+                    Evicted,
+                    TimedOut,
+                }
+                let early = tokio::select! {
+                    r = &mut serve => {
+                        tracing::debug!(%virt, result = ?r.err(), "TLS/TCP link ended before its node authenticated");
+                        Early::Ended
+                    }
+                    _ = slot.established() => Early::Authenticated,
+                    _ = slot.evicted() => Early::Evicted,
+                    _ = tokio::time::sleep_until(accepted_at + PREAUTH_TIMEOUT) => Early::TimedOut,
+                };
+                pending.marks().remove(&virt);
+                match early {
+                    Early::Authenticated => {}
+                    Early::Ended | Early::Evicted => {
+                        stats.open.fetch_sub(1, Relaxed);
+                        return;
+                    }
+                    Early::TimedOut => {
+                        stats.open.fetch_sub(1, Relaxed);
+                        stats.refused.fetch_add(1, Relaxed);
+                        stats.preauth_timeout.fetch_add(1, Relaxed);
+                        postern_net::refusal!(info, "tcp_preauth_timeout", "TLS/TCP links closed: no node authenticated in time");
+                        return;
+                    }
+                }
+                tracing::info!(%virt, "node link up over TLS/TCP, node authenticated");
+                let result = serve.await;
                 stats.open.fetch_sub(1, Relaxed);
                 match result {
                     Ok(()) => tracing::info!(%virt, "node link closed"),

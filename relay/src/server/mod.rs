@@ -94,6 +94,7 @@ impl Relay {
                 source,
             })?;
         let tcp = TcpFallback::new(&opts.identity, opts.roots.clone(), socket.links())?;
+        let tcp_pending = tcp.pending();
         let server = endpoint::relay_server(&opts.identity, opts.roots)?;
         let socket = Arc::new(socket);
         let socket_alive = Arc::downgrade(&socket);
@@ -134,6 +135,7 @@ impl Relay {
                 admission: admission_stats.clone(),
                 waiting: Mutex::default(),
                 me: Mutex::default(),
+                tcp_pending,
             }),
             drain_timeout: Duration::ZERO,
             tcp,

@@ -74,8 +74,14 @@ pub(super) async fn serve_node(
         );
         return;
     }
-    // Authenticated: the slot is for handshakes, not for connected nodes.
+    // Authenticated: the slot is for handshakes, not for connected nodes; a TLS/TCP link
+    // carrying this connection is no longer pending either.
     drop(pending);
+    shared
+        .tcp_pending
+        .authenticated(postern_net::transport::udp::canonical(
+            conn.remote_address(),
+        ));
     let attrs = postern_net::transport::endpoint::peer_attributes(&conn);
     let id = shared.next_id.fetch_add(1, Relaxed);
     let replaced = {

@@ -77,8 +77,13 @@ pub struct PublicStats {
     /// Closed at once because [`MAX_CONNECTIONS`](crate::public::MAX_CONNECTIONS) were open
     /// (and none was silent).
     pub refused_cap: AtomicU64,
-    /// Silent connections (no byte of ClientHello yet) closed to make room for a new one.
-    pub evicted_silent: AtomicU64,
+    /// Connections whose ClientHello was not complete yet, closed to make room for a new one.
+    pub evicted_pending: AtomicU64,
+    /// Connections whose ClientHello was not complete yet, closed because their source opened
+    /// more than [`MAX_PENDING_PER_SOURCE`](crate::public::MAX_PENDING_PER_SOURCE).
+    pub evicted_source: AtomicU64,
+    /// Connections closed because their ClientHello was not complete in time.
+    pub preauth_timeout: AtomicU64,
 }
 
 /// What every task of one relay works on: who is connected, what they registered, the routes
@@ -106,6 +111,8 @@ pub(super) struct Shared {
     pub(super) public_stats: Arc<PublicStats>,
     /// Handshake admission counters.
     pub(super) admission: Arc<AdmissionStats>,
+    /// TLS/TCP links whose node has not authenticated yet (marked once one does).
+    pub(super) tcp_pending: Arc<crate::forward::tcp::PendingLinks>,
     /// Per service, the nodes refused a route to it for want of a live outlet: told
     /// (`OutletBack`) as soon as an outlet registers it, then forgotten.
     pub(super) waiting: Mutex<HashMap<ServiceName, std::collections::BTreeSet<NodeId>>>,
