@@ -51,6 +51,8 @@ pub struct InletFile {
     pub transport: Option<postern_net::transport::relay_path::TransportMode>,
     /// `bbr`, `cubic` or `newreno`: the end-to-end congestion controller.
     pub congestion: Option<postern_net::transport::endpoint::Congestion>,
+    /// `auto` or `never`: whether end-to-end connections may take a direct path.
+    pub direct: Option<postern_net::transport::direct::DirectMode>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -191,6 +193,7 @@ impl RunArgs {
                 .unwrap_or_default(),
             transport: file.transport,
             congestion: file.congestion,
+            direct: file.direct,
             relay_tcp_port: file.relay_tcp_port,
             relay_name: file.relay_name,
             ticket: file.ticket,
