@@ -11,6 +11,7 @@ pub mod influxd;
 pub mod kit;
 pub mod leases;
 pub mod lossy;
+pub mod natlab;
 pub mod openapi;
 pub mod ops;
 pub mod ports;
