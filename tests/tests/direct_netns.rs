@@ -237,6 +237,37 @@ async fn when_the_direct_path_goes_quiet_the_connection_falls_back_to_the_relay(
     );
 }
 
+/// After the route went direct, the relay is killed (SIGKILL: no goodbye): the transfer under
+/// way finishes intact over the direct path, although both nodes lose their control
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_going_direct_a_transfer_outlives_the_relay() {
+    postern_tests::kit::init_logging();
+    let Some(lab) = lab_or_skip() else { return };
+    let mut tunnel = LabTunnel::start(&lab, "auto", "auto").await;
+    let t = transfer(&lab, 40, "0.25");
+    wait_metric(&lab, "a", DIRECT, Duration::from_secs(20), &tunnel, |v| {
+        v == 1.0
+    })
+    .await;
+    tunnel.relay.child.start_kill().expect("kill relay");
+    // Both nodes notice (control connections time out) while the transfer goes on.
+    let lost = "postern_inlet_relay_connected";
+    wait_metric(&lab, "a", lost, Duration::from_secs(15), &tunnel, |v| {
+        v == 0.0
+    })
+    .await;
+    finished_intact(t, 40, &tunnel).await;
+    assert!(
+        tunnel
+            .inlet
+            .log()
+            .contains("routes running direct carry on"),
+        "{}",
+        tunnel.logs()
+    );
+}
+
 const SNIFF_PROBE: &str = r#"
 import socket, struct, sys
 # Every IPv4 packet on the router's LAN port; keep the first probe that reaches the outlet.

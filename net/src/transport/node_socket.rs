@@ -289,16 +289,30 @@ impl NodeSocket {
         routes.by_virtual.get(&canonical(virt)).map(|v| v.route)
     }
 
-    /// Removes every route through `relay` (its route table is gone); returns them.
+    /// Removes every route through `relay` (its route table is gone); returns them. Routes
+    /// running direct now are kept: their connections do not need the relay while the direct
+    /// path lasts (if it goes quiet they fall back to a relay that no longer knows the route,
+    /// and end at their idle timeout).
     pub fn remove_routes_via(&self, relay: SocketAddr) -> Vec<RouteId> {
         let relay = canonical(relay);
+        let now = self.now_ms();
+        let quiet = direct::QUIET_AFTER.as_millis() as u64;
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<RouteId> = routes
+        let direct_now = |routes: &Routes, id: RouteId| {
+            routes
+                .by_direct
+                .values()
+                .any(|d| d.route == id && now.saturating_sub(d.last_rx.load(Relaxed)) < quiet)
+        };
+        let (gone, kept): (Vec<RouteId>, Vec<RouteId>) = routes
             .by_route
             .iter()
             .filter(|(_, (_, r))| *r == relay)
             .map(|(id, _)| *id)
-            .collect();
+            .partition(|id| !direct_now(&routes, *id));
+        if !kept.is_empty() {
+            tracing::info!(%relay, routes = kept.len(), "relay lost; routes running direct carry on without it");
+        }
         for id in &gone {
             routes.drop_direct(*id);
             if let Some((virt, _)) = routes.by_route.remove(id) {
