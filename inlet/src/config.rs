@@ -358,6 +358,47 @@ mod tests {
     }
 
     #[test]
+    fn direct_comes_from_file_or_flag_and_defaults_to_auto() {
+        use clap::Parser;
+        use postern_net::transport::direct::DirectMode;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inlet.toml");
+        const SERVICE: &str = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n";
+        let config = path.display().to_string();
+        let resolve = |args: &[&str]| {
+            Cli::parse_from(["inlet", "--config", &config].iter().chain(args))
+                .run
+                .resolve()
+                .map(|c| c.transport.direct)
+        };
+        std::fs::write(&path, format!("relay = \"r:1\"\n{SERVICE}")).expect("write");
+        assert_eq!(resolve(&[]).expect("resolve"), DirectMode::Auto);
+        std::fs::write(
+            &path,
+            format!("relay = \"r:1\"\ndirect = \"never\"\n{SERVICE}"),
+        )
+        .expect("write");
+        assert_eq!(resolve(&[]).expect("resolve"), DirectMode::Never);
+        assert_eq!(
+            resolve(&["--direct", "auto"]).expect("resolve"),
+            DirectMode::Auto
+        );
+        assert!(Cli::try_parse_from(["inlet", "--direct", "sometimes"]).is_err());
+        std::fs::write(
+            &path,
+            format!("relay = \"r:1\"\ndirect = \"sometimes\"\n{SERVICE}"),
+        )
+        .expect("write");
+        let e = format!("{:#}", resolve(&[]).expect_err("bad value"));
+        assert!(e.contains("sometimes") || e.contains("direct"), "{e}");
+    }
+
+    #[test]
     fn max_connections_comes_from_file_or_flag() {
         use clap::Parser;
         #[derive(Parser)]

@@ -104,7 +104,9 @@ async fn a_relayed_stream_moves_direct_and_the_relay_stops_forwarding() {
     assert_eq!(sent, got, "SHA-256 of what came back matches");
     let relayed_after = fwd.forwarded_bytes.load(Relaxed);
     assert!(
-        relayed_after - relayed_before < MIB as u64,
+        // What was in flight on the relay path when the outlet's quinn migrated; the whole
+        // transfer is 48 MiB through.
+        relayed_after - relayed_before < 4 * MIB as u64,
         "the relay kept forwarding after the move: {relayed_before} then {relayed_after} bytes"
     );
     let stats = inlet.handle.socket().direct().stats();
