@@ -19,6 +19,8 @@ command -v certutil >/dev/null || need+=(libnss3-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # `ip netns` and `ip rule ... ipproto` for the UDP-blocked namespace of tests/fallback_netns.rs.
 command -v ip >/dev/null || need+=(iproute2)
+# nftables for the NAT lab of tests/direct_netns.rs (tests/lab/natlab.sh).
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 # A three-member etcd cluster on loopback for tests/fleet.rs (the relay fleet's shared state),
 # and protoc, which the etcd client's build needs for etcd's gRPC definitions.
 command -v etcd >/dev/null || need+=(etcd-server)

@@ -51,6 +51,8 @@ pub struct InletFile {
     pub transport: Option<postern_net::transport::relay_path::TransportMode>,
     /// `bbr`, `cubic` or `newreno`: the end-to-end congestion controller.
     pub congestion: Option<postern_net::transport::endpoint::Congestion>,
+    /// `auto` or `never`: whether end-to-end connections may take a direct path.
+    pub direct: Option<postern_net::transport::direct::DirectMode>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -191,6 +193,7 @@ impl RunArgs {
                 .unwrap_or_default(),
             transport: file.transport,
             congestion: file.congestion,
+            direct: file.direct,
             relay_tcp_port: file.relay_tcp_port,
             relay_name: file.relay_name,
             ticket: file.ticket,
@@ -352,6 +355,47 @@ mod tests {
         assert!(Cli::try_parse_from(["inlet", "--congestion", "vegas"]).is_err());
         std::fs::write(&path, format!("relay = \"r:1\"\n{SERVICE}")).expect("write");
         assert_eq!(resolve(&[]), Congestion::default());
+    }
+
+    #[test]
+    fn direct_comes_from_file_or_flag_and_defaults_to_auto() {
+        use clap::Parser;
+        use postern_net::transport::direct::DirectMode;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inlet.toml");
+        const SERVICE: &str = "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n";
+        let config = path.display().to_string();
+        let resolve = |args: &[&str]| {
+            Cli::parse_from(["inlet", "--config", &config].iter().chain(args))
+                .run
+                .resolve()
+                .map(|c| c.transport.direct)
+        };
+        std::fs::write(&path, format!("relay = \"r:1\"\n{SERVICE}")).expect("write");
+        assert_eq!(resolve(&[]).expect("resolve"), DirectMode::Auto);
+        std::fs::write(
+            &path,
+            format!("relay = \"r:1\"\ndirect = \"never\"\n{SERVICE}"),
+        )
+        .expect("write");
+        assert_eq!(resolve(&[]).expect("resolve"), DirectMode::Never);
+        assert_eq!(
+            resolve(&["--direct", "auto"]).expect("resolve"),
+            DirectMode::Auto
+        );
+        assert!(Cli::try_parse_from(["inlet", "--direct", "sometimes"]).is_err());
+        std::fs::write(
+            &path,
+            format!("relay = \"r:1\"\ndirect = \"sometimes\"\n{SERVICE}"),
+        )
+        .expect("write");
+        let e = format!("{:#}", resolve(&[]).expect_err("bad value"));
+        assert!(e.contains("sometimes") || e.contains("direct"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl Observe for InletHandle {
         );
         self.transports()
             .render(out, "postern_inlet_relay_transport");
+        let socket = self.socket();
+        socket
+            .direct()
+            .stats()
+            .render(out, "postern_inlet", socket.path_counts());
         out.counter(
             "postern_inlet_key_updates_total",
             "Key updates made on end-to-end connections.",

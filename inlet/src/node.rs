@@ -60,6 +60,12 @@ pub struct InletHandle {
 const HAND_OUT_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl InletHandle {
+    /// The node's socket: its direct-path counters, and which routes run direct
+    /// ([`NodeSocket::path_counts`](postern_net::transport::node_socket::NodeSocket::path_counts)).
+    pub fn socket(&self) -> &Arc<postern_net::transport::node_socket::NodeSocket> {
+        self.uplink.socket()
+    }
+
     /// The control connection, as it comes and goes.
     pub fn control(&self) -> ControlWatch {
         self.uplink.control()

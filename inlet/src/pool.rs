@@ -292,6 +292,20 @@ impl Pool {
         };
         tracing::info!(%service, %outlet, "end-to-end connection up");
         self.retry_now();
+        if self.uplink.direct_allowed(route) {
+            // Probes are keyed from this first connection's TLS session (the outlet does the
+            // same with the first connection it accepts on the route).
+            if let Some(key) =
+                postern_net::transport::direct::PathKey::from_connection(&conn, route)
+            {
+                tokio::spawn(postern_net::transport::direct::run_inlet(
+                    self.uplink.socket().clone(),
+                    route,
+                    virt,
+                    key,
+                ));
+            }
+        }
         tracing::debug!(%service, route = %route.short(), "end-to-end connection route");
         let pooled = Pooled::new(conn.clone());
         let active = ActiveStream::on(&pooled);

@@ -29,6 +29,11 @@ pub struct NodeFlags {
     /// "Lossy paths") [default: bbr].
     #[arg(long, value_enum)]
     pub congestion: Option<crate::transport::endpoint::Congestion>,
+    /// Whether end-to-end connections may move off the relay onto a direct UDP path between
+    /// the two nodes when their NATs allow it (`auto`), or always go through the relay
+    /// (`never`) [default: auto].
+    #[arg(long, env = "POSTERN_DIRECT", value_name = "auto|never")]
+    pub direct: Option<crate::transport::direct::DirectMode>,
     /// TCP port of the relays' TLS fallback listener [default: the relay's UDP port].
     #[arg(long)]
     pub relay_tcp_port: Option<u16>,
@@ -66,6 +71,7 @@ impl NodeFlags {
             },
             transport: self.transport.or(file.transport),
             congestion: self.congestion.or(file.congestion),
+            direct: self.direct.or(file.direct),
             relay_tcp_port: self.relay_tcp_port.or(file.relay_tcp_port),
             relay_name: self.relay_name.or(file.relay_name),
             ticket: self.ticket.or(file.ticket),
@@ -92,6 +98,7 @@ impl NodeFlags {
             udp_timeout: None,
             udp_probe_interval: None,
             congestion: self.congestion.unwrap_or_default(),
+            direct: self.direct.unwrap_or_default(),
         };
         let node = NodeArgs {
             relay: first,

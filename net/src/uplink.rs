@@ -194,6 +194,22 @@ impl Uplink {
         }
     }
 
+    /// Whether end-to-end connections may take a direct path, and the relay reaching `route`
+    /// is reached over UDP (a node on the TLS/TCP fallback has no UDP address the relay could
+    /// announce).
+    pub fn direct_allowed(&self, route: postern_proto::fwd::RouteId) -> bool {
+        let mode = self
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .direct;
+        mode == crate::transport::direct::DirectMode::Auto
+            && self
+                .socket
+                .relay_of(route)
+                .is_some_and(|relay| !self.socket.links().has(relay))
+    }
+
     /// The congestion controller end-to-end connections use.
     pub fn congestion(&self) -> endpoint::Congestion {
         self.transport

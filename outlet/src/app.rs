@@ -66,6 +66,13 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
     })?;
     outlet.set_drain_timeout(cfg.drain_timeout);
     outlet.set_transport(cfg.transport.clone());
+    outlet.set_direct_never(
+        cfg.services
+            .iter()
+            .filter(|s| s.direct == Some(postern_net::transport::direct::DirectMode::Never))
+            .map(|s| s.name.clone())
+            .collect(),
+    );
     // Relays given in the config, else the other relays the enrollment ticket named.
     let more_relays = if cfg.more_relays.is_empty() {
         &settings.more_relays

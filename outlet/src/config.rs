@@ -37,6 +37,9 @@ pub struct ServiceFile {
     pub public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub public_key: Option<PathBuf>,
+    /// `never` keeps this service's end-to-end connections on the relay even where the node
+    /// allows direct paths [default: the node's `direct`].
+    pub direct: Option<postern_net::transport::direct::DirectMode>,
 }
 
 /// The outlet's config file.
@@ -50,6 +53,8 @@ pub struct OutletFile {
     pub transport: Option<postern_net::transport::relay_path::TransportMode>,
     /// `bbr`, `cubic` or `newreno`: the end-to-end congestion controller.
     pub congestion: Option<postern_net::transport::endpoint::Congestion>,
+    /// `auto` or `never`: whether end-to-end connections may take a direct path.
+    pub direct: Option<postern_net::transport::direct::DirectMode>,
     pub relay_tcp_port: Option<u16>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -175,6 +180,7 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         public: false,
         public_cert: None,
         public_key: None,
+        direct: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -242,6 +248,7 @@ impl RunArgs {
                 .unwrap_or_default(),
             transport: file.transport,
             congestion: file.congestion,
+            direct: file.direct,
             relay_tcp_port: file.relay_tcp_port,
             relay_name: file.relay_name,
             ticket: file.ticket,

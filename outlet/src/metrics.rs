@@ -72,6 +72,11 @@ pub fn describe() {
 
 impl Observe for OutletHandle {
     fn render(&self, out: &mut Exposition) {
+        let socket = self.socket();
+        socket
+            .direct()
+            .stats()
+            .render(out, "postern_outlet", socket.path_counts());
         out.gauge(
             "postern_outlet_streams_open",
             "Client connections being forwarded to a target now.",

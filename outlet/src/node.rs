@@ -53,6 +53,12 @@ pub struct OutletHandle {
 }
 
 impl OutletHandle {
+    /// The node's socket: its direct-path counters, and which routes run direct
+    /// ([`NodeSocket::path_counts`](postern_net::transport::node_socket::NodeSocket::path_counts)).
+    pub fn socket(&self) -> &Arc<postern_net::transport::node_socket::NodeSocket> {
+        self.uplink.socket()
+    }
+
     /// The control connection, as it comes and goes.
     pub fn control(&self) -> ControlWatch {
         self.uplink.control()
@@ -153,6 +159,12 @@ impl Outlet {
         self.public = Some(public);
     }
 
+    /// Keeps these services' end-to-end connections on the relay (`direct = "never"` on the
+    /// service), whatever the node's own setting.
+    pub fn set_direct_never(&mut self, services: std::collections::HashSet<ServiceName>) {
+        self.routes.set_direct_never(services);
+    }
+
     /// A handle for inspection.
     pub fn handle(&self) -> OutletHandle {
         OutletHandle {
@@ -188,7 +200,7 @@ impl Outlet {
             return;
         };
         let accept = serve::accept_loop(
-            self.uplink.endpoint().clone(),
+            self.uplink.clone(),
             self.routes.clone(),
             self.services.clone(),
             shutdown.clone(),

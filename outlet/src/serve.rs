@@ -72,6 +72,8 @@ pub struct Routes {
     expected: Mutex<HashMap<SocketAddr, ExpectedRoute>>,
     /// Live end-to-end connections by route (an inlet may run several over one route).
     conns: Mutex<HashMap<RouteId, Vec<quinn::Connection>>>,
+    /// Services whose connections stay on the relay (`direct = "never"` on the service).
+    direct_never: Mutex<std::collections::HashSet<ServiceName>>,
 }
 
 impl Routes {
@@ -81,6 +83,18 @@ impl Routes {
 
     fn conns(&self) -> MutexGuard<'_, HashMap<RouteId, Vec<quinn::Connection>>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps these services' connections on the relay.
+    pub fn set_direct_never(&self, services: std::collections::HashSet<ServiceName>) {
+        *self.direct_never.lock().unwrap_or_else(|p| p.into_inner()) = services;
+    }
+
+    fn direct_never(&self, service: &ServiceName) -> bool {
+        self.direct_never
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(service)
     }
 
     /// Records a route announced by the relay.
@@ -128,12 +142,13 @@ impl Routes {
 
 /// Accepts end-to-end connections until `shutdown`.
 pub async fn accept_loop(
-    endpoint: quinn::Endpoint,
+    uplink: Arc<postern_net::uplink::Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
     shutdown: CancellationToken,
     drain: Drain,
 ) {
+    let endpoint = uplink.endpoint().clone();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -141,7 +156,8 @@ pub async fn accept_loop(
         };
         let Some(incoming) = incoming else { return };
         let remote = incoming.remote_address();
-        let Some(expected) = routes.lookup(remote) else {
+        // A connection opened over a route's direct path belongs to that route.
+        let Some(expected) = routes.lookup(uplink.socket().primary_virtual(remote)) else {
             // Not a route the relay announced (control connections are never accepted here:
             // the outlet dials the relay, not the other way round).
             tracing::warn!(%remote, "refusing connection on an unknown route");
@@ -153,7 +169,15 @@ pub async fn accept_loop(
         let span =
             tracing::info_span!("e2e", route = %expected.route.short(), inlet = %expected.inlet);
         tokio::spawn(
-            serve_connection(incoming, expected, routes, services, drain.clone()).instrument(span),
+            serve_connection(
+                incoming,
+                expected,
+                routes,
+                services,
+                drain.clone(),
+                uplink.clone(),
+            )
+            .instrument(span),
         );
     }
 }
@@ -164,6 +188,7 @@ async fn serve_connection(
     routes: Arc<Routes>,
     services: Arc<Services>,
     drain: Drain,
+    uplink: Arc<postern_net::uplink::Uplink>,
 ) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -190,11 +215,24 @@ async fn serve_connection(
     }
     let attrs = Arc::new(postern_net::transport::endpoint::peer_attributes(&conn));
     tracing::info!(?attrs, "end-to-end connection up");
-    routes
-        .conns()
-        .entry(expected.route)
-        .or_default()
-        .push(conn.clone());
+    let first = {
+        let mut conns = routes.conns();
+        let list = conns.entry(expected.route).or_default();
+        list.push(conn.clone());
+        list.len() == 1
+    };
+    // The inlet probes with the key of the route's first connection; answer under it.
+    if first && uplink.direct_allowed(expected.route) && !routes.direct_never(&expected.service) {
+        if let Some(key) =
+            postern_net::transport::direct::PathKey::from_connection(&conn, expected.route)
+        {
+            postern_net::transport::direct::start_outlet(
+                uplink.socket().clone(),
+                expected.route,
+                key,
+            );
+        }
+    }
     let reason = loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,

@@ -72,6 +72,15 @@ pub enum Ctl {
     /// refused a route to it for want of a live outlet, so that they ask again now instead of
     /// after their back-off. Answered by `Ack`.
     OutletBack { service: ServiceName },
+    /// Relay -> node, after it granted `route`: where the route's other end may be reached
+    /// directly (the address its control connection comes from, as the relay sees it). The
+    /// nodes may then find a direct path and move their end-to-end connection onto it (see
+    /// the net crate's `transport::direct`). Answered by `Ack`; a node that keeps to the
+    /// relay ignores it.
+    PeerCandidates {
+        route: RouteId,
+        candidates: Vec<std::net::SocketAddr>,
+    },
 }
 
 /// Why the relay refused a route.

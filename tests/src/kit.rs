@@ -8,6 +8,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use postern_inlet::{Inlet, InletHandle, InletOptions, InletService, ServiceKind};
+use postern_net::transport::direct::DirectMode;
 use postern_net::transport::rekey::KeyBudget;
 use postern_net::transport::relay_path::{RelayTarget, TransportSettings};
 use postern_outlet::serve::Services;
@@ -313,6 +314,10 @@ pub struct OutletSpec {
     pub transport: TransportSettings,
     /// Services also offered at the relay's public ingress.
     pub public: Option<Arc<postern_outlet::public::Public>>,
+    /// Whether its connections may take a direct path; replaces `transport.direct`. `never`
+    /// unless a test asks: on loopback every route could go direct, and the tests that are
+    /// about the relay path (its counters, losing it, impairing it) must stay on it.
+    pub direct: DirectMode,
     /// How long it may take to register with every relay.
     pub ready_timeout: Duration,
 }
@@ -326,6 +331,7 @@ impl OutletSpec {
             services: Services::default(),
             transport: TransportSettings::default(),
             public: None,
+            direct: DirectMode::Never,
             ready_timeout: READY_TIMEOUT,
         }
     }
@@ -353,7 +359,10 @@ impl OutletSpec {
             services: self.services,
         })
         .with_context(|| format!("bind outlet {}", self.name))?;
-        outlet.set_transport(self.transport);
+        outlet.set_transport(TransportSettings {
+            direct: self.direct,
+            ..self.transport
+        });
         for r in more {
             outlet.add_relay(relay_target(*r));
         }
@@ -461,6 +470,9 @@ pub struct InletSpec {
     pub relays: Vec<SocketAddr>,
     pub services: Vec<(String, ServiceKind)>,
     pub transport: TransportSettings,
+    /// Whether its connections may take a direct path; replaces `transport.direct` (`never`
+    /// unless a test asks, see [`OutletSpec::direct`]).
+    pub direct: DirectMode,
     /// End-to-end connections per service; the inlet's own choice when `None`.
     pub pool_size: Option<usize>,
     /// When to rotate end-to-end keys; the inlet's default when `None`.
@@ -480,6 +492,7 @@ impl InletSpec {
                 .map(|(s, kind)| (s.to_string(), *kind))
                 .collect(),
             transport: TransportSettings::default(),
+            direct: DirectMode::Never,
             pool_size: None,
             key_budget: None,
             ready_timeout: READY_TIMEOUT,
@@ -509,7 +522,10 @@ impl InletSpec {
         })
         .await
         .with_context(|| format!("bind inlet {name}"))?;
-        inlet.set_transport(self.transport);
+        inlet.set_transport(TransportSettings {
+            direct: self.direct,
+            ..self.transport
+        });
         for r in more {
             inlet.add_relay(relay_target(*r));
         }

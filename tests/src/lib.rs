@@ -12,6 +12,7 @@ pub mod junk_tcp;
 pub mod kit;
 pub mod leases;
 pub mod lossy;
+pub mod natlab;
 pub mod openapi;
 pub mod ops;
 pub mod ports;

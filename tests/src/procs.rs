@@ -98,6 +98,13 @@ impl Proc {
     pub fn start(mut cmd: Command, dir: &Path, name: &str) -> Self {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
+        // Nodes keep to the relay unless the test asks otherwise (`--direct auto`, or this
+        // variable set by the test): on loopback any route could go direct, and the tests
+        // about the relay path (its counters, losing it) must stay on it.
+        let asked = cmd.as_std().get_envs().any(|(k, _)| k == "POSTERN_DIRECT");
+        if !asked {
+            cmd.env("POSTERN_DIRECT", "never");
+        }
         let child = cmd
             .env("POSTERN_LOG", "info")
             .stdin(Stdio::null())

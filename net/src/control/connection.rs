@@ -186,7 +186,7 @@ pub async fn run<H: ControlHandler>(
             tracing::info!(relay = %relay.addr, transport = %up.transport, "control connection up");
         }
         current.send_replace(Some(conn.clone()));
-        let pushes = serve_pushes(&conn, handler.as_ref());
+        let pushes = serve_pushes(&conn, handler.as_ref(), path.socket());
         tokio::pin!(pushes);
         let mut settled = false;
         let reason = loop {
@@ -283,7 +283,11 @@ impl<'a> Refused<'a> {
     }
 }
 
-async fn serve_pushes<H: ControlHandler>(conn: &quinn::Connection, handler: &H) -> String {
+async fn serve_pushes<H: ControlHandler>(
+    conn: &quinn::Connection,
+    handler: &H,
+    socket: &crate::transport::node_socket::NodeSocket,
+) -> String {
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -313,7 +317,14 @@ async fn serve_pushes<H: ControlHandler>(conn: &quinn::Connection, handler: &H) 
                     continue;
                 }
             };
-        let answer = handler.on_push(msg).await;
+        let answer = match msg {
+            // Every node keeps its peers' candidates the same way; the direct path uses them.
+            Ctl::PeerCandidates { route, candidates } => {
+                socket.direct().set_candidates(route, candidates);
+                Ctl::Ack
+            }
+            msg => handler.on_push(msg).await,
+        };
         if let Err(e) = exchange::write_message(&mut send, &answer).await {
             tracing::debug!(error = %e, "could not answer relay push");
         }

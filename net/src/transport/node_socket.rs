@@ -8,6 +8,7 @@
 //! through untouched, which is how the control connection to the relay shares the socket (and
 //! the relay learns, from that connection, the address our frames come from).
 
+use crate::transport::direct::{self, DirectTable, ProbeAction};
 use crate::transport::links::StreamLinks;
 use crate::transport::udp::canonical;
 use crate::transport::udp::{bind_udp, Poller};
@@ -20,9 +21,10 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::io::Interest;
 
 /// Most bytes one GSO send may carry: one IPv4 datagram's payload.
@@ -35,12 +37,38 @@ const VIRTUAL_OCTET: u8 = 240;
 struct VirtualRoute {
     route: RouteId,
     relay: SocketAddr,
+    /// Packets to this virtual address go straight to this peer address, not through `relay`
+    /// (see [`crate::transport::direct`]).
+    direct: Option<SocketAddr>,
+}
+
+/// A verified direct peer address: QUIC packets from it are presented as from `virt`.
+#[derive(Debug, Clone)]
+struct DirectIn {
+    virt: SocketAddr,
+    route: RouteId,
+    /// Milliseconds after the socket's epoch of the last packet received from it.
+    last_rx: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
 struct Routes {
     by_route: HashMap<RouteId, (SocketAddr, SocketAddr)>, // route -> (virtual, relay)
     by_virtual: HashMap<SocketAddr, VirtualRoute>,
+    by_direct: HashMap<SocketAddr, DirectIn>,
+}
+
+impl Routes {
+    /// Drops the direct mappings of `route` (its direct virtual addresses and peer addresses).
+    fn drop_direct(&mut self, route: RouteId) {
+        let primary = self.by_route.get(&route).map(|(v, _)| *v);
+        self.by_direct.retain(|_, d| d.route != route);
+        self.by_virtual
+            .retain(|v, r| !(r.route == route && r.direct.is_some() && Some(*v) != primary));
+        if let Some(v) = primary.and_then(|p| self.by_virtual.get_mut(&p)) {
+            v.direct = None;
+        }
+    }
 }
 
 /// Counters of the node's forwarding path.
@@ -75,6 +103,11 @@ pub struct NodeSocket {
     links: Arc<StreamLinks>,
     /// Whether links or UDP are read first on the next receive.
     links_turn: AtomicBool,
+    /// Probe keys, candidates and counters of the direct path.
+    direct: DirectTable,
+    /// Number of verified direct peer addresses (skips a lookup per packet when none).
+    direct_count: AtomicUsize,
+    epoch: Instant,
 }
 
 impl fmt::Debug for NodeSocket {
@@ -103,6 +136,9 @@ impl NodeSocket {
             stats: NodeSocketStats::default(),
             links: Arc::default(),
             links_turn: AtomicBool::new(false),
+            direct: DirectTable::default(),
+            direct_count: AtomicUsize::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -143,6 +179,10 @@ impl NodeSocket {
                 DatagramKind::Quic => (self.present(d.from), &d.data[..]),
                 DatagramKind::Forward => match fwd::parse(&d.data) {
                     Ok((route, payload)) => match self.lookup(route, canonical(d.from)) {
+                        Some(_) if direct::is_probe(payload) => {
+                            self.direct.on_datagram(canonical(d.from), payload, true);
+                            continue;
+                        }
                         Some(virt) => (virt, payload),
                         None => continue,
                     },
@@ -185,18 +225,27 @@ impl NodeSocket {
         let [_, b, c, d] = n.to_be_bytes();
         let virt = SocketAddr::new(Ipv4Addr::new(VIRTUAL_OCTET, b, c, d).into(), 443);
         routes.by_route.insert(route, (virt, relay));
-        routes
-            .by_virtual
-            .insert(virt, VirtualRoute { route, relay });
+        routes.by_virtual.insert(
+            virt,
+            VirtualRoute {
+                route,
+                relay,
+                direct: None,
+            },
+        );
         self.present(virt)
     }
 
     /// Stops using `route`; later packets for it are dropped.
     pub fn remove_route(&self, route: RouteId) {
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        routes.drop_direct(route);
         if let Some((virt, _)) = routes.by_route.remove(&route) {
             routes.by_virtual.remove(&virt);
         }
+        self.direct_count.store(routes.by_direct.len(), Relaxed);
+        drop(routes);
+        self.direct.forget(route);
     }
 
     /// Points the virtual address `virt` (from [`add_route`](Self::add_route)) at `route`
@@ -207,13 +256,25 @@ impl NodeSocket {
     pub fn rebind_route(&self, virt: SocketAddr, route: RouteId, relay: SocketAddr) {
         let (virt, relay) = (canonical(virt), canonical(relay));
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = routes.by_virtual.get(&virt).map(|v| v.route) {
+        let old = routes.by_virtual.get(&virt).map(|v| v.route);
+        if let Some(old) = old {
+            routes.drop_direct(old);
             routes.by_route.remove(&old);
         }
         routes.by_route.insert(route, (virt, relay));
-        routes
-            .by_virtual
-            .insert(virt, VirtualRoute { route, relay });
+        routes.by_virtual.insert(
+            virt,
+            VirtualRoute {
+                route,
+                relay,
+                direct: None,
+            },
+        );
+        self.direct_count.store(routes.by_direct.len(), Relaxed);
+        drop(routes);
+        if let Some(old) = old {
+            self.direct.forget(old);
+        }
     }
 
     /// The relay a route goes through.
@@ -228,22 +289,231 @@ impl NodeSocket {
         routes.by_virtual.get(&canonical(virt)).map(|v| v.route)
     }
 
-    /// Removes every route through `relay` (its route table is gone); returns them.
+    /// Removes every route through `relay` (its route table is gone); returns them. Routes
+    /// running direct now are kept: their connections do not need the relay while the direct
+    /// path lasts (if it goes quiet they fall back to a relay that no longer knows the route,
+    /// and end at their idle timeout).
     pub fn remove_routes_via(&self, relay: SocketAddr) -> Vec<RouteId> {
         let relay = canonical(relay);
+        let now = self.now_ms();
+        let quiet = direct::QUIET_AFTER.as_millis() as u64;
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<RouteId> = routes
+        let direct_now = |routes: &Routes, id: RouteId| {
+            routes
+                .by_direct
+                .values()
+                .any(|d| d.route == id && now.saturating_sub(d.last_rx.load(Relaxed)) < quiet)
+        };
+        let (gone, kept): (Vec<RouteId>, Vec<RouteId>) = routes
             .by_route
             .iter()
             .filter(|(_, (_, r))| *r == relay)
             .map(|(id, _)| *id)
-            .collect();
+            .partition(|id| !direct_now(&routes, *id));
+        if !kept.is_empty() {
+            tracing::info!(%relay, routes = kept.len(), "relay lost; routes running direct carry on without it");
+        }
         for id in &gone {
+            routes.drop_direct(*id);
             if let Some((virt, _)) = routes.by_route.remove(id) {
                 routes.by_virtual.remove(&virt);
             }
         }
+        self.direct_count.store(routes.by_direct.len(), Relaxed);
+        drop(routes);
+        for id in &gone {
+            self.direct.forget(*id);
+        }
         gone
+    }
+
+    /// The direct path's keys, candidates and counters.
+    pub fn direct(&self) -> &DirectTable {
+        &self.direct
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Sends a probe straight to `dst` (a peer's candidate). A full socket buffer drops it, as
+    /// it would any datagram; probes are repeated.
+    pub fn send_probe(&self, dst: SocketAddr, probe: &[u8]) {
+        if let Err(e) = self.io.try_send_to(probe, self.present(dst)) {
+            tracing::debug!(%dst, error = %e, "direct-path probe not sent");
+        }
+    }
+
+    /// Sends a probe to the peer of `route` through the route's relay (a wake-up: the peer
+    /// probes back, opening its side of the NAT).
+    pub fn send_probe_relayed(&self, route: RouteId, probe: &[u8]) {
+        let Some(relay) = self.relay_of(route) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(HEADER_LEN + probe.len());
+        framed.extend_from_slice(&fwd::header(route));
+        framed.extend_from_slice(probe);
+        if self.links.send(relay, &framed, framed.len()) {
+            return;
+        }
+        if let Err(e) = self.io.try_send_to(&framed, self.present(relay)) {
+            tracing::debug!(error = %e, "relayed probe not sent");
+        }
+    }
+
+    /// Sends what quinn addresses to `virt` straight to `peer` from now on, and presents
+    /// packets from `peer` as coming from `virt` (the inlet's side of going direct: quinn's
+    /// peer address does not change).
+    pub fn go_direct(&self, virt: SocketAddr, peer: SocketAddr) -> bool {
+        let (virt, peer) = (canonical(virt), canonical(peer));
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let Some(v) = routes.by_virtual.get_mut(&virt) else {
+            return false;
+        };
+        v.direct = Some(peer);
+        let route = v.route;
+        routes.by_direct.retain(|_, d| d.virt != virt);
+        routes.by_direct.insert(
+            peer,
+            DirectIn {
+                virt,
+                route,
+                last_rx: Arc::new(AtomicU64::new(self.now_ms())),
+            },
+        );
+        self.direct_count.store(routes.by_direct.len(), Relaxed);
+        true
+    }
+
+    /// Sends what quinn addresses to `virt` through its relay again (see [`go_direct`](Self::go_direct)).
+    pub fn go_relayed(&self, virt: SocketAddr) {
+        let virt = canonical(virt);
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = routes.by_virtual.get_mut(&virt) {
+            v.direct = None;
+        }
+        routes.by_direct.retain(|_, d| d.virt != virt);
+        self.direct_count.store(routes.by_direct.len(), Relaxed);
+    }
+
+    /// How long since a packet came from the direct peer address `peer` (None: not mapped).
+    pub fn direct_quiet_for(&self, peer: SocketAddr) -> Option<Duration> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let d = routes.by_direct.get(&canonical(peer))?;
+        let last = d.last_rx.load(Relaxed);
+        Some(Duration::from_millis(self.now_ms().saturating_sub(last)))
+    }
+
+    /// The outlet's side: accepts QUIC packets of `route` from the verified address `peer`,
+    /// presented as coming from a virtual address of their own, so quinn sees a migration and
+    /// validates the path; what quinn then sends there goes straight to `peer`. Replaces an
+    /// earlier direct address of the route.
+    fn map_direct(&self, route: RouteId, peer: SocketAddr) {
+        let peer = canonical(peer);
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if routes
+            .by_direct
+            .get(&peer)
+            .is_some_and(|d| d.route == route)
+        {
+            return;
+        }
+        let Some((_, relay)) = routes.by_route.get(&route).copied() else {
+            return;
+        };
+        routes.drop_direct(route);
+        let n = self.next_virtual.fetch_add(1, Relaxed) & 0x00ff_ffff;
+        let [_, b, c, d] = n.to_be_bytes();
+        let virt = SocketAddr::new(Ipv4Addr::new(VIRTUAL_OCTET, b, c, d).into(), 443);
+        routes.by_virtual.insert(
+            virt,
+            VirtualRoute {
+                route,
+                relay,
+                direct: Some(peer),
+            },
+        );
+        routes.by_direct.insert(
+            peer,
+            DirectIn {
+                virt,
+                route,
+                last_rx: Arc::new(AtomicU64::new(self.now_ms())),
+            },
+        );
+        self.direct_count.store(routes.by_direct.len(), Relaxed);
+        tracing::info!(%peer, "direct path to the inlet verified; the connection moves when the inlet sends on it");
+    }
+
+    /// The route's own virtual address for `addr` when `addr` is one of its direct virtual
+    /// addresses (connections opened over the direct path belong to the same route).
+    pub fn primary_virtual(&self, addr: SocketAddr) -> SocketAddr {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes
+            .by_virtual
+            .get(&canonical(addr))
+            .and_then(|v| routes.by_route.get(&v.route))
+            .map(|(virt, _)| self.present(*virt))
+            .unwrap_or(addr)
+    }
+
+    /// Routes whose packets go direct now (a packet came from the direct path within
+    /// [`direct::QUIET_AFTER`]), and the others.
+    pub fn path_counts(&self) -> (usize, usize) {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let now = self.now_ms();
+        let quiet = direct::QUIET_AFTER.as_millis() as u64;
+        let direct = routes
+            .by_route
+            .keys()
+            .filter(|r| {
+                routes
+                    .by_direct
+                    .values()
+                    .any(|d| d.route == **r && now.saturating_sub(d.last_rx.load(Relaxed)) < quiet)
+            })
+            .count();
+        (direct, routes.by_route.len() - direct)
+    }
+
+    /// Presents a QUIC packet from a verified direct peer as coming from its virtual address.
+    fn map_direct_in(&self, meta: &mut RecvMeta) {
+        if self.direct_count.load(Relaxed) == 0 {
+            return;
+        }
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = routes.by_direct.get(&canonical(meta.addr)) {
+            d.last_rx.store(self.now_ms(), Relaxed);
+            meta.addr = self.present(d.virt);
+        }
+    }
+
+    /// Handles a probe or ack that came straight from `src`.
+    fn on_probe(&self, src: SocketAddr, datagram: &[u8]) {
+        let src = canonical(src);
+        if let ProbeAction::Reply { ack, map } = self.direct.on_datagram(src, datagram, false) {
+            if let Some(route) = map {
+                self.map_direct(route, src);
+            }
+            self.send_probe(src, &ack);
+        }
+    }
+
+    /// A single forwarding frame whose packet is a probe (a wake-up through the relay):
+    /// handled here; true if it was one.
+    fn relayed_probe(&self, buf: &[u8], meta: &RecvMeta) -> bool {
+        let single = meta.stride == 0 || meta.stride >= meta.len;
+        if !single || meta.len <= HEADER_LEN || !direct::is_probe(&buf[HEADER_LEN..meta.len]) {
+            return false;
+        }
+        let Ok((route, payload)) = fwd::parse(&buf[..meta.len]) else {
+            return false;
+        };
+        let src = canonical(meta.addr);
+        if self.lookup(route, src).is_some() {
+            self.direct.on_datagram(src, payload, true);
+        }
+        true
     }
 
     /// An address in the form quinn uses for this socket's family.
@@ -401,11 +671,28 @@ impl AsyncUdpSocket for NodeSocket {
             let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
             routes.by_virtual.get(&dest).copied()
         };
-        let Some(VirtualRoute { route, relay }) = route else {
+        let Some(VirtualRoute {
+            route,
+            relay,
+            direct,
+        }) = route
+        else {
             // The route is gone; behave like a lossy path until quinn gives up.
             self.stats.dropped_no_route.fetch_add(1, Relaxed);
             return Ok(());
         };
+        if let Some(peer) = direct {
+            let out = Transmit {
+                destination: self.present(peer),
+                ecn: transmit.ecn,
+                contents: transmit.contents,
+                segment_size: transmit.segment_size,
+                src_ip: transmit.src_ip,
+            };
+            return self.io.try_io(Interest::WRITABLE, || {
+                self.state.send((&*self.io).into(), &out)
+            });
+        }
         let header = fwd::header(route);
         let seg = transmit
             .segment_size
@@ -477,8 +764,22 @@ impl AsyncUdpSocket for NodeSocket {
             };
             for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
                 match fwd::classify(&buf[..m.len]) {
-                    DatagramKind::Quic => {}
-                    DatagramKind::Forward => self.unwrap_batch(&mut buf[..], m),
+                    DatagramKind::Quic => self.map_direct_in(m),
+                    DatagramKind::Forward => {
+                        if self.relayed_probe(buf, m) {
+                            m.len = 0;
+                        } else {
+                            self.unwrap_batch(&mut buf[..], m);
+                        }
+                    }
+                    DatagramKind::Unknown if direct::is_probe(&buf[..m.len]) => {
+                        // GRO may have joined several probes from one source.
+                        let stride = if m.stride == 0 { m.len } else { m.stride };
+                        for probe in buf[..m.len].chunks(stride.max(1)) {
+                            self.on_probe(m.addr, probe);
+                        }
+                        m.len = 0;
+                    }
                     DatagramKind::Unknown => {
                         self.stats.dropped_malformed.fetch_add(1, Relaxed);
                         m.len = 0;

@@ -103,6 +103,9 @@ pub struct TransportSettings {
     pub udp_probe_interval: Option<Duration>,
     /// The congestion controller of end-to-end connections (over either path).
     pub congestion: crate::transport::endpoint::Congestion,
+    /// Whether end-to-end connections may leave the relay for a direct path
+    /// ([`crate::transport::direct`]).
+    pub direct: crate::transport::direct::DirectMode,
 }
 
 /// Which transport each relay's control connection uses now, for metrics and `/readyz`.
@@ -288,6 +291,11 @@ impl RelayPath {
             status,
             link: Mutex::default(),
         })
+    }
+
+    /// The node socket this path sends from.
+    pub fn socket(&self) -> &Arc<NodeSocket> {
+        &self.socket
     }
 
     /// The relay this path leads to.

@@ -90,6 +90,7 @@ pub(super) async fn grant_route(
                         service: service.clone(),
                     },
                 );
+                tell_candidates(route, inlet_conn.clone(), outlet_conn.clone());
                 tracing::info!(%service, inlet = %inlet_name, outlet = %outlet_name, "route granted");
                 tracing::debug!(route = %route.short(), %service, "granted route");
                 return Ctl::RouteGranted {
@@ -114,4 +115,26 @@ pub(super) async fn grant_route(
         Some(reason) => RefuseReason::OutletRefused(reason),
         None => RefuseReason::OutletUnresponsive,
     })
+}
+
+/// Tells each end of a new route where the relay sees the other one (its reflexive address),
+/// for the direct path. Sent after the grant, on the push streams; a node that is gone or does
+/// not know the message (older versions refuse it) costs nothing but a debug line.
+fn tell_candidates(route: RouteId, inlet: quinn::Connection, outlet: quinn::Connection) {
+    let canonical = postern_net::transport::udp::canonical;
+    let (inlet_addr, outlet_addr) = (
+        canonical(inlet.remote_address()),
+        canonical(outlet.remote_address()),
+    );
+    for (conn, peer) in [(inlet, outlet_addr), (outlet, inlet_addr)] {
+        tokio::spawn(async move {
+            let msg = Ctl::PeerCandidates {
+                route,
+                candidates: vec![peer],
+            };
+            if let Err(e) = exchange::request(&conn, &msg, ROUTE_OPEN_TIMEOUT).await {
+                tracing::debug!(error = %e, "could not tell a node its peer's candidates");
+            }
+        });
+    }
 }
