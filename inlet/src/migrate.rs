@@ -93,6 +93,10 @@ impl ControlHandler for InletControl {
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+            Ctl::Relays { relays } => {
+                self.pool.uplink().learn_relays(relays);
+                Ctl::Ack
+            }
             other => {
                 tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
                 Ctl::Refused {
