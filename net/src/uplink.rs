@@ -85,7 +85,7 @@ pub struct Uplink {
     /// Every relay in configured order (the first healthy one is used for new routes), then
     /// those added at run time.
     relays: Arc<RwLock<Vec<RelayControl>>>,
-    /// The first relay (in that order) whose control connection is up.
+    /// The first relay's control connection (see [`control`](Self::control)).
     primary: Arc<watch::Sender<Option<quinn::Connection>>>,
     /// Set by [`start`](Self::start): starts the control connection of a relay added later.
     runner: Mutex<Option<Runner>>,
@@ -389,13 +389,14 @@ impl Uplink {
         );
     }
 
-    /// The control connection of the first relay (in configured order) that is up, as it
-    /// comes and goes: with one relay, that relay's.
+    /// The first relay's control connection, as it comes and goes (`None` while it is
+    /// down). Once that relay is removed (an outlet leaving a relay that is not one of its
+    /// home relays), the next relay's.
     pub fn control(&self) -> ControlWatch {
         self.primary.subscribe()
     }
 
-    /// Waits (at most `timeout`) until a relay's control connection is up.
+    /// Waits (at most `timeout`) until the first relay's control connection is up.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         connection::wait_connected(&mut self.control(), timeout)
             .await
@@ -606,7 +607,7 @@ impl Uplink {
     }
 }
 
-/// Publishes, in `primary`, the control connection of the first relay in `relays` that is up.
+/// Publishes, in `primary`, the control connection of the first relay in `relays` (when up).
 fn refresh_primary(
     relays: &RwLock<Vec<RelayControl>>,
     primary: &watch::Sender<Option<quinn::Connection>>,
@@ -614,8 +615,8 @@ fn refresh_primary(
     let first = relays
         .read()
         .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .find_map(|(_, rx)| rx.borrow().clone().filter(|c| c.close_reason().is_none()));
+        .first()
+        .and_then(|(_, rx)| rx.borrow().clone().filter(|c| c.close_reason().is_none()));
     primary.send_if_modified(|now| {
         let changed = now.as_ref().map(|c| c.stable_id()) != first.as_ref().map(|c| c.stable_id());
         if changed {
