@@ -94,6 +94,10 @@ impl ControlHandler for InletControl {
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
             Ctl::Relays { relays } => {
+                // Connections over a relay left behind move as if it had gone away.
+                for gone in self.pool.router().fleet_changed(&relays) {
+                    self.on_disconnect(gone);
+                }
                 self.pool.uplink().learn_relays(relays);
                 Ctl::Ack
             }

@@ -26,6 +26,9 @@ pub(crate) struct Router {
     uplink: Arc<Uplink>,
     /// When each control connection (by `stable_id`) came up, for [`OUTLET_GRACE`].
     control_since: Mutex<HashMap<usize, Instant>>,
+    /// Relays this inlet was redirected to (not configured): left again once the fleet no
+    /// longer lists them.
+    redirected: Mutex<Vec<SocketAddr>>,
 }
 
 impl Router {
@@ -33,6 +36,7 @@ impl Router {
         Self {
             uplink,
             control_since: Mutex::default(),
+            redirected: Mutex::default(),
         }
     }
 
@@ -146,11 +150,52 @@ impl Router {
     /// this inlet does not use that relay yet (and kept, so later routes and moves can use
     /// it); waits up to `wait` for it to come up.
     async fn redirect_to(&self, addr: SocketAddr, wait: Duration) -> Option<quinn::Connection> {
-        if self.uplink.add_relay(self.uplink.relay_at(addr)) {
+        let new = self.uplink.add_relay(self.uplink.relay_at(addr));
+        if new {
             tracing::info!(relay = %addr, "redirected: connecting to another relay of the fleet");
+            self.redirected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(addr);
         }
         let (_, mut rx) = self.uplink.relays().into_iter().find(|(a, _)| *a == addr)?;
-        postern_net::control::connection::wait_connected(&mut rx, wait.max(RELAY_CONNECT)).await
+        // A relay this inlet already uses but cannot reach now is not waited for.
+        let wait = if new {
+            wait.max(RELAY_CONNECT)
+        } else {
+            Duration::ZERO
+        };
+        postern_net::control::connection::wait_connected(&mut rx, wait).await
+    }
+
+    /// The fleet's relays changed: relays this inlet was redirected to that left the fleet
+    /// are closed (the configured ones are kept); returns them.
+    pub(crate) fn fleet_changed(
+        &self,
+        relays: &[postern_proto::msg::FleetRelay],
+    ) -> Vec<SocketAddr> {
+        if relays.is_empty() {
+            return Vec::new();
+        }
+        let live: Vec<SocketAddr> = relays
+            .iter()
+            .flat_map(|r| r.addresses.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        let gone: Vec<SocketAddr> = {
+            let mut redirected = self.redirected.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = redirected
+                .iter()
+                .filter(|a| !live.contains(a))
+                .copied()
+                .collect();
+            redirected.retain(|a| live.contains(a));
+            gone
+        };
+        for addr in &gone {
+            tracing::info!(relay = %addr, "a relay this inlet was redirected to left the fleet");
+            self.uplink.remove_relay(*addr);
+        }
+        gone
     }
 }
 

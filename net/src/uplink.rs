@@ -712,6 +712,41 @@ mod tests {
         }
     }
 
+    /// Relays come and go by address: a second add of one is refused, a removed one is gone
+    /// from the list (and its pending connection with it), the first relay's successor takes
+    /// its place, and a relay named later (a redirect) carries the configured certificate name.
+    #[tokio::test]
+    async fn relays_are_added_once_and_removed_by_address() {
+        let ca = Ca::generate("test").expect("CA");
+        let roots = postern_proto::tls::roots_from_pem(ca.cert_pem()).expect("roots");
+        let uplink =
+            Uplink::bind(target(9), &issue(&ca, "node-1"), roots, Role::Client).expect("bind");
+        assert!(uplink.add_relay(target(10)));
+        assert!(!uplink.add_relay(target(10)), "a relay is used once");
+        assert!(uplink.add_relay(target(11)));
+        assert!(uplink.remove_relay(target(9).addr));
+        assert!(!uplink.remove_relay(target(9).addr));
+        let order: Vec<u16> = uplink.relays().iter().map(|(a, _)| a.port()).collect();
+        assert_eq!(order, [10, 11]);
+        assert_eq!(
+            uplink
+                .pending
+                .lock()
+                .expect("pending")
+                .iter()
+                .map(|(r, _)| r.addr.port())
+                .collect::<Vec<_>>(),
+            [10, 11]
+        );
+        let named = uplink.relay_at(target(12).addr);
+        assert_eq!((named.addr.port(), named.name.as_str()), (12, "relay"));
+        uplink.learn_relays(vec![FleetRelay {
+            name: "relay-a".into(),
+            addresses: vec!["127.0.0.1:10".into()],
+        }]);
+        assert_eq!(uplink.fleet_relays().borrow().len(), 1);
+    }
+
     #[test]
     fn readiness_says_shutting_down_first_then_why_no_relay() {
         let why = || "relay 127.0.0.1:1 refuses this node: revoked".to_owned();
