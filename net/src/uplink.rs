@@ -566,7 +566,11 @@ impl Uplink {
         }
         *self.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(runner);
         let timeout = *self.drain_timeout.lock().unwrap_or_else(|p| p.into_inner());
+        // The runner holds the handlers, which may hold this uplink: it goes with the future
+        // (however that ends), so nothing is kept alive in a cycle.
+        let forget_runner = ForgetRunner(&self.runner);
         Some(async move {
+            let _forget_runner = forget_runner;
             let ctl = async {
                 close.cancelled().await;
                 // No relay is added from now on: the connections end with `close`.
@@ -604,6 +608,15 @@ impl Uplink {
         self.endpoint
             .close(postern_proto::msg::code::SHUTDOWN.into(), reason);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Drops the uplink's runner when dropped.
+struct ForgetRunner<'a>(&'a Mutex<Option<Runner>>);
+
+impl Drop for ForgetRunner<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
