@@ -23,6 +23,7 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
         return Ok(());
     };
     let (relay, identity, roots) = settings.load()?;
+    let first = relay.addr;
     let mut inlet = Inlet::bind(InletOptions {
         relay,
         identity,
@@ -54,8 +55,12 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         &cfg.more_relays
     };
+    // A name resolving to several addresses is several relays (a fleet's DNS name).
+    let all_relays: Vec<String> = std::iter::once(settings.relay.clone())
+        .chain(more_relays.iter().cloned())
+        .collect();
     for relay in
-        postern_net::transport::relay_path::resolve_relays(more_relays, &settings.relay_name)
+        postern_net::transport::relay_path::resolve_all(&all_relays, &settings.relay_name, first)
             .map_err(anyhow::Error::msg)?
     {
         inlet.add_relay(relay);

@@ -93,6 +93,14 @@ impl ControlHandler for InletControl {
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+            Ctl::Relays { relays } => {
+                // Connections over a relay left behind move as if it had gone away.
+                for gone in self.pool.router().fleet_changed(&relays) {
+                    self.on_disconnect(gone);
+                }
+                self.pool.uplink().learn_relays(relays);
+                Ctl::Ack
+            }
             other => {
                 tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
                 Ctl::Refused {

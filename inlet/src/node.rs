@@ -373,10 +373,12 @@ impl Inlet {
         }
         // Once shutdown is asked for, the accept loops return, closing the listeners; the
         // uplink drains the open client connections, then closes the relay connections.
-        let Some(uplink) =
-            self.uplink
-                .start(|_| handler.clone(), shutdown, close, "client connections")
-        else {
+        let Some(uplink) = self.uplink.start(
+            move |_| handler.clone(),
+            shutdown,
+            close,
+            "client connections",
+        ) else {
             return;
         };
         uplink.await;

@@ -1,7 +1,9 @@
 //! Choosing a relay and asking it for a route: the relays that are up are asked in configured
 //! order until one grants a route to the service (to a given outlet, when a connection must
 //! keep its outlet), with a short grace for relays that have just come up and not yet heard
-//! from every outlet.
+//! from every outlet. In a fleet, a relay that holds no outlet of the service redirects to
+//! the relays that do: the inlet opens a control connection to them (once, then keeps it) and
+//! asks there.
 
 use crate::error::ServeError;
 use postern_net::control::exchange::{self, CTL_TIMEOUT};
@@ -24,6 +26,9 @@ pub(crate) struct Router {
     uplink: Arc<Uplink>,
     /// When each control connection (by `stable_id`) came up, for [`OUTLET_GRACE`].
     control_since: Mutex<HashMap<usize, Instant>>,
+    /// Relays this inlet was redirected to (not configured): left again once the fleet no
+    /// longer lists them.
+    redirected: Mutex<Vec<SocketAddr>>,
 }
 
 impl Router {
@@ -31,6 +36,7 @@ impl Router {
         Self {
             uplink,
             control_since: Mutex::default(),
+            redirected: Mutex::default(),
         }
     }
 
@@ -91,18 +97,41 @@ impl Router {
         }
         let mut last = ServeError::NoRelay;
         let mut young = false;
-        for (relay, ctl_conn) in candidates {
+        let mut queue: std::collections::VecDeque<_> = candidates.into();
+        let mut asked: Vec<SocketAddr> = Vec::new();
+        while let Some((relay, ctl_conn)) = queue.pop_front() {
+            if asked.contains(&relay) {
+                continue;
+            }
+            asked.push(relay);
             young = self.connected_recently(&ctl_conn);
             match request_route(&ctl_conn, service).await {
-                Ok((route, granted)) if outlet.is_none_or(|want| *want == granted) => {
+                Ok(Answer::Granted(route, granted))
+                    if outlet.is_none_or(|want| *want == granted) =>
+                {
                     return (Ok((relay, route, granted)), young);
                 }
                 // The connection's keys live with the outlet it was made to, so it cannot
                 // move to another one. (The unused route goes when this node disconnects.)
-                Ok((_, granted)) => {
+                Ok(Answer::Granted(_, granted)) => {
                     last = ServeError::OtherOutlet {
                         relay,
                         outlet: granted,
+                    }
+                }
+                Ok(Answer::Redirect(relays)) => {
+                    tracing::debug!(%relay, ?relays, %service, "redirected to the relays holding the service");
+                    last = ServeError::Refused(RefuseReason::NoLiveOutlet);
+                    let targets: Vec<SocketAddr> = relays
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .filter(|a| Some(*a) != avoid && !asked.contains(a))
+                        .collect();
+                    // Asked next, in the order given, before the other relays.
+                    for addr in targets.into_iter().rev() {
+                        if let Some(c) = self.redirect_to(addr, wait).await {
+                            queue.push_front((addr, c));
+                        }
                     }
                 }
                 Err(e @ ServeError::Refused(RefuseReason::NotAllowed)) => return (Err(e), young),
@@ -116,11 +145,75 @@ impl Router {
     }
 }
 
+impl Router {
+    /// The control connection to the relay at `addr`, named by a redirect: opened now when
+    /// this inlet does not use that relay yet (and kept, so later routes and moves can use
+    /// it); waits up to `wait` for it to come up.
+    async fn redirect_to(&self, addr: SocketAddr, wait: Duration) -> Option<quinn::Connection> {
+        let new = self.uplink.add_relay(self.uplink.relay_at(addr));
+        if new {
+            tracing::info!(relay = %addr, "redirected: connecting to another relay of the fleet");
+            self.redirected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(addr);
+        }
+        let (_, mut rx) = self.uplink.relays().into_iter().find(|(a, _)| *a == addr)?;
+        // A relay this inlet already uses but cannot reach now is not waited for.
+        let wait = if new {
+            wait.max(RELAY_CONNECT)
+        } else {
+            Duration::ZERO
+        };
+        postern_net::control::connection::wait_connected(&mut rx, wait).await
+    }
+
+    /// The fleet's relays changed: relays this inlet was redirected to that left the fleet
+    /// are closed (the configured ones are kept); returns them.
+    pub(crate) fn fleet_changed(
+        &self,
+        relays: &[postern_proto::msg::FleetRelay],
+    ) -> Vec<SocketAddr> {
+        if relays.is_empty() {
+            return Vec::new();
+        }
+        let live: Vec<SocketAddr> = relays
+            .iter()
+            .flat_map(|r| r.addresses.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        let gone: Vec<SocketAddr> = {
+            let mut redirected = self.redirected.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = redirected
+                .iter()
+                .filter(|a| !live.contains(a))
+                .copied()
+                .collect();
+            redirected.retain(|a| live.contains(a));
+            gone
+        };
+        for addr in &gone {
+            tracing::info!(relay = %addr, "a relay this inlet was redirected to left the fleet");
+            self.uplink.remove_relay(*addr);
+        }
+        gone
+    }
+}
+
+/// How long a relay named by a redirect may take to connect, at least.
+const RELAY_CONNECT: Duration = Duration::from_secs(5);
+
+/// A relay's answer to a route request.
+enum Answer {
+    Granted(RouteId, NodeName),
+    /// No outlet here; these relays hold one.
+    Redirect(Vec<String>),
+}
+
 /// Asks a relay for a route to `service`.
 async fn request_route(
     ctl_conn: &quinn::Connection,
     service: &ServiceName,
-) -> Result<(RouteId, NodeName), ServeError> {
+) -> Result<Answer, ServeError> {
     let answer = exchange::request(
         ctl_conn,
         &Ctl::RouteRequest {
@@ -130,7 +223,8 @@ async fn request_route(
     )
     .await?;
     match answer {
-        Ctl::RouteGranted { route, outlet, .. } => Ok((route, outlet)),
+        Ctl::RouteGranted { route, outlet, .. } => Ok(Answer::Granted(route, outlet)),
+        Ctl::RouteRedirect { relays, .. } => Ok(Answer::Redirect(relays)),
         Ctl::RouteRefused { reason, .. } => Err(ServeError::Refused(reason)),
         Ctl::Refused { reason } => Err(ServeError::RelayRefused(reason)),
         _ => Err(ServeError::Unexpected),

@@ -17,6 +17,7 @@
 //! - [`node_config`]: the flags and files both nodes (inlet and outlet) share.
 
 pub mod control;
+pub mod fleet;
 pub mod node_config;
 pub mod runtime;
 pub mod stream;

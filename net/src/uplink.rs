@@ -12,8 +12,10 @@ use crate::runtime::drain::{self, Drain};
 use crate::transport::endpoint::{self, EndpointError};
 use crate::transport::node_socket::NodeSocket;
 use crate::transport::relay_path::{RelayPath, RelayTarget, TransportSettings, TransportStatus};
+use postern_proto::msg::FleetRelay;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -54,6 +56,17 @@ enum E2e {
     Server,
 }
 
+/// Starts one relay's control connection once the uplink runs: what stops it, and its task.
+/// `None` (logged) when the relay's path cannot be set up.
+type Runner = Arc<
+    dyn Fn(
+            RelayTarget,
+            watch::Sender<Option<quinn::Connection>>,
+        ) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)>
+        + Send
+        + Sync,
+>;
+
 /// Whether a control connection is up (not closed).
 pub fn healthy(c: &Option<quinn::Connection>) -> bool {
     c.as_ref().is_some_and(|c| c.close_reason().is_none())
@@ -69,8 +82,21 @@ pub struct Uplink {
     /// For control connections; replaced on renewal, taken by each new connection.
     control_client: SharedClientConfig,
     e2e: E2e,
-    /// Every relay in configured order (the first healthy one is used for new routes).
-    relays: RwLock<Vec<RelayControl>>,
+    /// Every relay in configured order (the first healthy one is used for new routes), then
+    /// those added at run time.
+    relays: Arc<RwLock<Vec<RelayControl>>>,
+    /// The first relay's control connection (see [`control`](Self::control)).
+    primary: Arc<watch::Sender<Option<quinn::Connection>>>,
+    /// Set by [`start`](Self::start): starts the control connection of a relay added later.
+    runner: Mutex<Option<Runner>>,
+    /// What stops each started relay's control connection (for [`remove_relay`](Self::remove_relay)).
+    stops: Mutex<HashMap<SocketAddr, CancellationToken>>,
+    /// The control connections' tasks, awaited when the uplink stops.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The fleet's live relays, as the relays last told (empty without a fleet).
+    fleet: watch::Sender<Vec<FleetRelay>>,
+    /// The name in the relays' certificates (of the first relay; relays learned later share it).
+    relay_name: String,
     /// The relays whose control connections [`start`](Self::start) has yet to run, with the
     /// sending side of their watch. Taken there, so the watches close when the connections'
     /// tasks end.
@@ -124,7 +150,13 @@ impl Uplink {
             roots,
             control_client,
             e2e,
-            relays: RwLock::new(vec![(relay.addr, rx)]),
+            relays: Arc::new(RwLock::new(vec![(relay.addr, rx)])),
+            primary: Arc::new(watch::channel(None).0),
+            runner: Mutex::default(),
+            stops: Mutex::default(),
+            tasks: Mutex::default(),
+            fleet: watch::channel(Vec::new()).0,
+            relay_name: relay.name.clone(),
             pending: Mutex::new(vec![(relay, tx)]),
             transport: Mutex::default(),
             e2e_server: Mutex::new(server),
@@ -158,18 +190,104 @@ impl Uplink {
         &self.drain
     }
 
-    /// Uses `relay` too, with its own control connection (no state shared between relays).
-    /// Call before [`start`](Self::start).
-    pub fn add_relay(&self, relay: RelayTarget) {
+    /// Uses `relay` too, with its own control connection (no state shared between relays):
+    /// before [`start`](Self::start), or while running (its connection starts at once). False
+    /// when a relay at that address is used already.
+    pub fn add_relay(&self, relay: RelayTarget) -> bool {
         let (tx, rx) = watch::channel(None);
-        self.relays
-            .write()
+        {
+            let mut relays = self.relays.write().unwrap_or_else(|p| p.into_inner());
+            if relays.iter().any(|(a, _)| *a == relay.addr) {
+                return false;
+            }
+            relays.push((relay.addr, rx));
+        }
+        let runner = self
+            .runner
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((relay.addr, rx));
+            .clone();
+        match runner {
+            Some(run) => {
+                let addr = relay.addr;
+                match run(relay, tx) {
+                    Some((stop, task)) => {
+                        self.stops
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(addr, stop);
+                        self.tasks
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(task);
+                    }
+                    None => {
+                        self.relays
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|(a, _)| *a != addr);
+                        return false;
+                    }
+                }
+            }
+            None => self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((relay, tx)),
+        }
+        true
+    }
+
+    /// A relay at `addr`, named as the relays this node was given (a relay learned from the
+    /// fleet or named by a redirect carries the same certificate name).
+    pub fn relay_at(&self, addr: SocketAddr) -> RelayTarget {
+        RelayTarget {
+            addr,
+            name: self.relay_name.clone(),
+        }
+    }
+
+    /// Stops using the relay at `addr`: its control connection is closed (the relay forgets
+    /// this node's registrations and routes there). False when no such relay is used.
+    pub fn remove_relay(&self, addr: SocketAddr) -> bool {
+        let removed = {
+            let mut relays = self.relays.write().unwrap_or_else(|p| p.into_inner());
+            let before = relays.len();
+            relays.retain(|(a, _)| *a != addr);
+            relays.len() != before
+        };
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((relay, tx));
+            .retain(|(r, _)| r.addr != addr);
+        if let Some(stop) = self
+            .stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr)
+        {
+            stop.cancel();
+        }
+        refresh_primary(&self.relays, &self.primary);
+        removed
+    }
+
+    /// Records the fleet's live relays as a relay told them ([`postern_proto::msg::Ctl::Relays`]).
+    pub fn learn_relays(&self, relays: Vec<FleetRelay>) {
+        self.fleet.send_if_modified(|known| {
+            let changed = *known != relays;
+            if changed {
+                tracing::info!(relays = relays.len(), "learned the fleet's relays");
+                *known = relays;
+            }
+            changed
+        });
+    }
+
+    /// The fleet's live relays as last learned (empty: no fleet, or not heard yet).
+    pub fn fleet_relays(&self) -> watch::Receiver<Vec<FleetRelay>> {
+        self.fleet.subscribe()
     }
 
     /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
@@ -287,14 +405,11 @@ impl Uplink {
         );
     }
 
-    /// The first relay's control connection, as it comes and goes.
+    /// The first relay's control connection, as it comes and goes (`None` while it is
+    /// down). Once that relay is removed (an outlet leaving a relay that is not one of its
+    /// home relays), the next relay's.
     pub fn control(&self) -> ControlWatch {
-        // The list starts with the first relay and only grows.
-        self.relays()
-            .into_iter()
-            .next()
-            .map(|(_, rx)| rx)
-            .unwrap_or_else(|| watch::channel(None).1)
+        self.primary.subscribe()
     }
 
     /// Waits (at most `timeout`) until the first relay's control connection is up.
@@ -387,33 +502,41 @@ impl Uplink {
         tokio::time::timeout(timeout, first).await.ok().flatten()
     }
 
-    /// Starts one control connection per relay, each served by `handler_for(relay)`, and
-    /// returns what runs them until `shutdown`, then drains: new work is refused (a
-    /// [`Role::Server`] node stops accepting end-to-end connections), open streams get the
-    /// drain timeout to finish (`what` names them in the logs), and `close` is cancelled, which
-    /// ends the control connections. `None` (logged) if a relay's path cannot be set up.
+    /// Starts one control connection per relay, each served by `handler_for(relay)` (relays
+    /// added later too), and returns what runs them until `shutdown`, then drains: new work is
+    /// refused (a [`Role::Server`] node stops accepting end-to-end connections), open streams
+    /// get the drain timeout to finish (`what` names them in the logs), and `close` is
+    /// cancelled, which ends the control connections. `None` (logged) if a relay's path cannot
+    /// be set up.
     pub fn start<H: ControlHandler>(
         &self,
-        mut handler_for: impl FnMut(SocketAddr) -> Arc<H>,
+        handler_for: impl Fn(SocketAddr) -> Arc<H> + Send + Sync + 'static,
         shutdown: CancellationToken,
         close: CancellationToken,
         what: &'static str,
     ) -> Option<impl Future<Output = ()> + '_> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         let transport = self
             .transport
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut controls = tokio::task::JoinSet::new();
-        for (relay, current) in pending {
+        let (endpoint, client, socket, roots, status) = (
+            self.endpoint.clone(),
+            self.control_client.clone(),
+            self.socket.clone(),
+            self.roots.clone(),
+            self.transport_status.clone(),
+        );
+        let (relays, primary, stop_all) =
+            (self.relays.clone(), self.primary.clone(), close.clone());
+        let runner: Runner = Arc::new(move |relay: RelayTarget, current| {
             let handler = handler_for(relay.addr);
             let path = match RelayPath::new(
-                self.socket.clone(),
+                socket.clone(),
                 relay,
-                self.roots.clone(),
+                roots.clone(),
                 transport.clone(),
-                self.transport_status.clone(),
+                status.clone(),
             ) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
@@ -421,18 +544,64 @@ impl Uplink {
                     return None;
                 }
             };
-            controls.spawn(connection::run(
-                self.endpoint.clone(),
-                self.control_client.clone(),
+            let stop = stop_all.child_token();
+            let mut rx = current.subscribe();
+            let run = connection::run(
+                endpoint.clone(),
+                client.clone(),
                 path,
                 handler,
                 current,
-                close.clone(),
-            ));
+                stop.clone(),
+            );
+            let (relays, primary) = (relays.clone(), primary.clone());
+            let task = tokio::spawn(async move {
+                // The connection's comings and goings decide which relay is the primary one.
+                let follow = async {
+                    while rx.changed().await.is_ok() {
+                        refresh_primary(&relays, &primary);
+                    }
+                };
+                tokio::join!(run, follow);
+                refresh_primary(&relays, &primary);
+            });
+            Some((stop, task))
+        });
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for (relay, current) in pending {
+            let addr = relay.addr;
+            let (stop, task) = runner(relay, current)?;
+            self.stops
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(addr, stop);
+            self.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
         }
+        *self.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(runner);
         let timeout = *self.drain_timeout.lock().unwrap_or_else(|p| p.into_inner());
+        // The runner holds the handlers, which may hold this uplink: it goes with the future
+        // (however that ends), so nothing is kept alive in a cycle.
+        let forget_runner = ForgetRunner(&self.runner);
         Some(async move {
-            let ctl = async move { while controls.join_next().await.is_some() {} };
+            let _forget_runner = forget_runner;
+            let ctl = async {
+                close.cancelled().await;
+                // No relay is added from now on: the connections end with `close`.
+                self.runner.lock().unwrap_or_else(|p| p.into_inner()).take();
+                loop {
+                    let tasks =
+                        std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+                    if tasks.is_empty() {
+                        break;
+                    }
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                }
+            };
             let drain = async {
                 shutdown.cancelled().await;
                 self.drain.draining.cancel();
@@ -456,6 +625,34 @@ impl Uplink {
             .close(postern_proto::msg::code::SHUTDOWN.into(), reason);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
+}
+
+/// Drops the uplink's runner when dropped.
+struct ForgetRunner<'a>(&'a Mutex<Option<Runner>>);
+
+impl Drop for ForgetRunner<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Publishes, in `primary`, the control connection of the first relay in `relays` (when up).
+fn refresh_primary(
+    relays: &RwLock<Vec<RelayControl>>,
+    primary: &watch::Sender<Option<quinn::Connection>>,
+) {
+    let first = relays
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .first()
+        .and_then(|(_, rx)| rx.borrow().clone().filter(|c| c.close_reason().is_none()));
+    primary.send_if_modified(|now| {
+        let changed = now.as_ref().map(|c| c.stable_id()) != first.as_ref().map(|c| c.stable_id());
+        if changed {
+            *now = first;
+        }
+        changed
+    });
 }
 
 /// The `/readyz` rule: shutting down beats everything; then a node with no relay connected is
@@ -542,6 +739,41 @@ mod tests {
             uplink.drain().draining.cancel();
             assert_eq!(uplink.readiness(), Err("shutting down".to_owned()));
         }
+    }
+
+    /// Relays come and go by address: a second add of one is refused, a removed one is gone
+    /// from the list (and its pending connection with it), the first relay's successor takes
+    /// its place, and a relay named later (a redirect) carries the configured certificate name.
+    #[tokio::test]
+    async fn relays_are_added_once_and_removed_by_address() {
+        let ca = Ca::generate("test").expect("CA");
+        let roots = postern_proto::tls::roots_from_pem(ca.cert_pem()).expect("roots");
+        let uplink =
+            Uplink::bind(target(9), &issue(&ca, "node-1"), roots, Role::Client).expect("bind");
+        assert!(uplink.add_relay(target(10)));
+        assert!(!uplink.add_relay(target(10)), "a relay is used once");
+        assert!(uplink.add_relay(target(11)));
+        assert!(uplink.remove_relay(target(9).addr));
+        assert!(!uplink.remove_relay(target(9).addr));
+        let order: Vec<u16> = uplink.relays().iter().map(|(a, _)| a.port()).collect();
+        assert_eq!(order, [10, 11]);
+        assert_eq!(
+            uplink
+                .pending
+                .lock()
+                .expect("pending")
+                .iter()
+                .map(|(r, _)| r.addr.port())
+                .collect::<Vec<_>>(),
+            [10, 11]
+        );
+        let named = uplink.relay_at(target(12).addr);
+        assert_eq!((named.addr.port(), named.name.as_str()), (12, "relay"));
+        uplink.learn_relays(vec![FleetRelay {
+            name: "relay-a".into(),
+            addresses: vec!["127.0.0.1:10".into()],
+        }]);
+        assert_eq!(uplink.fleet_relays().borrow().len(), 1);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
         return Ok(());
     };
     let (relay, identity, roots) = settings.load()?;
+    let first = relay.addr;
     // Cancelled once the outlet has drained: leases are revoked, the admin socket closes.
     let leases_stop = CancellationToken::new();
     let mut services = Services {
@@ -65,6 +66,7 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
         services,
     })?;
     outlet.set_drain_timeout(cfg.drain_timeout);
+    outlet.set_home_relays(cfg.home_relays);
     outlet.set_transport(cfg.transport.clone());
     outlet.set_direct_never(
         cfg.services
@@ -79,8 +81,12 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
     } else {
         &cfg.more_relays
     };
+    // A name resolving to several addresses is several relays (a fleet's DNS name).
+    let all_relays: Vec<String> = std::iter::once(settings.relay.clone())
+        .chain(more_relays.iter().cloned())
+        .collect();
     for relay in
-        postern_net::transport::relay_path::resolve_relays(more_relays, &settings.relay_name)
+        postern_net::transport::relay_path::resolve_all(&all_relays, &settings.relay_name, first)
             .map_err(anyhow::Error::msg)?
     {
         outlet.add_relay(relay);

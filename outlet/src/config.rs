@@ -66,6 +66,8 @@ pub struct OutletFile {
     pub audit_log: Option<PathBuf>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
+    /// In a fleet of relays, how many to attach to.
+    pub home_relays: Option<usize>,
     #[serde(default)]
     pub service: Vec<ServiceFile>,
     /// InfluxDB with leased credentials (the seeds' `influxdb-outlet`): offered as the service
@@ -132,6 +134,12 @@ pub struct RunArgs {
     /// The relay's public TLS port as browsers reach it, used in access links [default: 443].
     #[arg(long)]
     pub public_port: Option<u16>,
+    /// In a fleet of relays (relays sharing state in etcd, which tell the outlet the fleet's
+    /// relays), attach to this many of them, chosen by rendezvous hashing of the outlet's
+    /// name, instead of to every relay; inlets reaching another relay are redirected. Without
+    /// a fleet every configured relay is used [default: 2].
+    #[arg(long)]
+    pub home_relays: Option<usize>,
 }
 
 /// The merged configuration.
@@ -148,6 +156,8 @@ pub struct OutletConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub drain_timeout: std::time::Duration,
+    /// How many relays of a fleet to attach to.
+    pub home_relays: usize,
     /// Services offered at the relay's public hostname, if any.
     pub public: Option<PublicConfig>,
 }
@@ -289,7 +299,15 @@ impl RunArgs {
                 services: public_services,
             }),
         };
+        let home_relays = self
+            .home_relays
+            .or(file.home_relays)
+            .unwrap_or(postern_net::fleet::DEFAULT_HOME_RELAYS);
+        if home_relays == 0 {
+            bail!("home-relays must be at least 1");
+        }
         Ok(OutletConfig {
+            home_relays,
             public,
             more_relays,
             transport,
@@ -425,6 +443,7 @@ mod tests {
             drain_timeout: None,
             public_domain: public_domain.map(str::to_owned),
             public_port: None,
+            home_relays: None,
         }
     }
 
@@ -453,6 +472,32 @@ mod tests {
             args_with(&file, None).resolve().expect_err("bad value")
         );
         assert!(e.contains("congestion") || e.contains("reno"), "{e}");
+    }
+
+    #[test]
+    fn home_relays_come_from_file_or_flag_and_must_be_positive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        let service = "[[service]]\nname = \"a\"\nto = \"127.0.0.1:1\"\n";
+        std::fs::write(&file, service).expect("write");
+        let cfg = args_with(&file, None).resolve().expect("default");
+        assert_eq!(cfg.home_relays, postern_net::fleet::DEFAULT_HOME_RELAYS);
+        std::fs::write(&file, format!("home-relays = 3\n{service}")).expect("write");
+        assert_eq!(
+            args_with(&file, None).resolve().expect("file").home_relays,
+            3
+        );
+        let mut args = args_with(&file, None);
+        args.home_relays = Some(1);
+        assert_eq!(
+            args.resolve().expect("flag").home_relays,
+            1,
+            "the flag wins"
+        );
+        let mut args = args_with(&file, None);
+        args.home_relays = Some(0);
+        let e = format!("{:#}", args.resolve().expect_err("zero"));
+        assert!(e.contains("home-relays"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,8 @@ use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,10 @@ pub struct Outlet {
     routes: Arc<Routes>,
     services: Arc<Services>,
     public: Option<Arc<crate::public::Public>>,
+    /// How many relays of a fleet to attach to (see [`crate::homing`]).
+    home_relays: usize,
+    /// The outlet's name, which its home relays are chosen by.
+    name: String,
 }
 
 /// Inspect a running outlet (tests, bench, the metrics endpoint).
@@ -131,7 +136,23 @@ impl Outlet {
             routes: Arc::new(Routes::default()),
             services: Arc::new(opts.services),
             public: None,
+            home_relays: postern_net::fleet::DEFAULT_HOME_RELAYS,
+            name: opts
+                .identity
+                .certs
+                .first()
+                .and_then(|c| postern_proto::pki::cert_name(c).ok())
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
         })
+    }
+
+    /// In a fleet, attach to this many relays (default
+    /// [`DEFAULT_HOME_RELAYS`](postern_net::fleet::DEFAULT_HOME_RELAYS)), chosen by rendezvous
+    /// hashing, instead of to every relay. Without a fleet nothing changes. Call before
+    /// [`run`](Self::run).
+    pub fn set_home_relays(&mut self, n: usize) {
+        self.home_relays = n.max(1);
     }
 
     /// Chooses how relays are reached: UDP, TLS/TCP, or UDP with fallback to TLS/TCP (the
@@ -178,21 +199,39 @@ impl Outlet {
     pub async fn run(self, shutdown: CancellationToken) {
         // Cancelled once draining is over: closes the control connection.
         let close = CancellationToken::new();
-        let several = self.uplink.several_relays();
+        let keep_on_relay_loss = Arc::new(AtomicBool::new(self.uplink.several_relays()));
         let drain = self.uplink.drain().clone();
-        let handler_for = |relay| {
+        let (socket, routes, names, public, all, weak, keep) = (
+            self.uplink.socket().clone(),
+            self.routes.clone(),
+            self.services.names(),
+            self.public.clone(),
+            self.services.clone(),
+            Arc::downgrade(&self.uplink),
+            keep_on_relay_loss.clone(),
+        );
+        let handler_for = move |relay| {
             Arc::new(OutletControl {
-                socket: self.uplink.socket().clone(),
-                routes: self.routes.clone(),
-                services: self.services.names(),
+                socket: socket.clone(),
+                routes: routes.clone(),
+                services: names.clone(),
                 relay,
                 draining: drain.draining.clone(),
-                keep_on_relay_loss: several,
-                public: self.public.clone(),
-                all: self.services.clone(),
+                keep_on_relay_loss: keep.clone(),
+                public: public.clone(),
+                all: all.clone(),
                 drain: drain.clone(),
+                uplink: weak.clone(),
             })
         };
+        let drain = self.uplink.drain().clone();
+        tokio::spawn(crate::homing::run(
+            self.uplink.clone(),
+            self.name.clone(),
+            self.home_relays,
+            keep_on_relay_loss,
+            close.clone(),
+        ));
         let Some(uplink) = self
             .uplink
             .start(handler_for, shutdown.clone(), close, "streams")
@@ -217,10 +256,12 @@ struct OutletControl {
     services: Vec<ServiceName>,
     relay: SocketAddr,
     draining: CancellationToken,
-    /// With several relays, end-to-end connections outlive the loss of one relay's routes:
-    /// the inlet moves them to another relay's path (QUIC migration), and those that do not
-    /// move end by idle timeout.
-    keep_on_relay_loss: bool,
+    /// With several relays (or in a fleet), end-to-end connections outlive the loss of one
+    /// relay's routes: the inlet moves them to another relay's path (QUIC migration), and
+    /// those that do not move end by idle timeout.
+    keep_on_relay_loss: Arc<AtomicBool>,
+    /// To record the fleet's relays when a relay tells them.
+    uplink: Weak<Uplink>,
     /// Services offered at the relay's public hostname ingress.
     public: Option<Arc<crate::public::Public>>,
     all: Arc<Services>,
@@ -295,6 +336,12 @@ impl ControlHandler for OutletControl {
                 Ctl::Ack
             }
             Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+            Ctl::Relays { relays } => {
+                if let Some(u) = self.uplink.upgrade() {
+                    u.learn_relays(relays);
+                }
+                Ctl::Ack
+            }
             other => {
                 tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected push from the relay");
                 Ctl::Refused {
@@ -325,7 +372,7 @@ impl ControlHandler for OutletControl {
 
     fn on_disconnect(&self, relay: SocketAddr) {
         for route in self.socket.remove_routes_via(relay) {
-            if self.keep_on_relay_loss {
+            if self.keep_on_relay_loss.load(Relaxed) {
                 tracing::info!(%relay, "relay lost; the connection may move to another relay");
                 tracing::debug!(route = %route.short(), "route of the lost relay");
             } else {

@@ -81,6 +81,28 @@ pub enum Ctl {
         route: RouteId,
         candidates: Vec<std::net::SocketAddr>,
     },
+    /// Relay -> node: the live relays of the relay's fleet (sent once the control connection
+    /// is up and whenever the fleet's membership changes; never by a relay without a fleet).
+    /// Nodes bootstrap from their configured relays and learn the rest from this, so relays
+    /// come and go without reconfiguring any node. Answered by `Ack`.
+    Relays { relays: Vec<FleetRelay> },
+    /// Relay -> inlet, answer to `RouteRequest`: no outlet of `service` is attached here, but
+    /// outlets of it are attached to these relays (`host:port`, one per relay): ask one of
+    /// them (opening a control connection to it first).
+    RouteRedirect {
+        service: ServiceName,
+        relays: Vec<String>,
+    },
+}
+
+/// A relay of a fleet, as nodes learn it (see [`Ctl::Relays`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FleetRelay {
+    /// Unique in the fleet; what an outlet's home relays are chosen by, so that a relay
+    /// keeps its share of outlets when its address changes.
+    pub name: String,
+    /// Where nodes reach it (`host:port`), the first preferred.
+    pub addresses: Vec<String>,
 }
 
 /// Why the relay refused a route.

@@ -181,6 +181,11 @@ impl Observe for RelayHandle {
                 name,
                 &[("outcome", "refused")],
                 ctl.routes_refused.load(Relaxed) as f64,
+            )
+            .sample(
+                name,
+                &[("outcome", "redirected")],
+                ctl.routes_redirected.load(Relaxed) as f64,
             );
         let name = "postern_relay_enrollments_total";
         out.family(name, "Enrollment requests, by outcome.", Kind::Counter)

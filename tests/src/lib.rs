@@ -2,8 +2,10 @@
 //! written once. `kit` builds in-process clusters; the other modules hold what tests around
 //! them share.
 pub mod bins;
+pub mod churn;
 pub mod clients;
 pub mod etcd;
+pub mod fleet;
 pub mod flood;
 pub mod impair;
 pub mod influx2;

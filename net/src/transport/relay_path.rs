@@ -537,9 +537,89 @@ pub fn resolve_relays(addrs: &[String], name: &str) -> Result<Vec<RelayTarget>, 
         .collect()
 }
 
+/// Every relay `addrs` name, as a node uses them: each address a name resolves to is a relay
+/// of its own (a fleet's DNS name resolving to several relays bootstraps a node with all of
+/// them), in order, without repeats. Only addresses of `like`'s family are kept (the node's
+/// socket is bound for it), unless a name has none of that family.
+pub fn resolve_all(
+    addrs: &[String],
+    name: &str,
+    like: SocketAddr,
+) -> Result<Vec<RelayTarget>, String> {
+    use std::net::ToSocketAddrs;
+    let mut resolved = Vec::new();
+    for text in addrs {
+        let list: Vec<SocketAddr> = text
+            .to_socket_addrs()
+            .map_err(|e| format!("relay: cannot resolve {text:?}: {e}"))?
+            .collect();
+        if list.is_empty() {
+            return Err(format!("relay: {text:?} resolves to no address"));
+        }
+        resolved.push(list);
+    }
+    Ok(expand(resolved, like)
+        .into_iter()
+        .map(|addr| RelayTarget {
+            addr,
+            name: name.to_owned(),
+        })
+        .collect())
+}
+
+/// The addresses each name resolved to, flattened as [`resolve_all`] says.
+fn expand(resolved: Vec<Vec<SocketAddr>>, like: SocketAddr) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for list in resolved {
+        let same: Vec<SocketAddr> = list
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == like.is_ipv4())
+            .collect();
+        let keep = if same.is_empty() {
+            list.into_iter().take(1).collect()
+        } else {
+            same
+        };
+        for a in keep {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_resolving_to_several_addresses_gives_several_relays() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let like = a("10.0.0.1:4433");
+        let got = expand(
+            vec![
+                vec![a("10.0.0.1:4433"), a("10.0.0.2:4433"), a("[::1]:4433")],
+                vec![a("10.0.0.2:4433"), a("10.0.0.3:4433")],
+                vec![a("[::2]:4433")],
+            ],
+            like,
+        );
+        assert_eq!(
+            got,
+            [
+                a("10.0.0.1:4433"),
+                a("10.0.0.2:4433"),
+                a("10.0.0.3:4433"),
+                a("[::2]:4433")
+            ]
+        );
+        let real = resolve_all(&["127.0.0.1:7".into(), "127.0.0.1:7".into()], "relay", like)
+            .expect("resolve");
+        assert_eq!(real.len(), 1);
+        assert!(resolve_all(&["nope".into()], "relay", like).is_err());
+    }
 
     #[test]
     fn relay_may_be_one_or_a_list() {

@@ -4,12 +4,14 @@
 //! Revocations made by `postern-relay identity revoke` in another process are picked up by
 //! reading the directory every 100 ms.
 
-use super::{DrainRecord, FleetError, FleetState, Fut, LoadFn, Member, Snapshot};
+use super::{
+    DrainRecord, FleetError, FleetState, FleetView, Fut, LoadFn, Member, Presence, Snapshot,
+};
 use crate::authority::{Authority, IdentityRecord, TicketRecord, TicketSpec};
 use crate::state::StateDir;
 use postern_net::runtime::files;
 use postern_proto::msg::Refusal;
-use postern_proto::name::NodeName;
+use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::policy::Attributes;
 use postern_proto::ticket::EnrollRefusal;
 use postern_proto::ticket::{EnrollRequest, EnrollResponse, Ticket};
@@ -269,6 +271,26 @@ impl FleetState for Embedded {
 
     fn members(&self) -> Fut<'_, Result<Vec<Member>, FleetError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn set_presence(
+        &self,
+        _outlet: NodeName,
+        _services: Vec<ServiceName>,
+    ) -> Fut<'_, Result<(), FleetError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn presence(&self) -> Fut<'_, Result<Vec<Presence>, FleetError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn follow_fleet(
+        self: Arc<Self>,
+        _tx: watch::Sender<FleetView>,
+        _shutdown: CancellationToken,
+    ) -> Fut<'static, ()> {
+        Box::pin(async {})
     }
 }
 

@@ -12,31 +12,37 @@
 //! - `<prefix>/relays/<name>`: [`Member`], attached to the relay's lease: it vanishes by
 //!   itself when the relay stops renewing it.
 //!
-//! Outlet presence (which relays each outlet is attached to, for home relays and redirects)
-//! is meant to live at `<prefix>/presence/<outlet>/<relay>` under the same relay lease; see
-//! [`Etcd::put_presence`] for the interface offered to that work.
+//! - `<prefix>/presence/<service>/<outlet>/<relay>`: [`PresenceValue`] (the holding relay's
+//!   addresses), attached to the holding relay's lease: outlet `<outlet>` has registered
+//!   `<service>` on relay `<relay>`. Keyed by service first, so a relay finds the holders of
+//!   a service under one prefix. Every relay follows `relays/` and `presence/` with a watch
+//!   ([`FleetState::follow_fleet`]) and redirects inlets from that copy, never from a read
+//!   per request.
 //!
 //! Every request has a deadline and asks for a leader, so a cluster without quorum answers
 //! with an error (naming etcd) instead of hanging; the follower keeps the last state it saw.
 
 use super::config::ClusterConfig;
 use super::health::{Health, HealthView, Op};
-use super::{DrainRecord, FleetError, FleetState, Fut, LoadFn, Member, Snapshot};
+use super::{
+    DrainRecord, FleetError, FleetState, FleetView, Fut, LoadFn, Member, Presence, Snapshot,
+};
 use crate::authority::{
     self, audit_enrollment, check_ticket, new_ticket, now_ms, IdentityRecord, TicketRecord,
     TicketSpec, ENROLLED_VALIDITY,
 };
 use crate::state::StateDir;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use postern_proto::msg::Refusal;
-use postern_proto::name::NodeName;
+use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::policy::Attributes;
 use postern_proto::ticket::{EnrollRefusal, EnrollRequest, EnrollResponse, Ticket};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -68,6 +74,27 @@ pub struct Etcd {
     connected: AtomicBool,
     /// Failures by operation and the member count, for metrics and status.
     health: Health,
+    /// The membership lease in force (none before joining, or after losing it).
+    lease: Mutex<Option<i64>>,
+    /// How this relay registers (set when membership starts): presence entries carry it.
+    me: Mutex<Option<Member>>,
+    /// The presence this relay holds, as last asked for: written again under each new lease.
+    held: Mutex<BTreeMap<NodeName, Vec<ServiceName>>>,
+    /// Orders presence writes with their re-writing under a new lease.
+    presence_writes: tokio::sync::Mutex<()>,
+}
+
+/// The value of a presence key: where nodes reach the holding relay.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PresenceValue {
+    pub addresses: Vec<String>,
+}
+
+/// Most operations in one etcd transaction (etcd's default limit is 128).
+const TXN_OPS: usize = 100;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Etcd {
@@ -113,6 +140,10 @@ impl Etcd {
             ca: ca.filter(|s| s.ca_key().exists()),
             connected: AtomicBool::new(true),
             health: Health::default(),
+            lease: Mutex::new(None),
+            me: Mutex::new(None),
+            held: Mutex::default(),
+            presence_writes: tokio::sync::Mutex::const_new(()),
         };
         Ok(me)
     }
@@ -264,25 +295,105 @@ impl Etcd {
         Err(EnrollRefusal::Unavailable)
     }
 
-    /// For outlet presence (not used yet): records that `outlet` is attached to this relay,
-    /// under the relay's membership lease `lease`, so the entry goes when the relay dies. The
-    /// home-relay work reads `<prefix>/presence/<outlet>/` to find where to redirect an inlet.
-    pub async fn put_presence(
-        &self,
-        lease: i64,
-        outlet: &NodeName,
-        relay: &str,
-    ) -> Result<(), FleetError> {
-        let key = format!("{}/presence/{outlet}/{relay}", self.prefix);
-        self.client
-            .kv_client()
-            .put(
-                key,
-                b"{}".to_vec(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
+    fn presence_key(&self, service: &ServiceName, outlet: &NodeName, relay: &str) -> String {
+        format!("{}/presence/{service}/{outlet}/{relay}", self.prefix)
+    }
+
+    /// Runs `ops` in transactions of at most [`TXN_OPS`].
+    async fn apply(&self, mut ops: Vec<TxnOp>) -> Result<(), FleetError> {
+        let mut kv = self.client.kv_client();
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(TXN_OPS));
+            kv.txn(Txn::new().and_then(ops)).await?;
+            ops = rest;
+        }
         Ok(())
+    }
+
+    /// Writes every presence entry this relay holds under `lease` (a new membership lease:
+    /// the old one's entries are gone or going), and makes `lease` the one later writes use.
+    async fn republish(&self, lease: i64, me: &Member) -> Result<(), FleetError> {
+        let _w = self.presence_writes.lock().await;
+        let value = serde_json::to_vec(&PresenceValue {
+            addresses: me.addresses.clone(),
+        })
+        .map_err(|e| FleetError::Internal(e.to_string()))?;
+        let held = lock(&self.held).clone();
+        let mut ops = Vec::new();
+        for (outlet, services) in &held {
+            for s in services {
+                ops.push(TxnOp::put(
+                    self.presence_key(s, outlet, &me.name),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+            }
+        }
+        self.apply(ops).await?;
+        *lock(&self.lease) = Some(lease);
+        Ok(())
+    }
+
+    /// The members and presence in `raw` (keys under `relays/` and `presence/`, with their
+    /// values), as a [`FleetView`]. Damaged entries are skipped.
+    fn view_of(&self, raw: &BTreeMap<String, Vec<u8>>) -> FleetView {
+        let (relays, presence) = (self.dir("relays"), self.dir("presence"));
+        let mut view = FleetView::default();
+        let mut held: BTreeMap<(NodeName, String), (Vec<String>, BTreeSet<ServiceName>)> =
+            BTreeMap::new();
+        for (key, value) in raw {
+            if key.starts_with(&relays) {
+                match serde_json::from_slice::<Member>(value) {
+                    Ok(m) => view.members.push(m),
+                    Err(e) => tracing::warn!(key, error = %e, "skipping a damaged member in etcd"),
+                }
+            } else if let Some(rest) = key.strip_prefix(&presence) {
+                let Some((service, outlet, relay)) = split_presence(rest) else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_slice::<PresenceValue>(value) else {
+                    tracing::warn!(key, "skipping a damaged presence entry in etcd");
+                    continue;
+                };
+                let e = held.entry((outlet, relay)).or_default();
+                e.0 = v.addresses;
+                e.1.insert(service);
+            }
+        }
+        view.members.sort_by(|a, b| a.name.cmp(&b.name));
+        view.presence = held
+            .into_iter()
+            .map(|((outlet, relay), (addresses, services))| Presence {
+                outlet,
+                relay,
+                addresses,
+                services: services.into_iter().collect(),
+            })
+            .collect();
+        view
+    }
+
+    /// Every key and value under `relays/` and `presence/`, read at one revision; and that
+    /// revision.
+    async fn read_fleet(&self) -> Result<(BTreeMap<String, Vec<u8>>, i64), FleetError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.dir("relays"), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.dir("presence"), Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut raw = BTreeMap::new();
+        for op in resp.op_responses() {
+            let TxnOpResponse::Get(get) = op else {
+                continue;
+            };
+            for kv in get.kvs() {
+                if let Ok(k) = kv.key_str() {
+                    raw.insert(k.to_owned(), kv.value().to_vec());
+                }
+            }
+        }
+        Ok((raw, revision))
     }
 
     /// One membership lease: granted, the member put under it, kept alive (with the load
@@ -299,6 +410,7 @@ impl Etcd {
         let key = self.key("relays", &me.name);
         let mut kv = self.client.kv_client();
         let (mut keeper, mut acks) = lease.keep_alive(id).await?;
+        self.republish(id, me).await?;
         let tick = (self.lease_ttl / 3).max(Duration::from_millis(300));
         tracing::info!(relay = %me.name, lease_ttl = ?self.lease_ttl, "joined the fleet in etcd");
         loop {
@@ -654,8 +766,11 @@ impl FleetState for Etcd {
         shutdown: CancellationToken,
     ) -> Fut<'static, ()> {
         Box::pin(async move {
+            *lock(&self.me) = Some(me.clone());
             loop {
-                match self.one_lease(&mut me, &load, &shutdown).await {
+                let result = self.one_lease(&mut me, &load, &shutdown).await;
+                *lock(&self.lease) = None;
+                match result {
                     Ok(()) => return,
                     Err(e) => {
                         self.health.fail(Op::Membership, &e);
@@ -690,5 +805,159 @@ impl FleetState for Etcd {
 
     fn health(&self) -> Option<HealthView> {
         Some(self.health.view())
+    }
+
+    fn set_presence(
+        &self,
+        outlet: NodeName,
+        services: Vec<ServiceName>,
+    ) -> Fut<'_, Result<(), FleetError>> {
+        Box::pin(async move {
+            let _w = self.presence_writes.lock().await;
+            let old = {
+                let mut held = lock(&self.held);
+                let old = held.get(&outlet).cloned().unwrap_or_default();
+                if services.is_empty() {
+                    held.remove(&outlet);
+                } else {
+                    held.insert(outlet.clone(), services.clone());
+                }
+                old
+            };
+            let lease = *lock(&self.lease);
+            let me = lock(&self.me).clone();
+            // Not in the fleet yet: written when the lease is granted.
+            let (Some(lease), Some(me)) = (lease, me) else {
+                return Ok(());
+            };
+            let value = serde_json::to_vec(&PresenceValue {
+                addresses: me.addresses.clone(),
+            })
+            .map_err(|e| FleetError::Internal(e.to_string()))?;
+            let mut ops: Vec<TxnOp> = old
+                .iter()
+                .filter(|s| !services.contains(s))
+                .map(|s| TxnOp::delete(self.presence_key(s, &outlet, &me.name), None))
+                .collect();
+            ops.extend(services.iter().map(|s| {
+                TxnOp::put(
+                    self.presence_key(s, &outlet, &me.name),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            }));
+            self.apply(ops).await
+        })
+    }
+
+    fn presence(&self) -> Fut<'_, Result<Vec<Presence>, FleetError>> {
+        Box::pin(async move {
+            let (raw, _) = self.read_fleet().await?;
+            Ok(self.view_of(&raw).presence)
+        })
+    }
+
+    fn follow_fleet(
+        self: Arc<Self>,
+        tx: watch::Sender<FleetView>,
+        shutdown: CancellationToken,
+    ) -> Fut<'static, ()> {
+        Box::pin(async move {
+            let watched = [self.dir("relays"), self.dir("presence")];
+            let publish = |raw: &BTreeMap<String, Vec<u8>>| {
+                let view = self.view_of(raw);
+                tx.send_if_modified(|v| {
+                    let changed = *v != view;
+                    *v = view;
+                    changed
+                });
+            };
+            loop {
+                // Read everything once, then apply the watch's events to that copy.
+                let step = async {
+                    let (mut raw, rev) = self.read_fleet().await?;
+                    publish(&raw);
+                    let mut w = self.client.watch_client();
+                    let mut stream = w
+                        .watch(
+                            format!("{}/", self.prefix),
+                            Some(
+                                WatchOptions::new()
+                                    .with_prefix()
+                                    .with_start_revision(rev + 1),
+                            ),
+                        )
+                        .await?;
+                    loop {
+                        let Some(resp) = stream.message().await? else {
+                            return Err(FleetError::Etcd("the fleet watch ended".into()));
+                        };
+                        if resp.canceled() {
+                            return Err(FleetError::Etcd(format!(
+                                "the fleet watch was cancelled: {}",
+                                resp.cancel_reason()
+                            )));
+                        }
+                        let mut changed = false;
+                        for e in resp.events() {
+                            let Some(kv) = e.kv() else { continue };
+                            let Ok(key) = kv.key_str() else { continue };
+                            if !watched.iter().any(|d| key.starts_with(d.as_str())) {
+                                continue;
+                            }
+                            changed = true;
+                            match e.event_type() {
+                                EventType::Put => {
+                                    raw.insert(key.to_owned(), kv.value().to_vec());
+                                }
+                                EventType::Delete => {
+                                    raw.remove(key);
+                                }
+                            }
+                        }
+                        if changed {
+                            publish(&raw);
+                        }
+                    }
+                };
+                let result: Result<(), FleetError> = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = step => r,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "fleet watch failed; keeping the last view");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// `<service>/<outlet>/<relay>` (a presence key after its directory), parsed.
+fn split_presence(rest: &str) -> Option<(ServiceName, NodeName, String)> {
+    let mut parts = rest.splitn(3, '/');
+    let service = parts.next()?.parse().ok()?;
+    let outlet = parts.next()?.parse().ok()?;
+    let relay = parts.next().filter(|r| !r.is_empty())?.to_owned();
+    Some((service, outlet, relay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_keys_split_into_service_outlet_and_relay() {
+        let (s, o, r) = split_presence("echo/outlet-1/relay-a").expect("parse");
+        assert_eq!(
+            (s.as_str(), o.as_str(), r.as_str()),
+            ("echo", "outlet-1", "relay-a")
+        );
+        assert!(split_presence("echo/outlet-1").is_none());
+        assert!(split_presence("echo/outlet-1/").is_none());
+        assert!(split_presence("bad name/outlet-1/relay-a").is_none());
     }
 }

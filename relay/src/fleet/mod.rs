@@ -97,6 +97,63 @@ pub struct Load {
 /// Reads a relay's current load (called every few seconds by the membership task).
 pub type LoadFn = Arc<dyn Fn() -> Load + Send + Sync>;
 
+/// An outlet attached to a relay, as the fleet records it: one entry per (outlet, relay),
+/// with the services the outlet registered there. Entries live under the holding relay's
+/// membership lease, so a dead relay's entries vanish with it. What a relay without the
+/// outlet reads to redirect an inlet, and what the fleet's status shows as "where each outlet
+/// is attached".
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Presence {
+    pub outlet: NodeName,
+    /// The holding relay's member name.
+    pub relay: String,
+    /// Where nodes reach the holding relay (from its membership record).
+    pub addresses: Vec<String>,
+    /// Sorted.
+    pub services: Vec<ServiceName>,
+}
+
+/// The fleet as a relay follows it: its live members and where outlets are attached. Kept
+/// in memory from a watch, so route look-ups never wait for etcd, and kept as last seen while
+/// etcd cannot be reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetView {
+    /// Sorted by name.
+    pub members: Vec<Member>,
+    /// Sorted.
+    pub presence: Vec<Presence>,
+}
+
+impl FleetView {
+    /// The relays (other than `me`) holding a live outlet of `service`: their first address
+    /// each, in name order.
+    pub fn holders(&self, service: &ServiceName, me: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in &self.presence {
+            if p.relay == me || !p.services.contains(service) {
+                continue;
+            }
+            if let Some(a) = p.addresses.first() {
+                if !out.contains(a) {
+                    out.push(a.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The members as nodes learn them (name and addresses; load left out).
+    pub fn relays(&self) -> Vec<postern_proto::msg::FleetRelay> {
+        self.members
+            .iter()
+            .map(|m| postern_proto::msg::FleetRelay {
+                name: m.name.clone(),
+                addresses: m.addresses.clone(),
+            })
+            .collect()
+    }
+}
+
 /// The shared state, whichever backend holds it. See the module docs.
 pub trait FleetState: Send + Sync + 'static {
     /// Where the state lives, for logs and errors (never a secret).
@@ -171,4 +228,25 @@ pub trait FleetState: Send + Sync + 'static {
     fn health(&self) -> Option<health::HealthView> {
         None
     }
+    /// Records which services `outlet` has registered on this relay (empty: it left), under
+    /// this relay's membership lease; kept and written again whenever the lease is renewed
+    /// after a loss. The embedded state has no fleet: nothing is recorded.
+    fn set_presence(
+        &self,
+        outlet: NodeName,
+        services: Vec<ServiceName>,
+    ) -> Fut<'_, Result<(), FleetError>>;
+
+    /// Every outlet attached to a live relay of the fleet, read from the store now (the
+    /// embedded state: none). For operators' views; routing reads [`FleetView`] instead.
+    fn presence(&self) -> Fut<'_, Result<Vec<Presence>, FleetError>>;
+
+    /// Follows the members and the outlets' presence until `shutdown`, sending every change
+    /// to `tx`; keeps the last view while the store cannot be reached. The embedded state has
+    /// no fleet: it returns at once, leaving the view empty.
+    fn follow_fleet(
+        self: Arc<Self>,
+        tx: watch::Sender<FleetView>,
+        shutdown: CancellationToken,
+    ) -> Fut<'static, ()>;
 }

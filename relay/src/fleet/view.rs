@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 pub enum Attachments {
     /// The outlets connected to the relay that answers (all there is without a cluster).
     ThisRelay(Vec<AttachmentView>),
-    /// Nothing is known (the CLI reading etcd, before the fleet's presence read exists).
+    /// Nothing but the fleet's presence records (the CLI reading etcd alone).
     None,
 }
 
@@ -49,9 +49,23 @@ pub async fn fleet_view(
         me.cloned().into_iter().collect()
     };
     view.relays = relay_views(members, me.map(|m| m.name.as_str()), now);
-    let (scope, list) = match attachments {
-        Attachments::ThisRelay(list) => ("this-relay", list),
-        Attachments::None => ("none", Vec::new()),
+    // With a cluster, the fleet's presence records say where every outlet is attached; when
+    // etcd cannot be read, what the caller knows (this relay's own outlets) stands in.
+    let fleet_wide = if cluster {
+        fleet.presence().await.ok().map(|entries| {
+            group_attachments(
+                entries
+                    .into_iter()
+                    .map(|p| (p.outlet, p.relay, p.services)),
+            )
+        })
+    } else {
+        None
+    };
+    let (scope, list) = match (fleet_wide, attachments) {
+        (Some(list), _) => ("fleet", list),
+        (None, Attachments::ThisRelay(list)) => ("this-relay", list),
+        (None, Attachments::None) => ("none", Vec::new()),
     };
     view.attachments_scope = scope.into();
     view.attachments = list;
@@ -89,9 +103,8 @@ pub fn relay_views(members: Vec<Member>, me: Option<&str>, now_ms: u64) -> Vec<R
 /// Groups presence entries (outlet, relay, services) by outlet: one attachment per outlet
 /// with every relay it is attached to (sorted, no repeats) and the union of its services.
 ///
-/// This is where the fleet's presence read (`FleetState::presence()`, issue 14's home-relay
-/// work) plugs in: its entries go through here into [`FleetView::attachments`] with scope
-/// `fleet`.
+/// The fleet's presence records ([`FleetState::presence`]) go through here into
+/// [`FleetView::attachments`] with scope `fleet`.
 pub fn group_attachments(
     entries: impl IntoIterator<
         Item = (

@@ -159,8 +159,7 @@ impl RelayHandle {
     }
 
     /// The outlets connected here (nodes serving at least one service), attached to `me`.
-    /// With a cluster, the fleet's presence read replaces this (see
-    /// [`crate::fleet::view::group_attachments`]).
+    /// With a cluster, the fleet's presence records replace this when etcd answers.
     fn local_attachments(&self, me: &str) -> Vec<crate::views::AttachmentView> {
         crate::fleet::view::group_attachments(
             self.node_views()

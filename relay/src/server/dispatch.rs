@@ -43,6 +43,7 @@ pub(super) async fn handle(
                 }
             }
             shared.registry().register(id, &services);
+            shared.presence_changed.notify_one();
             tracing::info!(?services, "services registered");
             outlet_back(shared, &services);
             Ctl::Registered { services }
@@ -60,6 +61,7 @@ pub(super) async fn handle(
             let answer = grant_route(shared, id, conn, service.clone()).await;
             match &answer {
                 Ctl::RouteGranted { .. } => shared.ctl.routes_granted.fetch_add(1, Relaxed),
+                Ctl::RouteRedirect { .. } => shared.ctl.routes_redirected.fetch_add(1, Relaxed),
                 _ => shared.ctl.routes_refused.fetch_add(1, Relaxed),
             };
             // Refused for want of a live outlet: told when one registers the service.

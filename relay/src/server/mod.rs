@@ -26,6 +26,7 @@ use tracing::Instrument;
 mod admin_ops;
 mod dispatch;
 mod enroll;
+mod fleet_sync;
 mod revoke;
 mod route;
 mod session;
@@ -136,6 +137,9 @@ impl Relay {
                 waiting: Mutex::default(),
                 me: Mutex::default(),
                 tcp_pending,
+                member_name: Mutex::default(),
+                view: Mutex::default(),
+                presence_changed: tokio::sync::Notify::new(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,
@@ -173,6 +177,11 @@ impl Relay {
         }
         self.snapshot = snapshot;
         *self.shared.me.lock().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
+        *self
+            .shared
+            .member_name
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(member.name.clone());
         self.member = Some(member);
     }
 
@@ -223,6 +232,19 @@ impl Relay {
             rx,
             shutdown.clone(),
         ));
+        let (view_tx, view_rx) = tokio::sync::watch::channel(Default::default());
+        tokio::spawn(fleet.clone().follow_fleet(view_tx, shutdown.clone()));
+        tokio::spawn(fleet_sync::follow(
+            self.shared.clone(),
+            view_rx,
+            shutdown.clone(),
+        ));
+        if self.member.is_some() {
+            tokio::spawn(fleet_sync::publish_presence(
+                self.shared.clone(),
+                shutdown.clone(),
+            ));
+        }
         // Membership lasts until the relay has drained, so it is stopped after the loop.
         let membership_stop = CancellationToken::new();
         let membership = self.member.take().map(|me| {

@@ -1,7 +1,8 @@
 //! Granting a route: policy first, then up to [`ROUTE_ATTEMPTS`] live outlets of the service
 //! asked to accept it; the first that acks gets the route in the forwarding table and the
 //! registry. A refusal names why (not allowed, unknown service, no live outlet, every outlet
-//! refused).
+//! refused). In a fleet, a service with no outlet attached here but some attached to other
+//! relays (by the fleet's presence records) is answered with a redirect to those relays.
 
 use super::shared::Shared;
 use crate::policy::Action;
@@ -50,6 +51,14 @@ pub(super) async fn grant_route(
             Ok(o) => (o, inlet_name),
             Err(reason) => {
                 drop(reg);
+                // Not attached here: another relay of the fleet may hold one.
+                if let Some(me) = shared.member_name() {
+                    let relays = shared.view().holders(&service, &me);
+                    if !relays.is_empty() {
+                        tracing::info!(%service, ?relays, "route redirected to the relays holding the service's outlets");
+                        return Ctl::RouteRedirect { service, relays };
+                    }
+                }
                 return refuse(reason);
             }
         }

@@ -105,6 +105,7 @@ pub(super) async fn serve_node(
     shared.admin.connected(id);
     shared.ctl.nodes_connected.fetch_add(1, Relaxed);
     tracing::info!(node = %name, ?attrs, "node connected");
+    super::fleet_sync::tell_relays(&shared, &conn);
 
     let reason = loop {
         let (mut send, mut recv) = match conn.accept_bi().await {

@@ -6,7 +6,7 @@
 //! It imports nothing else from the server, so every other server file can import it.
 
 use crate::admission::AdmissionStats;
-use crate::fleet::FleetState;
+use crate::fleet::{FleetState, FleetView};
 use crate::forward::tcp::TcpStats;
 use crate::forward::udp::{ForwardStats, RouteTable};
 use crate::policy::PolicySet;
@@ -27,6 +27,8 @@ pub struct ControlStats {
     pub bad_messages: AtomicU64,
     pub routes_granted: AtomicU64,
     pub routes_refused: AtomicU64,
+    /// Route requests answered with a redirect to the relays of the fleet holding an outlet.
+    pub routes_redirected: AtomicU64,
     pub nodes_connected: AtomicU64,
     /// Nodes enrolled by this relay's authority.
     pub enrollments: AtomicU64,
@@ -118,6 +120,12 @@ pub(super) struct Shared {
     pub(super) waiting: Mutex<HashMap<ServiceName, std::collections::BTreeSet<NodeId>>>,
     /// How this relay registers in the fleet (its name and addresses), for the fleet view.
     pub(super) me: Mutex<Option<crate::fleet::Member>>,
+    /// This relay's name in its fleet (none without a cluster).
+    pub(super) member_name: Mutex<Option<String>>,
+    /// The fleet as last seen (members, outlets' presence); empty without a cluster.
+    pub(super) view: Mutex<Arc<FleetView>>,
+    /// Woken when the outlets registered here change (their presence is written to the fleet).
+    pub(super) presence_changed: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -143,6 +151,21 @@ impl Shared {
 
     pub(super) fn public(&self) -> MutexGuard<'_, PublicRegistry> {
         self.public.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn view(&self) -> Arc<FleetView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn set_view(&self, view: FleetView) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
+    }
+
+    pub(super) fn member_name(&self) -> Option<String> {
+        self.member_name
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn waiting(&self) -> MutexGuard<'_, HashMap<ServiceName, std::collections::BTreeSet<NodeId>>> {
@@ -376,6 +399,7 @@ pub(super) fn node_drained(shared: &Shared, id: NodeId) -> bool {
 
 /// Drops a node's registrations and routes, and tells the other end of each route.
 pub(super) fn forget_node(shared: &Arc<Shared>, id: NodeId) {
+    shared.presence_changed.notify_one();
     shared.public().remove_node(id);
     shared.waiting().retain(|_, ids| {
         ids.remove(&id);
