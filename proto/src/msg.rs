@@ -72,6 +72,21 @@ pub enum Ctl {
     /// refused a route to it for want of a live outlet, so that they ask again now instead of
     /// after their back-off. Answered by `Ack`.
     OutletBack { service: ServiceName },
+    /// Outlet -> relay: whether this outlet can serve `service` now (its target answers its
+    /// checks), and why not (`reason`, for logs and the inlet's 503). Sent on each change and
+    /// after each (re)registration. A relay routes new connections only to outlets whose
+    /// service is healthy; an outlet that never sends this counts as healthy. Answered by
+    /// `Ack` (an older relay answers `Refused`).
+    ServiceHealth {
+        service: ServiceName,
+        healthy: bool,
+        reason: String,
+    },
+    /// Relay -> inlet: stop opening new streams on `route` (its outlet cannot serve the
+    /// service now: `reason`) and ask for a new route on the next client connection; streams
+    /// already open on it finish. Answered by `Ack` (an older inlet answers `Refused`, and
+    /// the relay closes the route instead).
+    RouteRetired { route: RouteId, reason: String },
 }
 
 /// Why the relay refused a route.
@@ -87,6 +102,9 @@ pub enum RefuseReason {
     OutletRefused(Refusal),
     /// No outlet tried answered the route opening in time (or it answered something else).
     OutletUnresponsive,
+    /// Outlets of the service are connected, but none can reach its target now; `reason` is
+    /// what their checks said (e.g. `connect to 10.0.0.5:8086 failed: Connection refused`).
+    NoHealthyOutlet { reason: String },
 }
 
 impl fmt::Display for RefuseReason {
@@ -98,6 +116,9 @@ impl fmt::Display for RefuseReason {
             RefuseReason::OutletRefused(why) => write!(f, "the outlet refused the route: {why}"),
             RefuseReason::OutletUnresponsive => {
                 f.write_str("no outlet for this service answered the relay in time")
+            }
+            RefuseReason::NoHealthyOutlet { reason } => {
+                write!(f, "no outlet for this service can reach its target ({reason})")
             }
         }
     }
@@ -218,6 +239,16 @@ pub enum StreamOpen {
     /// The inlet wants the leased credential for `service`; the outlet answers with a
     /// [`LeaseMsg`] frame now and another each time the lease is renewed.
     Lease { service: ServiceName },
+    /// `Connect`, also saying where the client connection came from (`client`, its peer
+    /// address at the inlet) and which inlet address it reached (`local`). Sent only on
+    /// connections that negotiated [`crate::ALPN_E2E_V2`] (an older outlet does not know this
+    /// variant). For the outlet this is the inlet's claim, used for the PROXY protocol header it
+    /// may send its target; the client's identity there comes from the outlet's own knowledge.
+    ConnectFrom {
+        service: ServiceName,
+        client: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    },
 }
 
 /// Frames the outlet sends on a lease stream.
