@@ -37,6 +37,83 @@ pub struct ServiceFile {
     pub public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub public_key: Option<PathBuf>,
+    /// `"v2"`: open each target connection with a PROXY protocol v2 header carrying the
+    /// inlet's client address and the client's identity (see [`postern_proto::proxy_v2`]).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Check the target (a TCP connection) and tell the relay when it fails [default: true].
+    #[serde(default)]
+    pub health_check: Option<bool>,
+    /// Time between checks, e.g. `"5s"` [default: 5s].
+    #[serde(default)]
+    pub health_check_interval: Option<String>,
+    /// Time a check may take, e.g. `"2s"` [default: 2s].
+    #[serde(default)]
+    pub health_check_timeout: Option<String>,
+    /// Failed checks in a row before the target counts as unhealthy [default: 2].
+    #[serde(default)]
+    pub health_check_failures: Option<u32>,
+}
+
+/// The PROXY protocol versions a service's target can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ProxyProtocol {
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl std::str::FromStr for ProxyProtocol {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "v2" => Ok(Self::V2),
+            other => bail!("proxy-protocol {other:?}: only \"v2\" is supported"),
+        }
+    }
+}
+
+/// A service's health check settings as written (file keys or `--service` options).
+#[derive(Debug, Clone, Default)]
+pub struct CheckKeys<'a> {
+    pub enabled: Option<bool>,
+    pub interval: Option<&'a str>,
+    pub timeout: Option<&'a str>,
+    pub failures: Option<u32>,
+}
+
+impl CheckKeys<'_> {
+    /// The check for `probe`, or none when turned off; `what` names the service in errors.
+    pub fn resolve(
+        &self,
+        probe: crate::health::Probe,
+        what: &str,
+    ) -> anyhow::Result<Option<crate::health::CheckConfig>> {
+        use postern_net::runtime::duration::parse_duration;
+        if self.enabled == Some(false) {
+            return Ok(None);
+        }
+        let mut c = crate::health::CheckConfig::new(probe);
+        if let Some(i) = self.interval {
+            c.interval = parse_duration(i)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{what}: health-check-interval"))?;
+        }
+        if let Some(t) = self.timeout {
+            c.timeout = parse_duration(t)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{what}: health-check-timeout"))?;
+        }
+        if c.interval.is_zero() || c.timeout.is_zero() {
+            bail!("{what}: health-check-interval and health-check-timeout must be above zero");
+        }
+        if let Some(f) = self.failures {
+            if f == 0 {
+                bail!("{what}: health-check-failures must be at least 1");
+            }
+            c.failures = f;
+        }
+        Ok(Some(c))
+    }
 }
 
 /// The outlet's config file.
@@ -80,6 +157,14 @@ pub struct OutletFile {
     pub influxdb_public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub influxdb_public_key: Option<PathBuf>,
+    /// Check InfluxDB (`GET /ping`) and tell the relay when it fails [default: true].
+    pub influxdb_health_check: Option<bool>,
+    /// Time between checks of InfluxDB [default: 5s].
+    pub influxdb_health_check_interval: Option<String>,
+    /// Time a check of InfluxDB may take [default: 2s].
+    pub influxdb_health_check_timeout: Option<String>,
+    /// Failed checks in a row before InfluxDB counts as unhealthy [default: 2].
+    pub influxdb_health_check_failures: Option<u32>,
 }
 
 /// `postern-outlet run` flags.
@@ -102,7 +187,12 @@ pub struct RunArgs {
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
     /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public,public-cert=PATH,public-key=PATH`
     /// to offer it at the relay's public hostname too (`https://NAME.<public-domain>/`, behind
-    /// access links). Repeatable; adds to the file's `[[service]]` tables.
+    /// access links). `,proxy-protocol=v2` opens each target connection with a PROXY v2 header
+    /// (the inlet's client address; TLVs 0xE0 identity name, 0xE1 attributes as JSON). The
+    /// target is checked with a TCP connection every 5 s (2 s timeout; unhealthy after 2
+    /// failures in a row, reported to the relay, which then routes elsewhere):
+    /// `,health-check-interval=DUR`, `,health-check-timeout=DUR`, `,health-check-failures=N`,
+    /// `,health-check=off`. Repeatable; adds to the file's `[[service]]` tables.
     #[arg(
         long = "service",
         value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public]"
@@ -145,6 +235,8 @@ pub struct OutletConfig {
     pub drain_timeout: std::time::Duration,
     /// Services offered at the relay's public hostname, if any.
     pub public: Option<PublicConfig>,
+    /// How the `[influxdb-outlet]` target is checked (none: not checked).
+    pub influxdb_check: Option<crate::health::CheckConfig>,
 }
 
 /// The services offered at the relay's public hostname.
@@ -175,6 +267,11 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         public: false,
         public_cert: None,
         public_key: None,
+        proxy_protocol: None,
+        health_check: None,
+        health_check_interval: None,
+        health_check_timeout: None,
+        health_check_failures: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -185,7 +282,19 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
             None if opt == "public" => svc.public = true,
             Some(("public-cert", p)) => svc.public_cert = Some(PathBuf::from(p)),
             Some(("public-key", p)) => svc.public_key = Some(PathBuf::from(p)),
-            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH or public-key=PATH)"),
+            Some(("proxy-protocol", v)) => {
+                svc.proxy_protocol = Some(v.parse().with_context(|| format!("--service {s:?}"))?)
+            }
+            Some(("health-check", "off")) => svc.health_check = Some(false),
+            Some(("health-check", "on")) => svc.health_check = Some(true),
+            Some(("health-check-interval", d)) => svc.health_check_interval = Some(d.to_owned()),
+            Some(("health-check-timeout", d)) => svc.health_check_timeout = Some(d.to_owned()),
+            Some(("health-check-failures", n)) => {
+                svc.health_check_failures = Some(n.parse().with_context(|| {
+                    format!("--service {s:?}: health-check-failures must be a number")
+                })?)
+            }
+            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH, public-key=PATH, proxy-protocol=v2, health-check=on|off, health-check-interval=DUR, health-check-timeout=DUR or health-check-failures=N)"),
         }
     }
     Ok(svc)
@@ -282,7 +391,18 @@ impl RunArgs {
                 services: public_services,
             }),
         };
+        let influxdb_check = CheckKeys {
+            enabled: file.influxdb_health_check,
+            interval: file.influxdb_health_check_interval.as_deref(),
+            timeout: file.influxdb_health_check_timeout.as_deref(),
+            failures: file.influxdb_health_check_failures,
+        }
+        .resolve(crate::health::Probe::Connect, "[influxdb-outlet]")?;
+        for s in &services {
+            s.check()?;
+        }
         Ok(OutletConfig {
+            influxdb_check,
             public,
             more_relays,
             transport,
@@ -301,8 +421,29 @@ impl RunArgs {
 }
 
 impl ServiceFile {
-    /// Builds the connector for this service's target.
+    /// How this service's target is checked (none: `health-check = false`).
+    pub fn check(&self) -> anyhow::Result<Option<crate::health::CheckConfig>> {
+        CheckKeys {
+            enabled: self.health_check,
+            interval: self.health_check_interval.as_deref(),
+            timeout: self.health_check_timeout.as_deref(),
+            failures: self.health_check_failures,
+        }
+        .resolve(
+            crate::health::Probe::Connect,
+            &format!("service {}", self.name),
+        )
+    }
+
+    /// Builds the connector for this service's target, with its check and PROXY setting.
     pub fn target(&self) -> anyhow::Result<Target> {
+        let mut t = self.connector()?;
+        t.check = self.check()?;
+        t.proxy_protocol = self.proxy_protocol == Some(ProxyProtocol::V2);
+        Ok(t)
+    }
+
+    fn connector(&self) -> anyhow::Result<Target> {
         if !self.tls {
             return Ok(Target::tcp(self.to.clone()));
         }

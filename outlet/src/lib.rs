@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod enforce;
+pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod node;

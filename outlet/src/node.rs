@@ -42,6 +42,7 @@ pub struct Outlet {
     routes: Arc<Routes>,
     services: Arc<Services>,
     public: Option<Arc<crate::public::Public>>,
+    health: Arc<crate::health::Board>,
 }
 
 /// Inspect a running outlet (tests, bench, the metrics endpoint).
@@ -50,6 +51,7 @@ pub struct OutletHandle {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
+    health: Arc<crate::health::Board>,
 }
 
 impl OutletHandle {
@@ -100,6 +102,11 @@ impl OutletHandle {
         self.uplink.relay_connected()
     }
 
+    /// Each checked service's target health, as reported to the relays.
+    pub fn target_health(&self) -> Vec<(ServiceName, crate::health::Health)> {
+        self.health.snapshot()
+    }
+
     /// Whether the outlet can take streams (the `/readyz` answer): its relays, and the lease
     /// store of each leased service (a store that cannot write makes no lease, so that service's
     /// inlets can only get 503s).
@@ -125,6 +132,7 @@ impl Outlet {
             routes: Arc::new(Routes::default()),
             services: Arc::new(opts.services),
             public: None,
+            health: Arc::default(),
         })
     }
 
@@ -159,6 +167,7 @@ impl Outlet {
             uplink: self.uplink.clone(),
             routes: self.routes.clone(),
             services: self.services.clone(),
+            health: self.health.clone(),
         }
     }
 
@@ -168,6 +177,7 @@ impl Outlet {
         let close = CancellationToken::new();
         let several = self.uplink.several_relays();
         let drain = self.uplink.drain().clone();
+        crate::health::spawn_checks(&self.health, &self.services.targets, &shutdown);
         let handler_for = |relay| {
             Arc::new(OutletControl {
                 socket: self.uplink.socket().clone(),
@@ -179,6 +189,7 @@ impl Outlet {
                 public: self.public.clone(),
                 all: self.services.clone(),
                 drain: drain.clone(),
+                health: self.health.clone(),
             })
         };
         let Some(uplink) = self
@@ -213,6 +224,8 @@ struct OutletControl {
     public: Option<Arc<crate::public::Public>>,
     all: Arc<Services>,
     drain: Drain,
+    /// Target health, reported on each control connection.
+    health: Arc<crate::health::Board>,
 }
 
 impl ControlHandler for OutletControl {
@@ -226,6 +239,7 @@ impl ControlHandler for OutletControl {
                 if let Some(public) = &self.public {
                     register_public(conn, public.names()).await?;
                 }
+                tokio::spawn(crate::health::report(conn.clone(), self.health.clone()));
                 Ok(())
             }
             Ctl::Refused { reason } => Err(CtlError::Refused(reason)),

@@ -9,8 +9,7 @@
 //! both written as IPv6 (IPv4-mapped), since one header carries one family.
 //!
 //! postern's TLVs use the range the specification keeps for custom use (`0xE0`-`0xEF`):
-//! [`TLV_IDENTITY`] is the client's identity name (its certificate's node name, or the access
-//! grant's name), [`TLV_ATTRIBUTES`] its certificate attributes as a JSON object.
+//! [`TLV_IDENTITY`] is the client's identity name (its certificate's node name), [`TLV_ATTRIBUTES`] its certificate attributes as a JSON object.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
@@ -24,6 +23,8 @@ pub const VERSION_PROXY: u8 = 0x21;
 pub const TCP_V4: u8 = 0x11;
 /// AF_INET6, STREAM.
 pub const TCP_V6: u8 = 0x21;
+/// AF_UNSPEC, UNSPEC: no addresses follow.
+pub const UNSPEC: u8 = 0x00;
 /// TLV: the client's identity name (UTF-8).
 pub const TLV_IDENTITY: u8 = 0xE0;
 /// TLV: the client's attributes, a JSON object of strings.
@@ -48,21 +49,36 @@ pub fn encode(
     destination: SocketAddr,
     tlvs: &[(u8, &[u8])],
 ) -> Result<Vec<u8>, ProxyHeaderError> {
+    encode_with(Some((source, destination)), tlvs)
+}
+
+/// [`encode`], or with no addresses (`AF_UNSPEC`: the receiver keeps the connection's own,
+/// the TLVs still count) when the client's address is not known.
+pub fn encode_with(
+    addresses: Option<(SocketAddr, SocketAddr)>,
+    tlvs: &[(u8, &[u8])],
+) -> Result<Vec<u8>, ProxyHeaderError> {
     let mut body = Vec::with_capacity(36 + tlvs.iter().map(|(_, v)| 3 + v.len()).sum::<usize>());
-    let family = match (source.ip(), destination.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            body.extend_from_slice(&s.octets());
-            body.extend_from_slice(&d.octets());
-            TCP_V4
-        }
-        (s, d) => {
-            body.extend_from_slice(&v6(s).octets());
-            body.extend_from_slice(&v6(d).octets());
-            TCP_V6
+    let family = match addresses {
+        None => UNSPEC,
+        Some((source, destination)) => {
+            let family = match (source.ip(), destination.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    body.extend_from_slice(&s.octets());
+                    body.extend_from_slice(&d.octets());
+                    TCP_V4
+                }
+                (s, d) => {
+                    body.extend_from_slice(&v6(s).octets());
+                    body.extend_from_slice(&v6(d).octets());
+                    TCP_V6
+                }
+            };
+            body.extend_from_slice(&source.port().to_be_bytes());
+            body.extend_from_slice(&destination.port().to_be_bytes());
+            family
         }
     };
-    body.extend_from_slice(&source.port().to_be_bytes());
-    body.extend_from_slice(&destination.port().to_be_bytes());
     for (kind, value) in tlvs {
         let len = u16::try_from(value.len()).map_err(|_| ProxyHeaderError::TlvTooLong {
             kind: *kind,
@@ -89,24 +105,21 @@ fn v6(ip: IpAddr) -> Ipv6Addr {
     }
 }
 
-/// The header postern sends: `client` to `local` (the inlet's listener), with the client's
-/// identity name and its attributes as TLVs.
+/// The header postern sends: from the client to the address it reached (`addresses`, when
+/// known), with the client's identity name (when known) and its attributes as TLVs.
 pub fn for_client(
-    client: SocketAddr,
-    local: SocketAddr,
-    identity: &str,
+    addresses: Option<(SocketAddr, SocketAddr)>,
+    identity: Option<&str>,
     attributes: &crate::policy::Attributes,
 ) -> Result<Vec<u8>, ProxyHeaderError> {
     // A map of strings always serializes; an empty object is the fallback all the same.
     let attrs = serde_json::to_vec(attributes).unwrap_or_else(|_| b"{}".to_vec());
-    encode(
-        client,
-        local,
-        &[
-            (TLV_IDENTITY, identity.as_bytes()),
-            (TLV_ATTRIBUTES, attrs.as_slice()),
-        ],
-    )
+    let mut tlvs: Vec<(u8, &[u8])> = Vec::with_capacity(2);
+    if let Some(name) = identity {
+        tlvs.push((TLV_IDENTITY, name.as_bytes()));
+    }
+    tlvs.push((TLV_ATTRIBUTES, attrs.as_slice()));
+    encode_with(addresses, &tlvs)
 }
 
 #[cfg(test)]
@@ -169,9 +182,11 @@ mod tests {
     fn tlvs_follow_the_addresses_and_count_in_the_length() {
         let attrs: crate::policy::Attributes = [("role".to_owned(), "sensor".to_owned())].into();
         let got = for_client(
-            "127.0.0.1:40000".parse().expect("addr"),
-            "127.0.0.1:8086".parse().expect("addr"),
-            "inlet-7",
+            Some((
+                "127.0.0.1:40000".parse().expect("addr"),
+                "127.0.0.1:8086".parse().expect("addr"),
+            )),
+            Some("inlet-7"),
             &attrs,
         )
         .expect("encode");
@@ -187,6 +202,16 @@ mod tests {
         let len = u16::from_be_bytes([got[14], got[15]]) as usize;
         assert_eq!(len, 12 + tail.len());
         assert_eq!(got.len(), 16 + len);
+    }
+
+    /// Without the client's address: AF_UNSPEC, no address block, the TLVs right after the
+    /// length.
+    #[test]
+    fn unknown_addresses_are_unspec_with_tlvs() {
+        let got = for_client(None, Some("a"), &Default::default()).expect("encode");
+        assert_eq!(got[13], UNSPEC);
+        assert_eq!(&got[14..16], &[0, 4 + 5]);
+        assert_eq!(&got[16..], &[TLV_IDENTITY, 0, 1, b'a', TLV_ATTRIBUTES, 0, 2, b'{', b'}']);
     }
 
     #[test]
