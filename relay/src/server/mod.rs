@@ -26,6 +26,7 @@ use tracing::Instrument;
 mod admin_ops;
 mod dispatch;
 mod enroll;
+mod health;
 mod revoke;
 mod route;
 mod session;
