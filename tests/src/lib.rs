@@ -1,6 +1,7 @@
 //! The test kit: everything the end-to-end tests in `tests/` and the bench start and drive,
 //! written once. `kit` builds in-process clusters; the other modules hold what tests around
 //! them share.
+pub mod bin_net;
 pub mod bins;
 pub mod clients;
 pub mod etcd;
