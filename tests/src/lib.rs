@@ -12,6 +12,7 @@ pub mod influxd;
 pub mod kit;
 pub mod leases;
 pub mod lossy;
+pub mod nginx;
 pub mod openapi;
 pub mod ops;
 pub mod ports;
