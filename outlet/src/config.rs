@@ -171,9 +171,12 @@ pub struct OutletFile {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
-    /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, and an
-    /// `[influxdb-outlet]` table for leased InfluxDB credentials, whose `allow` is required:
-    /// an attribute expression, or `"*"` for every inlet the relay routes).
+    /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, `proxy-protocol = "v2"`,
+    /// `health-check`, `health-check-interval`, `health-check-timeout`,
+    /// `health-check-failures`, and an `[influxdb-outlet]` table for leased InfluxDB
+    /// credentials, whose `allow` is required: an attribute expression, or `"*"` for every
+    /// inlet the relay routes; its target is checked with `GET /ping`, tuned by the top-level
+    /// `influxdb-health-check`, `influxdb-health-check-interval`, `-timeout` and `-failures`).
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -645,6 +648,51 @@ mod tests {
         let flag =
             parse_service_flag("ui=x:1,public,public-cert=a.pem,public-key=a.key").expect("flag");
         assert!(flag.public && flag.public_cert.is_some() && flag.public_key.is_some());
+    }
+
+    #[test]
+    fn proxy_protocol_and_health_checks_from_file_and_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        std::fs::write(
+            &file,
+            "[[service]]\nname = \"web\"\nto = \"127.0.0.1:8080\"\nproxy-protocol = \"v2\"\n\
+             health-check-interval = \"1s\"\nhealth-check-timeout = \"300ms\"\n\
+             health-check-failures = 3\n\
+             [[service]]\nname = \"plain\"\nto = \"127.0.0.1:1\"\nhealth-check = false\n",
+        )
+        .expect("write");
+        let cfg = args_with(&file, None).resolve().expect("valid");
+        let targets = targets(&cfg.services).expect("targets");
+        let web = &targets[&ServiceName::new("web").expect("name")];
+        assert!(web.proxy_protocol);
+        let check = web.check.clone().expect("checked");
+        assert_eq!(check.interval, std::time::Duration::from_secs(1));
+        assert_eq!(check.timeout, std::time::Duration::from_millis(300));
+        assert_eq!(check.failures, 3);
+        let plain = &targets[&ServiceName::new("plain").expect("name")];
+        assert!(!plain.proxy_protocol && plain.check.is_none());
+        let flag = parse_service_flag("db=x:1,proxy-protocol=v2,health-check-interval=250ms")
+            .expect("flag")
+            .target()
+            .expect("target");
+        assert!(flag.proxy_protocol);
+        let check = flag.check.expect("checked by default");
+        assert_eq!(check.interval, std::time::Duration::from_millis(250));
+        assert_eq!(check.timeout, crate::health::DEFAULT_TIMEOUT);
+        let e = parse_service_flag("db=x:1,proxy-protocol=v1").expect_err("v1");
+        assert!(format!("{e:#}").contains("only \"v2\""), "{e:#}");
+        let e = toml::from_str::<OutletFile>(
+            "[[service]]\nname = \"a\"\nto = \"x:1\"\nproxy-protocol = \"v1\"\n",
+        )
+        .expect_err("v1 in the file");
+        assert!(e.to_string().contains("v2"), "{e}");
+        for bad in ["health-check-interval=0s", "health-check-failures=0", "health-check-timeout=soon"] {
+            let e = parse_service_flag(&format!("db=x:1,{bad}"))
+                .and_then(|s| s.target())
+                .expect_err(bad);
+            assert!(format!("{e:#}").contains("health-check"), "{bad}: {e:#}");
+        }
     }
 
     #[test]
