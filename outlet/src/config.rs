@@ -687,7 +687,11 @@ mod tests {
         )
         .expect_err("v1 in the file");
         assert!(e.to_string().contains("v2"), "{e}");
-        for bad in ["health-check-interval=0s", "health-check-failures=0", "health-check-timeout=soon"] {
+        for bad in [
+            "health-check-interval=0s",
+            "health-check-failures=0",
+            "health-check-timeout=soon",
+        ] {
             let e = parse_service_flag(&format!("db=x:1,{bad}"))
                 .and_then(|s| s.target())
                 .expect_err(bad);

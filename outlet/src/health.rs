@@ -155,7 +155,10 @@ impl Board {
 
     /// `service`'s state (healthy when it is not checked).
     pub fn get(&self, service: &ServiceName) -> Health {
-        self.states().get(service).cloned().unwrap_or_else(Health::up)
+        self.states()
+            .get(service)
+            .cloned()
+            .unwrap_or_else(Health::up)
     }
 }
 
@@ -240,7 +243,11 @@ async fn ping(target: &Target, host: &str) -> Result<(), String> {
     }
     let line = String::from_utf8_lossy(&head);
     let line = line.lines().next().unwrap_or_default();
-    match line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
+    match line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+    {
         Some(code) if (200..300).contains(&code) => Ok(()),
         Some(code) => Err(format!("GET /ping on {} answered {code}", target.to)),
         None => Err(format!("GET /ping on {} got no HTTP answer", target.to)),
@@ -301,7 +308,11 @@ mod tests {
         assert_eq!(h.observe(Ok(())), None, "healthy from the start");
         assert_eq!(h.observe(fail()), None, "one slow check moves nothing");
         assert_eq!(h.observe(Ok(())), None);
-        assert_eq!(h.observe(fail()), None, "the count starts over after a success");
+        assert_eq!(
+            h.observe(fail()),
+            None,
+            "the count starts over after a success"
+        );
         let down = h.observe(fail()).expect("down after two in a row");
         assert!(!down.healthy);
         assert_eq!(down.reason, "connect refused");
@@ -349,9 +360,7 @@ mod tests {
                 assert!(buf[..n].starts_with(b"GET /ping HTTP/1.1\r\n"));
                 s.write_all(answer).await.expect("write");
             });
-            let check = CheckConfig::new(Probe::InfluxPing {
-                host: "db".into(),
-            });
+            let check = CheckConfig::new(Probe::InfluxPing { host: "db".into() });
             let got = check_once(&target, &check).await;
             assert_eq!(got.is_ok(), ok, "{got:?}");
             server.await.expect("server");

@@ -118,7 +118,10 @@ impl fmt::Display for RefuseReason {
                 f.write_str("no outlet for this service answered the relay in time")
             }
             RefuseReason::NoHealthyOutlet { reason } => {
-                write!(f, "no outlet for this service can reach its target ({reason})")
+                write!(
+                    f,
+                    "no outlet for this service can reach its target ({reason})"
+                )
             }
         }
     }

@@ -211,7 +211,10 @@ mod tests {
         let got = for_client(None, Some("a"), &Default::default()).expect("encode");
         assert_eq!(got[13], UNSPEC);
         assert_eq!(&got[14..16], &[0, 4 + 5]);
-        assert_eq!(&got[16..], &[TLV_IDENTITY, 0, 1, b'a', TLV_ATTRIBUTES, 0, 2, b'{', b'}']);
+        assert_eq!(
+            &got[16..],
+            &[TLV_IDENTITY, 0, 1, b'a', TLV_ATTRIBUTES, 0, 2, b'{', b'}']
+        );
     }
 
     #[test]

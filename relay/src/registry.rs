@@ -17,6 +17,10 @@ struct Service {
     cursor: usize,
 }
 
+/// A live outlet of a service and why its target is unhealthy (`None`: healthy, or it does not
+/// report).
+pub type OutletHealth = (NodeName, Option<String>);
+
 /// One route between an inlet and an outlet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteInfo {
@@ -174,7 +178,7 @@ impl Registry {
     }
 
     /// Per service, each live outlet's name and why it is unhealthy (`None`: healthy).
-    pub fn service_health(&self) -> Vec<(ServiceName, Vec<(NodeName, Option<String>)>)> {
+    pub fn service_health(&self) -> Vec<(ServiceName, Vec<OutletHealth>)> {
         let mut out: Vec<_> = self
             .services
             .iter()
@@ -383,7 +387,11 @@ mod tests {
         );
         let (changed, routes) = r.set_health(1, &svc("db"), false, "connect refused");
         assert!(changed);
-        assert_eq!(routes, vec![(RouteId(9), 7)], "its routes of the service to retire");
+        assert_eq!(
+            routes,
+            vec![(RouteId(9), 7)],
+            "its routes of the service to retire"
+        );
         assert!(!r.set_health(1, &svc("db"), false, "again").0, "no change");
         let picks: BTreeSet<_> = (0..4)
             .map(|_| r.pick_outlet(&svc("db")).expect("pick"))

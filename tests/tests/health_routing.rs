@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-const UNHEALTHY: &str = r#"postern_relay_service_outlets_by_health{service="echo",health="unhealthy"}"#;
+const UNHEALTHY: &str =
+    r#"postern_relay_service_outlets_by_health{service="echo",health="unhealthy"}"#;
 const HEALTHY: &str = r#"postern_relay_service_outlets_by_health{service="echo",health="healthy"}"#;
 const OUTLET_GAUGE: &str = r#"postern_outlet_target_healthy{service="echo"}"#;
 
@@ -57,9 +58,11 @@ async fn new_connections_go_only_to_outlets_whose_target_answers() {
     // Target A stops. Once outlet-a has told the relay (and the relay has retired the route
     // of the inlet that used it), every new connection lands on B and none fails.
     a.stop();
-    eventually(Duration::from_secs(20), "the relay sees outlet-a unhealthy", || async {
-        unhealthy().await == Some(1.0)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the relay sees outlet-a unhealthy",
+        || async { unhealthy().await == Some(1.0) },
+    )
     .await;
     assert_eq!(metric(oa_ops, OUTLET_GAUGE).await, Some(0.0));
     let status = net.status().await;
@@ -75,9 +78,11 @@ async fn new_connections_go_only_to_outlets_whose_target_answers() {
         line.contains("outlet-b") && !line.contains("outlet-b (UNHEALTHY"),
         "{line}"
     );
-    eventually(Duration::from_secs(10), "the route to outlet-a retired", || async {
-        on_a.log().contains("route retired by the relay")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the route to outlet-a retired",
+        || async { on_a.log().contains("route retired by the relay") },
+    )
     .await;
     for i in 0..40 {
         for l in [l1, l2] {
@@ -91,9 +96,13 @@ async fn new_connections_go_only_to_outlets_whose_target_answers() {
 
     // Target A is back: the relay routes to outlet-a again, and new routes are shared again.
     a.resume().await;
-    eventually(Duration::from_secs(20), "the relay sees outlet-a healthy again", || async {
-        unhealthy().await == Some(0.0) && metric(net.relay_ops, HEALTHY).await == Some(2.0)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the relay sees outlet-a healthy again",
+        || async {
+            unhealthy().await == Some(0.0) && metric(net.relay_ops, HEALTHY).await == Some(2.0)
+        },
+    )
     .await;
     let (_i3, l3) = net.inlet("inlet-3", "echo").await;
     let (_i4, l4) = net.inlet("inlet-4", "echo").await;
@@ -108,21 +117,24 @@ async fn new_connections_go_only_to_outlets_whose_target_answers() {
     // its target, naming each outlet's reason.
     a.stop();
     b.stop();
-    eventually(Duration::from_secs(20), "the relay sees both unhealthy", || async {
-        unhealthy().await == Some(2.0)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the relay sees both unhealthy",
+        || async { unhealthy().await == Some(2.0) },
+    )
     .await;
     let why = "no outlet of service echo can reach its target now";
-    eventually(Duration::from_secs(10), "the inlet refusing with the reason", || async {
-        assert_eq!(which_target(l1).await, None, "no target can answer");
-        i1.log().contains(why)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the inlet refusing with the reason",
+        || async {
+            assert_eq!(which_target(l1).await, None, "no target can answer");
+            i1.log().contains(why)
+        },
+    )
     .await;
     let log = i1.log();
-    let refusal = log
-        .lines()
-        .find(|l| l.contains(why))
-        .expect("refusal line");
+    let refusal = log.lines().find(|l| l.contains(why)).expect("refusal line");
     for (outlet, target) in [("outlet-a", &a), ("outlet-b", &b)] {
         assert!(
             refusal.contains(&format!("{outlet}: connect to {} failed", target.addr)),

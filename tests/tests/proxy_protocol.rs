@@ -26,11 +26,7 @@ struct Header {
 async fn read_header(s: &mut TcpStream) -> std::io::Result<Header> {
     let mut fixed = [0u8; 16];
     s.read_exact(&mut fixed).await?;
-    assert_eq!(
-        &fixed[..12],
-        b"\r\n\r\n\0\r\nQUIT\n",
-        "the v2 signature"
-    );
+    assert_eq!(&fixed[..12], b"\r\n\r\n\0\r\nQUIT\n", "the v2 signature");
     assert_eq!(fixed[12], 0x21, "version 2, command PROXY");
     assert_eq!(fixed[13], 0x11, "AF_INET, STREAM");
     let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
@@ -99,9 +95,11 @@ async fn the_target_gets_the_inlet_clients_address_and_identity() {
         nginx.error_log()
     );
     let want = format!("pp={}:{} \"GET /who HTTP/1.1\" 200", me.ip(), me.port());
-    eventually(Duration::from_secs(5), "nginx's access log line", || async {
-        nginx.access_log().contains(&want)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "nginx's access log line",
+        || async { nginx.access_log().contains(&want) },
+    )
     .await;
 
     // The TLVs: identity name and attributes, as the outlet knows them from the inlet's
@@ -126,7 +124,10 @@ async fn the_target_gets_the_inlet_clients_address_and_identity() {
     let (header, first) = target.await.expect("target");
     assert_eq!(&first, b"hello", "the client's bytes follow the header");
     assert_eq!(header.source, me, "source: the client as the inlet saw it");
-    assert_eq!(header.destination, raw_in, "destination: the inlet's listener");
+    assert_eq!(
+        header.destination, raw_in,
+        "destination: the inlet's listener"
+    );
     let tlv = |k: u8| {
         header
             .tlvs

@@ -64,7 +64,9 @@ fn retire(shared: &Arc<Shared>, route: RouteId, inlet: NodeId, reason: String) {
                     tracing::debug!(error = %e, "could not close a route to an unhealthy outlet");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "could not retire a route to an unhealthy outlet"),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not retire a route to an unhealthy outlet")
+            }
         }
     });
 }

@@ -232,7 +232,7 @@ impl RelayHandle {
 
     /// Per service, each live outlet and why its target is unhealthy (`None`: healthy, or it
     /// does not report).
-    pub fn service_health(&self) -> Vec<(ServiceName, Vec<(NodeName, Option<String>)>)> {
+    pub fn service_health(&self) -> Vec<(ServiceName, Vec<crate::registry::OutletHealth>)> {
         self.shared.registry().service_health()
     }
 
