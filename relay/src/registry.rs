@@ -392,7 +392,10 @@ mod tests {
             vec![(RouteId(9), 7)],
             "its routes of the service to retire"
         );
-        assert!(!r.set_health(1, &svc("db"), false, "again").0, "no change");
+        assert!(
+            !r.set_health(1, &svc("db"), false, "refused again").0,
+            "no change of state (the reason is the latest)"
+        );
         let picks: BTreeSet<_> = (0..4)
             .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
             .collect();
@@ -402,7 +405,7 @@ mod tests {
         assert_eq!(
             r.pick_outlet(&svc("db")),
             Err(RefuseReason::NoHealthyOutlet {
-                reason: "o1: connect refused; o2: timed out".into()
+                reason: "o1: refused again; o2: timed out".into()
             })
         );
         assert!(r.set_health(1, &svc("db"), true, "").0);
