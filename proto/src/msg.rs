@@ -2,8 +2,8 @@
 //!
 //! Every control exchange runs on its own QUIC bidirectional stream: the opener writes one
 //! [`Ctl`] frame, finishes its side, and reads one [`Ctl`] frame back. Node to relay:
-//! `Register`, `RouteRequest`, `Heartbeat`; relay to node: `RouteOpen` (to the outlet, before the
-//! inlet is told) and `RouteClosed`. Answers are `Registered`, `RouteGranted`, `RouteRefused`,
+//! `Register`, `RouteRequest`, `Heartbeat`, `ServiceHealth` (outlet); relay to node: `RouteOpen`
+//! (to the outlet, before the inlet is told), `RouteClosed` and `RouteRetired` (to an inlet). Answers are `Registered`, `RouteGranted`, `RouteRefused`,
 //! `HeartbeatAck`, `Ack` and `Refused` (with a typed [`Refusal`]).
 
 use crate::fwd::RouteId;
@@ -359,6 +359,42 @@ mod tests {
             .map(Refusal::label)
             .collect();
         assert_eq!(labels.len(), 8, "each reason has its own label: {labels:?}");
+    }
+
+    /// The health messages and the client's address survive the wire.
+    #[test]
+    fn health_and_connect_from_round_trip() {
+        let msgs = [
+            Ctl::ServiceHealth {
+                service: ServiceName::new("web").expect("name"),
+                healthy: false,
+                reason: "connect to 10.0.0.5:80 failed".into(),
+            },
+            Ctl::RouteRefused {
+                service: ServiceName::new("web").expect("name"),
+                reason: RefuseReason::NoHealthyOutlet {
+                    reason: "o1: timed out".into(),
+                },
+            },
+        ];
+        for msg in msgs {
+            let frame = crate::codec::to_frame(&msg).expect("encode");
+            assert_eq!(crate::codec::decode_exact::<Ctl>(&frame), Ok(msg));
+        }
+        let open = StreamOpen::ConnectFrom {
+            service: ServiceName::new("web").expect("name"),
+            client: "[2001:db8::1]:40000".parse().expect("addr"),
+            local: "127.0.0.1:8080".parse().expect("addr"),
+        };
+        let frame = crate::codec::to_frame(&open).expect("encode");
+        assert_eq!(crate::codec::decode_exact::<StreamOpen>(&frame), Ok(open));
+        assert_eq!(
+            RefuseReason::NoHealthyOutlet {
+                reason: "o1: timed out".into()
+            }
+            .to_string(),
+            "no outlet for this service can reach its target (o1: timed out)"
+        );
     }
 
     /// A refusal survives the wire with its reason intact.

@@ -341,3 +341,68 @@ pub fn peer_attributes(conn: &quinn::Connection) -> postern_proto::policy::Attri
         .and_then(Result::ok)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_proto::pki::Ca;
+    use postern_proto::{ALPN_E2E, ALPN_E2E_V2};
+
+    fn identity(ca: &Ca, name: &str) -> Identity {
+        let name = postern_proto::name::NodeName::new(name).expect("name");
+        let issued = ca.issue(&name, Duration::from_secs(600)).expect("issue");
+        Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity")
+    }
+
+    /// Connects a client offering `client_alpn` to a server offering `server_alpn` on
+    /// loopback; says whether each side sees `postern/2`.
+    async fn speaks_v2(server_alpn: &[&[u8]], client_alpn: &[&[u8]]) -> (bool, bool) {
+        let ca = Ca::generate("alpn-test").expect("ca");
+        let roots = tls::roots_from_pem(ca.cert_pem()).expect("roots");
+        let server = quic_server(
+            &identity(&ca, "outlet-1"),
+            roots.clone(),
+            server_alpn,
+            TransportConfig::default(),
+        )
+        .expect("server config");
+        let client = quic_client(
+            &identity(&ca, "inlet-1"),
+            roots,
+            client_alpn,
+            TransportConfig::default(),
+        )
+        .expect("client config");
+        let server_ep =
+            quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr")).expect("server");
+        let addr = server_ep.local_addr().expect("addr");
+        let client_ep =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let accept = tokio::spawn(async move {
+            let conn = server_ep
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("handshake");
+            speaks_e2e_v2(&conn)
+        });
+        let conn = client_ep
+            .connect_with(client, addr, "outlet-1")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        (speaks_e2e_v2(&conn), accept.await.expect("server side"))
+    }
+
+    /// Two nodes of this version use `postern/2`; with a node that offers only `postern/1`
+    /// (an older inlet or outlet) both sides see `postern/1`, so the inlet sends the plain
+    /// `Connect` the older outlet understands.
+    #[tokio::test]
+    async fn e2e_alpn_prefers_v2_and_falls_back_to_v1() {
+        assert_eq!(speaks_v2(ALPN_E2E_ALL, ALPN_E2E_ALL).await, (true, true));
+        assert_eq!(speaks_v2(&[ALPN_E2E], ALPN_E2E_ALL).await, (false, false));
+        assert_eq!(speaks_v2(ALPN_E2E_ALL, &[ALPN_E2E]).await, (false, false));
+        assert_eq!(ALPN_E2E_ALL.first(), Some(&ALPN_E2E_V2));
+    }
+}
