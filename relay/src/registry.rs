@@ -17,6 +17,24 @@ struct Service {
     cursor: usize,
 }
 
+/// Longest reason kept from an outlet's health report: what it says is passed on to inlets in
+/// route refusals, whose frames must stay small whatever an outlet sends.
+pub const MAX_REASON_LEN: usize = 300;
+/// Most outlets whose reasons a refusal lists.
+const MAX_REASONS_LISTED: usize = 4;
+
+/// `reason` cut to [`MAX_REASON_LEN`] bytes (at a character boundary).
+pub(crate) fn bounded(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_LEN {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_LEN;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
+}
+
 /// A live outlet of a service and why its target is unhealthy (`None`: healthy, or it does not
 /// report).
 pub type OutletHealth = (NodeName, Option<String>);
@@ -112,6 +130,11 @@ impl Registry {
                 })
                 .collect();
             reasons.sort();
+            let more = reasons.len().saturating_sub(MAX_REASONS_LISTED);
+            reasons.truncate(MAX_REASONS_LISTED);
+            if more > 0 {
+                reasons.push(format!("and {more} more"));
+            }
             return Err(RefuseReason::NoHealthyOutlet {
                 reason: reasons.join("; "),
             });
@@ -156,7 +179,7 @@ impl Registry {
         let changed = if healthy {
             self.unhealthy.remove(&key).is_some()
         } else {
-            self.unhealthy.insert(key, reason.to_owned()).is_none()
+            self.unhealthy.insert(key, bounded(reason)).is_none()
         };
         let routes = if healthy {
             Vec::new()
@@ -418,6 +441,23 @@ mod tests {
             .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
             .collect();
         assert_eq!(picks, BTreeSet::from([1, 2]), "shared again");
+    }
+
+    /// Whatever outlets report, a refusal stays small: each reason is cut, and only a few
+    /// outlets are listed.
+    #[test]
+    fn refusal_reasons_are_bounded() {
+        let mut r = Registry::default();
+        for id in 1..=10 {
+            r.connect(id, node(&format!("o{id}")));
+            r.register(id, &[svc("db")]);
+            r.set_health(id, &svc("db"), false, &"é".repeat(10_000));
+        }
+        let Err(RefuseReason::NoHealthyOutlet { reason }) = r.pick_outlet(&svc("db")) else {
+            panic!("refused");
+        };
+        assert!(reason.len() < 5 * (MAX_REASON_LEN + 16), "{}", reason.len());
+        assert!(reason.ends_with("; and 6 more"), "{reason}");
     }
 
     #[test]

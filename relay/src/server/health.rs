@@ -20,6 +20,7 @@ pub(super) fn report(
     healthy: bool,
     reason: String,
 ) -> Ctl {
+    let reason = crate::registry::bounded(&reason);
     let (name, changed, routes) = {
         let mut reg = shared.registry();
         let name = reg.name(id).cloned();
