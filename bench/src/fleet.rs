@@ -94,7 +94,7 @@ async fn open_and_ping(addr: SocketAddr, tag: u64) -> Result<TcpStream> {
 /// Opens one stream per (address, tag), `parallel` at a time; keeps the ones that answered
 /// when `keep` (else closes each after its ping, so that big fleets stay within the process's
 /// file descriptor limit).
-async fn open_many(
+pub(crate) async fn open_many(
     targets: &[(SocketAddr, u64)],
     parallel: usize,
     keep: bool,

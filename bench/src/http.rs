@@ -316,6 +316,8 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &HttpOptions) -> Result<Http
         ttl: Duration::from_secs(3600),
         permissions: Vec::new(),
         api: Api::V2,
+        hand_out: false,
+        profiles: Vec::new(),
     };
     let manager = LeaseManager::start_with(
         config,

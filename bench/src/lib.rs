@@ -8,6 +8,7 @@ pub mod bulk;
 pub mod charts;
 pub mod cluster;
 pub mod fleet;
+pub mod fleet_etcd;
 pub mod http;
 pub mod lossy;
 pub mod open;

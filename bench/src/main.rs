@@ -52,6 +52,10 @@ enum Cmd {
     /// Hostile traffic at the relay (garbage, random route ids, Initial flood) while a legit
     /// stream runs: throughput, reconnect time, relay CPU, RSS and log bytes.
     Attack(AttackArgs),
+    /// Three relays sharing a three-member etcd cluster (real `postern-relay` and `etcd`
+    /// processes; `cargo build --bins` first): per-relay memory and CPU, etcd keys and write
+    /// rate, time to converge after a relay dies.
+    FleetEtcd(FleetEtcdArgs),
     /// Throughput and request latency through a lossy, delayed path with an Internet MTU,
     /// for each congestion controller.
     Lossy(LossyArgs),
@@ -63,6 +67,20 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct FleetEtcdArgs {
+    #[arg(long)]
+    outlets: Option<usize>,
+    #[arg(long)]
+    inlets: Option<usize>,
+    /// Membership lease TTL of the relays, in seconds.
+    #[arg(long)]
+    lease_ttl: Option<u64>,
+    /// Seconds of idle fleet over which etcd's write rate is measured.
+    #[arg(long)]
+    idle: Option<f64>,
 }
 
 #[derive(Args)]
@@ -303,7 +321,7 @@ fn plan(cli: &Cli) -> Plan {
             }
         }
         Cmd::All => Plan::all(q, cli.baselines),
-        Cmd::Attack(_) => Plan::default(),
+        Cmd::Attack(_) | Cmd::FleetEtcd(_) => Plan::default(),
         Cmd::RelayChild { .. } => Plan::default(),
     }
 }
@@ -326,6 +344,35 @@ async fn main() -> Result<()> {
         RelayArg::Inproc => RelayMode::InProcess,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Cmd::FleetEtcd(a) = &cli.cmd {
+        let mut o = if cli.quick {
+            postern_bench::fleet_etcd::FleetEtcdOptions::quick()
+        } else {
+            postern_bench::fleet_etcd::FleetEtcdOptions::standard()
+        };
+        o.outlets = a.outlets.unwrap_or(o.outlets);
+        o.inlets = a.inlets.unwrap_or(o.inlets);
+        o.lease_ttl_s = a.lease_ttl.unwrap_or(o.lease_ttl_s).max(1);
+        o.idle_s = a.idle.unwrap_or(o.idle_s).max(1.0);
+        let report = postern_bench::fleet_etcd::run(&o).await?;
+        postern_bench::progress::finish_progress();
+        let m = postern_bench::report::Machine::probe();
+        println!(
+            "machine: {} CPUs, {}, kernel {}\ncommand: {command}\n\n{}",
+            m.cpus,
+            m.cpu_model,
+            m.kernel,
+            report.table()
+        );
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
+        if report.errors > 0 {
+            anyhow::bail!("{} errors (see the table)", report.errors);
+        }
+        return Ok(());
+    }
     if let Cmd::Attack(a) = &cli.cmd {
         let mut o = if cli.quick {
             postern_bench::attack::AttackOptions::quick()

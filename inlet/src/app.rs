@@ -71,6 +71,20 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
     inlet
         .handle()
         .renew_automatically(&cfg.state_dir, &settings.cert, shutdown.clone());
+    // `postern-inlet lease create|show` reaches this process here (see `crate::admin`).
+    let admin_path = crate::admin::socket_path(&cfg.state_dir);
+    match crate::admin::bind(&admin_path) {
+        Ok(listener) => {
+            let (handle, stop) = (inlet.handle(), ops_stop.clone());
+            tokio::spawn(async move {
+                crate::admin::serve(handle, listener, &admin_path, stop).await;
+            });
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot open the inlet's admin socket: `postern-inlet lease` cannot reach this inlet"
+        ),
+    }
     inlet.run(shutdown).await;
     ops_stop.cancel();
     tracing::info!("inlet stopped");

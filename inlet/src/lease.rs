@@ -25,6 +25,9 @@ pub enum LeaseState {
     /// No valid credential. `reason` is shown to the client in the 503 body, so it must never
     /// contain a secret (e.g. "no lease received from the outlet yet", "lease expired").
     Missing { reason: String },
+    /// The outlet gives this client no lease for who it is (no lease profile matches its
+    /// identity): requests get a 403 with `reason` (never a secret).
+    Refused { reason: String },
 }
 
 impl LeaseState {
@@ -57,6 +60,14 @@ impl Gate for LeaseGate {
             },
             LeaseState::Missing { reason } => Verdict::NoLease {
                 reason: reason.clone(),
+            },
+            LeaseState::Refused { reason } => Verdict::Answer {
+                response: postern_proto::http::error_response(
+                    403,
+                    "Forbidden",
+                    &format!("postern inlet: the outlet refuses this client a lease: {reason}"),
+                ),
+                reason: format!("no lease for this client: {reason}"),
             },
         };
         std::future::ready(verdict)
@@ -231,6 +242,14 @@ async fn follow(
                     tracing::info!(%service, "the outlet injects the leased credential itself");
                 }
                 state.send_replace(LeaseState::AtOutlet);
+            }
+            Ok(LeaseMsg::Refused { reason }) => {
+                // Who this client is does not change while it runs; the stream ends and is
+                // asked for again after the back-off, in case the outlet's profiles change.
+                tracing::warn!(%service, %reason, "the outlet refuses this client a lease");
+                *held_until = None;
+                ask_again = None;
+                state.send_replace(LeaseState::Refused { reason });
             }
             Ok(LeaseMsg::Unavailable { reason }) => {
                 tracing::warn!(%service, %reason, "the outlet cannot lease a credential now");

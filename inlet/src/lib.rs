@@ -1,6 +1,7 @@
 //! postern inlet: local listeners whose client connections become streams of an end-to-end QUIC
 //! connection to an outlet, through a relay.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

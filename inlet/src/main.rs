@@ -26,6 +26,9 @@ async fn main() -> anyhow::Result<()> {
             name,
             state_dir,
         } => postern_net::node_config::enroll_command("inlet", &ticket, name, &state_dir).await,
+        Command::Lease { state_dir, command } => {
+            postern_inlet::cli::lease(state_dir, command).await
+        }
         Command::Ca(CaCommand::Export { state_dir }) => {
             print!("{}", postern_inlet::tls::export_ca(&state_dir)?);
             Ok(())

@@ -9,9 +9,12 @@ use crate::listen::{accept_loop, FailureLog, InletService, Mode, ServiceKind};
 use crate::migrate::InletControl;
 use crate::pool::Pool;
 use crate::tls::TlsAcceptor;
+use postern_net::control::exchange;
 use postern_net::transport::endpoint::EndpointError;
 use postern_net::transport::relay_path::{RelayTarget, TransportSettings, TransportStatus};
 use postern_net::uplink::{ControlWatch, Role, Uplink};
+use postern_proto::lease::LeaseGrant;
+use postern_proto::msg::{HandOutMsg, StreamOpen};
 use postern_proto::name::ServiceName;
 use postern_proto::tls::Identity;
 use rustls::RootCertStore;
@@ -49,7 +52,12 @@ pub struct InletHandle {
     pool: Arc<Pool>,
     /// Each leased service's lease, as its clients' requests see it.
     leases: Vec<(ServiceName, watch::Receiver<LeaseState>)>,
+    /// Every service this inlet offers.
+    services: Vec<ServiceName>,
 }
+
+/// How long a hand-out waits for the outlet's answer (within the admin socket's 30 s).
+const HAND_OUT_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl InletHandle {
     /// The control connection, as it comes and goes.
@@ -109,16 +117,102 @@ impl InletHandle {
         self.pool.migrations()
     }
 
+    /// Asks `service`'s outlet (default: this inlet's only `kind = "influxdb"` service, or its
+    /// only service) for this
+    /// identity's own credential over the end-to-end connection (see [`crate::admin`]): with
+    /// `fresh` a new lease, without the one last handed out. Returns the service, the lease
+    /// profile and the grant, or why not (never a secret).
+    pub async fn hand_out(
+        &self,
+        service: Option<&ServiceName>,
+        fresh: bool,
+    ) -> Result<(ServiceName, String, LeaseGrant), String> {
+        let service = self.hand_out_service(service)?;
+        let conn = self
+            .pool
+            .connection(&service)
+            .await
+            .map_err(|e| e.explain(&service, self.uplink.transports()))?;
+        let ask = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let open = StreamOpen::HandOut {
+                service: service.clone(),
+                fresh,
+            };
+            exchange::write_message(&mut send, &open)
+                .await
+                .map_err(|e| e.to_string())?;
+            exchange::read_frame::<HandOutMsg>(&mut recv)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "the outlet refused the request or closed the stream ({e}); an outlet                          that predates `lease create`, or whose `allow` refuses this identity,                          does this"
+                    )
+                })
+        };
+        let msg = tokio::time::timeout(HAND_OUT_TIMEOUT, ask)
+            .await
+            .map_err(|_| {
+                format!(
+                    "the outlet did not answer within {} s",
+                    HAND_OUT_TIMEOUT.as_secs()
+                )
+            })??;
+        match msg {
+            HandOutMsg::Granted { grant, profile } => {
+                tracing::info!(%service, %profile, lease = %grant.lease_id, "own lease handed out by the outlet");
+                Ok((service, profile, grant))
+            }
+            HandOutMsg::Refused { reason } => Err(format!("the outlet refused: {reason}")),
+        }
+    }
+
+    fn hand_out_service(&self, service: Option<&ServiceName>) -> Result<ServiceName, String> {
+        let names = |list: &mut dyn Iterator<Item = &ServiceName>| {
+            list.map(ServiceName::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match service {
+            Some(s) if self.services.contains(s) => Ok(s.clone()),
+            Some(s) => Err(format!(
+                "this inlet has no service {s} (it has: {})",
+                names(&mut self.services.iter())
+            )),
+            None => match (self.leases.as_slice(), self.services.as_slice()) {
+                ([(one, _)], _) | ([], [one]) => Ok(one.clone()),
+                ([], _) => Err(format!(
+                    "this inlet has no `kind = \"influxdb\"` service; name one of its services \
+                     ({}) with --service",
+                    names(&mut self.services.iter())
+                )),
+                (many, _) => Err(format!(
+                    "this inlet has several `kind = \"influxdb\"` services ({}); name one with \
+                     --service",
+                    names(&mut many.iter().map(|(s, _)| s))
+                )),
+            },
+        }
+    }
+
     /// Whether the inlet can serve clients (the `/readyz` answer): not while the uplink is not
     /// ready, nor while a leased service holds no lease (every request to it gets a 503 then;
     /// the reason says which service and why).
     pub fn readiness(&self) -> Result<(), String> {
         self.uplink.readiness()?;
         for (service, lease) in &self.leases {
-            if let LeaseState::Missing { reason } = &*lease.borrow() {
-                return Err(format!(
-                    "service {service} can only answer 503 (no lease): {reason}"
-                ));
+            match &*lease.borrow() {
+                LeaseState::Missing { reason } => {
+                    return Err(format!(
+                        "service {service} can only answer 503 (no lease): {reason}"
+                    ))
+                }
+                LeaseState::Refused { reason } => {
+                    return Err(format!(
+                        "service {service} can only answer 403 (no lease for this client): {reason}"
+                    ))
+                }
+                LeaseState::Held(_) | LeaseState::AtOutlet => {}
             }
         }
         Ok(())
@@ -223,6 +317,7 @@ impl Inlet {
                 .iter()
                 .map(|(s, tx)| (s.clone(), tx.subscribe()))
                 .collect(),
+            services: self.listeners.iter().map(|(s, _, _)| s.clone()).collect(),
         }
     }
 

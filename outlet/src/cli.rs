@@ -94,10 +94,15 @@ pub enum LeaseCommand {
     Create {
         /// The client identity the lease is for (appears in the backend's description).
         client: NodeName,
+        /// An attribute of the client, `KEY=VALUE` (repeatable): with
+        /// `[[influxdb-outlet.profile]]` tables they choose the lease's profile, as the
+        /// attributes in a client's certificate do.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
     },
-    /// List leases.
+    /// List leases, with each one's profile.
     List,
-    /// Show one lease.
+    /// Show one lease, with its profile.
     Show { lease_id: String },
     /// Revoke one lease now.
     Revoke { lease_id: String },
@@ -112,15 +117,7 @@ pub async fn access(state_dir: PathBuf, command: AccessCommand) -> anyhow::Resul
             ttl,
             attrs,
         } => {
-            let attrs = attrs
-                .iter()
-                .map(|a| {
-                    a.split_once('=')
-                        .filter(|(k, _)| !k.is_empty())
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .with_context(|| format!("--attr {a:?}: expected KEY=VALUE"))
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let attrs = parse_attrs(&attrs)?;
             access_admin::Request::Create {
                 service,
                 ttl_ms: ttl.as_millis() as u64,
@@ -146,11 +143,27 @@ pub async fn access(state_dir: PathBuf, command: AccessCommand) -> anyhow::Resul
     Ok(())
 }
 
+/// `--attr KEY=VALUE` flags as a map.
+fn parse_attrs(attrs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    attrs
+        .iter()
+        .map(|a| {
+            a.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--attr {a:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
 /// `postern-outlet lease …`: one request to the running outlet's lease admin socket; the
 /// answer is printed, and an error answer exits with status 1.
 pub async fn lease(state_dir: PathBuf, command: LeaseCommand) -> anyhow::Result<()> {
     let request = match command {
-        LeaseCommand::Create { client } => lease_admin::Request::Create { client },
+        LeaseCommand::Create { client, attrs } => lease_admin::Request::Create {
+            client,
+            attrs: parse_attrs(&attrs)?,
+        },
         LeaseCommand::List => lease_admin::Request::List,
         LeaseCommand::Show { lease_id } => lease_admin::Request::Show { lease_id },
         LeaseCommand::Revoke { lease_id } => lease_admin::Request::Revoke { lease_id },

@@ -11,7 +11,10 @@
 //!   another client's lease, the client's own InfluxDB user, `u`/`p` in the query) gets a 403
 //!   and nothing reaches InfluxDB.
 //! * `inject-at = "outlet"`: whatever the client sent is removed and the identity's current
-//!   lease is put in; the credential never leaves the private network.
+//!   lease is put in; the credential never leaves the private network. The one exception is a
+//!   credential the identity had handed out to itself (`postern-inlet lease create`, allowed by
+//!   its profile's `hand-out = true`): a request presenting a live lease of that identity goes
+//!   on with it.
 //!
 //! Either way the filter removes `u`/`p` query parameters, refuses `CONNECT` and every upgrade
 //! but a WebSocket one, and turns the stream into raw bytes only after InfluxDB answered `101`.
@@ -21,6 +24,7 @@ use postern_net::stream::http_proxy::{Gate, Verdict};
 use postern_proto::http::{error_response, RequestHead};
 use postern_proto::lease::LeaseGrant;
 use postern_proto::name::{NodeName, ServiceName};
+use postern_proto::policy::Attributes;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +44,8 @@ pub struct LeaseGate {
     mode: InjectAt,
     /// The client's lease, subscribed at the first request (`inject-at = "outlet"` only).
     grants: Option<watch::Receiver<Option<LeaseGrant>>>,
+    /// The client's certificate attributes: they choose its lease profile.
+    attrs: Attributes,
 }
 
 impl LeaseGate {
@@ -56,7 +62,15 @@ impl LeaseGate {
             service,
             mode,
             grants: None,
+            attrs: Attributes::new(),
         }
+    }
+
+    /// The client's certificate attributes, which choose its lease profile (see
+    /// [`crate::lease::profile`]). Without them only its name does.
+    pub fn with_attributes(mut self, attrs: Attributes) -> Self {
+        self.attrs = attrs;
+        self
     }
 
     fn refuse(&self, reason: &'static str, message: &str) -> Verdict {
@@ -116,11 +130,27 @@ impl LeaseGate {
         }
     }
 
-    async fn inject(&mut self) -> Verdict {
+    async fn inject(&mut self, presented: Option<String>) -> Verdict {
+        // A credential handed out to this very identity (`postern-inlet lease create`) is its
+        // own lease too: it goes on as presented rather than being swapped for the streamed one.
+        if let Some(own) = presented.filter(|p| self.manager.accepts(&self.client, p.as_bytes())) {
+            return Verdict::Forward {
+                authorization: Some(own),
+            };
+        }
         let rx = match &mut self.grants {
             Some(rx) => rx,
-            None => match self.manager.subscribe(&self.client) {
+            None => match self.manager.subscribe_as(&self.client, &self.attrs) {
                 Ok(rx) => self.grants.insert(rx),
+                Err(e) if e.is_refusal() => {
+                    return self.refuse(
+                        "no_profile",
+                        &format!(
+                            "postern outlet: {} gets no lease for {}: {e}",
+                            self.client, self.service
+                        ),
+                    )
+                }
                 Err(e) => {
                     return Verdict::NoLease {
                         reason: format!("the outlet cannot lease a credential: {e}"),
@@ -163,14 +193,19 @@ pub async fn current_lease(
 
 impl Gate for LeaseGate {
     fn check(&mut self, head: &mut RequestHead) -> impl Future<Output = Verdict> + Send {
-        let verify = match self.mode {
-            InjectAt::Inlet => Some(self.verify(head)),
-            InjectAt::Outlet => None,
+        let (verify, presented) = match self.mode {
+            InjectAt::Inlet => (Some(self.verify(head)), None),
+            InjectAt::Outlet => (
+                None,
+                head.presented_authorization()
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                    .map(str::to_owned),
+            ),
         };
         async move {
             match verify {
                 Some(v) => v,
-                None => self.inject().await,
+                None => self.inject(presented).await,
             }
         }
     }

@@ -10,7 +10,7 @@ use postern_net::stream::http_proxy::{self, ProxyOptions};
 use postern_net::stream::splice;
 use postern_proto::fwd::RouteId;
 use postern_proto::http::FilterConfig;
-use postern_proto::msg::{code, LeaseMsg, StreamOpen};
+use postern_proto::msg::{code, HandOutMsg, LeaseMsg, StreamOpen};
 use postern_proto::name::{NodeName, ServiceName};
 use postern_proto::policy::{Attributes, Expr};
 use quinn::VarInt;
@@ -249,7 +249,8 @@ async fn serve_stream(
     let requested = match &header {
         Ok(Ok(StreamOpen::Connect { service }))
         | Ok(Ok(StreamOpen::ConnectFrom { service, .. }))
-        | Ok(Ok(StreamOpen::Lease { service })) => Some(service.clone()),
+        | Ok(Ok(StreamOpen::Lease { service }))
+        | Ok(Ok(StreamOpen::HandOut { service, .. })) => Some(service.clone()),
         _ => None,
     };
     if let Some(service) = requested {
@@ -279,7 +280,15 @@ async fn serve_stream(
             // A lease stream lasts as long as its connection: it does not hold up a drain.
             drop(token);
             let mode = services.inject_at(&service);
-            return serve_lease(send, recv, manager, &inlet, mode).await;
+            return serve_lease(send, recv, manager, &inlet, &attrs, mode).await;
+        }
+        Ok(Ok(StreamOpen::HandOut { service, fresh })) => {
+            let Some(manager) = services.leases.get(&service) else {
+                tracing::warn!(%service, "hand-out asked for a service without leased credentials");
+                return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
+            };
+            drop(token);
+            return serve_hand_out(send, recv, manager, &inlet, &attrs, &service, fresh).await;
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "bad stream header");
@@ -322,7 +331,8 @@ async fn serve_stream(
             inlet.clone(),
             service.clone(),
             services.inject_at(&service),
-        );
+        )
+        .with_attributes((*attrs).clone());
         // Held once the proxy drops it: see `splice::HeldSend`.
         let client = splice::Counted::new(
             tokio::io::join(recv, splice::HeldSend::new(send)),
@@ -388,16 +398,23 @@ async fn serve_lease(
     recv: quinn::RecvStream,
     manager: &LeaseManager,
     inlet: &NodeName,
+    attrs: &Attributes,
     mode: InjectAt,
 ) {
     // The inlet never writes after the header; its side ending means it is gone.
     drop(recv);
-    let mut grants = match manager.subscribe(inlet) {
+    let mut grants = match manager.subscribe_as(inlet, attrs) {
         Ok(rx) => rx,
         Err(e) => {
             tracing::warn!(error = %e, "cannot lease a credential");
-            let msg = LeaseMsg::Unavailable {
-                reason: e.to_string(),
+            let msg = if e.is_refusal() {
+                LeaseMsg::Refused {
+                    reason: e.to_string(),
+                }
+            } else {
+                LeaseMsg::Unavailable {
+                    reason: e.to_string(),
+                }
             };
             let _ = exchange::write_frame(&mut send, &msg).await;
             let _ = send.finish();
@@ -470,6 +487,41 @@ async fn serve_lease(
             _ = send.stopped() => return,
         }
     }
+}
+
+/// Answers a client's request for its own credential (see [`LeaseManager::hand_out`]) with one
+/// frame. The credential goes only onto this stream, to the identity it was made for; nothing
+/// here logs it.
+async fn serve_hand_out(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    manager: &LeaseManager,
+    inlet: &NodeName,
+    attrs: &Attributes,
+    service: &ServiceName,
+    fresh: bool,
+) {
+    drop(recv);
+    let msg = match manager.hand_out(inlet, attrs, fresh).await {
+        Ok(h) => {
+            tracing::info!(target: "postern::audit", event = "lease", action = "hand_out", outcome = "sent", node = %inlet, %service, profile = %h.profile, lease_id = %h.grant.lease_id);
+            HandOutMsg::Granted {
+                grant: h.grant,
+                profile: h.profile,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%service, error = %e, "hand-out refused");
+            HandOutMsg::Refused {
+                reason: e.to_string(),
+            }
+        }
+    };
+    if let Err(e) = exchange::write_message(&mut send, &msg).await {
+        tracing::debug!(error = %e, "hand-out stream closed");
+    }
+    // Wait for the inlet to read it: finishing does not wait, and the connection may close.
+    let _ = tokio::time::timeout(HEADER_TIMEOUT, send.stopped()).await;
 }
 
 /// What an inlet that has waited [`LEASE_NOTICE`] for a lease is told: the lease store when

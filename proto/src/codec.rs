@@ -231,6 +231,40 @@ mod tests {
     }
 
     #[test]
+    fn hand_out_messages_round_trip_and_old_stream_opens_keep_their_encoding() {
+        use crate::lease::{Credential, LeaseGrant};
+        use crate::msg::{HandOutMsg, LeaseMsg, StreamOpen};
+        fn back<T: Serialize + DeserializeOwned>(m: &T) -> T {
+            let frame = to_frame(m).expect("encode");
+            decode_body(&frame[4..]).expect("decode")
+        }
+        let open = StreamOpen::HandOut {
+            service: svc("influxdb"),
+            fresh: true,
+        };
+        assert_eq!(back(&open), open);
+        let granted = HandOutMsg::Granted {
+            grant: LeaseGrant {
+                lease_id: "0123456789abcdef".into(),
+                credential: Credential::Token("t".into()),
+                expires_at_ms: 7,
+            },
+            profile: "analysts".into(),
+        };
+        assert_eq!(back(&granted), granted);
+        let refused = LeaseMsg::Refused {
+            reason: "no profile".into(),
+        };
+        assert_eq!(back(&refused), refused);
+        // The new variants come last: what older nodes send still means the same.
+        let lease = to_frame(&StreamOpen::Lease {
+            service: svc("influxdb"),
+        })
+        .expect("encode");
+        assert_eq!(lease[5], 1, "StreamOpen::Lease is still variant 1");
+    }
+
+    #[test]
     fn round_trip_and_consumed_length() {
         let msg = Ctl::RouteRequest {
             service: svc("influxdb"),

@@ -242,6 +242,10 @@ pub enum StreamOpen {
     /// The inlet wants the leased credential for `service`; the outlet answers with a
     /// [`LeaseMsg`] frame now and another each time the lease is renewed.
     Lease { service: ServiceName },
+    /// The client asks for its own credential for `service` (`postern-inlet lease create|show`):
+    /// with `fresh`, a new lease; without, the one last handed out. The outlet answers with one
+    /// [`HandOutMsg`] frame and finishes the stream.
+    HandOut { service: ServiceName, fresh: bool },
     /// `Connect`, also saying where the client connection came from (`client`, its peer
     /// address at the inlet) and which inlet address it reached (`local`). Sent only on
     /// connections that negotiated [`crate::ALPN_E2E_V2`] (an older outlet does not know this
@@ -252,6 +256,18 @@ pub enum StreamOpen {
         client: std::net::SocketAddr,
         local: std::net::SocketAddr,
     },
+}
+
+/// The outlet's answer on a [`StreamOpen::HandOut`] stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandOutMsg {
+    /// The client's credential, and the lease profile it was made with.
+    Granted {
+        grant: crate::lease::LeaseGrant,
+        profile: String,
+    },
+    /// Refused or failed, and why (never a secret).
+    Refused { reason: String },
 }
 
 /// Frames the outlet sends on a lease stream.
@@ -265,6 +281,9 @@ pub enum LeaseMsg {
     /// (`inject-at = "outlet"`): the credential never leaves the private network. The inlet
     /// sends requests with no credential at all.
     AtOutlet,
+    /// This client gets no lease for who it is (no lease profile matches its identity), and
+    /// why: its requests are answered 403 rather than 503, and it need not ask again soon.
+    Refused { reason: String },
 }
 
 /// Application error codes used to reset streams and close connections, so the other side can

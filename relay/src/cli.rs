@@ -40,8 +40,8 @@ pub enum Command {
     /// Manage the project certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Show a running relay's nodes, services, routes, tickets and identities (through its
-    /// admin API).
+    /// Show a running relay's nodes, services, routes, tickets and identities, and the fleet's
+    /// relays (through its admin API; with `--etcd`, the fleet straight from etcd).
     Status(StatusArgs),
 }
 
@@ -64,6 +64,10 @@ pub struct StatusArgs {
     /// Print the full state as JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// With `--etcd`, read the fleet (its relays and their load) from etcd itself instead of
+    /// asking a relay: works while no relay answers.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,8 +177,13 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         let command = match self.command {
             Command::Run(args) => {
+                let check = args.check;
                 // The config names the audit log, so it is read before logging starts.
                 let cfg = args.resolve()?;
+                if check {
+                    println!("{}", check_summary(&cfg));
+                    return Ok(());
+                }
                 postern_net::runtime::logging::init(&self.log, cfg.audit_log.as_deref())?;
                 return crate::app::run(cfg, shutdown_on_signal()).await;
             }
@@ -183,6 +192,29 @@ impl Cli {
         postern_net::runtime::logging::init(&self.log, None)?;
         execute(command).await
     }
+}
+
+/// What `run --check` prints for a configuration that resolves: enough to see that the
+/// file meant is the file read (never a credential: the cluster's are references anyway).
+fn check_summary(cfg: &crate::config::RelayConfig) -> String {
+    let mut out = format!(
+        "configuration OK: listen {}, state directory {}",
+        cfg.listen,
+        cfg.state_dir.display()
+    );
+    match &cfg.cluster {
+        Some(c) => out.push_str(&format!(
+            ", fleet state in etcd {:?} under {}{}",
+            c.endpoints,
+            c.prefix,
+            c.name
+                .as_deref()
+                .map(|n| format!(" as relay {n}"))
+                .unwrap_or_default()
+        )),
+        None => out.push_str(", state kept in the state directory (no cluster)"),
+    }
+    out
 }
 
 /// A token cancelled when the process is asked to stop (SIGINT, SIGTERM).
@@ -412,6 +444,14 @@ async fn revoke(
 /// `status`: asks a running relay's admin API for its state and prints it.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     use crate::admin::{self, client::AdminClient, AdminToken};
+    if let Some(cfg) = args
+        .cluster
+        .clone()
+        .resolve(None)
+        .map_err(anyhow::Error::msg)?
+    {
+        return fleet_status(&cfg, args.json).await;
+    }
     let file: crate::config::RelayFile = match &args.config {
         Some(p) => postern_net::runtime::files::load_toml(p)?,
         None => Default::default(),
@@ -445,6 +485,22 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&state)?);
     } else {
         print!("{}", state.render());
+    }
+    Ok(())
+}
+
+/// `status --etcd`: the fleet as etcd holds it, without asking any relay.
+async fn fleet_status(cfg: &crate::fleet::ClusterConfig, json: bool) -> anyhow::Result<()> {
+    use crate::fleet::view::{fleet_view, Attachments};
+    let fleet = crate::fleet::etcd::Etcd::connect(cfg, None).await?;
+    let view = fleet_view(&fleet, None, Attachments::None).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", crate::admin::client::render_fleet(&view));
+    }
+    if let Some(e) = &view.relays_error {
+        anyhow::bail!("cannot list the fleet's relays: {e}");
     }
     Ok(())
 }

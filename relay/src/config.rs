@@ -110,6 +110,10 @@ pub struct RunArgs {
     pub public_domain: Option<String>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Check the configuration (file and flags, policy and cluster included) and exit
+    /// without starting: for deploy scripts, before a restart.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// The merged configuration.
@@ -334,6 +338,32 @@ mod tests {
             (3, "/postern")
         );
         assert!(cluster.user.is_some() && cluster.password.is_some());
+    }
+
+    /// Every relay config of the fleet example resolves (policy, cluster and all), so the
+    /// example cannot drift from what `postern-relay run` accepts.
+    #[test]
+    fn deploy_fleet_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/fleet");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("deploy/fleet") {
+            let path = entry.expect("entry").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let cfg = args(&["--config", path.to_str().expect("utf-8 path")])
+                .resolve()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let cluster = cfg
+                .cluster
+                .unwrap_or_else(|| panic!("{}: no cluster", path.display()));
+            assert_eq!(cluster.endpoints.len(), 3, "{}", path.display());
+            names.extend(cluster.name);
+        }
+        // relay-1..3.toml name three different relays (compose-relay.toml names none: its
+        // relays get their names from the command line).
+        names.sort();
+        assert_eq!(names, ["relay-1", "relay-2", "relay-3"]);
     }
 
     fn args(extra: &[&str]) -> RunArgs {

@@ -231,6 +231,25 @@ impl Observe for RelayHandle {
                 if up { 1.0 } else { 0.0 },
             );
         }
+        if let Some(h) = self.fleet_health() {
+            if let Some(n) = h.members {
+                out.gauge(
+                    "postern_relay_fleet_members",
+                    "Relays registered in the fleet (live etcd leases), as last counted.",
+                    n as f64,
+                );
+            }
+            let name = "postern_relay_etcd_failures_total";
+            out.family(
+                name,
+                "etcd requests that failed, by what they were for (follow, membership, \
+                 enroll, renew, ticket, revoke, drain, read).",
+                Kind::Counter,
+            );
+            for (op, n) in &h.failures {
+                out.sample(name, &[("op", op)], *n as f64);
+            }
+        }
         out.gauge(
             "postern_relay_ready",
             "1 while the relay is listening and not shutting down.",
@@ -240,6 +259,10 @@ impl Observe for RelayHandle {
 
     fn ready(&self) -> Result<(), String> {
         self.readiness()
+    }
+
+    fn ready_detail(&self) -> Option<String> {
+        self.fleet_readiness()
     }
 }
 

@@ -164,3 +164,53 @@ pub struct Undrained {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// A relay of the fleet (`GET /v1/fleet`), as it last registered itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayView {
+    pub name: String,
+    /// Where nodes reach it (`host:port`).
+    pub addresses: Vec<String>,
+    /// Nodes with a control connection to it, and routes it forwards, when it last reported.
+    pub nodes: u64,
+    pub routes: u64,
+    /// How long ago it last reported (its load is refreshed a few times per lease TTL).
+    pub updated_age_ms: u64,
+    /// The relay that answered.
+    pub this: bool,
+}
+
+/// Where an outlet is attached (`GET /v1/fleet`): the relays holding its control
+/// connection, and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub outlet: NodeName,
+    pub relays: Vec<String>,
+    pub services: Vec<ServiceName>,
+}
+
+/// `GET /v1/fleet`: the relays of the fleet and where outlets are attached. Without a
+/// cluster the fleet is this one relay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// Where the shared state lives (`etcd [...] under /postern`, or the state directory).
+    pub state: String,
+    /// Whether the relay keeps its shared state in an etcd cluster.
+    pub cluster: bool,
+    /// Whether etcd answers the relay's follower; `None` without a cluster.
+    pub connected: Option<bool>,
+    /// The relays, by name.
+    pub relays: Vec<RelayView>,
+    /// Why the relays could not be listed (etcd unavailable): the rest still holds.
+    pub relays_error: Option<String>,
+    /// Outlets and the relays they are attached to, by outlet name.
+    pub attachments: Vec<AttachmentView>,
+    /// What `attachments` covers: `fleet` (read from the shared state), `this-relay` (the
+    /// outlets connected to the relay that answered), or `none`.
+    pub attachments_scope: String,
+    /// Failed etcd requests by operation (empty without a cluster).
+    pub etcd_failures: std::collections::BTreeMap<String, u64>,
+    /// The last etcd failure's message and age, if any.
+    pub last_etcd_error: Option<String>,
+    pub last_etcd_error_age_s: Option<u64>,
+}

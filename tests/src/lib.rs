@@ -17,6 +17,8 @@ pub mod openapi;
 pub mod ops;
 pub mod ports;
 pub mod procs;
+pub mod profiles;
+pub mod relay_fleet;
 pub mod small_disk;
 pub mod traffic;
 pub mod wait;

@@ -14,10 +14,12 @@ use tokio::process::{Child, Command};
 /// scripts/test.sh runs before the tests).
 pub fn bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("test executable is in <target>/<profile>/deps");
+    let here = exe.parent().expect("executable in a directory");
+    // A test executable is in <target>/<profile>/deps; the bench binary in <target>/<profile>.
+    let dir = match here.parent() {
+        Some(up) if here.ends_with("deps") => up,
+        _ => here,
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -37,6 +37,11 @@ struct Lab {
 
 impl Lab {
     async fn start(inject_at: InjectAt) -> Lab {
+        Lab::start_with(inject_at, false).await
+    }
+
+    /// With `hand_out`, a client may have its own credential handed out to it.
+    async fn start_with(inject_at: InjectAt, hand_out: bool) -> Lab {
         init_logging();
         let influxd = Influxd::start(InfluxdOptions { auth: true })
             .await
@@ -66,6 +71,8 @@ impl Lab {
             ),
             api: Api::V1,
             inject_at,
+            hand_out,
+            profile: Vec::new(),
         }
         .validate()
         .expect("valid lease config");
@@ -390,6 +397,63 @@ async fn plain_tcp_client_gets_nothing_but_its_own_lease_inject_at_outlet() {
     let (statuses, text) = exchange(alice, query("SELECT * FROM leased..m", "").as_bytes()).await;
     assert_eq!(statuses, vec![200], "{text}");
     assert!(text.contains("alice") && text.contains("mallory"), "{text}");
+    lab.stop().await;
+}
+
+/// With `inject-at = "outlet"` a credential handed out to the client itself (`postern-inlet
+/// lease create`, asked for here through mallory's running inlet) is its own lease: presented
+/// on mallory's plain TCP service, it reaches InfluxDB as presented instead of being swapped
+/// for the streamed lease. Dropping its user behind the outlet's back shows which one reached
+/// InfluxDB. Without `hand-out = true` the outlet refuses to hand it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_out_lease_is_accepted_as_presented_inject_at_outlet() {
+    let refused = Lab::start(InjectAt::Outlet).await;
+    let err = refused
+        .mallory
+        .handle
+        .hand_out(Some(&svc("influxdb")), true)
+        .await
+        .expect_err("hand-out is off by default");
+    assert!(err.contains("does not hand credentials out"), "{err}");
+    refused.stop().await;
+
+    let lab = Lab::start_with(InjectAt::Outlet, true).await;
+    let mallory = lab.mallory.addr("influxdb");
+    let (service, profile, grant) = lab
+        .mallory
+        .handle
+        .hand_out(None, true)
+        .await
+        .expect("hand-out through mallory's inlet");
+    assert_eq!((service, profile.as_str()), (svc("influxdb"), "default"));
+    let presented = format!("Authorization: {}\r\n", grant.credential.authorization());
+    let (statuses, text) = exchange(
+        mallory,
+        write_point(&presented, "m,who=handed v=1").as_bytes(),
+    )
+    .await;
+    assert_eq!(statuses, vec![204], "{text}");
+    // Drop the handed-out user in InfluxDB only: the outlet still holds its lease as live.
+    let Credential::Basic { username, .. } = &grant.credential else {
+        panic!("v1 leases are users");
+    };
+    lab.influxd
+        .query(&format!("DROP USER \"{username}\""))
+        .await
+        .expect("drop user");
+    let (statuses, text) = exchange(
+        mallory,
+        write_point(&presented, "m,who=handed v=2").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        statuses,
+        vec![401],
+        "the handed-out credential was swapped: {text}"
+    );
+    // Without a credential of its own, mallory's streamed lease is put in as before.
+    let (statuses, text) = exchange(mallory, write_point("", "m,who=mallory v=3").as_bytes()).await;
+    assert_eq!(statuses, vec![204], "{text}");
     lab.stop().await;
 }
 

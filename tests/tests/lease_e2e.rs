@@ -311,6 +311,8 @@ fn v2_config(to: &str, org_id: &str, admin: SecretRef, ttl_s: u64) -> LeaseConfi
         leased_token_permissions: V2_PERMS.into(),
         api: Api::V2,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v2 lease config")
@@ -333,6 +335,8 @@ fn v1_config(influxd: &Influxd, dir: &Path, ttl_s: u64) -> LeaseConfig {
         leased_token_permissions: V1_PERMS.into(),
         api: Api::V1,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v1 lease config")
@@ -1588,4 +1592,221 @@ fn secrets_never_appear_in_logs() {
             text.len()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lease profiles and a client's own lease, with the real outlet and inlet binaries and a real
+// influxd 1.x: the identities' certificate attributes choose the profile.
+
+const PROFILES: &str = r#"
+[[influxdb-outlet.profile]]
+name = "sensors"
+when = 'role = "sensor"'
+leased-token-permissions = '[{"action":"write","resource":{"type":"databases","name":"telemetry"}}]'
+leased-token-expires-in = 900
+
+[[influxdb-outlet.profile]]
+name = "analysts"
+when = 'role = "analyst"'
+leased-token-permissions = '[{"action":"read","resource":{"type":"databases","name":"telemetry"}}]'
+leased-token-expires-in = 3600
+hand-out = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
+    use postern_tests::profiles::{field, inlet_lease, outlet_lease, start_inlet, start_outlet};
+    let influxd = Influxd::start(InfluxdOptions { auth: true })
+        .await
+        .expect("start influxd");
+    influxd
+        .query("CREATE DATABASE telemetry")
+        .await
+        .expect("create database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = dir.path().join("influx-admin");
+    std::fs::write(
+        &admin,
+        format!("{}:{}", influxd.admin_user(), influxd.admin_password()),
+    )
+    .expect("write admin credential");
+    let pki = Pki::new();
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [23; 32], None);
+    let section = format!(
+        "to = \"{}\"\napi = \"v1\"\nallow = \"*\"\nall-access-token = \"file:{}\"\n{PROFILES}",
+        influxd.url(),
+        admin.display()
+    );
+    let outlet = start_outlet(&pki, dir.path(), relay.addr, &section).await;
+    let listen = || -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (sensor_at, analyst_at, visitor_at) = (listen(), listen(), listen());
+    let p = dir.path();
+    let sensor = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "sensor-1",
+        &[("role", "sensor")],
+        sensor_at,
+    )
+    .await;
+    let analyst = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "analyst-1",
+        &[("role", "analyst")],
+        analyst_at,
+    )
+    .await;
+    let visitor = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "visitor-1",
+        &[("role", "visitor")],
+        visitor_at,
+    )
+    .await;
+    let logs = || {
+        format!(
+            "outlet:\n{}\nsensor:\n{}\nanalyst:\n{}\nvisitor:\n{}",
+            outlet.proc.log(),
+            sensor.proc.log(),
+            analyst.proc.log(),
+            visitor.proc.log()
+        )
+    };
+
+    // The sensor writes through its inlet (no credential of its own) and may not read.
+    let w = wait_for_lease(
+        sensor_at,
+        &post("/write?db=telemetry", "", "t,dev=s1 v=1i 1"),
+    )
+    .await;
+    assert_eq!(w.status, 204, "{w:?}\n{}", logs());
+    let q = wait_for_lease(
+        sensor_at,
+        &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", ""),
+    )
+    .await;
+    assert_eq!(q.status, 403, "sensor reads: {q:?}");
+    // The analyst reads it and may not write.
+    let q = wait_for_lease(
+        analyst_at,
+        &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", ""),
+    )
+    .await;
+    assert_eq!(q.status, 200, "{q:?}");
+    assert!(q.text().contains("\"t\""), "{}", q.text());
+    let w = wait_for_lease(analyst_at, &post("/write?db=telemetry", "", "t v=2i 2")).await;
+    assert_eq!(w.status, 403, "analyst writes: {w:?}");
+
+    // The visitor matches no profile: a prompt 403 saying so, and no user is made for it.
+    let deadline = Instant::now() + WAIT;
+    let r = loop {
+        let (r, _) = prompt_request(visitor_at, &get("/ping", "")).await;
+        if r.status == 403 {
+            break r;
+        }
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no 403 for the visitor: {r:?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        r.text()
+            .contains("no lease profile matches identity visitor-1"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        outlet
+            .proc
+            .log()
+            .contains("no lease profile matched this identity"),
+        "{}",
+        logs()
+    );
+    let (ok, list, err) = outlet_lease(&outlet.state, &["list"]).await;
+    assert!(ok, "{err}");
+    assert!(!list.contains("visitor-1"), "{list}");
+    assert!(
+        list.contains("sensors") && list.contains("analysts"),
+        "{list}"
+    );
+    let users: Vec<String> = influxd
+        .users()
+        .await
+        .expect("users")
+        .into_iter()
+        .filter(|u| u.starts_with("postern_"))
+        .collect();
+    assert_eq!(
+        users.len(),
+        2,
+        "one user per lease, none for the visitor: {users:?}"
+    );
+
+    // Hand-out: refused for the sensors' profile, and nothing is printed to stdout.
+    let (ok, out, err) = inlet_lease(&sensor.state, &["create"]).await;
+    assert!(!ok && out.is_empty(), "{out}{err}");
+    assert!(err.contains("does not hand credentials out"), "{err}");
+    // For an analyst: its own user and password, which work against influxd directly.
+    assert!(
+        !inlet_lease(&analyst.state, &["show"]).await.0,
+        "nothing handed out yet"
+    );
+    let (ok, out, err) = inlet_lease(&analyst.state, &["create", "--service", "influxdb"]).await;
+    assert!(ok, "{err}\n{}", logs());
+    assert_eq!(field(&out, "profile:"), "analysts");
+    let lease_id = field(&out, "lease:");
+    let (user, pass) = (field(&out, "username:"), field(&out, "password:"));
+    let expires = field(&out, "expires:");
+    assert!(expires.ends_with('Z'), "{out}");
+    let direct = influxd
+        .query_as(Some((&user, &pass)), Some("telemetry"), "SELECT * FROM t")
+        .await
+        .expect("query");
+    assert_eq!(direct.error(), None, "{}", direct.body);
+    assert!(direct.body.contains("\"t\""), "{}", direct.body);
+    let (ok, again, _) = inlet_lease(&analyst.state, &["show"]).await;
+    assert!(ok);
+    assert_eq!(field(&again, "lease:"), lease_id);
+    let (ok, shown, _) = outlet_lease(&outlet.state, &["show", &lease_id]).await;
+    assert!(ok && shown.contains("analysts (handed out)"), "{shown}");
+    // The hand-out is audited by the outlet, without the secret anywhere in a log.
+    let outlet_log = outlet.proc.log();
+    assert!(
+        outlet_log
+            .lines()
+            .any(|l| l.contains("hand_out") && l.contains(&lease_id)),
+        "{outlet_log}"
+    );
+    for log in [outlet_log, analyst.proc.log()] {
+        assert!(!log.contains(&pass), "the password was logged:\n{log}");
+    }
+
+    // Revoked like any other lease: the handed-out password stops working.
+    let (ok, out, err) = outlet_lease(&outlet.state, &["revoke", &lease_id]).await;
+    assert!(ok, "{out}{err}");
+    let dead = influxd
+        .query_as(Some((&user, &pass)), Some("telemetry"), "SELECT * FROM t")
+        .await
+        .expect("query");
+    assert_eq!(dead.status, 401, "{}", dead.body);
+    assert!(!inlet_lease(&analyst.state, &["show"]).await.0);
+    // The analyst's streamed lease is untouched.
+    let q = wait_for_lease(
+        analyst_at,
+        &get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", ""),
+    )
+    .await;
+    assert_eq!(q.status, 200, "{q:?}");
 }

@@ -6,10 +6,11 @@
 use postern_net::runtime::clock::now_ms;
 use postern_outlet::lease::{
     Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
-    SecretRef, StartOptions,
+    ProfileConfig, SecretRef, StartOptions,
 };
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
 use postern_tests::influxd::{Influxd, InfluxdOptions, Reply};
 use postern_tests::wait::eventually;
 use std::path::PathBuf;
@@ -79,6 +80,8 @@ impl Setup {
             leased_token_permissions: perms.into(),
             api: Api::V1,
             inject_at: Default::default(),
+            hand_out: false,
+            profile: Vec::new(),
         }
         .validate()
         .expect("valid config")
@@ -462,6 +465,8 @@ async fn v2_against_the_real_1x_is_refused() {
             r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
         api: Api::V2,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v2 config");
@@ -473,4 +478,167 @@ async fn v2_against_the_real_1x_is_refused() {
         err.contains("version 1.") && err.contains("api = \"v1\""),
         "{err}"
     );
+}
+
+/// Lease profiles, chosen by a client's attributes, against the real influxd: a sensor's
+/// leased user may write `telegraf` only and lives the sensor profile's 3 s (renewed with the
+/// same profile); an analyst's may read and not write and lives its profile's hour; a client
+/// that matches no profile gets no user at all.
+#[tokio::test]
+async fn profiles_choose_grants_and_lifetime_by_attributes() {
+    let s = Setup::new().await;
+    let admin = s.dir.path().join("admin-profiles");
+    std::fs::write(
+        &admin,
+        format!("{}:{}", s.influxd.admin_user(), s.influxd.admin_password()),
+    )
+    .expect("write secret");
+    let profile = |name: &str, when: &str, perms: &str, ttl_s: u64| ProfileConfig {
+        name: name.into(),
+        when: when.into(),
+        leased_token_permissions: perms.into(),
+        leased_token_expires_in: Some(ttl_s),
+        hand_out: false,
+    };
+    let cfg = InfluxdbOutletConfig {
+        to: s.influxd.http_addr().to_string(),
+        tls: false,
+        tls_ca: None,
+        allow: None,
+        org_id: None,
+        all_access_token: SecretRef::new(format!("file:{}", admin.display())),
+        leased_token_expires_in: 60,
+        leased_token_permissions: String::new(),
+        api: Api::V1,
+        inject_at: Default::default(),
+        hand_out: false,
+        profile: vec![
+            profile(
+                "sensors",
+                r#"role = "sensor""#,
+                r#"[{"action":"write","resource":{"type":"databases","name":"telegraf"}}]"#,
+                3,
+            ),
+            profile("analysts", r#"role = "analyst""#, READ_TELEGRAF, 3600),
+        ],
+    }
+    .validate()
+    .expect("valid config with profiles");
+    let mgr = s.start(cfg, "st", None).await;
+    let attrs = |role: &str| -> Attributes { [("role".to_owned(), role.to_owned())].into() };
+    let first = |mut rx: watch::Receiver<Option<LeaseGrant>>| async move {
+        let g = tokio::time::timeout(WAIT, rx.wait_for(Option::is_some))
+            .await
+            .expect("a grant in time")
+            .expect("alive")
+            .clone()
+            .expect("grant");
+        (rx, g)
+    };
+
+    let before = now_ms();
+    let (mut sensor_rx, sensor) = first(
+        mgr.subscribe_as(&client("sensor-1"), &attrs("sensor"))
+            .expect("sensor subscribes"),
+    )
+    .await;
+    let (analyst_rx, analyst) = first(
+        mgr.subscribe_as(&client("analyst-1"), &attrs("analyst"))
+            .expect("analyst subscribes"),
+    )
+    .await;
+    let after = now_ms();
+    // Each lease lives its profile's lifetime, not the section's 60 s.
+    assert!(
+        (before + 3_000..=after + 3_000).contains(&sensor.expires_at_ms),
+        "sensor expiry {} not 3 s after {before}..{after}",
+        sensor.expires_at_ms
+    );
+    assert!(
+        (before + 3_600_000..=after + 3_600_000).contains(&analyst.expires_at_ms),
+        "analyst expiry {} not 1 h after {before}..{after}",
+        analyst.expires_at_ms
+    );
+
+    // The sensor writes telegraf, and neither reads it nor writes elsewhere.
+    let (su, sp) = basic(&sensor);
+    let sensor_auth = Some((su.as_str(), sp.as_str()));
+    let w = s
+        .influxd
+        .write_as(sensor_auth, "telegraf", "temp,dev=s1 value=20i 1000000000")
+        .await
+        .expect("write");
+    assert_eq!(w.status, 204, "sensor writes telegraf: {}", w.body);
+    let w = s
+        .influxd
+        .write_as(sensor_auth, "other", "temp value=1i 1")
+        .await
+        .expect("write");
+    assert!(denied(&w), "sensor writes other: {} {}", w.status, w.body);
+    let q = s
+        .influxd
+        .query_as(sensor_auth, Some("telegraf"), "SELECT value FROM temp")
+        .await
+        .expect("query");
+    assert!(denied(&q), "sensor reads telegraf: {} {}", q.status, q.body);
+
+    // The analyst reads what the sensor wrote, and may not write.
+    let (au, ap) = basic(&analyst);
+    let analyst_auth = Some((au.as_str(), ap.as_str()));
+    let q = s
+        .influxd
+        .query_as(analyst_auth, Some("telegraf"), "SELECT value FROM temp")
+        .await
+        .expect("query");
+    assert_eq!(q.error(), None, "analyst reads telegraf: {}", q.body);
+    assert!(q.body.contains("\"temp\""), "{}", q.body);
+    let w = s
+        .influxd
+        .write_as(analyst_auth, "telegraf", "temp value=1i 2")
+        .await
+        .expect("write");
+    assert!(denied(&w), "analyst writes: {} {}", w.status, w.body);
+
+    // Nothing matches an admin-role client: no lease, no user.
+    let users = s.leased_users().await;
+    match mgr.subscribe_as(&client("intruder"), &attrs("admin")) {
+        Err(LeaseError::NoProfile(who)) => assert_eq!(who, client("intruder")),
+        other => panic!("a client matching no profile subscribed: {other:?}"),
+    }
+    match mgr.create_as(&client("intruder"), &attrs("admin")).await {
+        Err(LeaseError::NoProfile(_)) => {}
+        other => panic!("a client matching no profile got a lease: {other:?}"),
+    }
+    assert_eq!(s.leased_users().await, users);
+
+    // Each lease's record names its profile; the sensor's renewal keeps it and its lifetime.
+    let renewed = tokio::time::timeout(
+        WAIT,
+        sensor_rx.wait_for(|g| g.as_ref().is_some_and(|g| g.lease_id != sensor.lease_id)),
+    )
+    .await
+    .expect("renewal in time")
+    .expect("alive")
+    .clone()
+    .expect("grant");
+    let leases = mgr.list().await.expect("list");
+    let profile_of = |id: &str| {
+        leases
+            .iter()
+            .find(|l| l.lease_id == id)
+            .and_then(|l| l.profile.clone())
+    };
+    assert_eq!(profile_of(&renewed.lease_id).as_deref(), Some("sensors"));
+    assert_eq!(profile_of(&analyst.lease_id).as_deref(), Some("analysts"));
+    let shown = mgr.show(&renewed.lease_id).await.expect("show");
+    assert_eq!(shown.profile.as_deref(), Some("sensors"));
+    assert_eq!(
+        shown.expires_at_ms - shown.created_at_ms,
+        3_000,
+        "the renewal lives the profile's 3 s"
+    );
+    assert!(leases.iter().all(|l| l.client != "intruder"), "{leases:?}");
+    drop((sensor_rx, analyst_rx));
+    mgr.shutdown().await.expect("shutdown");
+    assert!(s.leased_users().await.is_empty());
 }

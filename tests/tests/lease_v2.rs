@@ -7,10 +7,11 @@ use postern_outlet::admin_socket;
 use postern_outlet::lease::admin::{self, Request, Response};
 use postern_outlet::lease::{
     Api, CrashAt, CrashPoint, InfluxdbOutletConfig, LeaseConfig, LeaseError, LeaseManager,
-    SecretRef, StartOptions,
+    ProfileConfig, SecretRef, StartOptions,
 };
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
 use postern_tests::influx2::{Authorization, Flavor, Influx2, Influx2Options, Injection};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,6 +84,8 @@ impl Setup {
             leased_token_permissions: perms.into(),
             api: Api::V2,
             inject_at: Default::default(),
+            hand_out: false,
+            profile: Vec::new(),
         }
         .validate()
         .expect("valid config")
@@ -494,6 +497,7 @@ async fn admin_socket_create_list_show_revoke() {
         &path,
         &Request::Create {
             client: client("inlet-g"),
+            attrs: Default::default(),
         },
     )
     .await
@@ -1013,6 +1017,8 @@ async fn v1_against_a_2x_server_is_refused() {
             r#"[{"action":"write","resource":{"type":"buckets","name":"telegraf"}}]"#.into(),
         api: Api::V1,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v1 config");
@@ -1025,4 +1031,152 @@ async fn v1_against_a_2x_server_is_refused() {
         "{err}"
     );
     assert!(err.contains("DBRP"), "{err}");
+}
+
+/// Lease profiles against the InfluxDB 2 contract server: each client's authorization carries
+/// its profile's permissions (bucket looked up by name) and its lease the profile's lifetime
+/// (in the authorization's description too); a client matching no profile gets no
+/// authorization; only a profile with `hand-out = true` hands a client its own token, which
+/// `revoke` kills like any other.
+#[tokio::test]
+async fn profiles_choose_permissions_and_lifetime_and_hand_out() {
+    let s = Setup::new().await;
+    let secret = s.dir.path().join("admin-token");
+    std::fs::write(&secret, s.server.admin_token()).expect("write secret");
+    let profile =
+        |name: &str, when: &str, action: &str, ttl_s: u64, hand_out: bool| ProfileConfig {
+            name: name.into(),
+            when: when.into(),
+            leased_token_permissions: format!(
+                r#"[{{"action":"{action}","resource":{{"type":"buckets","name":"telegraf"}}}}]"#
+            ),
+            leased_token_expires_in: Some(ttl_s),
+            hand_out,
+        };
+    let cfg = InfluxdbOutletConfig {
+        to: s.server.url(),
+        tls: false,
+        tls_ca: None,
+        allow: None,
+        org_id: Some(s.server.org_id()),
+        all_access_token: SecretRef::new(format!("file:{}", secret.display())),
+        leased_token_expires_in: 60,
+        leased_token_permissions: String::new(),
+        api: Api::V2,
+        inject_at: Default::default(),
+        hand_out: false,
+        profile: vec![
+            profile("sensors", r#"role = "sensor""#, "write", 900, false),
+            profile("analysts", r#"role = "analyst""#, "read", 7200, true),
+        ],
+    }
+    .validate()
+    .expect("valid config with profiles");
+    let mgr = s.start(cfg, None).await;
+    let attrs = |role: &str| -> Attributes { [("role".to_owned(), role.to_owned())].into() };
+    let telegraf = s.server.bucket_id("telegraf").expect("telegraf bucket");
+
+    let before = now_ms();
+    let mut sensor_rx = mgr
+        .subscribe_as(&client("sensor-1"), &attrs("sensor"))
+        .expect("subscribe");
+    let mut analyst_rx = mgr
+        .subscribe_as(&client("analyst-1"), &attrs("analyst"))
+        .expect("subscribe");
+    let sensor = next_grant(&mut sensor_rx, None).await;
+    let analyst = next_grant(&mut analyst_rx, None).await;
+    let after = now_ms();
+    let auths = s.server.authorizations();
+    for (grant, action, ttl_ms) in [(&sensor, "write", 900_000), (&analyst, "read", 7_200_000)] {
+        assert!(
+            (before + ttl_ms..=after + ttl_ms).contains(&grant.expires_at_ms),
+            "{action}: expiry {} not {ttl_ms} ms after {before}..{after}",
+            grant.expires_at_ms
+        );
+        let a = with_lease(&auths, &grant.lease_id).expect("authorization of the lease");
+        assert_eq!(a.permissions.len(), 1, "{:?}", a.permissions);
+        assert_eq!(a.permissions[0]["action"], action, "{:?}", a.permissions);
+        assert_eq!(a.permissions[0]["resource"]["id"], telegraf.as_str());
+        let expires = postern_outlet::lease::backend::format_rfc3339(grant.expires_at_ms);
+        assert!(
+            a.description.contains(&format!("expires={expires}")),
+            "{}",
+            a.description
+        );
+    }
+    assert_eq!(
+        s.write(&sensor.credential, "telegraf", "t v=1i 1").await,
+        204
+    );
+    assert_eq!(s.query(&sensor.credential, "telegraf").await.0, 403);
+    let (status, csv) = s.query(&analyst.credential, "telegraf").await;
+    assert_eq!(status, 200);
+    assert!(csv.contains("t v=1i 1"), "{csv}");
+    assert_eq!(
+        s.write(&analyst.credential, "telegraf", "t v=2i 2").await,
+        403
+    );
+
+    // No profile: no authorization.
+    let count = s.server.authorizations().len();
+    assert!(matches!(
+        mgr.subscribe_as(&client("intruder"), &attrs("admin")),
+        Err(LeaseError::NoProfile(_))
+    ));
+    assert!(matches!(
+        mgr.hand_out(&client("intruder"), &attrs("admin"), true)
+            .await,
+        Err(LeaseError::NoProfile(_))
+    ));
+    // A sensor's profile does not hand out.
+    match mgr
+        .hand_out(&client("sensor-1"), &attrs("sensor"), true)
+        .await
+    {
+        Err(LeaseError::HandOutOff { profile, .. }) => assert_eq!(profile, "sensors"),
+        other => panic!("the sensor profile handed out: {other:?}"),
+    }
+    assert_eq!(s.server.authorizations().len(), count);
+
+    // An analyst's does: its own token, its profile's permissions, shown again until revoked.
+    let me = client("analyst-1");
+    assert!(matches!(
+        mgr.hand_out(&me, &attrs("analyst"), false).await,
+        Err(LeaseError::NoHandOut(_))
+    ));
+    let handed = mgr
+        .hand_out(&me, &attrs("analyst"), true)
+        .await
+        .expect("hand-out");
+    assert_eq!(handed.profile, "analysts");
+    assert_ne!(handed.grant.lease_id, analyst.lease_id);
+    assert_eq!(s.query(&handed.grant.credential, "telegraf").await.0, 200);
+    assert_eq!(
+        s.write(&handed.grant.credential, "telegraf", "t v=3i 3")
+            .await,
+        403
+    );
+    let again = mgr
+        .hand_out(&me, &attrs("analyst"), false)
+        .await
+        .expect("show");
+    assert_eq!(again.grant, handed.grant);
+    let info = mgr.show(&handed.grant.lease_id).await.expect("show lease");
+    assert!(info.handed_out && !info.current, "{info:?}");
+    assert_eq!(info.profile.as_deref(), Some("analysts"));
+    assert!(mgr.accepts(&me, handed.grant.credential.authorization().as_bytes()));
+    mgr.revoke(&handed.grant.lease_id).await.expect("revoke");
+    assert_eq!(s.query(&handed.grant.credential, "telegraf").await.0, 401);
+    assert!(!mgr.accepts(&me, handed.grant.credential.authorization().as_bytes()));
+    assert!(matches!(
+        mgr.hand_out(&me, &attrs("analyst"), false).await,
+        Err(LeaseError::NoHandOut(_))
+    ));
+    // The streamed lease is untouched.
+    assert_eq!(s.query(&analyst.credential, "telegraf").await.0, 200);
+
+    drop((sensor_rx, analyst_rx));
+    mgr.shutdown().await.expect("shutdown");
+    assert!(s.server.authorizations().is_empty());
+    s.assert_contract_kept();
 }

@@ -45,6 +45,8 @@ fn lease_config(influxd: &Influxd, dir: &Path, ttl_s: u64) -> LeaseConfig {
         leased_token_permissions: PERMS.into(),
         api: Api::V1,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("valid v1 lease config")

@@ -293,6 +293,8 @@ async fn lease_manager(server: &Influx2, dir: &std::path::Path) -> Arc<LeaseMana
         leased_token_permissions: r#"[{"action":"read","resource":{"type":"buckets","name":"telegraf","orgID":"INFLUX_ORG_ID"}}]"#.into(),
         api: Api::V2,
         inject_at: Default::default(),
+        hand_out: false,
+        profile: Vec::new(),
     }
     .validate()
     .expect("lease config");

@@ -1,6 +1,7 @@
 //! The ground every postern process stands on: ops endpoint, logs, drain, durations, files,
-//! backoff, listener limits and signals.
+//! backoff, listener limits, signals and the admin socket.
 
+pub mod admin_socket;
 pub mod backoff;
 pub mod clock;
 pub mod drain;

@@ -26,6 +26,7 @@ use crate::admin_socket::{self, AdminError, Channel};
 use postern_proto::lease::{Credential, LeaseGrant};
 use postern_proto::name::NodeName;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::UnixListener;
@@ -43,8 +44,13 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Make a lease for `client` (not streamed, not renewed; revoked at expiry).
-    Create { client: NodeName },
+    /// Make a lease for `client` (not streamed, not renewed; revoked at expiry), with the
+    /// profile `attrs` choose.
+    Create {
+        client: NodeName,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        attrs: BTreeMap<String, String>,
+    },
     /// List every lease.
     List,
     /// Show one lease.
@@ -100,15 +106,16 @@ impl Response {
             }
             Response::Leases { leases } => {
                 let mut out = format!(
-                    "{:<16}  {:<24}  {:<8}  {:<20}  {}\n",
-                    "LEASE", "CLIENT", "STATE", "EXPIRES", "CURRENT"
+                    "{:<16}  {:<24}  {:<8}  {:<16}  {:<20}  {}\n",
+                    "LEASE", "CLIENT", "STATE", "PROFILE", "EXPIRES", "CURRENT"
                 );
                 for l in leases {
                     out.push_str(&format!(
-                        "{:<16}  {:<24}  {:<8}  {:<20}  {}\n",
+                        "{:<16}  {:<24}  {:<8}  {:<16}  {:<20}  {}\n",
                         l.lease_id,
                         l.client,
                         l.state,
+                        profile_text(l),
                         super::backend::format_rfc3339(l.expires_at_ms),
                         if l.current { "yes" } else { "" }
                     ));
@@ -116,11 +123,12 @@ impl Response {
                 out
             }
             Response::Lease { lease } => format!(
-                "lease:      {}\nclient:     {}\nstate:      {}\nbackend id: {}\ncreated:    {}\n\
-                 expires:    {}\ncurrent:    {}\nrevoke failures: {}\n",
+                "lease:      {}\nclient:     {}\nstate:      {}\nprofile:    {}\nbackend id: {}\n\
+                 created:    {}\nexpires:    {}\ncurrent:    {}\nrevoke failures: {}\n",
                 lease.lease_id,
                 lease.client,
                 lease.state,
+                profile_text(lease),
                 lease.backend_id.as_deref().unwrap_or("-"),
                 super::backend::format_rfc3339(lease.created_at_ms),
                 super::backend::format_rfc3339(lease.expires_at_ms),
@@ -130,6 +138,16 @@ impl Response {
             Response::Revoked { lease_id } => format!("revoked {lease_id}\n"),
             Response::Error { message } => format!("error: {message}\n"),
         }
+    }
+}
+
+/// A lease's profile for listings, marked when the lease was handed out to its client.
+fn profile_text(l: &LeaseInfo) -> String {
+    let name = l.profile.as_deref().unwrap_or("-");
+    if l.handed_out {
+        format!("{name} (handed out)")
+    } else {
+        name.to_owned()
     }
 }
 
@@ -176,8 +194,8 @@ pub async fn serve_listener(
 
 async fn dispatch(manager: &LeaseManager, req: Request) -> Response {
     let result: Result<Response, LeaseError> = match req {
-        Request::Create { client } => manager
-            .create(&client)
+        Request::Create { client, attrs } => manager
+            .create_as(&client, &attrs)
             .await
             .map(|grant| Response::Created { grant }),
         Request::List => manager
@@ -214,7 +232,8 @@ mod tests {
         assert_eq!(
             r,
             Request::Create {
-                client: NodeName::new("inlet-1").expect("name")
+                client: NodeName::new("inlet-1").expect("name"),
+                attrs: BTreeMap::new(),
             }
         );
         assert_eq!(

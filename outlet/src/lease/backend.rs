@@ -32,6 +32,8 @@ pub struct CreateRequest {
     pub client: NodeName,
     /// When the lease ends (ms since the Unix epoch); informational for the backend.
     pub expires_at_ms: u64,
+    /// The client's profile: the permissions the credential gets.
+    pub profile: std::sync::Arc<super::profile::Profile>,
 }
 
 /// A credential the backend made.
@@ -368,34 +370,9 @@ pub fn parse_v1_user_name(instance: &str, name: &str) -> Option<String> {
     is_lease_id(id).then(|| id.to_owned())
 }
 
-/// Formats milliseconds since the Unix epoch as RFC 3339 in UTC (`2025-01-31T12:00:00Z`).
-pub fn format_rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar (Howard
-/// Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
+/// Formats milliseconds since the Unix epoch as RFC 3339 in UTC (kept with the clock, where
+/// the inlet uses it too).
+pub use postern_net::runtime::clock::format_rfc3339;
 
 /// The underlying cause of a failed request, for the operator: whether it timed out or could
 /// not connect, then the chain of causes (e.g. `cannot connect: tcp connect error: Connection
@@ -467,6 +444,11 @@ mod tests {
             lease_id: "0123456789abcdef".into(),
             client: NodeName::new("inlet-1.example").expect("name"),
             expires_at_ms: 1_700_000_000_000,
+            profile: std::sync::Arc::new(crate::lease::profile::Profile::implicit(
+                Duration::from_secs(60),
+                Vec::new(),
+                false,
+            )),
         };
         let d = v2_description("a1b2c3d4", &req);
         assert_eq!(

@@ -56,11 +56,13 @@
 //! The admin credential for 1.x is the user and password of an admin user, written
 //! `<user>:<password>` in the referenced environment variable or file.
 
+use super::profile::{valid_name, Profile, ProfileConfig};
 pub use postern_proto::secret::Secret;
 use serde::Deserialize;
 use serde_json::Value;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroize;
 
@@ -130,7 +132,9 @@ pub struct InfluxdbOutletConfig {
     /// Lifetime of each leased credential, in seconds.
     #[serde(default = "default_expires_in")]
     pub leased_token_expires_in: u64,
-    /// JSON list of InfluxDB 2 permission objects granted to each leased credential.
+    /// JSON list of InfluxDB 2 permission objects granted to each leased credential. Required
+    /// without `profile` tables, refused with them (each profile has its own).
+    #[serde(default)]
     pub leased_token_permissions: String,
     /// `"v2"` (default) or `"v1"`.
     #[serde(default)]
@@ -138,6 +142,14 @@ pub struct InfluxdbOutletConfig {
     /// `"inlet"` (default) or `"outlet"`: where the leased credential is put into requests.
     #[serde(default)]
     pub inject_at: InjectAt,
+    /// Whether a client may ask for its own credential (`postern-inlet lease create`), for
+    /// the implicit profile of a section without `profile` tables.
+    #[serde(default)]
+    pub hand_out: bool,
+    /// `[[influxdb-outlet.profile]]` tables: permissions and lifetime by client attributes
+    /// (see [`super::profile`]). Empty: one implicit profile from the section's own keys.
+    #[serde(default)]
+    pub profile: Vec<ProfileConfig>,
 }
 
 fn default_expires_in() -> u64 {
@@ -157,12 +169,32 @@ pub struct LeaseConfig {
     pub org_id: Option<String>,
     /// The admin credential (v2 token, or `user:password` for v1).
     pub admin: Secret,
-    /// Lifetime of each leased credential.
+    /// Lifetime of each leased credential (of the implicit profile when `profiles` is empty).
     pub ttl: Duration,
-    /// Permissions granted to each leased credential, `INFLUX_ORG_ID` substituted.
+    /// Permissions granted to each leased credential, `INFLUX_ORG_ID` substituted (of the
+    /// implicit profile when `profiles` is empty).
     pub permissions: Vec<Permission>,
     /// Which API to use.
     pub api: Api,
+    /// Whether the implicit profile hands credentials out (when `profiles` is empty).
+    pub hand_out: bool,
+    /// The profiles in the order written; empty: the implicit one made of `ttl`,
+    /// `permissions` and `hand_out` (see [`LeaseConfig::profiles`]).
+    pub profiles: Vec<Profile>,
+}
+
+impl LeaseConfig {
+    /// The profiles to choose from, in order: the written ones, or the implicit one.
+    pub fn profiles(&self) -> Vec<Arc<Profile>> {
+        if self.profiles.is_empty() {
+            return vec![Arc::new(Profile::implicit(
+                self.ttl,
+                self.permissions.clone(),
+                self.hand_out,
+            ))];
+        }
+        self.profiles.iter().cloned().map(Arc::new).collect()
+    }
 }
 
 /// The access a permission grants: InfluxDB's `action`, read or write.
@@ -453,31 +485,22 @@ impl InfluxdbOutletConfig {
             }
             None => None,
         };
-        if !(MIN_EXPIRES_IN_S..=MAX_EXPIRES_IN_S).contains(&self.leased_token_expires_in) {
-            return Err(ConfigError::invalid(
-                "leased-token-expires-in",
-                format!(
-                    "{} s is out of range; it must be between {MIN_EXPIRES_IN_S} and \
-                     {MAX_EXPIRES_IN_S} seconds",
-                    self.leased_token_expires_in
-                ),
-            ));
-        }
-        let permissions =
-            parse_permissions(&self.leased_token_permissions, org_id.as_deref(), self.api)?;
-        let mut permissions = permissions;
-        match (self.api, org_id.as_deref()) {
-            (Api::V1, _) => {
-                v1_grants(&permissions)?;
+        check_ttl(self.leased_token_expires_in)
+            .map_err(|m| ConfigError::invalid("leased-token-expires-in", m))?;
+        let (permissions, profiles) = if self.profile.is_empty() {
+            if self.leased_token_permissions.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "leased-token-permissions",
+                    "is required (or give `[[influxdb-outlet.profile]]` tables, each with its \
+                     own permissions)",
+                ));
             }
-            (Api::V2, Some(org)) => {
-                for (i, p) in permissions.iter_mut().enumerate() {
-                    scope_v2(i, p, org)?;
-                }
-            }
-            // Refused above: v2 needs org-id.
-            (Api::V2, None) => {}
-        }
+            let p =
+                checked_permissions(&self.leased_token_permissions, org_id.as_deref(), self.api)?;
+            (p, Vec::new())
+        } else {
+            (Vec::new(), self.validate_profiles(org_id.as_deref())?)
+        };
         let admin = self.all_access_token.resolve("all-access-token")?;
         if self.api == Api::V1 && !admin.expose().contains(':') {
             return Err(ConfigError::invalid(
@@ -495,8 +518,97 @@ impl InfluxdbOutletConfig {
             ttl: Duration::from_secs(self.leased_token_expires_in),
             permissions,
             api: self.api,
+            hand_out: self.hand_out,
+            profiles,
         })
     }
+
+    /// Checks the `profile` tables: names unique, `when` parsed, permissions and lifetime as
+    /// for the section's own keys. Every error names the profile.
+    fn validate_profiles(&self, org_id: Option<&str>) -> Result<Vec<Profile>, ConfigError> {
+        const KEY: &str = "profile";
+        if !self.leased_token_permissions.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "leased-token-permissions",
+                "is set together with `[[influxdb-outlet.profile]]` tables; each profile has its \
+                 own `leased-token-permissions`, so move it into the profiles",
+            ));
+        }
+        if self.hand_out {
+            return Err(ConfigError::invalid(
+                "hand-out",
+                "is set together with `[[influxdb-outlet.profile]]` tables; set `hand-out` in \
+                 the profiles that may hand credentials out",
+            ));
+        }
+        let mut out: Vec<Profile> = Vec::with_capacity(self.profile.len());
+        for (i, p) in self.profile.iter().enumerate() {
+            if !valid_name(&p.name) {
+                return Err(ConfigError::invalid(
+                    KEY,
+                    format!(
+                        "profile {i}: `name` {:?} must be 1 to 64 letters, digits, `-`, `_` or `.`",
+                        p.name
+                    ),
+                ));
+            }
+            let err = |m: String| ConfigError::invalid(KEY, format!("profile {:?}: {m}", p.name));
+            if out.iter().any(|o| o.name == p.name) {
+                return Err(err("the name is used by an earlier profile".into()));
+            }
+            let when = postern_proto::policy::Expr::parse(&p.when)
+                .map_err(|e| err(format!("`when`: {e}")))?;
+            let ttl_s = p
+                .leased_token_expires_in
+                .unwrap_or(self.leased_token_expires_in);
+            check_ttl(ttl_s).map_err(|m| err(format!("`leased-token-expires-in`: {m}")))?;
+            let permissions = checked_permissions(&p.leased_token_permissions, org_id, self.api)
+                .map_err(|e| match e {
+                    ConfigError::Invalid { key, message } => err(format!("`{key}`: {message}")),
+                })?;
+            out.push(Profile {
+                name: p.name.clone(),
+                when,
+                ttl: Duration::from_secs(ttl_s),
+                permissions,
+                hand_out: p.hand_out,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Checks a lease lifetime in seconds.
+fn check_ttl(ttl_s: u64) -> Result<(), String> {
+    if (MIN_EXPIRES_IN_S..=MAX_EXPIRES_IN_S).contains(&ttl_s) {
+        return Ok(());
+    }
+    Err(format!(
+        "{ttl_s} s is out of range; it must be between {MIN_EXPIRES_IN_S} and {MAX_EXPIRES_IN_S} \
+         seconds"
+    ))
+}
+
+/// Parses a permission list and checks it for `api` (v1: grants per database; v2: scopes).
+fn checked_permissions(
+    text: &str,
+    org_id: Option<&str>,
+    api: Api,
+) -> Result<Vec<Permission>, ConfigError> {
+    let mut permissions = parse_permissions(text, org_id, api)?;
+    match (api, org_id) {
+        (Api::V1, _) => {
+            v1_grants(&permissions)?;
+        }
+        (Api::V2, Some(org)) => {
+            for (i, p) in permissions.iter_mut().enumerate() {
+                scope_v2(i, p, org)?;
+            }
+        }
+        // Refused earlier: v2 needs org-id.
+        (Api::V2, None) => {}
+    }
+    Ok(permissions)
 }
 
 fn parse_to(to: &str, tls: bool) -> Result<reqwest::Url, ConfigError> {
@@ -1009,6 +1121,147 @@ mod tests {
             .expect_err("bad admin");
         assert_eq!(err.key(), "all-access-token");
         assert!(!err.to_string().contains("just-a-token"));
+    }
+
+    const SENSOR_PERMS: &str =
+        r#"[{"action":"write","resource":{"type":"databases","name":"telemetry"}}]"#;
+    const ANALYST_PERMS: &str =
+        r#"[{"action":"read","resource":{"type":"databases","name":"telemetry"}}]"#;
+
+    fn v1_with_profiles(s: &tempfile::NamedTempFile, extra: &str, profiles: &str) -> String {
+        format!(
+            "to = \"127.0.0.1:8086\"\napi = \"v1\"\nall-access-token = \"file:{}\"\n\
+             leased-token-expires-in = 600\n{extra}{profiles}",
+            s.path().display()
+        )
+    }
+
+    fn two_profiles() -> String {
+        format!(
+            "[[profile]]\nname = \"sensors\"\nwhen = 'role = \"sensor\"'\n\
+             leased-token-permissions = '{SENSOR_PERMS}'\nleased-token-expires-in = 900\n\
+             [[profile]]\nname = \"analysts\"\nwhen = 'role = \"analyst\"'\n\
+             leased-token-permissions = '{ANALYST_PERMS}'\nhand-out = true\n"
+        )
+    }
+
+    #[test]
+    fn profiles_validate_in_order_with_their_own_lifetimes() {
+        let s = secret_file("admin:pw");
+        let cfg = parse(&v1_with_profiles(&s, "", &two_profiles()))
+            .expect("parse")
+            .validate()
+            .expect("valid");
+        let profiles = cfg.profiles();
+        let got: Vec<(&str, u64, bool)> = profiles
+            .iter()
+            .map(|p| (p.name.as_str(), p.ttl.as_secs(), p.hand_out))
+            .collect();
+        // The second takes the section's lifetime.
+        assert_eq!(got, vec![("sensors", 900, false), ("analysts", 600, true)]);
+        let grants = v1_grants(&profiles[0].permissions).expect("grants");
+        assert_eq!(
+            (grants[0].database.as_str(), grants[0].privilege),
+            ("telemetry", "WRITE")
+        );
+        let mut attrs = postern_proto::policy::Attributes::new();
+        attrs.insert("role".into(), "analyst".into());
+        assert_eq!(
+            crate::lease::profile::select(&profiles, &attrs).map(|p| p.name.as_str()),
+            Some("analysts")
+        );
+    }
+
+    #[test]
+    fn without_profiles_the_section_is_the_default_profile() {
+        let s = secret_file("admin:pw");
+        let text = v1_with_profiles(
+            &s,
+            &format!("leased-token-permissions = '{SENSOR_PERMS}'\nhand-out = true\n"),
+            "",
+        );
+        let cfg = parse(&text).expect("parse").validate().expect("valid");
+        let profiles = cfg.profiles();
+        assert_eq!(profiles.len(), 1);
+        assert_eq!(profiles[0].name, crate::lease::DEFAULT_PROFILE);
+        assert_eq!(profiles[0].ttl, Duration::from_secs(600));
+        assert!(profiles[0].hand_out);
+        assert!(profiles[0]
+            .when
+            .eval(&postern_proto::policy::Attributes::new()));
+    }
+
+    #[test]
+    fn bad_profiles_are_refused_naming_the_profile() {
+        let s = secret_file("admin:pw");
+        let one = |name: &str, when: &str, perms: &str, extra: &str| {
+            format!(
+                "[[profile]]\nname = \"{name}\"\nwhen = '{when}'\n\
+                 leased-token-permissions = '{perms}'\n{extra}"
+            )
+        };
+        let ok = one("sensors", r#"role = "sensor""#, SENSOR_PERMS, "");
+        let cases: Vec<(String, String, &str, &str)> = vec![
+            (
+                String::new(),
+                one("a b", "true", SENSOR_PERMS, ""),
+                "profile",
+                "name",
+            ),
+            (
+                String::new(),
+                format!("{ok}{ok}"),
+                "profile",
+                "earlier profile",
+            ),
+            (
+                String::new(),
+                one("s", "role = ", SENSOR_PERMS, ""),
+                "profile",
+                "`when`",
+            ),
+            (
+                String::new(),
+                one("s", "true", PERMS, ""),
+                "profile",
+                "name the database",
+            ),
+            (
+                String::new(),
+                one("s", "true", SENSOR_PERMS, "leased-token-expires-in = 1\n"),
+                "profile",
+                "out of range",
+            ),
+            (
+                format!("leased-token-permissions = '{SENSOR_PERMS}'\n"),
+                ok.clone(),
+                "leased-token-permissions",
+                "move it into the profiles",
+            ),
+            (
+                "hand-out = true\n".into(),
+                ok.clone(),
+                "hand-out",
+                "in the profiles",
+            ),
+            (
+                String::new(),
+                String::new(),
+                "leased-token-permissions",
+                "is required",
+            ),
+        ];
+        for (extra, profiles, key, says) in cases {
+            let err = parse(&v1_with_profiles(&s, &extra, &profiles))
+                .expect("parse")
+                .validate()
+                .expect_err(&profiles);
+            assert_eq!(err.key(), key, "{profiles}: {err}");
+            assert!(err.to_string().contains(says), "{profiles}: {err}");
+        }
+        let unknown = format!("{ok}colour = \"blue\"\n");
+        let err = parse(&v1_with_profiles(&s, "", &unknown)).expect_err("unknown key");
+        assert!(err.to_string().contains("colour"), "{err}");
     }
 
     #[test]

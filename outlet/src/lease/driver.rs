@@ -35,6 +35,8 @@ impl Inner {
                 let actions = st.schedule.poll(now);
                 st.watchers
                     .retain(|c, tx| tx.receiver_count() > 0 || st.schedule.knows_client(c));
+                let watchers = &st.watchers;
+                st.client_profiles.retain(|c, _| watchers.contains_key(c));
                 let scan = match st.orphan_scan_at {
                     Some(at) if at <= now && !st.orphan_scan_running => {
                         st.orphan_scan_running = true;
@@ -162,7 +164,13 @@ impl Inner {
 
     /// Carries out [`Action::Create`].
     pub(super) async fn renew(self: Arc<Self>, client: NodeName) {
-        let result = self.create_lease(&client).await;
+        let profile = lock(&self.state).client_profiles.get(&client).cloned();
+        let result = match profile {
+            Some(profile) => self.create_lease(&client, profile, false).await,
+            // Subscribing records the profile before the client is wanted, so this is not
+            // expected; refuse rather than guess one.
+            None => Err(LeaseError::NoProfile(client.clone())),
+        };
         let now = now_ms();
         let mut st = lock(&self.state);
         match result {

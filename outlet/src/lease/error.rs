@@ -34,4 +34,24 @@ pub enum LeaseError {
     ClientRevoked(NodeName),
     #[error("{0} lease(s) of a revoked identity could not be revoked now; they are retried")]
     RevokeClient(usize),
+    /// No lease profile's `when` holds for the client: it gets no lease.
+    #[error("no lease profile matches identity {0}, so it gets no credential (the outlet's `[[influxdb-outlet.profile]]` tables decide by the identity's attributes)")]
+    NoProfile(NodeName),
+    /// The client's profile does not hand credentials out.
+    #[error("lease profile {profile:?} of identity {client} does not hand credentials out (set `hand-out = true` in the profile to allow `postern-inlet lease create`)")]
+    HandOutOff { client: NodeName, profile: String },
+    /// `lease show` with no live handed-out lease.
+    #[error("no lease is handed out to identity {0} now (none was, or it expired or was revoked); `postern-inlet lease create` makes one")]
+    NoHandOut(NodeName),
+}
+
+impl LeaseError {
+    /// True when the client is refused a lease for who it is (no profile, hand-out off), as
+    /// opposed to a lease that cannot be made now: clients get a 403, not a 503.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            LeaseError::NoProfile(_) | LeaseError::HandOutOff { .. }
+        )
+    }
 }

@@ -5,6 +5,8 @@
 use super::backend::CreateRequest;
 use super::error::LeaseError;
 use super::fault::CrashPoint;
+use super::profile::Profile;
+use super::schedule::Policy;
 use super::shared::{lock, new_lease_id, Inner};
 use super::store::{LeaseRecord, LeaseStore, RecordState, StoreError};
 use postern_net::runtime::clock::now_ms;
@@ -185,8 +187,10 @@ impl Inner {
     pub(super) async fn create_lease(
         self: &Arc<Self>,
         client: &NodeName,
+        profile: Arc<Profile>,
+        handed_out: bool,
     ) -> Result<(LeaseRecord, Credential), LeaseError> {
-        let result = self.create_steps(client).await;
+        let result = self.create_steps(client, profile, handed_out).await;
         if let Err(e) = &result {
             if !matches!(e, LeaseError::Crashed(_)) {
                 metrics::counter!("postern_outlet_leases_failed_total", "operation" => "create")
@@ -200,6 +204,8 @@ impl Inner {
     async fn create_steps(
         self: &Arc<Self>,
         client: &NodeName,
+        profile: Arc<Profile>,
+        handed_out: bool,
     ) -> Result<(LeaseRecord, Credential), LeaseError> {
         self.checkpoint(CrashPoint::CreateBeforeStore).await?;
         let now = now_ms();
@@ -208,7 +214,9 @@ impl Inner {
             client: client.to_string(),
             state: RecordState::Creating,
             created_at_ms: now,
-            expires_at_ms: now + self.policy.ttl_ms,
+            expires_at_ms: now + Policy::new(profile.ttl).ttl_ms,
+            profile: Some(profile.name.clone()),
+            handed_out,
         };
         if let Err(e) = self.put(rec.clone()).await {
             if matches!(&e, LeaseError::Store(se) if se.cannot_write()) {
@@ -225,6 +233,7 @@ impl Inner {
             lease_id: rec.lease_id.clone(),
             client: client.clone(),
             expires_at_ms: rec.expires_at_ms,
+            profile,
         };
         let outcome = tokio::time::timeout(CREATE_TIMEOUT, self.backend.create(&req)).await;
         let created = match outcome {
@@ -312,7 +321,11 @@ impl Inner {
     /// audits the outcome.
     pub(super) async fn revoke_lease(self: &Arc<Self>, lease_id: &str) -> Result<(), LeaseError> {
         // No longer accepted from this moment, whatever the backend says.
-        lock(&self.state).live.remove(lease_id);
+        {
+            let mut st = lock(&self.state);
+            st.live.remove(lease_id);
+            st.handed_out.retain(|_, g| g.lease_id != lease_id);
+        }
         let id = lease_id.to_owned();
         let (client, result) = match self.store_op("get", move |s| s.get(&id)).await {
             Ok(None) => return Ok(()),

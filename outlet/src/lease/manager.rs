@@ -7,6 +7,7 @@ use super::config::{Api, LeaseConfig};
 use super::error::LeaseError;
 use super::fault::{CrashAt, Faults};
 use super::live::LiveCredentials;
+use super::profile::{select, Profile};
 use super::schedule::{Policy, Schedule};
 use super::shared::{lock, Inner, State};
 use super::store::{LeaseRecord, LeaseStore, RecordState};
@@ -15,6 +16,7 @@ use super::v2::V2Backend;
 use postern_net::runtime::clock::now_ms;
 use postern_proto::lease::LeaseGrant;
 use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,6 +48,19 @@ pub struct LeaseInfo {
     pub current: bool,
     /// Consecutive failed revocations.
     pub revoke_failures: u32,
+    /// The lease profile it was made with (none for leases made before profiles).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// It was handed out to its client (`postern-inlet lease create`).
+    #[serde(default)]
+    pub handed_out: bool,
+}
+
+/// A lease handed out to its own client, with the profile it was made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandOut {
+    pub grant: LeaseGrant,
+    pub profile: String,
 }
 
 /// The lease manager. Cheap to share (`Arc`); all methods take `&self`.
@@ -83,11 +98,12 @@ impl LeaseManager {
         };
         backend.check().await?;
         let policy = Policy::new(config.ttl);
+        let profiles = config.profiles();
         let inner = Arc::new(Inner {
             backend,
             store: Mutex::new(Some(store)),
             instance,
-            policy,
+            profiles: profiles.clone(),
             state: Mutex::new(State {
                 schedule: Schedule::new(policy),
                 watchers: BTreeMap::new(),
@@ -97,6 +113,8 @@ impl LeaseManager {
                 orphan_scan_running: false,
                 unrevoked_at_shutdown: 0,
                 store_health: Default::default(),
+                client_profiles: BTreeMap::new(),
+                handed_out: BTreeMap::new(),
             }),
             wake: Notify::new(),
             shutdown: shutdown.child_token(),
@@ -109,10 +127,12 @@ impl LeaseManager {
             inner.stopped.cancel();
             return Err(e);
         }
+        let names: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
         tracing::info!(
             instance = %inner.instance,
             ttl_s = config.ttl.as_secs(),
             api = ?config.api,
+            profiles = ?names,
             "lease manager started"
         );
         tokio::spawn(inner.clone().run());
@@ -124,19 +144,33 @@ impl LeaseManager {
         &self.inner.instance
     }
 
-    /// Subscribes to `client`'s lease. The receiver holds `None` until the first lease is
-    /// made, then each new grant; `None` again if the lease expired without a successor (the
-    /// backend failing). Read the current value with `borrow()` first: a receiver made while a
-    /// lease is current sees it as already seen. The channel closes (`changed()` fails) when the
-    /// manager stops, after a last `None`.
+    /// Subscribes to `client`'s lease, made with the profile its name alone selects (see
+    /// [`subscribe_as`](Self::subscribe_as)).
     pub fn subscribe(
         &self,
         client: &NodeName,
     ) -> Result<watch::Receiver<Option<LeaseGrant>>, LeaseError> {
+        self.subscribe_as(client, &Attributes::new())
+    }
+
+    /// Subscribes to `client`'s lease, made with the first profile whose `when` holds for
+    /// `attrs` (the client's certificate attributes; its name is added as `name`). The
+    /// receiver holds `None` until the first lease is made, then each new grant; `None` again
+    /// if the lease expired without a successor (the backend failing). Read the current value
+    /// with `borrow()` first: a receiver made while a lease is current sees it as already seen.
+    /// The channel closes (`changed()` fails) when the manager stops, after a last `None`.
+    /// A client that matches no profile is refused ([`LeaseError::NoProfile`]).
+    pub fn subscribe_as(
+        &self,
+        client: &NodeName,
+        attrs: &Attributes,
+    ) -> Result<watch::Receiver<Option<LeaseGrant>>, LeaseError> {
         self.inner.check_open()?;
         self.inner.check_not_revoked(client)?;
+        let profile = self.profile_for(client, attrs)?;
         let rx = {
             let mut st = lock(&self.inner.state);
+            st.client_profiles.insert(client.clone(), profile);
             let tx = st
                 .watchers
                 .entry(client.clone())
@@ -147,6 +181,90 @@ impl LeaseManager {
         };
         self.inner.wake.notify_one();
         Ok(rx)
+    }
+
+    /// The profile `client` with `attrs` gets, or [`LeaseError::NoProfile`], logged with the
+    /// identity so that an operator sees who was turned away.
+    pub fn profile_for(
+        &self,
+        client: &NodeName,
+        attrs: &Attributes,
+    ) -> Result<Arc<Profile>, LeaseError> {
+        let mut all = attrs.clone();
+        all.insert("name".into(), client.to_string());
+        match select(&self.inner.profiles, &all) {
+            Some(p) => Ok(p.clone()),
+            None => {
+                tracing::warn!(
+                    %client, attributes = ?attrs,
+                    "no lease profile matched this identity: it gets no lease"
+                );
+                tracing::info!(target: "postern::audit", event = "lease", action = "refuse", reason = "no_profile", %client);
+                Err(LeaseError::NoProfile(client.clone()))
+            }
+        }
+    }
+
+    /// Hands `client` its own credential (`postern-inlet lease create|show`): with `fresh`, a
+    /// new lease of its profile (not streamed, not renewed, revoked at expiry like any other);
+    /// without, the one last handed out if it is still live. Refused unless the profile says
+    /// `hand-out = true`. Every hand-out is in the audit log, without the secret.
+    pub async fn hand_out(
+        &self,
+        client: &NodeName,
+        attrs: &Attributes,
+        fresh: bool,
+    ) -> Result<HandOut, LeaseError> {
+        self.inner.check_open()?;
+        self.inner.check_not_revoked(client)?;
+        let profile = self.profile_for(client, attrs)?;
+        if !profile.hand_out {
+            tracing::warn!(%client, profile = %profile.name, "hand-out refused: the profile does not hand credentials out");
+            tracing::info!(target: "postern::audit", event = "lease", action = "hand_out", outcome = "refused", %client, profile = %profile.name);
+            return Err(LeaseError::HandOutOff {
+                client: client.clone(),
+                profile: profile.name.clone(),
+            });
+        }
+        if !fresh {
+            let kept = lock(&self.inner.state).handed_out.get(client).cloned();
+            return match kept.filter(|g| g.expires_at_ms > now_ms()) {
+                Some(grant) => {
+                    tracing::info!(target: "postern::audit", event = "lease", action = "hand_out", via = "show", lease_id = %grant.lease_id, %client, profile = %profile.name);
+                    Ok(HandOut {
+                        grant,
+                        profile: profile.name.clone(),
+                    })
+                }
+                None => Err(LeaseError::NoHandOut(client.clone())),
+            };
+        }
+        let (rec, credential) = self
+            .inner
+            .create_lease(client, profile.clone(), true)
+            .await?;
+        let grant = LeaseGrant {
+            lease_id: rec.lease_id.clone(),
+            credential,
+            expires_at_ms: rec.expires_at_ms,
+        };
+        {
+            let mut st = lock(&self.inner.state);
+            st.schedule.track(
+                &rec.lease_id,
+                &rec.client,
+                rec.expires_at_ms,
+                rec.expires_at_ms,
+            );
+            st.handed_out.insert(client.clone(), grant.clone());
+        }
+        self.inner.wake.notify_one();
+        tracing::info!(lease_id = %rec.lease_id, %client, profile = %profile.name, "lease handed out to its client");
+        tracing::info!(target: "postern::audit", event = "lease", action = "hand_out", via = "create", lease_id = %rec.lease_id, %client, profile = %profile.name, expires_at_ms = rec.expires_at_ms);
+        Ok(HandOut {
+            grant,
+            profile: profile.name.clone(),
+        })
     }
 
     /// Whether `authorization` (an `Authorization` header value as a client presented it) is
@@ -162,9 +280,20 @@ impl LeaseManager {
     /// Makes a lease for `client` that is not streamed nor renewed (the command line's
     /// `lease create`); it is revoked at expiry.
     pub async fn create(&self, client: &NodeName) -> Result<LeaseGrant, LeaseError> {
+        self.create_as(client, &Attributes::new()).await
+    }
+
+    /// [`create`](Self::create) with the profile `attrs` select (as for
+    /// [`subscribe_as`](Self::subscribe_as)).
+    pub async fn create_as(
+        &self,
+        client: &NodeName,
+        attrs: &Attributes,
+    ) -> Result<LeaseGrant, LeaseError> {
         self.inner.check_open()?;
         self.inner.check_not_revoked(client)?;
-        let (rec, credential) = self.inner.create_lease(client).await?;
+        let profile = self.profile_for(client, attrs)?;
+        let (rec, credential) = self.inner.create_lease(client, profile, false).await?;
         lock(&self.inner.state).schedule.track(
             &rec.lease_id,
             &rec.client,
@@ -173,7 +302,7 @@ impl LeaseManager {
         );
         self.inner.wake.notify_one();
         tracing::info!(lease_id = %rec.lease_id, client = %client, "lease created on request");
-        tracing::info!(target: "postern::audit", event = "lease", action = "create", via = "admin", lease_id = %rec.lease_id, client = %client, expires_at_ms = rec.expires_at_ms);
+        tracing::info!(target: "postern::audit", event = "lease", action = "create", via = "admin", lease_id = %rec.lease_id, client = %client, profile = ?rec.profile, expires_at_ms = rec.expires_at_ms);
         Ok(LeaseGrant {
             lease_id: rec.lease_id,
             credential,
@@ -336,6 +465,8 @@ pub(super) fn info(schedule: &Schedule, r: LeaseRecord) -> LeaseInfo {
         client: r.client,
         created_at_ms: r.created_at_ms,
         expires_at_ms: r.expires_at_ms,
+        profile: r.profile,
+        handed_out: r.handed_out,
     }
 }
 

@@ -45,8 +45,9 @@
 //!
 //! [`LeaseManager`] and its options in `manager.rs`; a lease created and revoked in
 //! `lifecycle.rs`, renewed (and everything else the schedule asks) in `driver.rs`, recovered at
-//! start in `reconcile.rs`; the state they share in `shared.rs`; the live credentials checked
-//! for enforcement in `live.rs`; crash points in `fault.rs`.
+//! start in `reconcile.rs`; the profile a client's attributes choose in `profile.rs`; the state
+//! they share in `shared.rs`; the live credentials checked for enforcement in `live.rs`; crash
+//! points in `fault.rs`.
 
 pub mod admin;
 pub mod backend;
@@ -58,6 +59,7 @@ mod health;
 mod lifecycle;
 mod live;
 mod manager;
+pub mod profile;
 mod reconcile;
 pub mod schedule;
 mod shared;
@@ -75,5 +77,6 @@ pub use driver::{SHUTDOWN_DRAIN, SHUTDOWN_REVOKE};
 pub use error::LeaseError;
 pub use fault::{CrashAt, CrashPoint};
 pub use lifecycle::{CREATE_TIMEOUT, STORE_FAILURES};
-pub use manager::{LeaseInfo, LeaseManager, StartOptions};
+pub use manager::{HandOut, LeaseInfo, LeaseManager, StartOptions};
+pub use profile::{Profile, ProfileConfig, DEFAULT_PROFILE};
 pub use store::{LeaseRecord, RecordState, StoreError};

@@ -114,6 +114,8 @@ impl Inner {
                         },
                         created_at_ms: now,
                         expires_at_ms: now,
+                        profile: None,
+                        handed_out: false,
                     })
                     .await?;
                     tracing::warn!(

@@ -313,7 +313,9 @@ impl Schedule {
         let old = c.current.replace(lease_id.to_owned());
         if let Some(old_id) = &old {
             if let Some(l) = self.leases.get_mut(old_id) {
-                l.revoke_at_ms = l.revoke_at_ms.min(now_ms + self.policy.grace_ms);
+                // The grace of the lease's own lifetime: profiles give leases different ones.
+                let life = Duration::from_millis(expires_at_ms.saturating_sub(created_at_ms));
+                l.revoke_at_ms = l.revoke_at_ms.min(now_ms + Policy::new(life).grace_ms);
             }
         }
         old

@@ -6,7 +6,8 @@ use super::backend::Backend;
 use super::fault::Faults;
 use super::health::StoreHealth;
 use super::live::LiveCredentials;
-use super::schedule::{Policy, Schedule};
+use super::profile::Profile;
+use super::schedule::Schedule;
 use super::store::LeaseStore;
 use postern_proto::lease::LeaseGrant;
 use postern_proto::name::NodeName;
@@ -29,6 +30,12 @@ pub(super) struct State {
     pub(super) unrevoked_at_shutdown: usize,
     /// Whether the store can write; when to reopen it if not.
     pub(super) store_health: StoreHealth,
+    /// The profile of each subscribed client, chosen by its attributes when it subscribed:
+    /// its renewals are made with it.
+    pub(super) client_profiles: BTreeMap<NodeName, Arc<Profile>>,
+    /// The last lease handed out to each client (`postern-inlet lease create`), shown again
+    /// by `lease show` until it is revoked or expires.
+    pub(super) handed_out: BTreeMap<NodeName, LeaseGrant>,
 }
 
 /// Everything one manager's public calls ([`LeaseManager`](super::LeaseManager)) and background
@@ -37,7 +44,8 @@ pub(super) struct Inner {
     pub(super) backend: Arc<dyn Backend>,
     pub(super) store: Mutex<Option<LeaseStore>>,
     pub(super) instance: String,
-    pub(super) policy: Policy,
+    /// The profiles, in the order they are tried.
+    pub(super) profiles: Vec<Arc<Profile>>,
     pub(super) state: Mutex<State>,
     pub(super) wake: Notify,
     pub(super) shutdown: CancellationToken,

@@ -83,6 +83,13 @@ pub struct LeaseRecord {
     pub created_at_ms: u64,
     /// Milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
+    /// The profile the lease was made with (absent in records made before profiles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// The lease was handed out to its client (`postern-inlet lease create`) rather than
+    /// streamed to its inlet or made on the command line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_out: bool,
 }
 
 /// Why the store failed.
@@ -347,6 +354,8 @@ mod tests {
             state,
             created_at_ms: 1,
             expires_at_ms: 2,
+            profile: None,
+            handed_out: false,
         }
     }
 
@@ -390,6 +399,25 @@ mod tests {
         s.remove("b").expect("remove");
         s.remove("b").expect("remove twice");
         assert_eq!(s.get("b").expect("get"), None);
+    }
+
+    #[test]
+    fn records_keep_their_profile_and_old_records_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LeaseStore::open(dir.path()).expect("open");
+        let mut r = rec("p1", RecordState::Creating);
+        r.profile = Some("sensors".into());
+        r.handed_out = true;
+        store.put(&r).expect("put");
+        assert_eq!(store.get("p1").expect("get"), Some(r));
+        // A record written before profiles existed has neither field.
+        let old = decode(
+            "k",
+            br#"{"lease_id":"o","client":"inlet-1","state":"creating","created_at_ms":1,"expires_at_ms":2}"#,
+        )
+        .expect("old record");
+        assert_eq!(old.profile, None);
+        assert!(!old.handed_out);
     }
 
     #[test]

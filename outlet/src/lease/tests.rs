@@ -77,6 +77,8 @@ fn config(ttl_s: u64) -> LeaseConfig {
         ttl: Duration::from_secs(ttl_s),
         permissions: Vec::new(),
         api: Api::V2,
+        hand_out: false,
+        profiles: Vec::new(),
     }
 }
 

@@ -34,7 +34,6 @@ pub struct V1Backend {
     base: reqwest::Url,
     admin_user: String,
     admin_password: Secret,
-    grants: Vec<V1Grant>,
     instance: String,
 }
 
@@ -98,13 +97,16 @@ impl V1Backend {
                 "all-access-token must be `<user>:<password>` with api = \"v1\"".into(),
             )
         })?;
-        let grants = v1_grants(&cfg.permissions).map_err(|e| BackendError::Setup(e.to_string()))?;
+        // Checked at load; checked again so that a config made in code fails here, not at
+        // the first lease.
+        for p in cfg.profiles() {
+            v1_grants(&p.permissions).map_err(|e| BackendError::Setup(e.to_string()))?;
+        }
         Ok(V1Backend {
             http: http_client(cfg)?,
             base: cfg.url.clone(),
             admin_user: user.to_owned(),
             admin_password: Secret::new(password.to_owned()),
-            grants,
             instance: instance.to_owned(),
         })
     }
@@ -206,6 +208,8 @@ impl Backend for V1Backend {
         req: &'a CreateRequest,
     ) -> BoxFuture<'a, Result<Created, BackendError>> {
         Box::pin(async move {
+            let grants: Vec<V1Grant> = v1_grants(&req.profile.permissions)
+                .map_err(|e| BackendError::Setup(e.to_string()))?;
             let name = v1_user_name(&self.instance, &req.lease_id);
             let password =
                 Zeroizing::new(Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN));
@@ -215,7 +219,7 @@ impl Backend for V1Backend {
                 quote_string(&password)
             ));
             self.run(OP_CREATE, &stmt, Some(&password)).await?;
-            for g in &self.grants {
+            for g in &grants {
                 let stmt = format!(
                     "GRANT {} ON {} TO {}",
                     g.privilege,

@@ -48,8 +48,26 @@ pub struct V2Backend {
     base: reqwest::Url,
     org_id: String,
     admin: Secret,
-    templates: Vec<Template>,
+    /// Every profile's permissions, for the bucket look-ups at start-up.
+    all_templates: Vec<Template>,
     instance: String,
+}
+
+/// The permissions of one profile as templates.
+fn templates(permissions: &[super::config::Permission]) -> Vec<Template> {
+    permissions
+        .iter()
+        .map(|p| Template {
+            action: p.action,
+            rtype: p.resource_type().to_owned(),
+            org_id: p
+                .resource
+                .get("orgID")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            scope: p.v2_scope(),
+        })
+        .collect()
 }
 
 impl V2Backend {
@@ -65,26 +83,17 @@ impl V2Backend {
                 "all-access-token contains characters not allowed in an HTTP header".into(),
             )
         })?;
-        let templates = cfg
-            .permissions
+        let all_templates = cfg
+            .profiles()
             .iter()
-            .map(|p| Template {
-                action: p.action,
-                rtype: p.resource_type().to_owned(),
-                org_id: p
-                    .resource
-                    .get("orgID")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-                scope: p.v2_scope(),
-            })
+            .flat_map(|p| templates(&p.permissions))
             .collect();
         Ok(V2Backend {
             http: http_client(cfg)?,
             base: cfg.url.clone(),
             org_id,
             admin: cfg.admin.clone(),
-            templates,
+            all_templates,
             instance: instance.to_owned(),
         })
     }
@@ -180,10 +189,10 @@ impl V2Backend {
     }
 
     /// The permissions to send, each bucket named by `name` looked up now.
-    async fn permissions(&self) -> Result<Vec<Value>, BackendError> {
+    async fn permissions(&self, templates: &[Template]) -> Result<Vec<Value>, BackendError> {
         let mut ids: BTreeMap<&str, String> = BTreeMap::new();
-        let mut out = Vec::with_capacity(self.templates.len());
-        for t in &self.templates {
+        let mut out = Vec::with_capacity(templates.len());
+        for t in templates {
             let mut resource = Map::new();
             resource.insert("type".into(), Value::String(t.rtype.clone()));
             match &t.scope {
@@ -366,7 +375,7 @@ impl Backend for V2Backend {
                 "orgID": self.org_id,
                 "status": "active",
                 "description": v2_description(&self.instance, req),
-                "permissions": self.permissions().await?,
+                "permissions": self.permissions(&templates(&req.profile.permissions)).await?,
             });
             let url = self.url("api/v2/authorizations")?;
             let resp = send_honouring_429(OP_CREATE, || {
@@ -515,7 +524,7 @@ impl Backend for V2Backend {
                     "cannot read InfluxDB's version at start-up; the first lease will tell"
                 ),
             }
-            match self.permissions().await {
+            match self.permissions(&self.all_templates).await {
                 Ok(_) => Ok(()),
                 Err(e @ BackendError::Misconfigured(_)) => Err(e),
                 Err(e) => {

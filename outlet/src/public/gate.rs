@@ -109,8 +109,19 @@ impl AccessGate {
                         }
                     }
                 };
-                match manager.subscribe(&client) {
+                // The grant's labels choose its lease profile, as a client's attributes do.
+                match manager.subscribe_as(&client, &info.attrs) {
                     Ok(rx) => self.subs.entry(info.id.clone()).or_insert(rx),
+                    Err(e) if e.is_refusal() => {
+                        return Verdict::Answer {
+                            response: postern_proto::http::error_response(
+                                403,
+                                "Forbidden",
+                                &format!("postern: this access grant gets no lease: {e}"),
+                            ),
+                            reason: e.to_string(),
+                        }
+                    }
                     Err(e) => {
                         return Verdict::NoLease {
                             reason: e.to_string(),

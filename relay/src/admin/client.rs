@@ -2,7 +2,7 @@
 //! renders a summary for people.
 
 use super::token::AdminToken;
-use crate::views::{Identities, Nodes, Routes, Services, Tickets};
+use crate::views::{FleetView, Identities, Nodes, Routes, Services, Tickets};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
@@ -125,15 +125,47 @@ impl AdminClient {
         })
     }
 
-    /// Everything `status` shows.
+    /// Everything `status` shows. Tickets and identities live in etcd in a fleet: when etcd
+    /// does not answer (503) they are left out, with the reason, and the rest still shows,
+    /// since that is when an operator looks.
     pub async fn status(&self) -> Result<Status, ClientError> {
+        let mut unavailable = Vec::new();
+        let tickets = optional(self.get("/v1/tickets").await, &mut unavailable)?;
+        let identities = optional(self.get("/v1/identities").await, &mut unavailable)?;
         Ok(Status {
             nodes: self.get("/v1/nodes").await?,
             services: self.get("/v1/services").await?,
             routes: self.get("/v1/routes").await?,
-            tickets: self.get("/v1/tickets").await?,
-            identities: self.get("/v1/identities").await?,
+            tickets,
+            identities,
+            unavailable,
+            fleet: match self.get("/v1/fleet").await {
+                Ok(f) => Some(f),
+                // A relay from before the fleet view: everything else still shows.
+                Err(ClientError::Api { status: 404, .. }) => None,
+                Err(e) => return Err(e),
+            },
         })
+    }
+}
+
+/// An answer `status` can do without: a 503 (etcd unavailable) becomes `None`, its message
+/// kept in `unavailable`.
+fn optional<T>(
+    r: Result<T, ClientError>,
+    unavailable: &mut Vec<String>,
+) -> Result<Option<T>, ClientError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(ClientError::Api {
+            status: 503,
+            message,
+            ..
+        }) => {
+            unavailable.push(message);
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -143,8 +175,15 @@ pub struct Status {
     pub nodes: Nodes,
     pub services: Services,
     pub routes: Routes,
-    pub tickets: Tickets,
-    pub identities: Identities,
+    /// `None` when the relay could not read them (etcd unavailable; see `unavailable`).
+    pub tickets: Option<Tickets>,
+    pub identities: Option<Identities>,
+    /// Why parts are missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<String>,
+    /// The fleet (`None` from a relay older than `GET /v1/fleet`).
+    #[serde(default)]
+    pub fleet: Option<FleetView>,
 }
 
 /// `1.5 KiB`, `3.2 MiB`.
@@ -238,38 +277,117 @@ impl Status {
                 age(r.age_s)
             );
         }
-        if self.tickets.authority {
-            let count = |s: &str| {
-                self.tickets
-                    .tickets
-                    .iter()
-                    .filter(|t| t.status == s)
-                    .count()
-            };
-            let _ = writeln!(
-                out,
-                "tickets: {} ({} valid, {} used, {} expired)",
-                self.tickets.tickets.len(),
-                count("valid"),
-                count("used"),
-                count("expired")
-            );
-        } else {
-            out.push_str("tickets: - (this relay does not run the authority)\n");
+        match &self.tickets {
+            Some(tickets) => render_tickets(tickets, &mut out),
+            None => out.push_str("tickets: unknown (the relay cannot read them now)\n"),
         }
-        let ids = &self.identities.identities;
-        let revoked: Vec<&str> = ids
-            .iter()
-            .filter(|i| i.revoked)
-            .map(|i| i.name.as_str())
-            .collect();
-        let _ = write!(out, "identities: {} ({} revoked", ids.len(), revoked.len());
-        if !revoked.is_empty() {
-            let _ = write!(out, ": {}", revoked.join(", "));
+        match &self.identities {
+            Some(ids) => render_identities(ids, &mut out),
+            None => out.push_str("identities: unknown (the relay cannot read them now)\n"),
         }
-        out.push_str(")\n");
+        for why in &self.unavailable {
+            let _ = writeln!(out, "  ({why})");
+        }
+        if let Some(fleet) = &self.fleet {
+            out.push_str(&render_fleet(fleet));
+        }
         out
     }
+}
+
+/// The tickets line of `status`: counts by state.
+fn render_tickets(tickets: &Tickets, out: &mut String) {
+    if tickets.authority {
+        let count = |s: &str| tickets.tickets.iter().filter(|t| t.status == s).count();
+        let _ = writeln!(
+            out,
+            "tickets: {} ({} valid, {} used, {} expired)",
+            tickets.tickets.len(),
+            count("valid"),
+            count("used"),
+            count("expired")
+        );
+    } else {
+        out.push_str("tickets: - (this relay does not run the authority)\n");
+    }
+}
+
+/// The identities line of `status`: how many, and which are revoked.
+fn render_identities(ids: &Identities, out: &mut String) {
+    let ids = &ids.identities;
+    let revoked: Vec<&str> = ids
+        .iter()
+        .filter(|i| i.revoked)
+        .map(|i| i.name.as_str())
+        .collect();
+    let _ = write!(out, "identities: {} ({} revoked", ids.len(), revoked.len());
+    if !revoked.is_empty() {
+        let _ = write!(out, ": {}", revoked.join(", "));
+    }
+    out.push_str(")\n");
+}
+
+/// The fleet part of `status`: where the state lives and whether etcd answers, then each
+/// relay with its load and the age of its last report, then where outlets are attached.
+pub fn render_fleet(f: &FleetView) -> String {
+    let mut out = String::new();
+    let conn = match f.connected {
+        None => "",
+        Some(true) => ", connected",
+        Some(false) => ", NOT CONNECTED (routes keep forwarding; enrollment, revocations and drains wait for etcd)",
+    };
+    let _ = writeln!(out, "fleet: {}{conn}", f.state);
+    if let Some(e) = &f.relays_error {
+        let _ = writeln!(out, "relays: unknown ({e})");
+    } else {
+        let _ = writeln!(out, "relays: {}", f.relays.len());
+    }
+    for r in &f.relays {
+        let _ = writeln!(
+            out,
+            "  {}{}  {}  nodes {}  routes {}  updated {} ago",
+            r.name,
+            if r.this { " (this relay)" } else { "" },
+            if r.addresses.is_empty() {
+                "-".to_string()
+            } else {
+                r.addresses.join(",")
+            },
+            r.nodes,
+            r.routes,
+            age(r.updated_age_ms / 1000)
+        );
+    }
+    let scope = match f.attachments_scope.as_str() {
+        "this-relay" => " (outlets connected to this relay)",
+        "none" => " (not known here)",
+        _ => "",
+    };
+    let _ = writeln!(out, "outlets attached: {}{scope}", f.attachments.len());
+    for a in &f.attachments {
+        let services: Vec<&str> = a.services.iter().map(|s| s.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  {}  relays {}  serves {}",
+            a.outlet,
+            a.relays.join(","),
+            services.join(",")
+        );
+    }
+    let failures: Vec<String> = f
+        .etcd_failures
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !failures.is_empty() {
+        let _ = write!(out, "etcd failures: {}", failures.join(", "));
+        if let (Some(e), Some(a)) = (&f.last_etcd_error, f.last_etcd_error_age_s) {
+            let _ = write!(out, "; last {} ago: {e}", age(a));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -285,5 +403,39 @@ mod tests {
         assert_eq!(age(600), "10m");
         assert_eq!(age(3 * 3600), "3h");
         assert_eq!(age(3 * 86400), "3d");
+    }
+
+    #[test]
+    fn the_fleet_shows_relays_load_and_a_lost_etcd() {
+        let mut f = FleetView {
+            state: "etcd [\"http://10.0.0.1:2379\"] under /postern".into(),
+            cluster: true,
+            connected: Some(false),
+            relays: vec![crate::views::RelayView {
+                name: "relay-b".into(),
+                addresses: vec!["10.0.0.2:4433".into()],
+                nodes: 7,
+                routes: 3,
+                updated_age_ms: 4_000,
+                this: true,
+            }],
+            attachments_scope: "this-relay".into(),
+            ..Default::default()
+        };
+        f.etcd_failures.insert("follow".into(), 2);
+        f.etcd_failures.insert("enroll".into(), 0);
+        f.last_etcd_error = Some("etcd: no leader".into());
+        f.last_etcd_error_age_s = Some(3);
+        let text = render_fleet(&f);
+        assert!(text.contains("NOT CONNECTED"), "{text}");
+        assert!(
+            text.contains("relay-b (this relay)  10.0.0.2:4433  nodes 7  routes 3  updated 4s ago"),
+            "{text}"
+        );
+        assert!(
+            text.contains("etcd failures: follow 2; last 3s ago: etcd: no leader"),
+            "{text}"
+        );
+        assert!(!text.contains("enroll 0"), "{text}");
     }
 }

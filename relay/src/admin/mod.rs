@@ -8,6 +8,7 @@
 //! | `GET /v1/routes`                      | routes: ends, service, bytes each way, age |
 //! | `GET /v1/tickets`                     | enrollment tickets, without their secrets |
 //! | `GET /v1/identities`                  | enrolled and revoked identities |
+//! | `GET /v1/fleet`                       | the fleet's relays and their load, where outlets are attached, the etcd connection |
 //! | `POST /v1/identities/{name}/revoke`   | revoke an identity, effective at once |
 //! | `POST /v1/nodes/{name}/drain[?timeout=10s]` | no new routes for the node; closed when its routes end or at the timeout |
 //! | `POST /v1/nodes/{name}/undrain`       | let a drained node back in |
@@ -176,6 +177,10 @@ impl AdminApi {
                     },
                 )
             }),
+            ["v1", "fleet"] => match only(Method::GET) {
+                Some(r) => r,
+                None => json(StatusCode::OK, &self.relay.fleet_view().await),
+            },
             ["v1", "tickets"] => match only(Method::GET) {
                 Some(r) => r,
                 None => {
@@ -251,7 +256,7 @@ impl AdminApi {
             _ => error(
                 StatusCode::NOT_FOUND,
                 &format!(
-                    "no endpoint {path}; try /v1/nodes, /v1/services, /v1/routes, /v1/tickets, /v1/identities"
+                    "no endpoint {path}; try /v1/nodes, /v1/services, /v1/routes, /v1/tickets, /v1/identities, /v1/fleet"
                 ),
             ),
         }

@@ -20,6 +20,7 @@
 //! with an error (naming etcd) instead of hanging; the follower keeps the last state it saw.
 
 use super::config::ClusterConfig;
+use super::health::{Health, HealthView, Op};
 use super::{DrainRecord, FleetError, FleetState, Fut, LoadFn, Member, Snapshot};
 use crate::authority::{
     self, audit_enrollment, check_ticket, new_ticket, now_ms, IdentityRecord, TicketRecord,
@@ -65,6 +66,8 @@ pub struct Etcd {
     ca: Option<StateDir>,
     /// Whether the follower's last read or watch of etcd worked.
     connected: AtomicBool,
+    /// Failures by operation and the member count, for metrics and status.
+    health: Health,
 }
 
 impl Etcd {
@@ -109,6 +112,7 @@ impl Etcd {
             lease_ttl: cfg.lease_ttl,
             ca: ca.filter(|s| s.ca_key().exists()),
             connected: AtomicBool::new(true),
+            health: Health::default(),
         };
         Ok(me)
     }
@@ -174,7 +178,11 @@ impl Etcd {
             tracing::error!(error = %e, "cannot {what} for enrollment");
             EnrollRefusal::Unavailable
         };
-        let etcd = |e: etcd_client::Error| unavailable("reach etcd", &FleetError::from(e));
+        let etcd = |e: etcd_client::Error| {
+            let e = FleetError::from(e);
+            self.health.fail(Op::Enroll, &e);
+            unavailable("reach etcd", &e)
+        };
         let tkey = self.key("tickets", &req.ticket_id);
         let mut kv = self.client.kv_client();
         // A lost race means someone else took a use: read again (and usually find it spent).
@@ -300,6 +308,13 @@ impl Etcd {
                 serde_json::to_vec(&*me).map_err(|e| FleetError::Internal(e.to_string()))?;
             kv.put(key.clone(), value, Some(PutOptions::new().with_lease(id)))
                 .await?;
+            let count = kv
+                .get(
+                    self.dir("relays"),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?;
+            self.health.set_members(count.count().max(0) as u64);
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = tokio::time::timeout(REQUEST_TIMEOUT, lease.revoke(id)).await;
@@ -374,24 +389,28 @@ impl FleetState for Etcd {
 
     fn create_ticket(&self, spec: TicketSpec) -> Fut<'_, Result<Ticket, FleetError>> {
         Box::pin(async move {
-            let state = self.ca.clone().ok_or(FleetError::NoAuthority)?;
-            let ca = tokio::task::spawn_blocking(move || state.load_ca())
-                .await
-                .map_err(|e| FleetError::Internal(e.to_string()))??;
-            let (ticket, record) = new_ticket(&ca, spec);
-            let key = self.key("tickets", &record.id);
-            let value =
-                serde_json::to_vec(&record).map_err(|e| FleetError::Internal(e.to_string()))?;
-            // Ids are random; the comparison only guards against a collision overwriting one.
-            let txn = Txn::new()
-                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key, value, None)]);
-            if !self.client.kv_client().txn(txn).await?.succeeded() {
-                return Err(FleetError::Internal(
-                    "ticket id collision; try again".into(),
-                ));
+            let r = async {
+                let state = self.ca.clone().ok_or(FleetError::NoAuthority)?;
+                let ca = tokio::task::spawn_blocking(move || state.load_ca())
+                    .await
+                    .map_err(|e| FleetError::Internal(e.to_string()))??;
+                let (ticket, record) = new_ticket(&ca, spec);
+                let key = self.key("tickets", &record.id);
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| FleetError::Internal(e.to_string()))?;
+                // Ids are random; the comparison only guards against a collision overwriting one.
+                let txn = Txn::new()
+                    .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, value, None)]);
+                if !self.client.kv_client().txn(txn).await?.succeeded() {
+                    return Err(FleetError::Internal(
+                        "ticket id collision; try again".into(),
+                    ));
+                }
+                Ok(ticket)
             }
-            Ok(ticket)
+            .await;
+            self.health.tally(Op::Ticket, r)
         })
     }
 
@@ -416,7 +435,9 @@ impl FleetState for Etcd {
                 .get(self.key("identities", name.as_str()), None)
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %FleetError::from(e), "cannot read the identity from etcd for renewal");
+                    let e = FleetError::from(e);
+                    self.health.fail(Op::Renew, &e);
+                    tracing::error!(error = %e, "cannot read the identity from etcd for renewal");
                     Refusal::Internal
                 })?;
             let revoked = got
@@ -449,60 +470,72 @@ impl FleetState for Etcd {
 
     fn tickets(&self) -> Fut<'_, Result<Vec<TicketRecord>, FleetError>> {
         Box::pin(async move {
-            Ok(self
-                .list::<TicketRecord>("tickets")
-                .await?
-                .into_iter()
-                .map(|(_, t)| t)
-                .collect())
+            let r = async {
+                Ok(self
+                    .list::<TicketRecord>("tickets")
+                    .await?
+                    .into_iter()
+                    .map(|(_, t)| t)
+                    .collect())
+            }
+            .await;
+            self.health.tally(Op::Read, r)
         })
     }
 
     fn identities(&self) -> Fut<'_, Result<Vec<IdentityRecord>, FleetError>> {
         Box::pin(async move {
-            Ok(self
-                .list::<IdentityRecord>("identities")
-                .await?
-                .into_iter()
-                .map(|(_, i)| i)
-                .collect())
+            let r = async {
+                Ok(self
+                    .list::<IdentityRecord>("identities")
+                    .await?
+                    .into_iter()
+                    .map(|(_, i)| i)
+                    .collect())
+            }
+            .await;
+            self.health.tally(Op::Read, r)
         })
     }
 
     fn revoke(&self, name: NodeName) -> Fut<'_, Result<bool, FleetError>> {
         Box::pin(async move {
-            let key = self.key("identities", name.as_str());
-            let mut kv = self.client.kv_client();
-            for _ in 0..8 {
-                let got = kv.get(key.clone(), None).await?;
-                let (rev, record) = match got.kvs().first() {
-                    Some(kv) => (
-                        kv.mod_revision(),
-                        serde_json::from_slice::<IdentityRecord>(kv.value()).ok(),
-                    ),
-                    None => (0, None),
-                };
-                let existed = record.is_some();
-                let mut record = record.unwrap_or_else(|| IdentityRecord {
-                    name: name.clone(),
-                    attrs: Attributes::new(),
-                    enrolled_at_ms: 0,
-                    ticket_id: String::new(),
-                    revoked: true,
-                });
-                record.revoked = true;
-                let value =
-                    serde_json::to_vec(&record).map_err(|e| FleetError::Internal(e.to_string()))?;
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
-                    .and_then([TxnOp::put(key.clone(), value, None)]);
-                if kv.txn(txn).await?.succeeded() {
-                    return Ok(existed);
+            let r = async {
+                let key = self.key("identities", name.as_str());
+                let mut kv = self.client.kv_client();
+                for _ in 0..8 {
+                    let got = kv.get(key.clone(), None).await?;
+                    let (rev, record) = match got.kvs().first() {
+                        Some(kv) => (
+                            kv.mod_revision(),
+                            serde_json::from_slice::<IdentityRecord>(kv.value()).ok(),
+                        ),
+                        None => (0, None),
+                    };
+                    let existed = record.is_some();
+                    let mut record = record.unwrap_or_else(|| IdentityRecord {
+                        name: name.clone(),
+                        attrs: Attributes::new(),
+                        enrolled_at_ms: 0,
+                        ticket_id: String::new(),
+                        revoked: true,
+                    });
+                    record.revoked = true;
+                    let value = serde_json::to_vec(&record)
+                        .map_err(|e| FleetError::Internal(e.to_string()))?;
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                        .and_then([TxnOp::put(key.clone(), value, None)]);
+                    if kv.txn(txn).await?.succeeded() {
+                        return Ok(existed);
+                    }
                 }
+                Err(FleetError::Etcd(
+                    "the identity kept changing while it was being revoked".into(),
+                ))
             }
-            Err(FleetError::Etcd(
-                "the identity kept changing while it was being revoked".into(),
-            ))
+            .await;
+            self.health.tally(Op::Revoke, r)
         })
     }
 
@@ -512,24 +545,31 @@ impl FleetState for Etcd {
         drain: Option<DrainRecord>,
     ) -> Fut<'_, Result<(), FleetError>> {
         Box::pin(async move {
-            let key = self.key("drains", name.as_str());
-            let mut kv = self.client.kv_client();
-            match drain {
-                Some(d) => {
-                    let value =
-                        serde_json::to_vec(&d).map_err(|e| FleetError::Internal(e.to_string()))?;
-                    kv.put(key, value, None).await?;
+            let r = async {
+                let key = self.key("drains", name.as_str());
+                let mut kv = self.client.kv_client();
+                match drain {
+                    Some(d) => {
+                        let value = serde_json::to_vec(&d)
+                            .map_err(|e| FleetError::Internal(e.to_string()))?;
+                        kv.put(key, value, None).await?;
+                    }
+                    None => {
+                        kv.delete(key, None).await?;
+                    }
                 }
-                None => {
-                    kv.delete(key, None).await?;
-                }
+                Ok(())
             }
-            Ok(())
+            .await;
+            self.health.tally(Op::Drain, r)
         })
     }
 
     fn snapshot(&self) -> Fut<'_, Result<Snapshot, FleetError>> {
-        Box::pin(async move { Ok(self.read_snapshot().await?.0) })
+        Box::pin(async move {
+            let r = async { Ok(self.read_snapshot().await?.0) }.await;
+            self.health.tally(Op::Read, r)
+        })
     }
 
     fn follow(
@@ -591,6 +631,7 @@ impl FleetState for Etcd {
                 };
                 if let Err(e) = result {
                     self.connected.store(false, Relaxed);
+                    self.health.fail(Op::Follow, &e);
                     if !failing {
                         tracing::warn!(error = %e, "lost the fleet's state in etcd: serving from the last state seen");
                     }
@@ -617,6 +658,7 @@ impl FleetState for Etcd {
                 match self.one_lease(&mut me, &load, &shutdown).await {
                     Ok(()) => return,
                     Err(e) => {
+                        self.health.fail(Op::Membership, &e);
                         tracing::warn!(error = %e, relay = %me.name, "fleet membership lost; joining again");
                     }
                 }
@@ -630,12 +672,23 @@ impl FleetState for Etcd {
 
     fn members(&self) -> Fut<'_, Result<Vec<Member>, FleetError>> {
         Box::pin(async move {
-            Ok(self
-                .list::<Member>("relays")
-                .await?
-                .into_iter()
-                .map(|(_, m)| m)
-                .collect())
+            let r: Result<Vec<Member>, FleetError> = async {
+                Ok(self
+                    .list::<Member>("relays")
+                    .await?
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect())
+            }
+            .await;
+            if let Ok(members) = &r {
+                self.health.set_members(members.len() as u64);
+            }
+            self.health.tally(Op::Read, r)
         })
+    }
+
+    fn health(&self) -> Option<HealthView> {
+        Some(self.health.view())
     }
 }

@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 pub mod config;
 pub mod embedded;
 pub mod etcd;
+pub mod health;
+pub mod view;
 
 pub use config::{ClusterArgs, ClusterConfig, ClusterFile};
 
@@ -163,4 +165,10 @@ pub trait FleetState: Send + Sync + 'static {
 
     /// The live members of the fleet.
     fn members(&self) -> Fut<'_, Result<Vec<Member>, FleetError>>;
+
+    /// How the connection to the shared state is doing (members counted, failures by
+    /// operation); `None` for a backend that cannot fail that way (the state directory).
+    fn health(&self) -> Option<health::HealthView> {
+        None
+    }
 }

@@ -146,6 +146,49 @@ impl RelayHandle {
             .collect()
     }
 
+    /// The fleet: its relays with their load, where outlets are attached, the connection to
+    /// etcd. Never fails: when etcd cannot list the relays the view says why and keeps the
+    /// rest, since that is when an operator looks.
+    pub async fn fleet_view(&self) -> crate::views::FleetView {
+        use crate::fleet::view::{fleet_view, Attachments};
+        let shared = &self.shared;
+        let mut me = shared
+            .me
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| crate::fleet::Member {
+                name: "this-relay".into(),
+                addresses: Vec::new(),
+                load: Default::default(),
+                updated_at_ms: 0,
+            });
+        me.load = crate::fleet::Load {
+            nodes: shared.conns().len() as u64,
+            routes: shared.routes.len() as u64,
+        };
+        me.updated_at_ms = crate::authority::now_ms();
+        let attachments = self.local_attachments(&me.name);
+        fleet_view(
+            shared.fleet().as_ref(),
+            Some(&me),
+            Attachments::ThisRelay(attachments),
+        )
+        .await
+    }
+
+    /// The outlets connected here (nodes serving at least one service), attached to `me`.
+    /// With a cluster, the fleet's presence read replaces this (see
+    /// [`crate::fleet::view::group_attachments`]).
+    fn local_attachments(&self, me: &str) -> Vec<crate::views::AttachmentView> {
+        crate::fleet::view::group_attachments(
+            self.node_views()
+                .into_iter()
+                .filter(|n| !n.services.is_empty())
+                .map(|n| (n.name, me.to_owned(), n.services)),
+        )
+    }
+
     /// Enrollment tickets without their secrets; `None` when this relay does not run the
     /// authority.
     pub async fn ticket_views(&self) -> Result<Option<Vec<TicketView>>, AdminOpError> {

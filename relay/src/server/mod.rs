@@ -134,6 +134,7 @@ impl Relay {
                 public_stats: Arc::default(),
                 admission: admission_stats.clone(),
                 waiting: Mutex::default(),
+                me: Mutex::default(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,
@@ -170,6 +171,7 @@ impl Relay {
             );
         }
         self.snapshot = snapshot;
+        *self.shared.me.lock().unwrap_or_else(|p| p.into_inner()) = Some(member.clone());
         self.member = Some(member);
     }
 

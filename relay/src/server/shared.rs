@@ -109,6 +109,8 @@ pub(super) struct Shared {
     /// Per service, the nodes refused a route to it for want of a live outlet: told
     /// (`OutletBack`) as soon as an outlet registers it, then forgotten.
     pub(super) waiting: Mutex<HashMap<ServiceName, std::collections::BTreeSet<NodeId>>>,
+    /// How this relay registers in the fleet (its name and addresses), for the fleet view.
+    pub(super) me: Mutex<Option<crate::fleet::Member>>,
 }
 
 impl Shared {
@@ -252,6 +254,41 @@ impl RelayHandle {
     /// a relay because etcd is down.
     pub fn fleet_connected(&self) -> Option<bool> {
         self.shared.fleet().connected()
+    }
+
+    /// The shared state's member count and failures by operation; `None` without a cluster.
+    pub fn fleet_health(&self) -> Option<crate::fleet::health::HealthView> {
+        self.shared.fleet().health()
+    }
+
+    /// What `/readyz` says about the cluster: `None` without one.
+    ///
+    /// etcd being unreachable does not make the relay unready (no 503): routes already set
+    /// up and new routes between connected nodes never touch etcd, so a load balancer or an
+    /// orchestrator that pulled (or restarted) every relay while etcd is down would turn an
+    /// etcd outage into a traffic outage. The body says it instead, naming etcd, and
+    /// `postern_relay_fleet_connected` is 0, for alerts.
+    pub fn fleet_readiness(&self) -> Option<String> {
+        let fleet = self.shared.fleet();
+        let up = fleet.connected()?;
+        let members = fleet
+            .health()
+            .and_then(|h| h.members)
+            .map(|n| format!(", {n} relay(s) in the fleet"))
+            .unwrap_or_default();
+        if up {
+            Some(format!("cluster: etcd connected{members}"))
+        } else {
+            let why = fleet
+                .health()
+                .and_then(|h| h.last_error)
+                .map(|(_, e)| format!(" ({e})"))
+                .unwrap_or_default();
+            Some(format!(
+                "cluster: etcd NOT connected{why}; routes keep forwarding, enrollment, \
+                 revocations and drains wait for etcd"
+            ))
+        }
     }
 
     /// Which outlets offer which services at the public ingress.
