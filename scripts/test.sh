@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs postern's test suite. Installs what the tests need first (InfluxDB 1.x and its CLI from
 # Debian, a Python venv with the real InfluxDB client libraries, headless Chromium, certutil and
-# nginx for the browser test, iproute2 for the network namespace of the TLS/TCP fallback test,
+# nginx for the browser and PROXY protocol tests, iproute2 for the network namespace of the TLS/TCP fallback test,
 # etcd and protoc for the relay fleet),
 # then fmt, clippy and tests.
 set -euo pipefail

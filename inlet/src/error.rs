@@ -72,6 +72,10 @@ impl ServeError {
             ServeError::Refused(RefuseReason::OutletRefused(why)) => {
                 format!("the outlet of service {service} refused the connection: {why}")
             }
+            ServeError::Refused(RefuseReason::NoHealthyOutlet { reason }) => format!(
+                "no outlet of service {service} can reach its target now ({reason}); the \
+                 relay routes to an outlet again as soon as one reports its target healthy"
+            ),
             ServeError::Refused(RefuseReason::OutletUnresponsive) => format!(
                 "the outlet of service {service} did not answer the relay in time (overloaded                  or stopped?)"
             ),
@@ -123,5 +127,14 @@ mod tests {
         );
         let why = ServeError::Refused(RefuseReason::OutletUnresponsive).explain(&service, &status);
         assert!(why.contains("did not answer the relay in time"), "{why}");
+        let why = ServeError::Refused(RefuseReason::NoHealthyOutlet {
+            reason: "outlet-1: connect to 10.0.0.5:8086 failed".into(),
+        })
+        .explain(&service, &status);
+        assert!(
+            why.contains("no outlet of service influx can reach its target")
+                && why.contains("outlet-1: connect to 10.0.0.5:8086 failed"),
+            "{why}"
+        );
     }
 }

@@ -177,9 +177,16 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// The client's address and the one it reached, for the outlet's PROXY header.
+fn addresses(client: &ClientStream) -> Option<(SocketAddr, SocketAddr)> {
+    let tcp = client.tcp();
+    Some((tcp.peer_addr().ok()?, tcp.local_addr().ok()?))
+}
+
 /// Splices a plain TCP client to a stream to the service's outlet.
 async fn serve_client(tcp: ClientStream, service: ServiceName, pool: &Pool, failures: &FailureLog) {
-    let (send, recv, _active) = match open_stream(pool, &service).await {
+    let from = addresses(&tcp);
+    let (send, recv, _active) = match open_stream(pool, &service, from).await {
         Ok(s) => s,
         Err(OpenError::Unserved(e)) => {
             let why = e.explain(&service, pool.uplink().transports());
@@ -232,8 +239,9 @@ async fn serve_http_client(
     credential: CredentialSource,
 ) {
     let _ = tcp.tcp().set_nodelay(true);
+    let from = addresses(&tcp);
     let open = || async {
-        let (send, recv, active) = open_stream(pool, &service)
+        let (send, recv, active) = open_stream(pool, &service, from)
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Holding {

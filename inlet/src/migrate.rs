@@ -87,6 +87,12 @@ impl ControlHandler for InletControl {
                 }
                 Ctl::Ack
             }
+            Ctl::RouteRetired { route, reason } => {
+                tracing::info!(%reason, "route retired by the relay; new client connections get a new route");
+                tracing::debug!(route = %route.short(), "retired route");
+                self.pool.route_retired(route);
+                Ctl::Ack
+            }
             Ctl::OutletBack { service } => {
                 tracing::info!(%service, "the relay says an outlet of the service is back");
                 self.pool.retry_now();

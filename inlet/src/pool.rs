@@ -53,7 +53,20 @@ impl RouteConns {
     fn loads(&self) -> Vec<usize> {
         self.conns.iter().map(Pooled::load).collect()
     }
+
+    /// Closes the connections once the client streams on them have ended (the route was
+    /// retired: no new stream comes), then forgets the route.
+    async fn close_when_idle(mut self, uplink: Arc<Uplink>) {
+        while self.prune() && self.loads().iter().any(|&l| l > 0) {
+            tokio::time::sleep(RETIRED_POLL).await;
+        }
+        self.close();
+        uplink.socket().remove_route(self.route);
+    }
 }
+
+/// How often a retired route's connections are looked at until their streams have ended.
+const RETIRED_POLL: Duration = Duration::from_millis(250);
 
 /// One end-to-end connection and the number of client streams it carries now.
 struct Pooled {
@@ -370,6 +383,29 @@ impl Pool {
             self.key_updates.clone(),
         ));
         Ok(conn)
+    }
+
+    /// Takes `route` out of use: the next client connection of its service gets a new route,
+    /// while streams open on it finish (its outlet cannot serve new ones; see
+    /// `Ctl::RouteRetired`).
+    pub(crate) fn route_retired(&self, route: RouteId) {
+        let slots: Vec<_> = self.slot_map().values().cloned().collect();
+        for slot in slots {
+            let uplink = self.uplink.clone();
+            tokio::spawn(async move {
+                let retired = {
+                    let mut guard = slot.lock().await;
+                    if guard.as_ref().is_some_and(|e| e.route == route) {
+                        guard.take()
+                    } else {
+                        None
+                    }
+                };
+                if let Some(e) = retired {
+                    e.close_when_idle(uplink).await;
+                }
+            });
+        }
     }
 
     /// Drops the end-to-end connections using `route` (its relay route is gone).

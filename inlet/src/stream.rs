@@ -7,6 +7,7 @@ use crate::pool::{ActiveStream, Pool};
 use postern_net::control::exchange::{self, CtlError};
 use postern_proto::msg::StreamOpen;
 use postern_proto::name::ServiceName;
+use std::net::SocketAddr;
 
 /// An opened stream: its two halves and the count of it on its connection.
 pub(crate) type Opened = (quinn::SendStream, quinn::RecvStream, ActiveStream);
@@ -23,30 +24,44 @@ pub(crate) enum OpenError {
     Header(CtlError),
 }
 
-/// Opens a stream to `service`'s outlet and writes its `Connect` header.
-pub(crate) async fn open_stream(pool: &Pool, service: &ServiceName) -> Result<Opened, OpenError> {
-    let (mut send, recv, active) = open(pool, service).await.map_err(|e| {
+/// Opens a stream to `service`'s outlet and writes its `Connect` header: `ConnectFrom`, with
+/// the client's address and the one it reached (`from`), where the outlet understands it.
+pub(crate) async fn open_stream(
+    pool: &Pool,
+    service: &ServiceName,
+    from: Option<(SocketAddr, SocketAddr)>,
+) -> Result<Opened, OpenError> {
+    let ((mut send, recv, active), v2) = open(pool, service).await.map_err(|e| {
         failed(service, &e);
         OpenError::Unserved(e)
     })?;
-    exchange::write_frame(
-        &mut send,
-        &StreamOpen::Connect {
+    let header = match from {
+        Some((client, local)) if v2 => StreamOpen::ConnectFrom {
+            service: service.clone(),
+            client,
+            local,
+        },
+        _ => StreamOpen::Connect {
             service: service.clone(),
         },
-    )
-    .await
-    .map_err(OpenError::Header)?;
+    };
+    exchange::write_frame(&mut send, &header)
+        .await
+        .map_err(OpenError::Header)?;
     Ok((send, recv, active))
 }
 
-/// A new stream on the pool's connection for `service`.
-async fn open(pool: &Pool, service: &ServiceName) -> Result<Opened, ServeError> {
+/// A new stream on the pool's connection for `service`, and whether that connection speaks
+/// [`postern_proto::ALPN_E2E_V2`].
+async fn open(pool: &Pool, service: &ServiceName) -> Result<(Opened, bool), ServeError> {
     // One retry: a cached connection may have died since it was last checked.
     for attempt in 0..2 {
         let (conn, active) = pool.stream_connection(service).await?;
         match conn.open_bi().await {
-            Ok((send, recv)) => return Ok((send, recv, active)),
+            Ok((send, recv)) => {
+                let v2 = postern_net::transport::endpoint::speaks_e2e_v2(&conn);
+                return Ok(((send, recv, active), v2));
+            }
             Err(e) if attempt == 0 => {
                 tracing::debug!(error = %e, "cached end-to-end connection is gone; reconnecting");
             }

@@ -40,7 +40,15 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
     let mut managers = Vec::new();
     if let Some((name, influx)) = cfg.influxdb {
         let lease_cfg = influx.validate().context("[influxdb-outlet]")?;
-        let target = influx_target(&lease_cfg)?;
+        let mut target = influx_target(&lease_cfg)?;
+        // `/ping` rather than a bare connection: InfluxDB may accept connections and still
+        // answer nothing useful (starting, or its storage failing).
+        target.check = cfg.influxdb_check.clone().map(|mut c| {
+            c.probe = crate::health::Probe::InfluxPing {
+                host: crate::config::host_of(&target.to).to_owned(),
+            };
+            c
+        });
         let manager = LeaseManager::start(lease_cfg, &cfg.state_dir, leases_stop.clone())
             .await
             .context("starting the lease manager")?;

@@ -40,6 +40,83 @@ pub struct ServiceFile {
     /// `never` keeps this service's end-to-end connections on the relay even where the node
     /// allows direct paths [default: the node's `direct`].
     pub direct: Option<postern_net::transport::direct::DirectMode>,
+    /// `"v2"`: open each target connection with a PROXY protocol v2 header carrying the
+    /// inlet's client address and the client's identity (see [`postern_proto::proxy_v2`]).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Check the target (a TCP connection) and tell the relay when it fails [default: true].
+    #[serde(default)]
+    pub health_check: Option<bool>,
+    /// Time between checks, e.g. `"5s"` [default: 5s].
+    #[serde(default)]
+    pub health_check_interval: Option<String>,
+    /// Time a check may take, e.g. `"2s"` [default: 2s].
+    #[serde(default)]
+    pub health_check_timeout: Option<String>,
+    /// Failed checks in a row before the target counts as unhealthy [default: 2].
+    #[serde(default)]
+    pub health_check_failures: Option<u32>,
+}
+
+/// The PROXY protocol versions a service's target can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ProxyProtocol {
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl std::str::FromStr for ProxyProtocol {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "v2" => Ok(Self::V2),
+            other => bail!("proxy-protocol {other:?}: only \"v2\" is supported"),
+        }
+    }
+}
+
+/// A service's health check settings as written (file keys or `--service` options).
+#[derive(Debug, Clone, Default)]
+pub struct CheckKeys<'a> {
+    pub enabled: Option<bool>,
+    pub interval: Option<&'a str>,
+    pub timeout: Option<&'a str>,
+    pub failures: Option<u32>,
+}
+
+impl CheckKeys<'_> {
+    /// The check for `probe`, or none when turned off; `what` names the service in errors.
+    pub fn resolve(
+        &self,
+        probe: crate::health::Probe,
+        what: &str,
+    ) -> anyhow::Result<Option<crate::health::CheckConfig>> {
+        use postern_net::runtime::duration::parse_duration;
+        if self.enabled == Some(false) {
+            return Ok(None);
+        }
+        let mut c = crate::health::CheckConfig::new(probe);
+        if let Some(i) = self.interval {
+            c.interval = parse_duration(i)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{what}: health-check-interval"))?;
+        }
+        if let Some(t) = self.timeout {
+            c.timeout = parse_duration(t)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{what}: health-check-timeout"))?;
+        }
+        if c.interval.is_zero() || c.timeout.is_zero() {
+            bail!("{what}: health-check-interval and health-check-timeout must be above zero");
+        }
+        if let Some(f) = self.failures {
+            if f == 0 {
+                bail!("{what}: health-check-failures must be at least 1");
+            }
+            c.failures = f;
+        }
+        Ok(Some(c))
+    }
 }
 
 /// The outlet's config file.
@@ -87,15 +164,26 @@ pub struct OutletFile {
     pub influxdb_public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub influxdb_public_key: Option<PathBuf>,
+    /// Check InfluxDB (`GET /ping`) and tell the relay when it fails [default: true].
+    pub influxdb_health_check: Option<bool>,
+    /// Time between checks of InfluxDB [default: 5s].
+    pub influxdb_health_check_interval: Option<String>,
+    /// Time a check of InfluxDB may take [default: 2s].
+    pub influxdb_health_check_timeout: Option<String>,
+    /// Failed checks in a row before InfluxDB counts as unhealthy [default: 2].
+    pub influxdb_health_check_failures: Option<u32>,
 }
 
 /// `postern-outlet run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
-    /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, and an
-    /// `[influxdb-outlet]` table for leased InfluxDB credentials, whose `allow` is required:
-    /// an attribute expression, or `"*"` for every inlet the relay routes).
+    /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, `proxy-protocol = "v2"`,
+    /// `health-check`, `health-check-interval`, `health-check-timeout`,
+    /// `health-check-failures`, and an `[influxdb-outlet]` table for leased InfluxDB
+    /// credentials, whose `allow` is required: an attribute expression, or `"*"` for every
+    /// inlet the relay routes; its target is checked with `GET /ping`, tuned by the top-level
+    /// `influxdb-health-check`, `influxdb-health-check-interval`, `-timeout` and `-failures`).
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -109,7 +197,12 @@ pub struct RunArgs {
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
     /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public,public-cert=PATH,public-key=PATH`
     /// to offer it at the relay's public hostname too (`https://NAME.<public-domain>/`, behind
-    /// access links). Repeatable; adds to the file's `[[service]]` tables.
+    /// access links). `,proxy-protocol=v2` opens each target connection with a PROXY v2 header
+    /// (the inlet's client address; TLVs 0xE0 identity name, 0xE1 attributes as JSON). The
+    /// target is checked with a TCP connection every 5 s (2 s timeout; unhealthy after 2
+    /// failures in a row, reported to the relay, which then routes elsewhere):
+    /// `,health-check-interval=DUR`, `,health-check-timeout=DUR`, `,health-check-failures=N`,
+    /// `,health-check=off`. Repeatable; adds to the file's `[[service]]` tables.
     #[arg(
         long = "service",
         value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public]"
@@ -160,6 +253,8 @@ pub struct OutletConfig {
     pub home_relays: usize,
     /// Services offered at the relay's public hostname, if any.
     pub public: Option<PublicConfig>,
+    /// How the `[influxdb-outlet]` target is checked (none: not checked).
+    pub influxdb_check: Option<crate::health::CheckConfig>,
 }
 
 /// The services offered at the relay's public hostname.
@@ -191,6 +286,11 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         public_cert: None,
         public_key: None,
         direct: None,
+        proxy_protocol: None,
+        health_check: None,
+        health_check_interval: None,
+        health_check_timeout: None,
+        health_check_failures: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -201,7 +301,19 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
             None if opt == "public" => svc.public = true,
             Some(("public-cert", p)) => svc.public_cert = Some(PathBuf::from(p)),
             Some(("public-key", p)) => svc.public_key = Some(PathBuf::from(p)),
-            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH or public-key=PATH)"),
+            Some(("proxy-protocol", v)) => {
+                svc.proxy_protocol = Some(v.parse().with_context(|| format!("--service {s:?}"))?)
+            }
+            Some(("health-check", "off")) => svc.health_check = Some(false),
+            Some(("health-check", "on")) => svc.health_check = Some(true),
+            Some(("health-check-interval", d)) => svc.health_check_interval = Some(d.to_owned()),
+            Some(("health-check-timeout", d)) => svc.health_check_timeout = Some(d.to_owned()),
+            Some(("health-check-failures", n)) => {
+                svc.health_check_failures = Some(n.parse().with_context(|| {
+                    format!("--service {s:?}: health-check-failures must be a number")
+                })?)
+            }
+            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH, public-key=PATH, proxy-protocol=v2, health-check=on|off, health-check-interval=DUR, health-check-timeout=DUR or health-check-failures=N)"),
         }
     }
     Ok(svc)
@@ -306,8 +418,19 @@ impl RunArgs {
         if home_relays == 0 {
             bail!("home-relays must be at least 1");
         }
+        let influxdb_check = CheckKeys {
+            enabled: file.influxdb_health_check,
+            interval: file.influxdb_health_check_interval.as_deref(),
+            timeout: file.influxdb_health_check_timeout.as_deref(),
+            failures: file.influxdb_health_check_failures,
+        }
+        .resolve(crate::health::Probe::Connect, "[influxdb-outlet]")?;
+        for s in &services {
+            s.check()?;
+        }
         Ok(OutletConfig {
             home_relays,
+            influxdb_check,
             public,
             more_relays,
             transport,
@@ -326,8 +449,29 @@ impl RunArgs {
 }
 
 impl ServiceFile {
-    /// Builds the connector for this service's target.
+    /// How this service's target is checked (none: `health-check = false`).
+    pub fn check(&self) -> anyhow::Result<Option<crate::health::CheckConfig>> {
+        CheckKeys {
+            enabled: self.health_check,
+            interval: self.health_check_interval.as_deref(),
+            timeout: self.health_check_timeout.as_deref(),
+            failures: self.health_check_failures,
+        }
+        .resolve(
+            crate::health::Probe::Connect,
+            &format!("service {}", self.name),
+        )
+    }
+
+    /// Builds the connector for this service's target, with its check and PROXY setting.
     pub fn target(&self) -> anyhow::Result<Target> {
+        let mut t = self.connector()?;
+        t.check = self.check()?;
+        t.proxy_protocol = self.proxy_protocol == Some(ProxyProtocol::V2);
+        Ok(t)
+    }
+
+    fn connector(&self) -> anyhow::Result<Target> {
         if !self.tls {
             return Ok(Target::tcp(self.to.clone()));
         }
@@ -556,6 +700,55 @@ mod tests {
         let flag =
             parse_service_flag("ui=x:1,public,public-cert=a.pem,public-key=a.key").expect("flag");
         assert!(flag.public && flag.public_cert.is_some() && flag.public_key.is_some());
+    }
+
+    #[test]
+    fn proxy_protocol_and_health_checks_from_file_and_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("outlet.toml");
+        std::fs::write(
+            &file,
+            "[[service]]\nname = \"web\"\nto = \"127.0.0.1:8080\"\nproxy-protocol = \"v2\"\n\
+             health-check-interval = \"1s\"\nhealth-check-timeout = \"300ms\"\n\
+             health-check-failures = 3\n\
+             [[service]]\nname = \"plain\"\nto = \"127.0.0.1:1\"\nhealth-check = false\n",
+        )
+        .expect("write");
+        let cfg = args_with(&file, None).resolve().expect("valid");
+        let targets = targets(&cfg.services).expect("targets");
+        let web = &targets[&ServiceName::new("web").expect("name")];
+        assert!(web.proxy_protocol);
+        let check = web.check.clone().expect("checked");
+        assert_eq!(check.interval, std::time::Duration::from_secs(1));
+        assert_eq!(check.timeout, std::time::Duration::from_millis(300));
+        assert_eq!(check.failures, 3);
+        let plain = &targets[&ServiceName::new("plain").expect("name")];
+        assert!(!plain.proxy_protocol && plain.check.is_none());
+        let flag = parse_service_flag("db=x:1,proxy-protocol=v2,health-check-interval=250ms")
+            .expect("flag")
+            .target()
+            .expect("target");
+        assert!(flag.proxy_protocol);
+        let check = flag.check.expect("checked by default");
+        assert_eq!(check.interval, std::time::Duration::from_millis(250));
+        assert_eq!(check.timeout, crate::health::DEFAULT_TIMEOUT);
+        let e = parse_service_flag("db=x:1,proxy-protocol=v1").expect_err("v1");
+        assert!(format!("{e:#}").contains("only \"v2\""), "{e:#}");
+        let e = toml::from_str::<OutletFile>(
+            "[[service]]\nname = \"a\"\nto = \"x:1\"\nproxy-protocol = \"v1\"\n",
+        )
+        .expect_err("v1 in the file");
+        assert!(e.to_string().contains("v2"), "{e}");
+        for bad in [
+            "health-check-interval=0s",
+            "health-check-failures=0",
+            "health-check-timeout=soon",
+        ] {
+            let e = parse_service_flag(&format!("db=x:1,{bad}"))
+                .and_then(|s| s.target())
+                .expect_err(bad);
+            assert!(format!("{e:#}").contains("health-check"), "{bad}: {e:#}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod enforce;
 pub mod homing;
+pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod node;

@@ -16,13 +16,19 @@
 //! - `postern_outlet_public_connections_total{service}`: connections from the relay's public
 //!   hostname whose TLS handshake completed;
 //! - `postern_outlet_public_requests_total{service,outcome}`: requests at the public hostname,
-//!   `allowed`, `denied` (no live grant) or `link` (an access link opened).
+//!   `allowed`, `denied` (no live grant) or `link` (an access link opened);
+//! - `postern_outlet_target_healthy{service}`: 1 while the service's target passes its checks,
+//!   0 once it failed `health-check-failures` in a row (see [`crate::health`]).
 
 use crate::node::OutletHandle;
 use postern_net::runtime::ops::{Exposition, Observe};
 
 /// Gives the recorder's metrics their help texts (call once after installing it).
 pub fn describe() {
+    metrics::describe_gauge!(
+        "postern_outlet_target_healthy",
+        "1 while the service's target passes its health checks, 0 while it fails them (reported to the relay)."
+    );
     metrics::describe_counter!(
         "postern_outlet_stream_bytes_total",
         metrics::Unit::Bytes,

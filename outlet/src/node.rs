@@ -47,6 +47,7 @@ pub struct Outlet {
     home_relays: usize,
     /// The outlet's name, which its home relays are chosen by.
     name: String,
+    health: Arc<crate::health::Board>,
 }
 
 /// Inspect a running outlet (tests, bench, the metrics endpoint).
@@ -55,6 +56,7 @@ pub struct OutletHandle {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
+    health: Arc<crate::health::Board>,
 }
 
 impl OutletHandle {
@@ -111,6 +113,11 @@ impl OutletHandle {
         self.uplink.relay_connected()
     }
 
+    /// Each checked service's target health, as reported to the relays.
+    pub fn target_health(&self) -> Vec<(ServiceName, crate::health::Health)> {
+        self.health.snapshot()
+    }
+
     /// Whether the outlet can take streams (the `/readyz` answer): its relays, and the lease
     /// store of each leased service (a store that cannot write makes no lease, so that service's
     /// inlets can only get 503s).
@@ -144,6 +151,7 @@ impl Outlet {
                 .and_then(|c| postern_proto::pki::cert_name(c).ok())
                 .map(|n| n.to_string())
                 .unwrap_or_default(),
+            health: Arc::default(),
         })
     }
 
@@ -192,6 +200,7 @@ impl Outlet {
             uplink: self.uplink.clone(),
             routes: self.routes.clone(),
             services: self.services.clone(),
+            health: self.health.clone(),
         }
     }
 
@@ -201,6 +210,7 @@ impl Outlet {
         let close = CancellationToken::new();
         let keep_on_relay_loss = Arc::new(AtomicBool::new(self.uplink.several_relays()));
         let drain = self.uplink.drain().clone();
+        crate::health::spawn_checks(&self.health, &self.services.targets, &shutdown);
         let (socket, routes, names, public, all, weak, keep) = (
             self.uplink.socket().clone(),
             self.routes.clone(),
@@ -210,6 +220,7 @@ impl Outlet {
             Arc::downgrade(&self.uplink),
             keep_on_relay_loss.clone(),
         );
+        let health = self.health.clone();
         let handler_for = move |relay| {
             Arc::new(OutletControl {
                 socket: socket.clone(),
@@ -222,6 +233,7 @@ impl Outlet {
                 all: all.clone(),
                 drain: drain.clone(),
                 uplink: weak.clone(),
+                health: health.clone(),
             })
         };
         let drain = self.uplink.drain().clone();
@@ -266,6 +278,8 @@ struct OutletControl {
     public: Option<Arc<crate::public::Public>>,
     all: Arc<Services>,
     drain: Drain,
+    /// Target health, reported on each control connection.
+    health: Arc<crate::health::Board>,
 }
 
 impl ControlHandler for OutletControl {
@@ -279,6 +293,7 @@ impl ControlHandler for OutletControl {
                 if let Some(public) = &self.public {
                     register_public(conn, public.names()).await?;
                 }
+                tokio::spawn(crate::health::report(conn.clone(), self.health.clone()));
                 Ok(())
             }
             Ctl::Refused { reason } => Err(CtlError::Refused(reason)),

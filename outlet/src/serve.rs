@@ -3,7 +3,7 @@
 
 use crate::enforce::LeaseGate;
 use crate::lease::{InjectAt, LeaseManager};
-use crate::target::{Target, TargetError};
+use crate::target::{ClientInfo, Target, TargetError};
 use postern_net::control::exchange;
 use postern_net::runtime::drain::Drain;
 use postern_net::stream::http_proxy::{self, ProxyOptions};
@@ -287,6 +287,7 @@ async fn serve_stream(
     .await;
     let requested = match &header {
         Ok(Ok(StreamOpen::Connect { service }))
+        | Ok(Ok(StreamOpen::ConnectFrom { service, .. }))
         | Ok(Ok(StreamOpen::Lease { service }))
         | Ok(Ok(StreamOpen::HandOut { service, .. })) => Some(service.clone()),
         _ => None,
@@ -303,8 +304,13 @@ async fn serve_stream(
             }
         }
     }
-    let service = match header {
-        Ok(Ok(StreamOpen::Connect { service })) => service,
+    let (service, addresses) = match header {
+        Ok(Ok(StreamOpen::Connect { service })) => (service, None),
+        Ok(Ok(StreamOpen::ConnectFrom {
+            service,
+            client,
+            local,
+        })) => (service, Some((client, local))),
         Ok(Ok(StreamOpen::Lease { service })) => {
             let Some(manager) = services.leases.get(&service) else {
                 tracing::warn!(%service, "lease asked for a service without leased credentials");
@@ -335,6 +341,13 @@ async fn serve_stream(
     let Some(target) = services.targets.get(&service) else {
         tracing::warn!(%service, "stream for a service this outlet does not serve");
         return refuse(&mut send, &mut recv, code::UNKNOWN_SERVICE);
+    };
+    // For the PROXY header: the address is the inlet's claim, the identity the outlet's own
+    // knowledge (the inlet's certificate).
+    let who = ClientInfo {
+        addresses,
+        identity: Some(inlet.to_string()),
+        attributes: (*attrs).clone(),
     };
     let labels = |direction: &'static str| {
         [
@@ -375,7 +388,7 @@ async fn serve_stream(
             max_head_len: inlet_limits.max_head_len + INJECTED_FIELD_ROOM,
         };
         let opts = ProxyOptions::new("postern outlet", cfg);
-        match http_proxy::proxy(client, || target.connect_io(), gate, opts).await {
+        match http_proxy::proxy(client, || target.connect_io_for(Some(&who)), gate, opts).await {
             Ok(stats) => tracing::debug!(
                 %service,
                 requests = stats.requests,
@@ -388,7 +401,7 @@ async fn serve_stream(
         drop(token);
         return;
     }
-    let outcome = match target.connect().await {
+    let outcome = match target.connect_for(Some(&who)).await {
         Ok(crate::target::TargetStream::Tcp(tcp)) => {
             splice::splice_counted(tcp, send, recv, &counters).await
         }

@@ -192,6 +192,15 @@ mod tests {
                 service: svc("web"),
                 client: "127.0.0.1:1".into(),
             },
+            Ctl::ServiceHealth {
+                service: svc("web"),
+                healthy: false,
+                reason: "connect to 127.0.0.1:1 failed".into(),
+            },
+            Ctl::RouteRetired {
+                route: crate::fwd::RouteId(7),
+                reason: "unhealthy".into(),
+            },
         ];
         for (i, m) in ctl.iter().enumerate() {
             let frame = to_frame(m).expect("encode");
@@ -203,6 +212,11 @@ mod tests {
             },
             StreamOpen::Lease {
                 service: svc("influxdb"),
+            },
+            StreamOpen::ConnectFrom {
+                service: svc("web"),
+                client: "127.0.0.1:40000".parse().expect("addr"),
+                local: "[::1]:8086".parse().expect("addr"),
             },
         ];
         for (i, m) in open.iter().enumerate() {

@@ -13,6 +13,7 @@ pub mod msg;
 pub mod name;
 pub mod pki;
 pub mod policy;
+pub mod proxy_v2;
 pub mod secret;
 pub mod sni;
 pub mod ticket;
@@ -31,3 +32,10 @@ pub(crate) fn seed_corpus_dir(target: &str) -> Option<std::path::PathBuf> {
 pub const ALPN_CONTROL: &[u8] = b"postern-ctl/1";
 /// ALPN of the end-to-end connection between an inlet and an outlet.
 pub const ALPN_E2E: &[u8] = b"postern/1";
+/// ALPN of an end-to-end connection whose streams may open with
+/// [`msg::StreamOpen::ConnectFrom`] (the client's address). Both ends offer it before
+/// [`ALPN_E2E`], so two nodes of this version or later use it and an older one gets
+/// `postern/1`, on which the inlet sends plain `Connect`.
+pub const ALPN_E2E_V2: &[u8] = b"postern/2";
+/// Every end-to-end ALPN, the preferred first.
+pub const ALPN_E2E_ALL: &[&[u8]] = &[ALPN_E2E_V2, ALPN_E2E];

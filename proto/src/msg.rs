@@ -2,8 +2,8 @@
 //!
 //! Every control exchange runs on its own QUIC bidirectional stream: the opener writes one
 //! [`Ctl`] frame, finishes its side, and reads one [`Ctl`] frame back. Node to relay:
-//! `Register`, `RouteRequest`, `Heartbeat`; relay to node: `RouteOpen` (to the outlet, before the
-//! inlet is told) and `RouteClosed`. Answers are `Registered`, `RouteGranted`, `RouteRefused`,
+//! `Register`, `RouteRequest`, `Heartbeat`, `ServiceHealth` (outlet); relay to node: `RouteOpen`
+//! (to the outlet, before the inlet is told), `RouteClosed` and `RouteRetired` (to an inlet). Answers are `Registered`, `RouteGranted`, `RouteRefused`,
 //! `HeartbeatAck`, `Ack` and `Refused` (with a typed [`Refusal`]).
 
 use crate::fwd::RouteId;
@@ -93,6 +93,21 @@ pub enum Ctl {
         service: ServiceName,
         relays: Vec<String>,
     },
+    /// Outlet -> relay: whether this outlet can serve `service` now (its target answers its
+    /// checks), and why not (`reason`, for logs and the inlet's 503). Sent on each change and
+    /// after each (re)registration. A relay routes new connections only to outlets whose
+    /// service is healthy; an outlet that never sends this counts as healthy. Answered by
+    /// `Ack` (an older relay answers `Refused`).
+    ServiceHealth {
+        service: ServiceName,
+        healthy: bool,
+        reason: String,
+    },
+    /// Relay -> inlet: stop opening new streams on `route` (its outlet cannot serve the
+    /// service now: `reason`) and ask for a new route on the next client connection; streams
+    /// already open on it finish. Answered by `Ack` (an older inlet answers `Refused`, and
+    /// the relay closes the route instead).
+    RouteRetired { route: RouteId, reason: String },
 }
 
 /// A relay of a fleet, as nodes learn it (see [`Ctl::Relays`]).
@@ -118,6 +133,9 @@ pub enum RefuseReason {
     OutletRefused(Refusal),
     /// No outlet tried answered the route opening in time (or it answered something else).
     OutletUnresponsive,
+    /// Outlets of the service are connected, but none can reach its target now; `reason` is
+    /// what their checks said (e.g. `connect to 10.0.0.5:8086 failed: Connection refused`).
+    NoHealthyOutlet { reason: String },
 }
 
 impl fmt::Display for RefuseReason {
@@ -129,6 +147,12 @@ impl fmt::Display for RefuseReason {
             RefuseReason::OutletRefused(why) => write!(f, "the outlet refused the route: {why}"),
             RefuseReason::OutletUnresponsive => {
                 f.write_str("no outlet for this service answered the relay in time")
+            }
+            RefuseReason::NoHealthyOutlet { reason } => {
+                write!(
+                    f,
+                    "no outlet for this service can reach its target ({reason})"
+                )
             }
         }
     }
@@ -253,6 +277,16 @@ pub enum StreamOpen {
     /// with `fresh`, a new lease; without, the one last handed out. The outlet answers with one
     /// [`HandOutMsg`] frame and finishes the stream.
     HandOut { service: ServiceName, fresh: bool },
+    /// `Connect`, also saying where the client connection came from (`client`, its peer
+    /// address at the inlet) and which inlet address it reached (`local`). Sent only on
+    /// connections that negotiated [`crate::ALPN_E2E_V2`] (an older outlet does not know this
+    /// variant). For the outlet this is the inlet's claim, used for the PROXY protocol header it
+    /// may send its target; the client's identity there comes from the outlet's own knowledge.
+    ConnectFrom {
+        service: ServiceName,
+        client: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    },
 }
 
 /// The outlet's answer on a [`StreamOpen::HandOut`] stream.
@@ -375,6 +409,42 @@ mod tests {
             .map(Refusal::label)
             .collect();
         assert_eq!(labels.len(), 8, "each reason has its own label: {labels:?}");
+    }
+
+    /// The health messages and the client's address survive the wire.
+    #[test]
+    fn health_and_connect_from_round_trip() {
+        let msgs = [
+            Ctl::ServiceHealth {
+                service: ServiceName::new("web").expect("name"),
+                healthy: false,
+                reason: "connect to 10.0.0.5:80 failed".into(),
+            },
+            Ctl::RouteRefused {
+                service: ServiceName::new("web").expect("name"),
+                reason: RefuseReason::NoHealthyOutlet {
+                    reason: "o1: timed out".into(),
+                },
+            },
+        ];
+        for msg in msgs {
+            let frame = crate::codec::to_frame(&msg).expect("encode");
+            assert_eq!(crate::codec::decode_exact::<Ctl>(&frame), Ok(msg));
+        }
+        let open = StreamOpen::ConnectFrom {
+            service: ServiceName::new("web").expect("name"),
+            client: "[2001:db8::1]:40000".parse().expect("addr"),
+            local: "127.0.0.1:8080".parse().expect("addr"),
+        };
+        let frame = crate::codec::to_frame(&open).expect("encode");
+        assert_eq!(crate::codec::decode_exact::<StreamOpen>(&frame), Ok(open));
+        assert_eq!(
+            RefuseReason::NoHealthyOutlet {
+                reason: "o1: timed out".into()
+            }
+            .to_string(),
+            "no outlet for this service can reach its target (o1: timed out)"
+        );
     }
 
     /// A refusal survives the wire with its reason intact.

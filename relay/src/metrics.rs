@@ -33,6 +33,22 @@ impl Observe for RelayHandle {
                 outlets.len() as f64,
             );
         }
+        out.family(
+            "postern_relay_service_outlets_by_health",
+            "Connected outlets of each service by what they report of its target (health=healthy \
+             includes outlets that do not report; only healthy ones get new routes).",
+            Kind::Gauge,
+        );
+        for (svc, outlets) in self.service_health() {
+            let sick = outlets.iter().filter(|(_, why)| why.is_some()).count();
+            for (health, n) in [("healthy", outlets.len() - sick), ("unhealthy", sick)] {
+                out.sample(
+                    "postern_relay_service_outlets_by_health",
+                    &[("service", svc.as_str()), ("health", health)],
+                    n as f64,
+                );
+            }
+        }
         let public = self.public_stats();
         out.counter(
             "postern_relay_public_forwarded_total",

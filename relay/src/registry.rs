@@ -17,6 +17,28 @@ struct Service {
     cursor: usize,
 }
 
+/// Longest reason kept from an outlet's health report: what it says is passed on to inlets in
+/// route refusals, whose frames must stay small whatever an outlet sends.
+pub const MAX_REASON_LEN: usize = 300;
+/// Most outlets whose reasons a refusal lists.
+const MAX_REASONS_LISTED: usize = 4;
+
+/// `reason` cut to [`MAX_REASON_LEN`] bytes (at a character boundary).
+pub(crate) fn bounded(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_LEN {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_LEN;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
+}
+
+/// A live outlet of a service and why its target is unhealthy (`None`: healthy, or it does not
+/// report).
+pub type OutletHealth = (NodeName, Option<String>);
+
 /// One route between an inlet and an outlet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteInfo {
@@ -34,6 +56,9 @@ pub struct Registry {
     /// Services ever registered, to tell "unknown" from "no live outlet".
     known: BTreeSet<ServiceName>,
     routes: HashMap<RouteId, RouteInfo>,
+    /// Outlets that reported their target of a service unhealthy, and why; absent: healthy
+    /// (an outlet that never reports is trusted, as before health reports existed).
+    unhealthy: HashMap<(NodeId, ServiceName), String>,
 }
 
 impl Registry {
@@ -75,6 +100,8 @@ impl Registry {
         for svc in self.services.values_mut() {
             svc.outlets.retain(|n| *n != node);
         }
+        // A registration starts healthy: the outlet reports again what is not.
+        self.unhealthy.retain(|(n, _), _| *n != node);
         for name in services {
             self.known.insert(name.clone());
             let svc = self.services.entry(name.clone()).or_default();
@@ -84,24 +111,114 @@ impl Registry {
         }
     }
 
-    /// Picks an outlet for `service`, spreading routes over the live ones in turn.
+    /// Picks an outlet for `service`, spreading routes over the live, healthy ones in turn.
     pub fn pick_outlet(&mut self, service: &ServiceName) -> Result<NodeId, RefuseReason> {
+        let healthy = self.outlets_of(service);
         let svc = match self.services.get_mut(service) {
             Some(s) if !s.outlets.is_empty() => s,
             _ if self.known.contains(service) => return Err(RefuseReason::NoLiveOutlet),
             _ => return Err(RefuseReason::UnknownService),
         };
-        let i = svc.cursor % svc.outlets.len();
+        if healthy.is_empty() {
+            let mut reasons: Vec<String> = svc
+                .outlets
+                .iter()
+                .filter_map(|o| {
+                    let why = self.unhealthy.get(&(*o, service.clone()))?;
+                    let name = self.names.get(o)?;
+                    Some(format!("{name}: {why}"))
+                })
+                .collect();
+            reasons.sort();
+            let more = reasons.len().saturating_sub(MAX_REASONS_LISTED);
+            reasons.truncate(MAX_REASONS_LISTED);
+            if more > 0 {
+                reasons.push(format!("and {more} more"));
+            }
+            return Err(RefuseReason::NoHealthyOutlet {
+                reason: reasons.join("; "),
+            });
+        }
+        let i = svc.cursor % healthy.len();
         svc.cursor = svc.cursor.wrapping_add(1);
-        Ok(svc.outlets[i])
+        Ok(healthy[i])
     }
 
-    /// The outlets of `service` other than `except`, in pick order (for retrying elsewhere).
+    /// The healthy outlets of `service`, in pick order (for retrying elsewhere).
     pub fn outlets_of(&self, service: &ServiceName) -> Vec<NodeId> {
         self.services
             .get(service)
-            .map(|s| s.outlets.clone())
+            .map(|s| {
+                s.outlets
+                    .iter()
+                    .copied()
+                    .filter(|o| !self.unhealthy.contains_key(&(*o, service.clone())))
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Records what outlet `node` reported about its target of `service`. Returns whether
+    /// that changed its state, and the routes of that service it is the outlet of (to retire
+    /// when it turned unhealthy). A report for a service the node does not serve is ignored.
+    pub fn set_health(
+        &mut self,
+        node: NodeId,
+        service: &ServiceName,
+        healthy: bool,
+        reason: &str,
+    ) -> (bool, Vec<(RouteId, NodeId)>) {
+        let serves = self
+            .services
+            .get(service)
+            .is_some_and(|s| s.outlets.contains(&node));
+        if !serves {
+            return (false, Vec::new());
+        }
+        let key = (node, service.clone());
+        let changed = if healthy {
+            self.unhealthy.remove(&key).is_some()
+        } else {
+            self.unhealthy.insert(key, bounded(reason)).is_none()
+        };
+        let routes = if healthy {
+            Vec::new()
+        } else {
+            self.routes
+                .iter()
+                .filter(|(_, r)| r.outlet == node && &r.service == service)
+                .map(|(id, r)| (*id, r.inlet))
+                .collect()
+        };
+        (changed, routes)
+    }
+
+    /// Why outlet `node`'s target of `service` is unhealthy; `None` while it is healthy.
+    pub fn unhealthy_reason(&self, node: NodeId, service: &ServiceName) -> Option<&str> {
+        self.unhealthy
+            .get(&(node, service.clone()))
+            .map(String::as_str)
+    }
+
+    /// Per service, each live outlet's name and why it is unhealthy (`None`: healthy).
+    pub fn service_health(&self) -> Vec<(ServiceName, Vec<OutletHealth>)> {
+        let mut out: Vec<_> = self
+            .services
+            .iter()
+            .map(|(s, svc)| {
+                let outlets = svc
+                    .outlets
+                    .iter()
+                    .filter_map(|id| {
+                        let name = self.names.get(id)?.clone();
+                        Some((name, self.unhealthy.get(&(*id, s.clone())).cloned()))
+                    })
+                    .collect();
+                (s.clone(), outlets)
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Records a route.
@@ -169,6 +286,7 @@ impl Registry {
     pub fn disconnect(&mut self, node: NodeId) -> Vec<(RouteId, NodeId)> {
         self.names.remove(&node);
         self.attrs.remove(&node);
+        self.unhealthy.retain(|(n, _), _| *n != node);
         for svc in self.services.values_mut() {
             svc.outlets.retain(|n| *n != node);
         }
@@ -273,6 +391,73 @@ mod tests {
             .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
             .collect();
         assert_eq!(picks, BTreeSet::from([1, 3]));
+    }
+
+    #[test]
+    fn routes_go_only_to_healthy_outlets_and_none_healthy_names_why() {
+        let mut r = Registry::default();
+        for id in 1..=2 {
+            r.connect(id, node(&format!("o{id}")));
+            r.register(id, &[svc("db")]);
+        }
+        r.add_route(
+            RouteId(9),
+            RouteInfo {
+                inlet: 7,
+                outlet: 1,
+                service: svc("db"),
+            },
+        );
+        let (changed, routes) = r.set_health(1, &svc("db"), false, "connect refused");
+        assert!(changed);
+        assert_eq!(
+            routes,
+            vec![(RouteId(9), 7)],
+            "its routes of the service to retire"
+        );
+        assert!(
+            !r.set_health(1, &svc("db"), false, "refused again").0,
+            "no change of state (the reason is the latest)"
+        );
+        let picks: BTreeSet<_> = (0..4)
+            .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
+            .collect();
+        assert_eq!(picks, BTreeSet::from([2]));
+        assert_eq!(r.outlets_of(&svc("db")), vec![2]);
+        r.set_health(2, &svc("db"), false, "timed out");
+        assert_eq!(
+            r.pick_outlet(&svc("db")),
+            Err(RefuseReason::NoHealthyOutlet {
+                reason: "o1: refused again; o2: timed out".into()
+            })
+        );
+        assert!(r.set_health(1, &svc("db"), true, "").0);
+        assert_eq!(r.pick_outlet(&svc("db")), Ok(1));
+        // Re-registering starts healthy; a report for a service not served is ignored.
+        r.register(2, &[svc("db")]);
+        assert_eq!(r.unhealthy_reason(2, &svc("db")), None);
+        assert_eq!(r.set_health(2, &svc("other"), false, "x"), (false, vec![]));
+        let picks: BTreeSet<_> = (0..4)
+            .map(|_| r.pick_outlet(&svc("db")).expect("pick"))
+            .collect();
+        assert_eq!(picks, BTreeSet::from([1, 2]), "shared again");
+    }
+
+    /// Whatever outlets report, a refusal stays small: each reason is cut, and only a few
+    /// outlets are listed.
+    #[test]
+    fn refusal_reasons_are_bounded() {
+        let mut r = Registry::default();
+        for id in 1..=10 {
+            r.connect(id, node(&format!("o{id}")));
+            r.register(id, &[svc("db")]);
+            r.set_health(id, &svc("db"), false, &"é".repeat(10_000));
+        }
+        let Err(RefuseReason::NoHealthyOutlet { reason }) = r.pick_outlet(&svc("db")) else {
+            panic!("refused");
+        };
+        assert!(reason.len() < 5 * (MAX_REASON_LEN + 16), "{}", reason.len());
+        assert!(reason.ends_with("; and 6 more"), "{reason}");
     }
 
     #[test]

@@ -41,6 +41,20 @@ pub struct Nodes {
 pub struct ServiceView {
     pub name: ServiceName,
     pub outlets: Vec<NodeName>,
+    /// Each live outlet's target health as it reports it (an outlet that does not report
+    /// counts as healthy). Absent from an older relay's answer.
+    #[serde(default)]
+    pub health: Vec<OutletHealthView>,
+}
+
+/// One outlet of a service and whether it can reach the service's target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutletHealthView {
+    pub outlet: NodeName,
+    pub healthy: bool,
+    /// Why not, as its checks said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `GET /v1/services`.

@@ -1,6 +1,7 @@
 //! The test kit: everything the end-to-end tests in `tests/` and the bench start and drive,
 //! written once. `kit` builds in-process clusters; the other modules hold what tests around
 //! them share.
+pub mod bin_net;
 pub mod bins;
 pub mod churn;
 pub mod clients;
@@ -15,6 +16,7 @@ pub mod kit;
 pub mod leases;
 pub mod lossy;
 pub mod natlab;
+pub mod nginx;
 pub mod openapi;
 pub mod ops;
 pub mod ports;

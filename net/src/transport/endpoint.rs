@@ -1,7 +1,7 @@
 //! QUIC endpoint and transport settings for the control and end-to-end planes.
 
 use postern_proto::tls::{self, Identity, TlsError};
-use postern_proto::{ALPN_CONTROL, ALPN_E2E};
+use postern_proto::{ALPN_CONTROL, ALPN_E2E_ALL};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, TransportConfig, VarInt};
 use rustls::RootCertStore;
@@ -190,10 +190,10 @@ pub fn e2e_transport(congestion: Congestion) -> TransportConfig {
 fn quic_client(
     identity: &Identity,
     roots: Arc<RootCertStore>,
-    alpn: &[u8],
+    alpn: &[&[u8]],
     transport: TransportConfig,
 ) -> Result<quinn::ClientConfig, EndpointError> {
-    let tls = tls::client_config(identity, roots, &[alpn])?;
+    let tls = tls::client_config(identity, roots, alpn)?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport));
@@ -203,10 +203,10 @@ fn quic_client(
 fn quic_server(
     identity: &Identity,
     roots: Arc<RootCertStore>,
-    alpn: &[u8],
+    alpn: &[&[u8]],
     transport: TransportConfig,
 ) -> Result<quinn::ServerConfig, EndpointError> {
-    let tls = tls::server_config(identity, roots, &[alpn])?;
+    let tls = tls::server_config(identity, roots, alpn)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport));
@@ -218,7 +218,7 @@ pub fn control_client(
     identity: &Identity,
     roots: Arc<RootCertStore>,
 ) -> Result<quinn::ClientConfig, EndpointError> {
-    quic_client(identity, roots, ALPN_CONTROL, control_transport())
+    quic_client(identity, roots, &[ALPN_CONTROL], control_transport())
 }
 
 /// Server config for a relay: control connections (client certificate required by the
@@ -263,7 +263,7 @@ pub fn control_server(
     identity: &Identity,
     roots: Arc<RootCertStore>,
 ) -> Result<quinn::ServerConfig, EndpointError> {
-    quic_server(identity, roots, ALPN_CONTROL, control_transport())
+    quic_server(identity, roots, &[ALPN_CONTROL], control_transport())
 }
 
 /// Client config for an inlet's end-to-end connection to an outlet.
@@ -280,7 +280,7 @@ pub fn e2e_client_with(
     roots: Arc<RootCertStore>,
     congestion: Congestion,
 ) -> Result<quinn::ClientConfig, EndpointError> {
-    quic_client(identity, roots, ALPN_E2E, e2e_transport(congestion))
+    quic_client(identity, roots, ALPN_E2E_ALL, e2e_transport(congestion))
 }
 
 /// Server config for an outlet's end-to-end listener.
@@ -297,7 +297,16 @@ pub fn e2e_server_with(
     roots: Arc<RootCertStore>,
     congestion: Congestion,
 ) -> Result<quinn::ServerConfig, EndpointError> {
-    quic_server(identity, roots, ALPN_E2E, e2e_transport(congestion))
+    quic_server(identity, roots, ALPN_E2E_ALL, e2e_transport(congestion))
+}
+
+/// Whether the connection negotiated [`postern_proto::ALPN_E2E_V2`] (both ends know
+/// `StreamOpen::ConnectFrom`).
+pub fn speaks_e2e_v2(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == postern_proto::ALPN_E2E_V2)
 }
 
 /// Reads the peer's node name from an established connection's certificate chain.
@@ -331,4 +340,69 @@ pub fn peer_attributes(conn: &quinn::Connection) -> postern_proto::policy::Attri
         })
         .and_then(Result::ok)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_proto::pki::Ca;
+    use postern_proto::{ALPN_E2E, ALPN_E2E_V2};
+
+    fn identity(ca: &Ca, name: &str) -> Identity {
+        let name = postern_proto::name::NodeName::new(name).expect("name");
+        let issued = ca.issue(&name, Duration::from_secs(600)).expect("issue");
+        Identity::from_pem(&issued.cert_pem, &issued.key_pem).expect("identity")
+    }
+
+    /// Connects a client offering `client_alpn` to a server offering `server_alpn` on
+    /// loopback; says whether each side sees `postern/2`.
+    async fn speaks_v2(server_alpn: &[&[u8]], client_alpn: &[&[u8]]) -> (bool, bool) {
+        let ca = Ca::generate("alpn-test").expect("ca");
+        let roots = tls::roots_from_pem(ca.cert_pem()).expect("roots");
+        let server = quic_server(
+            &identity(&ca, "outlet-1"),
+            roots.clone(),
+            server_alpn,
+            TransportConfig::default(),
+        )
+        .expect("server config");
+        let client = quic_client(
+            &identity(&ca, "inlet-1"),
+            roots,
+            client_alpn,
+            TransportConfig::default(),
+        )
+        .expect("client config");
+        let server_ep =
+            quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr")).expect("server");
+        let addr = server_ep.local_addr().expect("addr");
+        let client_ep =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let accept = tokio::spawn(async move {
+            let conn = server_ep
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("handshake");
+            speaks_e2e_v2(&conn)
+        });
+        let conn = client_ep
+            .connect_with(client, addr, "outlet-1")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        (speaks_e2e_v2(&conn), accept.await.expect("server side"))
+    }
+
+    /// Two nodes of this version use `postern/2`; with a node that offers only `postern/1`
+    /// (an older inlet or outlet) both sides see `postern/1`, so the inlet sends the plain
+    /// `Connect` the older outlet understands.
+    #[tokio::test]
+    async fn e2e_alpn_prefers_v2_and_falls_back_to_v1() {
+        assert_eq!(speaks_v2(ALPN_E2E_ALL, ALPN_E2E_ALL).await, (true, true));
+        assert_eq!(speaks_v2(&[ALPN_E2E], ALPN_E2E_ALL).await, (false, false));
+        assert_eq!(speaks_v2(ALPN_E2E_ALL, &[ALPN_E2E]).await, (false, false));
+        assert_eq!(ALPN_E2E_ALL.first(), Some(&ALPN_E2E_V2));
+    }
 }

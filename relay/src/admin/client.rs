@@ -244,7 +244,17 @@ impl Status {
         let services = &self.services.services;
         let _ = writeln!(out, "services: {}", services.len());
         for s in services {
-            let outlets: Vec<&str> = s.outlets.iter().map(|o| o.as_str()).collect();
+            let outlets: Vec<String> = s
+                .outlets
+                .iter()
+                .map(|o| match s.health.iter().find(|h| &h.outlet == o) {
+                    Some(h) if !h.healthy => format!(
+                        "{o} (UNHEALTHY: {})",
+                        h.reason.as_deref().unwrap_or("no reason given")
+                    ),
+                    _ => o.to_string(),
+                })
+                .collect();
             let list = if outlets.is_empty() {
                 "(no live outlet)".to_string()
             } else {

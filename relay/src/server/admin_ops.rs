@@ -95,9 +95,28 @@ impl RelayHandle {
 
     /// Services ever registered and their live outlets.
     pub fn service_views(&self) -> Vec<ServiceView> {
+        let health: std::collections::HashMap<_, _> = self.service_health().into_iter().collect();
         self.services()
             .into_iter()
-            .map(|(name, outlets)| ServiceView { name, outlets })
+            .map(|(name, outlets)| {
+                let health = health
+                    .get(&name)
+                    .map(|list| {
+                        list.iter()
+                            .map(|(outlet, why)| crate::views::OutletHealthView {
+                                outlet: outlet.clone(),
+                                healthy: why.is_none(),
+                                reason: why.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ServiceView {
+                    name,
+                    outlets,
+                    health,
+                }
+            })
             .collect()
     }
 

@@ -1,6 +1,6 @@
 //! Answers one control message from a connected node: registrations (tunnel and public),
 //! route requests (refused while the relay or the node drains, else [`super::route`]),
-//! heartbeats and certificate renewals.
+//! outlets' health reports ([`super::health`]), heartbeats and certificate renewals.
 
 use super::route::grant_route;
 use super::shared::{node_drained, outlet_back, Shared};
@@ -72,6 +72,11 @@ pub(super) async fn handle(
             }
             answer
         }
+        Ctl::ServiceHealth {
+            service,
+            healthy,
+            reason,
+        } => super::health::report(shared, id, service, healthy, reason),
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
         Ctl::Renew { csr_pem } => {
             let fleet = shared.fleet();

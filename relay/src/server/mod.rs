@@ -27,6 +27,7 @@ mod admin_ops;
 mod dispatch;
 mod enroll;
 mod fleet_sync;
+mod health;
 mod revoke;
 mod route;
 mod session;

@@ -262,6 +262,12 @@ impl RelayHandle {
         self.shared.registry().services()
     }
 
+    /// Per service, each live outlet and why its target is unhealthy (`None`: healthy, or it
+    /// does not report).
+    pub fn service_health(&self) -> Vec<(ServiceName, Vec<crate::registry::OutletHealth>)> {
+        self.shared.registry().service_health()
+    }
+
     /// Whether the relay is serving and not shutting down (the `/readyz` answer).
     pub fn readiness(&self) -> Result<(), String> {
         if self.shared.draining.load(Relaxed) {
