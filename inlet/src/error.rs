@@ -77,7 +77,7 @@ impl ServeError {
                  relay routes to an outlet again as soon as one reports its target healthy"
             ),
             ServeError::Refused(RefuseReason::OutletUnresponsive) => format!(
-                "the outlet of service {service} did not answer the relay in time (overloaded                  or stopped?)"
+                "the outlet of service {service} did not answer the relay in time (overloaded or stopped?)"
             ),
             other => format!("service {service} cannot be reached: {other}"),
         }

@@ -182,7 +182,11 @@ pub fn spawn_checks(
         tokio::spawn(async move {
             let mut state = Hysteresis::new(check.failures);
             loop {
-                let outcome = check_once(&target, &check).await;
+                // The reason travels to the relay and on to clients refused a route: it says
+                // what failed, not where the private target lives (the outlet's own log does).
+                let outcome = check_once(&target, &check)
+                    .await
+                    .map_err(|reason| redact(&reason, &target.to));
                 if let Some(health) = state.observe(outcome) {
                     if health.healthy {
                         tracing::info!(%service, target = %target.to, "target answers its checks again; reporting it healthy");
@@ -198,6 +202,11 @@ pub fn spawn_checks(
             }
         });
     }
+}
+
+/// `reason` without the target's address, for the relay and the clients it refuses.
+fn redact(reason: &str, to: &str) -> String {
+    reason.replace(to, "the target")
 }
 
 /// One check of `target`.
@@ -296,6 +305,16 @@ pub async fn report(conn: quinn::Connection, board: Arc<Board>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reasons_sent_away_do_not_name_the_target() {
+        let r = super::redact(
+            "connect to 10.0.0.5:8086 failed: Connection refused",
+            "10.0.0.5:8086",
+        );
+        assert_eq!(r, "connect to the target failed: Connection refused");
+        assert!(!r.contains("10.0.0.5"));
+    }
+
     use super::*;
 
     fn fail() -> Result<(), String> {

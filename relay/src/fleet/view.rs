@@ -53,11 +53,7 @@ pub async fn fleet_view(
     // etcd cannot be read, what the caller knows (this relay's own outlets) stands in.
     let fleet_wide = if cluster {
         fleet.presence().await.ok().map(|entries| {
-            group_attachments(
-                entries
-                    .into_iter()
-                    .map(|p| (p.outlet, p.relay, p.services)),
-            )
+            group_attachments(entries.into_iter().map(|p| (p.outlet, p.relay, p.services)))
         })
     } else {
         None
