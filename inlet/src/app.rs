@@ -30,6 +30,7 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
         services: cfg
             .services
             .iter()
+            .filter(|s| s.protocol == postern_proto::udp::Protocol::Tcp)
             .map(|s| InletService {
                 name: s.name.clone(),
                 listen: s.listen,
@@ -41,6 +42,11 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
     for s in &cfg.services {
         if let Some((cert, key)) = s.tls_files()? {
             inlet.set_tls(&s.name, crate::tls::acceptor(cert, key)?);
+        }
+    }
+    for s in &cfg.services {
+        if let Some(idle) = s.udp_idle()? {
+            inlet.bind_udp(s.name.clone(), s.listen, idle).await?;
         }
     }
     inlet.set_drain_timeout(cfg.drain_timeout);

@@ -26,6 +26,14 @@ pub struct ServiceFile {
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of `tls-cert`.
     pub tls_key: Option<PathBuf>,
+    /// `tcp` (default) or `udp`: listen for UDP datagrams (e.g. line protocol for InfluxDB
+    /// 1.x's `[[udp]]` listener) and carry each as a QUIC datagram to the outlet, whose
+    /// service must be `protocol = "udp"` too.
+    #[serde(default)]
+    pub protocol: postern_proto::udp::Protocol,
+    /// How long a UDP client address keeps its flow without a datagram either way, e.g.
+    /// `"60s"` [default: 60s].
+    pub udp_idle_timeout: Option<String>,
 }
 
 impl ServiceFile {
@@ -36,6 +44,40 @@ impl ServiceFile {
             (None, None) => Ok(None),
             (Some(_), None) => bail!("service {}: tls-cert needs tls-key", self.name),
             (None, Some(_)) => bail!("service {}: tls-key needs tls-cert", self.name),
+        }
+    }
+
+    /// The idle timeout of a `protocol = "udp"` service's flows (`None` for TCP); TCP-only
+    /// settings on a UDP service, and the reverse, are errors rather than ignored.
+    pub fn udp_idle(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        use postern_proto::udp::Protocol;
+        match self.protocol {
+            Protocol::Tcp => {
+                if self.udp_idle_timeout.is_some() {
+                    bail!("service {}: udp-idle-timeout needs protocol = \"udp\"", self.name);
+                }
+                Ok(None)
+            }
+            Protocol::Udp => {
+                if self.kind != ServiceKind::Tcp || self.tls_cert.is_some() || self.tls_key.is_some()
+                {
+                    bail!(
+                        "service {}: protocol = \"udp\" carries datagrams as they are: it cannot \
+                         have kind = \"influxdb\" or TLS",
+                        self.name
+                    );
+                }
+                let idle = match &self.udp_idle_timeout {
+                    Some(t) => postern_net::runtime::duration::parse_duration(t)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("service {}: udp-idle-timeout", self.name))?,
+                    None => postern_proto::udp::DEFAULT_IDLE_TIMEOUT,
+                };
+                if idle.is_zero() {
+                    bail!("service {}: udp-idle-timeout must be above zero", self.name);
+                }
+                Ok(Some(idle))
+            }
         }
     }
 }
@@ -84,10 +126,13 @@ pub struct RunArgs {
     /// A local listener: `NAME=LISTEN_ADDR[,kind=influxdb]`, e.g.
     /// `influxdb=127.0.0.1:8086,kind=influxdb`. Repeatable; adds to the file's `[[service]]`
     /// tables. `kind=influxdb` puts the leased credential into every HTTP request;
-    /// `tls-cert=PATH,tls-key=PATH` serves the listener with TLS (PEM files).
+    /// `tls-cert=PATH,tls-key=PATH` serves the listener with TLS (PEM files);
+    /// `protocol=udp` listens for UDP datagrams instead (e.g. InfluxDB 1.x line protocol),
+    /// carried as QUIC datagrams, each client address a flow that ends after
+    /// `udp-idle-timeout=DURATION` without traffic [default: 60s].
     #[arg(
         long = "service",
-        value_name = "NAME=ADDR[,kind=influxdb][,tls-cert=PATH,tls-key=PATH]"
+        value_name = "NAME=ADDR[,kind=influxdb][,tls-cert=PATH,tls-key=PATH][,protocol=udp]"
     )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
@@ -130,15 +175,19 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         .with_context(|| format!("--service {s:?}: expected NAME=LISTEN_ADDR"))?;
     let mut kind = ServiceKind::Tcp;
     let (mut tls_cert, mut tls_key) = (None, None);
+    let (mut protocol, mut udp_idle_timeout) = (postern_proto::udp::Protocol::Tcp, None);
     for opt in parts {
         match opt.split_once('=') {
             Some(("kind", "tcp")) => kind = ServiceKind::Tcp,
             Some(("kind", "influxdb")) => kind = ServiceKind::Influxdb,
             Some(("tls-cert", p)) if !p.is_empty() => tls_cert = Some(PathBuf::from(p)),
             Some(("tls-key", p)) if !p.is_empty() => tls_key = Some(PathBuf::from(p)),
+            Some(("protocol", "tcp")) => protocol = postern_proto::udp::Protocol::Tcp,
+            Some(("protocol", "udp")) => protocol = postern_proto::udp::Protocol::Udp,
+            Some(("udp-idle-timeout", t)) => udp_idle_timeout = Some(t.to_owned()),
             _ => bail!(
                 "--service {s:?}: unknown option {opt:?} (expected kind=tcp, kind=influxdb, \
-                 tls-cert=PATH or tls-key=PATH)"
+                 tls-cert=PATH, tls-key=PATH, protocol=tcp|udp or udp-idle-timeout=DURATION)"
             ),
         }
     }
@@ -146,6 +195,8 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         kind,
         tls_cert,
         tls_key,
+        protocol,
+        udp_idle_timeout,
         name: name
             .parse()
             .with_context(|| format!("--service {s:?}: bad service name"))?,
@@ -154,6 +205,7 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
             .with_context(|| format!("--service {s:?}: bad listen address"))?,
     };
     service.tls_files()?;
+    service.udp_idle()?;
     Ok(service)
 }
 
@@ -173,10 +225,11 @@ impl RunArgs {
         }
         let mut seen = std::collections::HashSet::new();
         for s in &services {
-            if !seen.insert(s.listen) {
+            if !seen.insert((s.listen, s.protocol)) {
                 bail!("listen address {} is used twice", s.listen);
             }
             s.tls_files()?;
+            s.udp_idle()?;
         }
         let drain_timeout = postern_net::runtime::drain::drain_timeout(
             self.drain_timeout,

@@ -40,6 +40,8 @@ pub struct Inlet {
     tls: HashMap<ServiceName, TlsAcceptor>,
     /// Most client connections per listener (`None`: the default, fitted to the fd limit).
     max_connections: Option<usize>,
+    /// UDP listeners (see [`crate::udp`]) and their flows' idle timeout.
+    udp: Vec<(ServiceName, tokio::net::UdpSocket, Duration)>,
 }
 
 /// Inspect a running inlet (tests, the metrics endpoint).
@@ -158,7 +160,36 @@ impl Inlet {
             leases,
             tls: HashMap::new(),
             max_connections: None,
+            udp: Vec::new(),
         })
+    }
+
+    /// Adds a UDP listener for `service` on `listen` (see [`crate::udp`]): each client
+    /// address is a flow, ended after `idle` without a datagram either way. The outlet must
+    /// offer the service with `protocol = "udp"`. Call before [`run`](Self::run).
+    pub async fn bind_udp(
+        &mut self,
+        service: ServiceName,
+        listen: SocketAddr,
+        idle: Duration,
+    ) -> Result<(), InletError> {
+        let socket = tokio::net::UdpSocket::bind(listen)
+            .await
+            .map_err(|source| InletError::Listen {
+                service: service.clone(),
+                addr: listen,
+                source,
+            })?;
+        self.udp.push((service, socket, idle));
+        Ok(())
+    }
+
+    /// The local address of a service's UDP listener.
+    pub fn udp_addr(&self, service: &ServiceName) -> Option<SocketAddr> {
+        self.udp
+            .iter()
+            .find(|(s, _, _)| s == service)
+            .and_then(|(_, sock, _)| sock.local_addr().ok())
     }
 
     /// Caps each listener's open client connections (default
@@ -268,6 +299,15 @@ impl Inlet {
                 self.uplink.drain().streams.clone(),
                 tls,
                 limit,
+            ));
+        }
+        for (service, socket, idle) in self.udp {
+            tasks.spawn(crate::udp::serve(
+                service,
+                socket,
+                self.pool.clone(),
+                idle,
+                shutdown.clone(),
             ));
         }
         // Once shutdown is asked for, the accept loops return, closing the listeners; the

@@ -1,7 +1,7 @@
 //! Starting an outlet from its merged configuration: the one entry the binary (and anything
 //! else that runs an outlet as the binary would) calls.
 
-use crate::config::{allows, influxdb_rule, targets, OutletConfig};
+use crate::config::{allows, influxdb_rule, targets, udp_targets, OutletConfig};
 use crate::lease::{admin, LeaseConfig, LeaseManager};
 use crate::node::{Outlet, OutletOptions};
 use crate::serve::Services;
@@ -35,6 +35,7 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
         leases: Default::default(),
         allow: allows(&cfg.services)?,
         inject_at: Default::default(),
+        udp: udp_targets(&cfg.services)?,
     };
     let mut managers = Vec::new();
     if let Some((name, influx)) = cfg.influxdb {

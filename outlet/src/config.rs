@@ -37,6 +37,12 @@ pub struct ServiceFile {
     pub public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub public_key: Option<PathBuf>,
+    /// `tcp` (default) or `udp`: datagrams from inlets' UDP listeners, sent to `to` from one
+    /// socket per client flow (e.g. InfluxDB 1.x's `[[udp]]` line protocol listener).
+    #[serde(default)]
+    pub protocol: postern_proto::udp::Protocol,
+    /// How long a UDP flow lives without a datagram either way, e.g. `"60s"` [default: 60s].
+    pub udp_idle_timeout: Option<String>,
 }
 
 /// The outlet's config file.
@@ -175,6 +181,8 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         public: false,
         public_cert: None,
         public_key: None,
+        protocol: Default::default(),
+        udp_idle_timeout: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -185,7 +193,10 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
             None if opt == "public" => svc.public = true,
             Some(("public-cert", p)) => svc.public_cert = Some(PathBuf::from(p)),
             Some(("public-key", p)) => svc.public_key = Some(PathBuf::from(p)),
-            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH or public-key=PATH)"),
+            Some(("protocol", "tcp")) => svc.protocol = postern_proto::udp::Protocol::Tcp,
+            Some(("protocol", "udp")) => svc.protocol = postern_proto::udp::Protocol::Udp,
+            Some(("udp-idle-timeout", t)) => svc.udp_idle_timeout = Some(t.to_owned()),
+            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH, public-key=PATH, protocol=tcp|udp or udp-idle-timeout=DURATION)"),
         }
     }
     Ok(svc)
@@ -207,6 +218,7 @@ impl RunArgs {
             if !seen.insert(s.name.clone()) {
                 bail!("service {:?} is defined twice", s.name.as_str());
             }
+            s.udp_target()?;
             if s.tls && s.tls_ca.is_none() {
                 bail!("service {:?}: `tls = true` needs `tls-ca` (the CA the target's certificate chains to)", s.name.as_str());
             }
@@ -301,6 +313,41 @@ impl RunArgs {
 }
 
 impl ServiceFile {
+    /// The UDP target of a `protocol = "udp"` service (`None` for TCP); TCP-only settings on a
+    /// UDP service, and the reverse, are errors rather than ignored.
+    pub fn udp_target(&self) -> anyhow::Result<Option<crate::udp::UdpTarget>> {
+        use postern_proto::udp::Protocol;
+        match self.protocol {
+            Protocol::Tcp => {
+                if self.udp_idle_timeout.is_some() {
+                    bail!("service {}: udp-idle-timeout needs protocol = \"udp\"", self.name);
+                }
+                Ok(None)
+            }
+            Protocol::Udp => {
+                if self.tls || self.public {
+                    bail!(
+                        "service {}: protocol = \"udp\" cannot have tls or public (they are TCP)",
+                        self.name
+                    );
+                }
+                let idle_timeout = match &self.udp_idle_timeout {
+                    Some(t) => postern_net::runtime::duration::parse_duration(t)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("service {}: udp-idle-timeout", self.name))?,
+                    None => postern_proto::udp::DEFAULT_IDLE_TIMEOUT,
+                };
+                if idle_timeout.is_zero() {
+                    bail!("service {}: udp-idle-timeout must be above zero", self.name);
+                }
+                Ok(Some(crate::udp::UdpTarget {
+                    to: self.to.clone(),
+                    idle_timeout,
+                }))
+            }
+        }
+    }
+
     /// Builds the connector for this service's target.
     pub fn target(&self) -> anyhow::Result<Target> {
         if !self.tls {
@@ -363,12 +410,26 @@ pub fn influxdb_rule(
     }
 }
 
-/// Builds the target map.
+/// Builds the target map of the TCP services.
 pub fn targets(services: &[ServiceFile]) -> anyhow::Result<HashMap<ServiceName, Target>> {
     services
         .iter()
+        .filter(|s| s.protocol == postern_proto::udp::Protocol::Tcp)
         .map(|s| Ok((s.name.clone(), s.target()?)))
         .collect()
+}
+
+/// Builds the target map of the UDP services.
+pub fn udp_targets(
+    services: &[ServiceFile],
+) -> anyhow::Result<HashMap<ServiceName, crate::udp::UdpTarget>> {
+    let mut out = HashMap::new();
+    for s in services {
+        if let Some(t) = s.udp_target()? {
+            out.insert(s.name.clone(), t);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod node;
 pub mod public;
 pub mod serve;
 pub mod target;
+pub mod udp;
 #[cfg(all(test, unix))]
 mod test_fs;
 

@@ -16,13 +16,29 @@
 //! - `postern_outlet_public_connections_total{service}`: connections from the relay's public
 //!   hostname whose TLS handshake completed;
 //! - `postern_outlet_public_requests_total{service,outcome}`: requests at the public hostname,
-//!   `allowed`, `denied` (no live grant) or `link` (an access link opened).
+//!   `allowed`, `denied` (no live grant) or `link` (an access link opened);
+//! - `postern_outlet_udp_datagrams_total{service,direction}`, `postern_outlet_udp_flows_total{service}`
+//!   and `postern_outlet_udp_drops_total{service,reason}` (`not_allowed`, `unknown_service`,
+//!   `target_unreachable`, `target_error`, `unknown_flow`, `oversize`, `bad_frame`) for UDP
+//!   services, see [`crate::udp`].
 
 use crate::node::OutletHandle;
 use postern_net::runtime::ops::{Exposition, Observe};
 
 /// Gives the recorder's metrics their help texts (call once after installing it).
 pub fn describe() {
+    metrics::describe_counter!(
+        crate::udp::DATAGRAMS,
+        "Datagrams through the outlet's UDP services, by service and direction (up: client to service)."
+    );
+    metrics::describe_counter!(
+        crate::udp::DROPS,
+        "Datagrams of UDP services not forwarded, by service and reason (not_allowed, unknown_service, target_unreachable, target_error, unknown_flow, oversize, bad_frame)."
+    );
+    metrics::describe_counter!(
+        crate::udp::FLOWS,
+        "UDP flows (client addresses at an inlet) opened, by service."
+    );
     metrics::describe_counter!(
         "postern_outlet_stream_bytes_total",
         metrics::Unit::Bytes,

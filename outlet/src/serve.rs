@@ -34,6 +34,9 @@ pub struct Services {
     /// Where each leased service's credential is put into requests (absent: at the inlet).
     /// Every service in `leases` is enforced here either way (see [`crate::enforce`]).
     pub inject_at: HashMap<ServiceName, InjectAt>,
+    /// UDP services (`protocol = "udp"`): their datagrams go to these targets, see
+    /// [`crate::udp`].
+    pub udp: HashMap<ServiceName, crate::udp::UdpTarget>,
 }
 
 impl Services {
@@ -44,7 +47,12 @@ impl Services {
 
     /// Every service name offered.
     pub fn names(&self) -> Vec<ServiceName> {
-        let mut names: Vec<ServiceName> = self.targets.keys().cloned().collect();
+        let mut names: Vec<ServiceName> = self
+            .targets
+            .keys()
+            .chain(self.udp.keys())
+            .cloned()
+            .collect();
         names.sort();
         names
     }
@@ -194,6 +202,17 @@ async fn serve_connection(
         .entry(expected.route)
         .or_default()
         .push(conn.clone());
+    if !services.udp.is_empty() {
+        tokio::spawn(
+            crate::udp::serve_datagrams(
+                conn.clone(),
+                services.clone(),
+                expected.inlet.clone(),
+                attrs.clone(),
+            )
+            .in_current_span(),
+        );
+    }
     let reason = loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
