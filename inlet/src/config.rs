@@ -54,12 +54,17 @@ impl ServiceFile {
         match self.protocol {
             Protocol::Tcp => {
                 if self.udp_idle_timeout.is_some() {
-                    bail!("service {}: udp-idle-timeout needs protocol = \"udp\"", self.name);
+                    bail!(
+                        "service {}: udp-idle-timeout needs protocol = \"udp\"",
+                        self.name
+                    );
                 }
                 Ok(None)
             }
             Protocol::Udp => {
-                if self.kind != ServiceKind::Tcp || self.tls_cert.is_some() || self.tls_key.is_some()
+                if self.kind != ServiceKind::Tcp
+                    || self.tls_cert.is_some()
+                    || self.tls_key.is_some()
                 {
                     bail!(
                         "service {}: protocol = \"udp\" carries datagrams as they are: it cannot \

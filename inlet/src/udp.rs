@@ -190,7 +190,10 @@ impl Listener {
         flow.last = now;
         if let Some((reason, at)) = flow.refused {
             if now.duration_since(at) < REFUSED_FOR {
-                let why = format!("the outlet refused this client's flow ({})", reason.as_str());
+                let why = format!(
+                    "the outlet refused this client's flow ({})",
+                    reason.as_str()
+                );
                 return self.drop_up("refused", &why);
             }
             flow.refused = None;
@@ -230,9 +233,10 @@ impl Listener {
         }
         match conn.send_datagram(Bytes::from(frame.to_vec())) {
             Ok(()) => {}
-            Err(quinn::SendDatagramError::TooLarge) => {
-                self.drop_up("oversize", "too big for the connection's datagrams; not truncated")
-            }
+            Err(quinn::SendDatagramError::TooLarge) => self.drop_up(
+                "oversize",
+                "too big for the connection's datagrams; not truncated",
+            ),
             Err(e) => self.drop_up("unserved", &e.to_string()),
         }
     }

@@ -320,7 +320,10 @@ impl ServiceFile {
         match self.protocol {
             Protocol::Tcp => {
                 if self.udp_idle_timeout.is_some() {
-                    bail!("service {}: udp-idle-timeout needs protocol = \"udp\"", self.name);
+                    bail!(
+                        "service {}: udp-idle-timeout needs protocol = \"udp\"",
+                        self.name
+                    );
                 }
                 Ok(None)
             }

@@ -12,8 +12,8 @@ pub mod node;
 pub mod public;
 pub mod serve;
 pub mod target;
-pub mod udp;
 #[cfg(all(test, unix))]
 mod test_fs;
+pub mod udp;
 
 pub use node::{Outlet, OutletHandle, OutletOptions};

@@ -73,10 +73,9 @@ pub(crate) async fn serve_datagrams(
         .map(|t| t.idle_timeout)
         .min()
         .unwrap_or(postern_proto::udp::DEFAULT_IDLE_TIMEOUT);
-    let mut sweep = tokio::time::interval((shortest / 4).clamp(
-        Duration::from_millis(100),
-        Duration::from_secs(5),
-    ));
+    let mut sweep = tokio::time::interval(
+        (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+    );
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let datagram = tokio::select! {
@@ -116,8 +115,7 @@ pub(crate) async fn serve_datagrams(
                 payload,
             } => {
                 if !flows.contains_key(&flow) {
-                    match open_flow(&conn, &services, &inlet, &attrs, flow, &service, since).await
-                    {
+                    match open_flow(&conn, &services, &inlet, &attrs, flow, &service, since).await {
                         Ok(f) => {
                             flows.insert(flow, f);
                         }

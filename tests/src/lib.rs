@@ -18,4 +18,5 @@ pub mod procs;
 pub mod relay_fleet;
 pub mod small_disk;
 pub mod traffic;
+pub mod udp;
 pub mod wait;
