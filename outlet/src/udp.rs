@@ -114,10 +114,10 @@ pub(crate) async fn serve_datagrams(
                 service,
                 payload,
             } => {
-                if !flows.contains_key(&flow) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(flow) {
                     match open_flow(&conn, &services, &inlet, &attrs, flow, &service, since).await {
                         Ok(f) => {
-                            flows.insert(flow, f);
+                            slot.insert(f);
                         }
                         Err(reason) => {
                             dropped(service.as_str(), reason.as_str());
