@@ -317,6 +317,42 @@ mod tests {
     }
 
     #[test]
+    fn udp_services_parse_and_refuse_tcp_only_options() {
+        use postern_proto::udp::{Protocol, DEFAULT_IDLE_TIMEOUT};
+        let s = parse_service_flag("db-udp=127.0.0.1:8089,protocol=udp").expect("parse");
+        assert_eq!(s.protocol, Protocol::Udp);
+        assert_eq!(s.udp_idle().expect("idle"), Some(DEFAULT_IDLE_TIMEOUT));
+        let s = parse_service_flag("db-udp=127.0.0.1:8089,protocol=udp,udp-idle-timeout=5s")
+            .expect("parse");
+        assert_eq!(
+            s.udp_idle().expect("idle"),
+            Some(std::time::Duration::from_secs(5))
+        );
+        // TCP stays the default, and UDP-only or TCP-only options on the other are errors.
+        let s = parse_service_flag("db=127.0.0.1:8086").expect("parse");
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.udp_idle().expect("idle"), None);
+        for bad in [
+            "db=127.0.0.1:1,udp-idle-timeout=5s",
+            "db=127.0.0.1:1,protocol=udp,kind=influxdb",
+            "db=127.0.0.1:1,protocol=udp,udp-idle-timeout=0s",
+            "db=127.0.0.1:1,protocol=udp,udp-idle-timeout=soon",
+            "db=127.0.0.1:1,protocol=sctp",
+        ] {
+            assert!(parse_service_flag(bad).is_err(), "{bad}");
+        }
+        let f: InletFile = toml::from_str(
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\n\
+             udp-idle-timeout = \"2m\"\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            f.service[0].udp_idle().expect("idle"),
+            Some(std::time::Duration::from_secs(120))
+        );
+    }
+
+    #[test]
     fn tls_keys_in_the_file_come_in_pairs() {
         let f: InletFile = toml::from_str(
             "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\ntls-key = \"k.pem\"\n",

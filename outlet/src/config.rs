@@ -461,6 +461,30 @@ mod tests {
     }
 
     #[test]
+    fn udp_services_get_udp_targets_and_refuse_tcp_only_options() {
+        let s = parse_service_flag("db-udp=127.0.0.1:8089,protocol=udp,udp-idle-timeout=3s")
+            .expect("parse");
+        let t = s.udp_target().expect("valid").expect("udp");
+        assert_eq!(t.to, "127.0.0.1:8089");
+        assert_eq!(t.idle_timeout, std::time::Duration::from_secs(3));
+        let tcp = parse_service_flag("db=127.0.0.1:8086").expect("parse");
+        assert!(tcp.udp_target().expect("valid").is_none());
+        // A UDP service is offered under its name but has no TCP target.
+        let all = [s.clone(), tcp];
+        assert_eq!(targets(&all).expect("targets").len(), 1);
+        assert_eq!(udp_targets(&all).expect("udp targets").len(), 1);
+        for bad in [
+            "db=127.0.0.1:1,udp-idle-timeout=5s",
+            "db=127.0.0.1:1,protocol=udp,tls,tls-ca=/x.pem",
+            "db=127.0.0.1:1,protocol=udp,udp-idle-timeout=0s",
+        ] {
+            let s = parse_service_flag(bad).expect("parses");
+            assert!(s.udp_target().is_err(), "{bad}");
+        }
+        assert!(parse_service_flag("db=127.0.0.1:1,protocol=quic").is_err());
+    }
+
+    #[test]
     fn file_errors_name_the_key() {
         let e =
             toml::from_str::<OutletFile>("[[service]]\nname = \"a\"\nto = \"x:1\"\ntsl = true\n")
