@@ -108,10 +108,13 @@ pub struct RunArgs {
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
     /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public,public-cert=PATH,public-key=PATH`
     /// to offer it at the relay's public hostname too (`https://NAME.<public-domain>/`, behind
-    /// access links). Repeatable; adds to the file's `[[service]]` tables.
+    /// access links). `,protocol=udp` offers a UDP service instead (e.g. InfluxDB 1.x's
+    /// `[[udp]]` line protocol listener): datagrams from inlets' UDP listeners, sent from one
+    /// socket per client flow, which ends after `,udp-idle-timeout=DURATION` idle [default:
+    /// 60s]. Repeatable; adds to the file's `[[service]]` tables.
     #[arg(
         long = "service",
-        value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public]"
+        value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public][,protocol=udp]"
     )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
