@@ -10,6 +10,7 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod public;
+pub mod reload;
 pub mod serve;
 pub mod target;
 #[cfg(all(test, unix))]

@@ -41,6 +41,8 @@ pub struct Outlet {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
+    /// The services in force (swapped on reload, see [`crate::reload`]).
+    live: Arc<crate::reload::Live>,
     public: Option<Arc<crate::public::Public>>,
 }
 
@@ -50,9 +52,45 @@ pub struct OutletHandle {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
+    live: Arc<crate::reload::Live>,
 }
 
 impl OutletHandle {
+    /// The services in force now.
+    pub fn live_services(&self) -> Arc<Services> {
+        self.live.get()
+    }
+
+    /// Puts `services` in force (see [`crate::reload`]): new streams and flows use them, every
+    /// connected relay is told the new service list, and end-to-end connections the new
+    /// services no longer allow are closed. Returns how many were closed.
+    pub async fn reload(&self, services: Services) -> usize {
+        let services = Arc::new(services);
+        self.live.set(services.clone());
+        let closed = self.routes.close_disallowed(&services);
+        let names = services.names();
+        for (relay, control) in self.uplink.relays() {
+            let conn = control.borrow().clone();
+            let Some(conn) = conn else { continue };
+            let msg = Ctl::Register {
+                services: names.clone(),
+            };
+            match exchange::request(&conn, &msg, CTL_TIMEOUT).await {
+                Ok(Ctl::Registered { services }) => {
+                    tracing::info!(%relay, ?services, "services registered with relay after reload")
+                }
+                Ok(Ctl::Refused { reason }) => {
+                    tracing::error!(%relay, %reason, "the relay refused the reloaded service list")
+                }
+                Ok(_) => tracing::warn!(%relay, "unexpected answer to Register after reload"),
+                Err(e) => {
+                    tracing::warn!(%relay, error = %e, "could not register the reloaded services")
+                }
+            }
+        }
+        closed
+    }
+
     /// The control connection, as it comes and goes.
     pub fn control(&self) -> ControlWatch {
         self.uplink.control()
@@ -120,10 +158,12 @@ impl Outlet {
     /// Binds the outlet's socket and endpoint.
     pub fn bind(opts: OutletOptions) -> Result<Self, OutletError> {
         let uplink = Uplink::bind(opts.relay, &opts.identity, opts.roots, Role::Server)?;
+        let services = Arc::new(opts.services);
         Ok(Self {
             uplink: Arc::new(uplink),
             routes: Arc::new(Routes::default()),
-            services: Arc::new(opts.services),
+            live: Arc::new(crate::reload::Live::new(services.clone())),
+            services,
             public: None,
         })
     }
@@ -159,6 +199,7 @@ impl Outlet {
             uplink: self.uplink.clone(),
             routes: self.routes.clone(),
             services: self.services.clone(),
+            live: self.live.clone(),
         }
     }
 
@@ -172,7 +213,7 @@ impl Outlet {
             Arc::new(OutletControl {
                 socket: self.uplink.socket().clone(),
                 routes: self.routes.clone(),
-                services: self.services.names(),
+                services: self.live.clone(),
                 relay,
                 draining: drain.draining.clone(),
                 keep_on_relay_loss: several,
@@ -190,7 +231,7 @@ impl Outlet {
         let accept = serve::accept_loop(
             self.uplink.endpoint().clone(),
             self.routes.clone(),
-            self.services.clone(),
+            self.live.clone(),
             shutdown.clone(),
             drain.clone(),
         );
@@ -202,7 +243,8 @@ impl Outlet {
 struct OutletControl {
     socket: Arc<NodeSocket>,
     routes: Arc<Routes>,
-    services: Vec<ServiceName>,
+    /// The services in force: registered at each connect, checked at each route.
+    services: Arc<crate::reload::Live>,
     relay: SocketAddr,
     draining: CancellationToken,
     /// With several relays, end-to-end connections outlive the loss of one relay's routes:
@@ -218,7 +260,7 @@ struct OutletControl {
 impl ControlHandler for OutletControl {
     async fn on_connect(&self, conn: &quinn::Connection) -> Result<(), CtlError> {
         let msg = Ctl::Register {
-            services: self.services.clone(),
+            services: self.services.get().names(),
         };
         match exchange::request(conn, &msg, CTL_TIMEOUT).await? {
             Ctl::Registered { services } => {
@@ -245,7 +287,7 @@ impl ControlHandler for OutletControl {
                 service,
                 inlet,
             } => {
-                if !self.services.contains(&service) {
+                if !self.services.get().names().contains(&service) {
                     return Ctl::Refused {
                         reason: Refusal::NotServed { service },
                     };

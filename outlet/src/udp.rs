@@ -60,14 +60,15 @@ impl Drop for Flow {
 /// Serves the QUIC datagrams of one end-to-end connection until it closes.
 pub(crate) async fn serve_datagrams(
     conn: quinn::Connection,
-    services: Arc<Services>,
+    live: Arc<crate::reload::Live>,
     inlet: NodeName,
     attrs: Arc<Attributes>,
 ) {
     let epoch = Instant::now();
     let since = move || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut flows: HashMap<u32, Flow> = HashMap::new();
-    let shortest = services
+    let shortest = live
+        .get()
         .udp
         .values()
         .map(|t| t.idle_timeout)
@@ -115,6 +116,7 @@ pub(crate) async fn serve_datagrams(
                 payload,
             } => {
                 if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(flow) {
+                    let services = live.get();
                     match open_flow(&conn, &services, &inlet, &attrs, flow, &service, since).await {
                         Ok(f) => {
                             slot.insert(f);
