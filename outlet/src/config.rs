@@ -94,7 +94,10 @@ pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
     /// tables with `name`, `to`, `tls`, `tls-ca`, `tls-server-name`, and an
     /// `[influxdb-outlet]` table for leased InfluxDB credentials, whose `allow` is required:
-    /// an attribute expression, or `"*"` for every inlet the relay routes).
+    /// an attribute expression, or `"*"` for every inlet the relay routes). On SIGHUP the
+    /// command line and this file are read again and their `[[service]]` tables put in force
+    /// (services added or removed, `allow` changed; connections no longer allowed are closed);
+    /// an invalid file is refused, logged, and the config in force stays.
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
