@@ -1,7 +1,9 @@
-//! Reloading a running outlet's config with `SIGHUP` (real relay, outlet and inlet processes):
-//! a service added is used at once, an `allow` tightened closes the open connection it no
-//! longer admits and refuses new ones while another service's open connection keeps going, and
-//! an invalid config is refused with its error logged while the one in force keeps working.
+//! Reloading a running outlet's or inlet's config with `SIGHUP` (real relay, outlet and inlet
+//! processes). Outlet: a service added is used at once, an `allow` tightened closes the open
+//! connection it no longer admits and refuses new ones while another service's open connection
+//! keeps going, and an invalid config is refused with its error logged while the one in force
+//! keeps working. Inlet: a listener added is used at once, one removed stops accepting, and an
+//! invalid config is refused the same way.
 //!
 //! Build the binaries first with `cargo build --bins` (scripts/test.sh does).
 
@@ -257,5 +259,166 @@ async fn sighup_reloads_the_outlets_services_and_allow() {
     assert!(
         fresh_echo(l1).await.is_none(),
         "echo came back after a refused reload"
+    );
+}
+
+fn inlet_config(path: &Path, services: &[(&str, SocketAddr)]) {
+    let mut text = String::new();
+    for (name, listen) in services {
+        text.push_str(&format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\n\n"
+        ));
+    }
+    std::fs::write(path, text).expect("write inlet config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_inlets_listeners() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let relay_addr = free_udp_addr().to_string();
+    let ca = RelayCa::init(&state, &relay_addr).await;
+    let relay_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut relay = Proc::spawn(
+        dir.path(),
+        "relay",
+        "postern-relay",
+        &[
+            "run",
+            "--state-dir",
+            &state,
+            "--listen",
+            &relay_addr,
+            "--allow-register",
+            "echo=role = \"echo-outlet\"",
+            "--allow-register",
+            "second=role = \"echo-outlet\"",
+            "--allow-route",
+            "echo=role = \"echo-client\"",
+            "--allow-route",
+            "second=role = \"echo-client\"",
+            "--metrics-addr",
+            &relay_ops.to_string(),
+        ],
+    );
+    relay.wait_ready(relay_ops).await;
+    let (echo, _e) = echo_server().await;
+    let outlet_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let outlet_ticket = ca.ticket("echo-outlet").await;
+    let mut outlet = Proc::spawn(
+        dir.path(),
+        "outlet",
+        "postern-outlet",
+        &[
+            "run",
+            "--ticket",
+            &outlet_ticket,
+            "--name",
+            "outlet-a",
+            "--state-dir",
+            &path("outlet-state"),
+            "--service",
+            &format!("echo={echo}"),
+            "--service",
+            &format!("second={echo}"),
+            "--metrics-addr",
+            &outlet_ops.to_string(),
+        ],
+    );
+    outlet.wait_ready(outlet_ops).await;
+
+    let (l1, l2): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+    );
+    let config = dir.path().join("inlet.toml");
+    inlet_config(&config, &[("echo", l1)]);
+    let inlet_ticket = ca.ticket("echo-client").await;
+    let inlet_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut inlet = Proc::spawn(
+        dir.path(),
+        "inlet",
+        "postern-inlet",
+        &[
+            "run",
+            "--config",
+            &config.display().to_string(),
+            "--ticket",
+            &inlet_ticket,
+            "--name",
+            "inlet-a",
+            "--state-dir",
+            &path("inlet-state"),
+            "--metrics-addr",
+            &inlet_ops.to_string(),
+        ],
+    );
+    inlet.wait_ready(inlet_ops).await;
+    let logs = || format!("--- inlet\n{}\n--- outlet\n{}", inlet.log(), outlet.log());
+    let mut open = fresh_echo(l1).await.expect("echo before any reload");
+    assert!(
+        TcpStream::connect(l2).await.is_err(),
+        "l2 listens before the reload"
+    );
+
+    // A listener added by SIGHUP is used at once.
+    inlet_config(&config, &[("echo", l1), ("second", l2)]);
+    inlet.sighup();
+    eventually(
+        Duration::from_secs(10),
+        "the inlet's first reload",
+        || async { inlet.log().matches("config reloaded").count() == 1 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the added listener answering",
+        || async { fresh_echo(l2).await.is_some() },
+    )
+    .await;
+
+    // A listener removed stops accepting.
+    inlet_config(&config, &[("second", l2)]);
+    inlet.sighup();
+    eventually(
+        Duration::from_secs(10),
+        "the removed listener closed",
+        || async { TcpStream::connect(l1).await.is_err() },
+    )
+    .await;
+    assert!(
+        echoes(&mut open, b"open before").await,
+        "a connection open on the removed listener was cut:\n{}",
+        logs()
+    );
+
+    // An invalid config is refused and the listeners in force stay.
+    std::fs::write(
+        &config,
+        "[[service]]\nname = \"second\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"sctp\"\n",
+    )
+    .expect("write invalid config");
+    inlet.sighup();
+    eventually(
+        Duration::from_secs(10),
+        "the refused reload logged",
+        || async { inlet.log().contains("reload refused") },
+    )
+    .await;
+    let log = inlet.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reload refused"))
+        .expect("the refusal line");
+    assert!(
+        line.contains("sctp"),
+        "the refusal does not name the error: {line}"
+    );
+    assert!(
+        fresh_echo(l2).await.is_some(),
+        "the listener in force stopped after a refused reload:\n{}",
+        logs()
     );
 }
