@@ -314,10 +314,7 @@ impl Inlet {
         }
         let failures = Arc::new(FailureLog::default());
         // Per listener, by (address, UDP?): its shape and the token that stops it.
-        let mut running: HashMap<
-            (SocketAddr, bool),
-            ((ServiceName, ServiceKind, bool), CancellationToken),
-        > = HashMap::new();
+        let mut running: Running = HashMap::new();
         for (service, kind, listener) in self.listeners {
             let stop = shutdown.child_token();
             if let Ok(addr) = listener.local_addr() {
