@@ -69,3 +69,70 @@ pub fn services_from(cfg: &OutletConfig, old: &Services) -> anyhow::Result<Servi
     }
     Ok(new)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunArgs;
+    use crate::target::Target;
+    use clap::Parser;
+    use postern_proto::name::ServiceName;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn cfg(services: &[&str]) -> OutletConfig {
+        let mut argv = vec!["outlet", "--relay", "127.0.0.1:4433"];
+        for s in services {
+            argv.extend(["--service", s]);
+        }
+        Cmd::parse_from(argv).run.resolve().expect("valid config")
+    }
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).expect("name")
+    }
+
+    #[test]
+    fn reloaded_services_replace_the_tables_whole() {
+        let mut old = Services::default();
+        old.targets
+            .insert(svc("influxdb"), Target::tcp("127.0.0.1:8086"));
+        old.targets.insert(svc("gone"), Target::tcp("127.0.0.1:1"));
+        let rule = postern_proto::policy::Expr::parse("role = \"client\"").expect("expr");
+        old.allow.insert(svc("influxdb"), rule);
+        old.inject_at
+            .insert(svc("influxdb"), crate::lease::InjectAt::Outlet);
+        let new = services_from(
+            &cfg(&[
+                "echo=127.0.0.1:7,allow=name = \"a\"",
+                "udp=127.0.0.1:8089,protocol=udp",
+            ]),
+            &old,
+        )
+        .expect("reload");
+        assert_eq!(
+            new.names(),
+            vec![svc("echo"), svc("udp")],
+            "the old tables are gone, the new ones in"
+        );
+        assert!(new.allow.contains_key(&svc("echo")));
+        assert!(new.udp.contains_key(&svc("udp")));
+        assert!(!new.targets.contains_key(&svc("gone")));
+        // A bad expression is an error, not a half-applied reload.
+        let bad = Cmd::parse_from([
+            "outlet",
+            "--relay",
+            "127.0.0.1:4433",
+            "--service",
+            "echo=127.0.0.1:7,allow=name = ",
+        ])
+        .run
+        .resolve()
+        .and_then(|c| services_from(&c, &old));
+        assert!(bad.is_err());
+    }
+}
