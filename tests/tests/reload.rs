@@ -422,3 +422,122 @@ async fn sighup_reloads_the_inlets_listeners() {
         logs()
     );
 }
+
+fn relay_config(path: &Path, listen: &str, state: &str, route: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "listen = \"{listen}\"\nstate-dir = \"{state}\"\n\n[[policy]]\nservice = \"echo\"\n\
+             register = 'role = \"echo-outlet\"'\nroute = '{route}'\n"
+        ),
+    )
+    .expect("write relay config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_relays_policy_for_new_routes() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let relay_addr = free_udp_addr().to_string();
+    let ca = RelayCa::init(&state, &relay_addr).await;
+    let config = dir.path().join("relay.toml");
+    relay_config(&config, &relay_addr, &state, "role = \"echo-client\"");
+    let relay_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut relay = Proc::spawn(
+        dir.path(),
+        "relay",
+        "postern-relay",
+        &[
+            "run",
+            "--config",
+            &config.display().to_string(),
+            "--metrics-addr",
+            &relay_ops.to_string(),
+        ],
+    );
+    relay.wait_ready(relay_ops).await;
+    let (echo, _e) = echo_server().await;
+    let outlet_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let outlet_ticket = ca.ticket("echo-outlet").await;
+    let mut outlet = Proc::spawn(
+        dir.path(),
+        "outlet",
+        "postern-outlet",
+        &[
+            "run",
+            "--ticket",
+            &outlet_ticket,
+            "--name",
+            "outlet-a",
+            "--state-dir",
+            &path("outlet-state"),
+            "--service",
+            &format!("echo={echo}"),
+            "--metrics-addr",
+            &outlet_ops.to_string(),
+        ],
+    );
+    outlet.wait_ready(outlet_ops).await;
+    let inlet = |name: &'static str, ticket: String| {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let p = Proc::spawn(
+            dir.path(),
+            name,
+            "postern-inlet",
+            &[
+                "run",
+                "--ticket",
+                &ticket,
+                "--name",
+                name,
+                "--state-dir",
+                &path(&format!("{name}-state")),
+                "--service",
+                &format!("echo={listen}"),
+                "--metrics-addr",
+                &ops.to_string(),
+            ],
+        );
+        (p, listen, ops)
+    };
+    let (mut first, l1, ops1) = inlet("inlet-first", ca.ticket("echo-client").await);
+    first.wait_ready(ops1).await;
+    let mut open = fresh_echo(l1).await.expect("echo before the reload");
+
+    // The route rule tightened: a new inlet's route is refused, the open route keeps going.
+    relay_config(&config, &relay_addr, &state, "role = \"somebody-else\"");
+    relay.sighup();
+    eventually(Duration::from_secs(10), "the relay's reload", || async {
+        relay.log().contains("config reloaded")
+    })
+    .await;
+    let (mut second, l2, ops2) = inlet("inlet-second", ca.ticket("echo-client").await);
+    second.wait_ready(ops2).await;
+    assert!(
+        fresh_echo(l2).await.is_none(),
+        "a route the reloaded policy refuses was granted:\n{}",
+        relay.log()
+    );
+    assert!(
+        echoes(&mut open, b"still routed").await,
+        "the open route was cut by the reload"
+    );
+
+    // An invalid config is refused with its error, and the policy in force stays.
+    std::fs::write(&config, "listen = \"not an address\"\n").expect("write invalid config");
+    relay.sighup();
+    eventually(
+        Duration::from_secs(10),
+        "the refused reload logged",
+        || async { relay.log().contains("reload refused") },
+    )
+    .await;
+    assert_eq!(relay.log().matches("config reloaded").count(), 1);
+    assert!(
+        fresh_echo(l2).await.is_none(),
+        "the refused config changed the policy"
+    );
+}
