@@ -3,13 +3,48 @@
 
 use crate::config::InletConfig;
 use crate::listen::InletService;
-use crate::node::{Inlet, InletOptions};
+use crate::node::{Inlet, InletOptions, ListenerSpec};
 use tokio_util::sync::CancellationToken;
 
 /// Runs an inlet as configured until `shutdown`, then drains and stops: takes the state
 /// directory's lock, loads (or first prepares) the identity, binds the listeners, serves
 /// `/metrics` when asked, and renews the certificate when it was enrolled.
 pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_reload(cfg, shutdown, None).await
+}
+
+/// Reads the configuration again (the binary: the same command line and config file).
+pub type Reread = Box<dyn Fn() -> anyhow::Result<InletConfig> + Send + Sync>;
+
+/// The listeners `cfg` asks for, TLS acceptors loaded.
+fn listener_specs(cfg: &InletConfig) -> anyhow::Result<Vec<ListenerSpec>> {
+    cfg.services
+        .iter()
+        .map(|s| {
+            Ok(ListenerSpec {
+                service: InletService {
+                    name: s.name.clone(),
+                    listen: s.listen,
+                    kind: s.kind,
+                },
+                udp_idle: s.udp_idle()?,
+                tls: match s.tls_files()? {
+                    Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+                    None => None,
+                },
+            })
+        })
+        .collect()
+}
+
+/// [`run`], and on each `SIGHUP` the listeners of `reread()` are put in force (see
+/// [`Inlet::set_reloads`]); a config that does not read or validate is refused, the error
+/// logged, and the listeners in force stay.
+pub async fn run_with_reload(
+    cfg: InletConfig,
+    shutdown: CancellationToken,
+    reread: Option<Reread>,
+) -> anyhow::Result<()> {
     let recorder =
         postern_net::runtime::ops::recorder_if_asked(cfg.metrics_addr, crate::metrics::describe)
             .map_err(anyhow::Error::msg)?;
@@ -31,6 +66,7 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
         services: cfg
             .services
             .iter()
+            .filter(|s| s.protocol == postern_proto::udp::Protocol::Tcp)
             .map(|s| InletService {
                 name: s.name.clone(),
                 listen: s.listen,
@@ -43,6 +79,34 @@ pub async fn run(cfg: InletConfig, shutdown: CancellationToken) -> anyhow::Resul
         if let Some((cert, key)) = s.tls_files()? {
             inlet.set_tls(&s.name, crate::tls::acceptor(cert, key)?);
         }
+    }
+    for s in &cfg.services {
+        if let Some(idle) = s.udp_idle()? {
+            inlet.bind_udp(s.name.clone(), s.listen, idle).await?;
+        }
+    }
+    if let Some(reread) = reread {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        inlet.set_reloads(rx);
+        let mut hups = postern_net::runtime::signal::hangups(shutdown.clone());
+        tokio::spawn(async move {
+            while hups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                match reread().and_then(|c| listener_specs(&c)) {
+                    Ok(specs) => {
+                        let n = specs.len();
+                        if tx.send(specs).await.is_err() {
+                            return;
+                        }
+                        tracing::info!(listeners = n, "config reloaded");
+                    }
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload refused: the new config is invalid; the one in force stays"
+                    ),
+                }
+            }
+        });
     }
     inlet.set_drain_timeout(cfg.drain_timeout);
     if let Some(max) = cfg.max_connections {

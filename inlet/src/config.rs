@@ -26,6 +26,14 @@ pub struct ServiceFile {
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of `tls-cert`.
     pub tls_key: Option<PathBuf>,
+    /// `tcp` (default) or `udp`: listen for UDP datagrams (e.g. line protocol for InfluxDB
+    /// 1.x's `[[udp]]` listener) and carry each as a QUIC datagram to the outlet, whose
+    /// service must be `protocol = "udp"` too.
+    #[serde(default)]
+    pub protocol: postern_proto::udp::Protocol,
+    /// How long a UDP client address keeps its flow without a datagram either way, e.g.
+    /// `"60s"` [default: 60s].
+    pub udp_idle_timeout: Option<String>,
 }
 
 impl ServiceFile {
@@ -36,6 +44,45 @@ impl ServiceFile {
             (None, None) => Ok(None),
             (Some(_), None) => bail!("service {}: tls-cert needs tls-key", self.name),
             (None, Some(_)) => bail!("service {}: tls-key needs tls-cert", self.name),
+        }
+    }
+
+    /// The idle timeout of a `protocol = "udp"` service's flows (`None` for TCP); TCP-only
+    /// settings on a UDP service, and the reverse, are errors rather than ignored.
+    pub fn udp_idle(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        use postern_proto::udp::Protocol;
+        match self.protocol {
+            Protocol::Tcp => {
+                if self.udp_idle_timeout.is_some() {
+                    bail!(
+                        "service {}: udp-idle-timeout needs protocol = \"udp\"",
+                        self.name
+                    );
+                }
+                Ok(None)
+            }
+            Protocol::Udp => {
+                if self.kind != ServiceKind::Tcp
+                    || self.tls_cert.is_some()
+                    || self.tls_key.is_some()
+                {
+                    bail!(
+                        "service {}: protocol = \"udp\" carries datagrams as they are: it cannot \
+                         have kind = \"influxdb\" or TLS",
+                        self.name
+                    );
+                }
+                let idle = match &self.udp_idle_timeout {
+                    Some(t) => postern_net::runtime::duration::parse_duration(t)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("service {}: udp-idle-timeout", self.name))?,
+                    None => postern_proto::udp::DEFAULT_IDLE_TIMEOUT,
+                };
+                if idle.is_zero() {
+                    bail!("service {}: udp-idle-timeout must be above zero", self.name);
+                }
+                Ok(Some(idle))
+            }
         }
     }
 }
@@ -73,7 +120,9 @@ pub struct InletFile {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
-    /// tables with `name` and `listen`).
+    /// tables with `name` and `listen`). On SIGHUP the command line and this file are read
+    /// again: listeners added are bound, removed ones stop accepting; an invalid file is
+    /// refused, logged, and the listeners in force stay.
     #[arg(long, env = "POSTERN_INLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -86,10 +135,13 @@ pub struct RunArgs {
     /// A local listener: `NAME=LISTEN_ADDR[,kind=influxdb]`, e.g.
     /// `influxdb=127.0.0.1:8086,kind=influxdb`. Repeatable; adds to the file's `[[service]]`
     /// tables. `kind=influxdb` puts the leased credential into every HTTP request;
-    /// `tls-cert=PATH,tls-key=PATH` serves the listener with TLS (PEM files).
+    /// `tls-cert=PATH,tls-key=PATH` serves the listener with TLS (PEM files);
+    /// `protocol=udp` listens for UDP datagrams instead (e.g. InfluxDB 1.x line protocol),
+    /// carried as QUIC datagrams, each client address a flow that ends after
+    /// `udp-idle-timeout=DURATION` without traffic [default: 60s].
     #[arg(
         long = "service",
-        value_name = "NAME=ADDR[,kind=influxdb][,tls-cert=PATH,tls-key=PATH]"
+        value_name = "NAME=ADDR[,kind=influxdb][,tls-cert=PATH,tls-key=PATH][,protocol=udp]"
     )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
@@ -132,15 +184,19 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         .with_context(|| format!("--service {s:?}: expected NAME=LISTEN_ADDR"))?;
     let mut kind = ServiceKind::Tcp;
     let (mut tls_cert, mut tls_key) = (None, None);
+    let (mut protocol, mut udp_idle_timeout) = (postern_proto::udp::Protocol::Tcp, None);
     for opt in parts {
         match opt.split_once('=') {
             Some(("kind", "tcp")) => kind = ServiceKind::Tcp,
             Some(("kind", "influxdb")) => kind = ServiceKind::Influxdb,
             Some(("tls-cert", p)) if !p.is_empty() => tls_cert = Some(PathBuf::from(p)),
             Some(("tls-key", p)) if !p.is_empty() => tls_key = Some(PathBuf::from(p)),
+            Some(("protocol", "tcp")) => protocol = postern_proto::udp::Protocol::Tcp,
+            Some(("protocol", "udp")) => protocol = postern_proto::udp::Protocol::Udp,
+            Some(("udp-idle-timeout", t)) => udp_idle_timeout = Some(t.to_owned()),
             _ => bail!(
                 "--service {s:?}: unknown option {opt:?} (expected kind=tcp, kind=influxdb, \
-                 tls-cert=PATH or tls-key=PATH)"
+                 tls-cert=PATH, tls-key=PATH, protocol=tcp|udp or udp-idle-timeout=DURATION)"
             ),
         }
     }
@@ -148,6 +204,8 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         kind,
         tls_cert,
         tls_key,
+        protocol,
+        udp_idle_timeout,
         name: name
             .parse()
             .with_context(|| format!("--service {s:?}: bad service name"))?,
@@ -156,6 +214,7 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
             .with_context(|| format!("--service {s:?}: bad listen address"))?,
     };
     service.tls_files()?;
+    service.udp_idle()?;
     Ok(service)
 }
 
@@ -175,10 +234,11 @@ impl RunArgs {
         }
         let mut seen = std::collections::HashSet::new();
         for s in &services {
-            if !seen.insert(s.listen) {
+            if !seen.insert((s.listen, s.protocol)) {
                 bail!("listen address {} is used twice", s.listen);
             }
             s.tls_files()?;
+            s.udp_idle()?;
         }
         let drain_timeout = postern_net::runtime::drain::drain_timeout(
             self.drain_timeout,
@@ -259,6 +319,42 @@ mod tests {
         let e = parse_service_flag("influxdb=127.0.0.1:1,tls-cert=/c/cert.pem").expect_err("half");
         assert!(e.to_string().contains("tls-key"), "{e}");
         assert!(parse_service_flag("influxdb=127.0.0.1:1,tls-key=").is_err());
+    }
+
+    #[test]
+    fn udp_services_parse_and_refuse_tcp_only_options() {
+        use postern_proto::udp::{Protocol, DEFAULT_IDLE_TIMEOUT};
+        let s = parse_service_flag("db-udp=127.0.0.1:8089,protocol=udp").expect("parse");
+        assert_eq!(s.protocol, Protocol::Udp);
+        assert_eq!(s.udp_idle().expect("idle"), Some(DEFAULT_IDLE_TIMEOUT));
+        let s = parse_service_flag("db-udp=127.0.0.1:8089,protocol=udp,udp-idle-timeout=5s")
+            .expect("parse");
+        assert_eq!(
+            s.udp_idle().expect("idle"),
+            Some(std::time::Duration::from_secs(5))
+        );
+        // TCP stays the default, and UDP-only or TCP-only options on the other are errors.
+        let s = parse_service_flag("db=127.0.0.1:8086").expect("parse");
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.udp_idle().expect("idle"), None);
+        for bad in [
+            "db=127.0.0.1:1,udp-idle-timeout=5s",
+            "db=127.0.0.1:1,protocol=udp,kind=influxdb",
+            "db=127.0.0.1:1,protocol=udp,udp-idle-timeout=0s",
+            "db=127.0.0.1:1,protocol=udp,udp-idle-timeout=soon",
+            "db=127.0.0.1:1,protocol=sctp",
+        ] {
+            assert!(parse_service_flag(bad).is_err(), "{bad}");
+        }
+        let f: InletFile = toml::from_str(
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\n\
+             udp-idle-timeout = \"2m\"\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            f.service[0].udp_idle().expect("idle"),
+            Some(std::time::Duration::from_secs(120))
+        );
     }
 
     #[test]

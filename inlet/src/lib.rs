@@ -15,6 +15,7 @@ mod pool;
 mod route;
 mod stream;
 pub mod tls;
+pub mod udp;
 
 pub use error::InletError;
 pub use listen::{InletService, ServiceKind};

@@ -19,7 +19,12 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!("shutdown asked for: draining");
                 signal.cancel();
             });
-            postern_inlet::app::run(cfg, shutdown).await
+            // SIGHUP reads the same command line and config file again.
+            let reread: postern_inlet::app::Reread = Box::new(|| match Cli::try_parse()?.command {
+                Command::Run(args) => args.resolve(),
+                _ => anyhow::bail!("the command line no longer says `run`"),
+            });
+            postern_inlet::app::run_with_reload(cfg, shutdown, Some(reread)).await
         }
         Command::Enroll {
             ticket,

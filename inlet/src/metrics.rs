@@ -9,6 +9,10 @@
 //! - `postern_inlet_connections_refused_total{service,reason}`: client connections closed by
 //!   the listener's cap (`cap`: closed at once; `evicted_silent`: closed before sending a byte
 //!   to make room for a newer one);
+//! - `postern_inlet_udp_datagrams_total{service,direction}`, `postern_inlet_udp_flows_total{service}`
+//!   and `postern_inlet_udp_drops_total{service,reason}` for UDP services (`oversize`: bigger
+//!   than the connection's datagram limit, never truncated; `unserved`, `refused` by the
+//!   outlet, `flow_cap`, ...), see [`crate::udp`];
 //! - `postern_node_relay_refusals_total{reason}`: times a relay refused this node for good
 //!   (`closed_not_allowed`: e.g. revoked; or the refusal's label: `not_allowed`, `drained`, ...).
 
@@ -17,6 +21,18 @@ use postern_net::runtime::ops::{Exposition, Observe};
 
 /// Gives the recorder's metrics their help texts (call once after installing it).
 pub fn describe() {
+    metrics::describe_counter!(
+        crate::udp::DATAGRAMS,
+        "Datagrams through the inlet's UDP services, by service and direction (up: client to service)."
+    );
+    metrics::describe_counter!(
+        crate::udp::DROPS,
+        "Datagrams of UDP services not forwarded, by service and reason (oversize, unserved, refused, flow_cap, unknown_flow, bad_frame, client_error)."
+    );
+    metrics::describe_counter!(
+        crate::udp::FLOWS,
+        "UDP flows (client addresses) opened, by service."
+    );
     metrics::describe_counter!(
         "postern_inlet_stream_bytes_total",
         metrics::Unit::Bytes,

@@ -43,6 +43,35 @@ pub struct Inlet {
     tls: HashMap<ServiceName, TlsAcceptor>,
     /// Most client connections per listener (`None`: the default, fitted to the fd limit).
     max_connections: Option<usize>,
+    /// UDP listeners (see [`crate::udp`]) and their flows' idle timeout.
+    udp: Vec<(ServiceName, tokio::net::UdpSocket, Duration)>,
+    /// New listener lists to put in force while running (see [`Inlet::set_reloads`]).
+    reloads: Option<tokio::sync::mpsc::Receiver<Vec<ListenerSpec>>>,
+}
+
+/// One listener as a reload asks for it.
+#[derive(Clone)]
+pub struct ListenerSpec {
+    pub service: InletService,
+    /// `Some(idle timeout)` for a UDP listener.
+    pub udp_idle: Option<Duration>,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl ListenerSpec {
+    /// What identifies a listener across reloads: its address and protocol.
+    fn key(&self) -> (SocketAddr, bool) {
+        (self.service.listen, self.udp_idle.is_some())
+    }
+
+    /// What must not change under one key without a restart.
+    fn shape(&self) -> (ServiceName, ServiceKind, bool) {
+        (
+            self.service.name.clone(),
+            self.service.kind,
+            self.tls.is_some(),
+        )
+    }
 }
 
 /// Inspect a running inlet (tests, the metrics endpoint).
@@ -258,7 +287,46 @@ impl Inlet {
             leases,
             tls: HashMap::new(),
             max_connections: None,
+            udp: Vec::new(),
+            reloads: None,
         })
+    }
+
+    /// Adds a UDP listener for `service` on `listen` (see [`crate::udp`]): each client
+    /// address is a flow, ended after `idle` without a datagram either way. The outlet must
+    /// offer the service with `protocol = "udp"`. Call before [`run`](Self::run).
+    pub async fn bind_udp(
+        &mut self,
+        service: ServiceName,
+        listen: SocketAddr,
+        idle: Duration,
+    ) -> Result<(), InletError> {
+        let socket = tokio::net::UdpSocket::bind(listen)
+            .await
+            .map_err(|source| InletError::Listen {
+                service: service.clone(),
+                addr: listen,
+                source,
+            })?;
+        self.udp.push((service, socket, idle));
+        Ok(())
+    }
+
+    /// Takes new listener lists from `rx` while running: listeners that are new are bound and
+    /// served, those no longer listed stop accepting (connections open on them finish as they
+    /// would), the others are untouched. A listener whose service, kind or TLS changed under
+    /// the same address, or a new `kind = "influxdb"` one (it needs a lease), is refused with
+    /// an error in the log; so is one that cannot be bound. Call before [`run`](Self::run).
+    pub fn set_reloads(&mut self, rx: tokio::sync::mpsc::Receiver<Vec<ListenerSpec>>) {
+        self.reloads = Some(rx);
+    }
+
+    /// The local address of a service's UDP listener.
+    pub fn udp_addr(&self, service: &ServiceName) -> Option<SocketAddr> {
+        self.udp
+            .iter()
+            .find(|(s, _, _)| s == service)
+            .and_then(|(_, sock, _)| sock.local_addr().ok())
     }
 
     /// Caps each listener's open client connections (default
@@ -346,7 +414,19 @@ impl Inlet {
             ));
         }
         let failures = Arc::new(FailureLog::default());
+        // Per listener, by (address, UDP?): its shape and the token that stops it.
+        let mut running: Running = HashMap::new();
         for (service, kind, listener) in self.listeners {
+            let stop = shutdown.child_token();
+            if let Ok(addr) = listener.local_addr() {
+                running.insert(
+                    (addr, false),
+                    (
+                        (service.clone(), kind, self.tls.contains_key(&service)),
+                        stop.clone(),
+                    ),
+                );
+            }
             let mode = match kind {
                 ServiceKind::Tcp => Mode::Tcp,
                 ServiceKind::Influxdb => match lease_rx.get(&service) {
@@ -365,11 +445,37 @@ impl Inlet {
                 listener,
                 self.pool.clone(),
                 failures.clone(),
-                shutdown.clone(),
+                stop,
                 self.uplink.drain().streams.clone(),
                 tls,
                 limit,
             ));
+        }
+        for (service, socket, idle) in self.udp {
+            let stop = shutdown.child_token();
+            if let Ok(addr) = socket.local_addr() {
+                running.insert(
+                    (addr, true),
+                    ((service.clone(), ServiceKind::Tcp, false), stop.clone()),
+                );
+            }
+            tasks.spawn(crate::udp::serve(
+                service,
+                socket,
+                self.pool.clone(),
+                idle,
+                stop,
+            ));
+        }
+        if let Some(rx) = self.reloads {
+            let ctx = ReloadCtx {
+                pool: self.pool.clone(),
+                failures: failures.clone(),
+                shutdown: shutdown.clone(),
+                streams: self.uplink.drain().streams.clone(),
+                max_connections: self.max_connections,
+            };
+            tokio::spawn(reload_listeners(rx, running, ctx));
         }
         // Once shutdown is asked for, the accept loops return, closing the listeners; the
         // uplink drains the open client connections, then closes the relay connections.
@@ -384,5 +490,99 @@ impl Inlet {
         uplink.await;
         while tasks.join_next().await.is_some() {}
         self.uplink.close(b"inlet shutting down").await;
+    }
+}
+
+/// What a reload needs to start listeners.
+struct ReloadCtx {
+    pool: Arc<Pool>,
+    failures: Arc<FailureLog>,
+    shutdown: CancellationToken,
+    streams: tokio_util::task::TaskTracker,
+    max_connections: Option<usize>,
+}
+
+type Running = HashMap<(SocketAddr, bool), ((ServiceName, ServiceKind, bool), CancellationToken)>;
+
+/// Puts each listener list received in force (see [`Inlet::set_reloads`]).
+async fn reload_listeners(
+    mut rx: tokio::sync::mpsc::Receiver<Vec<ListenerSpec>>,
+    mut running: Running,
+    ctx: ReloadCtx,
+) {
+    loop {
+        let specs = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            s = rx.recv() => match s { Some(s) => s, None => return },
+        };
+        let wanted: HashMap<(SocketAddr, bool), &ListenerSpec> =
+            specs.iter().map(|s| (s.key(), s)).collect();
+        running.retain(|key, (shape, stop)| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                tracing::info!(service = %shape.0, addr = %key.0, udp = key.1, "listener removed by reload");
+                stop.cancel();
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if let Some((shape, _)) = running.get(&key) {
+                if *shape != spec.shape() {
+                    tracing::error!(addr = %key.0, was = %shape.0, now = %spec.service.name, "reload: a listener's service, kind or TLS changed under the same address; that takes a restart (or remove it in one reload and add it in the next)");
+                }
+                continue;
+            }
+            if spec.service.kind == ServiceKind::Influxdb {
+                tracing::error!(service = %spec.service.name, "reload: a new kind = \"influxdb\" listener needs a lease client; that takes a restart");
+                continue;
+            }
+            let stop = ctx.shutdown.child_token();
+            let service = spec.service.name.clone();
+            let started = match spec.udp_idle {
+                Some(idle) => match tokio::net::UdpSocket::bind(spec.service.listen).await {
+                    Ok(socket) => {
+                        tokio::spawn(crate::udp::serve(
+                            service.clone(),
+                            socket,
+                            ctx.pool.clone(),
+                            idle,
+                            stop.clone(),
+                        ));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                None => match TcpListener::bind(spec.service.listen).await {
+                    Ok(listener) => {
+                        let limit = postern_net::runtime::limit::ConnLimit::new(
+                            format!("inlet service {service}"),
+                            postern_net::runtime::limit::default_cap(ctx.max_connections),
+                        );
+                        tokio::spawn(accept_loop(
+                            service.clone(),
+                            Mode::Tcp,
+                            listener,
+                            ctx.pool.clone(),
+                            ctx.failures.clone(),
+                            stop.clone(),
+                            ctx.streams.clone(),
+                            spec.tls.clone(),
+                            limit,
+                        ));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match started {
+                Ok(()) => {
+                    tracing::info!(%service, addr = %key.0, udp = key.1, "listener added by reload");
+                    running.insert(key, (spec.shape(), stop));
+                }
+                Err(e) => {
+                    tracing::error!(%service, addr = %key.0, error = %e, "reload: cannot bind the new listener")
+                }
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Starting an outlet from its merged configuration: the one entry the binary (and anything
 //! else that runs an outlet as the binary would) calls.
 
-use crate::config::{allows, influxdb_rule, targets, OutletConfig};
+use crate::config::{allows, influxdb_rule, targets, udp_targets, OutletConfig};
 use crate::lease::{admin, LeaseConfig, LeaseManager};
 use crate::node::{Outlet, OutletOptions};
 use crate::serve::Services;
@@ -15,6 +15,20 @@ use tokio_util::sync::CancellationToken;
 /// socket, `/metrics` when asked, and certificate renewal when it was enrolled. Leases are
 /// revoked once the streams have drained.
 pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_reload(cfg, shutdown, None).await
+}
+
+/// Reads the configuration again (the binary: the same command line and config file).
+pub type Reread = Box<dyn Fn() -> anyhow::Result<OutletConfig> + Send + Sync>;
+
+/// [`run`], and on each `SIGHUP` the services of `reread()` are put in force (see
+/// [`crate::reload`]); a config that does not read or validate is refused, the error logged,
+/// and the one in force stays.
+pub async fn run_with_reload(
+    cfg: OutletConfig,
+    shutdown: CancellationToken,
+    reread: Option<Reread>,
+) -> anyhow::Result<()> {
     let recorder =
         postern_net::runtime::ops::recorder_if_asked(cfg.metrics_addr, crate::metrics::describe)
             .map_err(anyhow::Error::msg)?;
@@ -36,6 +50,7 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
         leases: Default::default(),
         allow: allows(&cfg.services)?,
         inject_at: Default::default(),
+        udp: udp_targets(&cfg.services)?,
     };
     let mut managers = Vec::new();
     if let Some((name, influx)) = cfg.influxdb {
@@ -137,6 +152,28 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
     outlet
         .handle()
         .renew_automatically(&cfg.state_dir, &settings.cert, shutdown.clone());
+    if let Some(reread) = reread {
+        let handle = outlet.handle();
+        let mut hups = postern_net::runtime::signal::hangups(shutdown.clone());
+        tokio::spawn(async move {
+            while hups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let services = reread()
+                    .and_then(|cfg| crate::reload::services_from(&cfg, &handle.live_services()));
+                match services {
+                    Ok(s) => {
+                        let names = s.names();
+                        let closed = handle.reload(s).await;
+                        tracing::info!(services = ?names, closed, "config reloaded");
+                    }
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload refused: the new config is invalid; the one in force stays"
+                    ),
+                }
+            }
+        });
+    }
     outlet.run(shutdown).await;
     leases_stop.cancel();
     for m in managers {

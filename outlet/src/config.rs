@@ -56,6 +56,12 @@ pub struct ServiceFile {
     /// Failed checks in a row before the target counts as unhealthy [default: 2].
     #[serde(default)]
     pub health_check_failures: Option<u32>,
+    /// `tcp` (default) or `udp`: datagrams from inlets' UDP listeners, sent to `to` from one
+    /// socket per client flow (e.g. InfluxDB 1.x's `[[udp]]` line protocol listener).
+    #[serde(default)]
+    pub protocol: postern_proto::udp::Protocol,
+    /// How long a UDP flow lives without a datagram either way, e.g. `"60s"` [default: 60s].
+    pub udp_idle_timeout: Option<String>,
 }
 
 /// The PROXY protocol versions a service's target can be sent.
@@ -184,6 +190,9 @@ pub struct RunArgs {
     /// credentials, whose `allow` is required: an attribute expression, or `"*"` for every
     /// inlet the relay routes; its target is checked with `GET /ping`, tuned by the top-level
     /// `influxdb-health-check`, `influxdb-health-check-interval`, `-timeout` and `-failures`).
+    /// On SIGHUP the command line and this file are read again and their `[[service]]` tables
+    /// put in force (services added or removed, `allow` changed; connections no longer allowed
+    /// are closed); an invalid file is refused, logged, and the config in force stays.
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -202,10 +211,13 @@ pub struct RunArgs {
     /// target is checked with a TCP connection every 5 s (2 s timeout; unhealthy after 2
     /// failures in a row, reported to the relay, which then routes elsewhere):
     /// `,health-check-interval=DUR`, `,health-check-timeout=DUR`, `,health-check-failures=N`,
-    /// `,health-check=off`. Repeatable; adds to the file's `[[service]]` tables.
+    /// `,health-check=off`. `,protocol=udp` offers a UDP service instead (e.g. InfluxDB 1.x's
+    /// `[[udp]]` line protocol listener): datagrams from inlets' UDP listeners, sent from one
+    /// socket per client flow, which ends after `,udp-idle-timeout=DURATION` idle [default:
+    /// 60s]. Repeatable; adds to the file's `[[service]]` tables.
     #[arg(
         long = "service",
-        value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public]"
+        value_name = "NAME=HOST:PORT[,tls][,tls-ca=PATH][,public][,protocol=udp]"
     )]
     pub services: Vec<String>,
     /// TCP address serving `/metrics` (Prometheus), `/healthz` and `/readyz` (ready while the
@@ -291,6 +303,8 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
         health_check_interval: None,
         health_check_timeout: None,
         health_check_failures: None,
+        protocol: Default::default(),
+        udp_idle_timeout: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -313,7 +327,10 @@ pub fn parse_service_flag(s: &str) -> anyhow::Result<ServiceFile> {
                     format!("--service {s:?}: health-check-failures must be a number")
                 })?)
             }
-            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH, public-key=PATH, proxy-protocol=v2, health-check=on|off, health-check-interval=DUR, health-check-timeout=DUR or health-check-failures=N)"),
+            Some(("protocol", "tcp")) => svc.protocol = postern_proto::udp::Protocol::Tcp,
+            Some(("protocol", "udp")) => svc.protocol = postern_proto::udp::Protocol::Udp,
+            Some(("udp-idle-timeout", t)) => svc.udp_idle_timeout = Some(t.to_owned()),
+            _ => bail!("--service {s:?}: unknown option {opt:?} (expected tls, tls-ca=PATH, tls-server-name=NAME, allow=EXPR, public, public-cert=PATH, public-key=PATH, proxy-protocol=v2, health-check=on|off, health-check-interval=DUR, health-check-timeout=DUR, health-check-failures=N, protocol=tcp|udp or udp-idle-timeout=DURATION)"),
         }
     }
     Ok(svc)
@@ -335,6 +352,7 @@ impl RunArgs {
             if !seen.insert(s.name.clone()) {
                 bail!("service {:?} is defined twice", s.name.as_str());
             }
+            s.udp_target()?;
             if s.tls && s.tls_ca.is_none() {
                 bail!("service {:?}: `tls = true` needs `tls-ca` (the CA the target's certificate chains to)", s.name.as_str());
             }
@@ -463,6 +481,44 @@ impl ServiceFile {
         )
     }
 
+    /// The UDP target of a `protocol = "udp"` service (`None` for TCP); TCP-only settings on a
+    /// UDP service, and the reverse, are errors rather than ignored.
+    pub fn udp_target(&self) -> anyhow::Result<Option<crate::udp::UdpTarget>> {
+        use postern_proto::udp::Protocol;
+        match self.protocol {
+            Protocol::Tcp => {
+                if self.udp_idle_timeout.is_some() {
+                    bail!(
+                        "service {}: udp-idle-timeout needs protocol = \"udp\"",
+                        self.name
+                    );
+                }
+                Ok(None)
+            }
+            Protocol::Udp => {
+                if self.tls || self.public {
+                    bail!(
+                        "service {}: protocol = \"udp\" cannot have tls or public (they are TCP)",
+                        self.name
+                    );
+                }
+                let idle_timeout = match &self.udp_idle_timeout {
+                    Some(t) => postern_net::runtime::duration::parse_duration(t)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("service {}: udp-idle-timeout", self.name))?,
+                    None => postern_proto::udp::DEFAULT_IDLE_TIMEOUT,
+                };
+                if idle_timeout.is_zero() {
+                    bail!("service {}: udp-idle-timeout must be above zero", self.name);
+                }
+                Ok(Some(crate::udp::UdpTarget {
+                    to: self.to.clone(),
+                    idle_timeout,
+                }))
+            }
+        }
+    }
+
     /// Builds the connector for this service's target, with its check and PROXY setting.
     pub fn target(&self) -> anyhow::Result<Target> {
         let mut t = self.connector()?;
@@ -532,12 +588,26 @@ pub fn influxdb_rule(
     }
 }
 
-/// Builds the target map.
+/// Builds the target map of the TCP services.
 pub fn targets(services: &[ServiceFile]) -> anyhow::Result<HashMap<ServiceName, Target>> {
     services
         .iter()
+        .filter(|s| s.protocol == postern_proto::udp::Protocol::Tcp)
         .map(|s| Ok((s.name.clone(), s.target()?)))
         .collect()
+}
+
+/// Builds the target map of the UDP services.
+pub fn udp_targets(
+    services: &[ServiceFile],
+) -> anyhow::Result<HashMap<ServiceName, crate::udp::UdpTarget>> {
+    let mut out = HashMap::new();
+    for s in services {
+        if let Some(t) = s.udp_target()? {
+            out.insert(s.name.clone(), t);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -563,6 +633,30 @@ mod tests {
         assert!(parse_service_flag("db").is_err());
         assert!(parse_service_flag("DB=x:1").is_err());
         assert!(parse_service_flag("db=x:1,bogus").is_err());
+    }
+
+    #[test]
+    fn udp_services_get_udp_targets_and_refuse_tcp_only_options() {
+        let s = parse_service_flag("db-udp=127.0.0.1:8089,protocol=udp,udp-idle-timeout=3s")
+            .expect("parse");
+        let t = s.udp_target().expect("valid").expect("udp");
+        assert_eq!(t.to, "127.0.0.1:8089");
+        assert_eq!(t.idle_timeout, std::time::Duration::from_secs(3));
+        let tcp = parse_service_flag("db=127.0.0.1:8086").expect("parse");
+        assert!(tcp.udp_target().expect("valid").is_none());
+        // A UDP service is offered under its name but has no TCP target.
+        let all = [s.clone(), tcp];
+        assert_eq!(targets(&all).expect("targets").len(), 1);
+        assert_eq!(udp_targets(&all).expect("udp targets").len(), 1);
+        for bad in [
+            "db=127.0.0.1:1,udp-idle-timeout=5s",
+            "db=127.0.0.1:1,protocol=udp,tls,tls-ca=/x.pem",
+            "db=127.0.0.1:1,protocol=udp,udp-idle-timeout=0s",
+        ] {
+            let s = parse_service_flag(bad).expect("parses");
+            assert!(s.udp_target().is_err(), "{bad}");
+        }
+        assert!(parse_service_flag("db=127.0.0.1:1,protocol=quic").is_err());
     }
 
     #[test]

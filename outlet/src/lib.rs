@@ -12,9 +12,11 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod public;
+pub mod reload;
 pub mod serve;
 pub mod target;
 #[cfg(all(test, unix))]
 mod test_fs;
+pub mod udp;
 
 pub use node::{Outlet, OutletHandle, OutletOptions};

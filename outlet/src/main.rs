@@ -22,7 +22,13 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!("shutdown asked for: draining");
                 signal.cancel();
             });
-            return postern_outlet::app::run(cfg, shutdown).await;
+            // SIGHUP reads the same command line and config file again.
+            let reread: postern_outlet::app::Reread =
+                Box::new(|| match Cli::try_parse()?.command {
+                    Command::Run(args) => args.resolve(),
+                    _ => anyhow::bail!("the command line no longer says `run`"),
+                });
+            return postern_outlet::app::run_with_reload(cfg, shutdown, Some(reread)).await;
         }
         other => other,
     };

@@ -19,6 +19,10 @@
 //!   `allowed`, `denied` (no live grant) or `link` (an access link opened);
 //! - `postern_outlet_target_healthy{service}`: 1 while the service's target passes its checks,
 //!   0 once it failed `health-check-failures` in a row (see [`crate::health`]).
+//! - `postern_outlet_udp_datagrams_total{service,direction}`, `postern_outlet_udp_flows_total{service}`
+//!   and `postern_outlet_udp_drops_total{service,reason}` (`not_allowed`, `unknown_service`,
+//!   `target_unreachable`, `target_error`, `unknown_flow`, `oversize`, `bad_frame`) for UDP
+//!   services, see [`crate::udp`].
 
 use crate::node::OutletHandle;
 use postern_net::runtime::ops::{Exposition, Observe};
@@ -28,6 +32,18 @@ pub fn describe() {
     metrics::describe_gauge!(
         "postern_outlet_target_healthy",
         "1 while the service's target passes its health checks, 0 while it fails them (reported to the relay)."
+    );
+    metrics::describe_counter!(
+        crate::udp::DATAGRAMS,
+        "Datagrams through the outlet's UDP services, by service and direction (up: client to service)."
+    );
+    metrics::describe_counter!(
+        crate::udp::DROPS,
+        "Datagrams of UDP services not forwarded, by service and reason (not_allowed, unknown_service, target_unreachable, target_error, unknown_flow, oversize, bad_frame)."
+    );
+    metrics::describe_counter!(
+        crate::udp::FLOWS,
+        "UDP flows (client addresses at an inlet) opened, by service."
     );
     metrics::describe_counter!(
         "postern_outlet_stream_bytes_total",

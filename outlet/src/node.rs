@@ -42,6 +42,8 @@ pub struct Outlet {
     uplink: Arc<Uplink>,
     routes: Arc<Routes>,
     services: Arc<Services>,
+    /// The services in force (swapped on reload, see [`crate::reload`]).
+    live: Arc<crate::reload::Live>,
     public: Option<Arc<crate::public::Public>>,
     /// How many relays of a fleet to attach to (see [`crate::homing`]).
     home_relays: usize,
@@ -57,6 +59,7 @@ pub struct OutletHandle {
     routes: Arc<Routes>,
     services: Arc<Services>,
     health: Arc<crate::health::Board>,
+    live: Arc<crate::reload::Live>,
 }
 
 impl OutletHandle {
@@ -64,6 +67,41 @@ impl OutletHandle {
     /// ([`NodeSocket::path_counts`](postern_net::transport::node_socket::NodeSocket::path_counts)).
     pub fn socket(&self) -> &Arc<postern_net::transport::node_socket::NodeSocket> {
         self.uplink.socket()
+    }
+
+    /// The services in force now.
+    pub fn live_services(&self) -> Arc<Services> {
+        self.live.get()
+    }
+
+    /// Puts `services` in force (see [`crate::reload`]): new streams and flows use them, every
+    /// connected relay is told the new service list, and end-to-end connections the new
+    /// services no longer allow are closed. Returns how many were closed.
+    pub async fn reload(&self, services: Services) -> usize {
+        let services = Arc::new(services);
+        self.live.set(services.clone());
+        let closed = self.routes.close_disallowed(&services);
+        let names = services.names();
+        for (relay, control) in self.uplink.relays() {
+            let conn = control.borrow().clone();
+            let Some(conn) = conn else { continue };
+            let msg = Ctl::Register {
+                services: names.clone(),
+            };
+            match exchange::request(&conn, &msg, CTL_TIMEOUT).await {
+                Ok(Ctl::Registered { services }) => {
+                    tracing::info!(%relay, ?services, "services registered with relay after reload")
+                }
+                Ok(Ctl::Refused { reason }) => {
+                    tracing::error!(%relay, %reason, "the relay refused the reloaded service list")
+                }
+                Ok(_) => tracing::warn!(%relay, "unexpected answer to Register after reload"),
+                Err(e) => {
+                    tracing::warn!(%relay, error = %e, "could not register the reloaded services")
+                }
+            }
+        }
+        closed
     }
 
     /// The control connection, as it comes and goes.
@@ -138,10 +176,12 @@ impl Outlet {
     /// Binds the outlet's socket and endpoint.
     pub fn bind(opts: OutletOptions) -> Result<Self, OutletError> {
         let uplink = Uplink::bind(opts.relay, &opts.identity, opts.roots, Role::Server)?;
+        let services = Arc::new(opts.services);
         Ok(Self {
             uplink: Arc::new(uplink),
             routes: Arc::new(Routes::default()),
-            services: Arc::new(opts.services),
+            live: Arc::new(crate::reload::Live::new(services.clone())),
+            services,
             public: None,
             home_relays: postern_net::fleet::DEFAULT_HOME_RELAYS,
             name: opts
@@ -201,6 +241,7 @@ impl Outlet {
             routes: self.routes.clone(),
             services: self.services.clone(),
             health: self.health.clone(),
+            live: self.live.clone(),
         }
     }
 
@@ -211,10 +252,10 @@ impl Outlet {
         let keep_on_relay_loss = Arc::new(AtomicBool::new(self.uplink.several_relays()));
         let drain = self.uplink.drain().clone();
         crate::health::spawn_checks(&self.health, &self.services.targets, &shutdown);
-        let (socket, routes, names, public, all, weak, keep) = (
+        let (socket, routes, live, public, all, weak, keep) = (
             self.uplink.socket().clone(),
             self.routes.clone(),
-            self.services.names(),
+            self.live.clone(),
             self.public.clone(),
             self.services.clone(),
             Arc::downgrade(&self.uplink),
@@ -225,7 +266,7 @@ impl Outlet {
             Arc::new(OutletControl {
                 socket: socket.clone(),
                 routes: routes.clone(),
-                services: names.clone(),
+                services: live.clone(),
                 relay,
                 draining: drain.draining.clone(),
                 keep_on_relay_loss: keep.clone(),
@@ -253,7 +294,7 @@ impl Outlet {
         let accept = serve::accept_loop(
             self.uplink.clone(),
             self.routes.clone(),
-            self.services.clone(),
+            self.live.clone(),
             shutdown.clone(),
             drain.clone(),
         );
@@ -265,7 +306,8 @@ impl Outlet {
 struct OutletControl {
     socket: Arc<NodeSocket>,
     routes: Arc<Routes>,
-    services: Vec<ServiceName>,
+    /// The services in force: registered at each connect, checked at each route.
+    services: Arc<crate::reload::Live>,
     relay: SocketAddr,
     draining: CancellationToken,
     /// With several relays (or in a fleet), end-to-end connections outlive the loss of one
@@ -285,7 +327,7 @@ struct OutletControl {
 impl ControlHandler for OutletControl {
     async fn on_connect(&self, conn: &quinn::Connection) -> Result<(), CtlError> {
         let msg = Ctl::Register {
-            services: self.services.clone(),
+            services: self.services.get().names(),
         };
         match exchange::request(conn, &msg, CTL_TIMEOUT).await? {
             Ctl::Registered { services } => {
@@ -313,7 +355,7 @@ impl ControlHandler for OutletControl {
                 service,
                 inlet,
             } => {
-                if !self.services.contains(&service) {
+                if !self.services.get().names().contains(&service) {
                     return Ctl::Refused {
                         reason: Refusal::NotServed { service },
                     };

@@ -34,6 +34,9 @@ pub struct Services {
     /// Where each leased service's credential is put into requests (absent: at the inlet).
     /// Every service in `leases` is enforced here either way (see [`crate::enforce`]).
     pub inject_at: HashMap<ServiceName, InjectAt>,
+    /// UDP services (`protocol = "udp"`): their datagrams go to these targets, see
+    /// [`crate::udp`].
+    pub udp: HashMap<ServiceName, crate::udp::UdpTarget>,
 }
 
 impl Services {
@@ -44,7 +47,12 @@ impl Services {
 
     /// Every service name offered.
     pub fn names(&self) -> Vec<ServiceName> {
-        let mut names: Vec<ServiceName> = self.targets.keys().cloned().collect();
+        let mut names: Vec<ServiceName> = self
+            .targets
+            .keys()
+            .chain(self.udp.keys())
+            .cloned()
+            .collect();
         names.sort();
         names
     }
@@ -134,6 +142,36 @@ impl Routes {
         }
     }
 
+    /// Closes the end-to-end connections that `services` no longer allow: their route's
+    /// service is gone, or its `allow` no longer admits the route's inlet. Returns how many.
+    pub fn close_disallowed(&self, services: &Services) -> usize {
+        let routes: Vec<ExpectedRoute> = self.expected().values().cloned().collect();
+        let mut closed = 0;
+        for r in routes {
+            let conns = self.conns().get(&r.route).cloned().unwrap_or_default();
+            for conn in conns {
+                let served = services.targets.contains_key(&r.service)
+                    || services.udp.contains_key(&r.service);
+                let allowed = served
+                    && services.allow.get(&r.service).is_none_or(|rule| {
+                        let mut attrs = postern_net::transport::endpoint::peer_attributes(&conn);
+                        attrs.insert("name".into(), r.inlet.to_string());
+                        rule.eval(&attrs)
+                    });
+                if !allowed {
+                    tracing::info!(target: "postern::audit", event = "policy", action = "reload", node = %r.inlet, service = %r.service, allowed = false, served);
+                    tracing::warn!(inlet = %r.inlet, service = %r.service, served, "closing an end-to-end connection the reloaded config no longer allows");
+                    conn.close(
+                        VarInt::from_u32(code::NOT_ALLOWED),
+                        b"no longer allowed by the outlet's config",
+                    );
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
     /// Number of live end-to-end connections.
     pub fn connection_count(&self) -> usize {
         self.conns().values().map(Vec::len).sum()
@@ -144,7 +182,7 @@ impl Routes {
 pub async fn accept_loop(
     uplink: Arc<postern_net::uplink::Uplink>,
     routes: Arc<Routes>,
-    services: Arc<Services>,
+    services: Arc<crate::reload::Live>,
     shutdown: CancellationToken,
     drain: Drain,
 ) {
@@ -186,7 +224,7 @@ async fn serve_connection(
     incoming: quinn::Incoming,
     expected: ExpectedRoute,
     routes: Arc<Routes>,
-    services: Arc<Services>,
+    live: Arc<crate::reload::Live>,
     drain: Drain,
     uplink: Arc<postern_net::uplink::Uplink>,
 ) {
@@ -233,6 +271,15 @@ async fn serve_connection(
             );
         }
     }
+    tokio::spawn(
+        crate::udp::serve_datagrams(
+            conn.clone(),
+            live.clone(),
+            expected.inlet.clone(),
+            attrs.clone(),
+        )
+        .in_current_span(),
+    );
     let reason = loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -245,7 +292,8 @@ async fn serve_connection(
             let _ = recv.stop(VarInt::from_u32(code::SHUTDOWN));
             continue;
         }
-        let services = services.clone();
+        // Each stream takes the services in force when it starts (see `crate::reload`).
+        let services = live.get();
         let inlet = expected.inlet.clone();
         let attrs = attrs.clone();
         let token = drain.streams.token();

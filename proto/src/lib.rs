@@ -18,6 +18,7 @@ pub mod secret;
 pub mod sni;
 pub mod ticket;
 pub mod tls;
+pub mod udp;
 
 /// Where a test writes the seed corpus of fuzz target `target` (`fuzz/corpus/<target>`, see
 /// fuzz/README.md): under `$POSTERN_WRITE_SEED_CORPUS`, or `None` when that is unset.

@@ -23,6 +23,20 @@ use tokio_util::sync::CancellationToken;
 /// Runs the relay `cfg` describes until `shutdown` is cancelled, then drains (up to its drain
 /// timeout) and stops everything it started.
 pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_reload(cfg, shutdown, None).await
+}
+
+/// Reads the configuration again (the binary: the same command line and config file).
+pub type Reread = Box<dyn Fn() -> anyhow::Result<RelayConfig> + Send + Sync>;
+
+/// [`run`], and on each `SIGHUP` the `[[policy]]` of `reread()` is put in force for new
+/// registrations and routes; a config that does not read or validate is refused, the error
+/// logged, and the policy in force stays.
+pub async fn run_with_reload(
+    cfg: RelayConfig,
+    shutdown: CancellationToken,
+    reread: Option<Reread>,
+) -> anyhow::Result<()> {
     let state = StateDir::new(&cfg.state_dir);
     // Keys, tickets and identities live here: made 0700, or tightened if an older install or a
     // hand-made directory left it open to other users.
@@ -111,6 +125,25 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Resul
             Some(recorder),
             ops_stop.clone(),
         ));
+    }
+    if let Some(reread) = reread {
+        let handle = relay.handle();
+        let mut hups = postern_net::runtime::signal::hangups(shutdown.clone());
+        tokio::spawn(async move {
+            while hups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                match reread() {
+                    Ok(cfg) => {
+                        handle.set_policy(cfg.policy);
+                        tracing::info!("config reloaded");
+                    }
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload refused: the new config is invalid; the one in force stays"
+                    ),
+                }
+            }
+        });
     }
     relay.run(shutdown).await;
     public_stop.cancel();

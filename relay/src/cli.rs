@@ -185,7 +185,12 @@ impl Cli {
                     return Ok(());
                 }
                 postern_net::runtime::logging::init(&self.log, cfg.audit_log.as_deref())?;
-                return crate::app::run(cfg, shutdown_on_signal()).await;
+                // SIGHUP reads the same command line and config file again (the policy).
+                let reread: crate::app::Reread = Box::new(|| match Cli::try_parse()?.command {
+                    Command::Run(args) => Ok(args.resolve()?),
+                    _ => anyhow::bail!("the command line no longer says `run`"),
+                });
+                return crate::app::run_with_reload(cfg, shutdown_on_signal(), Some(reread)).await;
             }
             other => other,
         };

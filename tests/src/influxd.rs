@@ -62,6 +62,8 @@ pub struct Influxd {
     admin_user: String,
     admin_password: String,
     client: reqwest::Client,
+    /// The `[[udp]]` line protocol listener, if started with one.
+    udp: Option<SocketAddr>,
 }
 
 /// Two distinct free ports outside the ephemeral range (see [`crate::ports::free_port`]).
@@ -73,6 +75,23 @@ fn binary() -> PathBuf {
     std::env::var_os("POSTERN_INFLUXD")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/influxd"))
+}
+
+/// A `[[udp]]` section: line protocol datagrams on `bind` written to `database`, flushed in
+/// small batches so that tests see points soon.
+fn udp_section(bind: SocketAddr, database: &str) -> String {
+    format!(
+        r#"
+[[udp]]
+  enabled = true
+  bind-address = "{bind}"
+  database = "{database}"
+  batch-size = 1000
+  batch-pending = 100
+  batch-timeout = "50ms"
+  read-buffer = 8388608
+"#
+    )
 }
 
 fn config_text(dir: &Path, http: SocketAddr, rpc: SocketAddr, auth: bool) -> String {
@@ -119,6 +138,16 @@ bind-address = "{rpc}"
 impl Influxd {
     /// Starts a private influxd and creates its admin user.
     pub async fn start(opts: InfluxdOptions) -> anyhow::Result<Influxd> {
+        Self::start_inner(opts, None).await
+    }
+
+    /// [`start`](Self::start) with the `[[udp]]` listener enabled on a free port of 127.0.0.1,
+    /// writing to `database` (see [`udp_addr`](Self::udp_addr)).
+    pub async fn start_with_udp(opts: InfluxdOptions, database: &str) -> anyhow::Result<Influxd> {
+        Self::start_inner(opts, Some(database)).await
+    }
+
+    async fn start_inner(opts: InfluxdOptions, udp_db: Option<&str>) -> anyhow::Result<Influxd> {
         let bin = binary();
         if !bin.exists() {
             bail!(
@@ -139,7 +168,12 @@ impl Influxd {
             let http: SocketAddr = format!("127.0.0.1:{http_port}").parse()?;
             let rpc: SocketAddr = format!("127.0.0.1:{rpc_port}").parse()?;
             let conf = dir.path().join("influxdb.conf");
-            std::fs::write(&conf, config_text(dir.path(), http, rpc, opts.auth))?;
+            let udp = udp_db.map(|db| (crate::ports::free_udp_addr(), db));
+            let mut text = config_text(dir.path(), http, rpc, opts.auth);
+            if let Some((bind, db)) = udp {
+                text.push_str(&udp_section(bind, db));
+            }
+            std::fs::write(&conf, text)?;
             let log = std::fs::File::create(dir.path().join("influxd.log"))?;
             let child = Command::new(&bin)
                 .arg("run")
@@ -158,6 +192,7 @@ impl Influxd {
                 admin_user: "admin".into(),
                 admin_password: format!("pw-{:016x}", rand::random::<u64>()),
                 client: client.clone(),
+                udp: udp.map(|(bind, _)| bind),
             };
             match me.wait_ready().await {
                 Ok(()) => {
@@ -218,6 +253,11 @@ impl Influxd {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// The `[[udp]]` listener's address, when started with [`start_with_udp`](Self::start_with_udp).
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp
     }
 
     /// The admin user's name.

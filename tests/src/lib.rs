@@ -25,4 +25,5 @@ pub mod profiles;
 pub mod relay_fleet;
 pub mod small_disk;
 pub mod traffic;
+pub mod udp;
 pub mod wait;

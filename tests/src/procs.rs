@@ -135,6 +135,16 @@ impl Proc {
         assert!(status.success(), "kill -TERM {pid}");
     }
 
+    /// Asks it to reload its config, as `systemctl reload` does.
+    pub fn sighup(&self) {
+        let pid = self.child.id().expect("process still running");
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {pid}");
+    }
+
     /// Waits for the process to exit; returns its status.
     pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
         match tokio::time::timeout(timeout, self.child.wait()).await {

@@ -70,6 +70,7 @@ async fn outlet(ca: &Ca, name: &str, relay: SocketAddr, service: &str, target: S
             leases: HashMap::new(),
             allow: HashMap::new(),
             inject_at: HashMap::new(),
+            udp: HashMap::new(),
         },
     })
     .expect("bind outlet");

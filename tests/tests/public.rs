@@ -144,6 +144,7 @@ fn services_of(service: &str, to: SocketAddr) -> Services {
         leases: HashMap::new(),
         allow: HashMap::new(),
         inject_at: HashMap::new(),
+        udp: HashMap::new(),
     }
 }
 

@@ -74,6 +74,9 @@ fn cid_key(reset_key: &[u8; 32]) -> u64 {
 /// (bench/RESULTS.md). Beyond 16 KiB it gained nothing, while a lost packet costs more.
 pub const E2E_MAX_MTU: u16 = 16_384 - postern_proto::fwd::HEADER_LEN as u16;
 
+/// Bytes of QUIC datagrams an end-to-end connection buffers each way (see [`e2e_transport`]).
+pub const E2E_DATAGRAM_BUFFER: usize = 4 * 1024 * 1024;
+
 fn control_transport() -> TransportConfig {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(CONTROL_KEEP_ALIVE));
@@ -176,6 +179,12 @@ pub fn e2e_transport(congestion: Congestion) -> TransportConfig {
     t.stream_receive_window(VarInt::from_u32(4 * 1024 * 1024));
     t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
     t.send_window(32 * 1024 * 1024);
+    // QUIC datagrams (RFC 9221) carry UDP services' datagrams (postern_proto::udp); several
+    // client flows share a connection, so the buffers hold a burst of many flows. A datagram
+    // arriving to a full receive buffer pushes out the oldest (counted as lost UDP, as a full
+    // socket buffer would be).
+    t.datagram_receive_buffer_size(Some(E2E_DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(E2E_DATAGRAM_BUFFER);
     // Every end-to-end packet carries a forwarding header: E2E_MAX_MTU leaves room for it.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     // quinn's search and black-hole settings otherwise: behind a 1,472-byte path it settles

@@ -31,7 +31,7 @@ pub(super) async fn handle(
                 return refused(Refusal::Drained);
             }
             for svc in &services {
-                let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
+                let d = shared.policy().decide(Action::Register, svc, &name, &attrs);
                 tracing::info!(target: "postern::audit", event = "policy", action = "register", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
                 if !d.allowed {
                     return refused(Refusal::NotAllowed {
@@ -113,7 +113,7 @@ fn register_public(shared: &Arc<Shared>, id: NodeId, services: Vec<ServiceName>)
         return refused(Refusal::UnknownNode);
     };
     for svc in &services {
-        let d = shared.policy.decide(Action::Register, svc, &name, &attrs);
+        let d = shared.policy().decide(Action::Register, svc, &name, &attrs);
         tracing::info!(target: "postern::audit", event = "policy", action = "register_public", node = %name, service = %svc, allowed = d.allowed, rule = %d.rule);
         if !d.allowed {
             return refused(Refusal::NotAllowed {

@@ -122,7 +122,7 @@ impl Relay {
                         .map(|a| a.revoked())
                         .unwrap_or_default(),
                 ),
-                policy: opts.policy,
+                policy: std::sync::RwLock::new(Arc::new(opts.policy)),
                 registry: Mutex::default(),
                 conns: Mutex::default(),
                 routes,
@@ -220,7 +220,7 @@ impl Relay {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(addr = %postern_net::runtime::logging::local_addr(self.endpoint.local_addr()), "relay listening");
-        if self.shared.policy.is_empty() {
+        if self.shared.policy().is_empty() {
             tracing::warn!(
                 "no [[policy]] configured: every registration and route will be refused"
             );

@@ -40,7 +40,7 @@ pub(super) async fn grant_route(
             return refuse(RefuseReason::NotAllowed);
         };
         let d = shared
-            .policy
+            .policy()
             .decide(Action::Route, &service, &inlet_name, &reg.attrs(inlet));
         tracing::info!(target: "postern::audit", event = "policy", action = "route", node = %inlet_name, service = %service, allowed = d.allowed, rule = %d.rule);
         if !d.allowed {

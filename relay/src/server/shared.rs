@@ -91,7 +91,8 @@ pub struct PublicStats {
 /// What every task of one relay works on: who is connected, what they registered, the routes
 /// the socket forwards, and the counters.
 pub(super) struct Shared {
-    pub(super) policy: PolicySet,
+    /// The policy in force; swapped whole by a reload (see `RelayHandle::set_policy`).
+    pub(super) policy: std::sync::RwLock<Arc<PolicySet>>,
     /// The state relays share (tickets, identities, drains), wherever it is kept.
     pub(super) fleet: Mutex<Arc<dyn FleetState>>,
     pub(super) revoked: Mutex<std::collections::BTreeSet<NodeName>>,
@@ -129,6 +130,14 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The policy in force now.
+    pub(super) fn policy(&self) -> Arc<PolicySet> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub(super) fn fleet(&self) -> Arc<dyn FleetState> {
         self.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -227,6 +236,18 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
+    /// Puts `policy` in force for every registration and route decided from now on (a
+    /// reload); registrations and routes made before stay as they are.
+    pub fn set_policy(&self, policy: PolicySet) {
+        let empty = policy.is_empty();
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        tracing::info!(empty, "policy reloaded");
+    }
+
     /// Counters of the TLS/TCP listener.
     pub fn tcp_stats(&self) -> &TcpStats {
         &self.tcp.0
