@@ -59,6 +59,7 @@ async fn public_port_serves_https_while_junk_holds_every_slot() {
             leases: HashMap::new(),
             allow: HashMap::new(),
             inject_at: HashMap::new(),
+            udp: HashMap::new(),
         },
         public.clone(),
     )
