@@ -49,34 +49,30 @@ async fn status_lists_the_fleets_relays_with_their_load_and_drops_a_dead_one() {
     let b = fleet.relay("relay-b", "echo").await.expect("relay b");
     let mut c = fleet.relay("relay-c", "echo").await.expect("relay c");
     let (echo, _e) = echo_server().await;
-    // Two outlets on relay B, one on relay C: the load each relay reports differs.
-    let _o1 = start_outlet(
-        &fleet.pki,
-        "outlet-1",
-        b.addr,
-        vec![("echo", Target::tcp(echo.to_string()))],
-    )
-    .await;
-    let _o2 = start_outlet(
-        &fleet.pki,
-        "outlet-2",
-        b.addr,
-        vec![("echo", Target::tcp(echo.to_string()))],
-    )
-    .await;
-    let _o3 = start_outlet(
-        &fleet.pki,
-        "outlet-3",
-        c.addr,
-        vec![("echo", Target::tcp(echo.to_string()))],
-    )
-    .await;
+    // Outlets attach to two home relays of the three: two homed on B and C, one on A and B,
+    // so the load each relay reports differs (A 1, B 3, C 2). Each starts at a home.
+    let relays = [&a, &b, &c];
+    let o1 = homed_on(&relays, &["relay-b", "relay-c"], &[]);
+    let o2 = homed_on(&relays, &["relay-b", "relay-c"], &[&o1]);
+    let o3 = homed_on(&relays, &["relay-a", "relay-b"], &[]);
+    let mut outlets = Vec::new();
+    for name in [&o1, &o2, &o3] {
+        outlets.push(
+            start_outlet(
+                &fleet.pki,
+                name,
+                b.addr,
+                vec![("echo", Target::tcp(echo.to_string()))],
+            )
+            .await,
+        );
+    }
     let want = vec![
-        ("relay-a".to_string(), 0),
-        ("relay-b".to_string(), 2),
-        ("relay-c".to_string(), 1),
+        ("relay-a".to_string(), 1),
+        ("relay-b".to_string(), 3),
+        ("relay-c".to_string(), 2),
     ];
-    // Asked at relay A, which holds none of the outlets: the whole fleet, with each load.
+    // Asked at relay A: the whole fleet, with each load.
     eventually(
         Duration::from_secs(15),
         "the three relays with their load",
@@ -99,27 +95,33 @@ async fn status_lists_the_fleets_relays_with_their_load_and_drops_a_dead_one() {
         .expect("relay-b");
     assert_eq!(on_b.addresses, vec![b.addr.to_string()]);
     assert!(on_b.updated_age_ms < 10_000, "{on_b:?}");
-    // Where outlets are attached: at relay B, its own two.
+    // Where outlets are attached, asked at relay B: every outlet on its two homes.
     let at_b = fleet_of(&b).await;
-    let outlets: Vec<(&str, &[String])> = at_b
+    let mut attached: Vec<(String, Vec<String>)> = at_b
         .attachments
         .iter()
-        .map(|x| (x.outlet.as_str(), x.relays.as_slice()))
+        .map(|x| {
+            let mut r = x.relays.clone();
+            r.sort();
+            (x.outlet.to_string(), r)
+        })
         .collect();
-    assert_eq!(
-        outlets,
-        [
-            ("outlet-1", &["relay-b".to_string()][..]),
-            ("outlet-2", &["relay-b".to_string()][..])
-        ]
-    );
+    attached.sort();
+    let pair = |x: &str, y: &str| vec![x.to_string(), y.to_string()];
+    let mut expected = vec![
+        (o1.clone(), pair("relay-b", "relay-c")),
+        (o2.clone(), pair("relay-b", "relay-c")),
+        (o3.clone(), pair("relay-a", "relay-b")),
+    ];
+    expected.sort();
+    assert_eq!(attached, expected);
     // The summary for people says the same.
     let (ok, text, err) = status(&a, false).await;
     assert!(ok, "{err}");
     assert!(text.contains("relays: 3"), "{text}");
     assert!(text.contains("relay-a (this relay)"), "{text}");
     assert!(
-        text.contains(&format!("relay-b  {}  nodes 2", b.addr)),
+        text.contains(&format!("relay-b  {}  nodes 3", b.addr)),
         "{text}"
     );
 
@@ -150,7 +152,34 @@ async fn status_lists_the_fleets_relays_with_their_load_and_drops_a_dead_one() {
         },
     )
     .await;
-    drop(b);
+    drop((b, outlets));
+}
+
+/// The first `outlet-N` name (other than those in `skip`) whose home relays among `relays`
+/// are exactly `homes`, by the same rendezvous hashing the outlets use.
+fn homed_on(relays: &[&FleetRelay], homes: &[&str], skip: &[&String]) -> String {
+    use postern_net::fleet::{home_relays, DEFAULT_HOME_RELAYS};
+    use postern_proto::msg::FleetRelay as Learned;
+    let members: Vec<Learned> = relays
+        .iter()
+        .map(|r| Learned {
+            name: r.name.clone(),
+            addresses: vec![r.addr.to_string()],
+        })
+        .collect();
+    let mut want: Vec<String> = homes.iter().map(|h| h.to_string()).collect();
+    want.sort();
+    (0..10_000)
+        .map(|i| format!("outlet-{i}"))
+        .find(|n| {
+            let mut got: Vec<String> = home_relays(n, &members, DEFAULT_HOME_RELAYS)
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            got.sort();
+            got == want && !skip.contains(&n)
+        })
+        .expect("a name with those homes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,8 +298,6 @@ async fn etcd_connected(relay: &FleetRelay) -> bool {
 #[ignore = "fails until the relay's etcd client skips a dead member (etcdv3/etcd-client#39)"]
 async fn one_etcd_member_killed_changes_nothing_visible() {
     use postern_net::control::enroll::{enroll, NodeState};
-    use postern_net::fleet::{home_relays, DEFAULT_HOME_RELAYS};
-    use postern_proto::msg::FleetRelay as Learned;
     let _serial = SERIAL.lock().await;
     let mut fleet = FleetProject::start(Pki::new()).await.expect("fleet");
     let a = fleet.relay("relay-a", "echo").await.expect("relay a");
@@ -279,23 +306,7 @@ async fn one_etcd_member_killed_changes_nothing_visible() {
     let relays = [&a, &b, &c];
     // An outlet homed on A and B, so an inlet on C is redirected: the route depends on the
     // fleet's presence records as every relay follows them from etcd.
-    let members: Vec<Learned> = relays
-        .iter()
-        .map(|r| Learned {
-            name: r.name.clone(),
-            addresses: vec![r.addr.to_string()],
-        })
-        .collect();
-    let name = (0..1000)
-        .map(|i| format!("outlet-{i}"))
-        .find(|n| {
-            let homes: Vec<String> = home_relays(n, &members, DEFAULT_HOME_RELAYS)
-                .into_iter()
-                .map(|r| r.name)
-                .collect();
-            !homes.contains(&c.name)
-        })
-        .expect("a name homed on A and B");
+    let name = homed_on(&relays, &["relay-a", "relay-b"], &[]);
     let (echo, _e) = echo_server().await;
     let _outlet = start_outlet(
         &fleet.pki,
