@@ -6,8 +6,9 @@
 use crate::etcd::EtcdCluster;
 use crate::kit::Pki;
 use crate::ports::{free_port, free_udp_addr};
-use crate::procs::{write_identity, Proc};
+use crate::procs::{cli_output, write_identity, Proc};
 use anyhow::Context;
+use postern_proto::ticket::Ticket;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,6 +100,29 @@ impl FleetProject {
     /// `--etcd URL` for each member, as the CLI takes them.
     pub fn etcd_flags(&self) -> Vec<String> {
         self.etcd.flags()
+    }
+
+    /// A single-use enrollment ticket for `role`, made by `postern-relay ticket create` with
+    /// the project CA and recorded in etcd (so any relay of the fleet takes it).
+    pub async fn ticket(&self, relay: &FleetRelay, role: &str) -> anyhow::Result<Ticket> {
+        let state = self.template.display().to_string();
+        let attr = format!("role={role}");
+        let relay_addr = relay.addr.to_string();
+        let flags = self.etcd.flags();
+        let mut args = vec![
+            "ticket",
+            "create",
+            "--attr",
+            &attr,
+            "--relay",
+            &relay_addr,
+            "--state-dir",
+            &state,
+        ];
+        args.extend(flags.iter().map(String::as_str));
+        let (ok, out, err) = cli_output("postern-relay", &args).await;
+        anyhow::ensure!(ok, "ticket create failed: {err}");
+        Ticket::decode(out.trim()).context("decode the ticket")
     }
 }
 

@@ -10,7 +10,7 @@ use postern_tests::kit::*;
 use postern_tests::ops::{get, metric};
 use postern_tests::procs::cli_output;
 use postern_tests::relay_fleet::{FleetProject, FleetRelay};
-use postern_tests::traffic::echo_server;
+use postern_tests::traffic::{echo_once, echo_server};
 use postern_tests::wait::eventually;
 use std::time::Duration;
 
@@ -49,34 +49,30 @@ async fn status_lists_the_fleets_relays_with_their_load_and_drops_a_dead_one() {
     let b = fleet.relay("relay-b", "echo").await.expect("relay b");
     let mut c = fleet.relay("relay-c", "echo").await.expect("relay c");
     let (echo, _e) = echo_server().await;
-    // Two outlets on relay B, one on relay C: the load each relay reports differs.
-    let _o1 = start_outlet(
-        &fleet.pki,
-        "outlet-1",
-        b.addr,
-        vec![("echo", Target::tcp(echo.to_string()))],
-    )
-    .await;
-    let _o2 = start_outlet(
-        &fleet.pki,
-        "outlet-2",
-        b.addr,
-        vec![("echo", Target::tcp(echo.to_string()))],
-    )
-    .await;
-    let _o3 = start_outlet(
-        &fleet.pki,
-        "outlet-3",
-        c.addr,
-        vec![("echo", Target::tcp(echo.to_string()))],
-    )
-    .await;
+    // Outlets attach to two home relays of the three: two homed on B and C, one on A and B,
+    // so the load each relay reports differs (A 1, B 3, C 2). Each starts at a home.
+    let relays = [&a, &b, &c];
+    let o1 = homed_on(&relays, &["relay-b", "relay-c"], &[]);
+    let o2 = homed_on(&relays, &["relay-b", "relay-c"], &[&o1]);
+    let o3 = homed_on(&relays, &["relay-a", "relay-b"], &[]);
+    let mut outlets = Vec::new();
+    for name in [&o1, &o2, &o3] {
+        outlets.push(
+            start_outlet(
+                &fleet.pki,
+                name,
+                b.addr,
+                vec![("echo", Target::tcp(echo.to_string()))],
+            )
+            .await,
+        );
+    }
     let want = vec![
-        ("relay-a".to_string(), 0),
-        ("relay-b".to_string(), 2),
-        ("relay-c".to_string(), 1),
+        ("relay-a".to_string(), 1),
+        ("relay-b".to_string(), 3),
+        ("relay-c".to_string(), 2),
     ];
-    // Asked at relay A, which holds none of the outlets: the whole fleet, with each load.
+    // Asked at relay A: the whole fleet, with each load.
     eventually(
         Duration::from_secs(15),
         "the three relays with their load",
@@ -99,27 +95,33 @@ async fn status_lists_the_fleets_relays_with_their_load_and_drops_a_dead_one() {
         .expect("relay-b");
     assert_eq!(on_b.addresses, vec![b.addr.to_string()]);
     assert!(on_b.updated_age_ms < 10_000, "{on_b:?}");
-    // Where outlets are attached: at relay B, its own two.
+    // Where outlets are attached, asked at relay B: every outlet on its two homes.
     let at_b = fleet_of(&b).await;
-    let outlets: Vec<(&str, &[String])> = at_b
+    let mut attached: Vec<(String, Vec<String>)> = at_b
         .attachments
         .iter()
-        .map(|x| (x.outlet.as_str(), x.relays.as_slice()))
+        .map(|x| {
+            let mut r = x.relays.clone();
+            r.sort();
+            (x.outlet.to_string(), r)
+        })
         .collect();
-    assert_eq!(
-        outlets,
-        [
-            ("outlet-1", &["relay-b".to_string()][..]),
-            ("outlet-2", &["relay-b".to_string()][..])
-        ]
-    );
+    attached.sort();
+    let pair = |x: &str, y: &str| vec![x.to_string(), y.to_string()];
+    let mut expected = vec![
+        (o1.clone(), pair("relay-b", "relay-c")),
+        (o2.clone(), pair("relay-b", "relay-c")),
+        (o3.clone(), pair("relay-a", "relay-b")),
+    ];
+    expected.sort();
+    assert_eq!(attached, expected);
     // The summary for people says the same.
     let (ok, text, err) = status(&a, false).await;
     assert!(ok, "{err}");
     assert!(text.contains("relays: 3"), "{text}");
     assert!(text.contains("relay-a (this relay)"), "{text}");
     assert!(
-        text.contains(&format!("relay-b  {}  nodes 2", b.addr)),
+        text.contains(&format!("relay-b  {}  nodes 3", b.addr)),
         "{text}"
     );
 
@@ -150,7 +152,34 @@ async fn status_lists_the_fleets_relays_with_their_load_and_drops_a_dead_one() {
         },
     )
     .await;
-    drop(b);
+    drop((b, outlets));
+}
+
+/// The first `outlet-N` name (other than those in `skip`) whose home relays among `relays`
+/// are exactly `homes`, by the same rendezvous hashing the outlets use.
+fn homed_on(relays: &[&FleetRelay], homes: &[&str], skip: &[&String]) -> String {
+    use postern_net::fleet::{home_relays, DEFAULT_HOME_RELAYS};
+    use postern_proto::msg::FleetRelay as Learned;
+    let members: Vec<Learned> = relays
+        .iter()
+        .map(|r| Learned {
+            name: r.name.clone(),
+            addresses: vec![r.addr.to_string()],
+        })
+        .collect();
+    let mut want: Vec<String> = homes.iter().map(|h| h.to_string()).collect();
+    want.sort();
+    (0..10_000)
+        .map(|i| format!("outlet-{i}"))
+        .find(|n| {
+            let mut got: Vec<String> = home_relays(n, &members, DEFAULT_HOME_RELAYS)
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            got.sort();
+            got == want && !skip.contains(&n)
+        })
+        .expect("a name with those homes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,4 +246,143 @@ async fn readyz_and_metrics_follow_the_etcd_connection() {
     let (code, body) = get(a.ops, "/readyz").await.expect("readyz");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("etcd connected"), "{body}");
+}
+
+/// An open echo stream through `inlet`'s `echo` service, once one gets through (within 20 s).
+async fn open_echo(inlet: &InletNode) -> tokio::net::TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(inlet.addr("echo")).await {
+            if roundtrip(&mut s, b"first").await {
+                return s;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no echo through the fleet"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes `msg` and reads it back within 5 s.
+async fn roundtrip(s: &mut tokio::net::TcpStream, msg: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; msg.len()];
+    s.write_all(msg).await.is_ok()
+        && tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        && buf == msg
+}
+
+/// Whether `relay` says, in `/readyz` and `/metrics`, that it is connected to etcd.
+async fn etcd_connected(relay: &FleetRelay) -> bool {
+    let ready = get(relay.ops, "/readyz")
+        .await
+        .is_ok_and(|(code, body)| code == 200 && body.contains("etcd connected"));
+    let m = get(relay.ops, "/metrics")
+        .await
+        .map(|r| r.1)
+        .unwrap_or_default();
+    ready && metric(&m, "postern_relay_fleet_connected", &[]) == Some(1.0)
+}
+
+/// Issue 14: "one etcd member killed: nothing visible". Ignored until the etcd client stops
+/// sending requests to a dead member: etcd-client's balanced channel (tonic's p2c over every
+/// endpoint) keeps a refused endpoint "ready" and fails the requests it picks for it
+/// ("tcp connect error", etcdv3/etcd-client#39), so with one of three members down a ticket
+/// create, an enrollment or the fleet view fails about one time in three. Run it with
+/// `--ignored` once the relay's etcd client fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails until the relay's etcd client skips a dead member (etcdv3/etcd-client#39)"]
+async fn one_etcd_member_killed_changes_nothing_visible() {
+    use postern_net::control::enroll::{enroll, NodeState};
+    let _serial = SERIAL.lock().await;
+    let mut fleet = FleetProject::start(Pki::new()).await.expect("fleet");
+    let a = fleet.relay("relay-a", "echo").await.expect("relay a");
+    let b = fleet.relay("relay-b", "echo").await.expect("relay b");
+    let c = fleet.relay("relay-c", "echo").await.expect("relay c");
+    let relays = [&a, &b, &c];
+    // An outlet homed on A and B, so an inlet on C is redirected: the route depends on the
+    // fleet's presence records as every relay follows them from etcd.
+    let name = homed_on(&relays, &["relay-a", "relay-b"], &[]);
+    let (echo, _e) = echo_server().await;
+    let _outlet = start_outlet(
+        &fleet.pki,
+        &name,
+        a.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    let inlet = start_inlet(&fleet.pki, "inlet-1", c.addr, &["echo"]).await;
+    let mut open = open_echo(&inlet).await;
+    for r in relays {
+        assert!(
+            etcd_connected(r).await,
+            "{}: not connected at start",
+            r.name
+        );
+    }
+
+    // Member 0, the first endpoint every relay and the CLI were given, dies. The other two
+    // keep quorum (once they have a leader, if it was the leader).
+    fleet.etcd.stop_member(0);
+    fleet
+        .etcd
+        .wait_healthy(1)
+        .await
+        .expect("member 1 has a leader");
+    fleet
+        .etcd
+        .wait_healthy(2)
+        .await
+        .expect("member 2 has a leader");
+
+    // The open route carries data; a new inlet on C is redirected and routes at once.
+    assert!(roundtrip(&mut open, b"one member down").await);
+    let late = start_inlet(&fleet.pki, "inlet-2", c.addr, &["echo"]).await;
+    assert_eq!(
+        echo_once(late.addr("echo"), b"new inlet").await.as_deref(),
+        Some(&b"new inlet"[..])
+    );
+    // What needs a consistent answer works: a ticket is made and a new node enrolls with it,
+    // at the first attempt, through a relay other than the one the ticket names.
+    let mut t = fleet
+        .ticket(&a, "outlet")
+        .await
+        .expect("ticket with a member down");
+    t.authority = b.addr.to_string();
+    t.relays = vec![b.addr.to_string()];
+    let dir = fleet.dir.path().join("late-node");
+    let enrolled = enroll(&t, &node("late-outlet"), &NodeState::new(&dir)).await;
+    assert!(
+        enrolled.is_ok(),
+        "enrolling with one etcd member down: {enrolled:?}\n{}",
+        b.log()
+    );
+    // Every relay still says it is connected (to the members left), and status agrees.
+    for r in relays {
+        eventually(Duration::from_secs(10), "connected to etcd", || {
+            etcd_connected(r)
+        })
+        .await;
+    }
+    let (ok, text, err) = status(&c, false).await;
+    assert!(ok, "status with a member down: {err}");
+    assert!(!text.contains("NOT CONNECTED"), "{text}");
+    let f = fleet_of(&c).await;
+    assert_eq!(f.relays.len(), 3, "{f:?}");
+
+    // The member comes back: it catches up and nothing changed either.
+    fleet.etcd.start_member(0).expect("member 0 back");
+    fleet.etcd.wait_healthy(0).await.expect("member 0 healthy");
+    assert!(roundtrip(&mut open, b"member back").await);
+    for r in relays {
+        assert!(
+            etcd_connected(r).await,
+            "{}: after member 0 came back",
+            r.name
+        );
+    }
 }
