@@ -288,14 +288,11 @@ async fn etcd_connected(relay: &FleetRelay) -> bool {
     ready && metric(&m, "postern_relay_fleet_connected", &[]) == Some(1.0)
 }
 
-/// Issue 14: "one etcd member killed: nothing visible". Ignored until the etcd client stops
-/// sending requests to a dead member: etcd-client's balanced channel (tonic's p2c over every
-/// endpoint) keeps a refused endpoint "ready" and fails the requests it picks for it
-/// ("tcp connect error", etcdv3/etcd-client#39), so with one of three members down a ticket
-/// create, an enrollment or the fleet view fails about one time in three. Run it with
-/// `--ignored` once the relay's etcd client fails over.
+/// Issue 14: "one etcd member killed: nothing visible". etcd-client's balanced channel keeps
+/// a refused endpoint "ready" (etcdv3/etcd-client#39); without the relay's endpoint watcher
+/// (`relay/src/fleet/endpoints.rs`) a ticket create, an enrollment or the fleet view here
+/// fails about one time in three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until the relay's etcd client skips a dead member (etcdv3/etcd-client#39)"]
 async fn one_etcd_member_killed_changes_nothing_visible() {
     use postern_net::control::enroll::{enroll, NodeState};
     let _serial = SERIAL.lock().await;

@@ -64,6 +64,8 @@ pub(crate) fn describe(e: &etcd_client::Error) -> String {
 
 /// See the module docs.
 pub struct Etcd {
+    /// While it lives, the endpoint watcher keeps the client off members that are down.
+    _alive: Arc<()>,
     client: Client,
     prefix: String,
     endpoints: Vec<String>,
@@ -132,7 +134,15 @@ impl Etcd {
         )
         .await
         .map_err(|_| FleetError::Etcd(format!("no answer from {:?}", cfg.endpoints)))??;
+        let alive = Arc::new(());
+        super::endpoints::watch(
+            client.clone(),
+            cfg.endpoints.clone(),
+            Arc::downgrade(&alive),
+        )
+        .await;
         let me = Self {
+            _alive: alive,
             client,
             prefix: cfg.prefix.clone(),
             endpoints: cfg.endpoints.clone(),

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod config;
 pub mod embedded;
+pub mod endpoints;
 pub mod etcd;
 pub mod health;
 pub mod view;
