@@ -7,6 +7,7 @@ pub mod attack;
 pub mod bulk;
 pub mod charts;
 pub mod cluster;
+pub mod direct;
 pub mod fleet;
 pub mod fleet_etcd;
 pub mod http;

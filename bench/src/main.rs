@@ -59,8 +59,19 @@ enum Cmd {
     /// Throughput and request latency through a lossy, delayed path with an Internet MTU,
     /// for each congestion controller.
     Lossy(LossyArgs),
+    /// The direct path in the NAT lab (network namespaces, both sides behind masquerade; needs
+    /// root, `ip`, `nft` and `cargo build --bins`): one-stream bulk and request/response for
+    /// plain TCP, postern relayed and postern direct, and the time from a new route to the
+    /// direct path.
+    Direct(DirectArgs),
     /// Every scenario with its default sizes.
     All,
+    /// (internal) a client or server of the `direct` scenario inside a lab namespace.
+    #[command(hide = true)]
+    LabAgent {
+        #[arg(long)]
+        job: String,
+    },
     /// (internal) a relay in its own process, driven over stdin.
     #[command(hide = true)]
     RelayChild {
@@ -81,6 +92,22 @@ struct FleetEtcdArgs {
     /// Seconds of idle fleet over which etcd's write rate is measured.
     #[arg(long)]
     idle: Option<f64>,
+}
+
+#[derive(Args)]
+struct DirectArgs {
+    /// Seconds of one-stream bulk per system.
+    #[arg(long)]
+    bulk_secs: Option<f64>,
+    /// Requests per second offered in rr.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds of rr per system.
+    #[arg(long)]
+    rr_secs: Option<f64>,
+    /// New routes timed to the direct path.
+    #[arg(long)]
+    connections: Option<usize>,
 }
 
 #[derive(Args)]
@@ -321,7 +348,9 @@ fn plan(cli: &Cli) -> Plan {
             }
         }
         Cmd::All => Plan::all(q, cli.baselines),
-        Cmd::Attack(_) | Cmd::FleetEtcd(_) => Plan::default(),
+        Cmd::Attack(_) | Cmd::FleetEtcd(_) | Cmd::Direct(_) | Cmd::LabAgent { .. } => {
+            Plan::default()
+        }
         Cmd::RelayChild { .. } => Plan::default(),
     }
 }
@@ -338,6 +367,9 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Cmd::RelayChild { dir } = &cli.cmd {
         return postern_bench::cluster::relay_child(dir).await;
+    }
+    if let Cmd::LabAgent { job } = &cli.cmd {
+        return postern_bench::direct::agent(job).await;
     }
     let mode = match cli.relay {
         RelayArg::Process => RelayMode::Child(std::env::current_exe().context("own executable")?),
@@ -370,6 +402,43 @@ async fn main() -> Result<()> {
         }
         if report.errors > 0 {
             anyhow::bail!("{} errors (see the table)", report.errors);
+        }
+        return Ok(());
+    }
+    if let Cmd::Direct(a) = &cli.cmd {
+        let mut o = if cli.quick {
+            postern_bench::direct::DirectOptions::quick()
+        } else {
+            postern_bench::direct::DirectOptions::standard()
+        };
+        if let Some(v) = a.bulk_secs {
+            o.bulk_secs = v.max(0.1);
+        }
+        if let Some(v) = a.rate {
+            o.rr.rate = v.max(1);
+        }
+        if let Some(v) = a.rr_secs {
+            o.rr.secs = v.max(0.1);
+        }
+        if let Some(v) = a.connections {
+            o.connections = v;
+        }
+        let report = postern_bench::direct::run(&o).await?;
+        postern_bench::progress::finish_progress();
+        let m = postern_bench::report::Machine::probe();
+        println!(
+            "machine: {} CPUs, {}, kernel {}\ncommand: {command}\n\n{}",
+            m.cpus,
+            m.cpu_model,
+            m.kernel,
+            report.table()
+        );
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
+        if report.errors() > 0 {
+            anyhow::bail!("{} errors (see the table)", report.errors());
         }
         return Ok(());
     }

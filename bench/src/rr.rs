@@ -72,20 +72,25 @@ pub struct RrReport {
     pub notes: Vec<String>,
 }
 
-struct RrRun {
-    sent: u64,
-    lat_ns: Vec<u64>,
-    errors: Vec<String>,
-    secs: f64,
+pub(crate) struct RrRun {
+    pub(crate) sent: u64,
+    pub(crate) lat_ns: Vec<u64>,
+    pub(crate) errors: Vec<String>,
+    pub(crate) secs: f64,
 }
 
 /// One open-loop run on one connection, with blocking sockets on two threads so the schedule
 /// does not depend on the async runtime that hosts the tunnel.
 fn run_blocking(addr: SocketAddr, opts: &RrOptions) -> Result<RrRun> {
+    run_on(std::net::TcpStream::connect(addr)?, opts)
+}
+
+/// [`run_blocking`] on a connection already made (the `direct` scenario's clients announce
+/// what they want first).
+pub(crate) fn run_on(mut tx: std::net::TcpStream, opts: &RrOptions) -> Result<RrRun> {
     let size = opts.size.max(8);
     let n = ((opts.rate as f64 * opts.secs) as usize).max(1) + opts.warmup;
     let period = Duration::from_secs_f64(1.0 / opts.rate.max(1) as f64);
-    let mut tx = std::net::TcpStream::connect(addr)?;
     tx.set_nodelay(true)?;
     let mut rx = tx.try_clone()?;
     rx.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -23,6 +23,10 @@
 #   natlab.sh block-udp PREFIX       routers drop UDP between the private networks (UDP to and
 #                                    from the relay still passes)
 #   natlab.sh unblock-udp PREFIX
+#   natlab.sh forward PREFIX a|b PORT
+#                                    port-forward TCP PORT on the router's public address to
+#                                    the same port of the host behind it (DNAT), for a plain
+#                                    TCP baseline across both NATs (the bench's `direct` rows)
 #   natlab.sh down PREFIX            delete every namespace of the lab
 #   natlab.sh exec PREFIX NS CMD...  run CMD in namespace PREFIX-NS (pub, ra, rb, a, b, x)
 set -euo pipefail
@@ -106,6 +110,20 @@ unblock_udp() {
   done
 }
 
+forward() {
+  local p=$1 side=$2 port=$3 host
+  case $side in
+    a) host=10.1.0.2 ;;
+    b) host=10.2.0.2 ;;
+    *) echo "natlab: unknown side $side (a or b)" >&2; exit 2 ;;
+  esac
+  local r="$p-r$side"
+  # A table of its own: switching the NAT mode (which flushes `ip nat`) leaves it alone.
+  ns "$r" nft add table ip portfwd
+  ns "$r" nft add chain ip portfwd pre '{ type nat hook prerouting priority dstnat; }'
+  ns "$r" nft add rule ip portfwd pre iifname '"wan"' tcp dport "$port" dnat to "$host:$port"
+}
+
 down() {
   local p=$1 n
   for n in pub ra rb a b x; do
@@ -119,6 +137,7 @@ case $cmd in
   nat) set_nat "$2" "$3" "$4" ;;
   block-udp) block_udp "$2" ;;
   unblock-udp) unblock_udp "$2" ;;
+  forward) forward "$2" "$3" "$4" ;;
   down) down "$2" ;;
   exec) p=$2 n=$3; shift 3; ns "$p-$n" "$@" ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2 ;;

@@ -85,6 +85,12 @@ impl Lab {
         self.run(&["block-udp"]).expect("block UDP");
     }
 
+    /// Port-forwards TCP `port` on router `side`'s public address to the same port of the host
+    /// behind it: plain TCP across both NATs, the bench's baseline for the direct path.
+    pub fn forward(&self, side: &str, port: u16) -> Result<(), String> {
+        self.run(&["forward", side, &port.to_string()])
+    }
+
     /// The name of namespace `n`.
     pub fn ns(&self, n: &str) -> String {
         format!("{}-{n}", self.prefix)
@@ -213,14 +219,32 @@ pub struct LabTunnel {
     pub relay: Proc,
     pub outlet: Proc,
     pub inlet: Proc,
+    inlet_args: Vec<String>,
     _echo: tokio::process::Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl LabTunnel {
     /// Starts the tunnel, the inlet with `direct = inlet_direct`, the outlet with
     /// `outlet_direct`; waits until both nodes are ready.
     pub async fn start(lab: &Lab, inlet_direct: &str, outlet_direct: &str) -> Self {
+        let echo = lab
+            .command("b", &python(), &["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("echo server");
+        Self::start_with(lab, inlet_direct, outlet_direct, echo).await
+    }
+
+    /// As [`LabTunnel::start`], with `server` (already running in namespace `b` on
+    /// `127.0.0.1:ECHO_PORT`, kept until the tunnel is dropped) in place of the echo server.
+    pub async fn start_with(
+        lab: &Lab,
+        inlet_direct: &str,
+        outlet_direct: &str,
+        server: tokio::process::Child,
+    ) -> Self {
+        let echo = server;
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::new();
         let write = |name: &str| {
@@ -244,11 +268,6 @@ impl LabTunnel {
         let relay_addr = format!("{RELAY_IP}:{RELAY_PORT}");
         let ops = format!("127.0.0.1:{OPS_PORT}");
 
-        let echo = lab
-            .command("b", &python(), &["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
-            .kill_on_drop(true)
-            .spawn()
-            .expect("echo server");
         let relay = Proc::start(
             lab.command(
                 "pub",
@@ -314,9 +333,9 @@ impl LabTunnel {
             dir.path(),
             "outlet",
         );
-        let mut args = node_args(&inlet_cert, &inlet_key, state("inlet-state"), inlet_direct);
-        args.extend(["--service".into(), format!("echo=127.0.0.1:{LISTEN_PORT}")]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut inlet_args = node_args(&inlet_cert, &inlet_key, state("inlet-state"), inlet_direct);
+        inlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{LISTEN_PORT}")]);
+        let args: Vec<&str> = inlet_args.iter().map(String::as_str).collect();
         let inlet = Proc::start(
             lab.command("a", &bin("postern-inlet"), &args),
             dir.path(),
@@ -328,9 +347,25 @@ impl LabTunnel {
             relay,
             outlet,
             inlet,
+            inlet_args,
             _echo: echo,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// Kills the inlet and starts it again with the same flags and state; waits until it is
+    /// ready. Its next client connection sets up a new route (the bench times how long that
+    /// route takes to go direct).
+    pub async fn restart_inlet(&mut self, lab: &Lab) {
+        let _ = self.inlet.child.start_kill();
+        let _ = self.inlet.child.wait().await;
+        let args: Vec<&str> = self.inlet_args.iter().map(String::as_str).collect();
+        self.inlet = Proc::start(
+            lab.command("a", &bin("postern-inlet"), &args),
+            self.dir.path(),
+            "inlet",
+        );
+        lab.wait_ready("a", &self.inlet).await;
     }
 
     /// The three logs, for failure messages.
