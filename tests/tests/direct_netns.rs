@@ -103,8 +103,11 @@ async fn behind_two_endpoint_independent_nats_a_transfer_moves_direct() {
     })
     .await;
     let at_move = lab.metric("pub", FORWARDED).await.expect("relay metrics");
+    // The move can come within tens of milliseconds of route set-up (bench `direct`), so only
+    // part of a MiB may have crossed the relay by then; the handshakes alone are a few KiB, so
+    // more than 64 KiB shows the transfer's own data started on the relay path.
     assert!(
-        at_move > MIB as f64,
+        at_move > 64.0 * 1024.0,
         "the transfer started on the relay path ({at_move} bytes forwarded when it went direct)"
     );
     finished_intact(t, 100, &tunnel).await;
