@@ -166,6 +166,26 @@ impl Etcd {
         format!("{}/{kind}/", self.prefix)
     }
 
+    /// Watches `<prefix>/<first>/` and `<prefix>/<last>/`, two directories next to each other
+    /// in key order, from revision `rev`: one range holds both and no other of the fleet's
+    /// keys, so a follower is not woken by the writes it does not follow (the presence
+    /// records change far more often than revocations and drains).
+    async fn watch_dirs(
+        &self,
+        first: &str,
+        last: &str,
+        rev: i64,
+    ) -> Result<etcd_client::WatchStream, FleetError> {
+        // The end of the range is exclusive: `0` is the byte after `/`.
+        let end = format!("{}/{last}0", self.prefix);
+        let opts = WatchOptions::new().with_range(end).with_start_revision(rev);
+        Ok(self
+            .client
+            .watch_client()
+            .watch(self.dir(first), Some(opts))
+            .await?)
+    }
+
     /// Every record under `<prefix>/<kind>/`, with its name.
     async fn list<T: serde::de::DeserializeOwned>(
         &self,
@@ -716,27 +736,9 @@ impl FleetState for Etcd {
                         *s = snap;
                         changed
                     });
-                    let mut w = self.client.watch_client();
-                    let mut stream = w
-                        .watch(
-                            format!("{}/", self.prefix),
-                            Some(
-                                WatchOptions::new()
-                                    .with_prefix()
-                                    .with_start_revision(rev + 1),
-                            ),
-                        )
-                        .await?;
+                    let mut watch = self.watch_dirs("drains", "identities", rev + 1).await?;
                     loop {
-                        let Some(resp) = stream.message().await? else {
-                            return Err(FleetError::Etcd("the watch ended".into()));
-                        };
-                        if resp.canceled() {
-                            return Err(FleetError::Etcd(format!(
-                                "the watch was cancelled: {}",
-                                resp.cancel_reason()
-                            )));
-                        }
+                        let resp = next_message(&mut watch).await?;
                         let relevant = resp.events().iter().any(|e| {
                             e.kv()
                                 .and_then(|kv| kv.key_str().ok())
@@ -887,27 +889,9 @@ impl FleetState for Etcd {
                 let step = async {
                     let (mut raw, rev) = self.read_fleet().await?;
                     publish(&raw);
-                    let mut w = self.client.watch_client();
-                    let mut stream = w
-                        .watch(
-                            format!("{}/", self.prefix),
-                            Some(
-                                WatchOptions::new()
-                                    .with_prefix()
-                                    .with_start_revision(rev + 1),
-                            ),
-                        )
-                        .await?;
+                    let mut watch = self.watch_dirs("presence", "relays", rev + 1).await?;
                     loop {
-                        let Some(resp) = stream.message().await? else {
-                            return Err(FleetError::Etcd("the fleet watch ended".into()));
-                        };
-                        if resp.canceled() {
-                            return Err(FleetError::Etcd(format!(
-                                "the fleet watch was cancelled: {}",
-                                resp.cancel_reason()
-                            )));
-                        }
+                        let resp = next_message(&mut watch).await?;
                         let mut changed = false;
                         for e in resp.events() {
                             let Some(kv) = e.kv() else { continue };
@@ -944,6 +928,23 @@ impl FleetState for Etcd {
             }
         })
     }
+}
+
+/// The next answer on a watch from [`Etcd::watch_dirs`]; its end or cancellation is an error
+/// (the follower reads everything again and watches anew).
+async fn next_message(
+    stream: &mut etcd_client::WatchStream,
+) -> Result<etcd_client::WatchResponse, FleetError> {
+    let Some(resp) = stream.message().await? else {
+        return Err(FleetError::Etcd("the watch ended".into()));
+    };
+    if resp.canceled() {
+        return Err(FleetError::Etcd(format!(
+            "the watch was cancelled: {}",
+            resp.cancel_reason()
+        )));
+    }
+    Ok(resp)
 }
 
 /// `<service>/<outlet>/<relay>` (a presence key after its directory), parsed.
