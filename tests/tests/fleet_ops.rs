@@ -335,6 +335,16 @@ async fn one_etcd_member_killed_changes_nothing_visible() {
         .wait_healthy(2)
         .await
         .expect("member 2 has a leader");
+    // Each relay takes the dead member out of its etcd client's set within one check (500 ms,
+    // `relay/src/fleet/endpoints.rs`); until then a request may still be sent to it.
+    for r in relays {
+        eventually(
+            Duration::from_secs(5),
+            "the relay sends no more requests to the dead etcd member",
+            || async { r.log().contains("etcd member refuses connections") },
+        )
+        .await;
+    }
 
     // The open route carries data; a new inlet on C is redirected and routes at once.
     assert!(roundtrip(&mut open, b"one member down").await);
