@@ -85,6 +85,8 @@ pids+=($!)
 wait_tcp 127.0.0.1 "$iperf_port" "iperf3 -s"
 
 declare -A sys_port sys_ends sys_mid sys_udp
+rss_pids=()
+rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 systems=(direct)
 sys_port[direct]=$iperf_port
 
@@ -120,6 +122,7 @@ start_postern() { # name direct-setting [bindir]
   sys_ends[$name]="$inlet_pid $outlet_pid"
   sys_mid[$name]=$relay_pid
   sys_udp[$name]="$relay_pid $inlet_pid $outlet_pid"
+  rss_pids+=("$name:inlet:$inlet_pid" "$name:outlet:$outlet_pid" "$name:relay:$relay_pid")
 }
 
 start_rathole() { # name noise(0/1)
@@ -254,11 +257,15 @@ PY
       tail -1 "$results" | awk -F'\t' '$4 == "ok" {printf "   round %s %-3s %-14s %6.2f Gbit/s\n", $1, $2, $3, $5}' >&2
     done
   done
+  for e in "${rss_pids[@]}"; do
+    printf '%s\t%s\t%s\n' "$r" "${e%:*}" "$(rss_kib "${e##*:}")" >>"$work/rss.tsv"
+  done
 done
 
-python3 - "$results" "$rounds" "$secs" "$out_md" "$out_json" <<'PY'
+touch "$work/rss.tsv"
+python3 - "$results" "$rounds" "$secs" "$out_md" "$out_json" "$work/rss.tsv" <<'PY'
 import json, statistics, sys, os, platform, subprocess, datetime
-path, rounds, secs, out_md, out_json = sys.argv[1:6]
+path, rounds, secs, out_md, out_json, rss_path = sys.argv[1:7]
 rows = {}
 order = []
 for line in open(path):
@@ -310,10 +317,20 @@ for (t, s) in order:
                     "middle_cpu_s_per_gib": m, "retransmits_median": rt, "udp_drops_total": dr if is_postern else None})
 lines.append("")
 lines.append("UDP drops: summed over all rounds, every UDP socket of the relay, outlet and inlet.")
+rss = {}
+for line in open(rss_path):
+    r, who, kib = line.rstrip("\n").split("\t")
+    rss.setdefault(who, []).append(int(kib))
+if rss:
+    lines.append("")
+    lines.append("RSS after each round (MiB): " + "; ".join(
+        f"{who} " + " ".join(f"{k / 1024:.1f}" for k in v) for who, v in rss.items()))
+summary_rss = {who: v for who, v in rss.items()}
 text = "\n".join(lines)
 print(text)
 if out_md:
     open(out_md, "w").write(text + "\n")
 if out_json:
-    json.dump({"rounds": int(rounds), "seconds": float(secs), "rows": summary}, open(out_json, "w"), indent=1)
+    json.dump({"rounds": int(rounds), "seconds": float(secs), "rows": summary, "rss_kib_after_each_round": summary_rss},
+              open(out_json, "w"), indent=1)
 PY

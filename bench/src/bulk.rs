@@ -1,7 +1,7 @@
 //! `bulk`: throughput of N concurrent streams, each carrying S bytes to a sink that verifies
 //! their count and checksum.
 
-use crate::cluster::{proc_usage, RelayMode, RelayStats, Tunnel};
+use crate::cluster::{proc_usage, udp_drops, RelayMode, RelayStats, Tunnel};
 use crate::progress::progress;
 use crate::stats::median;
 use crate::systems::{self, System};
@@ -79,6 +79,10 @@ pub struct BulkRow {
     /// CPU seconds of the process in the middle (postern's relay, rathole's or bore's server)
     /// per GiB moved, when it runs apart from the bench.
     pub relay_cpu_s_per_gib: Option<f64>,
+    /// Datagrams the kernel dropped on postern's UDP sockets (relay, inlet, outlet) over all
+    /// runs: the receive buffer was full (`drops` of /proc/net/udp, as `ss -uam` shows). None
+    /// for systems without UDP sockets.
+    pub udp_drops: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -239,8 +243,14 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<Bulk
                 error_samples: Vec::new(),
                 bench_cpu_s_per_gib: 0.0,
                 relay_cpu_s_per_gib: None,
+                udp_drops: None,
             };
             let (mut bench_cpu, mut relay_cpu, mut moved) = (0.0, 0.0, 0u64);
+            // The bench process holds postern's inlet and outlet; the relay may be a child.
+            let drop_pids: Vec<String> = std::iter::once("self".to_string())
+                .chain(s.relay_pid.map(|p| p.to_string()))
+                .collect();
+            let drops0 = s.name.starts_with("postern").then(|| udp_drops(&drop_pids));
             for r in 0..opts.repeat {
                 progress(&format!(
                     "bulk: {} x{n} streams of {} KiB, run {}/{}",
@@ -275,6 +285,7 @@ pub async fn run(pki: &Pki, mode: &RelayMode, opts: &BulkOptions) -> Result<Bulk
                 }
             }
             row.gbps = median(&row.runs_gbps);
+            row.udp_drops = drops0.map(|d0| udp_drops(&drop_pids).saturating_sub(d0));
             let gib = moved as f64 / GIB;
             if gib > 0.0 {
                 row.bench_cpu_s_per_gib = bench_cpu / gib;

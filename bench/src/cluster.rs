@@ -115,6 +115,48 @@ pub fn proc_usage(pid: &str) -> Result<ProcUsage> {
     Ok(ProcUsage { rss_kib, cpu_s })
 }
 
+/// Datagrams the kernel dropped on every UDP socket held by `pids` ("self" for this process):
+/// the `drops` column of /proc/net/udp and udp6 (what `ss -uam` shows as `d`), for the sockets
+/// whose inodes the processes' fds point at. Drops there are invisible to postern's own
+/// counters: the datagram never reached the process. 0 where /proc cannot be read.
+pub fn udp_drops(pids: &[String]) -> u64 {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                let link = link.to_string_lossy();
+                if let Some(inode) = link
+                    .strip_prefix("socket:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+                    let inode = f.get(9)?;
+                    inodes
+                        .contains(*inode)
+                        .then(|| f.last()?.parse::<u64>().ok())
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 // One per relay: the size difference between the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum RelayInner {

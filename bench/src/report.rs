@@ -125,13 +125,13 @@ impl Report {
                 o,
                 "### bulk (client -> inlet -> relay -> outlet -> sink, verified)\n"
             );
-            let _ = writeln!(o, "| streams | system | KiB/stream | Gbit/s | runs | vs direct | relay CPU s/GiB | bench CPU s/GiB | verified | errors |");
-            let _ = writeln!(o, "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|");
+            let _ = writeln!(o, "| streams | system | KiB/stream | Gbit/s | runs | vs direct | relay CPU s/GiB | bench CPU s/GiB | UDP drops | verified | errors |");
+            let _ = writeln!(o, "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
             for r in &b.rows {
                 let runs: Vec<String> = r.runs_gbps.iter().map(|g| format!("{g:.2}")).collect();
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {} |",
+                    "| {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {} | {} |",
                     r.streams,
                     r.system,
                     r.bytes_per_stream >> 10,
@@ -140,6 +140,7 @@ impl Report {
                     opt(r.ratio_to_direct, 2),
                     opt(r.relay_cpu_s_per_gib, 2),
                     r.bench_cpu_s_per_gib,
+                    r.udp_drops.map_or("-".into(), |d| d.to_string()),
                     r.verified_streams,
                     r.errors
                 );

@@ -5,9 +5,10 @@
 //! each direction moves through one bounded buffer, so backpressure reaches the sender end to
 //! end through QUIC flow control and TCP windows.
 
+use bytes::{Bytes, BytesMut};
 use postern_proto::msg::code;
 use quinn::{RecvStream, SendStream, VarInt};
-use std::io;
+use std::io::{self, IoSlice};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,11 +20,13 @@ pub const CHUNK: usize = 64 * 1024;
 /// this much per direction; a buffer that a read fills grows by doubling up to [`CHUNK`].
 const FIRST_CHUNK: usize = 4 * 1024;
 
-/// Doubles `buf` (up to [`CHUNK`]) when the last read filled it: the peer has more ready than
-/// the buffer takes, so larger reads and writes pay off.
-fn grow_if_full(buf: &mut Vec<u8>, n: usize) {
-    if n == buf.len() && buf.len() < CHUNK {
-        buf.resize((buf.len() * 2).min(CHUNK), 0);
+/// The next read's size: doubled (up to [`CHUNK`]) when the last read filled what it asked
+/// for, since the peer has more ready than that and larger reads and writes pay off.
+fn next_chunk(want: usize, filled: bool) -> usize {
+    if filled {
+        (want * 2).min(CHUNK)
+    } else {
+        want
     }
 }
 
@@ -70,17 +73,23 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
     send: &mut SendStream,
     counter: &metrics::Counter,
 ) -> Dir {
-    let mut buf = vec![0u8; FIRST_CHUNK];
+    // Each read lands in a buffer of its own that is handed to quinn as is (`write_chunk`), so
+    // the bytes are not copied once more into quinn's send buffer; quinn frees it when the peer
+    // has acknowledged them.
+    let mut want = FIRST_CHUNK;
+    let mut buf = BytesMut::new();
     let mut total = 0u64;
     loop {
-        match tcp.read(&mut buf).await {
+        buf.reserve(want);
+        match tcp.read_buf(&mut buf).await {
             Ok(0) => {
                 // Client half-closed: tell the far end, keep reading its answer.
                 let _ = send.finish();
                 return Dir::Done(total);
             }
             Ok(n) => {
-                if let Err(e) = send.write_all(&buf[..n]).await {
+                let filled = n >= want;
+                if let Err(e) = send.write_chunk(buf.split().freeze()).await {
                     let code = match e {
                         quinn::WriteError::Stopped(c) => c.into_inner(),
                         _ => u64::from(code::RESET),
@@ -89,7 +98,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
                 }
                 total += n as u64;
                 counter.increment(n as u64);
-                grow_if_full(&mut buf, n);
+                want = next_chunk(want, filled);
             }
             Err(e) => {
                 let _ = send.reset(VarInt::from_u32(code::RESET));
@@ -99,25 +108,31 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
     }
 }
 
+/// Most chunks taken from quinn in one read: a read returns what is ready, one chunk per
+/// STREAM frame received (up to one packet's payload each).
+const READ_CHUNKS: usize = 32;
+
 async fn stream_to_tcp<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     mut tcp: W,
     counter: &metrics::Counter,
 ) -> Dir {
     let mut total = 0u64;
-    // `read` gathers every chunk quinn has ready (often many ~1.4 KB packets) into one buffer,
-    // so the TCP side sees one large write instead of one per packet.
-    let mut buf = vec![0u8; FIRST_CHUNK];
+    // `read_chunks` hands over every chunk quinn has ready (often many packets' worth) without
+    // copying them, and one vectored write gives them to the TCP side together.
+    let mut chunks: [Bytes; READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                if let Err(e) = tcp.write_all(&buf[..n]).await {
-                    let _ = recv.stop(VarInt::from_u32(code::RESET));
-                    return Dir::TcpFailed(total, e);
-                }
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(k)) => {
+                let n = match write_all_chunks(&mut tcp, &mut chunks[..k]).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = recv.stop(VarInt::from_u32(code::RESET));
+                        return Dir::TcpFailed(total, e);
+                    }
+                };
                 total += n as u64;
                 counter.increment(n as u64);
-                grow_if_full(&mut buf, n);
             }
             Ok(None) => {
                 let _ = tcp.shutdown().await;
@@ -130,6 +145,49 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Writes every chunk to `w` with vectored writes; returns the bytes written. The chunks are
+/// consumed (left empty).
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> io::Result<usize> {
+    let mut total = 0;
+    let mut first = 0;
+    while first < chunks.len() {
+        let n = {
+            let slices: Vec<IoSlice<'_>> = chunks[first..]
+                .iter()
+                .filter(|c| !c.is_empty())
+                .map(|c| IoSlice::new(c))
+                .collect();
+            if slices.is_empty() {
+                break;
+            }
+            w.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        total += n;
+        let mut left = n;
+        while left > 0 && first < chunks.len() {
+            let c = &mut chunks[first];
+            if c.len() <= left {
+                left -= c.len();
+                *c = Bytes::new();
+                first += 1;
+            } else {
+                bytes::Buf::advance(c, left);
+                left = 0;
+            }
+        }
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(total)
 }
 
 /// Makes closing `tcp` send a RST instead of a FIN.
@@ -392,24 +450,92 @@ mod buffer_tests {
     use super::*;
 
     #[test]
-    fn buffers_start_small_and_grow_only_when_filled() {
-        let mut buf = vec![0u8; FIRST_CHUNK];
-        grow_if_full(&mut buf, 100);
-        assert_eq!(
-            buf.len(),
-            FIRST_CHUNK,
-            "a partial read does not grow the buffer"
-        );
+    fn reads_start_small_and_grow_only_when_filled() {
+        let mut want = FIRST_CHUNK;
+        want = next_chunk(want, false);
+        assert_eq!(want, FIRST_CHUNK, "a partial read does not grow the next one");
         let mut sizes = Vec::new();
         for _ in 0..10 {
-            let n = buf.len();
-            grow_if_full(&mut buf, n);
-            sizes.push(buf.len());
+            want = next_chunk(want, true);
+            sizes.push(want);
         }
         assert_eq!(sizes[..4], [8 * 1024, 16 * 1024, 32 * 1024, CHUNK]);
         assert!(
             sizes.iter().all(|&s| s <= CHUNK),
             "never beyond CHUNK: {sizes:?}"
         );
+    }
+
+    /// A writer that takes at most `max` bytes per call, to exercise partial vectored writes.
+    struct Trickle {
+        got: Vec<u8>,
+        max: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.got.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.max - n);
+                self.got.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.max {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_are_written_whole_and_in_order_through_partial_writes() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for max in [1, 7, 100, 4096, 20_000] {
+            let mut chunks: Vec<Bytes> = [0, 1, 1000, 1000, 0, 3000, 5000]
+                .windows(2)
+                .map(|w| Bytes::copy_from_slice(&data[w[0].min(w[1])..w[1].max(w[0])]))
+                .collect();
+            chunks.push(Bytes::copy_from_slice(&data[5000..]));
+            let want: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
+            let mut w = Trickle { got: Vec::new(), max };
+            let n = write_all_chunks(&mut w, &mut chunks)
+                .await
+                .expect("write");
+            assert_eq!(n, want.len(), "max {max}");
+            assert_eq!(w.got, want, "max {max}");
+            assert!(chunks.iter().all(|c| c.is_empty()), "chunks consumed");
+        }
     }
 }

@@ -35,10 +35,49 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<(Arc<tokio::net::UdpSocket>, Udp
     // Larger buffers absorb bursts at high rates; failure only costs throughput.
     let _ = state.set_recv_buffer_size((&std).into(), SOCKET_BUFFER);
     let _ = state.set_send_buffer_size((&std).into(), SOCKET_BUFFER);
+    force_buffers(&std, &state);
     std.set_nonblocking(true)?;
     let io = tokio::net::UdpSocket::from_std(std)?;
     Ok((Arc::new(io), state))
 }
+
+/// The kernel caps `SO_RCVBUF`/`SO_SNDBUF` at `net.core.rmem_max`/`wmem_max` (often 208 KiB, or
+/// a few MiB): too little for a burst at several Gbit/s, and datagrams that do not fit are
+/// dropped by the kernel, out of sight of any counter of ours, and cost the sender a loss
+/// recovery. A process with `CAP_NET_ADMIN` (a root service) may go past the cap with
+/// `SO_RCVBUFFORCE`; others keep the capped size, and the README gives the sysctl to raise it.
+#[cfg(target_os = "linux")]
+fn force_buffers(std: &std::net::UdpSocket, state: &UdpSocketState) {
+    // Linux reports twice the size asked for (bookkeeping overhead); compare with that.
+    if state
+        .recv_buffer_size(std.into())
+        .is_ok_and(|n| n < 2 * SOCKET_BUFFER)
+    {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(std, SOCKET_BUFFER);
+    }
+    if state
+        .send_buffer_size(std.into())
+        .is_ok_and(|n| n < 2 * SOCKET_BUFFER)
+    {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(std, SOCKET_BUFFER);
+    }
+    let got = state.recv_buffer_size(std.into()).unwrap_or(0) / 2;
+    if got < SOCKET_BUFFER {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::info!(
+                kib = got / 1024,
+                wanted_kib = SOCKET_BUFFER / 1024,
+                "UDP receive buffer capped by net.core.rmem_max; at several Gbit/s the kernel may drop datagrams (raise it: sysctl -w net.core.rmem_max={} net.core.wmem_max={})",
+                2 * SOCKET_BUFFER,
+                2 * SOCKET_BUFFER
+            );
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn force_buffers(_: &std::net::UdpSocket, _: &UdpSocketState) {}
 
 /// The pending writability wait a [`Poller`] keeps between polls.
 pub type WritableFut = Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>;
