@@ -108,6 +108,12 @@ pub enum Ctl {
     /// already open on it finish. Answered by `Ack` (an older inlet answers `Refused`, and
     /// the relay closes the route instead).
     RouteRetired { route: RouteId, reason: String },
+    /// Inlet -> relay: the end-to-end connection of `route` now runs over a direct path
+    /// between the two nodes (`direct`), or through the relay again. The relay cannot see
+    /// the end-to-end traffic, so this is how its status and admin API tell direct routes
+    /// from relayed ones; it takes the report only from the route's inlet (which decides the
+    /// move) and changes nothing else. Answered by `Ack` (an older relay answers `Refused`).
+    RoutePath { route: RouteId, direct: bool },
 }
 
 /// A relay of a fleet, as nodes learn it (see [`Ctl::Relays`]).

@@ -56,6 +56,8 @@ pub struct Registry {
     /// Services ever registered, to tell "unknown" from "no live outlet".
     known: BTreeSet<ServiceName>,
     routes: HashMap<RouteId, RouteInfo>,
+    /// Routes whose inlet reported their end-to-end connection on a direct path.
+    direct: std::collections::HashSet<RouteId>,
     /// Outlets that reported their target of a service unhealthy, and why; absent: healthy
     /// (an outlet that never reports is trusted, as before health reports existed).
     unhealthy: HashMap<(NodeId, ServiceName), String>,
@@ -228,6 +230,7 @@ impl Registry {
 
     /// Forgets a route.
     pub fn remove_route(&mut self, id: RouteId) -> Option<RouteInfo> {
+        self.direct.remove(&id);
         self.routes.remove(&id)
     }
 
@@ -241,6 +244,26 @@ impl Registry {
         let mut out: Vec<_> = self.routes.iter().map(|(id, r)| (*id, r.clone())).collect();
         out.sort_by_key(|(id, _)| *id);
         out
+    }
+
+    /// Records what `node` reports of `route`'s path: direct or through the relay. Only the
+    /// route's inlet decides the move, so only its report counts; false (nothing changed)
+    /// for a report from any other node or about a route that is not here.
+    pub fn set_route_path(&mut self, route: RouteId, node: NodeId, direct: bool) -> bool {
+        if self.routes.get(&route).is_none_or(|r| r.inlet != node) {
+            return false;
+        }
+        if direct {
+            self.direct.insert(route);
+        } else {
+            self.direct.remove(&route);
+        }
+        true
+    }
+
+    /// Whether `route`'s inlet last reported it direct.
+    pub fn route_is_direct(&self, route: RouteId) -> bool {
+        self.direct.contains(&route)
     }
 
     /// How many routes `node` is an end of (a drained node is closed once this reaches zero).
@@ -305,6 +328,7 @@ impl Registry {
             .collect();
         for (id, _) in &gone {
             self.routes.remove(id);
+            self.direct.remove(id);
         }
         gone
     }
@@ -482,6 +506,46 @@ mod tests {
         assert_eq!(gone, vec![(RouteId(10), 2), (RouteId(11), 3)]);
         assert_eq!(r.route_count(), 0);
         assert_eq!(r.routes_of(2), 0);
+    }
+
+    /// Only the route's inlet reports its path; the mark goes with the route.
+    #[test]
+    fn only_the_inlet_of_a_route_reports_its_path() {
+        let mut r = Registry::default();
+        r.connect(1, node("o1"));
+        r.connect(2, node("i1"));
+        r.connect(3, node("i2"));
+        r.register(1, &[svc("db")]);
+        let info = |inlet| RouteInfo {
+            inlet,
+            outlet: 1,
+            service: svc("db"),
+        };
+        r.add_route(RouteId(10), info(2));
+        r.add_route(RouteId(11), info(3));
+        assert!(!r.set_route_path(RouteId(10), 3, true), "not its route");
+        assert!(
+            !r.set_route_path(RouteId(10), 1, true),
+            "the outlet does not decide"
+        );
+        assert!(!r.set_route_path(RouteId(99), 2, true), "no such route");
+        assert!(!r.route_is_direct(RouteId(10)));
+        assert!(r.set_route_path(RouteId(10), 2, true));
+        assert!(r.route_is_direct(RouteId(10)));
+        assert!(!r.route_is_direct(RouteId(11)));
+        assert!(r.set_route_path(RouteId(10), 2, false));
+        assert!(!r.route_is_direct(RouteId(10)));
+        assert!(r.set_route_path(RouteId(10), 2, true));
+        r.remove_route(RouteId(10));
+        r.add_route(RouteId(10), info(2));
+        assert!(
+            !r.route_is_direct(RouteId(10)),
+            "a new route starts relayed"
+        );
+        assert!(r.set_route_path(RouteId(11), 3, true));
+        r.disconnect(1);
+        r.add_route(RouteId(11), info(3));
+        assert!(!r.route_is_direct(RouteId(11)), "gone with its outlet");
     }
 
     #[test]

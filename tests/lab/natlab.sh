@@ -23,6 +23,12 @@
 #   natlab.sh block-udp PREFIX       routers drop UDP between the private networks (UDP to and
 #                                    from the relay still passes)
 #   natlab.sh unblock-udp PREFIX
+#   natlab.sh rebind PREFIX a|b      a NAT rebinding on router a or b: UDP to anywhere but the
+#                                    relay gets a source port from 20000-29999 from now on, and
+#                                    the router forgets (conntrack -D) its mappings of UDP to
+#                                    the other router, so the host's next packet to the other
+#                                    network leaves from a new public port (the mapping towards
+#                                    the relay is kept). Needs `conntrack` (conntrack-tools)
 #   natlab.sh forward PREFIX a|b PORT
 #                                    port-forward TCP PORT on the router's public address to
 #                                    the same port of the host behind it (DNAT), for a plain
@@ -110,6 +116,20 @@ unblock_udp() {
   done
 }
 
+rebind() {
+  local p=$1 side=$2 other
+  case $side in
+    a) other=198.18.0.3 ;;
+    b) other=198.18.0.2 ;;
+    *) echo "natlab: unknown side $side (a or b)" >&2; exit 2 ;;
+  esac
+  command -v conntrack >/dev/null || { echo "natlab: rebind needs conntrack (conntrack-tools)" >&2; exit 3; }
+  local r="$p-r$side"
+  ns "$r" nft insert rule ip nat post oifname '"wan"' ip daddr != "$RELAY" meta l4proto udp masquerade to :20000-29999
+  # conntrack -D exits 1 when nothing matched: the host may not have sent there yet.
+  ns "$r" conntrack -D -p udp --orig-dst "$other" >/dev/null 2>&1 || true
+}
+
 forward() {
   local p=$1 side=$2 port=$3 host
   case $side in
@@ -137,6 +157,7 @@ case $cmd in
   nat) set_nat "$2" "$3" "$4" ;;
   block-udp) block_udp "$2" ;;
   unblock-udp) unblock_udp "$2" ;;
+  rebind) rebind "$2" "$3" ;;
   forward) forward "$2" "$3" "$4" ;;
   down) down "$2" ;;
   exec) p=$2 n=$3; shift 3; ns "$p-$n" "$@" ;;

@@ -85,6 +85,18 @@ impl Lab {
         self.run(&["block-udp"]).expect("block UDP");
     }
 
+    /// Lets UDP between the private networks through again.
+    pub fn unblock_udp(&self) {
+        self.run(&["unblock-udp"]).expect("unblock UDP");
+    }
+
+    /// A NAT rebinding on router `side`: the host's UDP to the other network leaves from a new
+    /// public port from now on (its mapping towards the relay is kept). Err where the lab
+    /// cannot do it (no `conntrack` tool), for the caller to skip with.
+    pub fn rebind(&self, side: &str) -> Result<(), String> {
+        self.run(&["rebind", side])
+    }
+
     /// Port-forwards TCP `port` on router `side`'s public address to the same port of the host
     /// behind it: plain TCP across both NATs, the bench's baseline for the direct path.
     pub fn forward(&self, side: &str, port: u16) -> Result<(), String> {
@@ -366,6 +378,47 @@ impl LabTunnel {
             "inlet",
         );
         lab.wait_ready("a", &self.inlet).await;
+    }
+
+    /// `postern-relay status` (`--json` when `json`) against the lab's relay, run in its
+    /// namespace: (success, output).
+    pub async fn relay_status(&self, lab: &Lab, json: bool) -> (bool, String) {
+        let state = self.dir.path().join("relay-state").display().to_string();
+        let mut args = vec!["status", "--state-dir", &state];
+        if json {
+            args.push("--json");
+        }
+        let out = lab
+            .command("pub", &bin("postern-relay"), &args)
+            .output()
+            .await
+            .expect("run postern-relay status");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Whether the relay's admin API (through `postern-relay status --json`) shows every route
+    /// it has as direct (`Some(true)`), every one relayed (`Some(false)`); `None` while it
+    /// has no route or mixed answers, or cannot be asked.
+    pub async fn relay_shows_direct(&self, lab: &Lab) -> Option<bool> {
+        let (ok, out) = self.relay_status(lab, true).await;
+        if !ok {
+            return None;
+        }
+        let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let flags: Vec<bool> = doc["routes"]["routes"]
+            .as_array()?
+            .iter()
+            .map(|r| r["direct"].as_bool())
+            .collect::<Option<_>>()?;
+        match flags.first() {
+            Some(first) if flags.iter().all(|f| f == first) => Some(*first),
+            _ => None,
+        }
     }
 
     /// The three logs, for failure messages.
