@@ -114,6 +114,12 @@ pub enum Ctl {
     /// from relayed ones; it takes the report only from the route's inlet (which decides the
     /// move) and changes nothing else. Answered by `Ack` (an older relay answers `Refused`).
     RoutePath { route: RouteId, direct: bool },
+    /// Node -> relay, once its control connection is up over UDP: the addresses its UDP socket
+    /// has on its own network (behind any NAT), so that two nodes behind the same NAT can go
+    /// direct without the router hairpinning. The relay passes them in `PeerCandidates` only
+    /// to a peer whose public address has the same IP (the same site), and bounds how many.
+    /// Answered by `Ack` (an older relay answers `Refused`).
+    LocalCandidates { addrs: Vec<std::net::SocketAddr> },
 }
 
 /// A relay of a fleet, as nodes learn it (see [`Ctl::Relays`]).

@@ -28,7 +28,7 @@ pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/natlab.sh")
 }
 
-/// One lab: its namespaces are `<prefix>-{pub,ra,rb,a,b,x}`.
+/// One lab: its namespaces are `<prefix>-{pub,ra,rb,a,a2,b,x}`.
 pub struct Lab {
     pub prefix: String,
 }
@@ -240,12 +240,27 @@ impl LabTunnel {
     /// Starts the tunnel, the inlet with `direct = inlet_direct`, the outlet with
     /// `outlet_direct`; waits until both nodes are ready.
     pub async fn start(lab: &Lab, inlet_direct: &str, outlet_direct: &str) -> Self {
+        Self::start_beside(lab, inlet_direct, outlet_direct, "b").await
+    }
+
+    /// As [`LabTunnel::start`], with the outlet and its echo server in namespace `outlet_ns`
+    /// (`a2`: beside the inlet, behind the same router).
+    pub async fn start_beside(
+        lab: &Lab,
+        inlet_direct: &str,
+        outlet_direct: &str,
+        outlet_ns: &str,
+    ) -> Self {
         let echo = lab
-            .command("b", &python(), &["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
+            .command(
+                outlet_ns,
+                &python(),
+                &["-c", ECHO_SERVER, &ECHO_PORT.to_string()],
+            )
             .kill_on_drop(true)
             .spawn()
             .expect("echo server");
-        Self::start_with(lab, inlet_direct, outlet_direct, echo).await
+        Self::start_in(lab, inlet_direct, outlet_direct, echo, outlet_ns).await
     }
 
     /// As [`LabTunnel::start`], with `server` (already running in namespace `b` on
@@ -255,6 +270,16 @@ impl LabTunnel {
         inlet_direct: &str,
         outlet_direct: &str,
         server: tokio::process::Child,
+    ) -> Self {
+        Self::start_in(lab, inlet_direct, outlet_direct, server, "b").await
+    }
+
+    async fn start_in(
+        lab: &Lab,
+        inlet_direct: &str,
+        outlet_direct: &str,
+        server: tokio::process::Child,
+        outlet_ns: &str,
     ) -> Self {
         let echo = server;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -341,7 +366,7 @@ impl LabTunnel {
         args.extend(["--service".into(), format!("echo=127.0.0.1:{ECHO_PORT}")]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let outlet = Proc::start(
-            lab.command("b", &bin("postern-outlet"), &args),
+            lab.command(outlet_ns, &bin("postern-outlet"), &args),
             dir.path(),
             "outlet",
         );
@@ -353,7 +378,7 @@ impl LabTunnel {
             dir.path(),
             "inlet",
         );
-        lab.wait_ready("b", &outlet).await;
+        lab.wait_ready(outlet_ns, &outlet).await;
         lab.wait_ready("a", &inlet).await;
         Self {
             relay,

@@ -148,6 +148,38 @@ async fn behind_two_endpoint_independent_nats_a_transfer_moves_direct() {
     assert_eq!(outlet_direct, Some(1.0), "{}", tunnel.logs());
 }
 
+/// The inlet and the outlet behind the same router (which does not hairpin: a packet to its
+/// own public address from inside goes nowhere): they reach each other through the local
+/// addresses they announced to the relay, and the route goes direct over the LAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_same_nat_the_nodes_go_direct_over_their_local_addresses() {
+    postern_tests::kit::init_logging();
+    let Some(lab) = lab_or_skip() else { return };
+    let tunnel = LabTunnel::start_beside(&lab, "auto", "auto", "a2").await;
+    let t = transfer(&lab, 16, "0.1");
+    wait_metric(&lab, "a", DIRECT, Duration::from_secs(20), &tunnel, |v| {
+        v == 1.0
+    })
+    .await;
+    let at_move = lab.metric("pub", FORWARDED).await.expect("relay metrics");
+    finished_intact(t, 16, &tunnel).await;
+    let after = lab.metric("pub", FORWARDED).await.expect("relay metrics");
+    assert!(
+        after - at_move < 4.0 * MIB as f64,
+        "the relay kept forwarding after the move: {at_move} then {after}\n{}",
+        tunnel.logs()
+    );
+    assert!(
+        tunnel.inlet.log().contains("10.1.0.3:"),
+        "the inlet went direct to the outlet's LAN address:\n{}",
+        tunnel.inlet.log()
+    );
+    let outlet_direct = lab
+        .metric("a2", "postern_outlet_routes_by_path{path=\"direct\"}")
+        .await;
+    assert_eq!(outlet_direct, Some(1.0), "{}", tunnel.logs());
+}
+
 /// The inlet behind a NAT that maps each destination to a new random port (`masquerade
 /// random,fully-random`): no direct path can be found; the connection works on the relay and
 /// the metrics say so.

@@ -673,6 +673,38 @@ pub async fn report_path(
     }
 }
 
+/// The addresses `socket` (bound to `bound`) has on the node's own network, for
+/// [`Ctl::LocalCandidates`](postern_proto::msg::Ctl::LocalCandidates): the address of the
+/// interface the node reaches `relay` through (the one behind the same NAT as any peer at the
+/// same site), with the socket's port. Loopback only when the relay is on loopback too; none
+/// when the system cannot say (no route).
+pub fn local_candidates(bound: SocketAddr, relay: SocketAddr) -> Vec<SocketAddr> {
+    let ip = if bound.ip().is_unspecified() {
+        let any: SocketAddr = match relay {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        // Connecting a UDP socket sends nothing: it asks the kernel for the route's source.
+        let probe = std::net::UdpSocket::bind(any).and_then(|s| {
+            s.connect(relay)?;
+            s.local_addr()
+        });
+        match probe {
+            Ok(a) => a.ip(),
+            Err(_) => return Vec::new(),
+        }
+    } else {
+        bound.ip()
+    };
+    if ip.is_unspecified() || (ip.is_loopback() && !relay.ip().is_loopback()) {
+        return Vec::new();
+    }
+    vec![crate::transport::udp::canonical(SocketAddr::new(
+        ip,
+        bound.port(),
+    ))]
+}
+
 /// When the inlet's probes of one round go out (from its start), and whether each carries a
 /// wake-up through the relay: the [`FAST_STEPS_MS`], each with a wake-up, then every
 /// [`PROBE_EVERY`] until [`ROUND_LEN`], with a wake-up once a second.
@@ -897,6 +929,22 @@ mod tests {
             [600, 800, 1000, 1200, 1400, 1600, 1800, 2000, 2200, 2400, 2600, 2800],
             "one probe per interval after the fast steps"
         );
+    }
+
+    /// The address towards the relay, with the socket's port; loopback only towards a relay
+    /// on loopback.
+    #[test]
+    fn local_candidates_are_the_address_towards_the_relay() {
+        let relay = addr("127.0.0.1:4433");
+        assert_eq!(
+            local_candidates(addr("0.0.0.0:5000"), relay),
+            vec![addr("127.0.0.1:5000")]
+        );
+        assert_eq!(
+            local_candidates(addr("127.0.0.2:5000"), relay),
+            vec![addr("127.0.0.2:5000")]
+        );
+        assert!(local_candidates(addr("127.0.0.1:5000"), addr("192.0.2.1:4433")).is_empty());
     }
 
     #[test]

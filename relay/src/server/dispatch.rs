@@ -78,6 +78,10 @@ pub(super) async fn handle(
             reason,
         } => super::health::report(shared, id, service, healthy, reason),
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+        Ctl::LocalCandidates { addrs } => {
+            shared.registry().set_local_candidates(id, &addrs);
+            Ctl::Ack
+        }
         Ctl::RoutePath { route, direct } => {
             if shared.registry().set_route_path(route, id, direct) {
                 let path = if direct { "direct" } else { "relayed" };
