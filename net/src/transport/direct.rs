@@ -715,7 +715,7 @@ pub fn round_steps() -> Vec<(Duration, bool)> {
         .collect();
     let mut at = Duration::from_millis(FAST_STEPS_MS[FAST_STEPS_MS.len() - 1]) + PROBE_EVERY;
     while at < ROUND_LEN {
-        steps.push((at, at.as_millis() % 1000 == 0));
+        steps.push((at, at.as_millis().is_multiple_of(1000)));
         at += PROBE_EVERY;
     }
     steps
