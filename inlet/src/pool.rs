@@ -311,12 +311,21 @@ impl Pool {
             if let Some(key) =
                 postern_net::transport::direct::PathKey::from_connection(&conn, route)
             {
-                tokio::spawn(postern_net::transport::direct::run_inlet(
+                use postern_net::transport::direct;
+                let (path, path_changes) = tokio::sync::watch::channel(false);
+                tokio::spawn(direct::run_inlet(
                     self.uplink.socket().clone(),
                     route,
                     virt,
                     key,
+                    path,
                 ));
+                // The route's own relay shows its path in its status and admin API.
+                if let Some((_, control)) =
+                    self.uplink.relays().into_iter().find(|(a, _)| *a == relay)
+                {
+                    tokio::spawn(direct::report_path(control, route, path_changes));
+                }
             }
         }
         tracing::debug!(%service, route = %route.short(), "end-to-end connection route");

@@ -108,6 +108,18 @@ pub enum Ctl {
     /// already open on it finish. Answered by `Ack` (an older inlet answers `Refused`, and
     /// the relay closes the route instead).
     RouteRetired { route: RouteId, reason: String },
+    /// Inlet -> relay: the end-to-end connection of `route` now runs over a direct path
+    /// between the two nodes (`direct`), or through the relay again. The relay cannot see
+    /// the end-to-end traffic, so this is how its status and admin API tell direct routes
+    /// from relayed ones; it takes the report only from the route's inlet (which decides the
+    /// move) and changes nothing else. Answered by `Ack` (an older relay answers `Refused`).
+    RoutePath { route: RouteId, direct: bool },
+    /// Node -> relay, once its control connection is up over UDP: the addresses its UDP socket
+    /// has on its own network (behind any NAT), so that two nodes behind the same NAT can go
+    /// direct without the router hairpinning. The relay passes them in `PeerCandidates` only
+    /// to a peer whose public address has the same IP (the same site), and bounds how many.
+    /// Answered by `Ack` (an older relay answers `Refused`).
+    LocalCandidates { addrs: Vec<std::net::SocketAddr> },
 }
 
 /// A relay of a fleet, as nodes learn it (see [`Ctl::Relays`]).

@@ -35,6 +35,42 @@ pub(crate) fn bounded(reason: &str) -> String {
     format!("{}…", &reason[..end])
 }
 
+/// Most local addresses kept per node (with its public address, a peer probes at most
+/// [`MAX_PEER_CANDIDATES`]).
+pub const MAX_LOCAL_CANDIDATES: usize = 3;
+/// Most candidate addresses the relay announces for one peer (the nodes take no more).
+pub const MAX_PEER_CANDIDATES: usize = 4;
+
+use postern_net::transport::udp::canonical as canonical_addr;
+
+/// Where a node whose public (reflexive) address is `me` may reach its peer: the peer's public
+/// address `peer`, then the addresses the peer announced on its own network, but only when
+/// both public addresses have the same IP (both behind the same NAT, where those addresses
+/// mean something; elsewhere they would make the node probe hosts on its own network that
+/// are not its peer). Loopback addresses only where both are on loopback. At most
+/// [`MAX_PEER_CANDIDATES`], no duplicates.
+pub fn peer_candidates(
+    me: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    peer_local: &[std::net::SocketAddr],
+) -> Vec<std::net::SocketAddr> {
+    let (me, peer) = (canonical_addr(me), canonical_addr(peer));
+    let mut out = vec![peer];
+    if me.ip() != peer.ip() {
+        return out;
+    }
+    for a in peer_local.iter().map(|a| canonical_addr(*a)) {
+        if out.len() == MAX_PEER_CANDIDATES {
+            break;
+        }
+        if (a.ip().is_loopback() && !peer.ip().is_loopback()) || out.contains(&a) {
+            continue;
+        }
+        out.push(a);
+    }
+    out
+}
+
 /// A live outlet of a service and why its target is unhealthy (`None`: healthy, or it does not
 /// report).
 pub type OutletHealth = (NodeName, Option<String>);
@@ -56,6 +92,10 @@ pub struct Registry {
     /// Services ever registered, to tell "unknown" from "no live outlet".
     known: BTreeSet<ServiceName>,
     routes: HashMap<RouteId, RouteInfo>,
+    /// Routes whose inlet reported their end-to-end connection on a direct path.
+    direct: std::collections::HashSet<RouteId>,
+    /// The addresses each node announced on its own network (`Ctl::LocalCandidates`).
+    local: HashMap<NodeId, Vec<std::net::SocketAddr>>,
     /// Outlets that reported their target of a service unhealthy, and why; absent: healthy
     /// (an outlet that never reports is trusted, as before health reports existed).
     unhealthy: HashMap<(NodeId, ServiceName), String>,
@@ -228,6 +268,7 @@ impl Registry {
 
     /// Forgets a route.
     pub fn remove_route(&mut self, id: RouteId) -> Option<RouteInfo> {
+        self.direct.remove(&id);
         self.routes.remove(&id)
     }
 
@@ -241,6 +282,55 @@ impl Registry {
         let mut out: Vec<_> = self.routes.iter().map(|(id, r)| (*id, r.clone())).collect();
         out.sort_by_key(|(id, _)| *id);
         out
+    }
+
+    /// Records what `node` reports of `route`'s path: direct or through the relay. Only the
+    /// route's inlet decides the move, so only its report counts; false (nothing changed)
+    /// for a report from any other node or about a route that is not here.
+    pub fn set_route_path(&mut self, route: RouteId, node: NodeId, direct: bool) -> bool {
+        if self.routes.get(&route).is_none_or(|r| r.inlet != node) {
+            return false;
+        }
+        if direct {
+            self.direct.insert(route);
+        } else {
+            self.direct.remove(&route);
+        }
+        true
+    }
+
+    /// Records the addresses `node` announced on its own network, keeping at most
+    /// [`MAX_LOCAL_CANDIDATES`] that could be a host's (not unspecified, multicast or
+    /// broadcast, not port 0). Ignored for a node not connected.
+    pub fn set_local_candidates(&mut self, node: NodeId, addrs: &[std::net::SocketAddr]) {
+        if !self.names.contains_key(&node) {
+            return;
+        }
+        let mut kept: Vec<std::net::SocketAddr> = Vec::new();
+        for a in addrs {
+            let a = canonical_addr(*a);
+            let host = match a.ip() {
+                std::net::IpAddr::V4(v4) => !v4.is_broadcast() && !v4.is_multicast(),
+                std::net::IpAddr::V6(v6) => !v6.is_multicast(),
+            };
+            if host && !a.ip().is_unspecified() && a.port() != 0 && !kept.contains(&a) {
+                kept.push(a);
+            }
+            if kept.len() == MAX_LOCAL_CANDIDATES {
+                break;
+            }
+        }
+        self.local.insert(node, kept);
+    }
+
+    /// The addresses `node` announced on its own network.
+    pub fn local_candidates(&self, node: NodeId) -> Vec<std::net::SocketAddr> {
+        self.local.get(&node).cloned().unwrap_or_default()
+    }
+
+    /// Whether `route`'s inlet last reported it direct.
+    pub fn route_is_direct(&self, route: RouteId) -> bool {
+        self.direct.contains(&route)
     }
 
     /// How many routes `node` is an end of (a drained node is closed once this reaches zero).
@@ -305,7 +395,9 @@ impl Registry {
             .collect();
         for (id, _) in &gone {
             self.routes.remove(id);
+            self.direct.remove(id);
         }
+        self.local.remove(&node);
         gone
     }
 }
@@ -482,6 +574,120 @@ mod tests {
         assert_eq!(gone, vec![(RouteId(10), 2), (RouteId(11), 3)]);
         assert_eq!(r.route_count(), 0);
         assert_eq!(r.routes_of(2), 0);
+    }
+
+    /// Only the route's inlet reports its path; the mark goes with the route.
+    #[test]
+    fn only_the_inlet_of_a_route_reports_its_path() {
+        let mut r = Registry::default();
+        r.connect(1, node("o1"));
+        r.connect(2, node("i1"));
+        r.connect(3, node("i2"));
+        r.register(1, &[svc("db")]);
+        let info = |inlet| RouteInfo {
+            inlet,
+            outlet: 1,
+            service: svc("db"),
+        };
+        r.add_route(RouteId(10), info(2));
+        r.add_route(RouteId(11), info(3));
+        assert!(!r.set_route_path(RouteId(10), 3, true), "not its route");
+        assert!(
+            !r.set_route_path(RouteId(10), 1, true),
+            "the outlet does not decide"
+        );
+        assert!(!r.set_route_path(RouteId(99), 2, true), "no such route");
+        assert!(!r.route_is_direct(RouteId(10)));
+        assert!(r.set_route_path(RouteId(10), 2, true));
+        assert!(r.route_is_direct(RouteId(10)));
+        assert!(!r.route_is_direct(RouteId(11)));
+        assert!(r.set_route_path(RouteId(10), 2, false));
+        assert!(!r.route_is_direct(RouteId(10)));
+        assert!(r.set_route_path(RouteId(10), 2, true));
+        r.remove_route(RouteId(10));
+        r.add_route(RouteId(10), info(2));
+        assert!(
+            !r.route_is_direct(RouteId(10)),
+            "a new route starts relayed"
+        );
+        assert!(r.set_route_path(RouteId(11), 3, true));
+        r.disconnect(1);
+        r.add_route(RouteId(11), info(3));
+        assert!(!r.route_is_direct(RouteId(11)), "gone with its outlet");
+    }
+
+    fn sa(s: &str) -> std::net::SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    /// Local addresses go only to a peer behind the same public IP, never loopback ones to a
+    /// peer off loopback, at most four candidates in all.
+    #[test]
+    fn local_candidates_reach_only_a_peer_behind_the_same_nat() {
+        let local = [
+            sa("10.1.0.3:5000"),
+            sa("127.0.0.1:5000"),
+            sa("[::ffff:192.168.1.9]:5000"),
+            sa("10.1.0.3:5000"),
+            sa("172.16.0.2:5000"),
+            sa("172.16.0.3:5000"),
+        ];
+        assert_eq!(
+            peer_candidates(sa("198.51.100.1:4000"), sa("203.0.113.5:5000"), &local),
+            vec![sa("203.0.113.5:5000")],
+            "another site: its public address only"
+        );
+        assert_eq!(
+            peer_candidates(
+                sa("203.0.113.5:4000"),
+                sa("[::ffff:203.0.113.5]:5000"),
+                &local
+            ),
+            vec![
+                sa("203.0.113.5:5000"),
+                sa("10.1.0.3:5000"),
+                sa("192.168.1.9:5000"),
+                sa("172.16.0.2:5000"),
+            ],
+            "the same NAT: public first, then local ones, no loopback, four at most"
+        );
+        assert_eq!(
+            peer_candidates(
+                sa("127.0.0.1:4000"),
+                sa("127.0.0.1:5000"),
+                &[sa("127.0.0.1:5000"), sa("127.0.0.2:5000")]
+            ),
+            vec![sa("127.0.0.1:5000"), sa("127.0.0.2:5000")],
+            "both on loopback"
+        );
+    }
+
+    #[test]
+    fn announced_local_addresses_are_bounded_and_forgotten_with_the_node() {
+        let mut r = Registry::default();
+        r.set_local_candidates(1, &[sa("10.0.0.1:1")]);
+        assert!(r.local_candidates(1).is_empty(), "not connected");
+        r.connect(1, node("i1"));
+        r.set_local_candidates(
+            1,
+            &[
+                sa("0.0.0.0:5"),
+                sa("224.0.0.1:5"),
+                sa("255.255.255.255:5"),
+                sa("10.0.0.1:0"),
+                sa("10.0.0.1:5"),
+                sa("10.0.0.1:5"),
+                sa("10.0.0.2:5"),
+                sa("10.0.0.3:5"),
+                sa("10.0.0.4:5"),
+            ],
+        );
+        assert_eq!(
+            r.local_candidates(1),
+            vec![sa("10.0.0.1:5"), sa("10.0.0.2:5"), sa("10.0.0.3:5")]
+        );
+        r.disconnect(1);
+        assert!(r.local_candidates(1).is_empty());
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct RouteView {
     pub bytes_from_outlet: u64,
     pub packets: u64,
     pub age_s: u64,
+    /// Whether its inlet reported the end-to-end connection on a direct path between the
+    /// nodes (then the relay forwards little or nothing of it; it stays the fallback).
+    /// Absent from an older relay's answer.
+    #[serde(default)]
+    pub direct: bool,
 }
 
 /// `GET /v1/routes`.

@@ -9,6 +9,7 @@
 #       lan 10.1.0.1                                         lan 10.2.0.1
 #            |                                                    |
 #   PREFIX-a: 10.1.0.2 (the inlet)                     PREFIX-b: 10.2.0.2 (the outlet)
+#   PREFIX-a2: 10.1.0.3 (a second host behind router A, on the same LAN bridge as PREFIX-a)
 #
 # 198.18.0.0/15 is reserved for benchmarking (RFC 2544) and never routed; nothing here
 # touches the host's own network.
@@ -23,12 +24,18 @@
 #   natlab.sh block-udp PREFIX       routers drop UDP between the private networks (UDP to and
 #                                    from the relay still passes)
 #   natlab.sh unblock-udp PREFIX
+#   natlab.sh rebind PREFIX a|b      a NAT rebinding on router a or b: UDP to anywhere but the
+#                                    relay gets a source port from 20000-29999 from now on, and
+#                                    the router forgets (conntrack -D) its mappings of UDP to
+#                                    the other router, so the host's next packet to the other
+#                                    network leaves from a new public port (the mapping towards
+#                                    the relay is kept). Needs `conntrack` (conntrack-tools)
 #   natlab.sh forward PREFIX a|b PORT
 #                                    port-forward TCP PORT on the router's public address to
 #                                    the same port of the host behind it (DNAT), for a plain
 #                                    TCP baseline across both NATs (the bench's `direct` rows)
 #   natlab.sh down PREFIX            delete every namespace of the lab
-#   natlab.sh exec PREFIX NS CMD...  run CMD in namespace PREFIX-NS (pub, ra, rb, a, b, x)
+#   natlab.sh exec PREFIX NS CMD...  run CMD in namespace PREFIX-NS (pub, ra, rb, a, a2, b, x)
 set -euo pipefail
 
 RELAY=198.18.0.1
@@ -52,7 +59,7 @@ set_nat() {
 
 up() {
   local p=$1
-  for n in pub ra rb a b x; do
+  for n in pub ra rb a a2 b x; do
     ip netns add "$p-$n"
     ns "$p-$n" ip link set lo up
   done
@@ -67,8 +74,19 @@ up() {
     ns "$p-pub" ip link set "p$side" master br0 up
     ns "$p-r$side" ip addr add "$wan/24" dev wan
     ns "$p-r$side" ip link set wan up
-    # Router's LAN port to its host.
-    ip -n "$p-r$side" link add lan type veth peer name eth0 netns "$p-$side"
+    # Router's LAN port to its host (router A: a bridge, with a second host on it).
+    if [ "$side" = a ]; then
+      ns "$p-ra" ip link add lan type bridge
+      ip -n "$p-ra" link add la type veth peer name eth0 netns "$p-a"
+      ip -n "$p-ra" link add la2 type veth peer name eth0 netns "$p-a2"
+      ns "$p-ra" ip link set la master lan up
+      ns "$p-ra" ip link set la2 master lan up
+      ns "$p-a2" ip addr add "$lan.3/24" dev eth0
+      ns "$p-a2" ip link set eth0 up
+      ns "$p-a2" ip route add default via "$lan.1"
+    else
+      ip -n "$p-r$side" link add lan type veth peer name eth0 netns "$p-$side"
+    fi
     ns "$p-r$side" ip addr add "$lan.1/24" dev lan
     ns "$p-r$side" ip link set lan up
     ns "$p-r$side" sysctl -qw net.ipv4.ip_forward=1
@@ -110,6 +128,20 @@ unblock_udp() {
   done
 }
 
+rebind() {
+  local p=$1 side=$2 other
+  case $side in
+    a) other=198.18.0.3 ;;
+    b) other=198.18.0.2 ;;
+    *) echo "natlab: unknown side $side (a or b)" >&2; exit 2 ;;
+  esac
+  command -v conntrack >/dev/null || { echo "natlab: rebind needs conntrack (conntrack-tools)" >&2; exit 3; }
+  local r="$p-r$side"
+  ns "$r" nft insert rule ip nat post oifname '"wan"' ip daddr != "$RELAY" meta l4proto udp masquerade to :20000-29999
+  # conntrack -D exits 1 when nothing matched: the host may not have sent there yet.
+  ns "$r" conntrack -D -p udp --orig-dst "$other" >/dev/null 2>&1 || true
+}
+
 forward() {
   local p=$1 side=$2 port=$3 host
   case $side in
@@ -126,7 +158,7 @@ forward() {
 
 down() {
   local p=$1 n
-  for n in pub ra rb a b x; do
+  for n in pub ra rb a a2 b x; do
     ip netns del "$p-$n" 2>/dev/null || true
   done
 }
@@ -137,6 +169,7 @@ case $cmd in
   nat) set_nat "$2" "$3" "$4" ;;
   block-udp) block_udp "$2" ;;
   unblock-udp) unblock_udp "$2" ;;
+  rebind) rebind "$2" "$3" ;;
   forward) forward "$2" "$3" "$4" ;;
   down) down "$2" ;;
   exec) p=$2 n=$3; shift 3; ns "$p-$n" "$@" ;;

@@ -28,7 +28,7 @@ pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/natlab.sh")
 }
 
-/// One lab: its namespaces are `<prefix>-{pub,ra,rb,a,b,x}`.
+/// One lab: its namespaces are `<prefix>-{pub,ra,rb,a,a2,b,x}`.
 pub struct Lab {
     pub prefix: String,
 }
@@ -83,6 +83,18 @@ impl Lab {
     /// The routers drop UDP between the private networks (not to or from the relay).
     pub fn block_udp(&self) {
         self.run(&["block-udp"]).expect("block UDP");
+    }
+
+    /// Lets UDP between the private networks through again.
+    pub fn unblock_udp(&self) {
+        self.run(&["unblock-udp"]).expect("unblock UDP");
+    }
+
+    /// A NAT rebinding on router `side`: the host's UDP to the other network leaves from a new
+    /// public port from now on (its mapping towards the relay is kept). Err where the lab
+    /// cannot do it (no `conntrack` tool), for the caller to skip with.
+    pub fn rebind(&self, side: &str) -> Result<(), String> {
+        self.run(&["rebind", side])
     }
 
     /// Port-forwards TCP `port` on router `side`'s public address to the same port of the host
@@ -228,12 +240,27 @@ impl LabTunnel {
     /// Starts the tunnel, the inlet with `direct = inlet_direct`, the outlet with
     /// `outlet_direct`; waits until both nodes are ready.
     pub async fn start(lab: &Lab, inlet_direct: &str, outlet_direct: &str) -> Self {
+        Self::start_beside(lab, inlet_direct, outlet_direct, "b").await
+    }
+
+    /// As [`LabTunnel::start`], with the outlet and its echo server in namespace `outlet_ns`
+    /// (`a2`: beside the inlet, behind the same router).
+    pub async fn start_beside(
+        lab: &Lab,
+        inlet_direct: &str,
+        outlet_direct: &str,
+        outlet_ns: &str,
+    ) -> Self {
         let echo = lab
-            .command("b", &python(), &["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
+            .command(
+                outlet_ns,
+                &python(),
+                &["-c", ECHO_SERVER, &ECHO_PORT.to_string()],
+            )
             .kill_on_drop(true)
             .spawn()
             .expect("echo server");
-        Self::start_with(lab, inlet_direct, outlet_direct, echo).await
+        Self::start_in(lab, inlet_direct, outlet_direct, echo, outlet_ns).await
     }
 
     /// As [`LabTunnel::start`], with `server` (already running in namespace `b` on
@@ -243,6 +270,16 @@ impl LabTunnel {
         inlet_direct: &str,
         outlet_direct: &str,
         server: tokio::process::Child,
+    ) -> Self {
+        Self::start_in(lab, inlet_direct, outlet_direct, server, "b").await
+    }
+
+    async fn start_in(
+        lab: &Lab,
+        inlet_direct: &str,
+        outlet_direct: &str,
+        server: tokio::process::Child,
+        outlet_ns: &str,
     ) -> Self {
         let echo = server;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -329,7 +366,7 @@ impl LabTunnel {
         args.extend(["--service".into(), format!("echo=127.0.0.1:{ECHO_PORT}")]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let outlet = Proc::start(
-            lab.command("b", &bin("postern-outlet"), &args),
+            lab.command(outlet_ns, &bin("postern-outlet"), &args),
             dir.path(),
             "outlet",
         );
@@ -341,7 +378,7 @@ impl LabTunnel {
             dir.path(),
             "inlet",
         );
-        lab.wait_ready("b", &outlet).await;
+        lab.wait_ready(outlet_ns, &outlet).await;
         lab.wait_ready("a", &inlet).await;
         Self {
             relay,
@@ -366,6 +403,47 @@ impl LabTunnel {
             "inlet",
         );
         lab.wait_ready("a", &self.inlet).await;
+    }
+
+    /// `postern-relay status` (`--json` when `json`) against the lab's relay, run in its
+    /// namespace: (success, output).
+    pub async fn relay_status(&self, lab: &Lab, json: bool) -> (bool, String) {
+        let state = self.dir.path().join("relay-state").display().to_string();
+        let mut args = vec!["status", "--state-dir", &state];
+        if json {
+            args.push("--json");
+        }
+        let out = lab
+            .command("pub", &bin("postern-relay"), &args)
+            .output()
+            .await
+            .expect("run postern-relay status");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Whether the relay's admin API (through `postern-relay status --json`) shows every route
+    /// it has as direct (`Some(true)`), every one relayed (`Some(false)`); `None` while it
+    /// has no route or mixed answers, or cannot be asked.
+    pub async fn relay_shows_direct(&self, lab: &Lab) -> Option<bool> {
+        let (ok, out) = self.relay_status(lab, true).await;
+        if !ok {
+            return None;
+        }
+        let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let flags: Vec<bool> = doc["routes"]["routes"]
+            .as_array()?
+            .iter()
+            .map(|r| r["direct"].as_bool())
+            .collect::<Option<_>>()?;
+        match flags.first() {
+            Some(first) if flags.iter().all(|f| f == first) => Some(*first),
+            _ => None,
+        }
     }
 
     /// The three logs, for failure messages.

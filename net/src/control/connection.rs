@@ -186,6 +186,11 @@ pub async fn run<H: ControlHandler>(
             tracing::info!(relay = %relay.addr, transport = %up.transport, "control connection up");
         }
         current.send_replace(Some(conn.clone()));
+        if up.transport == crate::transport::relay_path::Transport::Udp
+            && path.direct_mode() == crate::transport::direct::DirectMode::Auto
+        {
+            announce_local(&conn, path.socket(), relay.addr);
+        }
         let pushes = serve_pushes(&conn, handler.as_ref(), path.socket());
         tokio::pin!(pushes);
         let mut settled = false;
@@ -281,6 +286,35 @@ impl<'a> Refused<'a> {
             self.path.status().set_refused(relay, None);
         }
     }
+}
+
+/// Tells the relay where this node's socket is on its own network, so that a peer behind the
+/// same NAT can reach it directly ([`crate::transport::direct::local_candidates`]). An older
+/// relay refuses the message; that costs a debug line.
+fn announce_local(
+    conn: &quinn::Connection,
+    socket: &crate::transport::node_socket::NodeSocket,
+    relay: SocketAddr,
+) {
+    use quinn::AsyncUdpSocket;
+    let Ok(bound) = socket.local_addr() else {
+        return;
+    };
+    let addrs = crate::transport::direct::local_candidates(bound, relay);
+    if addrs.is_empty() {
+        return;
+    }
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let msg = Ctl::LocalCandidates { addrs };
+        match exchange::request(&conn, &msg, CTL_TIMEOUT).await {
+            Ok(Ctl::Ack) => {}
+            Ok(_) => tracing::debug!("the relay did not take this node's local addresses"),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not tell the relay this node's local addresses")
+            }
+        }
+    });
 }
 
 async fn serve_pushes<H: ControlHandler>(

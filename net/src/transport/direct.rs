@@ -15,9 +15,10 @@
 //!   answered by an ack echoing its sequence number; a probe must carry a higher sequence
 //!   number than any taken before on its path (replays are refused), an ack must match a
 //!   probe still outstanding.
-//! - **Who decides.** The inlet (the QUIC client) drives: it starts a round by sending one probe
-//!   through the relay (which wakes the outlet's side: the outlet then probes the inlet's
-//!   candidates, opening its own NAT) and probes the outlet's candidates directly. The first
+//! - **Who decides.** The inlet (the QUIC client) drives: it starts a round by sending probes
+//!   through the relay (wake-ups: the outlet then probes the inlet's candidates, opening its
+//!   own NAT; five in the first 400 ms, since the outlet's side may not be ready for the
+//!   first, then one a second) and probes the outlet's candidates directly. The first
 //!   ack proves both directions; the inlet then sends the connection's packets, still addressed
 //!   to the same virtual peer address, straight to the address the ack came from. The outlet
 //!   maps direct packets from a verified address to a second virtual address of the route, so
@@ -27,6 +28,8 @@
 //!   keep-alives cross it every 2 s, which also holds the NAT mappings), the inlet sends through
 //!   the relay again, and the outlet's quinn migrates back. The inlet retries direct later,
 //!   with a growing back-off.
+//! - **Telling the relay.** The inlet reports each move on its control connection
+//!   ([`report_path`]), so that the relay's status and admin API show which routes run direct.
 
 use postern_proto::fwd::RouteId;
 use ring::hmac;
@@ -43,10 +46,19 @@ pub const PROBE_TAG: u8 = 0x02;
 pub const PROBE_LEN: usize = 3 + 8 + 8 + 32;
 /// Most candidate addresses taken for one peer.
 pub const MAX_CANDIDATES: usize = 4;
-/// Probes sent to each candidate in one round, [`PROBE_EVERY`] apart.
+/// Probes the outlet sends to each candidate in one round, [`PROBE_EVERY`] apart.
 pub const ROUND_PROBES: u32 = 15;
-/// Spacing of a round's probes.
+/// Spacing of a round's probes (the inlet's after its first [`FAST_STEPS_MS`]).
 pub const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// When the inlet's first probes of a round go out (ms from its start), each with a wake-up
+/// through the relay. A route's outlet side may not be ready for the first wake-up (it
+/// registers the path once it has accepted the end-to-end connection, and probes once the
+/// relay's candidates arrived): waking it again within tens of milliseconds, rather than a
+/// second later, is what makes most routes go direct within a few hundred milliseconds.
+/// Bounded: five wake-ups in the first 400 ms, then one a second ([`round_steps`]).
+pub const FAST_STEPS_MS: [u64; 5] = [0, 50, 100, 200, 400];
+/// Length of one of the inlet's rounds.
+pub const ROUND_LEN: Duration = Duration::from_secs(3);
 /// How long after the last packet from the direct path the inlet goes back to the relay. QUIC
 /// keep-alives (every 2 s) and their acks keep a live path busier than this; it is short of
 /// the end-to-end idle timeout (10 s) so that the connection survives the move back.
@@ -524,12 +536,14 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// The inlet's side of one route's direct path, run for as long as the route lives: rounds
 /// of probes, the move to the first address that acks, the move back when it goes quiet, and
-/// retries with back-off. `virt` is the address the inlet's connections are made to.
+/// retries with back-off. `virt` is the address the inlet's connections are made to; `path`
+/// says whether they run direct now (for [`report_path`]).
 pub async fn run_inlet(
     socket: std::sync::Arc<crate::transport::node_socket::NodeSocket>,
     route: RouteId,
     virt: SocketAddr,
     key: PathKey,
+    path: watch::Sender<bool>,
 ) {
     let mut handle = socket.direct().register(route, Role::Inlet, key);
     let id = handle.id;
@@ -552,9 +566,18 @@ pub async fn run_inlet(
         }
         socket.direct().new_round(&handle.id);
         let _ = handle.acked.borrow_and_update();
+        let start = tokio::time::Instant::now();
         let mut found = None;
-        for i in 0..ROUND_PROBES {
-            if i % 5 == 0 {
+        for (at, wake) in round_steps() {
+            match ack_by(&mut handle.acked, start + at).await {
+                None => return,
+                Some(Some(addr)) => {
+                    found = Some(addr);
+                    break;
+                }
+                Some(None) => {}
+            }
+            if wake {
                 // Through the relay: wakes the outlet, which then probes us (opening its NAT).
                 if let Some(p) = socket.direct().new_probe(&handle.id) {
                     socket.send_probe_relayed(route, &p);
@@ -565,15 +588,11 @@ pub async fn run_inlet(
                     socket.send_probe(*c, &p);
                 }
             }
-            tokio::select! {
-                r = handle.acked.changed() => {
-                    if r.is_err() { return; }
-                }
-                _ = tokio::time::sleep(PROBE_EVERY) => {}
-            }
-            if let Some(addr) = *handle.acked.borrow_and_update() {
-                found = Some(addr);
-                break;
+        }
+        if found.is_none() {
+            match ack_by(&mut handle.acked, start + ROUND_LEN).await {
+                None => return,
+                Some(addr) => found = addr,
             }
         }
         let Some(peer) = found else {
@@ -591,6 +610,7 @@ pub async fn run_inlet(
             return;
         }
         stats.moves_to_direct.fetch_add(1, Relaxed);
+        path.send_replace(true);
         tracing::info!(%peer, "end-to-end connection went direct (the relay is the fallback)");
         let since = Instant::now();
         loop {
@@ -605,6 +625,7 @@ pub async fn run_inlet(
         }
         socket.go_relayed(virt);
         stats.moves_to_relay.fetch_add(1, Relaxed);
+        path.send_replace(false);
         if since.elapsed() >= STABLE_AFTER {
             attempt = 0;
         }
@@ -613,6 +634,106 @@ pub async fn run_inlet(
         tracing::warn!(%peer, quiet_for = ?QUIET_AFTER, retry_in = ?wait, "direct path went quiet; the end-to-end connection is back on the relay");
         if !sleep_alive(&socket, &alive, wait).await {
             return;
+        }
+    }
+}
+
+/// How long the relay gets to acknowledge a path report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tells the relay of `route` (over its control connection, `control`) each change of the
+/// route's path that [`run_inlet`] makes, in order, until `path` is dropped (the route is
+/// gone): the relay cannot see the end-to-end traffic, and its status and admin API show
+/// which routes run direct from these reports. A report that cannot be delivered (the control
+/// connection is down, or an older relay refuses the message) is dropped: the next change is
+/// reported again.
+pub async fn report_path(
+    control: crate::uplink::ControlWatch,
+    route: RouteId,
+    mut path: watch::Receiver<bool>,
+) {
+    while path.changed().await.is_ok() {
+        let direct = *path.borrow_and_update();
+        let conn = control
+            .borrow()
+            .clone()
+            .filter(|c| c.close_reason().is_none());
+        let Some(conn) = conn else {
+            tracing::debug!(route = %route.short(), direct, "no control connection to report the route's path on");
+            continue;
+        };
+        let msg = postern_proto::msg::Ctl::RoutePath { route, direct };
+        match crate::control::exchange::request(&conn, &msg, REPORT_TIMEOUT).await {
+            Ok(postern_proto::msg::Ctl::Ack) => {}
+            Ok(other) => {
+                tracing::debug!(answer = ?std::mem::discriminant(&other), "the relay did not take the path report");
+            }
+            Err(e) => tracing::debug!(error = %e, "could not report the route's path to the relay"),
+        }
+    }
+}
+
+/// The addresses `socket` (bound to `bound`) has on the node's own network, for
+/// [`Ctl::LocalCandidates`](postern_proto::msg::Ctl::LocalCandidates): the address of the
+/// interface the node reaches `relay` through (the one behind the same NAT as any peer at the
+/// same site), with the socket's port. Loopback only when the relay is on loopback too; none
+/// when the system cannot say (no route).
+pub fn local_candidates(bound: SocketAddr, relay: SocketAddr) -> Vec<SocketAddr> {
+    let ip = if bound.ip().is_unspecified() {
+        let any: SocketAddr = match relay {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        // Connecting a UDP socket sends nothing: it asks the kernel for the route's source.
+        let probe = std::net::UdpSocket::bind(any).and_then(|s| {
+            s.connect(relay)?;
+            s.local_addr()
+        });
+        match probe {
+            Ok(a) => a.ip(),
+            Err(_) => return Vec::new(),
+        }
+    } else {
+        bound.ip()
+    };
+    if ip.is_unspecified() || (ip.is_loopback() && !relay.ip().is_loopback()) {
+        return Vec::new();
+    }
+    vec![crate::transport::udp::canonical(SocketAddr::new(
+        ip,
+        bound.port(),
+    ))]
+}
+
+/// When the inlet's probes of one round go out (from its start), and whether each carries a
+/// wake-up through the relay: the [`FAST_STEPS_MS`], each with a wake-up, then every
+/// [`PROBE_EVERY`] until [`ROUND_LEN`], with a wake-up once a second.
+pub fn round_steps() -> Vec<(Duration, bool)> {
+    let mut steps: Vec<(Duration, bool)> = FAST_STEPS_MS
+        .iter()
+        .map(|ms| (Duration::from_millis(*ms), true))
+        .collect();
+    let mut at = Duration::from_millis(FAST_STEPS_MS[FAST_STEPS_MS.len() - 1]) + PROBE_EVERY;
+    while at < ROUND_LEN {
+        steps.push((at, at.as_millis().is_multiple_of(1000)));
+        at += PROBE_EVERY;
+    }
+    steps
+}
+
+/// Waits until `deadline` for the round's first ack: `Some(Some(addr))` when one came from
+/// `addr`, `Some(None)` when none came in time, `None` when the path is gone.
+async fn ack_by(
+    acked: &mut watch::Receiver<Option<SocketAddr>>,
+    deadline: tokio::time::Instant,
+) -> Option<Option<SocketAddr>> {
+    loop {
+        if let Some(addr) = *acked.borrow_and_update() {
+            return Some(Some(addr));
+        }
+        tokio::select! {
+            r = acked.changed() => r.ok()?,
+            _ = tokio::time::sleep_until(deadline) => return Some(None),
         }
     }
 }
@@ -651,7 +772,12 @@ pub fn start_outlet(
             if woken.is_err() || !socket.direct().outlet_round_due(&handle.id) {
                 continue;
             }
-            let candidates = socket.direct().candidates(route);
+            // A wake-up can come before the relay's candidates: wait for them rather than
+            // spend the round (and its rate limit) probing nobody.
+            let candidates = socket
+                .direct()
+                .wait_candidates(route, OUTLET_ROUND_GAP)
+                .await;
             for _ in 0..ROUND_PROBES {
                 for c in &candidates {
                     if let Some(p) = socket.direct().new_probe(&handle.id) {
@@ -781,6 +907,44 @@ mod tests {
         assert!(!w.accept(3), "older than one taken");
         assert!(w.accept(100));
         assert!(!w.accept(99));
+    }
+
+    /// A round starts with quick probes, each waking the outlet, then slows to one probe per
+    /// interval and one wake-up a second; it ends within the round.
+    #[test]
+    fn a_round_wakes_the_outlet_often_at_first_then_once_a_second() {
+        let steps = round_steps();
+        let ms: Vec<u64> = steps.iter().map(|(d, _)| d.as_millis() as u64).collect();
+        assert_eq!(ms[..FAST_STEPS_MS.len()], FAST_STEPS_MS);
+        assert!(ms.windows(2).all(|w| w[0] < w[1]), "in order: {ms:?}");
+        assert!(steps.iter().all(|(d, _)| *d < ROUND_LEN));
+        let wakes: Vec<u64> = steps
+            .iter()
+            .filter(|(_, w)| *w)
+            .map(|(d, _)| d.as_millis() as u64)
+            .collect();
+        assert_eq!(wakes, vec![0, 50, 100, 200, 400, 1000, 2000]);
+        assert_eq!(
+            ms[FAST_STEPS_MS.len()..],
+            [600, 800, 1000, 1200, 1400, 1600, 1800, 2000, 2200, 2400, 2600, 2800],
+            "one probe per interval after the fast steps"
+        );
+    }
+
+    /// The address towards the relay, with the socket's port; loopback only towards a relay
+    /// on loopback.
+    #[test]
+    fn local_candidates_are_the_address_towards_the_relay() {
+        let relay = addr("127.0.0.1:4433");
+        assert_eq!(
+            local_candidates(addr("0.0.0.0:5000"), relay),
+            vec![addr("127.0.0.1:5000")]
+        );
+        assert_eq!(
+            local_candidates(addr("127.0.0.2:5000"), relay),
+            vec![addr("127.0.0.2:5000")]
+        );
+        assert!(local_candidates(addr("127.0.0.1:5000"), addr("192.0.2.1:4433")).is_empty());
     }
 
     #[test]

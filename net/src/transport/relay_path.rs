@@ -293,6 +293,11 @@ impl RelayPath {
         })
     }
 
+    /// Whether this node's end-to-end connections may take a direct path.
+    pub fn direct_mode(&self) -> crate::transport::direct::DirectMode {
+        self.settings.direct
+    }
+
     /// The node socket this path sends from.
     pub fn socket(&self) -> &Arc<NodeSocket> {
         &self.socket

@@ -267,11 +267,12 @@ impl Status {
         for r in routes {
             let _ = writeln!(
                 out,
-                "  {}  {}  {} -> {}  up {}  down {}  age {}",
+                "  {}  {}  {} -> {}  {}  up {}  down {}  age {}",
                 r.id,
                 r.service,
                 r.inlet,
                 r.outlet,
+                if r.direct { "direct" } else { "relayed" },
                 bytes(r.bytes_from_inlet),
                 bytes(r.bytes_from_outlet),
                 age(r.age_s)

@@ -5,7 +5,7 @@
 //! |---------------------------------------|--------|
 //! | `GET /v1/nodes`                       | connected nodes: identity, attributes, address, since when |
 //! | `GET /v1/services`                    | services and their live outlets |
-//! | `GET /v1/routes`                      | routes: ends, service, bytes each way, age |
+//! | `GET /v1/routes`                      | routes: ends, service, bytes each way, age, direct or relayed |
 //! | `GET /v1/tickets`                     | enrollment tickets, without their secrets |
 //! | `GET /v1/identities`                  | enrolled and revoked identities |
 //! | `GET /v1/fleet`                       | the fleet's relays and their load, where outlets are attached, the etcd connection |

@@ -141,6 +141,7 @@ impl RelayHandle {
                     bytes_from_outlet: bytes - from_inlet,
                     packets: fwd.packets.load(Relaxed),
                     age_s: fwd.opened.elapsed().as_secs(),
+                    direct: reg.route_is_direct(id),
                 })
             })
             .collect()

@@ -78,6 +78,19 @@ pub(super) async fn handle(
             reason,
         } => super::health::report(shared, id, service, healthy, reason),
         Ctl::Heartbeat { seq } => Ctl::HeartbeatAck { seq },
+        Ctl::LocalCandidates { addrs } => {
+            shared.registry().set_local_candidates(id, &addrs);
+            Ctl::Ack
+        }
+        Ctl::RoutePath { route, direct } => {
+            if shared.registry().set_route_path(route, id, direct) {
+                let path = if direct { "direct" } else { "relayed" };
+                tracing::info!(route = %route.short(), path, "the inlet reports the route's path");
+            } else {
+                tracing::debug!(route = %route.short(), "path report for a route this node is no inlet of: ignored");
+            }
+            Ctl::Ack
+        }
         Ctl::Renew { csr_pem } => {
             let fleet = shared.fleet();
             if !fleet.runs_authority() {

@@ -11,6 +11,7 @@ use postern_net::control::exchange;
 use postern_proto::fwd::RouteId;
 use postern_proto::msg::{Ctl, Refusal, RefuseReason};
 use postern_proto::name::ServiceName;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,7 +100,11 @@ pub(super) async fn grant_route(
                         service: service.clone(),
                     },
                 );
-                tell_candidates(route, inlet_conn.clone(), outlet_conn.clone());
+                let locals = {
+                    let reg = shared.registry();
+                    (reg.local_candidates(inlet), reg.local_candidates(outlet))
+                };
+                tell_candidates(route, inlet_conn.clone(), outlet_conn.clone(), locals);
                 tracing::info!(%service, inlet = %inlet_name, outlet = %outlet_name, "route granted");
                 tracing::debug!(route = %route.short(), %service, "granted route");
                 return Ctl::RouteGranted {
@@ -127,20 +132,26 @@ pub(super) async fn grant_route(
 }
 
 /// Tells each end of a new route where the relay sees the other one (its reflexive address),
+/// and, when both are behind the same public IP, the addresses the other announced on its own
+/// network (`locals`: the inlet's, the outlet's; see [`crate::registry::peer_candidates`]),
 /// for the direct path. Sent after the grant, on the push streams; a node that is gone or does
 /// not know the message (older versions refuse it) costs nothing but a debug line.
-fn tell_candidates(route: RouteId, inlet: quinn::Connection, outlet: quinn::Connection) {
+fn tell_candidates(
+    route: RouteId,
+    inlet: quinn::Connection,
+    outlet: quinn::Connection,
+    locals: (Vec<SocketAddr>, Vec<SocketAddr>),
+) {
     let canonical = postern_net::transport::udp::canonical;
     let (inlet_addr, outlet_addr) = (
         canonical(inlet.remote_address()),
         canonical(outlet.remote_address()),
     );
-    for (conn, peer) in [(inlet, outlet_addr), (outlet, inlet_addr)] {
+    let to_inlet = crate::registry::peer_candidates(inlet_addr, outlet_addr, &locals.1);
+    let to_outlet = crate::registry::peer_candidates(outlet_addr, inlet_addr, &locals.0);
+    for (conn, candidates) in [(inlet, to_inlet), (outlet, to_outlet)] {
         tokio::spawn(async move {
-            let msg = Ctl::PeerCandidates {
-                route,
-                candidates: vec![peer],
-            };
+            let msg = Ctl::PeerCandidates { route, candidates };
             if let Err(e) = exchange::request(&conn, &msg, ROUTE_OPEN_TIMEOUT).await {
                 tracing::debug!(error = %e, "could not tell a node its peer's candidates");
             }
