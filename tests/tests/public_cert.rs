@@ -231,9 +231,12 @@ async fn outlet_fetches_serves_and_renews_its_public_hostname_certificate() {
     let ca = s.ca_pem();
 
     // The certificate the outlet fetched is what browsers are served.
-    let first = served_when(&s, Duration::from_secs(20), "a certificate for the hostname", |_| {
-        true
-    })
+    let first = served_when(
+        &s,
+        Duration::from_secs(20),
+        "a certificate for the hostname",
+        |_| true,
+    )
     .await;
     assert_eq!(pki::cert_name(&first).expect("name").as_str(), HOST);
     let (cert_file, key_file) = postern_outlet::public::cert::paths(Path::new(&state), HOST);
@@ -242,7 +245,10 @@ async fn outlet_fetches_serves_and_renews_its_public_hostname_certificate() {
     assert!(key.contains("PRIVATE KEY"));
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&key_file).expect("key").permissions().mode();
+        let mode = std::fs::metadata(&key_file)
+            .expect("key")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "key mode {mode:o}");
     }
     let served_pem = pki::certs_from_pem(&stored).expect("pem");
@@ -309,9 +315,12 @@ async fn outlet_fetches_serves_and_renews_its_public_hostname_certificate() {
 
     // Renewed at two thirds of its 6 s: a new certificate, expiring later, is served and
     // stored, and browsers still get in.
-    let renewed = served_when(&s, Duration::from_secs(30), "a renewed certificate served", |der| {
-        der != first.as_slice() && not_after(der) > not_after(&first)
-    })
+    let renewed = served_when(
+        &s,
+        Duration::from_secs(30),
+        "a renewed certificate served",
+        |der| der != first.as_slice() && not_after(der) > not_after(&first),
+    )
     .await;
     assert_eq!(pki::cert_name(&renewed).expect("name").as_str(), HOST);
     let stored = std::fs::read_to_string(&cert_file).expect("stored certificate");
@@ -356,10 +365,9 @@ async fn hostnames_an_outlet_may_not_have_are_refused_with_the_reason() {
         hostname: HOST.into(),
         csr_pem,
     };
-    let answer =
-        postern_net::control::exchange::request(&conn, &ask, Duration::from_secs(10))
-            .await
-            .expect("answer");
+    let answer = postern_net::control::exchange::request(&conn, &ask, Duration::from_secs(10))
+        .await
+        .expect("answer");
     let Ctl::Refused { reason } = answer else {
         panic!("not refused: {answer:?}");
     };
@@ -378,16 +386,22 @@ async fn hostnames_an_outlet_may_not_have_are_refused_with_the_reason() {
     let (outlet, state) = s.outlet("outlet-1", "other.localhost", web).await;
     let expected = "no certificate for public hostname web.other.localhost: the relay's public \
                     ingress reaches web only as web.pub.localhost";
-    eventually(Duration::from_secs(20), "the refusal in the outlet's log", || {
-        let log = outlet.log();
-        async move { log.contains(expected) }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the refusal in the outlet's log",
+        || {
+            let log = outlet.log();
+            async move { log.contains(expected) }
+        },
+    )
     .await;
     let (cert_file, key_file) =
         postern_outlet::public::cert::paths(Path::new(&state), "web.other.localhost");
     assert!(!cert_file.exists() && !key_file.exists());
     assert!(
-        s.relay.log().contains("public hostname certificate refused"),
+        s.relay
+            .log()
+            .contains("public hostname certificate refused"),
         "{}",
         s.relay.log()
     );

@@ -92,9 +92,10 @@ pub fn certified_key(identity: &Identity) -> Result<rustls::sign::CertifiedKey, 
     rustls::sign::CertifiedKey::from_der(identity.certs.clone(), identity.key(), &provider())
 }
 
-fn builder(
-) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>, rustls::Error>
-{
+fn builder() -> Result<
+    rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
+    rustls::Error,
+> {
     Ok(rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth())

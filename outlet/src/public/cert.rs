@@ -12,9 +12,9 @@
 
 use postern_net::control::exchange::{self, CTL_TIMEOUT};
 use postern_net::control::renew::{self, RenewError};
-use postern_net::uplink::ControlWatch;
 use postern_net::runtime::files;
 use postern_net::stream::tls_server::{self, TlsAcceptor};
+use postern_net::uplink::ControlWatch;
 use postern_proto::msg::Ctl;
 use postern_proto::name::ServiceName;
 use postern_proto::pki::{self, PkiError};
@@ -59,7 +59,10 @@ impl ResolvesServerCert for HostCert {
 /// Where the certificate for `host` and its key are kept.
 pub fn paths(state_dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     let dir = state_dir.join("public");
-    (dir.join(format!("{host}.pem")), dir.join(format!("{host}.key")))
+    (
+        dir.join(format!("{host}.pem")),
+        dir.join(format!("{host}.key")),
+    )
 }
 
 /// One fetched hostname certificate: what to ask for and where it lives.
@@ -94,8 +97,12 @@ impl Fetched {
         };
         if me.stored_names_host() {
             match me.load() {
-                Ok(()) => tracing::info!(host = %me.host, "serving the stored public hostname certificate"),
-                Err(e) => tracing::warn!(host = %me.host, error = %e, "the stored public hostname certificate is unusable; asking for a new one"),
+                Ok(()) => {
+                    tracing::info!(host = %me.host, "serving the stored public hostname certificate")
+                }
+                Err(e) => {
+                    tracing::warn!(host = %me.host, error = %e, "the stored public hostname certificate is unusable; asking for a new one")
+                }
             }
         }
         Ok((me, acceptor))

@@ -50,8 +50,7 @@ pub(super) async fn issue(
     let Some(certs) = certs else {
         return refused(Refusal::PublicCertRefused {
             hostname,
-            why: "this relay has no public hostname ingress (--public-addr/--public-domain)"
-                .into(),
+            why: "this relay has no public hostname ingress (--public-addr/--public-domain)".into(),
         });
     };
     let expected = format!("{service}.{}", certs.domain);
