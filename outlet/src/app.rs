@@ -118,10 +118,23 @@ pub async fn run_with_reload(
         let access = crate::public::access::AccessStore::open(&cfg.state_dir)
             .context("opening the access grant store")?;
         let mut offered = std::collections::HashMap::new();
-        for (name, cert, key) in &p.services {
-            let acceptor = postern_net::stream::tls_server::acceptor(cert, key)
-                .with_context(|| format!("public service {name}"))?;
+        for (name, files) in &p.services {
             let host = format!("{name}.{}", p.domain);
+            // Certificate files given win; without them the outlet asks the authority.
+            let acceptor = match files {
+                Some((cert, key)) => postern_net::stream::tls_server::acceptor(cert, key)
+                    .with_context(|| format!("public service {name}"))?,
+                None => {
+                    let (fetched, acceptor) = crate::public::cert::Fetched::new(
+                        &cfg.state_dir,
+                        name.clone(),
+                        host.clone(),
+                    )
+                    .with_context(|| format!("public service {name}"))?;
+                    tokio::spawn(fetched.run(outlet.handle().control(), shutdown.clone()));
+                    acceptor
+                }
+            };
             offered.insert(
                 name.clone(),
                 crate::public::PublicService { host, acceptor },

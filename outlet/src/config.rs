@@ -33,7 +33,9 @@ pub struct ServiceFile {
     #[serde(default)]
     pub public: bool,
     /// Certificate (PEM chain) for `<name>.<public-domain>`, e.g. from
-    /// `postern-relay ca issue <name>.<public-domain>` (required with `public`).
+    /// `postern-relay ca issue <name>.<public-domain>` [default: none: the outlet asks the
+    /// authority for one over its control connection, keeps it in its state directory and
+    /// renews it].
     pub public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub public_key: Option<PathBuf>,
@@ -166,7 +168,8 @@ pub struct OutletFile {
     /// Offer the `[influxdb-outlet]` service publicly too (each access grant gets its own lease).
     #[serde(default)]
     pub influxdb_public: bool,
-    /// Certificate (PEM chain) for the public InfluxDB host name.
+    /// Certificate (PEM chain) for the public InfluxDB host name [default: fetched from the
+    /// authority, like `public-cert`].
     pub influxdb_public_cert: Option<PathBuf>,
     /// Its private key (PEM).
     pub influxdb_public_key: Option<PathBuf>,
@@ -204,9 +207,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// A service to offer: `NAME=HOST:PORT`, optionally followed by `,tls`, `,tls-ca=PATH`,
-    /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public,public-cert=PATH,public-key=PATH`
-    /// to offer it at the relay's public hostname too (`https://NAME.<public-domain>/`, behind
-    /// access links). `,proxy-protocol=v2` opens each target connection with a PROXY v2 header
+    /// `,tls-server-name=NAME`, `,allow=EXPR`, and `,public` to offer it at the relay's public
+    /// hostname too (`https://NAME.<public-domain>/`, behind access links), with the
+    /// certificate for that name in `,public-cert=PATH,public-key=PATH` or, without them, one
+    /// the outlet asks the relay's authority for over its control connection (its key made
+    /// here and kept in the state directory under `public/`, renewed at two thirds of its
+    /// life). `,proxy-protocol=v2` opens each target connection with a PROXY v2 header
     /// (the inlet's client address; TLVs 0xE0 identity name, 0xE1 attributes as JSON). The
     /// target is checked with a TCP connection every 5 s (2 s timeout; unhealthy after 2
     /// failures in a row, reported to the relay, which then routes elsewhere):
@@ -274,8 +280,8 @@ pub struct OutletConfig {
 pub struct PublicConfig {
     pub domain: String,
     pub port: u16,
-    /// Service, certificate and key files.
-    pub services: Vec<(ServiceName, PathBuf, PathBuf)>,
+    /// Service, and its certificate and key files (`None`: asked of the authority).
+    pub services: Vec<(ServiceName, Option<(PathBuf, PathBuf)>)>,
 }
 
 /// Parses one `--service` flag.
@@ -402,12 +408,17 @@ impl RunArgs {
         let mut want =
             |name: &ServiceName, cert: &Option<PathBuf>, key: &Option<PathBuf>| match (cert, key) {
                 (Some(c), Some(k)) => {
-                    public_services.push((name.clone(), c.clone(), k.clone()));
+                    public_services.push((name.clone(), Some((c.clone(), k.clone()))));
+                    Ok(())
+                }
+                (None, None) => {
+                    public_services.push((name.clone(), None));
                     Ok(())
                 }
                 _ => Err(anyhow::anyhow!(
-                    "service {:?} is public: it needs public-cert and public-key (a certificate \
-                     for {}.<public-domain>, e.g. from `postern-relay ca issue`)",
+                    "service {:?} is public: give both public-cert and public-key (a certificate \
+                     for {}.<public-domain>), or neither to have the outlet ask the relay's \
+                     authority for one",
                     name.as_str(),
                     name.as_str()
                 )),
@@ -768,15 +779,23 @@ mod tests {
     }
 
     #[test]
-    fn public_services_need_a_domain_and_a_certificate() {
+    fn public_services_need_a_domain_and_both_or_no_certificate_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("outlet.toml");
         let svc = "[[service]]\nname = \"ui\"\nto = \"127.0.0.1:1\"\npublic = true\n";
         std::fs::write(&file, svc).expect("write");
+        // Without certificate files the outlet asks the authority for one.
+        let cfg = args_with(&file, Some("relay.example.com"))
+            .resolve()
+            .expect("no cert files");
+        let public = cfg.public.expect("public");
+        assert_eq!(public.services, vec![("ui".parse().expect("name"), None)]);
+        // A certificate without its key is a mistake, not a request.
+        std::fs::write(&file, format!("{svc}public-cert = \"ui.pem\"\n")).expect("write");
         let e = args_with(&file, Some("relay.example.com"))
             .resolve()
-            .expect_err("no cert");
-        assert!(e.to_string().contains("public-cert"), "{e}");
+            .expect_err("cert without key");
+        assert!(e.to_string().contains("public-key"), "{e}");
         std::fs::write(
             &file,
             format!("{svc}public-cert = \"ui.pem\"\npublic-key = \"ui.key\"\n"),

@@ -120,6 +120,19 @@ pub enum Ctl {
     /// to a peer whose public address has the same IP (the same site), and bounds how many.
     /// Answered by `Ack` (an older relay answers `Refused`).
     LocalCandidates { addrs: Vec<std::net::SocketAddr> },
+    /// Outlet -> relay (the authority): sign a certificate for the public hostname
+    /// `hostname` (`<service>.<relay's public domain>`) of `service`, which this outlet offers
+    /// publicly, for this request's key. The outlet made the key pair and keeps the private
+    /// key; only the request travels. Granted only to an outlet the policy allows to register
+    /// `service`. Answered by `PublicCertIssued` or `Refused`.
+    PublicCertRequest {
+        service: ServiceName,
+        hostname: String,
+        csr_pem: String,
+    },
+    /// Relay -> outlet: the certificate for the hostname asked for (server authentication
+    /// only, signed by the project CA).
+    PublicCertIssued { cert_pem: String },
 }
 
 /// A relay of a fleet, as nodes learn it (see [`Ctl::Relays`]).
@@ -203,6 +216,9 @@ pub enum Refusal {
     Unexpected,
     /// The answering side failed internally; trying again may work.
     Internal,
+    /// The authority will not sign a certificate for public hostname `hostname`, and why
+    /// (the relay has no public domain, or the name is not `<service>.<its domain>`).
+    PublicCertRefused { hostname: String, why: String },
 }
 
 impl Refusal {
@@ -215,6 +231,7 @@ impl Refusal {
                 | Refusal::NotAllowed { .. }
                 | Refusal::NoAuthority
                 | Refusal::RenewalRefused { .. }
+                | Refusal::PublicCertRefused { .. }
         )
     }
 
@@ -231,6 +248,7 @@ impl Refusal {
             Refusal::BadMessage { .. } => "bad_message",
             Refusal::Unexpected => "unexpected",
             Refusal::Internal => "internal",
+            Refusal::PublicCertRefused { .. } => "public_cert_refused",
         }
     }
 }
@@ -248,6 +266,7 @@ impl fmt::Display for Refusal {
             } => {
                 let verb = match action.as_str() {
                     "register_public" => "offer publicly",
+                    "public_cert" => "get a public hostname certificate for",
                     "register" => "register",
                     other => other,
                 };
@@ -273,6 +292,9 @@ impl fmt::Display for Refusal {
             Refusal::BadMessage { detail } => write!(f, "bad control message: {detail}"),
             Refusal::Unexpected => f.write_str("unexpected message"),
             Refusal::Internal => f.write_str("internal error; try again"),
+            Refusal::PublicCertRefused { hostname, why } => {
+                write!(f, "no certificate for public hostname {hostname}: {why}")
+            }
         }
     }
 }
@@ -456,6 +478,40 @@ mod tests {
             }
             .to_string(),
             "no outlet for this service can reach its target (o1: timed out)"
+        );
+    }
+
+    /// The public certificate exchange survives the wire, and its refusals are permanent.
+    #[test]
+    fn public_certificate_messages_round_trip() {
+        let msgs = [
+            Ctl::PublicCertRequest {
+                service: ServiceName::new("web").expect("name"),
+                hostname: "web.relay.example.com".into(),
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+            },
+            Ctl::PublicCertIssued {
+                cert_pem: "-----BEGIN CERTIFICATE-----".into(),
+            },
+            Ctl::Refused {
+                reason: Refusal::PublicCertRefused {
+                    hostname: "web.other.example".into(),
+                    why: "not under this relay's public domain".into(),
+                },
+            },
+        ];
+        for msg in msgs {
+            let frame = crate::codec::to_frame(&msg).expect("encode");
+            assert_eq!(crate::codec::decode_exact::<Ctl>(&frame), Ok(msg));
+        }
+        let refused = Refusal::PublicCertRefused {
+            hostname: "web.other.example".into(),
+            why: "no".into(),
+        };
+        assert!(refused.is_permanent());
+        assert_eq!(
+            refused.to_string(),
+            "no certificate for public hostname web.other.example: no"
         );
     }
 

@@ -166,6 +166,58 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Signs an outlet's request for the public hostname `hostname` (a browser-facing server
+    /// certificate). Only the CSR's public key is used; the name and validity are ours. The
+    /// certificate is for TLS servers only (no client authentication), so it cannot stand in
+    /// for a node identity at the relay, and carries no attributes.
+    pub fn sign_hostname_csr(
+        &self,
+        csr_pem: &str,
+        hostname: &str,
+        valid_for: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(e.to_string()))?;
+        let signed = CertificateSigningRequestParams {
+            params: hostname_params(hostname, valid_for)?,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
+/// A public hostname's certificate: server authentication only. Back-dated like node
+/// certificates (clocks a little behind ours), but by at most a tenth of a short lifetime, so
+/// that renewing at two thirds of it still falls after the issue.
+fn hostname_params(hostname: &str, valid_for: Duration) -> Result<CertificateParams, PkiError> {
+    NodeName::new(hostname).map_err(|e| PkiError::NoName(format!("{hostname:?}: {e}")))?;
+    let mut params = CertificateParams::new(vec![hostname.to_owned()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, hostname.to_owned());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.subject_alt_names = vec![SanType::DnsName(hostname.try_into()?)];
+    let now = std::time::SystemTime::now();
+    let back = Duration::from_secs(300).min(valid_for / 10);
+    params.not_before = (now - back).into();
+    params.not_after = (now + valid_for).into();
+    Ok(params)
+}
+
+/// A certificate request for `hostname` and its private key, both PEM (the key never leaves
+/// the caller).
+pub fn make_hostname_csr(hostname: &str) -> Result<(String, IssuedCertKey), PkiError> {
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(vec![hostname.to_owned()])?;
+    let csr = params.serialize_request(&key)?;
+    let pem = csr.pem().map_err(|e| PkiError::Csr(e.to_string()))?;
+    Ok((pem, IssuedCertKey(key.serialize_pem())))
+}
+
 /// OID of the certificate extension carrying a node's attributes (a UTF8String holding JSON).
 pub const ATTRIBUTES_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59541, 1, 1];
 
@@ -384,6 +436,33 @@ mod tests {
             span >= Duration::from_secs(3600) && span <= Duration::from_secs(3600 + 301),
             "{span:?}"
         );
+    }
+
+    /// A hostname certificate names the host, serves TLS only, and goes with the asker's key.
+    #[test]
+    fn hostname_certificates_are_for_servers_only() {
+        let ca = Ca::generate("test").expect("ca");
+        let (csr, key) = make_hostname_csr("web.pub.localhost").expect("csr");
+        let cert = ca
+            .sign_hostname_csr(&csr, "web.pub.localhost", Duration::from_secs(6))
+            .expect("sign");
+        let der = first_cert(&cert).expect("cert");
+        assert_eq!(cert_name(&der).expect("name").as_str(), "web.pub.localhost");
+        crate::tls::Identity::from_pem(&cert, &key.0).expect("identity");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let eku = parsed
+            .extended_key_usage()
+            .expect("eku")
+            .expect("has eku")
+            .value;
+        assert!(eku.server_auth && !eku.client_auth, "{eku:?}");
+        // A short lifetime is back-dated by a tenth of it, not five minutes.
+        let (from, until) = cert_validity(&der).expect("validity");
+        let span = until.duration_since(from).expect("ordered");
+        assert!(span <= Duration::from_secs(8), "{span:?}");
+        assert!(ca
+            .sign_hostname_csr(&csr, "Not A Host", Duration::from_secs(6))
+            .is_err());
     }
 
     #[test]

@@ -96,6 +96,10 @@ pub async fn run_with_reload(
     }
     let public_stop = CancellationToken::new();
     if let Some((addr, domain)) = cfg.public.clone() {
+        relay.set_public_certs(crate::server::public_cert::PublicCerts {
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            validity: cfg.public_cert_validity,
+        });
         let opts = PublicOptions::new(addr, domain);
         let ingress = PublicIngress::bind(opts)
             .await

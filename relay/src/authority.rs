@@ -19,6 +19,10 @@ use std::time::Duration;
 /// over their control connection, so a node offline for longer than this needs a new ticket.
 pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Default lifetime of public hostname certificates the authority issues to outlets
+/// (`public-cert-validity`). Outlets renew them at two thirds of it, like node certificates.
+pub const PUBLIC_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// The authority's record of a ticket. Holds a hash of the secret, never the secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TicketRecord {
@@ -176,6 +180,23 @@ impl Authority {
         Ok(cert)
     }
 
+    /// Signs a certificate for public hostname `hostname` for the connected outlet `name`
+    /// (which the caller checked may offer it), unless `name` was revoked.
+    pub fn issue_hostname(
+        &self,
+        name: &NodeName,
+        hostname: &str,
+        csr_pem: &str,
+        valid_for: Duration,
+    ) -> Result<String, Refusal> {
+        if self.revoked().contains(name) {
+            return Err(Refusal::RenewalRefused {
+                why: format!("identity {name} has been revoked"),
+            });
+        }
+        sign_hostname(&self.state, name, hostname, csr_pem, valid_for)
+    }
+
     /// Handles one enrollment request.
     pub fn enroll(&self, req: &EnrollRequest) -> EnrollResponse {
         audit_enrollment(req, self.try_enroll(req))
@@ -240,6 +261,29 @@ impl Authority {
             ca_pem: ca.cert_pem().to_owned(),
         })
     }
+}
+
+/// Signs a public hostname certificate with the CA in `state` (both state backends sign
+/// through it), and audits it.
+pub(crate) fn sign_hostname(
+    state: &StateDir,
+    name: &NodeName,
+    hostname: &str,
+    csr_pem: &str,
+    valid_for: Duration,
+) -> Result<String, Refusal> {
+    let ca = state.load_ca().map_err(|e| {
+        tracing::error!(error = %e, "cannot load the CA for a public hostname certificate");
+        Refusal::Internal
+    })?;
+    let cert = ca
+        .sign_hostname_csr(csr_pem, hostname, valid_for)
+        .map_err(|e| Refusal::PublicCertRefused {
+            hostname: hostname.to_owned(),
+            why: format!("certificate request refused: {e}"),
+        })?;
+    tracing::info!(target: "postern::audit", event = "public_cert", node = %name, %hostname, valid_for = ?valid_for, "public hostname certificate issued");
+    Ok(cert)
 }
 
 /// Logs an enrollment's outcome (and its audit event) and turns a refusal into the answer.

@@ -36,6 +36,8 @@ pub struct RelayFile {
     pub policy: Vec<PolicyFile>,
     pub public_addr: Option<SocketAddr>,
     pub public_domain: Option<String>,
+    /// e.g. `"30d"`; see `--public-cert-validity`.
+    pub public_cert_validity: Option<String>,
     /// `{ etcd = [...], prefix = "/postern" }`: keep the fleet's shared state in etcd.
     pub cluster: Option<ClusterFile>,
 }
@@ -111,6 +113,12 @@ pub struct RunArgs {
     /// for `https://influxdb.relay.example.com/` (point `*.relay.example.com` at this relay).
     #[arg(long)]
     pub public_domain: Option<String>,
+    /// Lifetime of the certificates for `<service>.<public-domain>` that this relay, when it
+    /// holds the authority, signs for outlets offering a service publicly without certificate
+    /// files of their own (they ask over their control connection, keep the key, and renew at
+    /// two thirds of it), e.g. `30d`, `12h` [default: 30d].
+    #[arg(long, value_parser = postern_net::runtime::duration::parse_duration)]
+    pub public_cert_validity: Option<std::time::Duration>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Check the configuration (file and flags, policy and cluster included) and exit
@@ -143,6 +151,8 @@ pub struct RelayConfig {
     pub admin_addr_explicit: bool,
     /// Public hostname ingress: TCP address and domain.
     pub public: Option<(SocketAddr, String)>,
+    /// Lifetime of the public hostname certificates signed for outlets.
+    pub public_cert_validity: std::time::Duration,
     /// The etcd cluster holding the fleet's shared state (`None`: the state directory).
     pub cluster: Option<ClusterConfig>,
 }
@@ -268,6 +278,17 @@ impl RunArgs {
                 })
             }
         };
+        let public_cert_validity = match (self.public_cert_validity, &file.public_cert_validity) {
+            (Some(d), _) => d,
+            (None, Some(text)) => postern_net::runtime::duration::parse_duration(text)
+                .map_err(|e| config_error(format!("public-cert-validity: {e}")))?,
+            (None, None) => crate::authority::PUBLIC_CERT_VALIDITY,
+        };
+        if public_cert_validity < std::time::Duration::from_secs(1) {
+            return Err(config_error(
+                "public-cert-validity: must be at least 1s".into(),
+            ));
+        }
         let cluster = self
             .cluster
             .resolve(file.cluster)
@@ -281,6 +302,7 @@ impl RunArgs {
         Ok(RelayConfig {
             cluster,
             public,
+            public_cert_validity,
             admin_addr,
             admin_addr_explicit,
             policy,

@@ -26,7 +26,7 @@ pub enum RenewError {
     File(#[from] FileError),
     #[error("renewal request failed: {0}")]
     Control(#[from] CtlError),
-    #[error("the relay refused to renew: {0}")]
+    #[error("the relay refused: {0}")]
     Refused(Refusal),
     #[error("the relay gave an unexpected answer to a renewal")]
     Unexpected,
@@ -63,25 +63,41 @@ pub async fn renew_once(
     };
     // The pair must match before anything on disk changes.
     let identity = Identity::from_pem(&cert_pem, &key.0)?;
-    let key_new = state.key().with_extension("key.new");
-    let cert_new = state.cert().with_extension("pem.new");
-    files::write(&key_new, key.0.as_bytes(), true)?;
-    files::write(&cert_new, cert_pem.as_bytes(), true)?;
-    let rename = |from: &std::path::Path, to: std::path::PathBuf| {
-        std::fs::rename(from, &to).map_err(|source| FileError::Write { path: to, source })
-    };
-    rename(&key_new, state.key())?;
-    rename(&cert_new, state.cert())?;
+    store_pair(&state.key(), &state.cert(), &key.0, &cert_pem)?;
     Ok(identity)
 }
 
-/// Finishes a renewal interrupted between its two renames (call at start-up).
-pub fn recover(state: &NodeState) {
-    let key_new = state.key().with_extension("key.new");
-    let cert_new = state.cert().with_extension("pem.new");
+/// Puts a new key and certificate in place of the pair at `key` and `cert` (both mode 0600):
+/// each is written aside, then the key is renamed into place and the certificate after it, so a
+/// crash leaves either the old pair or the new one (see [`recover_pair`]).
+pub fn store_pair(
+    key: &std::path::Path,
+    cert: &std::path::Path,
+    key_pem: &str,
+    cert_pem: &str,
+) -> Result<(), FileError> {
+    let key_new = key.with_extension("key.new");
+    let cert_new = cert.with_extension("pem.new");
+    files::write(&key_new, key_pem.as_bytes(), true)?;
+    files::write(&cert_new, cert_pem.as_bytes(), true)?;
+    let rename = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::rename(from, to).map_err(|source| FileError::Write {
+            path: to.to_owned(),
+            source,
+        })
+    };
+    rename(&key_new, key)?;
+    rename(&cert_new, cert)?;
+    Ok(())
+}
+
+/// Finishes a [`store_pair`] interrupted between its two renames (call at start-up).
+pub fn recover_pair(key: &std::path::Path, cert: &std::path::Path) {
+    let key_new = key.with_extension("key.new");
+    let cert_new = cert.with_extension("pem.new");
     if cert_new.exists() && !key_new.exists() {
         // The key was renamed into place, the certificate not yet.
-        let _ = std::fs::rename(&cert_new, state.cert());
+        let _ = std::fs::rename(&cert_new, cert);
     } else {
         // Nothing was renamed: the old pair is intact and still valid.
         let _ = std::fs::remove_file(&key_new);
@@ -89,24 +105,64 @@ pub fn recover(state: &NodeState) {
     }
 }
 
+/// Finishes a renewal interrupted between its two renames (call at start-up).
+pub fn recover(state: &NodeState) {
+    recover_pair(&state.key(), &state.cert());
+}
+
+/// When the certificate in the PEM file `cert` is due for renewal ([`renew_at`]); `None` when
+/// it cannot be read.
+pub fn due(cert: &std::path::Path) -> Option<SystemTime> {
+    files::read(cert)
+        .ok()
+        .and_then(|pem| pki::first_cert(&pem).ok())
+        .and_then(|der| pki::cert_validity(&der).ok())
+        .map(|(from, until)| renew_at(from, until))
+}
+
 /// Keeps the node's certificate fresh until `shutdown`, calling `on_renewed` with each new
 /// identity.
 pub async fn run(
     state: NodeState,
-    mut control: watch::Receiver<Option<quinn::Connection>>,
+    control: watch::Receiver<Option<quinn::Connection>>,
     on_renewed: impl Fn(Identity) + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) {
+    let cert = state.cert();
+    let due_at = move || {
+        let due = due(&cert);
+        if due.is_none() {
+            tracing::warn!("cannot read this node's certificate; automatic renewal is off");
+        }
+        due
+    };
+    let renew = move |conn: quinn::Connection| {
+        let state = state.clone();
+        async move { renew_once(&conn, &state).await }
+    };
+    keep_fresh("certificate", control, due_at, renew, on_renewed, shutdown).await;
+}
+
+/// The renewal schedule every certificate kept over the control connection follows (the
+/// node's own, an outlet's public hostname ones): wait until `due` (`None`: stop), ask with
+/// `renew` on the control connection once it is up, hand the result to `on_renewed`, and
+/// after a failure back off (the longest back-off at once after a permanent refusal). `what`
+/// names the certificate in logs.
+pub async fn keep_fresh<T, F, Fut>(
+    what: &str,
+    mut control: watch::Receiver<Option<quinn::Connection>>,
+    due: impl Fn() -> Option<SystemTime>,
+    renew: F,
+    on_renewed: impl Fn(T),
+    shutdown: CancellationToken,
+) where
+    F: Fn(quinn::Connection) -> Fut,
+    Fut: std::future::Future<Output = Result<T, RenewError>>,
+{
     let mut backoff =
         crate::runtime::backoff::Backoff::new(Duration::from_secs(5), RENEW_BACKOFF_MAX);
     loop {
-        let due = files::read(&state.cert())
-            .ok()
-            .and_then(|pem| pki::first_cert(&pem).ok())
-            .and_then(|der| pki::cert_validity(&der).ok())
-            .map(|(from, until)| renew_at(from, until));
-        let Some(due) = due else {
-            tracing::warn!("cannot read this node's certificate; automatic renewal is off");
+        let Some(due) = due() else {
             return;
         };
         let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
@@ -119,11 +175,11 @@ pub async fn run(
         else {
             continue;
         };
-        match renew_once(&conn, &state).await {
-            Ok(identity) => {
-                tracing::info!("certificate renewed");
+        match renew(conn).await {
+            Ok(renewed) => {
+                tracing::info!("{what} renewed");
                 backoff.reset();
-                on_renewed(identity);
+                on_renewed(renewed);
             }
             Err(e) => {
                 // A permanent refusal waits the longest back-off at once: asking again soon
@@ -133,7 +189,7 @@ pub async fn run(
                 } else {
                     backoff.next_delay()
                 };
-                tracing::warn!(error = %e, retry_in = ?delay, "certificate renewal failed");
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} renewal failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}

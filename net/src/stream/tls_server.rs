@@ -70,12 +70,35 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
 /// The server configuration for a local listener: TLS 1.2 + 1.3, no client certificate, ALPN
 /// `http/1.1`. Fails if the key does not match the certificate.
 pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(identity.certs.clone(), identity.key())?;
+    let mut cfg = builder()?.with_single_cert(identity.certs.clone(), identity.key())?;
     cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(cfg)
+}
+
+/// The same server configuration, serving whatever certificate `resolver` holds at each
+/// handshake: for a certificate that is fetched and renewed while the listener runs (a
+/// resolver holding none yet fails the handshake).
+pub fn resolving_config(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = builder()?.with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(cfg)
+}
+
+/// A certificate and key ready for [`resolving_config`]'s resolver; fails when the key does
+/// not match the certificate.
+pub fn certified_key(identity: &Identity) -> Result<rustls::sign::CertifiedKey, rustls::Error> {
+    rustls::sign::CertifiedKey::from_der(identity.certs.clone(), identity.key(), &provider())
+}
+
+fn builder() -> Result<
+    rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
+    rustls::Error,
+> {
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth())
 }
 
 /// Runs the server side of the handshake on any byte stream within `limit`.

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod cert;
 pub mod gate;
 
 use crate::serve::Services;

@@ -191,6 +191,24 @@ impl FleetState for Embedded {
         })
     }
 
+    fn issue_hostname(
+        &self,
+        name: NodeName,
+        hostname: String,
+        csr_pem: String,
+        valid_for: std::time::Duration,
+    ) -> Fut<'_, Result<String, Refusal>> {
+        let authority = self.authority.clone();
+        Box::pin(async move {
+            let a = authority.ok_or(Refusal::NoAuthority)?;
+            tokio::task::spawn_blocking(move || {
+                a.issue_hostname(&name, &hostname, &csr_pem, valid_for)
+            })
+            .await
+            .map_err(|_| Refusal::Internal)?
+        })
+    }
+
     fn tickets(&self) -> Fut<'_, Result<Vec<TicketRecord>, FleetError>> {
         let authority = self.authority.clone();
         Box::pin(async move {

@@ -100,6 +100,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Etcd {
+    /// Refuses to sign for `name` when its identity record says it was revoked (renewals and
+    /// public hostname certificates alike).
+    async fn refuse_revoked(&self, name: &NodeName) -> Result<(), Refusal> {
+        let got = self
+            .client
+            .kv_client()
+            .get(self.key("identities", name.as_str()), None)
+            .await
+            .map_err(|e| {
+                let e = FleetError::from(e);
+                self.health.fail(Op::Renew, &e);
+                tracing::error!(error = %e, "cannot read the identity from etcd for signing");
+                Refusal::Internal
+            })?;
+        let revoked = got
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<IdentityRecord>(kv.value()).ok())
+            .is_some_and(|i| i.revoked);
+        if revoked {
+            return Err(Refusal::RenewalRefused {
+                why: format!("identity {name} has been revoked"),
+            });
+        }
+        Ok(())
+    }
+
     /// Connects to the cluster `cfg` names. `ca` is the state directory with the CA key, when
     /// this relay enrolls nodes. Credentials are read from their references here.
     pub async fn connect(cfg: &ClusterConfig, ca: Option<StateDir>) -> Result<Self, FleetError> {
@@ -571,27 +598,7 @@ impl FleetState for Etcd {
     ) -> Fut<'_, Result<String, Refusal>> {
         Box::pin(async move {
             let state = self.ca.clone().ok_or(Refusal::NoAuthority)?;
-            let got = self
-                .client
-                .kv_client()
-                .get(self.key("identities", name.as_str()), None)
-                .await
-                .map_err(|e| {
-                    let e = FleetError::from(e);
-                    self.health.fail(Op::Renew, &e);
-                    tracing::error!(error = %e, "cannot read the identity from etcd for renewal");
-                    Refusal::Internal
-                })?;
-            let revoked = got
-                .kvs()
-                .first()
-                .and_then(|kv| serde_json::from_slice::<IdentityRecord>(kv.value()).ok())
-                .is_some_and(|i| i.revoked);
-            if revoked {
-                return Err(Refusal::RenewalRefused {
-                    why: format!("identity {name} has been revoked"),
-                });
-            }
+            self.refuse_revoked(&name).await?;
             tokio::task::spawn_blocking(move || {
                 let ca = state.load_ca().map_err(|e| {
                     tracing::error!(error = %e, "cannot load the CA for renewal");
@@ -604,6 +611,24 @@ impl FleetState for Etcd {
                     })?;
                 tracing::info!(target: "postern::audit", event = "renewal", node = %name, "certificate renewed");
                 Ok(cert)
+            })
+            .await
+            .map_err(|_| Refusal::Internal)?
+        })
+    }
+
+    fn issue_hostname(
+        &self,
+        name: NodeName,
+        hostname: String,
+        csr_pem: String,
+        valid_for: Duration,
+    ) -> Fut<'_, Result<String, Refusal>> {
+        Box::pin(async move {
+            let state = self.ca.clone().ok_or(Refusal::NoAuthority)?;
+            self.refuse_revoked(&name).await?;
+            tokio::task::spawn_blocking(move || {
+                crate::authority::sign_hostname(&state, &name, &hostname, &csr_pem, valid_for)
             })
             .await
             .map_err(|_| Refusal::Internal)?

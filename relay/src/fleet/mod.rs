@@ -185,6 +185,16 @@ pub trait FleetState: Send + Sync + 'static {
         csr_pem: String,
     ) -> Fut<'_, Result<String, Refusal>>;
 
+    /// Signs a certificate for public hostname `hostname` for connected outlet `name`
+    /// (refused when it is revoked); the caller has checked that the outlet may have it.
+    fn issue_hostname(
+        &self,
+        name: NodeName,
+        hostname: String,
+        csr_pem: String,
+        valid_for: std::time::Duration,
+    ) -> Fut<'_, Result<String, Refusal>>;
+
     /// Every ticket on record.
     fn tickets(&self) -> Fut<'_, Result<Vec<TicketRecord>, FleetError>>;
 

@@ -108,6 +108,11 @@ pub(super) async fn handle(
                 Err(reason) => refused(reason),
             }
         }
+        Ctl::PublicCertRequest {
+            service,
+            hostname,
+            csr_pem,
+        } => super::public_cert::issue(shared, id, service, hostname, csr_pem).await,
         other => {
             shared.ctl.bad_messages.fetch_add(1, Relaxed);
             tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected control message from node");

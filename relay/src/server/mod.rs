@@ -28,6 +28,7 @@ mod dispatch;
 mod enroll;
 mod fleet_sync;
 mod health;
+pub mod public_cert;
 mod revoke;
 mod route;
 mod session;
@@ -141,6 +142,7 @@ impl Relay {
                 member_name: Mutex::default(),
                 view: Mutex::default(),
                 presence_changed: tokio::sync::Notify::new(),
+                public_certs: Mutex::default(),
             }),
             drain_timeout: Duration::ZERO,
             tcp,
@@ -197,6 +199,17 @@ impl Relay {
     /// close at once.
     pub fn set_drain_timeout(&mut self, timeout: Duration) {
         self.drain_timeout = timeout;
+    }
+
+    /// Lets outlets ask this relay (when it holds the authority) for certificates for their
+    /// public hostnames under `certs.domain` (see [`public_cert`]). Call before
+    /// [`run`](Self::run).
+    pub fn set_public_certs(&mut self, certs: public_cert::PublicCerts) {
+        *self
+            .shared
+            .public_certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(certs);
     }
 
     /// Replaces the default bounds on QUIC handshakes. Call before [`run`](Self::run).

@@ -127,6 +127,8 @@ pub(super) struct Shared {
     pub(super) view: Mutex<Arc<FleetView>>,
     /// Woken when the outlets registered here change (their presence is written to the fleet).
     pub(super) presence_changed: tokio::sync::Notify,
+    /// What outlets' public hostname certificates are signed for (none without an ingress).
+    pub(super) public_certs: Mutex<Option<super::public_cert::PublicCerts>>,
 }
 
 impl Shared {
