@@ -21,6 +21,8 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v ip >/dev/null || need+=(iproute2)
 # nftables for the NAT lab of tests/direct_netns.rs (tests/lab/natlab.sh).
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+# conntrack for the lab's NAT rebinding (`natlab.sh rebind` deletes the old mapping).
+command -v conntrack >/dev/null || [ -x /usr/sbin/conntrack ] || need+=(conntrack)
 # A three-member etcd cluster on loopback for tests/fleet.rs (the relay fleet's shared state),
 # and protoc, which the etcd client's build needs for etcd's gRPC definitions.
 command -v etcd >/dev/null || need+=(etcd-server)
