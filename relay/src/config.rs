@@ -26,6 +26,9 @@ pub struct RelayFile {
     pub ca: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
+    /// The stderr log filter, `"info"` or `"warn,postern_relay=debug"`; put in force again by
+    /// a reload. `--log` wins over it, and it over `POSTERN_LOG`.
+    pub log_level: Option<String>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
     /// `HOST:PORT` or `"off"`.
@@ -143,6 +146,10 @@ pub struct RelayConfig {
     pub admin_addr_explicit: bool,
     /// Public hostname ingress: TCP address and domain.
     pub public: Option<(SocketAddr, String)>,
+    /// The log filter to put in force: the file's `log-level` (checked) from
+    /// [`RunArgs::resolve`]; the binary replaces it with the one it uses (`--log` over the
+    /// file over `POSTERN_LOG` over `info`). `None`: leave logging as it is.
+    pub log_level: Option<String>,
     /// The etcd cluster holding the fleet's shared state (`None`: the state directory).
     pub cluster: Option<ClusterConfig>,
 }
@@ -278,7 +285,16 @@ impl RunArgs {
                     .unwrap_or_else(|| PathBuf::from("flags")),
                 message,
             })?;
+        let log_level = match file.log_level {
+            Some(level) => {
+                postern_net::runtime::logging::parse_filter(&level)
+                    .map_err(|e| config_error(format!("log-level: {e}")))?;
+                Some(level)
+            }
+            None => None,
+        };
         Ok(RelayConfig {
+            log_level,
             cluster,
             public,
             admin_addr,

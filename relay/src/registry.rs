@@ -111,6 +111,14 @@ impl Registry {
         }
     }
 
+    /// Takes `node` off the outlets of `service` (a reloaded policy no longer allows it), its
+    /// other registrations and health reports kept.
+    pub fn withdraw(&mut self, node: NodeId, service: &ServiceName) {
+        if let Some(svc) = self.services.get_mut(service) {
+            svc.outlets.retain(|n| *n != node);
+        }
+    }
+
     /// Picks an outlet for `service`, spreading routes over the live, healthy ones in turn.
     pub fn pick_outlet(&mut self, service: &ServiceName) -> Result<NodeId, RefuseReason> {
         let healthy = self.outlets_of(service);
