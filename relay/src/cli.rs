@@ -242,7 +242,11 @@ impl Cli {
 /// under a service manager that sets the variable.
 fn log_filter(flag: Option<String>, file: Option<String>) -> String {
     flag.or(file)
-        .or_else(|| std::env::var("POSTERN_LOG").ok().filter(|v| !v.trim().is_empty()))
+        .or_else(|| {
+            std::env::var("POSTERN_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
         .unwrap_or_else(|| "info".to_owned())
 }
 

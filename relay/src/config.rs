@@ -450,6 +450,23 @@ mod tests {
     }
 
     #[test]
+    fn log_level_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        let path = file.display().to_string();
+        std::fs::write(&file, "log-level = \"warn,postern_relay=debug\"\n").expect("write");
+        let cfg = resolve(&["--config", &path]).expect("a filter");
+        assert_eq!(cfg.log_level.as_deref(), Some("warn,postern_relay=debug"));
+        assert_eq!(resolve(&[]).expect("none").log_level, None);
+        std::fs::write(&file, "log-level = \"loud\"\n").expect("write");
+        let e = resolve(&["--config", &path]).expect_err("not a level");
+        assert!(
+            e.to_string().contains("log-level") && e.to_string().contains("loud"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = toml::from_str::<RelayFile>("lisen = \"1.2.3.4:5\"").expect_err("unknown key");
         assert!(err.to_string().contains("lisen"), "{err}");

@@ -51,6 +51,7 @@ impl Reloader {
     pub fn reload(&self, asked_by: &str) -> Result<Reloaded, ReloadRefused> {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         tracing::info!(asked_by, "reloading the config");
+        tracing::debug!(asked_by, "rereading the command line and config file");
         let cfg = match (self.reread)() {
             Ok(cfg) => cfg,
             Err(e) => {
@@ -79,8 +80,6 @@ impl Reloader {
             routes_closed = policy.routes_closed,
             "config reloaded"
         );
-        // Seen only at the new level: a reload to `debug` shows at once that it took.
-        tracing::debug!("debug logging in force");
         Ok(Reloaded {
             policy,
             log_level: cfg.log_level,

@@ -137,13 +137,21 @@ mod tests {
 
     #[test]
     fn log_filters_are_levels_or_target_directives() {
-        for ok in ["info", "DEBUG", "warn,postern_relay=debug", "off", "postern=trace,info"] {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,postern_relay=debug",
+            "off",
+            "postern=trace,info",
+        ] {
             assert!(parse_filter(ok).is_ok(), "{ok}");
         }
         for bad in ["verbose", "info,loud", "postern=loud"] {
             assert!(parse_filter(bad).is_err(), "{bad}");
         }
-        let e = parse_filter("verbose").expect_err("not a level").to_string();
+        let e = parse_filter("verbose")
+            .expect_err("not a level")
+            .to_string();
         assert!(e.contains("verbose") && e.contains("debug"), "{e}");
     }
 

@@ -446,7 +446,10 @@ fn enforce_policy(shared: &Arc<Shared>, policy: &PolicySet) -> PolicyApplied {
         shared.routes.remove(*route);
         shared.ctl.routes_closed_by_policy.fetch_add(1, Relaxed);
         let reason = if d.allowed {
-            format!("the relay's reloaded policy no longer allows the outlet to serve {}", info.service)
+            format!(
+                "the relay's reloaded policy no longer allows the outlet to serve {}",
+                info.service
+            )
         } else {
             format!(
                 "the relay's reloaded policy no longer allows {inlet} to reach {}",
