@@ -58,6 +58,20 @@ fn outlet_config(path: &Path, services: &[(&str, SocketAddr, &str)]) {
     std::fs::write(path, text).expect("write outlet config");
 }
 
+/// Puts `log-level = LEVEL` at the top of the config file at `path`.
+fn with_log_level(path: &Path, level: &str) {
+    let text = std::fs::read_to_string(path).expect("read config");
+    std::fs::write(path, format!("log-level = \"{level}\"\n\n{text}")).expect("write config");
+}
+
+/// How many reloads began while debug logging was in force: each logs this line at debug
+/// level as it starts.
+fn debug_rereads(p: &Proc) -> usize {
+    p.log()
+        .matches("rereading the command line and config file")
+        .count()
+}
+
 fn reloads(outlet: &Proc) -> usize {
     outlet.log().matches("config reloaded").count()
 }
@@ -179,11 +193,14 @@ async fn sighup_reloads_the_outlets_services_and_allow() {
             ("second", echo, "name = \"inlet-a\""),
         ],
     );
+    with_log_level(&config, "debug");
     outlet.sighup();
     eventually(Duration::from_secs(10), "the first reload", || async {
         reloads(&outlet) == 1
     })
     .await;
+    // It began at the level the outlet started with (info) and put debug in force.
+    assert_eq!(debug_rereads(&outlet), 0, "{}", outlet.log());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut kept = loop {
         if let Some(s) = fresh_echo(l2).await {
@@ -207,11 +224,18 @@ async fn sighup_reloads_the_outlets_services_and_allow() {
             ("second", echo, "name = \"inlet-a\""),
         ],
     );
+    with_log_level(&config, "debug");
     outlet.sighup();
     eventually(Duration::from_secs(10), "the second reload", || async {
         reloads(&outlet) == 2
     })
     .await;
+    assert_eq!(
+        debug_rereads(&outlet),
+        1,
+        "the reloaded log level is not in force:\n{}",
+        outlet.log()
+    );
     assert!(
         closed(&mut open).await,
         "the connection the new allow refuses is still open:\n{}",
@@ -368,6 +392,7 @@ async fn sighup_reloads_the_inlets_listeners() {
 
     // A listener added by SIGHUP is used at once.
     inlet_config(&config, &[("echo", l1), ("second", l2)]);
+    with_log_level(&config, "debug");
     inlet.sighup();
     eventually(
         Duration::from_secs(10),
@@ -387,7 +412,9 @@ async fn sighup_reloads_the_inlets_listeners() {
 
     // A listener removed stops accepting, and its open connection is closed; the other
     // listener's open connection keeps going.
+    assert_eq!(debug_rereads(&inlet), 0, "{}", inlet.log());
     inlet_config(&config, &[("second", l2)]);
+    with_log_level(&config, "debug");
     inlet.sighup();
     eventually(
         Duration::from_secs(10),
@@ -395,6 +422,12 @@ async fn sighup_reloads_the_inlets_listeners() {
         || async { TcpStream::connect(l1).await.is_err() },
     )
     .await;
+    assert_eq!(
+        debug_rereads(&inlet),
+        1,
+        "the reloaded log level is not in force:\n{}",
+        inlet.log()
+    );
     assert!(
         closed(&mut open).await,
         "a connection open on the removed listener was left running:\n{}",
@@ -444,6 +477,40 @@ async fn sighup_reloads_the_inlets_listeners() {
     assert!(
         fresh_echo(l2).await.is_some(),
         "the listener in force stopped after a refused reload:\n{}",
+        logs()
+    );
+
+    // An invalid log level is refused the same way, and the level in force (debug) stays:
+    // the next reload still begins at debug.
+    inlet_config(&config, &[("second", l2)]);
+    with_log_level(&config, "loud");
+    inlet.sighup();
+    eventually(
+        Duration::from_secs(10),
+        "the second refused reload logged",
+        || async { inlet.log().matches("reload refused").count() == 2 },
+    )
+    .await;
+    let log = inlet.log();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("reload refused"))
+        .nth(1)
+        .expect("the second refusal line");
+    assert!(
+        line.contains("log-level") && line.contains("loud"),
+        "the refusal does not name the error: {line}"
+    );
+    inlet_config(&config, &[("second", l2)]);
+    inlet.sighup();
+    eventually(Duration::from_secs(10), "a valid reload", || async {
+        inlet.log().matches("config reloaded").count() == 3
+    })
+    .await;
+    assert_eq!(debug_rereads(&inlet), 4, "{}", inlet.log());
+    assert!(
+        echoes(&mut kept, b"after the refused level").await,
+        "a reload cut the kept connection:\n{}",
         logs()
     );
 }

@@ -63,6 +63,20 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, LoggingError> {
     })
 }
 
+/// The stderr filter a binary uses: `--log`, else its config file's `log-level` (which a
+/// reload puts in force again), else `$POSTERN_LOG`, else `info`. The file comes before the
+/// variable so that editing it and reloading works under a service manager that sets the
+/// variable.
+pub fn effective_filter(flag: Option<String>, file: Option<String>) -> String {
+    flag.or(file)
+        .or_else(|| {
+            std::env::var("POSTERN_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
+        .unwrap_or_else(|| "info".to_owned())
+}
+
 /// Puts `filter` in force for the stderr log from now on (a reload); the audit log is not
 /// affected. An invalid filter changes nothing. Returns false when logging was not set up by
 /// [`init`] (nothing to change).
