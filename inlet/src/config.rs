@@ -124,8 +124,9 @@ pub struct InletFile {
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
     /// tables with `name` and `listen`). On SIGHUP the command line and this file are read
-    /// again: listeners added are bound, removed ones stop accepting; an invalid file is
-    /// refused, logged, and the listeners in force stay.
+    /// again: listeners added are bound, removed ones stop accepting and their open connections
+    /// are closed, a changed `log-level` is put in force; an invalid file is refused, logged,
+    /// and the config in force stays.
     #[arg(long, env = "POSTERN_INLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]

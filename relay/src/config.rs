@@ -47,9 +47,9 @@ pub struct RelayFile {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; its keys are the long flag names below (e.g. `listen = "0.0.0.0:4433"`).
-    /// On SIGHUP the command line and this file are read again and their `[[policy]]` put in
-    /// force for new registrations and routes; an invalid file is refused, logged, and the
-    /// policy in force stays.
+    /// On SIGHUP or `postern-relay reload` the command line and this file are read again and
+    /// their `[[policy]]` and `log-level` put in force (live routes the new policy refuses are
+    /// closed); an invalid file is refused, logged, and the config in force stays.
     #[arg(long, env = "POSTERN_RELAY_CONFIG")]
     pub config: Option<PathBuf>,
     /// UDP address to listen on for nodes' QUIC connections and forwarded packets
