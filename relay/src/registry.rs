@@ -493,6 +493,20 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawn_registration_leaves_the_others_and_their_health() {
+        let mut r = Registry::default();
+        r.connect(1, node("o1"));
+        r.connect(2, node("o2"));
+        r.register(1, &[svc("a"), svc("b")]);
+        r.register(2, &[svc("a")]);
+        r.set_health(1, &svc("b"), false, "down");
+        r.withdraw(1, &svc("a"));
+        assert_eq!(r.services_of(1), vec![svc("b")]);
+        assert_eq!(r.outlets_of(&svc("a")), vec![2]);
+        assert_eq!(r.unhealthy_reason(1, &svc("b")), Some("down"));
+    }
+
+    #[test]
     fn re_registering_replaces_the_service_list() {
         let mut r = Registry::default();
         r.connect(1, node("o1"));
