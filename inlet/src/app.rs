@@ -92,13 +92,22 @@ pub async fn run_with_reload(
         tokio::spawn(async move {
             while hups.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the config");
-                match reread().and_then(|c| listener_specs(&c)) {
-                    Ok(specs) => {
+                tracing::debug!("rereading the command line and config file");
+                let reread = reread().and_then(|c| {
+                    let specs = listener_specs(&c)?;
+                    // Checked when the config was read: fails only if logging cannot change.
+                    if let Some(level) = &c.log_level {
+                        postern_net::runtime::logging::set_filter(level)?;
+                    }
+                    Ok((specs, c.log_level))
+                });
+                match reread {
+                    Ok((specs, log_level)) => {
                         let n = specs.len();
                         if tx.send(specs).await.is_err() {
                             return;
                         }
-                        tracing::info!(listeners = n, "config reloaded");
+                        tracing::info!(listeners = n, log_level, "config reloaded");
                     }
                     Err(e) => tracing::error!(
                         error = format!("{e:#}"),

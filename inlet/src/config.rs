@@ -108,6 +108,9 @@ pub struct InletFile {
     pub ticket: Option<String>,
     pub name: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The stderr log filter, `"info"` or `"warn,postern_inlet=debug"`; put in force again by
+    /// a reload. `--log` wins over it, and it over `POSTERN_LOG`.
+    pub log_level: Option<String>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
     /// Most client connections open at once on each listener.
@@ -121,8 +124,9 @@ pub struct InletFile {
 pub struct RunArgs {
     /// TOML config file; keys are the long flag names (`relay = "host:4433"`, `[[service]]`
     /// tables with `name` and `listen`). On SIGHUP the command line and this file are read
-    /// again: listeners added are bound, removed ones stop accepting; an invalid file is
-    /// refused, logged, and the listeners in force stay.
+    /// again: listeners added are bound, removed ones stop accepting and their open connections
+    /// are closed, a changed `log-level` is put in force; an invalid file is refused, logged,
+    /// and the config in force stays.
     #[arg(long, env = "POSTERN_INLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -170,6 +174,9 @@ pub struct InletConfig {
     pub state_dir: PathBuf,
     pub services: Vec<ServiceFile>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The file's `log-level` (checked); the binary replaces it with the filter it uses
+    /// (see [`postern_net::runtime::logging::effective_filter`]). `None`: leave logging as it is.
+    pub log_level: Option<String>,
     pub drain_timeout: std::time::Duration,
     /// Per-listener connection cap, if set (see `--max-connections`).
     pub max_connections: Option<usize>,
@@ -268,7 +275,12 @@ impl RunArgs {
             (None, Some(0)) => bail!("max-connections must be at least 1"),
             (None, n) => n,
         };
+        if let Some(level) = &file.log_level {
+            postern_net::runtime::logging::parse_filter(level)
+                .map_err(|e| anyhow::anyhow!("log-level: {e}"))?;
+        }
         Ok(InletConfig {
+            log_level: file.log_level,
             max_connections,
             more_relays,
             transport,

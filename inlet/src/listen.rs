@@ -88,8 +88,12 @@ fn refused(service: &ServiceName, reason: &'static str) {
 /// Client connections closed by a listener's cap, by service and reason.
 pub const CONNECTIONS_REFUSED: &str = "postern_inlet_connections_refused_total";
 
+/// Open client connections closed because a reload removed their listener, by service.
+pub const CONNECTIONS_CLOSED_BY_RELOAD: &str = "postern_inlet_connections_closed_by_reload_total";
+
 /// Accepts `service`'s client connections until `shutdown`; each is served on its own task,
-/// tracked in `streams` (the drain waits for them).
+/// tracked in `streams` (the drain waits for them), until it ends or `close` (the listener
+/// removed by a reload: its open connections are closed, not left running).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn accept_loop(
     service: ServiceName,
@@ -98,6 +102,7 @@ pub(crate) async fn accept_loop(
     pool: Arc<Pool>,
     failures: Arc<FailureLog>,
     shutdown: CancellationToken,
+    close: CancellationToken,
     streams: TaskTracker,
     tls: Option<TlsAcceptor>,
     limit: Arc<postern_net::runtime::limit::ConnLimit>,
@@ -136,6 +141,7 @@ pub(crate) async fn accept_loop(
         }
         let (pool, failures) = (pool.clone(), failures.clone());
         let service = service.clone();
+        let closed_service = service.clone();
         let span = tracing::info_span!("client", %service, %peer);
         metrics::counter!("postern_inlet_streams_total", "service" => service.as_str().to_owned())
             .increment(1);
@@ -172,6 +178,18 @@ pub(crate) async fn accept_loop(
                 Mode::Http(cred) => serve_http_client(client, service, &pool, cred).await,
             }
             drop(slot);
+        };
+        let close = close.clone();
+        let serve = async move {
+            tokio::select! {
+                _ = serve => {}
+                _ = close.cancelled() => {
+                    // Dropping the connection's future closes its socket and its stream.
+                    tracing::info!("client connection closed: its listener was removed by a reload");
+                    metrics::counter!(CONNECTIONS_CLOSED_BY_RELOAD, "service" => closed_service.as_str().to_owned())
+                        .increment(1);
+                }
+            }
         };
         streams.spawn(serve.instrument(span));
     }

@@ -51,6 +51,10 @@ pub fn describe() {
         "Client connections closed by the listener's connection cap, by service and reason (cap, evicted_silent)."
     );
     metrics::describe_counter!(
+        crate::listen::CONNECTIONS_CLOSED_BY_RELOAD,
+        "Open client connections closed because a reload removed their listener, by service."
+    );
+    metrics::describe_counter!(
         "postern_node_relay_refusals_total",
         "Times a relay refused this node for good, by reason (closed_not_allowed, e.g. a revoked identity; not_allowed; drained; ...)."
     );

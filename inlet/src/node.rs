@@ -418,13 +418,16 @@ impl Inlet {
         let mut running: Running = HashMap::new();
         for (service, kind, listener) in self.listeners {
             let stop = shutdown.child_token();
+            // Not a child of `shutdown`: the drain lets open connections finish.
+            let conns = CancellationToken::new();
             if let Ok(addr) = listener.local_addr() {
                 running.insert(
                     (addr, false),
-                    (
-                        (service.clone(), kind, self.tls.contains_key(&service)),
-                        stop.clone(),
-                    ),
+                    Listening {
+                        shape: (service.clone(), kind, self.tls.contains_key(&service)),
+                        stop: stop.clone(),
+                        conns: conns.clone(),
+                    },
                 );
             }
             let mode = match kind {
@@ -446,6 +449,7 @@ impl Inlet {
                 self.pool.clone(),
                 failures.clone(),
                 stop,
+                conns,
                 self.uplink.drain().streams.clone(),
                 tls,
                 limit,
@@ -454,9 +458,14 @@ impl Inlet {
         for (service, socket, idle) in self.udp {
             let stop = shutdown.child_token();
             if let Ok(addr) = socket.local_addr() {
+                // A UDP listener's flows end with it.
                 running.insert(
                     (addr, true),
-                    ((service.clone(), ServiceKind::Tcp, false), stop.clone()),
+                    Listening {
+                        shape: (service.clone(), ServiceKind::Tcp, false),
+                        stop: stop.clone(),
+                        conns: stop.clone(),
+                    },
                 );
             }
             tasks.spawn(crate::udp::serve(
@@ -502,7 +511,16 @@ struct ReloadCtx {
     max_connections: Option<usize>,
 }
 
-type Running = HashMap<(SocketAddr, bool), ((ServiceName, ServiceKind, bool), CancellationToken)>;
+/// A listener running: its service, kind and TLS, what stops its accepting (a reload removing
+/// it, or shutdown), and what closes its open connections (a reload removing it only).
+struct Listening {
+    shape: (ServiceName, ServiceKind, bool),
+    stop: CancellationToken,
+    conns: CancellationToken,
+}
+
+/// Per listener, by (address, UDP?).
+type Running = HashMap<(SocketAddr, bool), Listening>;
 
 /// Puts each listener list received in force (see [`Inlet::set_reloads`]).
 async fn reload_listeners(
@@ -517,16 +535,17 @@ async fn reload_listeners(
         };
         let wanted: HashMap<(SocketAddr, bool), &ListenerSpec> =
             specs.iter().map(|s| (s.key(), s)).collect();
-        running.retain(|key, (shape, stop)| {
+        running.retain(|key, listening| {
             let keep = wanted.contains_key(key);
             if !keep {
-                tracing::info!(service = %shape.0, addr = %key.0, udp = key.1, "listener removed by reload");
-                stop.cancel();
+                tracing::info!(service = %listening.shape.0, addr = %key.0, udp = key.1, "listener removed by reload; closing its open connections");
+                listening.stop.cancel();
+                listening.conns.cancel();
             }
             keep
         });
         for (key, spec) in wanted {
-            if let Some((shape, _)) = running.get(&key) {
+            if let Some(Listening { shape, .. }) = running.get(&key) {
                 if *shape != spec.shape() {
                     tracing::error!(addr = %key.0, was = %shape.0, now = %spec.service.name, "reload: a listener's service, kind or TLS changed under the same address; that takes a restart (or remove it in one reload and add it in the next)");
                 }
@@ -537,6 +556,10 @@ async fn reload_listeners(
                 continue;
             }
             let stop = ctx.shutdown.child_token();
+            let conns = match spec.udp_idle {
+                Some(_) => stop.clone(),
+                None => CancellationToken::new(),
+            };
             let service = spec.service.name.clone();
             let started = match spec.udp_idle {
                 Some(idle) => match tokio::net::UdpSocket::bind(spec.service.listen).await {
@@ -565,6 +588,7 @@ async fn reload_listeners(
                             ctx.pool.clone(),
                             ctx.failures.clone(),
                             stop.clone(),
+                            conns.clone(),
                             ctx.streams.clone(),
                             spec.tls.clone(),
                             limit,
@@ -577,7 +601,14 @@ async fn reload_listeners(
             match started {
                 Ok(()) => {
                     tracing::info!(%service, addr = %key.0, udp = key.1, "listener added by reload");
-                    running.insert(key, (spec.shape(), stop));
+                    running.insert(
+                        key,
+                        Listening {
+                            shape: spec.shape(),
+                            stop,
+                            conns,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::error!(%service, addr = %key.0, error = %e, "reload: cannot bind the new listener")

@@ -171,13 +171,20 @@ pub async fn run_with_reload(
         tokio::spawn(async move {
             while hups.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the config");
-                let services = reread()
-                    .and_then(|cfg| crate::reload::services_from(&cfg, &handle.live_services()));
+                tracing::debug!("rereading the command line and config file");
+                let services = reread().and_then(|cfg| {
+                    let s = crate::reload::services_from(&cfg, &handle.live_services())?;
+                    // Checked when the config was read: fails only if logging cannot change.
+                    if let Some(level) = &cfg.log_level {
+                        postern_net::runtime::logging::set_filter(level)?;
+                    }
+                    Ok((s, cfg.log_level))
+                });
                 match services {
-                    Ok(s) => {
+                    Ok((s, log_level)) => {
                         let names = s.names();
                         let closed = handle.reload(s).await;
-                        tracing::info!(services = ?names, closed, "config reloaded");
+                        tracing::info!(services = ?names, closed, log_level, "config reloaded");
                     }
                     Err(e) => tracing::error!(
                         error = format!("{e:#}"),

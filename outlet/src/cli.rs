@@ -16,9 +16,11 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `postern=debug`.
-    #[arg(long, global = true, env = "POSTERN_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `postern=debug`
+    /// [default: the config file's `log-level` (which a reload puts in force again), else
+    /// $POSTERN_LOG, else info].
+    #[arg(long, global = true)]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -149,6 +149,9 @@ pub struct OutletFile {
     pub name: Option<String>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub audit_log: Option<PathBuf>,
+    /// The stderr log filter, `"info"` or `"warn,postern_outlet=debug"`; put in force again by
+    /// a reload. `--log` wins over it, and it over `POSTERN_LOG`.
+    pub log_level: Option<String>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
     /// In a fleet of relays, how many to attach to.
@@ -194,8 +197,9 @@ pub struct RunArgs {
     /// inlet the relay routes; its target is checked with `GET /ping`, tuned by the top-level
     /// `influxdb-health-check`, `influxdb-health-check-interval`, `-timeout` and `-failures`).
     /// On SIGHUP the command line and this file are read again and their `[[service]]` tables
-    /// put in force (services added or removed, `allow` changed; connections no longer allowed
-    /// are closed); an invalid file is refused, logged, and the config in force stays.
+    /// and `log-level` put in force (services added or removed, `allow` changed; connections
+    /// no longer allowed are closed); an invalid file is refused, logged, and the config in
+    /// force stays.
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -266,6 +270,9 @@ pub struct OutletConfig {
     pub influxdb: Option<(ServiceName, InfluxdbOutletConfig)>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub audit_log: Option<PathBuf>,
+    /// The file's `log-level` (checked); the binary replaces it with the filter it uses
+    /// (see [`postern_net::runtime::logging::effective_filter`]). `None`: leave logging as it is.
+    pub log_level: Option<String>,
     pub drain_timeout: std::time::Duration,
     /// How many relays of a fleet to attach to.
     pub home_relays: usize,
@@ -457,7 +464,12 @@ impl RunArgs {
         for s in &services {
             s.check()?;
         }
+        if let Some(level) = &file.log_level {
+            postern_net::runtime::logging::parse_filter(level)
+                .map_err(|e| anyhow::anyhow!("log-level: {e}"))?;
+        }
         Ok(OutletConfig {
+            log_level: file.log_level,
             home_relays,
             influxdb_check,
             public,

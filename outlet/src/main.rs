@@ -3,6 +3,7 @@
 //! ([`postern_outlet::app::run`] for `run`, [`postern_outlet::cli`] for the admin commands).
 
 use clap::Parser;
+use postern_net::runtime::logging::effective_filter;
 use postern_outlet::cli::{self, Cli, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -12,8 +13,10 @@ async fn main() -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Run(args) => {
             // The config names the audit log, so it is read before logging starts.
-            let cfg = args.resolve()?;
-            postern_net::runtime::logging::init(&cli.log, cfg.audit_log.as_deref())?;
+            let mut cfg = args.resolve()?;
+            let filter = effective_filter(cli.log.clone(), cfg.log_level.take());
+            postern_net::runtime::logging::init(&filter, cfg.audit_log.as_deref())?;
+            cfg.log_level = Some(filter);
             // Cancelled at SIGTERM/SIGINT: the outlet drains its streams.
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
@@ -23,16 +26,22 @@ async fn main() -> anyhow::Result<()> {
                 signal.cancel();
             });
             // SIGHUP reads the same command line and config file again.
-            let reread: postern_outlet::app::Reread =
-                Box::new(|| match Cli::try_parse()?.command {
-                    Command::Run(args) => args.resolve(),
+            let reread: postern_outlet::app::Reread = Box::new(|| {
+                let cli = Cli::try_parse()?;
+                match cli.command {
+                    Command::Run(args) => {
+                        let mut cfg = args.resolve()?;
+                        cfg.log_level = Some(effective_filter(cli.log, cfg.log_level.take()));
+                        Ok(cfg)
+                    }
                     _ => anyhow::bail!("the command line no longer says `run`"),
-                });
+                }
+            });
             return postern_outlet::app::run_with_reload(cfg, shutdown, Some(reread)).await;
         }
         other => other,
     };
-    postern_net::runtime::logging::init(&cli.log, None)?;
+    postern_net::runtime::logging::init(&effective_filter(cli.log, None), None)?;
     match command {
         Command::Run(_) => Ok(()),
         Command::Enroll {

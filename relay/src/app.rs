@@ -26,12 +26,11 @@ pub async fn run(cfg: RelayConfig, shutdown: CancellationToken) -> anyhow::Resul
     run_with_reload(cfg, shutdown, None).await
 }
 
-/// Reads the configuration again (the binary: the same command line and config file).
-pub type Reread = Box<dyn Fn() -> anyhow::Result<RelayConfig> + Send + Sync>;
+pub use crate::reload::Reread;
 
-/// [`run`], and on each `SIGHUP` the `[[policy]]` of `reread()` is put in force for new
-/// registrations and routes; a config that does not read or validate is refused, the error
-/// logged, and the policy in force stays.
+/// [`run`], and on each `SIGHUP` or admin API `POST /v1/reload` the `[[policy]]` and
+/// `log-level` of `reread()` are put in force (see [`crate::reload`]); a config that does not
+/// read or validate is refused, the error logged (and answered), and the one in force stays.
 pub async fn run_with_reload(
     cfg: RelayConfig,
     shutdown: CancellationToken,
@@ -107,6 +106,7 @@ pub async fn run_with_reload(
         tokio::spawn(ingress.run(relay.handle(), public_stop.clone()));
     }
     let ops_stop = CancellationToken::new();
+    let reloader = reread.map(|r| Arc::new(crate::reload::Reloader::new(r, relay.handle())));
     if let Some(addr) = cfg.admin_addr {
         let explicit = cfg.admin_addr_explicit;
         let (handle, drain) = (relay.handle(), cfg.drain_timeout);
@@ -116,6 +116,7 @@ pub async fn run_with_reload(
             explicit,
             handle,
             drain,
+            reloader.clone(),
             ops_stop.clone(),
         )
         .await?;
@@ -130,22 +131,13 @@ pub async fn run_with_reload(
             ops_stop.clone(),
         ));
     }
-    if let Some(reread) = reread {
-        let handle = relay.handle();
+    if let Some(reloader) = reloader {
         let mut hups = postern_net::runtime::signal::hangups(shutdown.clone());
         tokio::spawn(async move {
             while hups.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the config");
-                match reread() {
-                    Ok(cfg) => {
-                        handle.set_policy(cfg.policy);
-                        tracing::info!("config reloaded");
-                    }
-                    Err(e) => tracing::error!(
-                        error = format!("{e:#}"),
-                        "reload refused: the new config is invalid; the one in force stays"
-                    ),
-                }
+                // Refusals are logged by the reloader.
+                let r = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
             }
         });
     }
@@ -187,6 +179,7 @@ async fn start_admin(
     explicit: bool,
     handle: RelayHandle,
     drain_timeout: Duration,
+    reloader: Option<Arc<crate::reload::Reloader>>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = match admin::bind(addr).await {
@@ -201,7 +194,10 @@ async fn start_admin(
         tracing::warn!(%addr, "the admin API listens beyond loopback over plain HTTP (--admin-allow-remote)");
     }
     let token = admin::AdminToken::load_or_create(&state_dir.join(admin::TOKEN_FILE))?;
-    let api = admin::AdminApi::new(handle, token, drain_timeout);
+    let mut api = admin::AdminApi::new(handle, token, drain_timeout);
+    if let Some(r) = reloader {
+        api = api.with_reloader(r);
+    }
     tokio::spawn(admin::serve(listener, Arc::new(api), stop));
     Ok(())
 }

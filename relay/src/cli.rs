@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `postern=debug`.
-    #[arg(long, global = true, env = "POSTERN_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `warn,postern_relay=debug`
+    /// [default: the config file's `log-level` (which a reload puts in force again), else
+    /// $POSTERN_LOG, else info].
+    #[arg(long, global = true)]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,6 +45,29 @@ pub enum Command {
     /// Show a running relay's nodes, services, routes, tickets and identities, and the fleet's
     /// relays (through its admin API; with `--etcd`, the fleet straight from etcd).
     Status(StatusArgs),
+    /// Make a running relay reread its config, as SIGHUP does (through its admin API): its
+    /// `[[policy]]` tables and `log-level` are put in force, live routes the new policy
+    /// refuses are closed. An invalid config is refused with its error (exit status 1) and
+    /// the one in force stays.
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReloadArgs {
+    /// The relay's admin API address (its `--admin-addr`) [default: the config file's
+    /// admin-addr, else 127.0.0.1:4434].
+    #[arg(long)]
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// The relay's config file, to take `admin-addr` and `state-dir` from.
+    #[arg(long, env = "POSTERN_RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The relay's state directory, holding `admin.token` [default: the config file's
+    /// state-dir, else ./postern-relay-state].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Read the admin token from this file instead of `<state-dir>/admin.token`.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,19 +209,45 @@ impl Cli {
                     println!("{}", check_summary(&cfg));
                     return Ok(());
                 }
-                postern_net::runtime::logging::init(&self.log, cfg.audit_log.as_deref())?;
-                // SIGHUP reads the same command line and config file again (the policy).
-                let reread: crate::app::Reread = Box::new(|| match Cli::try_parse()?.command {
-                    Command::Run(args) => Ok(args.resolve()?),
-                    _ => anyhow::bail!("the command line no longer says `run`"),
+                let mut cfg = cfg;
+                cfg.log_level = Some(log_filter(self.log.clone(), cfg.log_level.take()));
+                postern_net::runtime::logging::init(
+                    cfg.log_level.as_deref().unwrap_or("info"),
+                    cfg.audit_log.as_deref(),
+                )?;
+                // A reload reads the same command line and config file again (the policy and
+                // the log level).
+                let reread: crate::app::Reread = Box::new(|| {
+                    let cli = Cli::try_parse()?;
+                    match cli.command {
+                        Command::Run(args) => {
+                            let mut cfg = args.resolve()?;
+                            cfg.log_level = Some(log_filter(cli.log, cfg.log_level.take()));
+                            Ok(cfg)
+                        }
+                        _ => anyhow::bail!("the command line no longer says `run`"),
+                    }
                 });
                 return crate::app::run_with_reload(cfg, shutdown_on_signal(), Some(reread)).await;
             }
             other => other,
         };
-        postern_net::runtime::logging::init(&self.log, None)?;
+        postern_net::runtime::logging::init(&log_filter(self.log, None), None)?;
         execute(command).await
     }
+}
+
+/// The log filter in force: `--log`, else the config file's `log-level`, else `$POSTERN_LOG`,
+/// else `info`. The file comes before the variable so that editing it and reloading works
+/// under a service manager that sets the variable.
+fn log_filter(flag: Option<String>, file: Option<String>) -> String {
+    flag.or(file)
+        .or_else(|| {
+            std::env::var("POSTERN_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
+        .unwrap_or_else(|| "info".to_owned())
 }
 
 /// What `run --check` prints for a configuration that resolves: enough to see that the
@@ -352,6 +403,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(args) => status(args).await,
+        Command::Reload(args) => reload(args).await,
     }
 }
 
@@ -448,7 +500,6 @@ async fn revoke(
 
 /// `status`: asks a running relay's admin API for its state and prints it.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    use crate::admin::{self, client::AdminClient, AdminToken};
     if let Some(cfg) = args
         .cluster
         .clone()
@@ -457,11 +508,63 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     {
         return fleet_status(&cfg, args.json).await;
     }
-    let file: crate::config::RelayFile = match &args.config {
+    let client = admin_client(
+        args.admin_addr,
+        args.config.as_deref(),
+        args.state_dir,
+        args.admin_token_file,
+    )?;
+    let state = client.status().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else {
+        print!("{}", state.render());
+    }
+    Ok(())
+}
+
+/// `reload`: asks a running relay's admin API to reread its config; a refusal is an error.
+pub async fn reload(args: ReloadArgs) -> anyhow::Result<()> {
+    use crate::admin::client::ClientError;
+    let client = admin_client(
+        args.admin_addr,
+        args.config.as_deref(),
+        args.state_dir,
+        args.admin_token_file,
+    )?;
+    match client.post::<crate::reload::Reloaded>("/v1/reload").await {
+        Ok(done) => {
+            println!(
+                "config reloaded: log level {}, {} live route(s) closed and {} registration(s) \
+                 withdrawn by the new policy",
+                done.log_level.as_deref().unwrap_or("unchanged"),
+                done.policy.routes_closed,
+                done.policy.registrations_withdrawn
+            );
+            Ok(())
+        }
+        Err(ClientError::Api {
+            status: 422,
+            message,
+            ..
+        }) => anyhow::bail!("{message}"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A client of the admin API of the relay that `config`, `state_dir` and the flags name.
+fn admin_client(
+    admin_addr: Option<std::net::SocketAddr>,
+    config: Option<&std::path::Path>,
+    state_dir: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+) -> anyhow::Result<crate::admin::client::AdminClient> {
+    use crate::admin::{self, client::AdminClient, AdminToken};
+    let file: crate::config::RelayFile = match config {
         Some(p) => postern_net::runtime::files::load_toml(p)?,
         None => Default::default(),
     };
-    let addr = match args.admin_addr {
+    let addr = match admin_addr {
         Some(a) => a,
         None => {
             let text = file
@@ -473,8 +576,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 .context("the relay's config turns the admin API off (admin-addr = \"off\")")?
         }
     };
-    let token_file = args.admin_token_file.unwrap_or_else(|| {
-        args.state_dir
+    let token_file = admin_token_file.unwrap_or_else(|| {
+        state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
             .join(admin::TOKEN_FILE)
@@ -485,13 +588,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             token_file.display()
         )
     })?;
-    let state = AdminClient::new(addr, token).status().await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&state)?);
-    } else {
-        print!("{}", state.render());
-    }
-    Ok(())
+    Ok(AdminClient::new(addr, token))
 }
 
 /// `status --etcd`: the fleet as etcd holds it, without asking any relay.

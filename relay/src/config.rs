@@ -26,6 +26,9 @@ pub struct RelayFile {
     pub ca: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
+    /// The stderr log filter, `"info"` or `"warn,postern_relay=debug"`; put in force again by
+    /// a reload. `--log` wins over it, and it over `POSTERN_LOG`.
+    pub log_level: Option<String>,
     /// e.g. `"10s"`.
     pub drain_timeout: Option<String>,
     /// `HOST:PORT` or `"off"`.
@@ -46,9 +49,9 @@ pub struct RelayFile {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; its keys are the long flag names below (e.g. `listen = "0.0.0.0:4433"`).
-    /// On SIGHUP the command line and this file are read again and their `[[policy]]` put in
-    /// force for new registrations and routes; an invalid file is refused, logged, and the
-    /// policy in force stays.
+    /// On SIGHUP or `postern-relay reload` the command line and this file are read again and
+    /// their `[[policy]]` and `log-level` put in force (live routes the new policy refuses are
+    /// closed); an invalid file is refused, logged, and the config in force stays.
     #[arg(long, env = "POSTERN_RELAY_CONFIG")]
     pub config: Option<PathBuf>,
     /// UDP address to listen on for nodes' QUIC connections and forwarded packets
@@ -153,6 +156,10 @@ pub struct RelayConfig {
     pub public: Option<(SocketAddr, String)>,
     /// Lifetime of the public hostname certificates signed for outlets.
     pub public_cert_validity: std::time::Duration,
+    /// The log filter to put in force: the file's `log-level` (checked) from
+    /// [`RunArgs::resolve`]; the binary replaces it with the one it uses (`--log` over the
+    /// file over `POSTERN_LOG` over `info`). `None`: leave logging as it is.
+    pub log_level: Option<String>,
     /// The etcd cluster holding the fleet's shared state (`None`: the state directory).
     pub cluster: Option<ClusterConfig>,
 }
@@ -299,7 +306,16 @@ impl RunArgs {
                     .unwrap_or_else(|| PathBuf::from("flags")),
                 message,
             })?;
+        let log_level = match file.log_level {
+            Some(level) => {
+                postern_net::runtime::logging::parse_filter(&level)
+                    .map_err(|e| config_error(format!("log-level: {e}")))?;
+                Some(level)
+            }
+            None => None,
+        };
         Ok(RelayConfig {
+            log_level,
             cluster,
             public,
             public_cert_validity,
@@ -453,6 +469,23 @@ mod tests {
         assert_eq!(cfg.tcp_listen, None);
         let e = resolve(&["--tcp-listen", "nowhere"]).expect_err("bad");
         assert!(e.to_string().contains("tcp-listen"), "{e}");
+    }
+
+    #[test]
+    fn log_level_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        let path = file.display().to_string();
+        std::fs::write(&file, "log-level = \"warn,postern_relay=debug\"\n").expect("write");
+        let cfg = resolve(&["--config", &path]).expect("a filter");
+        assert_eq!(cfg.log_level.as_deref(), Some("warn,postern_relay=debug"));
+        assert_eq!(resolve(&[]).expect("none").log_level, None);
+        std::fs::write(&file, "log-level = \"loud\"\n").expect("write");
+        let e = resolve(&["--config", &path]).expect_err("not a level");
+        assert!(
+            e.to_string().contains("log-level") && e.to_string().contains("loud"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod policy;
 pub mod public;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod views;

@@ -203,6 +203,11 @@ impl Observe for RelayHandle {
                 &[("outcome", "redirected")],
                 ctl.routes_redirected.load(Relaxed) as f64,
             );
+        out.counter(
+            "postern_relay_routes_closed_by_policy_total",
+            "Live routes closed because a reloaded policy no longer allows them.",
+            ctl.routes_closed_by_policy.load(Relaxed),
+        );
         let name = "postern_relay_enrollments_total";
         out.family(name, "Enrollment requests, by outcome.", Kind::Counter)
             .sample(

@@ -151,6 +151,14 @@ impl Registry {
         }
     }
 
+    /// Takes `node` off the outlets of `service` (a reloaded policy no longer allows it), its
+    /// other registrations and health reports kept.
+    pub fn withdraw(&mut self, node: NodeId, service: &ServiceName) {
+        if let Some(svc) = self.services.get_mut(service) {
+            svc.outlets.retain(|n| *n != node);
+        }
+    }
+
     /// Picks an outlet for `service`, spreading routes over the live, healthy ones in turn.
     pub fn pick_outlet(&mut self, service: &ServiceName) -> Result<NodeId, RefuseReason> {
         let healthy = self.outlets_of(service);
@@ -688,6 +696,20 @@ mod tests {
         );
         r.disconnect(1);
         assert!(r.local_candidates(1).is_empty());
+    }
+
+    #[test]
+    fn a_withdrawn_registration_leaves_the_others_and_their_health() {
+        let mut r = Registry::default();
+        r.connect(1, node("o1"));
+        r.connect(2, node("o2"));
+        r.register(1, &[svc("a"), svc("b")]);
+        r.register(2, &[svc("a")]);
+        r.set_health(1, &svc("b"), false, "down");
+        r.withdraw(1, &svc("a"));
+        assert_eq!(r.services_of(1), vec![svc("b")]);
+        assert_eq!(r.outlets_of(&svc("a")), vec![2]);
+        assert_eq!(r.unhealthy_reason(1, &svc("b")), Some("down"));
     }
 
     #[test]

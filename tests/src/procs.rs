@@ -246,17 +246,16 @@ impl RelayCa {
 
     /// `postern-relay ticket create --attr role=ROLE`: the ticket it prints.
     pub async fn ticket(&self, role: &str) -> String {
-        let attr = format!("role={role}");
-        let args = [
-            "ticket",
-            "create",
-            "--attr",
-            &attr,
-            "--relay",
-            &self.relay_addr,
-            "--state-dir",
-            &self.state,
-        ];
+        self.ticket_with(&[&format!("role={role}")]).await
+    }
+
+    /// `postern-relay ticket create --attr KEY=VALUE…`: the ticket it prints.
+    pub async fn ticket_with(&self, attrs: &[&str]) -> String {
+        let mut args = vec!["ticket", "create"];
+        for a in attrs {
+            args.extend(["--attr", a]);
+        }
+        args.extend(["--relay", &self.relay_addr, "--state-dir", &self.state]);
         cli("postern-relay", &args).await.trim().to_owned()
     }
 }

@@ -2,8 +2,11 @@
 //! processes). Outlet: a service added is used at once, an `allow` tightened closes the open
 //! connection it no longer admits and refuses new ones while another service's open connection
 //! keeps going, and an invalid config is refused with its error logged while the one in force
-//! keeps working. Inlet: a listener added is used at once, one removed stops accepting, and an
-//! invalid config is refused the same way.
+//! keeps working. Inlet: a listener added is used at once, one removed stops accepting and has
+//! its open connections closed, and an invalid config is refused the same way. Relay (by
+//! SIGHUP and by `postern-relay reload` through its admin API): a tightened route policy closes
+//! the open routes it refuses and keeps the others, a new `log-level` takes effect, and an
+//! invalid config is refused with its error while the one in force stays.
 //!
 //! Build the binaries first with `cargo build --bins` (scripts/test.sh does).
 
@@ -53,6 +56,20 @@ fn outlet_config(path: &Path, services: &[(&str, SocketAddr, &str)]) {
         ));
     }
     std::fs::write(path, text).expect("write outlet config");
+}
+
+/// Puts `log-level = LEVEL` at the top of the config file at `path`.
+fn with_log_level(path: &Path, level: &str) {
+    let text = std::fs::read_to_string(path).expect("read config");
+    std::fs::write(path, format!("log-level = \"{level}\"\n\n{text}")).expect("write config");
+}
+
+/// How many reloads began while debug logging was in force: each logs this line at debug
+/// level as it starts.
+fn debug_rereads(p: &Proc) -> usize {
+    p.log()
+        .matches("rereading the command line and config file")
+        .count()
 }
 
 fn reloads(outlet: &Proc) -> usize {
@@ -176,11 +193,14 @@ async fn sighup_reloads_the_outlets_services_and_allow() {
             ("second", echo, "name = \"inlet-a\""),
         ],
     );
+    with_log_level(&config, "debug");
     outlet.sighup();
     eventually(Duration::from_secs(10), "the first reload", || async {
         reloads(&outlet) == 1
     })
     .await;
+    // It began at the level the outlet started with (info) and put debug in force.
+    assert_eq!(debug_rereads(&outlet), 0, "{}", outlet.log());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut kept = loop {
         if let Some(s) = fresh_echo(l2).await {
@@ -204,11 +224,18 @@ async fn sighup_reloads_the_outlets_services_and_allow() {
             ("second", echo, "name = \"inlet-a\""),
         ],
     );
+    with_log_level(&config, "debug");
     outlet.sighup();
     eventually(Duration::from_secs(10), "the second reload", || async {
         reloads(&outlet) == 2
     })
     .await;
+    assert_eq!(
+        debug_rereads(&outlet),
+        1,
+        "the reloaded log level is not in force:\n{}",
+        outlet.log()
+    );
     assert!(
         closed(&mut open).await,
         "the connection the new allow refuses is still open:\n{}",
@@ -365,6 +392,7 @@ async fn sighup_reloads_the_inlets_listeners() {
 
     // A listener added by SIGHUP is used at once.
     inlet_config(&config, &[("echo", l1), ("second", l2)]);
+    with_log_level(&config, "debug");
     inlet.sighup();
     eventually(
         Duration::from_secs(10),
@@ -378,9 +406,15 @@ async fn sighup_reloads_the_inlets_listeners() {
         || async { fresh_echo(l2).await.is_some() },
     )
     .await;
+    let mut kept = fresh_echo(l2)
+        .await
+        .expect("an open connection to `second`");
 
-    // A listener removed stops accepting.
+    // A listener removed stops accepting, and its open connection is closed; the other
+    // listener's open connection keeps going.
+    assert_eq!(debug_rereads(&inlet), 0, "{}", inlet.log());
     inlet_config(&config, &[("second", l2)]);
+    with_log_level(&config, "debug");
     inlet.sighup();
     eventually(
         Duration::from_secs(10),
@@ -388,10 +422,34 @@ async fn sighup_reloads_the_inlets_listeners() {
         || async { TcpStream::connect(l1).await.is_err() },
     )
     .await;
+    assert_eq!(
+        debug_rereads(&inlet),
+        1,
+        "the reloaded log level is not in force:\n{}",
+        inlet.log()
+    );
     assert!(
-        echoes(&mut open, b"open before").await,
-        "a connection open on the removed listener was cut:\n{}",
+        closed(&mut open).await,
+        "a connection open on the removed listener was left running:\n{}",
         logs()
+    );
+    assert!(
+        echoes(&mut kept, b"the other listener's connection").await,
+        "the reload cut a connection of a listener it kept:\n{}",
+        logs()
+    );
+    let metrics = postern_tests::ops::get(inlet_ops, "/metrics")
+        .await
+        .expect("inlet metrics")
+        .1;
+    assert_eq!(
+        postern_tests::ops::metric(
+            &metrics,
+            "postern_inlet_connections_closed_by_reload_total",
+            &[("service", "echo")]
+        ),
+        Some(1.0),
+        "{metrics}"
     );
 
     // An invalid config is refused and the listeners in force stay.
@@ -421,6 +479,40 @@ async fn sighup_reloads_the_inlets_listeners() {
         "the listener in force stopped after a refused reload:\n{}",
         logs()
     );
+
+    // An invalid log level is refused the same way, and the level in force (debug) stays:
+    // the next reload still begins at debug.
+    inlet_config(&config, &[("second", l2)]);
+    with_log_level(&config, "loud");
+    inlet.sighup();
+    eventually(
+        Duration::from_secs(10),
+        "the second refused reload logged",
+        || async { inlet.log().matches("reload refused").count() == 2 },
+    )
+    .await;
+    let log = inlet.log();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("reload refused"))
+        .nth(1)
+        .expect("the second refusal line");
+    assert!(
+        line.contains("log-level") && line.contains("loud"),
+        "the refusal does not name the error: {line}"
+    );
+    inlet_config(&config, &[("second", l2)]);
+    inlet.sighup();
+    eventually(Duration::from_secs(10), "a valid reload", || async {
+        inlet.log().matches("config reloaded").count() == 3
+    })
+    .await;
+    assert_eq!(debug_rereads(&inlet), 4, "{}", inlet.log());
+    assert!(
+        echoes(&mut kept, b"after the refused level").await,
+        "a reload cut the kept connection:\n{}",
+        logs()
+    );
 }
 
 fn relay_config(path: &Path, listen: &str, state: &str, route: &str) {
@@ -435,7 +527,7 @@ fn relay_config(path: &Path, listen: &str, state: &str, route: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_relays_policy_for_new_routes() {
+async fn sighup_reloads_the_relays_policy_for_new_and_open_routes() {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = |p: &str| dir.path().join(p).display().to_string();
@@ -522,8 +614,9 @@ async fn sighup_reloads_the_relays_policy_for_new_routes() {
         relay.log()
     );
     assert!(
-        echoes(&mut open, b"still routed").await,
-        "the open route was cut by the reload"
+        closed(&mut open).await,
+        "the open route the reloaded policy refuses was left running:\n{}",
+        relay.log()
     );
 
     // An invalid config is refused with its error, and the policy in force stays.
@@ -539,5 +632,239 @@ async fn sighup_reloads_the_relays_policy_for_new_routes() {
     assert!(
         fresh_echo(l2).await.is_none(),
         "the refused config changed the policy"
+    );
+}
+
+/// A relay config with an admin API, a log level and one `echo` policy.
+fn relay_admin_config(
+    path: &Path,
+    listen: &str,
+    state: &str,
+    admin: SocketAddr,
+    level: &str,
+    route: &str,
+) {
+    std::fs::write(
+        path,
+        format!(
+            "listen = \"{listen}\"\nstate-dir = \"{state}\"\nadmin-addr = \"{admin}\"\n\
+             log-level = \"{level}\"\n\n[[policy]]\nservice = \"echo\"\n\
+             register = 'role = \"echo-outlet\"'\nroute = '{route}'\n"
+        ),
+    )
+    .expect("write relay config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_reload_command_closes_refused_routes_and_changes_the_log_level() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let relay_addr = free_udp_addr().to_string();
+    let ca = RelayCa::init(&state, &relay_addr).await;
+    let config = dir.path().join("relay.toml");
+    let config_arg = config.display().to_string();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let everyone = "role = \"echo-client\"";
+    relay_admin_config(&config, &relay_addr, &state, admin, "info", everyone);
+    let relay_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut relay = Proc::spawn(
+        dir.path(),
+        "relay",
+        "postern-relay",
+        &[
+            "run",
+            "--config",
+            &config_arg,
+            "--metrics-addr",
+            &relay_ops.to_string(),
+        ],
+    );
+    relay.wait_ready(relay_ops).await;
+    let (echo, _e) = echo_server().await;
+    let outlet_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let outlet_ticket = ca.ticket("echo-outlet").await;
+    let mut outlet = Proc::spawn(
+        dir.path(),
+        "outlet",
+        "postern-outlet",
+        &[
+            "run",
+            "--ticket",
+            &outlet_ticket,
+            "--name",
+            "outlet-a",
+            "--state-dir",
+            &path("outlet-state"),
+            "--service",
+            &format!("echo={echo}"),
+            "--metrics-addr",
+            &outlet_ops.to_string(),
+        ],
+    );
+    outlet.wait_ready(outlet_ops).await;
+    let mut inlets = Vec::new();
+    let mut listens = Vec::new();
+    for (name, team) in [("inlet-a", "team=a"), ("inlet-b", "team=b")] {
+        let ticket = ca.ticket_with(&["role=echo-client", team]).await;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut p = Proc::spawn(
+            dir.path(),
+            name,
+            "postern-inlet",
+            &[
+                "run",
+                "--ticket",
+                &ticket,
+                "--name",
+                name,
+                "--state-dir",
+                &path(&format!("{name}-state")),
+                "--service",
+                &format!("echo={listen}"),
+                "--metrics-addr",
+                &ops.to_string(),
+            ],
+        );
+        p.wait_ready(ops).await;
+        inlets.push(p);
+        listens.push(listen);
+    }
+    let (la, lb) = (listens[0], listens[1]);
+    let logs = || {
+        let mut out = format!("--- relay\n{}", relay.log());
+        for p in &inlets {
+            out.push_str(&format!("\n--- {}\n{}", p.name, p.log()));
+        }
+        out
+    };
+    let mut a = fresh_echo(la).await.expect("inlet-a before the reload");
+    let mut b = fresh_echo(lb).await.expect("inlet-b before the reload");
+    assert!(
+        !relay.log().contains("DEBUG"),
+        "debug lines at log-level info:\n{}",
+        relay.log()
+    );
+
+    // The reload command is for the token holder only.
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "0123456789abcdef0123456789abcdef").expect("write token");
+    let err = postern_tests::procs::cli_fails(
+        "postern-relay",
+        &[
+            "reload",
+            "--admin-addr",
+            &admin.to_string(),
+            "--admin-token-file",
+            &wrong.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(relay.log().matches("config reloaded").count(), 0);
+
+    // Only team a may reach `echo` now, at log level debug.
+    relay_admin_config(
+        &config,
+        &relay_addr,
+        &state,
+        admin,
+        "debug",
+        "role = \"echo-client\" and team = \"a\"",
+    );
+    let out =
+        postern_tests::procs::cli("postern-relay", &["reload", "--config", &config_arg]).await;
+    assert!(
+        out.contains("log level debug") && out.contains("1 live route(s) closed"),
+        "{out}"
+    );
+    assert!(
+        closed(&mut b).await,
+        "inlet-b's open stream outlived the policy that refuses it:\n{}",
+        logs()
+    );
+    assert!(
+        fresh_echo(lb).await.is_none(),
+        "a new route for inlet-b was granted:\n{}",
+        logs()
+    );
+    // inlet-a's stream keeps going, every byte intact.
+    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    assert!(
+        echoes(&mut a, &payload).await,
+        "the reload cut the route it still allows:\n{}",
+        logs()
+    );
+    assert!(
+        fresh_echo(la).await.is_some(),
+        "inlet-a refused after the reload"
+    );
+    let metrics = postern_tests::ops::get(relay_ops, "/metrics")
+        .await
+        .expect("relay metrics")
+        .1;
+    assert_eq!(
+        postern_tests::ops::metric(&metrics, "postern_relay_routes_closed_by_policy_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    let log = relay.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("route closed by the reloaded policy"))
+        .unwrap_or_else(|| panic!("no line for the closed route:\n{log}"));
+    assert!(line.contains("inlet-b"), "{line}");
+    // Each reload logs this line at debug level as it starts, so it shows which level was
+    // in force then: this one started at info.
+    let rereads = || {
+        relay
+            .log()
+            .matches("rereading the command line and config file")
+            .count()
+    };
+    assert_eq!(rereads(), 0, "{log}");
+
+    // An invalid level is refused with its error; the policy and the level in force stay.
+    relay_admin_config(&config, &relay_addr, &state, admin, "loud", everyone);
+    let err =
+        postern_tests::procs::cli_fails("postern-relay", &["reload", "--config", &config_arg])
+            .await;
+    assert!(err.contains("log-level") && err.contains("loud"), "{err}");
+    assert!(
+        fresh_echo(lb).await.is_none(),
+        "the refused config let inlet-b back in:\n{}",
+        logs()
+    );
+    assert!(
+        echoes(&mut a, b"after the refused reload").await,
+        "the refused reload cut inlet-a"
+    );
+    // The refused reload started at debug (the first reload took)...
+    assert_eq!(rereads(), 1, "{}", relay.log());
+    assert_eq!(relay.log().matches("config reloaded").count(), 1);
+
+    // ...and so does the next one (the refused one changed nothing); it goes back to info,
+    // after which a reload starts at info again.
+    relay_admin_config(
+        &config,
+        &relay_addr,
+        &state,
+        admin,
+        "info",
+        "role = \"echo-client\" and team = \"a\"",
+    );
+    let out =
+        postern_tests::procs::cli("postern-relay", &["reload", "--config", &config_arg]).await;
+    assert!(out.contains("log level info"), "{out}");
+    assert_eq!(rereads(), 2, "{}", relay.log());
+    postern_tests::procs::cli("postern-relay", &["reload", "--config", &config_arg]).await;
+    assert_eq!(rereads(), 2, "{}", relay.log());
+    assert_eq!(relay.log().matches("config reloaded").count(), 3);
+    assert!(
+        echoes(&mut a, b"after three reloads").await,
+        "a reload cut inlet-a's allowed route:\n{}",
+        logs()
     );
 }

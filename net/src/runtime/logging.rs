@@ -8,11 +8,11 @@
 
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
+use tracing_subscriber::{reload, Layer, Registry};
 
 /// The tracing target of audit events.
 pub const AUDIT_TARGET: &str = "postern::audit";
@@ -31,8 +31,64 @@ pub enum LoggingError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("log level {filter:?}: {directive:?} is neither a level (trace, debug, info, warn, error, off) nor TARGET=LEVEL")]
+    NotALevel { filter: String, directive: String },
     #[error("logging was already set up: {0}")]
     Init(String),
+    #[error("cannot change the log filter: {0}")]
+    Reload(String),
+}
+
+/// The stderr filter in force, swapped by [`set_filter`] (a config reload).
+static STDERR_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Parses a log filter (tracing `EnvFilter` syntax: `info`, `warn,postern_relay=debug`).
+///
+/// A bare word that is not a level is refused, although `EnvFilter` would take it as a target
+/// to log at every level: in a config file `log-level = "verbose"` is a typo, and taking it
+/// would silently turn logging off everywhere else.
+pub fn parse_filter(filter: &str) -> Result<EnvFilter, LoggingError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l)) {
+            return Err(LoggingError::NotALevel {
+                filter: filter.to_owned(),
+                directive: directive.to_owned(),
+            });
+        }
+    }
+    EnvFilter::try_new(filter).map_err(|source| LoggingError::Filter {
+        filter: filter.to_owned(),
+        source,
+    })
+}
+
+/// The stderr filter a binary uses: `--log`, else its config file's `log-level` (which a
+/// reload puts in force again), else `$POSTERN_LOG`, else `info`. The file comes before the
+/// variable so that editing it and reloading works under a service manager that sets the
+/// variable.
+pub fn effective_filter(flag: Option<String>, file: Option<String>) -> String {
+    flag.or(file)
+        .or_else(|| {
+            std::env::var("POSTERN_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
+        .unwrap_or_else(|| "info".to_owned())
+}
+
+/// Puts `filter` in force for the stderr log from now on (a reload); the audit log is not
+/// affected. An invalid filter changes nothing. Returns false when logging was not set up by
+/// [`init`] (nothing to change).
+pub fn set_filter(filter: &str) -> Result<bool, LoggingError> {
+    let env = parse_filter(filter)?;
+    let Some(handle) = STDERR_FILTER.get() else {
+        return Ok(false);
+    };
+    handle
+        .reload(env)
+        .map_err(|e| LoggingError::Reload(e.to_string()))?;
+    Ok(true)
 }
 
 /// A tracing layer writing audit events as JSON lines to `path` (appended, created `0600`).
@@ -64,12 +120,10 @@ where
 }
 
 /// Sets up the process's logging: `filter` (tracing `EnvFilter` syntax) for stderr, plus the
-/// audit log when `audit_log` is given.
+/// audit log when `audit_log` is given. The stderr filter can be changed later with
+/// [`set_filter`].
 pub fn init(filter: &str, audit_log: Option<&Path>) -> Result<(), LoggingError> {
-    let env = EnvFilter::try_new(filter).map_err(|source| LoggingError::Filter {
-        filter: filter.to_owned(),
-        source,
-    })?;
+    let (env, handle) = reload::Layer::new(parse_filter(filter)?);
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(env);
@@ -78,7 +132,10 @@ pub fn init(filter: &str, audit_log: Option<&Path>) -> Result<(), LoggingError> 
         .with(stderr)
         .with(audit)
         .try_init()
-        .map_err(|e| LoggingError::Init(e.to_string()))
+        .map_err(|e| LoggingError::Init(e.to_string()))?;
+    // Only the first set-up reaches here (`try_init` refuses a second one).
+    let _ = STDERR_FILTER.set(handle);
+    Ok(())
 }
 
 /// A bound socket's address for a log line: `127.0.0.1:4434`, or `unknown` when the socket
@@ -91,6 +148,49 @@ pub fn local_addr(addr: std::io::Result<std::net::SocketAddr>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filters_are_levels_or_target_directives() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,postern_relay=debug",
+            "off",
+            "postern=trace,info",
+        ] {
+            assert!(parse_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "info,loud", "postern=loud"] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+        let e = parse_filter("verbose")
+            .expect_err("not a level")
+            .to_string();
+        assert!(e.contains("verbose") && e.contains("debug"), "{e}");
+    }
+
+    #[test]
+    fn a_reloaded_filter_takes_effect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let file = std::fs::File::create(&path).expect("create");
+        let (filter, handle) = reload::Layer::new(parse_filter("info").expect("info"));
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(Mutex::new(file))
+            .with_filter(filter);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!("hidden before");
+            handle
+                .reload(parse_filter("debug").expect("debug"))
+                .expect("reload");
+            tracing::debug!("shown after");
+        });
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(!text.contains("hidden before"), "{text}");
+        assert!(text.contains("shown after"), "{text}");
+    }
 
     #[test]
     fn audit_layer_writes_only_audit_events_as_json_lines() {

@@ -12,6 +12,7 @@
 //! | `POST /v1/identities/{name}/revoke`   | revoke an identity, effective at once |
 //! | `POST /v1/nodes/{name}/drain[?timeout=10s]` | no new routes for the node; closed when its routes end or at the timeout |
 //! | `POST /v1/nodes/{name}/undrain`       | let a drained node back in |
+//! | `POST /v1/reload`                     | reread the config as `SIGHUP` does; 422 with the error when it is invalid (the old one stays) |
 //!
 //! Every answer, errors included, is a JSON object; errors are `{"error": "..."}`. Requests
 //! without the right token get 401 (with `WWW-Authenticate: Bearer`) whatever their path, so
@@ -86,6 +87,8 @@ pub struct AdminApi {
     token: AdminToken,
     /// Default drain timeout of `POST /v1/nodes/{name}/drain`.
     drain_timeout: Duration,
+    /// What `POST /v1/reload` runs (`None`: the relay has no config to reread).
+    reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 impl AdminApi {
@@ -94,7 +97,14 @@ impl AdminApi {
             relay,
             token,
             drain_timeout,
+            reloader: None,
         }
+    }
+
+    /// Serves `POST /v1/reload` with `reloader`.
+    pub fn with_reloader(mut self, reloader: Arc<crate::reload::Reloader>) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     /// Answers one request (the whole API, without the transport).
@@ -253,10 +263,29 @@ impl AdminApi {
                     Err(e) => op_error(e),
                 }
             }
+            ["v1", "reload"] => {
+                if let Some(r) = only(Method::POST) {
+                    return r;
+                }
+                let Some(reloader) = self.reloader.clone() else {
+                    return error(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "this relay was not started by `postern-relay run`, so it has no config to reread",
+                    );
+                };
+                match tokio::task::spawn_blocking(move || reloader.reload("admin API")).await {
+                    Ok(Ok(done)) => json(StatusCode::OK, &done),
+                    Ok(Err(refused)) => error(StatusCode::UNPROCESSABLE_ENTITY, &refused.0),
+                    Err(e) => error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("the reload did not finish: {e}"),
+                    ),
+                }
+            }
             _ => error(
                 StatusCode::NOT_FOUND,
                 &format!(
-                    "no endpoint {path}; try /v1/nodes, /v1/services, /v1/routes, /v1/tickets, /v1/identities, /v1/fleet"
+                    "no endpoint {path}; try /v1/nodes, /v1/services, /v1/routes, /v1/tickets, /v1/identities, /v1/fleet, POST /v1/reload"
                 ),
             ),
         }

@@ -36,7 +36,7 @@ mod shared;
 
 pub use admin_ops::AdminOpError;
 use shared::{AdminState, Shared};
-pub use shared::{AdminStats, ControlStats, PublicStats, RelayHandle};
+pub use shared::{AdminStats, ControlStats, PolicyApplied, PublicStats, RelayHandle};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]

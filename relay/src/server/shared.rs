@@ -29,6 +29,8 @@ pub struct ControlStats {
     pub routes_refused: AtomicU64,
     /// Route requests answered with a redirect to the relays of the fleet holding an outlet.
     pub routes_redirected: AtomicU64,
+    /// Live routes closed because a reloaded policy no longer allows them.
+    pub routes_closed_by_policy: AtomicU64,
     pub nodes_connected: AtomicU64,
     /// Nodes enrolled by this relay's authority.
     pub enrollments: AtomicU64,
@@ -238,16 +240,26 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// Puts `policy` in force for every registration and route decided from now on (a
-    /// reload); registrations and routes made before stay as they are.
-    pub fn set_policy(&self, policy: PolicySet) {
+    /// Puts `policy` in force (a reload): every registration and route decided from now on,
+    /// and the live ones too. A registration it no longer allows is withdrawn, and a live
+    /// route it no longer allows (its inlet may not reach the service any more, or its
+    /// outlet may not serve it) is closed at both ends; the others keep going.
+    pub fn set_policy(&self, policy: PolicySet) -> PolicyApplied {
         let empty = policy.is_empty();
+        let policy = Arc::new(policy);
         *self
             .shared
             .policy
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
-        tracing::info!(empty, "policy reloaded");
+            .unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        let applied = enforce_policy(&self.shared, &policy);
+        tracing::info!(
+            empty,
+            routes_closed = applied.routes_closed,
+            registrations_withdrawn = applied.registrations_withdrawn,
+            "policy reloaded"
+        );
+        applied
     }
 
     /// Counters of the TLS/TCP listener.
@@ -373,6 +385,100 @@ impl RelayHandle {
             .collect();
         names.sort();
         names
+    }
+}
+
+/// What putting a new policy in force changed in what was live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyApplied {
+    /// Live routes closed because the policy no longer allows them.
+    pub routes_closed: usize,
+    /// Outlets' registrations of a service withdrawn because the policy no longer allows them.
+    pub registrations_withdrawn: usize,
+}
+
+/// Re-decides every live registration and route under `policy`: withdraws and closes those
+/// it refuses (see [`RelayHandle::set_policy`]).
+fn enforce_policy(shared: &Arc<Shared>, policy: &PolicySet) -> PolicyApplied {
+    use crate::policy::Action;
+    let (withdrawn, closed) = {
+        let mut reg = shared.registry();
+        let mut withdrawn = Vec::new();
+        for id in reg.ids() {
+            let Some(name) = reg.name(id).cloned() else {
+                continue;
+            };
+            let attrs = reg.attrs(id);
+            for service in reg.services_of(id) {
+                let d = policy.decide(Action::Register, &service, &name, &attrs);
+                if !d.allowed {
+                    withdrawn.push((id, name.clone(), service, d.rule));
+                }
+            }
+        }
+        for (id, _, service, _) in &withdrawn {
+            reg.withdraw(*id, service);
+        }
+        let mut closed = Vec::new();
+        for (route, info) in reg.routes() {
+            let outlet_withdrawn = withdrawn
+                .iter()
+                .any(|(id, _, s, _)| *id == info.outlet && *s == info.service);
+            let Some(inlet) = reg.name(info.inlet).cloned() else {
+                continue;
+            };
+            let d = policy.decide(Action::Route, &info.service, &inlet, &reg.attrs(info.inlet));
+            if !d.allowed || outlet_withdrawn {
+                closed.push((route, info, inlet, d));
+            }
+        }
+        for (route, ..) in &closed {
+            reg.remove_route(*route);
+        }
+        (withdrawn, closed)
+    };
+    for (_, outlet, service, rule) in &withdrawn {
+        tracing::warn!(%outlet, %service, "registration withdrawn: the reloaded policy no longer allows the outlet to serve the service");
+        tracing::info!(target: "postern::audit", event = "policy", action = "register", reload = true, node = %outlet, service = %service, allowed = false, rule = %rule);
+    }
+    if !withdrawn.is_empty() {
+        shared.presence_changed.notify_one();
+    }
+    for (route, info, inlet, d) in &closed {
+        shared.routes.remove(*route);
+        shared.ctl.routes_closed_by_policy.fetch_add(1, Relaxed);
+        let reason = if d.allowed {
+            format!(
+                "the relay's reloaded policy no longer allows the outlet to serve {}",
+                info.service
+            )
+        } else {
+            format!(
+                "the relay's reloaded policy no longer allows {inlet} to reach {}",
+                info.service
+            )
+        };
+        tracing::warn!(route = %route.short(), service = %info.service, %inlet, %reason, "route closed by the reloaded policy");
+        if !d.allowed {
+            tracing::info!(target: "postern::audit", event = "policy", action = "route", reload = true, node = %inlet, service = %info.service, allowed = false, rule = %d.rule);
+        }
+        for end in [info.inlet, info.outlet] {
+            let Some(c) = shared.conn(end) else { continue };
+            let msg = Ctl::RouteClosed {
+                route: *route,
+                reason: reason.clone(),
+            };
+            let route = *route;
+            tokio::spawn(async move {
+                if let Err(e) = exchange::request(&c, &msg, CTL_TIMEOUT).await {
+                    tracing::debug!(route = %route.short(), error = %e, "could not tell a node that the reloaded policy closed its route");
+                }
+            });
+        }
+    }
+    PolicyApplied {
+        routes_closed: closed.len(),
+        registrations_withdrawn: withdrawn.len(),
     }
 }
 
