@@ -181,10 +181,13 @@ pub(crate) async fn accept_loop(
         };
         let close = close.clone();
         let serve = async move {
+            // Pinned here, not moved into `select!`, so the connection is dropped (its socket
+            // and stream closed) only after it has been counted and logged: whoever sees the
+            // close then also sees the counter.
+            tokio::pin!(serve);
             tokio::select! {
-                _ = serve => {}
+                _ = &mut serve => {}
                 _ = close.cancelled() => {
-                    // Dropping the connection's future closes its socket and its stream.
                     tracing::info!("client connection closed: its listener was removed by a reload");
                     metrics::counter!(CONNECTIONS_CLOSED_BY_RELOAD, "service" => closed_service.as_str().to_owned())
                         .increment(1);

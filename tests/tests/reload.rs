@@ -442,15 +442,14 @@ async fn sighup_reloads_the_inlets_listeners() {
         .await
         .expect("inlet metrics")
         .1;
-    assert_eq!(
-        postern_tests::ops::metric(
-            &metrics,
-            "postern_inlet_connections_closed_by_reload_total",
-            &[("service", "echo")]
-        ),
-        Some(1.0),
-        "{metrics}"
+    // At least the open connection; the probes that waited for the listener to go may have
+    // connected just before it did, and were closed the same way.
+    let closed_by_reload = postern_tests::ops::metric(
+        &metrics,
+        "postern_inlet_connections_closed_by_reload_total",
+        &[("service", "echo")],
     );
+    assert!(closed_by_reload.is_some_and(|n| n >= 1.0), "{metrics}");
 
     // An invalid config is refused and the listeners in force stay.
     std::fs::write(
