@@ -91,8 +91,9 @@ systems=(direct)
 sys_port[direct]=$iperf_port
 
 # postern: relay, outlet, inlet as separate processes, enrolled with tickets.
-start_postern() { # name direct-setting [bindir]
+start_postern() { # name direct-setting [bindir [VAR=value ...]]
   local name=$1 direct=$2 d="$work/$1" bin=${3:-$bin}
+  local -a envs=("${@:4}")
   mkdir -p -m 700 "$d" "$d/relay" "$d/outlet" "$d/inlet"
   local rport iport
   rport=$(free_port)
@@ -100,18 +101,18 @@ start_postern() { # name direct-setting [bindir]
   "$bin/postern-relay" ca init --state-dir "$d/relay" >/dev/null
   printf 'listen = "127.0.0.1:%s"\nstate-dir = "%s"\n[[policy]]\nservice = "iperf"\nregister = '"'"'role = "outlet"'"'"'\nroute = '"'"'role = "client"'"'"'\n' \
     "$rport" "$d/relay" >"$d/relay/relay.toml"
-  POSTERN_LOG=warn "$bin/postern-relay" run --config "$d/relay/relay.toml" >"$d/relay/log" 2>&1 &
+  env "${envs[@]}" POSTERN_LOG=warn "$bin/postern-relay" run --config "$d/relay/relay.toml" >"$d/relay/log" 2>&1 &
   local relay_pid=$!
   pids+=($relay_pid)
   wait_tcp 127.0.0.1 "$rport" "postern-relay ($name)"
   local ot it
   ot=$("$bin/postern-relay" ticket create --attr role=outlet --ttl 10m --relay "127.0.0.1:$rport" --state-dir "$d/relay")
   it=$("$bin/postern-relay" ticket create --attr role=client --ttl 10m --relay "127.0.0.1:$rport" --state-dir "$d/relay")
-  POSTERN_LOG=warn POSTERN_TICKET=$ot "$bin/postern-outlet" run --direct "$direct" --state-dir "$d/outlet" \
+  env "${envs[@]}" POSTERN_LOG=warn POSTERN_TICKET=$ot "$bin/postern-outlet" run --direct "$direct" --state-dir "$d/outlet" \
     --service "iperf=127.0.0.1:$iperf_port,allow=role = \"client\"" >"$d/outlet/log" 2>&1 &
   local outlet_pid=$!
   pids+=($outlet_pid)
-  POSTERN_LOG=warn POSTERN_TICKET=$it "$bin/postern-inlet" run --direct "$direct" --state-dir "$d/inlet" \
+  env "${envs[@]}" POSTERN_LOG=warn POSTERN_TICKET=$it "$bin/postern-inlet" run --direct "$direct" --state-dir "$d/inlet" \
     --service "iperf=127.0.0.1:$iport" >"$d/inlet/log" 2>&1 &
   local inlet_pid=$!
   pids+=($inlet_pid)
@@ -180,9 +181,11 @@ say "starting postern (relay path)"
 start_postern postern never
 # POSTERN_IPERF_BEFORE=DIR adds "postern-before": the same set-up with the binaries in DIR (an
 # earlier build), so a change is measured against its baseline in the same run.
+# POSTERN_IPERF_BEFORE_ENV="VAR=value ..." sets variables for that instance's processes only.
 if [ -n "${POSTERN_IPERF_BEFORE:-}" ]; then
   say "starting postern-before ($POSTERN_IPERF_BEFORE)"
-  start_postern postern-before never "$POSTERN_IPERF_BEFORE"
+  read -r -a before_env <<<"${POSTERN_IPERF_BEFORE_ENV:-}"
+  start_postern postern-before never "$POSTERN_IPERF_BEFORE" "${before_env[@]}"
 fi
 if [ "${POSTERN_IPERF_DIRECT:-0}" = 1 ]; then
   say "starting postern (direct path on)"
