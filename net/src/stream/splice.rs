@@ -453,10 +453,7 @@ mod buffer_tests {
     fn reads_start_small_and_grow_only_when_filled() {
         let mut want = FIRST_CHUNK;
         want = next_chunk(want, false);
-        assert_eq!(
-            want, FIRST_CHUNK,
-            "a partial read does not grow the next one"
-        );
+        assert_eq!(want, FIRST_CHUNK, "a partial read does not grow the next one");
         let mut sizes = Vec::new();
         for _ in 0..10 {
             want = next_chunk(want, true);
@@ -532,11 +529,10 @@ mod buffer_tests {
                 .collect();
             chunks.push(Bytes::copy_from_slice(&data[5000..]));
             let want: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
-            let mut w = Trickle {
-                got: Vec::new(),
-                max,
-            };
-            let n = write_all_chunks(&mut w, &mut chunks).await.expect("write");
+            let mut w = Trickle { got: Vec::new(), max };
+            let n = write_all_chunks(&mut w, &mut chunks)
+                .await
+                .expect("write");
             assert_eq!(n, want.len(), "max {max}");
             assert_eq!(w.got, want, "max {max}");
             assert!(chunks.iter().all(|c| c.is_empty()), "chunks consumed");
