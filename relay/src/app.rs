@@ -73,6 +73,7 @@ pub async fn run_with_reload(
         tap: None,
         policy: cfg.policy.clone(),
         authority: authority.filter(|_| cfg.cluster.is_none()),
+        forward_threads: cfg.forward_threads,
     })?;
     relay.set_drain_timeout(cfg.drain_timeout);
     let snapshot = fleet

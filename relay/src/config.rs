@@ -43,6 +43,8 @@ pub struct RelayFile {
     pub public_cert_validity: Option<String>,
     /// `{ etcd = [...], prefix = "/postern" }`: keep the fleet's shared state in etcd.
     pub cluster: Option<ClusterFile>,
+    /// See `--forward-threads`.
+    pub forward_threads: Option<usize>,
 }
 
 /// `postern-relay run` flags.
@@ -122,6 +124,12 @@ pub struct RunArgs {
     /// two thirds of it), e.g. `30d`, `12h` [default: 30d].
     #[arg(long, value_parser = postern_net::runtime::duration::parse_duration)]
     pub public_cert_validity: Option<std::time::Duration>,
+    /// UDP sockets bound on the `listen` port with SO_REUSEPORT, each forwarding the packets
+    /// the kernel hands it (spread by source address and port) on its own task, so forwarding
+    /// uses that many cores; 1 is a single socket, forwarding inside the QUIC endpoint's
+    /// receive path. At most 16 [default: the number of cores, at most 16].
+    #[arg(long, value_name = "N")]
+    pub forward_threads: Option<usize>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Check the configuration (file and flags, policy and cluster included) and exit
@@ -162,6 +170,8 @@ pub struct RelayConfig {
     pub log_level: Option<String>,
     /// The etcd cluster holding the fleet's shared state (`None`: the state directory).
     pub cluster: Option<ClusterConfig>,
+    /// Sockets (and forwarding tasks) on the UDP port; see `--forward-threads`.
+    pub forward_threads: usize,
 }
 
 /// A DNS domain: dot-separated labels of letters, digits and `-`.
@@ -296,6 +306,16 @@ impl RunArgs {
                 "public-cert-validity: must be at least 1s".into(),
             ));
         }
+        let forward_threads = match self.forward_threads.or(file.forward_threads) {
+            None => crate::forward::udp::default_forward_threads(),
+            Some(n) if (1..=crate::forward::udp::MAX_FORWARD_THREADS).contains(&n) => n,
+            Some(n) => {
+                return Err(config_error(format!(
+                    "forward-threads: {n} is out of range (1 to {})",
+                    crate::forward::udp::MAX_FORWARD_THREADS
+                )))
+            }
+        };
         let cluster = self
             .cluster
             .resolve(file.cluster)
@@ -316,6 +336,7 @@ impl RunArgs {
         };
         Ok(RelayConfig {
             log_level,
+            forward_threads,
             cluster,
             public,
             public_cert_validity,
@@ -498,5 +519,32 @@ mod tests {
     fn bad_value_names_the_key() {
         let err = toml::from_str::<RelayFile>("listen = \"nope\"").expect_err("bad addr");
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn forward_threads_default_to_the_cores_and_refuse_out_of_range() {
+        let cfg = resolve(&[]).expect("default");
+        assert_eq!(
+            cfg.forward_threads,
+            crate::forward::udp::default_forward_threads()
+        );
+        assert_eq!(
+            resolve(&["--forward-threads", "1"])
+                .expect("one")
+                .forward_threads,
+            1
+        );
+        assert_eq!(
+            resolve(&["--forward-threads", "16"])
+                .expect("max")
+                .forward_threads,
+            16
+        );
+        for bad in ["0", "17"] {
+            let err = resolve(&["--forward-threads", bad]).expect_err(bad);
+            assert!(err.to_string().contains("forward-threads"), "{err}");
+        }
+        let file: RelayFile = toml::from_str("forward-threads = 3").expect("key");
+        assert_eq!(file.forward_threads, Some(3));
     }
 }

@@ -148,7 +148,40 @@ impl Observe for RelayHandle {
             name,
             &[("reason", "not_postern")],
             fwd.dropped_not_postern.load(Relaxed) as f64,
+        )
+        .sample(
+            name,
+            &[("reason", "quic_queue")],
+            fwd.dropped_quic_queue.load(Relaxed) as f64,
         );
+        let name = "postern_relay_socket_forwarded_packets_total";
+        out.family(
+            name,
+            "End-to-end packets forwarded, by the socket of the UDP port's group that read them (see forward-threads; 0 is the QUIC endpoint's).",
+            Kind::Counter,
+        );
+        for (i, s) in fwd.sockets.iter().enumerate() {
+            let socket = i.to_string();
+            out.sample(
+                name,
+                &[("socket", socket.as_str())],
+                s.forwarded_packets.load(Relaxed) as f64,
+            );
+        }
+        let name = "postern_relay_socket_quic_packets_total";
+        out.family(
+            name,
+            "QUIC packets (control connections, handshakes) passed to the QUIC endpoint, by the socket of the UDP port's group that read them.",
+            Kind::Counter,
+        );
+        for (i, s) in fwd.sockets.iter().enumerate() {
+            let socket = i.to_string();
+            out.sample(
+                name,
+                &[("socket", socket.as_str())],
+                s.quic_packets.load(Relaxed) as f64,
+            );
+        }
         out.counter(
             "postern_relay_handshake_failures_total",
             "Control connections that failed their handshake or presented an unusable or revoked identity.",

@@ -212,6 +212,7 @@ pub fn relay_options(
         tap,
         policy: postern_relay::policy::PolicySet::allow_all(),
         authority: None,
+        forward_threads: postern_relay::forward::udp::default_forward_threads(),
     }
 }
 

@@ -65,6 +65,7 @@ fn start_project_relay(p: &Project, policy: PolicySet) -> (SocketAddr, RelayHand
         tap: None,
         policy,
         authority: Some(p.authority.clone()),
+        forward_threads: postern_relay::forward::udp::default_forward_threads(),
     })
     .expect("bind relay");
     let addr = relay.local_addr().expect("addr");

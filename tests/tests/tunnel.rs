@@ -666,3 +666,75 @@ async fn bad_input_to_the_relay_is_counted_and_disturbs_no_route() {
     let (a, b) = echo_round(inlet.addr("echo"), 1_000_000).await;
     assert_eq!(a, b);
 }
+
+/// With `forward-threads = 4` the relay binds four sockets on its port and the kernel spreads
+/// the nodes over them: many inlets' streams arrive intact, more than one socket forwards, and
+/// control connections whose packets land on an extra socket (handed to quinn through its
+/// queue) still register, get routes and carry on. The port is free again once it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_threads_spread_routes_over_the_sockets_of_one_port() {
+    init_logging();
+    let pki = Pki::new();
+    let (echo, _task) = echo_server().await;
+    let mut opts = relay_options(
+        pki.identity("relay"),
+        pki.roots(),
+        "127.0.0.1:0".parse().expect("addr"),
+        [5; 32],
+        None,
+    );
+    opts.forward_threads = 4;
+    let relay = run_relay(postern_relay::server::Relay::bind(opts).expect("bind")).expect("run");
+    let _outlet = start_outlet(
+        &pki,
+        "outlet-1",
+        relay.addr,
+        vec![("echo", Target::tcp(echo.to_string()))],
+    )
+    .await;
+    // Each inlet is its own node, with its own UDP socket: 16 source ports for the kernel's
+    // hash to spread (all on one socket of four: 4^-15).
+    let mut inlets = Vec::new();
+    for i in 0..16 {
+        inlets.push(start_inlet(&pki, &format!("inlet-{i}"), relay.addr, &["echo"]).await);
+    }
+    let rounds = inlets.iter().flat_map(|inlet| {
+        let addr = inlet.addr("echo");
+        (0..2).map(move |_| tokio::spawn(echo_round(addr, 512 * 1024)))
+    });
+    for round in rounds.collect::<Vec<_>>() {
+        let (sent, received) = round.await.expect("echo round");
+        assert_eq!(sent, received, "echoed bytes");
+    }
+    let fwd = relay.handle.forward_stats();
+    let per_socket: Vec<(u64, u64)> = fwd
+        .sockets
+        .iter()
+        .map(|s| {
+            (
+                s.forwarded_packets.load(Ordering::Relaxed),
+                s.quic_packets.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    eprintln!("per socket (forwarded, quic): {per_socket:?}");
+    assert_eq!(per_socket.len(), 4, "four sockets in the group");
+    assert!(
+        per_socket.iter().filter(|(f, _)| *f > 0).count() > 1,
+        "frames forwarded by more than one socket: {per_socket:?}"
+    );
+    assert!(
+        per_socket[1..].iter().any(|(_, q)| *q > 0),
+        "control packets read by an extra socket reached quinn: {per_socket:?}"
+    );
+    assert_eq!(
+        per_socket.iter().map(|(f, _)| f).sum::<u64>(),
+        fwd.forwarded_packets.load(Ordering::Relaxed),
+        "per-socket counts add up to the total"
+    );
+    assert_eq!(fwd.dropped_spoofed.load(Ordering::Relaxed), 0);
+    let addr = relay.addr;
+    drop(inlets);
+    relay.running.stop().await;
+    std::net::UdpSocket::bind(addr).expect("the relay's port is free once it has stopped");
+}

@@ -31,6 +31,43 @@ pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 pub fn bind_udp(addr: SocketAddr) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
     let std =
         std::net::UdpSocket::bind(addr).map_err(|e| explain_bind_error(Proto::Udp, addr, e))?;
+    prepare(std)
+}
+
+/// [`bind_udp`] with `SO_REUSEPORT` set before the bind, so several sockets of this process can
+/// share one address and port and the kernel spreads incoming datagrams over them by 4-tuple
+/// hash (the relay's forwarding group). Every member, the first included, must be bound this
+/// way; the caller checks first that no one else holds the port, since any process of the same
+/// user could otherwise join the group.
+pub fn bind_udp_reuseport(
+    addr: SocketAddr,
+) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    set_reuseport(&socket)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| explain_bind_error(Proto::Udp, addr, e))?;
+    prepare(socket.into())
+}
+
+#[cfg(unix)]
+fn set_reuseport(socket: &socket2::Socket) -> io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_reuseport(socket, true)?)
+}
+
+#[cfg(not(unix))]
+fn set_reuseport(_: &socket2::Socket) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "SO_REUSEPORT is not available on this system (use forward-threads = 1)",
+    ))
+}
+
+fn prepare(std: std::net::UdpSocket) -> io::Result<(Arc<tokio::net::UdpSocket>, UdpSocketState)> {
     let state = UdpSocketState::new((&std).into())?;
     // Larger buffers absorb bursts at high rates; failure only costs throughput.
     let _ = state.set_recv_buffer_size((&std).into(), SOCKET_BUFFER);

@@ -11,7 +11,7 @@ use crate::authority::Authority;
 use crate::fleet::embedded::Embedded;
 use crate::fleet::{FleetState, Load, Member, Snapshot};
 use crate::forward::tcp::{TcpError, TcpFallback};
-use crate::forward::udp::{ForwardStats, RelaySocket, RouteTable, Tap};
+use crate::forward::udp::{ExtraSockets, ForwardStats, RelaySocket, RouteTable, Tap};
 use crate::policy::PolicySet;
 use postern_net::transport::endpoint::{self, EndpointError};
 use postern_proto::tls::Identity;
@@ -67,6 +67,9 @@ pub struct RelayOptions {
     pub policy: PolicySet,
     /// The enrollment authority, when this relay runs it (it needs the CA key).
     pub authority: Option<Arc<Authority>>,
+    /// Sockets on the UDP port, each forwarding on its own task (`forward-threads`; 1: one
+    /// socket, forwarding inside quinn's receive path). See [`crate::forward::udp`].
+    pub forward_threads: usize,
 }
 
 /// A bound relay, ready to [`run`](Relay::run).
@@ -74,6 +77,8 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     /// The UDP socket, which quinn's endpoint driver owns; gone once the port is free again.
     socket_alive: std::sync::Weak<RelaySocket>,
+    /// The UDP port's other sockets, forwarding on their own tasks once the relay runs.
+    extra_sockets: Option<ExtraSockets>,
     shared: Arc<Shared>,
     drain_timeout: Duration,
     /// The TLS/TCP fallback for nodes without UDP (see [`crate::forward::tcp`]).
@@ -90,12 +95,18 @@ impl Relay {
     /// Binds the relay's UDP socket and QUIC endpoint.
     pub fn bind(opts: RelayOptions) -> Result<Self, RelayError> {
         let routes = Arc::new(RouteTable::default());
-        let fwd = Arc::new(ForwardStats::default());
-        let socket = RelaySocket::bind(opts.listen, routes.clone(), fwd.clone(), opts.tap)
-            .map_err(|source| RelayError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
+        let fwd = Arc::new(ForwardStats::new(opts.forward_threads));
+        let (socket, extra_sockets) = RelaySocket::bind(
+            opts.listen,
+            opts.forward_threads,
+            routes.clone(),
+            fwd.clone(),
+            opts.tap,
+        )
+        .map_err(|source| RelayError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
         let tcp = TcpFallback::new(&opts.identity, opts.roots.clone(), socket.links())?;
         let tcp_pending = tcp.pending();
         let server = endpoint::relay_server(&opts.identity, opts.roots)?;
@@ -115,6 +126,7 @@ impl Relay {
         Ok(Self {
             endpoint,
             socket_alive,
+            extra_sockets,
             shared: Arc::new(Shared {
                 fleet: Mutex::new(Arc::new(Embedded::new(opts.authority.clone(), None))),
                 revoked: Mutex::new(
@@ -232,7 +244,17 @@ impl Relay {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        tracing::info!(addr = %postern_net::runtime::logging::local_addr(self.endpoint.local_addr()), "relay listening");
+        // The extra sockets forward until the very end (through a drain, and while quinn closes
+        // its connections); the guard stops them should this future be dropped instead.
+        let fwd_stop = CancellationToken::new();
+        let _fwd_guard = fwd_stop.clone().drop_guard();
+        let sockets = 1 + self.extra_sockets.as_ref().map_or(0, ExtraSockets::len);
+        let fwd_tasks = self
+            .extra_sockets
+            .take()
+            .map(|e| e.spawn(fwd_stop.clone()))
+            .unwrap_or_default();
+        tracing::info!(addr = %postern_net::runtime::logging::local_addr(self.endpoint.local_addr()), forward_threads = sockets, "relay listening");
         if self.shared.policy().is_empty() {
             tracing::warn!(
                 "no [[policy]] configured: every registration and route will be refused"
@@ -311,6 +333,10 @@ impl Relay {
         // TLS/TCP nodes got the close above through their links; now the links go.
         links_stop.cancel();
         if let Some(t) = tcp_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        fwd_stop.cancel();
+        for t in fwd_tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
         // Return only once the UDP port is released, so a relay started right after (a restart
