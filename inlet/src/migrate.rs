@@ -116,9 +116,9 @@ impl ControlHandler for InletControl {
         }
     }
 
-    fn on_disconnect(&self, relay: SocketAddr) {
+    fn on_disconnect(&self, relay: SocketAddr, refused: bool) {
         let uplink = self.pool.uplink();
-        for route in uplink.socket().remove_routes_via(relay) {
+        for route in uplink.socket().remove_routes_via(relay, !refused) {
             self.pool.abort_handshakes(route);
             if uplink.several_relays() {
                 tokio::spawn(self.pool.clone().migrate(route, relay));

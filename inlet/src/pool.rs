@@ -420,7 +420,8 @@ impl Pool {
     /// Drops the end-to-end connections using `route` (its relay route is gone).
     pub(crate) fn route_closed(&self, route: RouteId) {
         self.abort_handshakes(route);
-        self.uplink.socket().remove_route(route);
+        // After the closes below, so their CONNECTION_CLOSE still leaves on a direct path.
+        self.uplink.socket().remove_route_after_close(route);
         let slots: Vec<_> = self.slot_map().values().cloned().collect();
         for slot in slots {
             if let Ok(mut guard) = slot.try_lock() {

@@ -150,7 +150,7 @@ async fn rehome(uplink: &Uplink, outlet: &str, relays: &[FleetRelay], k: usize) 
         }
         tracing::info!(relay = %addr, "leaving a relay that is no longer a home");
         uplink.remove_relay(addr);
-        uplink.socket().remove_routes_via(addr);
+        uplink.socket().remove_routes_via(addr, true);
     }
     done
 }

@@ -383,7 +383,7 @@ impl ControlHandler for OutletControl {
                 tracing::info!(%reason, "route closed by relay");
                 tracing::debug!(route = %route.short(), "closed route");
                 self.routes.close(route, b"route closed");
-                self.socket.remove_route(route);
+                self.socket.remove_route_after_close(route);
                 Ctl::Ack
             }
             Ctl::Revoked { name } => {
@@ -427,8 +427,8 @@ impl ControlHandler for OutletControl {
         }
     }
 
-    fn on_disconnect(&self, relay: SocketAddr) {
-        for route in self.socket.remove_routes_via(relay) {
+    fn on_disconnect(&self, relay: SocketAddr, refused: bool) {
+        for route in self.socket.remove_routes_via(relay, !refused) {
             if self.keep_on_relay_loss.load(Relaxed) {
                 tracing::info!(%relay, "relay lost; the connection may move to another relay");
                 tracing::debug!(route = %route.short(), "route of the lost relay");

@@ -21,7 +21,9 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// Answers one message pushed by the relay.
     fn on_push(&self, msg: Ctl) -> impl Future<Output = Ctl> + Send;
     /// Called when a control connection is lost (its routes at the relay are gone with it).
-    fn on_disconnect(&self, relay: SocketAddr);
+    /// `refused`: the relay closed it refusing this node for good (e.g. its identity was
+    /// revoked), so nothing of this node's should outlive it, direct connections included.
+    fn on_disconnect(&self, relay: SocketAddr, refused: bool);
     /// Takes a stream the relay opened with a `PublicStream` frame (a client of the public
     /// ingress); must not block: spawn what serves it. Nodes without public services refuse it.
     fn on_stream(&self, open: Ctl, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -220,8 +222,9 @@ pub async fn run<H: ControlHandler>(
         };
         current.send_replace(None);
         path.disconnected();
-        handler.on_disconnect(relay.addr);
-        let delay = match PermanentRefusal::from_close(&conn) {
+        let refusal = PermanentRefusal::from_close(&conn);
+        handler.on_disconnect(relay.addr, refusal.is_some());
+        let delay = match refusal {
             Some(why) => refused.delay(why),
             // Not a failure: reconnect at once, UDP first.
             None if reason == MOVING_TO_UDP => Duration::ZERO,

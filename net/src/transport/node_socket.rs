@@ -30,6 +30,10 @@ use tokio::io::Interest;
 /// Most bytes one GSO send may carry: one IPv4 datagram's payload.
 const MAX_GSO_BYTES: usize = 65_507;
 
+/// How long a closed route's mapping outlives the close (see
+/// [`NodeSocket::remove_route_after_close`]); a few round trips on any direct path.
+pub const CLOSE_LINGER: Duration = Duration::from_millis(250);
+
 /// First octet of virtual peer addresses (240.0.0.0/4 is reserved, RFC 1112 §4).
 const VIRTUAL_OCTET: u8 = 240;
 
@@ -248,6 +252,20 @@ impl NodeSocket {
         self.direct.forget(route);
     }
 
+    /// [`remove_route`](Self::remove_route) after [`CLOSE_LINGER`], for a route whose
+    /// connection was closed just now: its CONNECTION_CLOSE is sent by the connection's driver
+    /// a moment later, and on a direct path it must still find the peer (through the relay it
+    /// is lost anyway: the relay forgot the route first). Without the linger, a revoked inlet
+    /// whose connection ran direct learnt of the close only when its next keep-alive met a
+    /// stateless reset, two seconds later.
+    pub fn remove_route_after_close(self: &Arc<Self>, route: RouteId) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_LINGER).await;
+            me.remove_route(route);
+        });
+    }
+
     /// Points the virtual address `virt` (from [`add_route`](Self::add_route)) at `route`
     /// through `relay`, replacing the route it stood for. A QUIC connection to `virt` keeps
     /// sending as before and its packets take the new path: this is how an end-to-end
@@ -289,11 +307,12 @@ impl NodeSocket {
         routes.by_virtual.get(&canonical(virt)).map(|v| v.route)
     }
 
-    /// Removes every route through `relay` (its route table is gone); returns them. Routes
-    /// running direct now are kept: their connections do not need the relay while the direct
-    /// path lasts (if it goes quiet they fall back to a relay that no longer knows the route,
-    /// and end at their idle timeout).
-    pub fn remove_routes_via(&self, relay: SocketAddr) -> Vec<RouteId> {
+    /// Removes every route through `relay` (its route table is gone); returns them. With
+    /// `keep_direct`, routes running direct now are kept: their connections do not need the
+    /// relay while the direct path lasts (if it goes quiet they fall back to a relay that no
+    /// longer knows the route, and end at their idle timeout). Without it (the relay refused
+    /// this node for good) every route goes.
+    pub fn remove_routes_via(&self, relay: SocketAddr, keep_direct: bool) -> Vec<RouteId> {
         let relay = canonical(relay);
         let now = self.now_ms();
         let quiet = direct::QUIET_AFTER.as_millis() as u64;
@@ -309,7 +328,7 @@ impl NodeSocket {
             .iter()
             .filter(|(_, (_, r))| *r == relay)
             .map(|(id, _)| *id)
-            .partition(|id| !direct_now(&routes, *id));
+            .partition(|id| !keep_direct || !direct_now(&routes, *id));
         if !kept.is_empty() {
             tracing::info!(%relay, routes = kept.len(), "relay lost; routes running direct carry on without it");
         }
