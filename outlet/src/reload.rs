@@ -1,12 +1,30 @@
-//! Reloading the outlet's services without a restart (`SIGHUP`): the `[[service]]` tables are
-//! read again and take effect at once. New streams and UDP flows see the new services and
-//! `allow` expressions; the relay is told the new service list; end-to-end connections that
-//! the new config no longer allows (their service removed, or their inlet no longer admitted by
-//! its `allow`) are closed, and the others keep going. An `[influxdb-outlet]` and its leases
-//! stay as they are (changing them needs a restart, and the log says so).
+//! Reloading the outlet's config without a restart (`SIGHUP`).
+//!
+//! The `[[service]]` tables are read again and take effect at once. New streams and UDP flows
+//! see the new services and `allow` expressions; the relay is told the new service list;
+//! end-to-end connections that the new config no longer allows (their service removed, or
+//! their inlet no longer admitted by its `allow`) are closed, and the others keep going.
+//!
+//! The `[influxdb-outlet]` section's lease profiles (`[[influxdb-outlet.profile]]`, or the
+//! section's own `leased-token-permissions`, `leased-token-expires-in` and `hand-out` when it
+//! has none) are validated exactly as at start and put into the running lease manager (see
+//! [`lease_profiles`] and [`LeaseManager::set_profiles`]): new leases use them at once; a live
+//! lease whose client now selects another profile, none, or the same one with other
+//! permissions or lifetime is revoked (audit `reason = "profile_changed"`) and its subscribed
+//! client is streamed a lease of its new profile; the others keep their credential. The
+//! section's other keys (`to`, `tls`, `tls-ca`, `allow`, `org-id`, `all-access-token`, `api`,
+//! `inject-at`), and adding, removing or renaming the section, take a restart: the running
+//! ones stay and the log says so. A change of `api` or `org-id` keeps the running profiles too,
+//! as the new ones were checked against the other API.
+//!
+//! Anything invalid in the new config (a service, an `allow`, a profile) refuses the whole
+//! reload: the error is logged and the config in force stays.
 
-use crate::config::{allows, targets, udp_targets, OutletConfig};
+use crate::config::{allows, influxdb_rule, targets, udp_targets, OutletConfig};
+use crate::lease::{Api, InjectAt, LeaseConfig, LeaseManager, Profile};
 use crate::serve::Services;
+use anyhow::Context;
+use postern_proto::name::ServiceName;
 use std::sync::{Arc, RwLock};
 
 /// The services in force, swapped whole on reload: each stream and flow takes the current
@@ -68,6 +86,77 @@ pub fn services_from(cfg: &OutletConfig, old: &Services) -> anyhow::Result<Servi
         );
     }
     Ok(new)
+}
+
+/// The running `[influxdb-outlet]` section: what a reload compares the new one with.
+pub struct RunningLeases {
+    /// Its service name.
+    pub service: ServiceName,
+    /// The validated section the lease manager started with.
+    pub config: LeaseConfig,
+    pub inject_at: InjectAt,
+    pub manager: Arc<LeaseManager>,
+}
+
+/// The lease profiles of `cfg`'s `[influxdb-outlet]` section for the running lease manager,
+/// the section validated exactly as at start: an invalid one is an error, and the reload is
+/// refused. `None` when they cannot be put in force: the section was removed or renamed
+/// ([`services_from`] logs that), or its `api` or `org-id` changed. Changed keys that take a
+/// restart are logged.
+pub fn lease_profiles(
+    cfg: &OutletConfig,
+    running: &RunningLeases,
+) -> anyhow::Result<Option<Vec<Arc<Profile>>>> {
+    let Some((name, section)) = &cfg.influxdb else {
+        return Ok(None);
+    };
+    let new = section.validate().context("[influxdb-outlet]")?;
+    influxdb_rule(section)?;
+    if *name != running.service {
+        return Ok(None);
+    }
+    let old = &running.config;
+    let mut restart = Vec::new();
+    if new.url != old.url {
+        restart.push("to/tls");
+    }
+    if new.tls_ca != old.tls_ca {
+        restart.push("tls-ca");
+    }
+    if new.allow != old.allow {
+        restart.push("allow");
+    }
+    if new.admin.expose() != old.admin.expose() {
+        restart.push("all-access-token");
+    }
+    if section.inject_at != running.inject_at {
+        restart.push("inject-at");
+    }
+    let other_api = new.api != old.api || new.org_id != old.org_id;
+    if new.api != old.api {
+        restart.push("api");
+    }
+    if new.org_id != old.org_id {
+        restart.push("org-id");
+    }
+    if !restart.is_empty() {
+        tracing::warn!(
+            keys = ?restart,
+            "[influxdb-outlet] keys changed that take a restart; the running ones stay"
+        );
+    }
+    if other_api {
+        let api = match old.api {
+            Api::V1 => "v1",
+            Api::V2 => "v2",
+        };
+        tracing::warn!(
+            running_api = api,
+            "the lease profiles are not reloaded: they were checked for another API or              organization than the running one"
+        );
+        return Ok(None);
+    }
+    Ok(Some(new.profiles()))
 }
 
 #[cfg(test)]
