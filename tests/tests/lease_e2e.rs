@@ -1900,7 +1900,10 @@ async fn reloaded_profiles_replace_only_the_leases_they_change() {
         .await
         .expect("the analyst's lease");
     assert_eq!(
-        (sensor_lease.profile.as_str(), analyst_lease.profile.as_str()),
+        (
+            sensor_lease.profile.as_str(),
+            analyst_lease.profile.as_str()
+        ),
         ("sensors", "analysts")
     );
     let users = influxd.users().await.expect("SHOW USERS");
@@ -2004,4 +2007,41 @@ async fn reloaded_profiles_replace_only_the_leases_they_change() {
     );
     assert_eq!(status(analyst_at, write("t v=5i 5")).await, 204);
     assert_eq!(status(sensor_at, write("t,dev=s1 v=6i 6")).await, 204);
+
+    // No profile for the analysts any more: the analyst's lease is revoked, and its requests
+    // get the 403 of a client without a profile; the sensor's lease goes on.
+    let written = std::fs::read_to_string(&config).expect("read outlet.toml");
+    let valid = written.replace("when = 'role = '", r#"when = 'role = "nobody"'"#);
+    std::fs::write(&config, valid).expect("rewrite");
+    outlet.proc.sighup();
+    eventually(WAIT, "the second profile reload", || async {
+        outlet.proc.log().matches("lease profiles reloaded").count() == 2
+    })
+    .await;
+    let renewed_user = user_of_lease(&users, &renewed.lease_id)
+        .expect("the analyst's user")
+        .to_owned();
+    eventually(WAIT, "the analyst's user dropped", || async {
+        let users = influxd.users().await.expect("SHOW USERS");
+        !users.contains(&renewed_user)
+    })
+    .await;
+    eventually(
+        WAIT,
+        "the analyst refused for want of a profile",
+        || async {
+            let mut c = Http::connect(analyst_at).await.expect("connect");
+            let r = c.request(&write("t v=7i 7")).await.expect("an answer");
+            r.status == 403
+                && r.text()
+                    .contains("no lease profile matches identity analyst-1")
+        },
+    )
+    .await;
+    assert_eq!(current_lease_of(state, "analyst-1").await, None);
+    assert_eq!(
+        current_lease_of(state, "sensor-1").await.as_ref(),
+        Some(&sensor_lease)
+    );
+    assert_eq!(status(sensor_at, write("t,dev=s1 v=8i 8")).await, 204);
 }
