@@ -83,12 +83,14 @@ pub async fn run_with_reload(
         services.targets.insert(name.clone(), target);
         services.inject_at.insert(name.clone(), influx.inject_at);
         services.leases.insert(name.clone(), manager.clone());
-        running_leases = Some(crate::reload::RunningLeases {
-            service: name,
-            config: started_with,
-            inject_at: influx.inject_at,
-            manager: manager.clone(),
-        });
+        running_leases = Some((
+            crate::reload::RunningLeases {
+                service: name,
+                config: started_with,
+                inject_at: influx.inject_at,
+            },
+            manager.clone(),
+        ));
         managers.push(manager);
     }
     let mut outlet = Outlet::bind(OutletOptions {
@@ -184,8 +186,8 @@ pub async fn run_with_reload(
                 let services = reread().and_then(|cfg| {
                     let s = crate::reload::services_from(&cfg, &handle.live_services())?;
                     let profiles = match &running_leases {
-                        Some(r) => {
-                            crate::reload::lease_profiles(&cfg, r)?.map(|p| (r.manager.clone(), p))
+                        Some((r, manager)) => {
+                            crate::reload::lease_profiles(&cfg, r)?.map(|p| (manager.clone(), p))
                         }
                         None => None,
                     };

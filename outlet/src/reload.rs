@@ -8,7 +8,7 @@
 //! The `[influxdb-outlet]` section's lease profiles (`[[influxdb-outlet.profile]]`, or the
 //! section's own `leased-token-permissions`, `leased-token-expires-in` and `hand-out` when it
 //! has none) are validated exactly as at start and put into the running lease manager (see
-//! [`lease_profiles`] and [`LeaseManager::set_profiles`]): new leases use them at once; a live
+//! [`lease_profiles`] and [`LeaseManager::set_profiles`](crate::lease::LeaseManager::set_profiles)): new leases use them at once; a live
 //! lease whose client now selects another profile, none, or the same one with other
 //! permissions or lifetime is revoked (audit `reason = "profile_changed"`) and its subscribed
 //! client is streamed a lease of its new profile; the others keep their credential. The
@@ -21,7 +21,7 @@
 //! reload: the error is logged and the config in force stays.
 
 use crate::config::{allows, influxdb_rule, targets, udp_targets, OutletConfig};
-use crate::lease::{Api, InjectAt, LeaseConfig, LeaseManager, Profile};
+use crate::lease::{Api, InjectAt, LeaseConfig, Profile};
 use crate::serve::Services;
 use anyhow::Context;
 use postern_proto::name::ServiceName;
@@ -95,7 +95,6 @@ pub struct RunningLeases {
     /// The validated section the lease manager started with.
     pub config: LeaseConfig,
     pub inject_at: InjectAt,
-    pub manager: Arc<LeaseManager>,
 }
 
 /// The lease profiles of `cfg`'s `[influxdb-outlet]` section for the running lease manager,
@@ -223,5 +222,91 @@ mod tests {
         .resolve()
         .and_then(|c| services_from(&c, &old));
         assert!(bad.is_err());
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+    use crate::lease::InfluxdbOutletConfig;
+
+    fn section(admin: &std::path::Path, org: &str, analysts: &str) -> InfluxdbOutletConfig {
+        toml::from_str(&format!(
+            r#"
+to = "http://127.0.0.1:8086"
+api = "v1"
+org-id = "{org}"
+allow = "*"
+all-access-token = "file:{}"
+
+[[profile]]
+name = "analysts"
+when = '{analysts}'
+leased-token-permissions = '[{{"action":"read","resource":{{"type":"databases","name":"t"}}}}]'
+"#,
+            admin.display()
+        ))
+        .expect("section")
+    }
+
+    fn outlet(influx: InfluxdbOutletConfig) -> OutletConfig {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            run: crate::config::RunArgs,
+        }
+        let argv = [
+            "outlet",
+            "--relay",
+            "127.0.0.1:4433",
+            "--service",
+            "e=127.0.0.1:7",
+        ];
+        let mut cfg = Cmd::parse_from(argv).run.resolve().expect("config");
+        cfg.influxdb = Some((ServiceName::new("influxdb").expect("name"), influx));
+        cfg
+    }
+
+    #[test]
+    fn profiles_are_validated_as_at_start_and_kept_across_an_org_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = dir.path().join("admin");
+        std::fs::write(&admin, "admin:secret").expect("write");
+        let start = section(&admin, "0123456789abcdef", r#"role = "analyst""#);
+        let running = RunningLeases {
+            service: ServiceName::new("influxdb").expect("name"),
+            config: start.validate().expect("valid"),
+            inject_at: start.inject_at,
+        };
+        let wider = outlet(section(
+            &admin,
+            "0123456789abcdef",
+            r#"role = "analyst" or role = "ops""#,
+        ));
+        let got = lease_profiles(&wider, &running)
+            .expect("valid")
+            .expect("put in force");
+        assert_eq!(got.len(), 1);
+        let ops: postern_proto::policy::Attributes = [("role".to_owned(), "ops".to_owned())]
+            .into_iter()
+            .collect();
+        assert!(got[0].when.eval(&ops), "the new `when` is the one returned");
+        // A bad `when` is the same error as at start, naming the profile.
+        let bad = lease_profiles(
+            &outlet(section(&admin, "0123456789abcdef", "role = ")),
+            &running,
+        )
+        .expect_err("refused");
+        let text = format!("{bad:#}");
+        assert!(text.contains("analysts") && text.contains("when"), "{text}");
+        // Profiles checked for another organization (or API) are not put into the running
+        // manager.
+        let other = outlet(section(&admin, "fedcba9876543210", r#"role = "analyst""#));
+        assert!(lease_profiles(&other, &running).expect("valid").is_none());
+        // Without the section (or renamed) nothing is reloaded.
+        let mut none = wider;
+        none.influxdb = None;
+        assert!(lease_profiles(&none, &running).expect("fine").is_none());
     }
 }
