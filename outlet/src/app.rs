@@ -21,8 +21,8 @@ pub async fn run(cfg: OutletConfig, shutdown: CancellationToken) -> anyhow::Resu
 /// Reads the configuration again (the binary: the same command line and config file).
 pub type Reread = Box<dyn Fn() -> anyhow::Result<OutletConfig> + Send + Sync>;
 
-/// [`run`], and on each `SIGHUP` the services of `reread()` are put in force (see
-/// [`crate::reload`]); a config that does not read or validate is refused, the error logged,
+/// [`run`], and on each `SIGHUP` the services and lease profiles of `reread()` are put in
+/// force (see [`crate::reload`]); a config that does not read or validate is refused, the error logged,
 /// and the one in force stays.
 pub async fn run_with_reload(
     cfg: OutletConfig,
@@ -53,6 +53,8 @@ pub async fn run_with_reload(
         udp: udp_targets(&cfg.services)?,
     };
     let mut managers = Vec::new();
+    // What a reload compares a new `[influxdb-outlet]` with, and whose profiles it replaces.
+    let mut running_leases = None;
     if let Some((name, influx)) = cfg.influxdb {
         let lease_cfg = influx.validate().context("[influxdb-outlet]")?;
         let mut target = influx_target(&lease_cfg)?;
@@ -64,6 +66,7 @@ pub async fn run_with_reload(
             };
             c
         });
+        let started_with = lease_cfg.clone();
         let manager = LeaseManager::start(lease_cfg, &cfg.state_dir, leases_stop.clone())
             .await
             .context("starting the lease manager")?;
@@ -79,7 +82,15 @@ pub async fn run_with_reload(
         }
         services.targets.insert(name.clone(), target);
         services.inject_at.insert(name.clone(), influx.inject_at);
-        services.leases.insert(name, manager.clone());
+        services.leases.insert(name.clone(), manager.clone());
+        running_leases = Some((
+            crate::reload::RunningLeases {
+                service: name,
+                config: started_with,
+                inject_at: influx.inject_at,
+            },
+            manager.clone(),
+        ));
         managers.push(manager);
     }
     let mut outlet = Outlet::bind(OutletOptions {
@@ -174,15 +185,24 @@ pub async fn run_with_reload(
                 tracing::debug!("rereading the command line and config file");
                 let services = reread().and_then(|cfg| {
                     let s = crate::reload::services_from(&cfg, &handle.live_services())?;
+                    let profiles = match &running_leases {
+                        Some((r, manager)) => {
+                            crate::reload::lease_profiles(&cfg, r)?.map(|p| (manager.clone(), p))
+                        }
+                        None => None,
+                    };
                     // Checked when the config was read: fails only if logging cannot change.
                     if let Some(level) = &cfg.log_level {
                         postern_net::runtime::logging::set_filter(level)?;
                     }
-                    Ok((s, cfg.log_level))
+                    Ok((s, profiles, cfg.log_level))
                 });
                 match services {
-                    Ok((s, log_level)) => {
+                    Ok((s, profiles, log_level)) => {
                         let names = s.names();
+                        if let Some((manager, profiles)) = profiles {
+                            manager.set_profiles(profiles).await;
+                        }
                         let closed = handle.reload(s).await;
                         tracing::info!(services = ?names, closed, log_level, "config reloaded");
                     }

@@ -196,10 +196,11 @@ pub struct RunArgs {
     /// credentials, whose `allow` is required: an attribute expression, or `"*"` for every
     /// inlet the relay routes; its target is checked with `GET /ping`, tuned by the top-level
     /// `influxdb-health-check`, `influxdb-health-check-interval`, `-timeout` and `-failures`).
-    /// On SIGHUP the command line and this file are read again and their `[[service]]` tables
-    /// and `log-level` put in force (services added or removed, `allow` changed; connections
-    /// no longer allowed are closed); an invalid file is refused, logged, and the config in
-    /// force stays.
+    /// On SIGHUP the command line and this file are read again and their `[[service]]` tables,
+    /// `[influxdb-outlet]` lease profiles and `log-level` put in force (services added or
+    /// removed, `allow` changed; connections no longer allowed are closed; leases whose profile
+    /// changed are revoked and replaced); an invalid file is refused, logged, and the config
+    /// in force stays.
     #[arg(long, env = "POSTERN_OUTLET_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]

@@ -138,6 +138,15 @@ impl LeaseGate {
                 authorization: Some(own),
             };
         }
+        // A subscription that ended (a reload left this client without a profile, or the
+        // manager stopped) is asked for again, and so refused or answered as for a new one.
+        if self
+            .grants
+            .as_ref()
+            .is_some_and(|rx| rx.has_changed().is_err())
+        {
+            self.grants = None;
+        }
         let rx = match &mut self.grants {
             Some(rx) => rx,
             None => match self.manager.subscribe_as(&self.client, &self.attrs) {

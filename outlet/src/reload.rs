@@ -1,12 +1,30 @@
-//! Reloading the outlet's services without a restart (`SIGHUP`): the `[[service]]` tables are
-//! read again and take effect at once. New streams and UDP flows see the new services and
-//! `allow` expressions; the relay is told the new service list; end-to-end connections that
-//! the new config no longer allows (their service removed, or their inlet no longer admitted by
-//! its `allow`) are closed, and the others keep going. An `[influxdb-outlet]` and its leases
-//! stay as they are (changing them needs a restart, and the log says so).
+//! Reloading the outlet's config without a restart (`SIGHUP`).
+//!
+//! The `[[service]]` tables are read again and take effect at once. New streams and UDP flows
+//! see the new services and `allow` expressions; the relay is told the new service list;
+//! end-to-end connections that the new config no longer allows (their service removed, or
+//! their inlet no longer admitted by its `allow`) are closed, and the others keep going.
+//!
+//! The `[influxdb-outlet]` section's lease profiles (`[[influxdb-outlet.profile]]`, or the
+//! section's own `leased-token-permissions`, `leased-token-expires-in` and `hand-out` when it
+//! has none) are validated exactly as at start and put into the running lease manager (see
+//! [`lease_profiles`] and [`LeaseManager::set_profiles`](crate::lease::LeaseManager::set_profiles)): new leases use them at once; a live
+//! lease whose client now selects another profile, none, or the same one with other
+//! permissions or lifetime is revoked (audit `reason = "profile_changed"`) and its subscribed
+//! client is streamed a lease of its new profile; the others keep their credential. The
+//! section's other keys (`to`, `tls`, `tls-ca`, `allow`, `org-id`, `all-access-token`, `api`,
+//! `inject-at`), and adding, removing or renaming the section, take a restart: the running
+//! ones stay and the log says so. A change of `api` or `org-id` keeps the running profiles too,
+//! as the new ones were checked against the other API.
+//!
+//! Anything invalid in the new config (a service, an `allow`, a profile) refuses the whole
+//! reload: the error is logged and the config in force stays.
 
-use crate::config::{allows, targets, udp_targets, OutletConfig};
+use crate::config::{allows, influxdb_rule, targets, udp_targets, OutletConfig};
+use crate::lease::{Api, InjectAt, LeaseConfig, Profile};
 use crate::serve::Services;
+use anyhow::Context;
+use postern_proto::name::ServiceName;
 use std::sync::{Arc, RwLock};
 
 /// The services in force, swapped whole on reload: each stream and flow takes the current
@@ -68,6 +86,76 @@ pub fn services_from(cfg: &OutletConfig, old: &Services) -> anyhow::Result<Servi
         );
     }
     Ok(new)
+}
+
+/// The running `[influxdb-outlet]` section: what a reload compares the new one with.
+pub struct RunningLeases {
+    /// Its service name.
+    pub service: ServiceName,
+    /// The validated section the lease manager started with.
+    pub config: LeaseConfig,
+    pub inject_at: InjectAt,
+}
+
+/// The lease profiles of `cfg`'s `[influxdb-outlet]` section for the running lease manager,
+/// the section validated exactly as at start: an invalid one is an error, and the reload is
+/// refused. `None` when they cannot be put in force: the section was removed or renamed
+/// ([`services_from`] logs that), or its `api` or `org-id` changed. Changed keys that take a
+/// restart are logged.
+pub fn lease_profiles(
+    cfg: &OutletConfig,
+    running: &RunningLeases,
+) -> anyhow::Result<Option<Vec<Arc<Profile>>>> {
+    let Some((name, section)) = &cfg.influxdb else {
+        return Ok(None);
+    };
+    let new = section.validate().context("[influxdb-outlet]")?;
+    influxdb_rule(section)?;
+    if *name != running.service {
+        return Ok(None);
+    }
+    let old = &running.config;
+    let mut restart = Vec::new();
+    if new.url != old.url {
+        restart.push("to/tls");
+    }
+    if new.tls_ca != old.tls_ca {
+        restart.push("tls-ca");
+    }
+    if new.allow != old.allow {
+        restart.push("allow");
+    }
+    if new.admin.expose() != old.admin.expose() {
+        restart.push("all-access-token");
+    }
+    if section.inject_at != running.inject_at {
+        restart.push("inject-at");
+    }
+    let other_api = new.api != old.api || new.org_id != old.org_id;
+    if new.api != old.api {
+        restart.push("api");
+    }
+    if new.org_id != old.org_id {
+        restart.push("org-id");
+    }
+    if !restart.is_empty() {
+        tracing::warn!(
+            keys = ?restart,
+            "[influxdb-outlet] keys changed that take a restart; the running ones stay"
+        );
+    }
+    if other_api {
+        let api = match old.api {
+            Api::V1 => "v1",
+            Api::V2 => "v2",
+        };
+        tracing::warn!(
+            running_api = api,
+            "the lease profiles are not reloaded: they were checked for another API or              organization than the running one"
+        );
+        return Ok(None);
+    }
+    Ok(Some(new.profiles()))
 }
 
 #[cfg(test)]
@@ -134,5 +222,91 @@ mod tests {
         .resolve()
         .and_then(|c| services_from(&c, &old));
         assert!(bad.is_err());
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+    use crate::lease::InfluxdbOutletConfig;
+
+    fn section(admin: &std::path::Path, org: &str, analysts: &str) -> InfluxdbOutletConfig {
+        toml::from_str(&format!(
+            r#"
+to = "http://127.0.0.1:8086"
+api = "v1"
+org-id = "{org}"
+allow = "*"
+all-access-token = "file:{}"
+
+[[profile]]
+name = "analysts"
+when = '{analysts}'
+leased-token-permissions = '[{{"action":"read","resource":{{"type":"databases","name":"t"}}}}]'
+"#,
+            admin.display()
+        ))
+        .expect("section")
+    }
+
+    fn outlet(influx: InfluxdbOutletConfig) -> OutletConfig {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            run: crate::config::RunArgs,
+        }
+        let argv = [
+            "outlet",
+            "--relay",
+            "127.0.0.1:4433",
+            "--service",
+            "e=127.0.0.1:7",
+        ];
+        let mut cfg = Cmd::parse_from(argv).run.resolve().expect("config");
+        cfg.influxdb = Some((ServiceName::new("influxdb").expect("name"), influx));
+        cfg
+    }
+
+    #[test]
+    fn profiles_are_validated_as_at_start_and_kept_across_an_org_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = dir.path().join("admin");
+        std::fs::write(&admin, "admin:secret").expect("write");
+        let start = section(&admin, "0123456789abcdef", r#"role = "analyst""#);
+        let running = RunningLeases {
+            service: ServiceName::new("influxdb").expect("name"),
+            config: start.validate().expect("valid"),
+            inject_at: start.inject_at,
+        };
+        let wider = outlet(section(
+            &admin,
+            "0123456789abcdef",
+            r#"role = "analyst" or role = "ops""#,
+        ));
+        let got = lease_profiles(&wider, &running)
+            .expect("valid")
+            .expect("put in force");
+        assert_eq!(got.len(), 1);
+        let ops: postern_proto::policy::Attributes = [("role".to_owned(), "ops".to_owned())]
+            .into_iter()
+            .collect();
+        assert!(got[0].when.eval(&ops), "the new `when` is the one returned");
+        // A bad `when` is the same error as at start, naming the profile.
+        let bad = lease_profiles(
+            &outlet(section(&admin, "0123456789abcdef", "role = ")),
+            &running,
+        )
+        .expect_err("refused");
+        let text = format!("{bad:#}");
+        assert!(text.contains("analysts") && text.contains("when"), "{text}");
+        // Profiles checked for another organization (or API) are not put into the running
+        // manager.
+        let other = outlet(section(&admin, "fedcba9876543210", r#"role = "analyst""#));
+        assert!(lease_profiles(&other, &running).expect("valid").is_none());
+        // Without the section (or renamed) nothing is reloaded.
+        let mut none = wider;
+        none.influxdb = None;
+        assert!(lease_profiles(&none, &running).expect("fine").is_none());
     }
 }

@@ -550,9 +550,15 @@ async fn serve_lease(
         tokio::select! {
             changed = grants.changed() => {
                 if changed.is_err() {
-                    let _ = exchange::write_frame(&mut send, &LeaseMsg::Unavailable {
-                        reason: "the lease manager stopped".into(),
-                    }).await;
+                    // The subscription ends when the manager stops, or when a reload left this
+                    // client without a profile: then it is refused as at subscribing.
+                    let msg = match manager.profile_for(inlet, attrs) {
+                        Err(e) if e.is_refusal() => LeaseMsg::Refused { reason: e.to_string() },
+                        _ => LeaseMsg::Unavailable {
+                            reason: "the lease manager stopped".into(),
+                        },
+                    };
+                    let _ = exchange::write_frame(&mut send, &msg).await;
                     let _ = send.finish();
                     return;
                 }

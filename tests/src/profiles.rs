@@ -144,3 +144,48 @@ pub fn field(text: &str, name: &str) -> String {
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
+
+/// One line of `postern-outlet lease list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedLease {
+    pub lease_id: String,
+    pub client: String,
+    pub profile: String,
+    /// It is the lease streamed to its client now.
+    pub current: bool,
+}
+
+/// The leases `postern-outlet lease list` shows for the outlet with state directory `state`.
+pub async fn listed_leases(state: &Path) -> Vec<ListedLease> {
+    let (ok, out, err) = outlet_lease(state, &["list"]).await;
+    assert!(ok, "lease list: {err}");
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() >= 5).then(|| ListedLease {
+                lease_id: cols[0].to_owned(),
+                client: cols[1].to_owned(),
+                profile: cols[3].to_owned(),
+                current: cols.last() == Some(&"yes"),
+            })
+        })
+        .collect()
+}
+
+/// The lease currently streamed to `client`, if any.
+pub async fn current_lease_of(state: &Path, client: &str) -> Option<ListedLease> {
+    listed_leases(state)
+        .await
+        .into_iter()
+        .find(|l| l.client == client && l.current)
+}
+
+/// The InfluxDB 1.x user of a lease among `users` (its name ends with the lease id).
+pub fn user_of_lease<'a>(users: &'a [String], lease_id: &str) -> Option<&'a str> {
+    let suffix = format!("_{lease_id}");
+    users
+        .iter()
+        .find(|u| u.starts_with("postern_") && u.ends_with(&suffix))
+        .map(String::as_str)
+}

@@ -1810,3 +1810,238 @@ async fn profiles_by_attributes_and_hand_out_with_the_real_binaries() {
     .await;
     assert_eq!(q.status, 200, "{q:?}");
 }
+
+/// Lease profiles changed by `SIGHUP` on the running outlet binary, against the real influxd:
+/// the analysts' profile turns from read to write while the sensors' stays. The sensor keeps
+/// its lease (the same InfluxDB user, still writing); the analyst's old user is revoked (gone
+/// from `SHOW USERS`, audited as `profile_changed`) and a new one with the new grants serves
+/// its requests through the inlet. A reload with an invalid profile is refused and the
+/// profiles in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaded_profiles_replace_only_the_leases_they_change() {
+    use postern_tests::profiles::{current_lease_of, start_inlet, start_outlet, user_of_lease};
+    use postern_tests::wait::eventually;
+    let influxd = Influxd::start(InfluxdOptions { auth: true })
+        .await
+        .expect("start influxd");
+    influxd
+        .query("CREATE DATABASE telemetry")
+        .await
+        .expect("create database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = dir.path().join("influx-admin");
+    std::fs::write(
+        &admin,
+        format!("{}:{}", influxd.admin_user(), influxd.admin_password()),
+    )
+    .expect("write admin credential");
+    let pki = Pki::new();
+    let relay = start_relay(&pki, "127.0.0.1:0".parse().expect("addr"), [24; 32], None);
+    let section = format!(
+        "to = \"{}\"\napi = \"v1\"\nallow = \"*\"\nall-access-token = \"file:{}\"\n{PROFILES}",
+        influxd.url(),
+        admin.display()
+    );
+    let outlet = start_outlet(&pki, dir.path(), relay.addr, &section).await;
+    let listen = || -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (sensor_at, analyst_at) = (listen(), listen());
+    let p = dir.path();
+    let sensor = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "sensor-1",
+        &[("role", "sensor")],
+        sensor_at,
+    )
+    .await;
+    let analyst = start_inlet(
+        &pki,
+        p,
+        relay.addr,
+        "analyst-1",
+        &[("role", "analyst")],
+        analyst_at,
+    )
+    .await;
+    let logs = || {
+        format!(
+            "outlet:\n{}\nsensor:\n{}\nanalyst:\n{}",
+            outlet.proc.log(),
+            sensor.proc.log(),
+            analyst.proc.log()
+        )
+    };
+    let read = || get("/query?db=telemetry&q=SELECT%20*%20FROM%20t", "");
+    let write = |line: &str| post("/write?db=telemetry", "", line);
+    let status = |addr: SocketAddr, req: Vec<u8>| async move {
+        let mut c = Http::connect(addr).await.expect("connect to the inlet");
+        tokio::time::timeout(WAIT, c.request(&req))
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+            .status
+    };
+
+    // Before: the sensor writes, the analyst reads and may not write.
+    let w = wait_for_lease(sensor_at, &write("t,dev=s1 v=1i 1")).await;
+    assert_eq!(w.status, 204, "{w:?}\n{}", logs());
+    let q = wait_for_lease(analyst_at, &read()).await;
+    assert_eq!(q.status, 200, "{q:?}\n{}", logs());
+    assert_eq!(status(analyst_at, write("t v=2i 2")).await, 403);
+    let state = &outlet.state;
+    let sensor_lease = current_lease_of(state, "sensor-1")
+        .await
+        .expect("the sensor's lease");
+    let analyst_lease = current_lease_of(state, "analyst-1")
+        .await
+        .expect("the analyst's lease");
+    assert_eq!(
+        (
+            sensor_lease.profile.as_str(),
+            analyst_lease.profile.as_str()
+        ),
+        ("sensors", "analysts")
+    );
+    let users = influxd.users().await.expect("SHOW USERS");
+    let sensor_user = user_of_lease(&users, &sensor_lease.lease_id)
+        .expect("the sensor's user")
+        .to_owned();
+    let analyst_user = user_of_lease(&users, &analyst_lease.lease_id)
+        .expect("the analyst's user")
+        .to_owned();
+
+    // Reload: the analysts may now write and no longer read; the sensors' profile is as it was.
+    let config = dir.path().join("outlet.toml");
+    let written = std::fs::read_to_string(&config).expect("read outlet.toml");
+    let reads = r#"[{"action":"read","resource":{"type":"databases","name":"telemetry"}}]"#;
+    assert_eq!(written.matches(reads).count(), 1, "{written}");
+    let writes = reads.replace("\"read\"", "\"write\"");
+    std::fs::write(&config, written.replace(reads, &writes)).expect("rewrite outlet.toml");
+    outlet.proc.sighup();
+    eventually(WAIT, "the profiles reloaded", || async {
+        outlet.proc.log().contains("lease profiles reloaded")
+    })
+    .await;
+    // The analyst's old user is gone from influxd, a new lease of its new terms replaces it.
+    eventually(WAIT, "the analyst's old user dropped", || async {
+        let users = influxd.users().await.expect("SHOW USERS");
+        !users.contains(&analyst_user)
+    })
+    .await;
+    eventually(WAIT, "the analyst writes through its inlet", || async {
+        status(analyst_at, write("t v=3i 3")).await == 204
+    })
+    .await;
+    assert_eq!(
+        status(analyst_at, read()).await,
+        403,
+        "the analyst still reads"
+    );
+    let renewed = current_lease_of(state, "analyst-1")
+        .await
+        .expect("the analyst's new lease");
+    assert_ne!(renewed.lease_id, analyst_lease.lease_id);
+    assert_eq!(renewed.profile, "analysts");
+    let users = influxd.users().await.expect("SHOW USERS");
+    let new_user = user_of_lease(&users, &renewed.lease_id).expect("the analyst's new user");
+    let direct = influxd
+        .query(&format!("SHOW GRANTS FOR \"{new_user}\""))
+        .await
+        .expect("SHOW GRANTS");
+    let grants = direct.to_string();
+    assert!(
+        grants.contains("telemetry") && grants.contains("WRITE") && !grants.contains("READ"),
+        "{grants}"
+    );
+    // The sensor's lease is untouched: same lease, same user, still writing.
+    assert_eq!(
+        current_lease_of(state, "sensor-1").await.as_ref(),
+        Some(&sensor_lease)
+    );
+    assert!(users.contains(&sensor_user), "{users:?}");
+    assert_eq!(status(sensor_at, write("t,dev=s1 v=4i 4")).await, 204);
+    // The revocation is audited with its reason, for the analyst's old lease only.
+    let outlet_log = outlet.proc.log();
+    let audited = |id: &str| {
+        outlet_log.lines().any(|l| {
+            l.contains("postern::audit")
+                && l.contains("revoke")
+                && l.contains("profile_changed")
+                && l.contains(id)
+        })
+    };
+    assert!(audited(&analyst_lease.lease_id), "{outlet_log}");
+    assert!(!audited(&sensor_lease.lease_id), "{outlet_log}");
+
+    // An invalid profile: the reload is refused, saying which, and the profiles stay.
+    let written = std::fs::read_to_string(&config).expect("read outlet.toml");
+    let when = r#"when = 'role = "analyst"'"#;
+    assert_eq!(written.matches(when).count(), 1, "{written}");
+    std::fs::write(&config, written.replace(when, "when = 'role = '")).expect("rewrite");
+    outlet.proc.sighup();
+    eventually(WAIT, "the refused reload logged", || async {
+        outlet.proc.log().contains("reload refused")
+    })
+    .await;
+    let outlet_log = outlet.proc.log();
+    let refusal = outlet_log
+        .lines()
+        .find(|l| l.contains("reload refused"))
+        .expect("the refusal");
+    assert!(
+        refusal.contains("analysts") && refusal.contains("when"),
+        "{refusal}"
+    );
+    assert_eq!(outlet_log.matches("lease profiles reloaded").count(), 1);
+    assert_eq!(
+        current_lease_of(state, "analyst-1").await.as_ref(),
+        Some(&renewed)
+    );
+    assert_eq!(
+        current_lease_of(state, "sensor-1").await.as_ref(),
+        Some(&sensor_lease)
+    );
+    assert_eq!(status(analyst_at, write("t v=5i 5")).await, 204);
+    assert_eq!(status(sensor_at, write("t,dev=s1 v=6i 6")).await, 204);
+
+    // No profile for the analysts any more: the analyst's lease is revoked, and its requests
+    // get the 403 of a client without a profile; the sensor's lease goes on.
+    let written = std::fs::read_to_string(&config).expect("read outlet.toml");
+    let valid = written.replace("when = 'role = '", r#"when = 'role = "nobody"'"#);
+    std::fs::write(&config, valid).expect("rewrite");
+    outlet.proc.sighup();
+    eventually(WAIT, "the second profile reload", || async {
+        outlet.proc.log().matches("lease profiles reloaded").count() == 2
+    })
+    .await;
+    let renewed_user = user_of_lease(&users, &renewed.lease_id)
+        .expect("the analyst's user")
+        .to_owned();
+    eventually(WAIT, "the analyst's user dropped", || async {
+        let users = influxd.users().await.expect("SHOW USERS");
+        !users.contains(&renewed_user)
+    })
+    .await;
+    eventually(
+        WAIT,
+        "the analyst refused for want of a profile",
+        || async {
+            let mut c = Http::connect(analyst_at).await.expect("connect");
+            let r = c.request(&write("t v=7i 7")).await.expect("an answer");
+            r.status == 403
+                && r.text()
+                    .contains("no lease profile matches identity analyst-1")
+        },
+    )
+    .await;
+    assert_eq!(current_lease_of(state, "analyst-1").await, None);
+    assert_eq!(
+        current_lease_of(state, "sensor-1").await.as_ref(),
+        Some(&sensor_lease)
+    );
+    assert_eq!(status(sensor_at, write("t,dev=s1 v=8i 8")).await, 204);
+}

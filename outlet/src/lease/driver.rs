@@ -37,6 +37,8 @@ impl Inner {
                     .retain(|c, tx| tx.receiver_count() > 0 || st.schedule.knows_client(c));
                 let watchers = &st.watchers;
                 st.client_profiles.retain(|c, _| watchers.contains_key(c));
+                let schedule = &st.schedule;
+                st.superseded.retain(|id, _| schedule.lease(id).is_some());
                 let scan = match st.orphan_scan_at {
                     Some(at) if at <= now && !st.orphan_scan_running => {
                         st.orphan_scan_running = true;
@@ -164,69 +166,103 @@ impl Inner {
 
     /// Carries out [`Action::Create`].
     pub(super) async fn renew(self: Arc<Self>, client: NodeName) {
-        let profile = lock(&self.state).client_profiles.get(&client).cloned();
-        let result = match profile {
+        let (profile, generation) = {
+            let st = lock(&self.state);
+            let chosen = st.client_profiles.get(&client).map(|c| c.profile.clone());
+            (chosen, st.profiles_generation)
+        };
+        let result = match profile.clone() {
             Some(profile) => self.create_lease(&client, profile, false).await,
             // Subscribing records the profile before the client is wanted, so this is not
             // expected; refuse rather than guess one.
             None => Err(LeaseError::NoProfile(client.clone())),
         };
         let now = now_ms();
-        let mut st = lock(&self.state);
-        match result {
-            Ok((rec, _)) if lock(&self.revoked_clients).contains(&client) => {
-                // Revoked while this lease was being made: never hand it out, revoke it now.
-                st.schedule.created(
-                    &client,
-                    &rec.lease_id,
-                    rec.created_at_ms,
-                    rec.expires_at_ms,
-                    now,
-                );
-                st.schedule
-                    .track(&rec.lease_id, &rec.client, rec.expires_at_ms, now);
-                tracing::info!(client = %client, lease_id = %rec.lease_id, "lease made for an identity revoked meanwhile; revoking it");
-            }
-            Ok((rec, credential)) => {
-                let old = st.schedule.created(
-                    &client,
-                    &rec.lease_id,
-                    rec.created_at_ms,
-                    rec.expires_at_ms,
-                    now,
-                );
-                let grant = LeaseGrant {
-                    lease_id: rec.lease_id.clone(),
-                    credential,
-                    expires_at_ms: rec.expires_at_ms,
+        let revoke_stale = {
+            let mut st = lock(&self.state);
+            // Profiles reloaded while this lease was being made, and the client's changed: the
+            // lease was made on the old terms, so it is revoked rather than handed out (the client
+            // then gets one of its new profile).
+            let stale = st.profiles_generation != generation
+                && match (st.client_profiles.get(&client), &profile) {
+                    (Some(now), Some(used)) => !now.profile.same_terms(used),
+                    _ => true,
                 };
-                st.watchers
-                    .entry(client.clone())
-                    .or_insert_with(|| watch::channel(None).0)
-                    .send_replace(Some(grant));
-                tracing::info!(
-                    client = %client, lease_id = %rec.lease_id, replaces = ?old,
-                    expires_at_ms = rec.expires_at_ms, "lease issued"
-                );
-                let action = if old.is_some() { "renew" } else { "create" };
-                if old.is_some() {
-                    metrics::counter!("postern_outlet_leases_renewed_total").increment(1);
+            let mut revoke_stale = None;
+            match result {
+                Ok((rec, _)) if stale => {
+                    st.schedule.created(
+                        &client,
+                        &rec.lease_id,
+                        rec.created_at_ms,
+                        rec.expires_at_ms,
+                        now,
+                    );
+                    tracing::info!(client = %client, lease_id = %rec.lease_id, "lease made on a profile reloaded meanwhile; revoking it");
+                    revoke_stale = Some(rec.lease_id);
                 }
-                tracing::info!(target: "postern::audit", event = "lease", action, lease_id = %rec.lease_id, %client, replaces = ?old, expires_at_ms = rec.expires_at_ms);
+                Ok((rec, _)) if lock(&self.revoked_clients).contains(&client) => {
+                    // Revoked while this lease was being made: never hand it out, revoke it now.
+                    st.schedule.created(
+                        &client,
+                        &rec.lease_id,
+                        rec.created_at_ms,
+                        rec.expires_at_ms,
+                        now,
+                    );
+                    st.schedule
+                        .track(&rec.lease_id, &rec.client, rec.expires_at_ms, now);
+                    tracing::info!(client = %client, lease_id = %rec.lease_id, "lease made for an identity revoked meanwhile; revoking it");
+                }
+                Ok((rec, credential)) => {
+                    let old = st.schedule.created(
+                        &client,
+                        &rec.lease_id,
+                        rec.created_at_ms,
+                        rec.expires_at_ms,
+                        now,
+                    );
+                    let grant = LeaseGrant {
+                        lease_id: rec.lease_id.clone(),
+                        credential,
+                        expires_at_ms: rec.expires_at_ms,
+                    };
+                    st.watchers
+                        .entry(client.clone())
+                        .or_insert_with(|| watch::channel(None).0)
+                        .send_replace(Some(grant));
+                    tracing::info!(
+                        client = %client, lease_id = %rec.lease_id, replaces = ?old,
+                        expires_at_ms = rec.expires_at_ms, "lease issued"
+                    );
+                    if let Some(old) = &old {
+                        st.superseded.insert(old.clone(), client.clone());
+                    }
+                    let action = if old.is_some() { "renew" } else { "create" };
+                    if old.is_some() {
+                        metrics::counter!("postern_outlet_leases_renewed_total").increment(1);
+                    }
+                    tracing::info!(target: "postern::audit", event = "lease", action, lease_id = %rec.lease_id, %client, replaces = ?old, expires_at_ms = rec.expires_at_ms);
+                }
+                Err(LeaseError::Crashed(_)) => return,
+                Err(e) => {
+                    // Counted by `create_lease`.
+                    tracing::info!(target: "postern::audit", event = "lease", action = "create", outcome = "failed", %client);
+                    let n = st.schedule.create_failed(&client, now);
+                    tracing::error!(
+                        client = %client, failures = n, error = %e,
+                        retry_in_s = schedule::backoff(n).as_secs(),
+                        "could not make a lease"
+                    );
+                }
             }
-            Err(LeaseError::Crashed(_)) => return,
-            Err(e) => {
-                // Counted by `create_lease`.
-                tracing::info!(target: "postern::audit", event = "lease", action = "create", outcome = "failed", %client);
-                let n = st.schedule.create_failed(&client, now);
-                tracing::error!(
-                    client = %client, failures = n, error = %e,
-                    retry_in_s = schedule::backoff(n).as_secs(),
-                    "could not make a lease"
-                );
+            revoke_stale
+        };
+        if let Some(id) = revoke_stale {
+            if let Err(e) = self.revoke_now(&id, Some(super::PROFILE_CHANGED)).await {
+                tracing::warn!(lease_id = %id, error = %e, "could not revoke a lease made on a reloaded profile now; the schedule retries");
             }
         }
-        drop(st);
         self.wake.notify_one();
     }
 

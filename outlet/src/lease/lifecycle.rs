@@ -317,14 +317,76 @@ impl Inner {
         }
     }
 
+    /// Revokes a lease now, outside the schedule (the command line, a reload that changed its
+    /// client's profile): claims it in the schedule, withdraws it from its subscribers if it is
+    /// the one streamed (they get a new lease right away while still wanted), revokes it and
+    /// tells the schedule how that went. `reason` goes into the audit log. Returns its record.
+    pub(super) async fn revoke_now(
+        self: &Arc<Self>,
+        lease_id: &str,
+        reason: Option<&'static str>,
+    ) -> Result<LeaseRecord, LeaseError> {
+        let id = lease_id.to_owned();
+        let rec = self.store_op("get", move |s| s.get(&id)).await?;
+        let Some(rec) = rec else {
+            return Err(LeaseError::NotFound(lease_id.to_owned()));
+        };
+        {
+            let mut st = lock(&self.state);
+            let tracked = st.schedule.lease(lease_id);
+            // A `creating` record the schedule does not track is a creation in flight: let it
+            // finish (or fail and clean up) rather than race it.
+            if rec.state == RecordState::Creating && tracked.is_none() {
+                return Err(LeaseError::Busy(lease_id.to_owned()));
+            }
+            if !st.schedule.begin_revoke(lease_id) {
+                return Err(LeaseError::Busy(lease_id.to_owned()));
+            }
+            if let Some(t) = tracked.filter(|t| t.current) {
+                if let Some(tx) = NodeName::new(&t.client)
+                    .ok()
+                    .and_then(|c| st.watchers.get(&c))
+                {
+                    tx.send_replace(None);
+                }
+            }
+        }
+        let result = self.revoke_lease_for(lease_id, reason).await;
+        {
+            let mut st = lock(&self.state);
+            match &result {
+                Ok(()) => st.schedule.revoked(lease_id),
+                Err(LeaseError::Crashed(_)) => {}
+                Err(e) => {
+                    let n = st.schedule.revoke_failed(lease_id, &rec.client, now_ms());
+                    tracing::error!(
+                        lease_id, client = %rec.client, failures = n, error = %e,
+                        "could not revoke a leased credential; it stays recorded and will be retried"
+                    );
+                }
+            }
+        }
+        self.wake.notify_one();
+        result.map(|()| rec)
+    }
+
     /// Revokes one lease according to its record. A lease with no record is done. Counts and
     /// audits the outcome.
     pub(super) async fn revoke_lease(self: &Arc<Self>, lease_id: &str) -> Result<(), LeaseError> {
+        self.revoke_lease_for(lease_id, None).await
+    }
+
+    /// [`revoke_lease`](Self::revoke_lease), with why it is revoked for the audit log.
+    pub(super) async fn revoke_lease_for(
+        self: &Arc<Self>,
+        lease_id: &str,
+        reason: Option<&'static str>,
+    ) -> Result<(), LeaseError> {
         // No longer accepted from this moment, whatever the backend says.
         {
             let mut st = lock(&self.state);
             st.live.remove(lease_id);
-            st.handed_out.retain(|_, g| g.lease_id != lease_id);
+            st.handed_out.retain(|_, h| h.grant.lease_id != lease_id);
         }
         let id = lease_id.to_owned();
         let (client, result) = match self.store_op("get", move |s| s.get(&id)).await {
@@ -335,13 +397,20 @@ impl Inner {
         match &result {
             Ok(()) => {
                 metrics::counter!("postern_outlet_leases_revoked_total").increment(1);
-                tracing::info!(target: "postern::audit", event = "lease", action = "revoke", lease_id, %client);
+                match reason {
+                    Some(reason) => {
+                        tracing::info!(target: "postern::audit", event = "lease", action = "revoke", reason, lease_id, %client)
+                    }
+                    None => {
+                        tracing::info!(target: "postern::audit", event = "lease", action = "revoke", lease_id, %client)
+                    }
+                }
             }
             Err(LeaseError::Crashed(_)) => {}
             Err(_) => {
                 metrics::counter!("postern_outlet_leases_failed_total", "operation" => "revoke")
                     .increment(1);
-                tracing::info!(target: "postern::audit", event = "lease", action = "revoke", outcome = "failed", lease_id, %client);
+                tracing::info!(target: "postern::audit", event = "lease", action = "revoke", outcome = "failed", reason = reason.unwrap_or("-"), lease_id, %client);
             }
         }
         result

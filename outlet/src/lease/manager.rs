@@ -9,8 +9,8 @@ use super::fault::{CrashAt, Faults};
 use super::live::LiveCredentials;
 use super::profile::{select, Profile};
 use super::schedule::{Policy, Schedule};
-use super::shared::{lock, Inner, State};
-use super::store::{LeaseRecord, LeaseStore, RecordState};
+use super::shared::{lock, Chosen, HandedOut, Inner, State};
+use super::store::{LeaseRecord, LeaseStore};
 use super::v1::V1Backend;
 use super::v2::V2Backend;
 use postern_net::runtime::clock::now_ms;
@@ -65,7 +65,7 @@ pub struct HandOut {
 
 /// The lease manager. Cheap to share (`Arc`); all methods take `&self`.
 pub struct LeaseManager {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl LeaseManager {
@@ -103,8 +103,9 @@ impl LeaseManager {
             backend,
             store: Mutex::new(Some(store)),
             instance,
-            profiles: profiles.clone(),
             state: Mutex::new(State {
+                profiles: profiles.clone(),
+                profiles_generation: 0,
                 schedule: Schedule::new(policy),
                 watchers: BTreeMap::new(),
                 live: LiveCredentials::default(),
@@ -115,6 +116,7 @@ impl LeaseManager {
                 store_health: Default::default(),
                 client_profiles: BTreeMap::new(),
                 handed_out: BTreeMap::new(),
+                superseded: BTreeMap::new(),
             }),
             wake: Notify::new(),
             shutdown: shutdown.child_token(),
@@ -170,7 +172,13 @@ impl LeaseManager {
         let profile = self.profile_for(client, attrs)?;
         let rx = {
             let mut st = lock(&self.inner.state);
-            st.client_profiles.insert(client.clone(), profile);
+            st.client_profiles.insert(
+                client.clone(),
+                Chosen {
+                    profile,
+                    attrs: attrs.clone(),
+                },
+            );
             let tx = st
                 .watchers
                 .entry(client.clone())
@@ -192,7 +200,8 @@ impl LeaseManager {
     ) -> Result<Arc<Profile>, LeaseError> {
         let mut all = attrs.clone();
         all.insert("name".into(), client.to_string());
-        match select(&self.inner.profiles, &all) {
+        let profiles = lock(&self.inner.state).profiles.clone();
+        match select(&profiles, &all) {
             Some(p) => Ok(p.clone()),
             None => {
                 tracing::warn!(
@@ -227,7 +236,10 @@ impl LeaseManager {
             });
         }
         if !fresh {
-            let kept = lock(&self.inner.state).handed_out.get(client).cloned();
+            let kept = lock(&self.inner.state)
+                .handed_out
+                .get(client)
+                .map(|h| h.grant.clone());
             return match kept.filter(|g| g.expires_at_ms > now_ms()) {
                 Some(grant) => {
                     tracing::info!(target: "postern::audit", event = "lease", action = "hand_out", via = "show", lease_id = %grant.lease_id, %client, profile = %profile.name);
@@ -256,7 +268,14 @@ impl LeaseManager {
                 rec.expires_at_ms,
                 rec.expires_at_ms,
             );
-            st.handed_out.insert(client.clone(), grant.clone());
+            st.handed_out.insert(
+                client.clone(),
+                HandedOut {
+                    grant: grant.clone(),
+                    profile: profile.clone(),
+                    attrs: attrs.clone(),
+                },
+            );
         }
         self.inner.wake.notify_one();
         tracing::info!(lease_id = %rec.lease_id, %client, profile = %profile.name, "lease handed out to its client");
@@ -332,51 +351,9 @@ impl LeaseManager {
     /// and, while still subscribed, get a new lease right away.
     pub async fn revoke(&self, lease_id: &str) -> Result<(), LeaseError> {
         self.inner.check_open()?;
-        let id = lease_id.to_owned();
-        let rec = self.inner.store_op("get", move |s| s.get(&id)).await?;
-        let Some(rec) = rec else {
-            return Err(LeaseError::NotFound(lease_id.to_owned()));
-        };
-        {
-            let mut st = lock(&self.inner.state);
-            let tracked = st.schedule.lease(lease_id);
-            // A `creating` record the schedule does not track is a creation in flight: let it
-            // finish (or fail and clean up) rather than race it.
-            if rec.state == RecordState::Creating && tracked.is_none() {
-                return Err(LeaseError::Busy(lease_id.to_owned()));
-            }
-            if !st.schedule.begin_revoke(lease_id) {
-                return Err(LeaseError::Busy(lease_id.to_owned()));
-            }
-            if let Some(t) = tracked.filter(|t| t.current) {
-                if let Some(tx) = NodeName::new(&t.client)
-                    .ok()
-                    .and_then(|c| st.watchers.get(&c))
-                {
-                    tx.send_replace(None);
-                }
-            }
-        }
-        let result = self.inner.revoke_lease(lease_id).await;
-        {
-            let mut st = lock(&self.inner.state);
-            match &result {
-                Ok(()) => st.schedule.revoked(lease_id),
-                Err(LeaseError::Crashed(_)) => {}
-                Err(e) => {
-                    let n = st.schedule.revoke_failed(lease_id, &rec.client, now_ms());
-                    tracing::error!(
-                        lease_id, client = %rec.client, failures = n, error = %e,
-                        "could not revoke a leased credential; it stays recorded and will be retried"
-                    );
-                }
-            }
-        }
-        self.inner.wake.notify_one();
-        if result.is_ok() {
-            tracing::info!(lease_id, client = %rec.client, "lease revoked on request");
-        }
-        result
+        let rec = self.inner.revoke_now(lease_id, None).await?;
+        tracing::info!(lease_id, client = %rec.client, "lease revoked on request");
+        Ok(())
     }
 
     /// The identity `client` was revoked (the relay said so): every live lease of it is revoked

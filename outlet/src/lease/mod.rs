@@ -45,7 +45,8 @@
 //!
 //! [`LeaseManager`] and its options in `manager.rs`; a lease created and revoked in
 //! `lifecycle.rs`, renewed (and everything else the schedule asks) in `driver.rs`, recovered at
-//! start in `reconcile.rs`; the profile a client's attributes choose in `profile.rs`; the state
+//! start in `reconcile.rs`; the profile a client's attributes choose in `profile.rs` (and chosen again by a reload in
+//! `reprofile.rs`); the state
 //! they share in `shared.rs`; the live credentials checked for enforcement in `live.rs`; crash
 //! points in `fault.rs`.
 
@@ -61,6 +62,7 @@ mod live;
 mod manager;
 pub mod profile;
 mod reconcile;
+mod reprofile;
 pub mod schedule;
 mod shared;
 pub mod store;
@@ -79,4 +81,5 @@ pub use fault::{CrashAt, CrashPoint};
 pub use lifecycle::{CREATE_TIMEOUT, STORE_FAILURES};
 pub use manager::{HandOut, LeaseInfo, LeaseManager, StartOptions};
 pub use profile::{Profile, ProfileConfig, DEFAULT_PROFILE};
+pub use reprofile::{Reprofiled, PROFILE_CHANGED};
 pub use store::{LeaseRecord, RecordState, StoreError};

@@ -82,6 +82,15 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// Whether a lease made with `self` is also what `other` would make: same name,
+    /// permissions and lifetime. Only then does a reload leave the lease alone (a changed
+    /// `when` or `hand-out` does not change the credential).
+    pub fn same_terms(&self, other: &Profile) -> bool {
+        self.name == other.name && self.permissions == other.permissions && self.ttl == other.ttl
+    }
+}
+
 /// The first profile whose `when` holds for `attrs` (the client's name included as `name`).
 pub fn select<'a>(profiles: &'a [Arc<Profile>], attrs: &Attributes) -> Option<&'a Arc<Profile>> {
     profiles.iter().find(|p| p.when.eval(attrs))

@@ -11,6 +11,7 @@ use super::schedule::Schedule;
 use super::store::LeaseStore;
 use postern_proto::lease::LeaseGrant;
 use postern_proto::name::NodeName;
+use postern_proto::policy::Attributes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{watch, Notify};
@@ -30,12 +31,35 @@ pub(super) struct State {
     pub(super) unrevoked_at_shutdown: usize,
     /// Whether the store can write; when to reopen it if not.
     pub(super) store_health: StoreHealth,
+    /// The profiles, in the order they are tried (swapped whole by a reload).
+    pub(super) profiles: Vec<Arc<Profile>>,
+    /// Counts reloads of `profiles`: a lease being made across one is checked again.
+    pub(super) profiles_generation: u64,
     /// The profile of each subscribed client, chosen by its attributes when it subscribed:
     /// its renewals are made with it.
-    pub(super) client_profiles: BTreeMap<NodeName, Arc<Profile>>,
+    pub(super) client_profiles: BTreeMap<NodeName, Chosen>,
     /// The last lease handed out to each client (`postern-inlet lease create`), shown again
     /// by `lease show` until it is revoked or expires.
-    pub(super) handed_out: BTreeMap<NodeName, LeaseGrant>,
+    pub(super) handed_out: BTreeMap<NodeName, HandedOut>,
+    /// Streamed leases superseded by a renewal and still in their grace period, by lease id:
+    /// a reload that changes their client's profile revokes them too.
+    pub(super) superseded: BTreeMap<String, NodeName>,
+}
+
+/// A subscribed client's profile and the attributes that chose it (kept so that a reload can
+/// choose again).
+#[derive(Clone)]
+pub(super) struct Chosen {
+    pub(super) profile: Arc<Profile>,
+    pub(super) attrs: Attributes,
+}
+
+/// A lease handed out to its client, with what a reload needs to check it again.
+#[derive(Clone)]
+pub(super) struct HandedOut {
+    pub(super) grant: LeaseGrant,
+    pub(super) profile: Arc<Profile>,
+    pub(super) attrs: Attributes,
 }
 
 /// Everything one manager's public calls ([`LeaseManager`](super::LeaseManager)) and background
@@ -44,8 +68,6 @@ pub(super) struct Inner {
     pub(super) backend: Arc<dyn Backend>,
     pub(super) store: Mutex<Option<LeaseStore>>,
     pub(super) instance: String,
-    /// The profiles, in the order they are tried.
-    pub(super) profiles: Vec<Arc<Profile>>,
     pub(super) state: Mutex<State>,
     pub(super) wake: Notify,
     pub(super) shutdown: CancellationToken,

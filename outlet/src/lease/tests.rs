@@ -225,3 +225,119 @@ async fn orphaned_credentials_are_revoked_at_start() {
     assert!(mgr.list().await.expect("list").is_empty());
     mgr.shutdown().await.expect("shutdown");
 }
+
+fn profile(name: &str, when: &str, ttl_s: u64, hand_out: bool) -> Profile {
+    Profile {
+        name: name.into(),
+        when: postern_proto::policy::Expr::parse(when).expect("expression"),
+        ttl: Duration::from_secs(ttl_s),
+        permissions: Vec::new(),
+        hand_out,
+    }
+}
+
+fn role(r: &str) -> postern_proto::policy::Attributes {
+    [("role".to_owned(), r.to_owned())].into_iter().collect()
+}
+
+#[tokio::test]
+async fn reloaded_profiles_revoke_only_the_leases_whose_terms_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(Fake::default());
+    let mut cfg = config(3600);
+    cfg.profiles = vec![
+        profile("a", r#"role = "a""#, 3600, true),
+        profile("b", r#"role = "b""#, 3600, false),
+        profile("c", r#"role = "c""#, 3600, false),
+    ];
+    let mgr = LeaseManager::start_with(
+        cfg,
+        dir.path(),
+        CancellationToken::new(),
+        StartOptions {
+            backend: Some(fake.clone()),
+            crash_at: None,
+        },
+    )
+    .await
+    .expect("start");
+    let name = |n: &str| NodeName::new(n).expect("name");
+    let mut rx_a = mgr.subscribe_as(&name("a-1"), &role("a")).expect("a");
+    let mut rx_b = mgr.subscribe_as(&name("b-1"), &role("b")).expect("b");
+    let mut rx_c = mgr.subscribe_as(&name("c-1"), &role("c")).expect("c");
+    let mut first = Vec::new();
+    for rx in [&mut rx_a, &mut rx_b, &mut rx_c] {
+        let g = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+            .await
+            .expect("lease in time")
+            .expect("lease")
+            .clone()
+            .expect("some");
+        first.push(g.lease_id);
+    }
+    let handed = mgr
+        .hand_out(&name("a-2"), &role("a"), true)
+        .await
+        .expect("hand out");
+
+    // `a` keeps its terms (a wider `when` only), `b` lives longer, `c` is gone.
+    let done = mgr
+        .set_profiles(vec![
+            Arc::new(profile("a", r#"role = "a" or role = "z""#, 3600, true)),
+            Arc::new(profile("b", r#"role = "b""#, 7200, false)),
+        ])
+        .await;
+    assert_eq!(
+        (done.kept, done.revoked, done.failed),
+        (2, 2, 0),
+        "{done:?}"
+    );
+    assert_eq!(done.refused, vec![name("c-1")]);
+    let alive = |id: &str| lock(&fake.creds).values().any(|l| l == id);
+    assert!(alive(&first[0]) && alive(&handed.grant.lease_id));
+    assert!(!alive(&first[1]) && !alive(&first[2]));
+    assert_eq!(
+        rx_a.borrow().as_ref().map(|g| g.lease_id.clone()),
+        Some(first[0].clone()),
+        "an unchanged profile's lease was touched"
+    );
+    // `b` gets a lease of its new profile at once.
+    let old_b = first[1].clone();
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx_b.wait_for(|g| g.as_ref().is_some_and(|g| g.lease_id != old_b)),
+    )
+    .await
+    .expect("new lease in time")
+    .expect("lease")
+    .clone()
+    .expect("some");
+    let info = mgr.show(&renewed.lease_id).await.expect("show");
+    assert_eq!(info.profile.as_deref(), Some("b"));
+    assert!(
+        info.expires_at_ms - info.created_at_ms > 3_600_000,
+        "{info:?}"
+    );
+    // `c` gets nothing more: its subscription ends, and subscribing again is refused.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while rx_c.changed().await.is_ok() {}
+    })
+    .await
+    .expect("c's subscription ends");
+    assert!(matches!(
+        mgr.subscribe_as(&name("c-1"), &role("c")),
+        Err(LeaseError::NoProfile(_))
+    ));
+
+    // `a` no longer hands out: the handed-out lease is revoked, the streamed one stays.
+    let done = mgr
+        .set_profiles(vec![
+            Arc::new(profile("a", r#"role = "a""#, 3600, false)),
+            Arc::new(profile("b", r#"role = "b""#, 7200, false)),
+        ])
+        .await;
+    assert_eq!((done.kept, done.revoked), (2, 1), "{done:?}");
+    assert!(done.refused.is_empty(), "{done:?}");
+    assert!(alive(&first[0]) && !alive(&handed.grant.lease_id));
+    mgr.shutdown().await.expect("shutdown");
+}

@@ -107,6 +107,15 @@ impl AccessGate {
 
     /// The grant's current lease as an `Authorization` value, waiting for the first one.
     async fn leased(&mut self, manager: Arc<LeaseManager>, info: &GrantInfo) -> Verdict {
+        // A subscription that ended (a reload left the grant without a profile) is asked for
+        // again, and so refused as a new one would be.
+        if self
+            .subs
+            .get(&info.id)
+            .is_some_and(|rx| rx.has_changed().is_err())
+        {
+            self.subs.remove(&info.id);
+        }
         let rx = match self.subs.get_mut(&info.id) {
             Some(rx) => rx,
             None => {
