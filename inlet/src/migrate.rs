@@ -102,7 +102,7 @@ impl ControlHandler for InletControl {
             Ctl::Relays { relays } => {
                 // Connections over a relay left behind move as if it had gone away.
                 for gone in self.pool.router().fleet_changed(&relays) {
-                    self.on_disconnect(gone);
+                    self.on_disconnect(gone, false);
                 }
                 self.pool.uplink().learn_relays(relays);
                 Ctl::Ack
