@@ -90,6 +90,13 @@ impl Lab {
         self.run(&["unblock-udp"]).expect("unblock UDP");
     }
 
+    /// Router `side` drops UDP from its private network to the relay (its nodes fall back to
+    /// TLS/TCP); UDP between the private networks still passes.
+    pub fn block_relay_udp(&self, side: &str) {
+        self.run(&["block-relay-udp", side])
+            .expect("block UDP to the relay");
+    }
+
     /// A NAT rebinding on router `side`: the host's UDP to the other network leaves from a new
     /// public port from now on (its mapping towards the relay is kept). Err where the lab
     /// cannot do it (no `conntrack` tool), for the caller to skip with.
@@ -260,7 +267,19 @@ impl LabTunnel {
             .kill_on_drop(true)
             .spawn()
             .expect("echo server");
-        Self::start_in(lab, inlet_direct, outlet_direct, echo, outlet_ns).await
+        Self::start_in(lab, inlet_direct, outlet_direct, echo, outlet_ns, "udp").await
+    }
+
+    /// As [`LabTunnel::start`] (both nodes `direct = auto`), with the inlet's `transport` set
+    /// to `inlet_transport` (`auto`: it falls back to TLS/TCP where UDP to the relay is
+    /// blocked, see [`Lab::block_relay_udp`]); the outlet uses UDP.
+    pub async fn start_inlet_transport(lab: &Lab, inlet_transport: &str) -> Self {
+        let echo = lab
+            .command("b", &python(), &["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("echo server");
+        Self::start_in(lab, "auto", "auto", echo, "b", inlet_transport).await
     }
 
     /// As [`LabTunnel::start`], with `server` (already running in namespace `b` on
@@ -271,7 +290,7 @@ impl LabTunnel {
         outlet_direct: &str,
         server: tokio::process::Child,
     ) -> Self {
-        Self::start_in(lab, inlet_direct, outlet_direct, server, "b").await
+        Self::start_in(lab, inlet_direct, outlet_direct, server, "b", "udp").await
     }
 
     async fn start_in(
@@ -280,6 +299,7 @@ impl LabTunnel {
         outlet_direct: &str,
         server: tokio::process::Child,
         outlet_ns: &str,
+        inlet_transport: &str,
     ) -> Self {
         let echo = server;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -333,35 +353,37 @@ impl LabTunnel {
             "relay",
         );
         lab.wait_ready("pub", &relay).await;
-        let node_args = |cert: &str, key: &str, st: String, direct: &str| -> Vec<String> {
-            [
-                "run",
-                "--relay",
-                &relay_addr,
-                "--cert",
-                cert,
-                "--key",
-                key,
-                "--ca",
-                &ca,
-                "--state-dir",
-                &st,
-                "--metrics-addr",
-                &ops,
-                "--transport",
-                "udp",
-                "--direct",
-                direct,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-        };
+        let node_args =
+            |cert: &str, key: &str, st: String, direct: &str, transport: &str| -> Vec<String> {
+                [
+                    "run",
+                    "--relay",
+                    &relay_addr,
+                    "--cert",
+                    cert,
+                    "--key",
+                    key,
+                    "--ca",
+                    &ca,
+                    "--state-dir",
+                    &st,
+                    "--metrics-addr",
+                    &ops,
+                    "--transport",
+                    transport,
+                    "--direct",
+                    direct,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            };
         let mut args = node_args(
             &outlet_cert,
             &outlet_key,
             state("outlet-state"),
             outlet_direct,
+            "udp",
         );
         args.extend(["--service".into(), format!("echo=127.0.0.1:{ECHO_PORT}")]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -370,7 +392,13 @@ impl LabTunnel {
             dir.path(),
             "outlet",
         );
-        let mut inlet_args = node_args(&inlet_cert, &inlet_key, state("inlet-state"), inlet_direct);
+        let mut inlet_args = node_args(
+            &inlet_cert,
+            &inlet_key,
+            state("inlet-state"),
+            inlet_direct,
+            inlet_transport,
+        );
         inlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{LISTEN_PORT}")]);
         let args: Vec<&str> = inlet_args.iter().map(String::as_str).collect();
         let inlet = Proc::start(
