@@ -353,37 +353,35 @@ impl LabTunnel {
             "relay",
         );
         lab.wait_ready("pub", &relay).await;
-        let node_args =
-            |cert: &str, key: &str, st: String, direct: &str, transport: &str| -> Vec<String> {
-                [
-                    "run",
-                    "--relay",
-                    &relay_addr,
-                    "--cert",
-                    cert,
-                    "--key",
-                    key,
-                    "--ca",
-                    &ca,
-                    "--state-dir",
-                    &st,
-                    "--metrics-addr",
-                    &ops,
-                    "--transport",
-                    transport,
-                    "--direct",
-                    direct,
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-            };
+        let node_args = |cert: &str, key: &str, st: String, direct: &str| -> Vec<String> {
+            [
+                "run",
+                "--relay",
+                &relay_addr,
+                "--cert",
+                cert,
+                "--key",
+                key,
+                "--ca",
+                &ca,
+                "--state-dir",
+                &st,
+                "--metrics-addr",
+                &ops,
+                "--transport",
+                "udp",
+                "--direct",
+                direct,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
         let mut args = node_args(
             &outlet_cert,
             &outlet_key,
             state("outlet-state"),
             outlet_direct,
-            "udp",
         );
         args.extend(["--service".into(), format!("echo=127.0.0.1:{ECHO_PORT}")]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -392,13 +390,10 @@ impl LabTunnel {
             dir.path(),
             "outlet",
         );
-        let mut inlet_args = node_args(
-            &inlet_cert,
-            &inlet_key,
-            state("inlet-state"),
-            inlet_direct,
-            inlet_transport,
-        );
+        let mut inlet_args = node_args(&inlet_cert, &inlet_key, state("inlet-state"), inlet_direct);
+        if let Some(i) = inlet_args.iter().position(|a| a == "--transport") {
+            inlet_args[i + 1] = inlet_transport.to_owned();
+        }
         inlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{LISTEN_PORT}")]);
         let args: Vec<&str> = inlet_args.iter().map(String::as_str).collect();
         let inlet = Proc::start(
