@@ -430,9 +430,12 @@ impl Tunnel {
             .relay
             .tcp_port
             .ok_or_else(|| anyhow!("the relay has no TLS/TCP listener"))?;
+        // The direct path off: on loopback UDP between the nodes works, and the route would
+        // leave the relay's TLS/TCP links this pair measures.
         let tcp = || TransportSettings {
             mode: TransportMode::Tcp,
             tcp_port: Some(tcp_port),
+            direct: postern_net::transport::direct::DirectMode::Never,
             ..TransportSettings::default()
         };
         let service = "bench-tcp";

@@ -312,20 +312,17 @@ impl Uplink {
         }
     }
 
-    /// Whether end-to-end connections may take a direct path, and the relay reaching `route`
-    /// is reached over UDP (a node on the TLS/TCP fallback has no UDP address the relay could
-    /// announce).
+    /// Whether end-to-end connections of `route` may take a direct path. Also over the
+    /// TLS/TCP fallback: UDP to the relay may be blocked where UDP to the peer is not, and the
+    /// node's UDP socket (the one probes leave from) is there either way; where no UDP gets
+    /// through, the probes go unanswered and the route stays relayed.
     pub fn direct_allowed(&self, route: postern_proto::fwd::RouteId) -> bool {
         let mode = self
             .transport
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .direct;
-        mode == crate::transport::direct::DirectMode::Auto
-            && self
-                .socket
-                .relay_of(route)
-                .is_some_and(|relay| !self.socket.links().has(relay))
+        mode == crate::transport::direct::DirectMode::Auto && self.socket.relay_of(route).is_some()
     }
 
     /// The congestion controller end-to-end connections use.

@@ -54,16 +54,63 @@ pub fn peer_candidates(
     peer: std::net::SocketAddr,
     peer_local: &[std::net::SocketAddr],
 ) -> Vec<std::net::SocketAddr> {
-    let (me, peer) = (canonical_addr(me), canonical_addr(peer));
-    let mut out = vec![peer];
-    if me.ip() != peer.ip() {
+    candidates_for(Sighting::udp(me), Sighting::udp(peer), peer_local)
+}
+
+/// Where the relay sees one end of a route, for the direct path's candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sighting {
+    /// The node's public IP: the source of its control connection (over UDP, or over the
+    /// TLS/TCP fallback: the same NAT's public IP).
+    pub ip: std::net::IpAddr,
+    /// Where a peer may send it UDP: its reflexive address over UDP. Over TLS/TCP the relay
+    /// never saw its UDP, and the TCP source port means nothing for UDP: its public IP with
+    /// the port of its UDP socket (as announced in its local addresses), which a NAT that
+    /// keeps source ports (most do, for UDP) uses for its UDP too; None when it announced
+    /// no local address.
+    pub udp: Option<std::net::SocketAddr>,
+}
+
+impl Sighting {
+    /// A node whose control connection comes over UDP from `reflexive`.
+    pub fn udp(reflexive: std::net::SocketAddr) -> Self {
+        let reflexive = canonical_addr(reflexive);
+        Self {
+            ip: reflexive.ip(),
+            udp: Some(reflexive),
+        }
+    }
+
+    /// A node on the TLS/TCP fallback whose link comes from `tcp_source`, with the local
+    /// addresses `local` it announced (their port is its UDP socket's).
+    pub fn tcp(tcp_source: std::net::SocketAddr, local: &[std::net::SocketAddr]) -> Self {
+        let ip = canonical_addr(tcp_source).ip();
+        Self {
+            ip,
+            udp: local
+                .first()
+                .map(|a| canonical_addr(std::net::SocketAddr::new(ip, a.port()))),
+        }
+    }
+}
+
+/// As [`peer_candidates`], for ends seen over either transport: the peer's public UDP address
+/// when there is one (never a TCP address), then its local addresses when both share a
+/// public IP. Empty when the relay knows no UDP address of the peer at all.
+pub fn candidates_for(
+    me: Sighting,
+    peer: Sighting,
+    peer_local: &[std::net::SocketAddr],
+) -> Vec<std::net::SocketAddr> {
+    let mut out: Vec<std::net::SocketAddr> = peer.udp.into_iter().collect();
+    if me.ip != peer.ip {
         return out;
     }
     for a in peer_local.iter().map(|a| canonical_addr(*a)) {
         if out.len() == MAX_PEER_CANDIDATES {
             break;
         }
-        if (a.ip().is_loopback() && !peer.ip().is_loopback()) || out.contains(&a) {
+        if (a.ip().is_loopback() && !peer.ip.is_loopback()) || out.contains(&a) {
             continue;
         }
         out.push(a);
@@ -626,6 +673,33 @@ mod tests {
 
     fn sa(s: &str) -> std::net::SocketAddr {
         s.parse().expect("addr")
+    }
+
+    /// A node on the TLS/TCP fallback: its peers get its public IP with its UDP socket's port,
+    /// never its TCP source address; none at all when it announced no local address; and
+    /// it is told its UDP peer's reflexive address as usual.
+    #[test]
+    fn a_tcp_node_is_announced_by_its_public_ip_and_udp_port_never_its_tcp_address() {
+        let tcp_src = sa("198.51.100.7:40001");
+        let local = [sa("10.1.0.2:5300")];
+        let tcp = Sighting::tcp(tcp_src, &local);
+        let udp_peer = Sighting::udp(sa("203.0.113.5:6000"));
+        let to_udp_peer = candidates_for(udp_peer, tcp, &local);
+        assert_eq!(to_udp_peer, vec![sa("198.51.100.7:5300")]);
+        assert!(!to_udp_peer.contains(&tcp_src));
+        assert_eq!(
+            candidates_for(tcp, udp_peer, &[sa("10.2.0.2:6000")]),
+            vec![sa("203.0.113.5:6000")],
+            "the UDP peer's reflexive address, not its local ones (another site)"
+        );
+        let silent = Sighting::tcp(tcp_src, &[]);
+        assert!(candidates_for(udp_peer, silent, &[]).is_empty());
+        // Behind the same NAT as its peer: its local addresses too.
+        let beside = Sighting::udp(sa("198.51.100.7:7000"));
+        assert_eq!(
+            candidates_for(beside, tcp, &local),
+            vec![sa("198.51.100.7:5300"), sa("10.1.0.2:5300")]
+        );
     }
 
     /// Local addresses go only to a peer behind the same public IP, never loopback ones to a

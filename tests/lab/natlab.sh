@@ -24,6 +24,10 @@
 #   natlab.sh block-udp PREFIX       routers drop UDP between the private networks (UDP to and
 #                                    from the relay still passes)
 #   natlab.sh unblock-udp PREFIX
+#   natlab.sh block-relay-udp PREFIX a|b
+#                                    router a or b drops UDP from its private network to the
+#                                    relay (its nodes fall back to TLS/TCP); UDP to the other
+#                                    network still passes
 #   natlab.sh rebind PREFIX a|b      a NAT rebinding on router a or b: UDP to anywhere but the
 #                                    relay gets a source port from 20000-29999 from now on, and
 #                                    the router forgets (conntrack -D) its mappings of UDP to
@@ -128,6 +132,15 @@ unblock_udp() {
   done
 }
 
+block_relay_udp() {
+  local p=$1 side=$2
+  case $side in a|b) ;; *) echo "natlab: unknown side $side (a or b)" >&2; exit 2 ;; esac
+  # A table of its own: `unblock-udp` and NAT switches leave it alone.
+  ns "$p-r$side" nft add table inet relayudp
+  ns "$p-r$side" nft add chain inet relayudp out '{ type filter hook forward priority 0; }'
+  ns "$p-r$side" nft add rule inet relayudp out oifname '"wan"' ip daddr "$RELAY" meta l4proto udp drop
+}
+
 rebind() {
   local p=$1 side=$2 other
   case $side in
@@ -169,6 +182,7 @@ case $cmd in
   nat) set_nat "$2" "$3" "$4" ;;
   block-udp) block_udp "$2" ;;
   unblock-udp) unblock_udp "$2" ;;
+  block-relay-udp) block_relay_udp "$2" "$3" ;;
   rebind) rebind "$2" "$3" ;;
   forward) forward "$2" "$3" "$4" ;;
   down) down "$2" ;;

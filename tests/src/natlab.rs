@@ -90,6 +90,13 @@ impl Lab {
         self.run(&["unblock-udp"]).expect("unblock UDP");
     }
 
+    /// Router `side` drops UDP from its private network to the relay (its nodes fall back to
+    /// TLS/TCP); UDP between the private networks still passes.
+    pub fn block_relay_udp(&self, side: &str) {
+        self.run(&["block-relay-udp", side])
+            .expect("block UDP to the relay");
+    }
+
     /// A NAT rebinding on router `side`: the host's UDP to the other network leaves from a new
     /// public port from now on (its mapping towards the relay is kept). Err where the lab
     /// cannot do it (no `conntrack` tool), for the caller to skip with.
@@ -260,7 +267,19 @@ impl LabTunnel {
             .kill_on_drop(true)
             .spawn()
             .expect("echo server");
-        Self::start_in(lab, inlet_direct, outlet_direct, echo, outlet_ns).await
+        Self::start_in(lab, inlet_direct, outlet_direct, echo, outlet_ns, "udp").await
+    }
+
+    /// As [`LabTunnel::start`] (both nodes `direct = auto`), with the inlet's `transport` set
+    /// to `inlet_transport` (`auto`: it falls back to TLS/TCP where UDP to the relay is
+    /// blocked, see [`Lab::block_relay_udp`]); the outlet uses UDP.
+    pub async fn start_inlet_transport(lab: &Lab, inlet_transport: &str) -> Self {
+        let echo = lab
+            .command("b", &python(), &["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("echo server");
+        Self::start_in(lab, "auto", "auto", echo, "b", inlet_transport).await
     }
 
     /// As [`LabTunnel::start`], with `server` (already running in namespace `b` on
@@ -271,7 +290,7 @@ impl LabTunnel {
         outlet_direct: &str,
         server: tokio::process::Child,
     ) -> Self {
-        Self::start_in(lab, inlet_direct, outlet_direct, server, "b").await
+        Self::start_in(lab, inlet_direct, outlet_direct, server, "b", "udp").await
     }
 
     async fn start_in(
@@ -280,6 +299,7 @@ impl LabTunnel {
         outlet_direct: &str,
         server: tokio::process::Child,
         outlet_ns: &str,
+        inlet_transport: &str,
     ) -> Self {
         let echo = server;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -371,6 +391,9 @@ impl LabTunnel {
             "outlet",
         );
         let mut inlet_args = node_args(&inlet_cert, &inlet_key, state("inlet-state"), inlet_direct);
+        if let Some(i) = inlet_args.iter().position(|a| a == "--transport") {
+            inlet_args[i + 1] = inlet_transport.to_owned();
+        }
         inlet_args.extend(["--service".into(), format!("echo=127.0.0.1:{LISTEN_PORT}")]);
         let args: Vec<&str> = inlet_args.iter().map(String::as_str).collect();
         let inlet = Proc::start(

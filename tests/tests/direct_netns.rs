@@ -486,3 +486,131 @@ async fn forged_and_replayed_probes_from_a_third_namespace_are_ignored_and_count
 
 /// Bytes of a probe after its tag, kind and role (the forged one fills them with 0xab).
 const PROBE_BODY: usize = postern_net::transport::direct::PROBE_LEN - 3;
+
+/// The inlet's transport gauge for the lab's relay and `transport`.
+fn inlet_transport(transport: &str) -> String {
+    format!("postern_inlet_relay_transport{{relay=\"198.18.0.1:4433\",transport=\"{transport}\"}}")
+}
+
+/// Router A drops UDP to the relay, so the inlet (`transport = auto`) falls back to TLS/TCP,
+/// while UDP between the two private networks works (both routers endpoint-independent):
+/// the relay announces the inlet by its public IP and its UDP socket's port (never its TCP
+/// address), the inlet probes the outlet's public address from its UDP socket, the outlet
+/// probes back, and a transfer started on the relay (over the inlet's TLS/TCP link) finishes
+/// on the direct path, intact; the relay's forwarded bytes stop growing, and the inlet's
+/// control connection stays on TLS/TCP. As in the first test, UDP between the networks is
+/// dropped until 8 MiB each way crossed the relay, so that the move comes mid-transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inlet_on_the_tcp_fallback_goes_direct_when_udp_between_the_nodes_works() {
+    postern_tests::kit::init_logging();
+    let Some(lab) = lab_or_skip() else { return };
+    lab.block_relay_udp("a");
+    lab.block_udp();
+    let tunnel = LabTunnel::start_inlet_transport(&lab, "auto").await;
+    assert_eq!(
+        lab.metric("a", &inlet_transport("tcp")).await,
+        Some(1.0),
+        "the inlet fell back to TLS/TCP\n{}",
+        tunnel.logs()
+    );
+    let t = transfer(&lab, 100, "0.15");
+    wait_metric(
+        &lab,
+        "pub",
+        FORWARDED,
+        Duration::from_secs(30),
+        &tunnel,
+        |v| v >= 2.0 * 8.0 * MIB as f64,
+    )
+    .await;
+    assert_eq!(
+        lab.metric("a", DIRECT).await,
+        Some(0.0),
+        "{}",
+        tunnel.logs()
+    );
+    assert!(!t.is_finished(), "the transfer is still under way");
+    lab.unblock_udp();
+    wait_metric(&lab, "a", DIRECT, Duration::from_secs(30), &tunnel, |v| {
+        v == 1.0
+    })
+    .await;
+    let at_move = lab.metric("pub", FORWARDED).await.expect("relay metrics");
+    assert!(
+        !t.is_finished(),
+        "the move came before the end of the transfer\n{}",
+        tunnel.logs()
+    );
+    finished_intact(t, 100, &tunnel).await;
+    let after = lab.metric("pub", FORWARDED).await.expect("relay metrics");
+    assert!(
+        after - at_move < 4.0 * MIB as f64,
+        "the relay kept forwarding after the move: {at_move} then {after}\n{}",
+        tunnel.logs()
+    );
+    assert!(
+        tunnel.inlet.log().contains("went direct"),
+        "the inlet logs the move:\n{}",
+        tunnel.inlet.log()
+    );
+    // The outlet verified the inlet's probes from router A's public address (its UDP
+    // mapping), not from anything the TCP link showed.
+    let outlet_log = tunnel.outlet.log();
+    assert!(
+        outlet_log
+            .lines()
+            .any(|l| l.contains("direct path to the inlet verified") && l.contains("198.18.0.2:")),
+        "{outlet_log}"
+    );
+    let outlet_direct = lab
+        .metric("b", "postern_outlet_routes_by_path{path=\"direct\"}")
+        .await;
+    assert_eq!(outlet_direct, Some(1.0), "{}", tunnel.logs());
+    assert_eq!(
+        lab.metric("a", &inlet_transport("tcp")).await,
+        Some(1.0),
+        "the control connection stays on TLS/TCP\n{}",
+        tunnel.logs()
+    );
+    assert_eq!(
+        lab.metric("pub", "postern_relay_tcp_links_open").await,
+        Some(1.0),
+        "{}",
+        tunnel.logs()
+    );
+}
+
+/// The inlet on the TLS/TCP fallback behind a NAT that maps each destination to a new random
+/// port: the port the relay announces for it is not the one its probes leave from, the
+/// outlet's NAT drops those probes, and no direct path is found; the connection works on the
+/// relay (over the inlet's TLS/TCP link), with no failed stream, and the metrics say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inlet_on_the_tcp_fallback_behind_a_symmetric_nat_stays_relayed_and_works() {
+    postern_tests::kit::init_logging();
+    let Some(lab) = lab_or_skip() else { return };
+    lab.nat("a", "symmetric");
+    lab.block_relay_udp("a");
+    let tunnel = LabTunnel::start_inlet_transport(&lab, "auto").await;
+    assert_eq!(
+        lab.metric("a", &inlet_transport("tcp")).await,
+        Some(1.0),
+        "{}",
+        tunnel.logs()
+    );
+    let t = transfer(&lab, 16, "0.2");
+    let failed = "postern_inlet_direct_traversals_total{outcome=\"failed\"}";
+    wait_metric(&lab, "a", failed, Duration::from_secs(20), &tunnel, |v| {
+        v >= 1.0
+    })
+    .await;
+    finished_intact(t, 16, &tunnel).await;
+    assert_eq!(
+        lab.metric("a", RELAYED).await,
+        Some(1.0),
+        "{}",
+        tunnel.logs()
+    );
+    assert_eq!(lab.metric("a", DIRECT).await, Some(0.0));
+    let forwarded = lab.metric("pub", FORWARDED).await.expect("relay metrics");
+    assert!(forwarded > 2.0 * 16.0 * MIB as f64, "{forwarded}");
+}

@@ -19,9 +19,13 @@ use tokio::net::TcpStream;
 
 const MIB: usize = 1024 * 1024;
 
+/// `mode`, with the direct path off: these tests are about the path to the relay, and on
+/// loopback UDP between the nodes always works, so a route would otherwise leave the relay
+/// (the direct path from a TLS/TCP node is tested in the NAT lab, tests/direct_netns.rs).
 fn settings(mode: TransportMode) -> TransportSettings {
     TransportSettings {
         mode,
+        direct: postern_net::transport::direct::DirectMode::Never,
         ..TransportSettings::default()
     }
 }

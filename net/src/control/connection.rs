@@ -188,9 +188,9 @@ pub async fn run<H: ControlHandler>(
             tracing::info!(relay = %relay.addr, transport = %up.transport, "control connection up");
         }
         current.send_replace(Some(conn.clone()));
-        if up.transport == crate::transport::relay_path::Transport::Udp
-            && path.direct_mode() == crate::transport::direct::DirectMode::Auto
-        {
+        // Over TLS/TCP too: the relay announces such a node by its public IP and the port
+        // of its UDP socket, which it learns from these addresses.
+        if path.direct_mode() == crate::transport::direct::DirectMode::Auto {
             announce_local(&conn, path.socket(), relay.addr);
         }
         let pushes = serve_pushes(&conn, handler.as_ref(), path.socket());
@@ -292,7 +292,8 @@ impl<'a> Refused<'a> {
 }
 
 /// Tells the relay where this node's socket is on its own network, so that a peer behind the
-/// same NAT can reach it directly ([`crate::transport::direct::local_candidates`]). An older
+/// same NAT can reach it directly ([`crate::transport::direct::local_candidates`]), and, for a
+/// node on the TLS/TCP fallback, which port its UDP socket has. An older
 /// relay refuses the message; that costs a debug line.
 fn announce_local(
     conn: &quinn::Connection,

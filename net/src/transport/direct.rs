@@ -5,7 +5,11 @@
 //! - **Candidates.** The relay sees each node's control connection come from the node's public
 //!   (reflexive) address; at route set-up it tells each side the other's
 //!   ([`Ctl::PeerCandidates`](postern_proto::msg::Ctl::PeerCandidates)). Probes go to those
-//!   addresses only (at most [`MAX_CANDIDATES`]), a bounded number per round.
+//!   addresses only (at most [`MAX_CANDIDATES`]), a bounded number per round. A node on the
+//!   TLS/TCP fallback has no reflexive UDP address: the relay announces its link's public IP
+//!   with the port of its UDP socket (from its local candidates), where a NAT that keeps
+//!   source ports maps its UDP; it probes from its UDP socket like any node, and the outlet
+//!   answers (and maps) whatever address a verified probe comes from.
 //! - **Probes.** Both sides send small authenticated datagrams ([`PROBE_LEN`] bytes, first byte
 //!   [`PROBE_TAG`], which is neither QUIC nor a forwarding frame) from the node's one UDP socket,
 //!   so the NAT mapping is the one the relay already sees. Each carries a sender role, a path id,

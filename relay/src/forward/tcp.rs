@@ -48,15 +48,49 @@ pub const MAX_PENDING_PER_SOURCE: usize =
     postern_net::runtime::limit::DEFAULT_MAX_PENDING_PER_SOURCE;
 
 /// The links whose node is not authenticated yet, by virtual address: the relay's session
-/// code marks one established when a node authenticates from that address.
+/// code marks one established when a node authenticates from that address. Also where each
+/// open link's TCP connection comes from (its node's public address as seen over TCP), for
+/// the direct path's candidates ([`PendingLinks::source_of`]).
 #[derive(Debug, Default)]
 pub struct PendingLinks {
     marks: Mutex<HashMap<SocketAddr, SlotMark>>,
+    sources: Mutex<HashMap<SocketAddr, SocketAddr>>,
+}
+
+/// Forgets a link's source when the link's task ends, however it ends.
+struct SourceGuard {
+    pending: Arc<PendingLinks>,
+    virt: SocketAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        self.pending.sources().remove(&self.virt);
+    }
 }
 
 impl PendingLinks {
     fn marks(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SlotMark>> {
         self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SocketAddr>> {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the TCP connection of the link with virtual address `virt` comes from (None: no
+    /// such link is open). For a node behind a NAT, its IP is the NAT's public IP, the one its
+    /// UDP leaves from too.
+    pub fn source_of(&self, virt: SocketAddr) -> Option<SocketAddr> {
+        self.sources().get(&virt).copied()
+    }
+
+    fn track_source(self: &Arc<Self>, virt: SocketAddr, source: SocketAddr) -> SourceGuard {
+        self.sources().insert(virt, source);
+        SourceGuard {
+            pending: self.clone(),
+            virt,
+        }
     }
 
     /// A node authenticated from `addr`: if that is a pending link, it is now established.
@@ -273,6 +307,7 @@ pub async fn serve(
         );
         tasks.spawn(
             async move {
+                let _source = pending.track_source(virt, peer);
                 let accepted_at = tokio::time::Instant::now();
                 // Evicted to make room: nothing more to do (counted at the accept).
                 let tls = tokio::select! {

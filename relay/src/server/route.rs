@@ -104,7 +104,13 @@ pub(super) async fn grant_route(
                     let reg = shared.registry();
                     (reg.local_candidates(inlet), reg.local_candidates(outlet))
                 };
-                tell_candidates(route, inlet_conn.clone(), outlet_conn.clone(), locals);
+                tell_candidates(
+                    shared,
+                    route,
+                    inlet_conn.clone(),
+                    outlet_conn.clone(),
+                    locals,
+                );
                 tracing::info!(%service, inlet = %inlet_name, outlet = %outlet_name, "route granted");
                 tracing::debug!(route = %route.short(), %service, "granted route");
                 return Ctl::RouteGranted {
@@ -133,22 +139,26 @@ pub(super) async fn grant_route(
 
 /// Tells each end of a new route where the relay sees the other one (its reflexive address),
 /// and, when both are behind the same public IP, the addresses the other announced on its own
-/// network (`locals`: the inlet's, the outlet's; see [`crate::registry::peer_candidates`]),
-/// for the direct path. Sent after the grant, on the push streams; a node that is gone or does
-/// not know the message (older versions refuse it) costs nothing but a debug line.
+/// network (`locals`: the inlet's, the outlet's; see [`crate::registry::candidates_for`]),
+/// for the direct path. A node on the TLS/TCP fallback is announced by its public IP (its
+/// link's TCP source) and its UDP socket's port, never by its link's (virtual or TCP)
+/// address, which no UDP reaches. Sent after the grant, on the push streams; a node that is
+/// gone or does not know the message (older versions refuse it) costs nothing but a debug line.
 fn tell_candidates(
+    shared: &Shared,
     route: RouteId,
     inlet: quinn::Connection,
     outlet: quinn::Connection,
     locals: (Vec<SocketAddr>, Vec<SocketAddr>),
 ) {
-    let canonical = postern_net::transport::udp::canonical;
-    let (inlet_addr, outlet_addr) = (
-        canonical(inlet.remote_address()),
-        canonical(outlet.remote_address()),
-    );
-    let to_inlet = crate::registry::peer_candidates(inlet_addr, outlet_addr, &locals.1);
-    let to_outlet = crate::registry::peer_candidates(outlet_addr, inlet_addr, &locals.0);
+    let (Some(inlet_at), Some(outlet_at)) = (
+        sighting(shared, &inlet, &locals.0),
+        sighting(shared, &outlet, &locals.1),
+    ) else {
+        return;
+    };
+    let to_inlet = crate::registry::candidates_for(inlet_at, outlet_at, &locals.1);
+    let to_outlet = crate::registry::candidates_for(outlet_at, inlet_at, &locals.0);
     for (conn, candidates) in [(inlet, to_inlet), (outlet, to_outlet)] {
         tokio::spawn(async move {
             let msg = Ctl::PeerCandidates { route, candidates };
@@ -157,4 +167,23 @@ fn tell_candidates(
             }
         });
     }
+}
+
+/// Where the relay sees the node on `conn` (with its announced local addresses `local`):
+/// over UDP, its reflexive address; over a TLS/TCP link, the link's source IP (None if the
+/// link is gone already).
+fn sighting(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    local: &[SocketAddr],
+) -> Option<crate::registry::Sighting> {
+    let remote = postern_net::transport::udp::canonical(conn.remote_address());
+    if let Some(source) = shared.tcp_pending.source_of(remote) {
+        return Some(crate::registry::Sighting::tcp(source, local));
+    }
+    // A link's virtual address (240.0.0.0/8) whose link is gone: no UDP reaches it.
+    if matches!(remote.ip(), std::net::IpAddr::V4(v4) if v4.octets()[0] == 240) {
+        return None;
+    }
+    Some(crate::registry::Sighting::udp(remote))
 }

@@ -116,7 +116,8 @@ pub(super) struct Shared {
     pub(super) public_stats: Arc<PublicStats>,
     /// Handshake admission counters.
     pub(super) admission: Arc<AdmissionStats>,
-    /// TLS/TCP links whose node has not authenticated yet (marked once one does).
+    /// TLS/TCP links whose node has not authenticated yet (marked once one does), and where
+    /// each link comes from.
     pub(super) tcp_pending: Arc<crate::forward::tcp::PendingLinks>,
     /// Per service, the nodes refused a route to it for want of a live outlet: told
     /// (`OutletBack`) as soon as an outlet registers it, then forgotten.
