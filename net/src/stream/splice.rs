@@ -148,45 +148,30 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
 }
 
 /// Writes every chunk to `w` with vectored writes; returns the bytes written. The chunks are
-/// consumed (left empty).
+/// consumed (left empty). The slices live on the stack: this runs once per read on the data
+/// path.
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut [Bytes],
 ) -> io::Result<usize> {
     let mut total = 0;
-    let mut first = 0;
-    while first < chunks.len() {
-        let n = {
-            let slices: Vec<IoSlice<'_>> = chunks[first..]
-                .iter()
-                .filter(|c| !c.is_empty())
-                .map(|c| IoSlice::new(c))
-                .collect();
-            if slices.is_empty() {
-                break;
-            }
-            w.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+    for group in chunks.chunks(READ_CHUNKS) {
+        let mut storage = [IoSlice::new(&[]); READ_CHUNKS];
+        for (slot, chunk) in storage.iter_mut().zip(group) {
+            *slot = IoSlice::new(chunk);
         }
-        total += n;
-        let mut left = n;
-        while left > 0 && first < chunks.len() {
-            let c = &mut chunks[first];
-            if c.len() <= left {
-                left -= c.len();
-                *c = Bytes::new();
-                first += 1;
-            } else {
-                bytes::Buf::advance(c, left);
-                left = 0;
+        let mut slices = &mut storage[..group.len()];
+        total += slices.iter().map(|s| s.len()).sum::<usize>();
+        IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
+            let n = w.write_vectored(slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
             }
-        }
-        while first < chunks.len() && chunks[first].is_empty() {
-            first += 1;
+            IoSlice::advance_slices(&mut slices, n);
         }
     }
+    chunks.fill(Bytes::new());
     Ok(total)
 }
 
