@@ -525,19 +525,17 @@ fn relay_config(path: &Path, listen: &str, state: &str, route: &str) {
     .expect("write relay config");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_relays_policy_for_new_and_open_routes() {
-    init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = |p: &str| dir.path().join(p).display().to_string();
-    let state = path("relay-state");
-    let relay_addr = free_udp_addr().to_string();
-    let ca = RelayCa::init(&state, &relay_addr).await;
-    let config = dir.path().join("relay.toml");
-    relay_config(&config, &relay_addr, &state, "role = \"echo-client\"");
+/// Starts the relay on `config`, and an outlet, `outlet-a`, offering `echo` (a fresh echo
+/// server) through it; returns once both are ready, with the relay's metrics address. The
+/// set-up both relay reload tests share.
+async fn relay_with_echo_outlet(
+    dir: &Path,
+    ca: &RelayCa,
+    config: &Path,
+) -> (Proc, SocketAddr, Proc, tokio::task::JoinHandle<()>) {
     let relay_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let mut relay = Proc::spawn(
-        dir.path(),
+        dir,
         "relay",
         "postern-relay",
         &[
@@ -549,11 +547,11 @@ async fn sighup_reloads_the_relays_policy_for_new_and_open_routes() {
         ],
     );
     relay.wait_ready(relay_ops).await;
-    let (echo, _e) = echo_server().await;
+    let (echo, echo_task) = echo_server().await;
     let outlet_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let outlet_ticket = ca.ticket("echo-outlet").await;
     let mut outlet = Proc::spawn(
-        dir.path(),
+        dir,
         "outlet",
         "postern-outlet",
         &[
@@ -563,7 +561,7 @@ async fn sighup_reloads_the_relays_policy_for_new_and_open_routes() {
             "--name",
             "outlet-a",
             "--state-dir",
-            &path("outlet-state"),
+            &dir.join("outlet-state").display().to_string(),
             "--service",
             &format!("echo={echo}"),
             "--metrics-addr",
@@ -571,6 +569,20 @@ async fn sighup_reloads_the_relays_policy_for_new_and_open_routes() {
         ],
     );
     outlet.wait_ready(outlet_ops).await;
+    (relay, relay_ops, outlet, echo_task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_relays_policy_for_new_and_open_routes() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let state = path("relay-state");
+    let relay_addr = free_udp_addr().to_string();
+    let ca = RelayCa::init(&state, &relay_addr).await;
+    let config = dir.path().join("relay.toml");
+    relay_config(&config, &relay_addr, &state, "role = \"echo-client\"");
+    let (relay, _, _outlet, _echo) = relay_with_echo_outlet(dir.path(), &ca, &config).await;
     let inlet = |name: &'static str, ticket: String| {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -667,42 +679,7 @@ async fn relay_reload_command_closes_refused_routes_and_changes_the_log_level() 
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let everyone = "role = \"echo-client\"";
     relay_admin_config(&config, &relay_addr, &state, admin, "info", everyone);
-    let relay_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let mut relay = Proc::spawn(
-        dir.path(),
-        "relay",
-        "postern-relay",
-        &[
-            "run",
-            "--config",
-            &config_arg,
-            "--metrics-addr",
-            &relay_ops.to_string(),
-        ],
-    );
-    relay.wait_ready(relay_ops).await;
-    let (echo, _e) = echo_server().await;
-    let outlet_ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let outlet_ticket = ca.ticket("echo-outlet").await;
-    let mut outlet = Proc::spawn(
-        dir.path(),
-        "outlet",
-        "postern-outlet",
-        &[
-            "run",
-            "--ticket",
-            &outlet_ticket,
-            "--name",
-            "outlet-a",
-            "--state-dir",
-            &path("outlet-state"),
-            "--service",
-            &format!("echo={echo}"),
-            "--metrics-addr",
-            &outlet_ops.to_string(),
-        ],
-    );
-    outlet.wait_ready(outlet_ops).await;
+    let (relay, relay_ops, _outlet, _echo) = relay_with_echo_outlet(dir.path(), &ca, &config).await;
     let mut inlets = Vec::new();
     let mut listens = Vec::new();
     for (name, team) in [("inlet-a", "team=a"), ("inlet-b", "team=b")] {
